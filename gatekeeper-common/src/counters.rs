@@ -1,0 +1,88 @@
+//! Counter layout: every guarded SYN (and every packet the parser gave up
+//! on) bumps exactly one decision counter, plus [`Counter::DryRun`] when a
+//! drop was suppressed.
+
+/// Decision counters, stored per interface in the stats map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Counter {
+    /// Source in an allow range: passed.
+    Allowed = 0,
+    /// Source in a deny range: dropped.
+    DenyRange = 1,
+    /// No range and no live verdict: passed (and reported to the agent).
+    Unknown = 2,
+    /// A drop was due but dry-run mode passed the packet.
+    DryRun = 3,
+    /// The parser could not read the packet to the TCP header: passed.
+    ParseSkipped = 4,
+    /// An event could not be queued because the ring buffer was full.
+    EventLost = 5,
+    /// A live verdict said pass.
+    VerdictPass = 6,
+    /// A live verdict said drop; one counter per verdict reason follows.
+    VerdictDropBase = 7,
+}
+
+/// Number of counter slots (the verdict-drop counters take
+/// `verdict_reason::COUNT` slots starting at `VerdictDropBase`).
+pub const COUNTER_SLOTS: u32 = Counter::VerdictDropBase as u32 + crate::verdict_reason::COUNT;
+
+impl Counter {
+    /// Counter slot for a drop by a verdict with `reason`.
+    #[inline(always)]
+    pub const fn verdict_drop(reason: u32) -> u32 {
+        let r = if reason < crate::verdict_reason::COUNT { reason } else { crate::verdict_reason::COUNT - 1 };
+        Counter::VerdictDropBase as u32 + r
+    }
+}
+
+/// Stable, operator-facing name of a counter slot (used by `stats` and JSON).
+pub fn counter_name(slot: u32) -> &'static str {
+    use crate::verdict_reason as vr;
+    match slot {
+        0 => "allowed",
+        1 => "deny-range",
+        2 => "unknown",
+        3 => "dry-run-would-drop",
+        4 => "parse-skipped",
+        5 => "event-lost",
+        6 => "verdict-pass",
+        s if s >= Counter::VerdictDropBase as u32 && s < COUNTER_SLOTS => {
+            match s - Counter::VerdictDropBase as u32 {
+                vr::MANUAL_BAN => "manual-ban",
+                vr::NO_PTR => "no-ptr",
+                vr::FCRDNS_FAIL => "fcrdns-fail",
+                vr::DYNAMIC => "dynamic",
+                vr::GENERIC => "generic",
+                vr::OK => "ok",
+                vr::TEMPFAIL => "tempfail",
+                _ => "hold",
+            }
+        }
+        _ => "invalid",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_cover_all_slots() {
+        let names: Vec<_> = (0..COUNTER_SLOTS).map(counter_name).collect();
+        assert!(!names.contains(&"invalid"));
+        let mut dedup = names.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(dedup.len(), names.len(), "{names:?}");
+        assert_eq!(counter_name(COUNTER_SLOTS), "invalid");
+    }
+
+    #[test]
+    fn verdict_drop_slots_are_clamped() {
+        assert_eq!(Counter::verdict_drop(0), Counter::VerdictDropBase as u32);
+        assert_eq!(counter_name(Counter::verdict_drop(crate::verdict_reason::MANUAL_BAN)), "manual-ban");
+        assert_eq!(Counter::verdict_drop(999), COUNTER_SLOTS - 1);
+    }
+}

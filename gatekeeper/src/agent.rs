@@ -1,0 +1,461 @@
+//! `gatekeeper run`: loads (or adopts) the datapath, reconciles the maps
+//! with the state database, serves the control socket, expires entries and
+//! reads unknown-source events.
+//!
+//! Exiting never detaches anything: the pinned datapath keeps enforcing the
+//! last state until a new agent adopts it or `gatekeeper unload` runs.
+use std::{
+    collections::HashMap as StdHashMap,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use gatekeeper_common::{action, config_flags, verdict_reason, Event, RangeValue, SourceKey, Verdict};
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::{
+    io::{unix::AsyncFd, AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{watch, Mutex},
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    config::{validate_ports, Config},
+    datapath::{expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout},
+    protocol::{Request, Response},
+    store::{NewRange, RangeKind, RangeRecord, Store, VerdictRecord},
+    Error, Result,
+};
+
+/// Ports guarded when neither the config nor `ports set` chose any.
+pub const DEFAULT_PORTS: &[u16] = &[25];
+const PORTS_SETTING: &str = "ports";
+
+/// The agent's mutable state; one request at a time holds it, so
+/// concurrent CLIs never lose an update.
+struct State {
+    cfg: Config,
+    store: Store,
+    dp: Datapath,
+    attached: Vec<Attached>,
+    started_at: i64,
+    events: u64,
+}
+
+/// Runs the agent until SIGINT/SIGTERM or `gatekeeper unload`.
+pub async fn run(cfg: Config) -> Result<()> {
+    if cfg.interfaces.is_empty() {
+        return Err(Error::Config {
+            path: PathBuf::from("<command line>"),
+            message: "no interfaces to guard: pass --iface IFACE or set `interfaces = [..]` in the config".into(),
+        });
+    }
+    let db = cfg.state_dir.join("gatekeeper.db");
+    let mut store = Store::open(&db)?;
+    let ports = match &cfg.ports {
+        Some(p) => {
+            let p = validate_ports(p)?;
+            store.set_setting(PORTS_SETTING, &join_ports(&p))?;
+            p
+        }
+        None => match store.setting(PORTS_SETTING)? {
+            Some(s) => crate::config::parse_ports(&s)?,
+            None => DEFAULT_PORTS.to_vec(),
+        },
+    };
+
+    let layout = PinLayout::new(&cfg.pin_dir);
+    let adopting = layout.is_loaded();
+    let mut dp = Datapath::load(&layout, cfg.max_verdicts)?;
+    dp.maps.set_config(gatekeeper_common::Config {
+        event_interval_ns: cfg.event_interval.as_nanos() as u64,
+        flags: if cfg.dry_run { config_flags::DRY_RUN } else { 0 },
+        _pad: 0,
+    })?;
+    dp.maps.set_ports(&ports)?;
+    let (added, removed) = reconcile(&mut store, &mut dp)?;
+    info!(written = added, removed, "datapath reconciled with {}", db.display());
+
+    let mut attached = Vec::new();
+    for ifname in &cfg.interfaces {
+        let a = dp.attach(ifname, cfg.xdp_mode)?;
+        info!(iface = %a.ifname, ifindex = a.ifindex, mode = %a.mode, adopted = a.adopted, "XDP ingress gate attached");
+        attached.push(a);
+    }
+    for gone in dp.detach_except(&cfg.interfaces)? {
+        info!(iface = %gone, "detached: no longer configured");
+    }
+    let events = dp.take_events();
+    info!(
+        pin_dir = %layout.root.display(),
+        ports = %join_ports(&ports),
+        dry_run = cfg.dry_run,
+        adopted = adopting,
+        "gatekeeper agent running"
+    );
+
+    let listener = bind_socket(&cfg.socket)?;
+    let socket_path = cfg.socket.clone();
+    let state = Arc::new(Mutex::new(State { cfg, store, dp, attached, started_at: unix_now(), events: 0 }));
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+
+    tokio::spawn(sweeper(state.clone()));
+    if let Some(rb) = events {
+        tokio::spawn(event_reader(state.clone(), rb));
+    }
+    tokio::spawn(serve(listener, state.clone(), stop_tx.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("install SIGTERM handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting; the datapath stays pinned and keeps enforcing"),
+        _ = term.recv() => info!("SIGTERM: exiting; the datapath stays pinned and keeps enforcing"),
+        _ = stop_rx.changed() => info!("unloaded: everything detached and unpinned; exiting"),
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+fn join_ports(p: &[u16]) -> String {
+    p.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Makes the maps match the database: what the database holds is the truth.
+fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
+    let now = unix_now();
+    store.expire_ranges(now)?;
+    store.expire_verdicts(now)?;
+    let (mut added, mut removed) = (0, 0);
+    for kind in [RangeKind::Deny, RangeKind::Allow] {
+        let want: StdHashMap<IpNet, RangeValue> =
+            store.list_ranges(Some(kind))?.iter().map(|r| (r.net, range_value(r))).collect();
+        let have: StdHashMap<IpNet, RangeValue> = dp.maps.ranges(kind)?.into_iter().collect();
+        for net in have.keys().filter(|n| !want.contains_key(n)) {
+            dp.maps.del_range(kind, *net)?;
+            removed += 1;
+        }
+        for (net, v) in &want {
+            if have.get(net) != Some(v) {
+                dp.maps.set_range(kind, *net, *v)?;
+                added += 1;
+            }
+        }
+    }
+    let mono = monotonic_ns();
+    let want: StdHashMap<SourceKey, Verdict> =
+        store.list_verdicts(None)?.iter().map(|v| (v.key, verdict_value(v, now, mono))).collect();
+    for (key, _) in dp.maps.verdicts()? {
+        if !want.contains_key(&key) {
+            dp.maps.del_verdict(key)?;
+            removed += 1;
+        }
+    }
+    for (key, v) in want {
+        dp.maps.set_verdict(key, v)?;
+        added += 1;
+    }
+    Ok((added, removed))
+}
+
+fn range_value(r: &RangeRecord) -> RangeValue {
+    RangeValue { range_id: r.id, origin: r.origin.code() }
+}
+
+fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
+    Verdict { expires_ns: expiry_ns(v.expires_at, now, mono), action: v.action, reason: v.reason }
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::Bpf(format!(
+                "another agent is already serving {} (use --socket and --pin-dir to run a second instance)",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| Error::io(format!("remove stale socket {}", path.display()), e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    Ok(listener)
+}
+
+async fn serve(listener: UnixListener, state: Arc<Mutex<State>>, stop: watch::Sender<bool>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!(error = %e, "accept on control socket");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_conn(stream, state, stop).await {
+                debug!(error = %e, "control connection");
+            }
+        });
+    }
+}
+
+async fn handle_conn(stream: UnixStream, state: Arc<Mutex<State>>, stop: watch::Sender<bool>) -> std::io::Result<()> {
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 => {}
+        _ => {
+            let (_, mut w) = stream.into_split();
+            let mut line = serde_json::to_vec(&Response::err("the control socket is for root only")).unwrap_or_default();
+            line.push(b'\n');
+            return w.write_all(&line).await;
+        }
+    }
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    let Some(line) = lines.next_line().await? else { return Ok(()) };
+    let (resp, unload) = match serde_json::from_str::<Request>(&line) {
+        Err(e) => (Response::err(format!("bad request: {e}")), false),
+        Ok(req) => {
+            let unload = matches!(req, Request::Unload);
+            let mut st = state.lock().await;
+            let resp = match tokio::task::block_in_place(|| st.handle(req)) {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::err(e),
+            };
+            (resp, unload)
+        }
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.flush().await?;
+    if unload && resp.ok {
+        let _ = stop.send(true);
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct RangeOut {
+    #[serde(flatten)]
+    record: RangeRecord,
+    hits: u64,
+}
+
+impl State {
+    fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
+        let now = unix_now();
+        let json = |v: serde_json::Value| Ok(v);
+        match req {
+            Request::Ping => json(serde_json::json!({ "pong": true })),
+            Request::RangeAdd { kind, ranges, origin, source, expire_secs, force, skip_existing, replace } => {
+                let expires_at = expire_secs.map(|s| now + s as i64);
+                let new: Vec<NewRange> = ranges
+                    .iter()
+                    .map(|r| NewRange { net: r.net, origin, source: source.clone(), comment: r.comment.clone(), expires_at })
+                    .collect();
+                let added = self.store.add_ranges(kind, &new, force, skip_existing, now)?;
+                if let Err(e) = self.apply_added(kind, &added) {
+                    // Roll back so the database never claims what the datapath lacks.
+                    for r in &added {
+                        let _ = self.dp.maps.del_range(kind, r.net);
+                        let _ = self.store.del_range(kind, r.net);
+                    }
+                    return Err(e);
+                }
+                let mut removed = Vec::new();
+                if replace {
+                    let keep: Vec<IpNet> = ranges.iter().map(|r| r.net).collect();
+                    removed = self.store.del_ranges_from_source_except(kind, &source, &keep)?;
+                    for r in &removed {
+                        self.dp.maps.del_range(kind, r.net)?;
+                    }
+                }
+                info!(%kind, added = added.len(), removed = removed.len(), %source, "ranges changed");
+                json(serde_json::json!({
+                    "added": added.len(),
+                    "unchanged": ranges.len() - added.len(),
+                    "removed": removed.len(),
+                    "records": added,
+                }))
+            }
+            Request::RangeDel { kind, nets } => {
+                let existing = self.store.list_ranges(Some(kind))?;
+                if let Some(missing) = nets.iter().find(|n| !existing.iter().any(|r| r.net == **n)) {
+                    return Err(Error::NotFound { what: if kind == RangeKind::Deny { "deny range" } else { "allow range" }, key: missing.to_string() });
+                }
+                let mut removed = Vec::new();
+                for net in nets {
+                    removed.push(self.store.del_range(kind, net)?);
+                    self.dp.maps.del_range(kind, net)?;
+                }
+                info!(%kind, removed = removed.len(), "ranges removed");
+                json(serde_json::json!({ "removed": removed }))
+            }
+            Request::RangeList { kind } => {
+                let hits = self.dp.maps.range_hits()?;
+                let out: Vec<RangeOut> = self
+                    .store
+                    .list_ranges(Some(kind))?
+                    .into_iter()
+                    .map(|r| RangeOut { hits: hits.get(&r.id).copied().unwrap_or(0), record: r })
+                    .collect();
+                json(serde_json::to_value(out).unwrap_or_default())
+            }
+            Request::BanAdd { addrs, comment, expire_secs } => {
+                let expires_at = expire_secs.map(|s| now + s as i64);
+                let mono = monotonic_ns();
+                let mut out = Vec::new();
+                for addr in addrs {
+                    let rec = VerdictRecord {
+                        key: SourceKey::from_ip(addr),
+                        action: action::DROP,
+                        reason: verdict_reason::MANUAL_BAN,
+                        comment: comment.clone(),
+                        created_at: now,
+                        expires_at,
+                    };
+                    self.store.upsert_verdict(&rec)?;
+                    self.dp.maps.set_verdict(rec.key, verdict_value(&rec, now, mono))?;
+                    info!(source = %rec.key.display(), "manual ban");
+                    out.push(rec);
+                }
+                json(serde_json::to_value(out).unwrap_or_default())
+            }
+            Request::BanDel { addrs } => {
+                let bans = self.store.list_verdicts(Some(verdict_reason::MANUAL_BAN))?;
+                let keys: Vec<SourceKey> = addrs.iter().map(|a| SourceKey::from_ip(*a)).collect();
+                if let Some(k) = keys.iter().find(|k| !bans.iter().any(|b| b.key == **k)) {
+                    return Err(Error::NotFound { what: "ban", key: k.display() });
+                }
+                let mut out = Vec::new();
+                for key in keys {
+                    out.push(self.store.del_verdict(key)?);
+                    self.dp.maps.del_verdict(key)?;
+                }
+                json(serde_json::json!({ "removed": out }))
+            }
+            Request::BanList => json(serde_json::to_value(self.store.list_verdicts(Some(verdict_reason::MANUAL_BAN))?).unwrap_or_default()),
+            Request::PortsSet { ports } => {
+                let ports = validate_ports(&ports)?;
+                self.store.set_setting(PORTS_SETTING, &join_ports(&ports))?;
+                self.dp.maps.set_ports(&ports)?;
+                info!(ports = %join_ports(&ports), "guarded ports changed");
+                json(serde_json::json!({ "ports": ports }))
+            }
+            Request::PortsList => json(serde_json::json!({ "ports": self.dp.maps.ports()? })),
+            Request::Status => {
+                let ranges = self.store.list_ranges(None)?;
+                let count = |k: RangeKind, v6: bool| ranges.iter().filter(|r| r.kind == k && r.net.addr().is_ipv6() == v6).count();
+                json(serde_json::json!({
+                    "agent": { "running": true, "pid": std::process::id(), "started_at": self.started_at, "version": env!("CARGO_PKG_VERSION") },
+                    "pin_dir": self.dp.layout.root,
+                    "state_dir": self.cfg.state_dir,
+                    "socket": self.cfg.socket,
+                    "dry_run": self.cfg.dry_run,
+                    "event_interval_secs": self.cfg.event_interval.as_secs(),
+                    "interfaces": self.attached,
+                    "ports": self.dp.maps.ports()?,
+                    "entries": {
+                        "deny_v4": count(RangeKind::Deny, false),
+                        "deny_v6": count(RangeKind::Deny, true),
+                        "allow_v4": count(RangeKind::Allow, false),
+                        "allow_v6": count(RangeKind::Allow, true),
+                        "verdicts": self.dp.maps.verdicts()?.len(),
+                    },
+                    "capacity": {
+                        "ranges_per_table": gatekeeper_common::MAX_RANGES,
+                        "verdicts": self.cfg.max_verdicts,
+                    },
+                    "events_received": self.events,
+                }))
+            }
+            Request::Unload => {
+                let removed = self.dp.layout.unload()?;
+                info!(removed = removed.len(), "unloaded");
+                json(serde_json::json!({ "removed": removed }))
+            }
+        }
+    }
+
+    fn apply_added(&mut self, kind: RangeKind, added: &[RangeRecord]) -> Result<()> {
+        for r in added {
+            self.dp.maps.reset_range_hits(r.id)?;
+            self.dp.maps.set_range(kind, r.net, range_value(r))?;
+        }
+        Ok(())
+    }
+
+    /// Removes expired ranges and verdicts from the database and the maps.
+    fn sweep(&mut self) -> Result<()> {
+        let now = unix_now();
+        for r in self.store.expire_ranges(now)? {
+            self.dp.maps.del_range(r.kind, r.net)?;
+            info!(kind = %r.kind, net = %r.net, "range expired");
+        }
+        for v in self.store.expire_verdicts(now)? {
+            self.dp.maps.del_verdict(v.key)?;
+            debug!(source = %v.key.display(), "verdict expired");
+        }
+        Ok(())
+    }
+}
+
+async fn sweeper(state: Arc<Mutex<State>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let mut st = state.lock().await;
+        if let Err(e) = tokio::task::block_in_place(|| st.sweep()) {
+            error!(error = %e, "expiry sweep failed");
+        }
+    }
+}
+
+async fn event_reader(state: Arc<Mutex<State>>, rb: aya::maps::RingBuf<aya::maps::MapData>) {
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
+    // as long as the AsyncFd owns the RingBuf.
+    let mut afd = match unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) } {
+        Ok(a) => a,
+        Err(e) => {
+            error!(error = %std::io::Error::from(e), "cannot poll the event ring buffer; unknown sources will not be reported");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match afd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!(error = %e, "event ring buffer");
+                return;
+            }
+        };
+        let mut n = 0u64;
+        let rb = guard.get_inner_mut();
+        while let Some(item) = rb.next() {
+            if item.len() < std::mem::size_of::<Event>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote an `Event`; read it unaligned.
+            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+            let ip = gatekeeper_common::addr::event_ip(ev.addr, ev.family);
+            debug!(source = %ip, port = ev.port, ifindex = ev.ifindex, "unknown source");
+            n += 1;
+        }
+        guard.clear_ready();
+        if n > 0 {
+            state.lock().await.events += n;
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Output of the read-only commands. `status` and `stats` read the pinned
+//! maps directly, so they work while the agent is down.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use gatekeeper::{
+    datapath::{ifindex, ifname, Maps, PinLayout},
+    lists::format_duration_short,
+    protocol::{call, ClientError, Request},
+    store::RangeKind,
+};
+use gatekeeper_common::{config_flags, counters::{counter_name, COUNTER_SLOTS}, StatKey};
+use serde_json::{json, Value};
+
+/// Prints rows as left-aligned columns under a header.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:<w$}", c, w = width[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn join(v: &Value) -> String {
+    v.as_array().into_iter().flatten().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn expires(v: &Value) -> String {
+    match v.as_i64() {
+        None => "never".into(),
+        Some(t) => {
+            let left = t - gatekeeper::datapath::unix_now();
+            if left <= 0 { "expired".into() } else { format!("in {}", format_duration_short(Duration::from_secs(left as u64))) }
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub fn print_ranges(rows: &[Value]) {
+    if rows.is_empty() {
+        println!("(no ranges)");
+        return;
+    }
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| vec![s(&r["net"]), s(&r["origin"]), s(&r["source"]), s(&r["hits"]), expires(&r["expires_at"]), s(&r["comment"])])
+        .collect();
+    table(&["RANGE", "ORIGIN", "SOURCE", "HITS", "EXPIRES", "COMMENT"], &rows);
+}
+
+pub fn print_bans(rows: &[Value]) {
+    if rows.is_empty() {
+        println!("(no bans)");
+        return;
+    }
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|r| vec![s(&r["key"]), expires(&r["expires_at"]), s(&r["comment"])]).collect();
+    table(&["SOURCE", "EXPIRES", "COMMENT"], &rows);
+}
+
+/// What the pins say, for `status` with or without an agent.
+fn pinned_status(layout: &PinLayout) -> Result<Value> {
+    if !layout.is_loaded() {
+        return Ok(json!({ "loaded": false }));
+    }
+    let maps = Maps::open_pinned(layout)?;
+    let count = |k: RangeKind, v6: bool| -> Result<usize> {
+        Ok(maps.ranges(k)?.iter().filter(|(n, _)| n.addr().is_ipv6() == v6).count())
+    };
+    let program = aya::programs::ProgramInfo::from_pin(layout.program())
+        .map(|p| json!({ "id": p.id(), "tag": format!("{:016x}", p.tag()) }))
+        .unwrap_or(Value::Null);
+    let links: Vec<Value> = layout
+        .links()?
+        .into_iter()
+        .map(|l| json!({ "ifname": l.ifname, "ifindex": ifindex(&l.ifname), "mode": l.mode }))
+        .collect();
+    Ok(json!({
+        "loaded": true,
+        "program": program,
+        "links": links,
+        "ports": maps.ports()?,
+        "dry_run": maps.config()?.flags & config_flags::DRY_RUN != 0,
+        "entries": {
+            "deny_v4": count(RangeKind::Deny, false)?,
+            "deny_v6": count(RangeKind::Deny, true)?,
+            "allow_v4": count(RangeKind::Allow, false)?,
+            "allow_v6": count(RangeKind::Allow, true)?,
+            "verdicts": maps.verdicts()?.len(),
+        },
+    }))
+}
+
+pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
+    let layout = PinLayout::new(pin_dir);
+    let agent = match call(socket, &Request::Status) {
+        Ok(v) => v,
+        Err(ClientError::NotRunning(_)) => json!({ "agent": { "running": false } }),
+        Err(e) => return Err(e.into()),
+    };
+    let datapath = pinned_status(&layout)?;
+    let out = json!({ "agent": agent["agent"], "pin_dir": pin_dir, "datapath": datapath, "detail": agent });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let running = agent["agent"]["running"].as_bool().unwrap_or(false);
+    let loaded = datapath["loaded"].as_bool().unwrap_or(false);
+    match (running, loaded) {
+        (true, _) => println!("agent:      running (pid {}, version {})", agent["agent"]["pid"], s(&agent["agent"]["version"])),
+        (false, true) => println!("agent:      NOT RUNNING — the pinned datapath keeps enforcing its last state"),
+        (false, false) => println!("agent:      not running"),
+    }
+    if !loaded {
+        println!("datapath:   not loaded (nothing pinned at {})", pin_dir.display());
+        return Ok(());
+    }
+    println!("datapath:   pinned at {} (program id {}, tag {})", pin_dir.display(), datapath["program"]["id"], s(&datapath["program"]["tag"]));
+    for l in datapath["links"].as_array().into_iter().flatten() {
+        let idx = if l["ifindex"].is_null() { "missing".to_string() } else { format!("ifindex {}", l["ifindex"]) };
+        println!("interface:  {} ({}, {} mode)", s(&l["ifname"]), idx, s(&l["mode"]));
+    }
+    println!("ports:      {}", join(&datapath["ports"]));
+    println!("dry-run:    {}", if datapath["dry_run"].as_bool().unwrap_or(false) { "YES (nothing is dropped)" } else { "no" });
+    let e = &datapath["entries"];
+    let cap = gatekeeper_common::MAX_RANGES;
+    println!("deny:       {} v4, {} v6 (capacity {cap} each)", e["deny_v4"], e["deny_v6"]);
+    println!("allow:      {} v4, {} v6 (capacity {cap} each)", e["allow_v4"], e["allow_v6"]);
+    match agent["capacity"]["verdicts"].as_u64() {
+        Some(c) => println!("verdicts:   {} (capacity {c})", e["verdicts"]),
+        None => println!("verdicts:   {}", e["verdicts"]),
+    }
+    if running {
+        println!("events:     {} unknown-source reports received", agent["events_received"]);
+    }
+    Ok(())
+}
+
+struct Snapshot {
+    at: Instant,
+    counters: BTreeMap<StatKey, u64>,
+    /// (hits, kind, net) of ranges with hits, most first.
+    top: Vec<(u64, RangeKind, String)>,
+}
+
+fn snapshot(maps: &Maps) -> Result<Snapshot> {
+    let hits = maps.range_hits()?;
+    let mut top = Vec::new();
+    for kind in [RangeKind::Deny, RangeKind::Allow] {
+        for (net, v) in maps.ranges(kind)? {
+            if let Some(h) = hits.get(&v.range_id) {
+                top.push((*h, kind, net.to_string()));
+            }
+        }
+    }
+    top.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));
+    Ok(Snapshot { at: Instant::now(), counters: maps.counters()?, top })
+}
+
+fn iface_label(idx: u32) -> String {
+    ifname(idx).unwrap_or_else(|| format!("if{idx}"))
+}
+
+fn stats_json(snap: &Snapshot, top: usize) -> Value {
+    let ifaces: BTreeSet<u32> = snap.counters.keys().map(|k| k.ifindex).collect();
+    let mut totals = serde_json::Map::new();
+    for slot in 0..COUNTER_SLOTS {
+        let sum: u64 = snap.counters.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum();
+        totals.insert(counter_name(slot).into(), sum.into());
+    }
+    let per_if: Vec<Value> = ifaces
+        .iter()
+        .map(|&i| {
+            let c: serde_json::Map<String, Value> = (0..COUNTER_SLOTS)
+                .map(|slot| (counter_name(slot).to_string(), snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).into()))
+                .collect();
+            json!({ "ifindex": i, "name": ifname(i), "counters": c })
+        })
+        .collect();
+    let top: Vec<Value> = snap.top.iter().take(top).map(|(h, k, n)| json!({ "range": n, "kind": k, "hits": h })).collect();
+    json!({ "totals": totals, "interfaces": per_if, "top_ranges": top })
+}
+
+fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, top: usize) {
+    let ifaces: Vec<u32> = snap.counters.keys().map(|k| k.ifindex).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut header: Vec<String> = vec!["COUNTER".into()];
+    header.extend(ifaces.iter().map(|&i| iface_label(i)));
+    header.push("TOTAL".into());
+    if prev.is_some() {
+        header.push("RATE/s".into());
+    }
+    let total = |s: &Snapshot, slot: u32| -> u64 { s.counters.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum() };
+    let rows: Vec<Vec<String>> = (0..COUNTER_SLOTS)
+        .map(|slot| {
+            let mut row = vec![counter_name(slot).to_string()];
+            row.extend(ifaces.iter().map(|&i| snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).to_string()));
+            row.push(total(snap, slot).to_string());
+            if let Some(p) = prev {
+                let dt = snap.at.duration_since(p.at).as_secs_f64().max(1e-3);
+                row.push(format!("{:.1}", total(snap, slot).saturating_sub(total(p, slot)) as f64 / dt));
+            }
+            row
+        })
+        .collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    table(&header, &rows);
+    println!();
+    if snap.top.is_empty() {
+        println!("(no range hits yet)");
+    } else {
+        let rows: Vec<Vec<String>> = snap.top.iter().take(top).map(|(h, k, n)| vec![n.clone(), k.to_string(), h.to_string()]).collect();
+        table(&["RANGE", "KIND", "HITS"], &rows);
+    }
+}
+
+pub fn stats(pin_dir: &Path, as_json: bool, watch: Option<u64>, top: usize) -> Result<()> {
+    let maps = Maps::open_pinned(&PinLayout::new(pin_dir))?;
+    let mut prev: Option<Snapshot> = None;
+    loop {
+        let snap = snapshot(&maps)?;
+        if as_json {
+            println!("{}", if watch.is_some() { serde_json::to_string(&stats_json(&snap, top))? } else { serde_json::to_string_pretty(&stats_json(&snap, top))? });
+        } else {
+            if watch.is_some() {
+                print!("\x1b[2J\x1b[H");
+                println!("gatekeeper stats — {} (every {}s, Ctrl-C to stop)\n", pin_dir.display(), watch.unwrap_or(1));
+            }
+            print_stats(&snap, prev.as_ref(), top);
+        }
+        let Some(secs) = watch else { return Ok(()) };
+        prev = Some(snap);
+        std::thread::sleep(Duration::from_secs(secs.max(1)));
+    }
+}

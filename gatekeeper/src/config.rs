@@ -1,0 +1,355 @@
+//! The agent's config file (TOML). Every key is optional; unknown keys and
+//! bad values are errors naming the line, column and key.
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+use crate::lists::parse_duration;
+
+/// Bounds of `max_verdicts`.
+pub const MAX_VERDICTS_RANGE: std::ops::RangeInclusive<u32> = 1024..=16_777_216;
+
+/// How to attach the XDP program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic (skb) mode.
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+impl fmt::Display for XdpModeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpModeSetting::Auto => "auto",
+            XdpModeSetting::Native => "native",
+            XdpModeSetting::Skb => "skb",
+        })
+    }
+}
+
+impl FromStr for XdpModeSetting {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(XdpModeSetting::Auto),
+            "native" => Ok(XdpModeSetting::Native),
+            "skb" => Ok(XdpModeSetting::Skb),
+            _ => Err(format!("unknown XDP mode {s:?} (expected auto, native or skb)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    #[serde(deserialize_with = "de_interfaces")]
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    /// `None` when the file does not set it.
+    #[serde(deserialize_with = "de_ports")]
+    pub ports: Option<Vec<u16>>,
+    pub dry_run: bool,
+    #[serde(deserialize_with = "de_abs_path")]
+    pub state_dir: PathBuf,
+    #[serde(deserialize_with = "de_abs_path")]
+    pub socket: PathBuf,
+    #[serde(deserialize_with = "de_abs_path")]
+    pub pin_dir: PathBuf,
+    #[serde(deserialize_with = "de_duration")]
+    pub event_interval: Duration,
+    #[serde(deserialize_with = "de_max_verdicts")]
+    pub max_verdicts: u32,
+    #[serde(deserialize_with = "de_log_level")]
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            interfaces: Vec::new(),
+            xdp_mode: XdpModeSetting::Auto,
+            ports: None,
+            dry_run: false,
+            state_dir: "/var/lib/gatekeeper".into(),
+            socket: "/run/gatekeeper/gatekeeper.sock".into(),
+            pin_dir: "/sys/fs/bpf/gatekeeper".into(),
+            event_interval: Duration::from_secs(30),
+            max_verdicts: 262_144,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`. A missing file gives the defaults unless `required`.
+    pub fn load(path: &Path, required: bool) -> Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config::default()),
+            Err(e) => Err(Error::Config { path: path.to_path_buf(), message: format!("cannot read: {e}") }),
+        }
+    }
+
+    /// Parses config text; `path` is only used in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        toml::from_str(text).map_err(|e| Error::Config { path: path.to_path_buf(), message: describe(text, &e) })
+    }
+}
+
+/// `line L, column C: [key `k`: ]message` for a toml error.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    // Some toml messages span several lines ("invalid array\nexpected `]`").
+    let msg = e.message().trim().replace('\n', "; ");
+    let msg = msg.as_str();
+    let Some(span) = e.span() else { return msg.to_string() };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    // Name the top-level key whose value holds the error, unless the
+    // message already does (as for unknown fields).
+    let key = toml::from_str::<BTreeMap<String, toml::Spanned<toml::Value>>>(text)
+        .ok()
+        .and_then(|t| t.into_iter().find(|(_, v)| v.span().contains(&start) || v.span().start == start))
+        .map(|(k, _)| k)
+        .filter(|k| !msg.contains(&format!("`{k}`")));
+    match key {
+        Some(k) => format!("line {line}, column {column}: key `{k}`: {msg}"),
+        None => format!("line {line}, column {column}: {msg}"),
+    }
+}
+
+/// Checks a guarded-port set: non-empty, no port 0, at most
+/// [`gatekeeper_common::MAX_GUARDED_PORTS`]. Returns it sorted and deduplicated.
+pub fn validate_ports(ports: &[u16]) -> Result<Vec<u16>> {
+    if ports.is_empty() {
+        return Err(Error::InvalidPorts("no ports given; at least one port must be guarded".into()));
+    }
+    if ports.contains(&0) {
+        return Err(Error::InvalidPorts("port 0 is not a valid port (1-65535)".into()));
+    }
+    let mut out = ports.to_vec();
+    out.sort_unstable();
+    out.dedup();
+    let max = gatekeeper_common::MAX_GUARDED_PORTS;
+    if out.len() > max {
+        return Err(Error::InvalidPorts(format!("{} ports given, at most {max} can be guarded", out.len())));
+    }
+    Ok(out)
+}
+
+/// Parses a port list such as `25,587` or `25 587` and validates it.
+pub fn parse_ports(s: &str) -> Result<Vec<u16>> {
+    let ports = s
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u16>().map_err(|_| Error::InvalidPorts(format!("{t:?} is not a port number (1-65535)")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    validate_ports(&ports)
+}
+
+fn de_ports<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<u16>>, D::Error> {
+    let ports = Vec::<u16>::deserialize(d)?;
+    validate_ports(&ports).map(Some).map_err(serde::de::Error::custom)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    parse_duration(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn de_max_verdicts<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if !MAX_VERDICTS_RANGE.contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "max_verdicts {n} out of range ({}..={})",
+            MAX_VERDICTS_RANGE.start(),
+            MAX_VERDICTS_RANGE.end()
+        )));
+    }
+    Ok(n)
+}
+
+fn de_abs_path<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<PathBuf, D::Error> {
+    let p = PathBuf::deserialize(d)?;
+    if !p.is_absolute() {
+        return Err(serde::de::Error::custom(format!("path {p:?} must be absolute")));
+    }
+    Ok(p)
+}
+
+fn de_interfaces<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    for (i, n) in names.iter().enumerate() {
+        // The kernel's IFNAMSIZ is 16 including the NUL.
+        let bad = n.is_empty() || n.len() > 15 || n == "." || n == ".." || n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+        if bad {
+            return Err(serde::de::Error::custom(format!("{n:?} is not a valid interface name")));
+        }
+        if names[..i].contains(n) {
+            return Err(serde::de::Error::custom(format!("interface {n:?} is listed twice")));
+        }
+    }
+    Ok(names)
+}
+
+fn de_log_level<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let s = String::deserialize(d)?;
+    // A level, or comma-separated `level` / `target=level` directives.
+    let ok = !s.trim().is_empty()
+        && s.split(',').all(|dir| {
+            let level = dir.rsplit_once('=').map_or(dir, |(target, level)| if target.trim().is_empty() { "" } else { level });
+            LEVELS.contains(&level.trim().to_ascii_lowercase().as_str())
+        });
+    if !ok {
+        return Err(serde::de::Error::custom(format!(
+            "invalid log level {s:?} (expected trace, debug, info, warn, error or off, or target=level directives)"
+        )));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("/etc/gatekeeper.toml"))
+    }
+
+    fn message(text: &str) -> String {
+        match parse(text) {
+            Err(Error::Config { path, message }) => {
+                assert_eq!(path, Path::new("/etc/gatekeeper.toml"));
+                message
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.ports, None);
+        assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(c.event_interval, Duration::from_secs(30));
+        assert_eq!(c.max_verdicts, 262_144);
+        assert_eq!(c.state_dir, Path::new("/var/lib/gatekeeper"));
+        assert_eq!(c.socket, Path::new("/run/gatekeeper/gatekeeper.sock"));
+        assert_eq!(c.pin_dir, Path::new("/sys/fs/bpf/gatekeeper"));
+        assert_eq!(c.log_level, "info");
+        assert!(!c.dry_run);
+    }
+
+    #[test]
+    fn full_file() {
+        let c = parse(
+            r#"
+interfaces = ["eth0", "eth1"]
+xdp_mode = "skb"
+ports = [587, 25, 25]
+dry_run = true
+state_dir = "/srv/gk"
+socket = "/run/gk.sock"
+pin_dir = "/sys/fs/bpf/gk"
+event_interval = "1m30s"
+max_verdicts = 1024
+log_level = "info,gatekeeper=debug"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.interfaces, ["eth0", "eth1"]);
+        assert_eq!(c.xdp_mode, XdpModeSetting::Skb);
+        assert_eq!(c.ports, Some(vec![25, 587]));
+        assert!(c.dry_run);
+        assert_eq!(c.state_dir, Path::new("/srv/gk"));
+        assert_eq!(c.event_interval, Duration::from_secs(90));
+        assert_eq!(c.max_verdicts, 1024);
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_key() {
+        let m = message("dry_run = true\n\nportz = [25]\n");
+        assert!(m.starts_with("line 3, column 1: unknown field `portz`, expected one of"), "{m}");
+    }
+
+    #[test]
+    fn bad_values_name_line_column_and_key() {
+        let m = message("dry_run = true\nports = [25, 0]\n");
+        assert!(m.starts_with("line 2, column 9: key `ports`: invalid ports: port 0"), "{m}");
+        let m = message("ports = [25, 70000]\n");
+        assert!(m.starts_with("line 1, column ") && m.contains("key `ports`") && m.contains("70000"), "{m}");
+        let m = message("max_verdicts = 10\n");
+        assert!(m.starts_with("line 1, column 16: key `max_verdicts`: max_verdicts 10 out of range"), "{m}");
+        assert!(message("max_verdicts = 16777217").contains("out of range"));
+        let m = message("\nevent_interval = \"0s\"\n");
+        assert!(m.starts_with("line 2, column 18: key `event_interval`: invalid duration \"0s\""), "{m}");
+        let m = message("xdp_mode = \"fast\"\n");
+        assert!(m.contains("line 1") && m.contains("key `xdp_mode`") && m.contains("fast"), "{m}");
+        assert!(message("state_dir = \"relative/dir\"").contains("must be absolute"));
+        assert!(message("dry_run = \"yes\"").contains("key `dry_run`"));
+        assert!(message("interfaces = [\"eth0\", \"eth0\"]").contains("listed twice"));
+        assert!(message("interfaces = [\"a-very-long-interface-name\"]").contains("not a valid interface name"));
+        assert!(message("log_level = \"verbose\"").contains("invalid log level"));
+        assert!(message("ports = []").contains("no ports given"));
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        let m = message("dry_run = true\nports = [25,\n");
+        assert!(m.starts_with("line 2") || m.starts_with("line 3"), "{m}");
+        assert!(!m.contains('\n'), "{m}");
+        let m = message("ports = 25\nports = 587\n");
+        assert!(m.starts_with("line 2"), "{m}");
+    }
+
+    #[test]
+    fn load_missing_and_present() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gatekeeper.toml");
+        assert_eq!(Config::load(&path, false).unwrap(), Config::default());
+        match Config::load(&path, true) {
+            Err(Error::Config { path: p, message }) => {
+                assert_eq!(p, path);
+                assert!(message.contains("cannot read"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&path, "ports = [25]\n").unwrap();
+        assert_eq!(Config::load(&path, true).unwrap().ports, Some(vec![25]));
+        std::fs::write(&path, "ports = [0]\n").unwrap();
+        assert!(Config::load(&path, false).unwrap_err().to_string().contains("gatekeeper.toml"));
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(parse_ports("25,587").unwrap(), [25, 587]);
+        assert_eq!(parse_ports(" 587 25, 465 25 ").unwrap(), [25, 465, 587]);
+        for bad in ["", " , ", "0", "25,abc", "70000", "-1", "25;587"] {
+            assert!(matches!(parse_ports(bad), Err(Error::InvalidPorts(_))), "{bad:?} accepted");
+        }
+        let many: Vec<u16> = (1..=65).collect();
+        assert!(validate_ports(&many).unwrap_err().to_string().contains("at most 64"));
+        let dup: Vec<u16> = (1..=64).chain(1..=64).collect();
+        assert_eq!(validate_ports(&dup).unwrap().len(), 64);
+    }
+
+    #[test]
+    fn xdp_mode_strings() {
+        for m in [XdpModeSetting::Auto, XdpModeSetting::Native, XdpModeSetting::Skb] {
+            assert_eq!(m.to_string().parse::<XdpModeSetting>().unwrap(), m);
+        }
+        assert!("drv".parse::<XdpModeSetting>().unwrap_err().contains("expected auto, native or skb"));
+    }
+}

@@ -1,0 +1,593 @@
+//! The pinned, fail-static datapath: loading, pinning, attaching (or
+//! adopting what a previous agent left attached), map updates and counters.
+//!
+//! Layout under the pin directory (default `/sys/fs/bpf/gatekeeper`):
+//! `maps/<MAP>`, `prog_ingress`, `links/<mode>@<ifname>`. Links and maps
+//! stay pinned when the agent exits, so enforcement never stops with it; a
+//! new agent reuses the maps and swaps the program in atomically.
+use std::{
+    collections::BTreeMap,
+    ffi::{CStr, CString},
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+    },
+    programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use gatekeeper_common::{
+    maps as names, programs, Config, Ipv4Bytes, Ipv6Bytes, RangeValue, SourceKey, StatKey, Verdict,
+    PORT_WORDS,
+};
+use ipnet::IpNet;
+use tracing::{info, warn};
+
+use crate::{config::XdpModeSetting, store::RangeKind, Error, Result};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+/// An aya error with its whole source chain (the errno is at the end).
+fn bpf_err(what: impl std::fmt::Display, e: impl std::error::Error) -> Error {
+    let mut msg = format!("{what}: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    Error::Bpf(msg)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+}
+
+/// Makes sure `pin_dir` is on a bpf filesystem, mounting bpffs at
+/// `/sys/fs/bpf` when it is missing there (a fresh machine has none).
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let root = Path::new(BPF_FS_ROOT);
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        fs::create_dir_all(root).map_err(|e| Error::io(format!("create {BPF_FS_ROOT}"), e))?;
+        nix::mount::mount(Some("bpffs"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| bpf_err(format!("mount bpffs at {BPF_FS_ROOT}"), e))?;
+        info!("mounted bpffs at {BPF_FS_ROOT}");
+    }
+    let mut probe = pin_dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    if !is_bpffs(probe) {
+        return Err(Error::Bpf(format!(
+            "pin directory {} is not on a bpf filesystem (mount one with `mount -t bpf bpffs DIR`)",
+            pin_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// How an XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Native,
+    Skb,
+}
+
+impl AttachMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Skb => "skb",
+        }
+    }
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A pinned XDP link found under `links/`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LinkPin {
+    pub ifname: String,
+    pub mode: AttachMode,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// Paths under the pin directory.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        PinLayout { root: root.into() }
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+    pub fn program(&self) -> PathBuf {
+        self.root.join("prog_ingress")
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    /// `links/<mode>@<ifname>`, with `%` and `.` in the name percent-encoded:
+    /// bpffs refuses dots in pin names (and `eth0.100` has one).
+    pub fn link(&self, ifname: &str, mode: AttachMode) -> PathBuf {
+        let name = ifname.replace('%', "%25").replace('.', "%2e");
+        self.links_dir().join(format!("{mode}@{name}"))
+    }
+    /// Whether a datapath is pinned here.
+    pub fn is_loaded(&self) -> bool {
+        self.map(names::CONFIG).exists()
+    }
+    /// The pinned links, sorted by interface name.
+    pub fn links(&self) -> Result<Vec<LinkPin>> {
+        let dir = self.links_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("read {}", dir.display()), e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((mode, ifname)) = name.split_once('@') else { continue };
+            let ifname = ifname.replace("%2e", ".").replace("%25", "%");
+            let mode = match mode {
+                "native" => AttachMode::Native,
+                "skb" => AttachMode::Skb,
+                _ => continue,
+            };
+            out.push(LinkPin { ifname: ifname.to_string(), mode, path: entry.path() });
+        }
+        out.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+        Ok(out)
+    }
+
+    /// Detaches everything and removes every pin. Returns what was removed.
+    pub fn unload(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for link in self.links()? {
+            fs::remove_file(&link.path).map_err(|e| Error::io(format!("remove {}", link.path.display()), e))?;
+            removed.push(format!("link {} ({})", link.ifname, link.mode));
+        }
+        let prog = self.program();
+        if prog.exists() {
+            fs::remove_file(&prog).map_err(|e| Error::io(format!("remove {}", prog.display()), e))?;
+            removed.push("program".into());
+        }
+        for name in names::ALL {
+            let p = self.map(name);
+            if p.exists() {
+                fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
+                removed.push(format!("map {name}"));
+            }
+        }
+        for dir in [self.links_dir(), self.root.join("maps"), self.root.clone()] {
+            if dir.exists() {
+                fs::remove_dir(&dir).map_err(|e| Error::io(format!("remove {} (is something else pinned there?)", dir.display()), e))?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+pub fn ifindex(ifname: &str) -> Option<u32> {
+    let c = CString::new(ifname).ok()?;
+    // SAFETY: valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name.
+    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Converts a wall-clock expiry (unix seconds, `None` = never) into the
+/// datapath's monotonic-ns expiry.
+pub fn expiry_ns(expires_at: Option<i64>, unix_now: i64, mono_now: u64) -> u64 {
+    match expires_at {
+        None => u64::MAX,
+        Some(t) if t <= unix_now => mono_now,
+        Some(t) => mono_now.saturating_add(Duration::from_secs((t - unix_now) as u64).as_nanos() as u64),
+    }
+}
+
+/// Typed handles on every map but the ring buffer.
+pub struct Maps {
+    pub allow_v4: LpmTrie<MapData, Ipv4Bytes, RangeValue>,
+    pub allow_v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
+    pub deny_v4: LpmTrie<MapData, Ipv4Bytes, RangeValue>,
+    pub deny_v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
+    pub verdicts: HashMap<MapData, SourceKey, Verdict>,
+    pub ports: Array<MapData, u64>,
+    pub config: Array<MapData, Config>,
+    pub stats: PerCpuHashMap<MapData, StatKey, u64>,
+    pub range_hits: PerCpuArray<MapData, u64>,
+}
+
+/// Expected (key size, value size) of each pinned map, to refuse adopting
+/// maps left by an incompatible gatekeeper build.
+fn expected_sizes(name: &str) -> Option<(u32, u32)> {
+    use core::mem::size_of;
+    let lpm4 = (4 + size_of::<Ipv4Bytes>()) as u32;
+    let lpm6 = (4 + size_of::<Ipv6Bytes>()) as u32;
+    let range = size_of::<RangeValue>() as u32;
+    Some(match name {
+        names::ALLOW_V4 | names::DENY_V4 => (lpm4, range),
+        names::ALLOW_V6 | names::DENY_V6 => (lpm6, range),
+        names::VERDICTS => (size_of::<SourceKey>() as u32, size_of::<Verdict>() as u32),
+        names::SEEN => (size_of::<SourceKey>() as u32, 8),
+        names::PORTS => (4, 8),
+        names::CONFIG => (4, size_of::<Config>() as u32),
+        names::STATS => (size_of::<StatKey>() as u32, 8),
+        names::RANGE_HITS => (4, 8),
+        _ => return None,
+    })
+}
+
+fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Option<Map>, name: &str) -> Result<T> {
+    let map = map.ok_or_else(|| Error::Bpf(format!("map {name} missing from the eBPF object")))?;
+    T::try_from(map).map_err(|e| bpf_err(format!("map {name}"), e))
+}
+
+impl Maps {
+    /// Opens the maps a running (or departed) agent pinned under `layout`.
+    pub fn open_pinned(layout: &PinLayout) -> Result<Maps> {
+        if !layout.is_loaded() {
+            return Err(Error::Bpf(format!(
+                "no gatekeeper datapath is pinned at {} (start one with `gatekeeper run`)",
+                layout.root.display()
+            )));
+        }
+        let open = |name: &str| -> Result<Option<Map>> {
+            let path = layout.map(name);
+            let data = MapData::from_pin(&path).map_err(|e| bpf_err(format!("open {}", path.display()), e))?;
+            Map::from_map_data(data).map(Some).map_err(|e| bpf_err(format!("map {name}"), e))
+        };
+        Ok(Maps {
+            allow_v4: typed(open(names::ALLOW_V4)?, names::ALLOW_V4)?,
+            allow_v6: typed(open(names::ALLOW_V6)?, names::ALLOW_V6)?,
+            deny_v4: typed(open(names::DENY_V4)?, names::DENY_V4)?,
+            deny_v6: typed(open(names::DENY_V6)?, names::DENY_V6)?,
+            verdicts: typed(open(names::VERDICTS)?, names::VERDICTS)?,
+            ports: typed(open(names::PORTS)?, names::PORTS)?,
+            config: typed(open(names::CONFIG)?, names::CONFIG)?,
+            stats: typed(open(names::STATS)?, names::STATS)?,
+            range_hits: typed(open(names::RANGE_HITS)?, names::RANGE_HITS)?,
+        })
+    }
+
+    /// Takes the maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Maps> {
+        Ok(Maps {
+            allow_v4: typed(ebpf.take_map(names::ALLOW_V4), names::ALLOW_V4)?,
+            allow_v6: typed(ebpf.take_map(names::ALLOW_V6), names::ALLOW_V6)?,
+            deny_v4: typed(ebpf.take_map(names::DENY_V4), names::DENY_V4)?,
+            deny_v6: typed(ebpf.take_map(names::DENY_V6), names::DENY_V6)?,
+            verdicts: typed(ebpf.take_map(names::VERDICTS), names::VERDICTS)?,
+            ports: typed(ebpf.take_map(names::PORTS), names::PORTS)?,
+            config: typed(ebpf.take_map(names::CONFIG), names::CONFIG)?,
+            stats: typed(ebpf.take_map(names::STATS), names::STATS)?,
+            range_hits: typed(ebpf.take_map(names::RANGE_HITS), names::RANGE_HITS)?,
+        })
+    }
+
+    pub fn set_range(&mut self, kind: RangeKind, net: IpNet, value: RangeValue) -> Result<()> {
+        let r = match (kind, net) {
+            (RangeKind::Allow, IpNet::V4(n)) => self.allow_v4.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
+            (RangeKind::Allow, IpNet::V6(n)) => self.allow_v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
+            (RangeKind::Deny, IpNet::V4(n)) => self.deny_v4.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
+            (RangeKind::Deny, IpNet::V6(n)) => self.deny_v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
+        };
+        r.map_err(|e| bpf_err(format!("insert {kind} range {net}"), e))
+    }
+
+    pub fn del_range(&mut self, kind: RangeKind, net: IpNet) -> Result<()> {
+        let r = match (kind, net) {
+            (RangeKind::Allow, IpNet::V4(n)) => self.allow_v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+            (RangeKind::Allow, IpNet::V6(n)) => self.allow_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+            (RangeKind::Deny, IpNet::V4(n)) => self.deny_v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+            (RangeKind::Deny, IpNet::V6(n)) => self.deny_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+        };
+        ignore_missing(r).map_err(|e| bpf_err(format!("remove {kind} range {net}"), e))
+    }
+
+    /// Every range in the datapath of `kind`.
+    pub fn ranges(&self, kind: RangeKind) -> Result<Vec<(IpNet, RangeValue)>> {
+        let (t4, t6) = match kind {
+            RangeKind::Allow => (&self.allow_v4, &self.allow_v6),
+            RangeKind::Deny => (&self.deny_v4, &self.deny_v6),
+        };
+        let mut out = Vec::new();
+        for item in t4.iter() {
+            let (k, v) = item.map_err(|e| bpf_err(format!("read {kind} v4 ranges"), e))?;
+            let net = ipnet::Ipv4Net::new(k.data().into(), k.prefix_len() as u8).map_err(|e| bpf_err("bad v4 key", e))?;
+            out.push((IpNet::V4(net), v));
+        }
+        for item in t6.iter() {
+            let (k, v) = item.map_err(|e| bpf_err(format!("read {kind} v6 ranges"), e))?;
+            let net = ipnet::Ipv6Net::new(k.data().into(), k.prefix_len() as u8).map_err(|e| bpf_err("bad v6 key", e))?;
+            out.push((IpNet::V6(net), v));
+        }
+        Ok(out)
+    }
+
+    pub fn set_verdict(&mut self, key: SourceKey, v: Verdict) -> Result<()> {
+        self.verdicts.insert(key, v, 0).map_err(|e| bpf_err(format!("insert verdict {}", key.display()), e))
+    }
+
+    pub fn del_verdict(&mut self, key: SourceKey) -> Result<()> {
+        ignore_missing(self.verdicts.remove(&key)).map_err(|e| bpf_err(format!("remove verdict {}", key.display()), e))
+    }
+
+    pub fn verdicts(&self) -> Result<Vec<(SourceKey, Verdict)>> {
+        self.verdicts.iter().collect::<std::result::Result<_, _>>().map_err(|e| bpf_err("read verdicts", e))
+    }
+
+    /// Writes the guarded-port bitmap. Words are written one at a time, each
+    /// atomically; new bits are set before old ones are cleared, so a port in
+    /// both sets is never unguarded in between.
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<()> {
+        let mut want = vec![0u64; PORT_WORDS as usize];
+        for &p in ports {
+            let (w, bit) = gatekeeper_common::addr::port_slot(p);
+            want[w as usize] |= bit;
+        }
+        for (i, &w) in want.iter().enumerate() {
+            let cur = self.ports.get(&(i as u32), 0).map_err(|e| bpf_err("read ports", e))?;
+            if cur | w != cur {
+                self.ports.set(i as u32, cur | w, 0).map_err(|e| bpf_err("write ports", e))?;
+            }
+        }
+        for (i, &w) in want.iter().enumerate() {
+            let cur = self.ports.get(&(i as u32), 0).map_err(|e| bpf_err("read ports", e))?;
+            if cur != w {
+                self.ports.set(i as u32, w, 0).map_err(|e| bpf_err("write ports", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ports(&self) -> Result<Vec<u16>> {
+        let mut out = Vec::new();
+        for (i, w) in self.ports.iter().enumerate() {
+            let w = w.map_err(|e| bpf_err("read ports", e))?;
+            for bit in 0..64 {
+                if w & (1 << bit) != 0 {
+                    out.push((i * 64 + bit) as u16);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_config(&mut self, c: Config) -> Result<()> {
+        self.config.set(0, c, 0).map_err(|e| bpf_err("write config", e))
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        self.config.get(&0, 0).map_err(|e| bpf_err("read config", e))
+    }
+
+    /// Decision counters summed over CPUs, by (ifindex, counter slot).
+    pub fn counters(&self) -> Result<BTreeMap<StatKey, u64>> {
+        let mut out = BTreeMap::new();
+        for item in self.stats.iter() {
+            let (k, v) = item.map_err(|e| bpf_err("read counters", e))?;
+            *out.entry(k).or_default() += v.iter().sum::<u64>();
+        }
+        Ok(out)
+    }
+
+    /// Hits of each range id that has any.
+    pub fn range_hits(&self) -> Result<BTreeMap<u32, u64>> {
+        let mut out = BTreeMap::new();
+        for (id, v) in self.range_hits.iter().enumerate() {
+            let sum: u64 = v.map_err(|e| bpf_err("read range hits", e))?.iter().sum();
+            if sum > 0 {
+                out.insert(id as u32, sum);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Zeroes a range id's hit counter (when the id is given to a new range).
+    pub fn reset_range_hits(&mut self, id: u32) -> Result<()> {
+        let ncpu = aya::util::nr_cpus().map_err(|(w, e)| bpf_err(w, e))?;
+        let zeros = PerCpuValues::try_from(vec![0u64; ncpu]).map_err(|e| bpf_err("zero range hits", e))?;
+        self.range_hits.set(id, zeros, 0).map_err(|e| bpf_err(format!("reset hits of range id {id}"), e))
+    }
+}
+
+fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// How an interface ended up attached.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Attached {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub mode: AttachMode,
+    /// An existing pinned link was kept and given the new program.
+    pub adopted: bool,
+}
+
+/// The agent's handle on the datapath.
+pub struct Datapath {
+    pub layout: PinLayout,
+    ebpf: Ebpf,
+    pub maps: Maps,
+    events: Option<RingBuf<MapData>>,
+}
+
+impl Datapath {
+    /// Loads the program, reusing maps already pinned under `layout` (a
+    /// previous agent's state and counters) or creating and pinning them.
+    pub fn load(layout: &PinLayout, max_verdicts: u32) -> Result<Datapath> {
+        ensure_bpffs(&layout.root)?;
+        for dir in [layout.root.join("maps"), layout.links_dir()] {
+            fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        check_pinned_maps(layout, max_verdicts)?;
+        let mut loader = EbpfLoader::new();
+        for name in names::ALL {
+            loader.map_pin_path(name, layout.map(name));
+        }
+        loader.map_max_entries(names::VERDICTS, max_verdicts);
+        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(|e| bpf_err("load eBPF object", e))?;
+        let prog = xdp_program(&mut ebpf)?;
+        prog.load().map_err(|e| bpf_err("load XDP program (verifier)", e))?;
+        let prog_pin = layout.program();
+        if prog_pin.exists() {
+            fs::remove_file(&prog_pin).map_err(|e| Error::io(format!("replace {}", prog_pin.display()), e))?;
+        }
+        prog.pin(&prog_pin).map_err(|e| bpf_err(format!("pin program at {}", prog_pin.display()), e))?;
+        let maps = Maps::take(&mut ebpf)?;
+        let events = typed(ebpf.take_map(names::EVENTS), names::EVENTS)?;
+        Ok(Datapath { layout: layout.clone(), ebpf, maps, events: Some(events) })
+    }
+
+    /// The ring buffer of unknown-source events (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Attaches to `ifname`, or adopts the link a previous agent pinned there
+    /// by swapping in this agent's program atomically (no gap).
+    pub fn attach(&mut self, ifname: &str, want: XdpModeSetting) -> Result<Attached> {
+        let ifindex = ifindex(ifname).ok_or_else(|| Error::Bpf(format!("interface {ifname:?} not found")))?;
+        let existing = self.layout.links()?.into_iter().find(|l| l.ifname == ifname);
+        let prog = xdp_program(&mut self.ebpf)?;
+        if let Some(pin) = existing {
+            let compatible = match want {
+                XdpModeSetting::Auto => true,
+                XdpModeSetting::Native => pin.mode == AttachMode::Native,
+                XdpModeSetting::Skb => pin.mode == AttachMode::Skb,
+            };
+            if compatible {
+                let pinned = PinnedLink::from_pin(&pin.path).map_err(|e| bpf_err(format!("open {}", pin.path.display()), e))?;
+                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| bpf_err(format!("link {}", pin.path.display()), e))?;
+                let id = prog.attach_to_link(link).map_err(|e| bpf_err(format!("update XDP link on {ifname}"), e))?;
+                // The link stays attached through its pin; drop our fd.
+                drop(prog.take_link(id).map_err(|e| bpf_err("take link", e))?);
+                return Ok(Attached { ifname: ifname.into(), ifindex, mode: pin.mode, adopted: true });
+            }
+            warn!(iface = ifname, from = %pin.mode, to = %want, "XDP mode change requested: detaching and re-attaching (brief gap)");
+            fs::remove_file(&pin.path).map_err(|e| Error::io(format!("remove {}", pin.path.display()), e))?;
+        }
+        let modes: &[AttachMode] = match want {
+            XdpModeSetting::Auto => &[AttachMode::Native, AttachMode::Skb],
+            XdpModeSetting::Native => &[AttachMode::Native],
+            XdpModeSetting::Skb => &[AttachMode::Skb],
+        };
+        let mut last_err = None;
+        for &mode in modes {
+            match prog.attach_to_if_index(ifindex, mode.xdp_mode()) {
+                Ok(id) => {
+                    let link = prog.take_link(id).map_err(|e| bpf_err("take link", e))?;
+                    let fd = FdLink::try_from(link).map_err(|e| {
+                        bpf_err(format!("{ifname}: the kernel attached XDP without a bpf_link, which cannot be pinned"), e)
+                    })?;
+                    let path = self.layout.link(ifname, mode);
+                    fd.pin(&path).map_err(|e| bpf_err(format!("pin link at {}", path.display()), e))?;
+                    return Ok(Attached { ifname: ifname.into(), ifindex, mode, adopted: false });
+                }
+                Err(e) => {
+                    if mode == AttachMode::Native && modes.len() > 1 {
+                        warn!(iface = ifname, error = %e, "native XDP attach failed; falling back to skb (generic) mode, which is slower");
+                    }
+                    last_err = Some(bpf_err(format!("attach XDP ({mode}) to {ifname}"), e));
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::Bpf("no XDP mode to try".into())))
+    }
+
+    /// Detaches interfaces pinned earlier but no longer wanted.
+    pub fn detach_except(&self, keep: &[String]) -> Result<Vec<String>> {
+        let mut gone = Vec::new();
+        for pin in self.layout.links()? {
+            if !keep.contains(&pin.ifname) {
+                fs::remove_file(&pin.path).map_err(|e| Error::io(format!("remove {}", pin.path.display()), e))?;
+                gone.push(pin.ifname);
+            }
+        }
+        Ok(gone)
+    }
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(programs::XDP_INGRESS)
+        .ok_or_else(|| Error::Bpf(format!("program {} missing from the eBPF object", programs::XDP_INGRESS)))?
+        .try_into()
+        .map_err(|e| bpf_err("program type", e))
+}
+
+/// Refuses to adopt pinned maps whose layout differs from this build's.
+fn check_pinned_maps(layout: &PinLayout, max_verdicts: u32) -> Result<()> {
+    for name in names::ALL {
+        let path = layout.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| bpf_err(format!("inspect {}", path.display()), e))?;
+        if let Some((k, v)) = expected_sizes(name) {
+            if info.key_size() != k || info.value_size() != v {
+                return Err(Error::Bpf(format!(
+                    "pinned map {} has key/value size {}/{}, this gatekeeper expects {k}/{v}; it was left by an incompatible version: run `gatekeeper unload --pin-dir {}` first",
+                    path.display(), info.key_size(), info.value_size(), layout.root.display()
+                )));
+            }
+        }
+        if name == names::VERDICTS && info.max_entries() != max_verdicts {
+            warn!(
+                pinned = info.max_entries(),
+                configured = max_verdicts,
+                "max_verdicts differs from the pinned verdict map; keeping the pinned size (run `gatekeeper unload` to resize)"
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! gatekeeper: agent, datapath control and CLI plumbing.
+
+pub mod agent;
+pub mod config;
+pub mod datapath;
+pub mod error;
+pub mod lists;
+pub mod protocol;
+pub mod store;
+
+pub use error::{Error, Result};
+
+/// The compiled eBPF object (built by `build.rs`).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeeper"));

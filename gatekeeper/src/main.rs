@@ -1,0 +1,511 @@
+//! `gatekeeper`: the agent (`gatekeeper run`) and its command-line client.
+use std::{
+    io::Read as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use gatekeeper::{
+    config::{Config, XdpModeSetting},
+    lists,
+    protocol::{call, RangeSpec, Request},
+    store::{Origin, RangeKind},
+};
+use ipnet::IpNet;
+
+mod cli;
+
+const DEFAULT_CONFIG: &str = "/etc/gatekeeper/gatekeeper.toml";
+
+#[derive(Parser)]
+#[command(name = "gatekeeper", version, about = "eBPF/XDP connection gatekeeper for mail operators and ISPs")]
+struct Cli {
+    /// Agent config file (for `run`; other commands read it only to find the socket and pin dir).
+    #[arg(long, global = true, env = "GATEKEEPER_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Control socket of the agent [default: /run/gatekeeper/gatekeeper.sock].
+    #[arg(long, global = true, env = "GATEKEEPER_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// bpffs directory holding the pinned datapath [default: /sys/fs/bpf/gatekeeper].
+    #[arg(long, global = true, env = "GATEKEEPER_PIN_DIR", value_name = "PATH")]
+    pin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: load or adopt the datapath, attach, serve the CLI.
+    Run(RunArgs),
+    /// Deny ranges: guarded SYNs from these sources are dropped.
+    #[command(subcommand)]
+    Range(RangeCmd),
+    /// Allow ranges: always pass, whatever else matches.
+    #[command(subcommand)]
+    Allow(AllowCmd),
+    /// Manual per-source bans (IPv4 /32, IPv6 /64).
+    #[command(subcommand)]
+    Ban(BanCmd),
+    /// Guarded destination ports (default 25).
+    #[command(subcommand)]
+    Ports(PortsCmd),
+    /// Programs, interfaces, modes, map fill levels, agent up/down.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decision counters per interface and the top ranges by hits.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECS seconds with rates per second.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<u64>,
+        /// How many ranges to list by hits.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Detach everything and remove every pin (the state database stays).
+    Unload,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Interface to guard (repeatable; replaces `interfaces` from the config).
+    #[arg(long = "iface", value_name = "IFACE")]
+    ifaces: Vec<String>,
+    /// XDP attach mode: auto (native, falling back to skb), native or skb.
+    #[arg(long, value_name = "MODE")]
+    xdp_mode: Option<XdpModeSetting>,
+    /// Guarded ports, e.g. `25,587` (replaces `ports` from the config).
+    #[arg(long, value_name = "PORTS")]
+    ports: Option<String>,
+    /// Count what would be dropped, drop nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Directory of the state database.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct AddArgs {
+    /// CIDRs or addresses.
+    #[arg(required = true, value_name = "CIDR")]
+    nets: Vec<String>,
+    #[arg(long)]
+    comment: Option<String>,
+    /// Remove the entry after this long (e.g. 90m, 12h, 7d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    expire: Option<Duration>,
+    /// Add even when it overlaps an entry of the other kind.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct DelArgs {
+    #[arg(required = true, value_name = "CIDR")]
+    nets: Vec<String>,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RangeCmd {
+    /// Add deny ranges.
+    Add(AddArgs),
+    /// Remove deny ranges.
+    Del(DelArgs),
+    /// List deny ranges with their hits.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Only ranges of this origin: manual, imported or learned.
+        #[arg(long)]
+        origin: Option<String>,
+    },
+    /// Import a list: CIDR per line (`#` comments), Spamhaus DROP (`CIDR ; SBLnnn`) or its JSON lines.
+    Import {
+        /// The list file, or `-` for standard input.
+        file: PathBuf,
+        /// Import the good lines and report the bad ones instead of importing nothing.
+        #[arg(long)]
+        skip_bad: bool,
+        /// Also remove ranges imported earlier from a file of this name that the list no longer has.
+        #[arg(long)]
+        replace: bool,
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expire: Option<Duration>,
+        /// Import even entries that overlap allow ranges.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print deny ranges in a format `range import` reads back.
+    Export {
+        /// Only ranges of this origin: manual, imported or learned.
+        #[arg(long)]
+        origin: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AllowCmd {
+    /// Add allow ranges.
+    Add(AddArgs),
+    /// Remove allow ranges.
+    Del(DelArgs),
+    /// List allow ranges with their hits.
+    List(ListArgs),
+}
+
+#[derive(Subcommand)]
+enum BanCmd {
+    /// Ban sources (IPv6 addresses ban their /64).
+    Add {
+        #[arg(required = true, value_name = "ADDR")]
+        addrs: Vec<IpAddr>,
+        #[arg(long)]
+        comment: Option<String>,
+        /// Lift the ban after this long (e.g. 1h); default: never.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expire: Option<Duration>,
+    },
+    /// Lift bans.
+    Del {
+        #[arg(required = true, value_name = "ADDR")]
+        addrs: Vec<IpAddr>,
+    },
+    /// List manual bans.
+    List(ListArgs),
+}
+
+#[derive(Subcommand)]
+enum PortsCmd {
+    /// Replace the guarded ports, e.g. `ports set 25 587` or `ports set 25,587`.
+    Set {
+        #[arg(required = true, value_name = "PORTS")]
+        ports: Vec<String>,
+    },
+    /// Show the guarded ports.
+    List(ListArgs),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    lists::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_nets(args: &[String]) -> Result<Vec<IpNet>> {
+    args.iter().map(|s| lists::parse_net(s).map_err(Into::into)).collect()
+}
+
+fn parse_origin(s: Option<&str>) -> Result<Option<Origin>> {
+    s.map(|s| match s {
+        "manual" => Ok(Origin::Manual),
+        "imported" => Ok(Origin::Imported),
+        "learned" => Ok(Origin::Learned),
+        other => bail!("invalid --origin {other:?}: expected manual, imported or learned"),
+    })
+    .transpose()
+}
+
+/// Where to reach the agent and its pins.
+struct Target {
+    socket: PathBuf,
+    pin_dir: PathBuf,
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let (path, required) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    Ok(Config::load(&path, required)?)
+}
+
+fn target(cli: &Cli) -> Result<Target> {
+    if let (Some(socket), Some(pin_dir)) = (&cli.socket, &cli.pin_dir) {
+        return Ok(Target { socket: socket.clone(), pin_dir: pin_dir.clone() });
+    }
+    let cfg = load_config(cli)?;
+    Ok(Target {
+        socket: cli.socket.clone().unwrap_or(cfg.socket),
+        pin_dir: cli.pin_dir.clone().unwrap_or(cfg.pin_dir),
+    })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run(_)) {
+        // A CLI piped into `head` should end quietly, not panic.
+        // SAFETY: setting a signal disposition before any threads exist.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    if let Err(e) = real_main(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match &cli.cmd {
+        Cmd::Run(args) => run(&cli, args),
+        Cmd::Range(cmd) => range(&target(&cli)?, cmd),
+        Cmd::Allow(cmd) => allow(&target(&cli)?, cmd),
+        Cmd::Ban(cmd) => ban(&target(&cli)?, cmd),
+        Cmd::Ports(cmd) => ports(&target(&cli)?, cmd),
+        Cmd::Status { json } => cli::status(&target(&cli)?.socket, &target(&cli)?.pin_dir, *json),
+        Cmd::Stats { json, watch, top } => {
+            let t = target(&cli)?;
+            cli::stats(&t.pin_dir, *json, *watch, *top)
+        }
+        Cmd::Unload => unload(&target(&cli)?),
+    }
+}
+
+fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
+    let mut cfg = load_config(cli)?;
+    if !args.ifaces.is_empty() {
+        cfg.interfaces = args.ifaces.clone();
+    }
+    if let Some(m) = args.xdp_mode {
+        cfg.xdp_mode = m;
+    }
+    if let Some(p) = &args.ports {
+        cfg.ports = Some(gatekeeper::config::parse_ports(p).context("--ports")?);
+    }
+    if args.dry_run {
+        cfg.dry_run = true;
+    }
+    if let Some(d) = &args.state_dir {
+        cfg.state_dir = d.clone();
+    }
+    if let Some(s) = &cli.socket {
+        cfg.socket = s.clone();
+    }
+    if let Some(p) = &cli.pin_dir {
+        cfg.pin_dir = p.clone();
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log_level))
+        .with_context(|| format!("invalid log_level {:?}", cfg.log_level))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?;
+    rt.block_on(gatekeeper::agent::run(cfg)).context("gatekeeper agent")
+}
+
+fn kind_word(kind: RangeKind) -> &'static str {
+    match kind {
+        RangeKind::Deny => "deny",
+        RangeKind::Allow => "allow",
+    }
+}
+
+fn add(t: &Target, kind: RangeKind, a: &AddArgs) -> Result<()> {
+    let nets = parse_nets(&a.nets)?;
+    let ranges = nets.iter().map(|n| RangeSpec { net: *n, comment: a.comment.clone() }).collect();
+    let data = call(
+        &t.socket,
+        &Request::RangeAdd {
+            kind,
+            ranges,
+            origin: Origin::Manual,
+            source: "cli".into(),
+            expire_secs: a.expire.map(|d| d.as_secs()),
+            force: a.force,
+            skip_existing: false,
+            replace: false,
+        },
+    )?;
+    for n in &nets {
+        println!("added {} range {n}", kind_word(kind));
+    }
+    let _ = data;
+    Ok(())
+}
+
+fn del(t: &Target, kind: RangeKind, a: &DelArgs) -> Result<()> {
+    let nets = parse_nets(&a.nets)?;
+    call(&t.socket, &Request::RangeDel { kind, nets: nets.clone() })?;
+    for n in &nets {
+        println!("removed {} range {n}", kind_word(kind));
+    }
+    Ok(())
+}
+
+fn list(t: &Target, kind: RangeKind, json: bool, origin: Option<Origin>) -> Result<()> {
+    let data = call(&t.socket, &Request::RangeList { kind })?;
+    let mut rows: Vec<serde_json::Value> = serde_json::from_value(data)?;
+    if let Some(o) = origin {
+        let o = serde_json::to_value(o)?;
+        rows.retain(|r| r["origin"] == o);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        cli::print_ranges(&rows);
+    }
+    Ok(())
+}
+
+fn range(t: &Target, cmd: &RangeCmd) -> Result<()> {
+    match cmd {
+        RangeCmd::Add(a) => add(t, RangeKind::Deny, a),
+        RangeCmd::Del(a) => del(t, RangeKind::Deny, a),
+        RangeCmd::List { json, origin } => list(t, RangeKind::Deny, *json, parse_origin(origin.as_deref())?),
+        RangeCmd::Import { file, skip_bad, replace, expire, force } => import(t, file, *skip_bad, *replace, *expire, *force),
+        RangeCmd::Export { origin } => {
+            let origin = parse_origin(origin.as_deref())?;
+            let data = call(&t.socket, &Request::RangeList { kind: RangeKind::Deny })?;
+            let rows: Vec<serde_json::Value> = serde_json::from_value(data)?;
+            println!("# gatekeeper deny ranges; re-import with `gatekeeper range import FILE`");
+            for r in rows {
+                if origin.is_some_and(|o| serde_json::to_value(o).ok().as_ref() != Some(&r["origin"])) {
+                    continue;
+                }
+                match r["comment"].as_str() {
+                    Some(c) if !c.is_empty() => println!("{} # {}", r["net"].as_str().unwrap_or(""), c.replace('\n', " ")),
+                    _ => println!("{}", r["net"].as_str().unwrap_or("")),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn import(t: &Target, file: &Path, skip_bad: bool, replace: bool, expire: Option<Duration>, force: bool) -> Result<()> {
+    let (text, name) = if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("read standard input")?;
+        (s, "stdin".to_string())
+    } else {
+        let s = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+        (s, file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+    };
+    let (entries, errors) = lists::parse_list(&text);
+    if !errors.is_empty() {
+        if !skip_bad {
+            return Err(gatekeeper::Error::BadListLines { path: file.display().to_string(), errors }.into());
+        }
+        for e in &errors {
+            eprintln!("warning: {}: line {}: {} (skipped)", file.display(), e.line, e.message);
+        }
+    }
+    let ranges: Vec<RangeSpec> = entries.into_iter().map(|e| RangeSpec { net: e.net, comment: e.comment }).collect();
+    let total = ranges.len();
+    let data = call(
+        &t.socket,
+        &Request::RangeAdd {
+            kind: RangeKind::Deny,
+            ranges,
+            origin: Origin::Imported,
+            source: format!("import:{name}"),
+            expire_secs: expire.map(|d| d.as_secs()),
+            force,
+            skip_existing: true,
+            replace,
+        },
+    )?;
+    println!(
+        "imported {} from {}: {} new, {} already present, {} removed, {} bad line(s) skipped",
+        total,
+        file.display(),
+        data["added"],
+        data["unchanged"],
+        data["removed"],
+        errors.len()
+    );
+    Ok(())
+}
+
+fn allow(t: &Target, cmd: &AllowCmd) -> Result<()> {
+    match cmd {
+        AllowCmd::Add(a) => add(t, RangeKind::Allow, a),
+        AllowCmd::Del(a) => del(t, RangeKind::Allow, a),
+        AllowCmd::List(l) => list(t, RangeKind::Allow, l.json, None),
+    }
+}
+
+fn ban(t: &Target, cmd: &BanCmd) -> Result<()> {
+    match cmd {
+        BanCmd::Add { addrs, comment, expire } => {
+            let data = call(
+                &t.socket,
+                &Request::BanAdd { addrs: addrs.clone(), comment: comment.clone(), expire_secs: expire.map(|d| d.as_secs()) },
+            )?;
+            for b in data.as_array().into_iter().flatten() {
+                println!("banned {}", b["key"].as_str().unwrap_or("?"));
+            }
+            Ok(())
+        }
+        BanCmd::Del { addrs } => {
+            let data = call(&t.socket, &Request::BanDel { addrs: addrs.clone() })?;
+            for b in data["removed"].as_array().into_iter().flatten() {
+                println!("lifted ban on {}", b["key"].as_str().unwrap_or("?"));
+            }
+            Ok(())
+        }
+        BanCmd::List(l) => {
+            let data = call(&t.socket, &Request::BanList)?;
+            if l.json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                cli::print_bans(data.as_array().map(Vec::as_slice).unwrap_or_default());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn ports(t: &Target, cmd: &PortsCmd) -> Result<()> {
+    match cmd {
+        PortsCmd::Set { ports } => {
+            let ports = gatekeeper::config::parse_ports(&ports.join(","))?;
+            let data = call(&t.socket, &Request::PortsSet { ports })?;
+            println!("guarded ports: {}", cli::join(&data["ports"]));
+            Ok(())
+        }
+        PortsCmd::List(l) => {
+            let data = call(&t.socket, &Request::PortsList)?;
+            if l.json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                println!("{}", cli::join(&data["ports"]));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn unload(t: &Target) -> Result<()> {
+    let removed: Vec<String> = match call(&t.socket, &Request::Unload) {
+        Ok(data) => {
+            println!("agent unloaded the datapath and exited");
+            serde_json::from_value(data["removed"].clone()).unwrap_or_default()
+        }
+        Err(gatekeeper::protocol::ClientError::NotRunning(_)) => {
+            let layout = gatekeeper::datapath::PinLayout::new(&t.pin_dir);
+            if !t.pin_dir.exists() {
+                println!("nothing to unload: nothing pinned at {}", t.pin_dir.display());
+                return Ok(());
+            }
+            layout.unload()?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for r in removed {
+        println!("removed {r}");
+    }
+    Ok(())
+}

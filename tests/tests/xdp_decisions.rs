@@ -1,0 +1,936 @@
+//! In-kernel unit tests of the XDP gate through BPF_PROG_TEST_RUN.
+//!
+//! Every test loads its own, unpinned instance of the object (so tests are
+//! independent and run in parallel), fills the maps through aya's typed maps
+//! and runs hand-built frames through `gatekeeper_ingress`. Assertions cover
+//! the return value, the exact set of counters that moved (and by how much),
+//! range hits and ring-buffer events.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN): `cargo xtask test` runs it as root.
+//! Without root every test fails with a message saying so.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use gatekeeper_common::{
+    action, addr, config_flags, counters::counter_name, family, maps, programs, range_origin, verdict_reason,
+    Config, Counter, Event, RangeValue, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
+};
+use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Packet};
+use ipnet::IpNet;
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+/// The interface the test runs claim (`xdp_md.ingress_ifindex`): loopback.
+const IFINDEX: u32 = 1;
+const SMTP: u16 = 25;
+
+// ---------------------------------------------------------------- fixture
+
+/// One loaded, unpinned gatekeeper instance.
+struct Gk {
+    bpf: Ebpf,
+    events: RingBuf<MapData>,
+    /// Counter totals at the last [`Gk::delta`].
+    seen: BTreeMap<StatKey, u64>,
+}
+
+fn require_root() {
+    assert!(
+        // SAFETY: geteuid cannot fail.
+        unsafe { libc::geteuid() } == 0,
+        "xdp_decisions loads eBPF programs and needs root (CAP_BPF, CAP_NET_ADMIN); \
+         run it through `cargo xtask test` or with sudo"
+    );
+}
+
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// A counter slot, as expected in [`Gk::delta`].
+fn c(counter: Counter) -> u32 {
+    counter as u32
+}
+
+impl Gk {
+    /// Loads the object with small preallocated maps and guards port 25.
+    fn new() -> Self {
+        require_root();
+        let mut bpf = EbpfLoader::new()
+            .map_max_entries(maps::VERDICTS, 4096)
+            .map_max_entries(maps::SEEN, 4096)
+            .load(gatekeeper::EBPF_OBJECT)
+            .expect("loading the gatekeeper object");
+        let prog: &mut Xdp = bpf.program_mut(programs::XDP_INGRESS).expect("ingress program").try_into().unwrap();
+        prog.load().expect("verifier accepts gatekeeper_ingress");
+        let events = RingBuf::try_from(bpf.take_map(maps::EVENTS).expect("events map")).unwrap();
+        let mut gk = Gk { bpf, events, seen: BTreeMap::new() };
+        gk.set_port(SMTP, true);
+        gk
+    }
+
+    fn prog(&self) -> &Xdp {
+        self.bpf.program(programs::XDP_INGRESS).unwrap().try_into().unwrap()
+    }
+
+    /// Runs `frame` once as if received on [`IFINDEX`].
+    fn run(&self, frame: &[u8]) -> u32 {
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex }: data_end must equal the size.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, IFINDEX, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        self.run_with(frame, Some(&ctx))
+    }
+
+    fn run_with(&self, frame: &[u8], ctx: Option<&[u8]>) -> u32 {
+        let opts = TestRunOptions { data_in: Some(frame), ctx_in: ctx, ..TestRunOptions::new() };
+        let ret = self.prog().test_run(opts).unwrap_or_else(|e| panic!("test run of {} bytes: {e}", frame.len()));
+        assert_ne!(ret.return_value, XDP_ABORTED, "XDP_ABORTED for {}", hex(frame));
+        ret.return_value
+    }
+
+    fn set_port(&mut self, port: u16, on: bool) {
+        let mut ports: Array<_, u64> = Array::try_from(self.bpf.map_mut(maps::PORTS).unwrap()).unwrap();
+        let (word, bit) = addr::port_slot(port);
+        let old = ports.get(&word, 0).unwrap();
+        ports.set(word, if on { old | bit } else { old & !bit }, 0).unwrap();
+    }
+
+    fn set_all_ports(&mut self) {
+        let mut ports: Array<_, u64> = Array::try_from(self.bpf.map_mut(maps::PORTS).unwrap()).unwrap();
+        for w in 0..gatekeeper_common::PORT_WORDS {
+            ports.set(w, u64::MAX, 0).unwrap();
+        }
+    }
+
+    fn config(&mut self, event_interval_ns: u64, flags: u32) {
+        let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
+        cfg.set(0, Config { event_interval_ns, flags, _pad: 0 }, 0).unwrap();
+    }
+
+    fn range(&mut self, allow: bool, net: &str, range_id: u32) {
+        let net: IpNet = net.parse().unwrap();
+        let value = RangeValue { range_id, origin: range_origin::MANUAL };
+        let (v4, v6) = if allow { (maps::ALLOW_V4, maps::ALLOW_V6) } else { (maps::DENY_V4, maps::DENY_V6) };
+        match net {
+            IpNet::V4(n) => {
+                let mut t: LpmTrie<_, [u8; 4], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(v4).unwrap()).unwrap();
+                t.insert(&Key::new(n.prefix_len().into(), n.network().octets()), value, 0).unwrap();
+            }
+            IpNet::V6(n) => {
+                let mut t: LpmTrie<_, [u8; 16], RangeValue> =
+                    LpmTrie::try_from(self.bpf.map_mut(v6).unwrap()).unwrap();
+                t.insert(&Key::new(n.prefix_len().into(), n.network().octets()), value, 0).unwrap();
+            }
+        }
+    }
+
+    fn allow(&mut self, net: &str, range_id: u32) {
+        self.range(true, net, range_id);
+    }
+
+    fn deny(&mut self, net: &str, range_id: u32) {
+        self.range(false, net, range_id);
+    }
+
+    fn unrange(&mut self, allow: bool, net: &str) {
+        let net: IpNet = net.parse().unwrap();
+        let (v4, v6) = if allow { (maps::ALLOW_V4, maps::ALLOW_V6) } else { (maps::DENY_V4, maps::DENY_V6) };
+        match net {
+            IpNet::V4(n) => {
+                let mut t: LpmTrie<_, [u8; 4], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(v4).unwrap()).unwrap();
+                t.remove(&Key::new(n.prefix_len().into(), n.network().octets())).unwrap();
+            }
+            IpNet::V6(n) => {
+                let mut t: LpmTrie<_, [u8; 16], RangeValue> =
+                    LpmTrie::try_from(self.bpf.map_mut(v6).unwrap()).unwrap();
+                t.remove(&Key::new(n.prefix_len().into(), n.network().octets())).unwrap();
+            }
+        }
+    }
+
+    fn verdict(&mut self, ip: &str, action: u32, reason: u32, expires_ns: u64) {
+        let key = SourceKey::from_ip(ip.parse().unwrap());
+        let mut v: HashMap<_, SourceKey, Verdict> = HashMap::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap();
+        v.insert(key, Verdict { expires_ns, action, reason }, 0).unwrap();
+    }
+
+    fn unverdict(&mut self, ip: &str) {
+        let key = SourceKey::from_ip(ip.parse().unwrap());
+        let mut v: HashMap<_, SourceKey, Verdict> = HashMap::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap();
+        v.remove(&key).unwrap();
+    }
+
+    /// Counter totals summed over CPUs.
+    fn counters(&self) -> BTreeMap<StatKey, u64> {
+        let stats: PerCpuHashMap<_, StatKey, u64> = PerCpuHashMap::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
+        stats.iter().map(|r| r.unwrap()).map(|(k, v)| (k, v.iter().sum())).collect()
+    }
+
+    /// Counters that moved since the last call, as (ifindex, name) -> delta.
+    fn delta(&mut self) -> BTreeMap<(u32, &'static str), u64> {
+        let now = self.counters();
+        let mut out = BTreeMap::new();
+        for (k, v) in &now {
+            let d = v - self.seen.get(k).copied().unwrap_or(0);
+            if d != 0 {
+                out.insert((k.ifindex, counter_name(k.counter)), d);
+            }
+        }
+        self.seen = now;
+        out
+    }
+
+    /// Asserts that exactly `expected` counters (slot, delta) moved on
+    /// [`IFINDEX`] since the last check, and nothing else anywhere.
+    #[track_caller]
+    fn expect(&mut self, expected: &[(u32, u64)], what: &str) {
+        let want: BTreeMap<_, _> = expected.iter().map(|&(slot, n)| ((IFINDEX, counter_name(slot)), n)).collect();
+        assert_eq!(self.delta(), want, "counters after {what}");
+    }
+
+    /// Runs `frame`, asserts the verdict and the counters that moved.
+    #[track_caller]
+    fn check(&mut self, frame: &[u8], ret: u32, counters: &[(u32, u64)], what: &str) {
+        assert_eq!(self.run(frame), ret, "return value for {what}");
+        self.expect(counters, what);
+    }
+
+    fn range_hits(&self, range_id: u32) -> u64 {
+        let hits: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::RANGE_HITS).unwrap()).unwrap();
+        hits.get(&range_id, 0).unwrap().iter().sum()
+    }
+
+    /// Drains the ring buffer.
+    fn events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            assert_eq!(item.len(), size_of::<Event>());
+            // SAFETY: Event is plain old data of exactly this size.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+        }
+        out
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+const DST4: [u8; 4] = [192, 0, 2, 25];
+const DST6: &str = "2001:db8:25::25";
+
+fn syn4(src: &str) -> Packet {
+    Packet::tcp_v4(v4(src), DST4, 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1460))
+}
+
+fn syn6(src: &str) -> Packet {
+    Packet::tcp_v6(v6(src), v6(DST6), 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1440))
+}
+
+fn syn(src: &str) -> Packet {
+    if src.contains(':') {
+        syn6(src)
+    } else {
+        syn4(src)
+    }
+}
+
+fn drop_reason(reason: u32) -> u32 {
+    Counter::verdict_drop(reason)
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn counters_use_the_ingress_ifindex_the_kernel_reports() {
+    let mut gk = Gk::new();
+    let frame = syn4("203.0.113.1").build();
+    gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "SYN with ingress_ifindex 1");
+    // Without a context the kernel uses its loopback device's rx queue.
+    assert_eq!(gk.run_with(&frame, None), XDP_PASS);
+    // SAFETY: a NUL-terminated interface name.
+    let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    assert_ne!(lo, 0, "no lo");
+    assert_eq!(gk.delta(), BTreeMap::from([((lo, "unknown"), 1)]), "no ctx_in counts under lo");
+    let ev = gk.events();
+    assert_eq!(ev.len(), 2);
+    assert_eq!(ev[0].ifindex, IFINDEX);
+    assert_eq!(ev[1].ifindex, lo);
+}
+
+#[test]
+fn allow_beats_deny_beats_verdict() {
+    let mut gk = Gk::new();
+    for (src, allow, deny, other) in [
+        ("198.51.100.7", "198.51.100.7/32", "198.51.100.0/24", "198.51.100.8"),
+        ("2001:db8:1:2::7", "2001:db8:1:2::7/128", "2001:db8::/32", "2001:db8:1:2::8"),
+    ] {
+        let forever = u64::MAX;
+        gk.verdict(src, action::DROP, verdict_reason::MANUAL_BAN, forever);
+        gk.deny(deny, 10);
+        gk.allow(allow, 11);
+        let frame = syn(src).build();
+        let (deny_hits, allow_hits) = (gk.range_hits(10), gk.range_hits(11));
+
+        gk.check(&frame, XDP_PASS, &[(c(Counter::Allowed), 1)], "allowed + denied + banned source");
+        assert_eq!((gk.range_hits(10), gk.range_hits(11)), (deny_hits, allow_hits + 1));
+        // Another address in the deny range: the /32 or /128 allow is exact.
+        gk.check(&syn(other).build(), XDP_DROP, &[(c(Counter::DenyRange), 1)], "neighbour in deny range");
+
+        gk.unrange(true, allow);
+        gk.check(&frame, XDP_DROP, &[(c(Counter::DenyRange), 1)], "denied + banned source");
+        assert_eq!((gk.range_hits(10), gk.range_hits(11)), (deny_hits + 2, allow_hits + 1));
+
+        gk.unrange(false, deny);
+        gk.check(&frame, XDP_DROP, &[(drop_reason(verdict_reason::MANUAL_BAN), 1)], "banned source");
+        // Allow also beats a drop verdict directly.
+        gk.allow(allow, 11);
+        gk.check(&frame, XDP_PASS, &[(c(Counter::Allowed), 1)], "allowed + banned source");
+        gk.unrange(true, allow);
+        gk.unverdict(src);
+        assert!(gk.events().is_empty());
+    }
+}
+
+#[test]
+fn deny_range_counts_its_range_hits() {
+    let mut gk = Gk::new();
+    gk.deny("198.51.100.0/24", 7);
+    gk.deny("198.51.100.128/25", 8);
+    gk.deny("2001:db8:bad::/48", 9);
+    for (src, id) in [("198.51.100.1", 7), ("198.51.100.200", 8), ("2001:db8:bad:1::1", 9), ("2001:db8:bad::", 9)] {
+        let before = gk.range_hits(id);
+        gk.check(&syn(src).build(), XDP_DROP, &[(c(Counter::DenyRange), 1)], src);
+        assert_eq!(gk.range_hits(id), before + 1, "range {id} hit by {src}");
+    }
+    assert_eq!(gk.range_hits(7), 1);
+    // Just outside the ranges: unknown.
+    for src in ["198.51.101.1", "198.51.99.255", "2001:db8:bae::1"] {
+        gk.check(&syn(src).build(), XDP_PASS, &[(c(Counter::Unknown), 1)], src);
+    }
+    assert_eq!((gk.range_hits(7), gk.range_hits(8), gk.range_hits(9)), (1, 1, 2));
+}
+
+#[test]
+fn verdict_drop_counts_per_reason_and_verdict_pass() {
+    let mut gk = Gk::new();
+    let forever = u64::MAX;
+    for reason in 0..verdict_reason::COUNT {
+        let src = format!("203.0.113.{}", 10 + reason);
+        gk.verdict(&src, action::DROP, reason, forever);
+        gk.check(&syn(&src).build(), XDP_DROP, &[(drop_reason(reason), 1)], &format!("drop reason {reason}"));
+        let src6 = format!("2001:db8:{}::1", 10 + reason);
+        gk.verdict(&src6, action::DROP, reason, forever);
+        gk.check(&syn(&src6).build(), XDP_DROP, &[(drop_reason(reason), 1)], &format!("v6 drop reason {reason}"));
+    }
+    // An out-of-range reason lands in the last slot.
+    gk.verdict("203.0.113.99", action::DROP, 1000, forever);
+    gk.check(&syn("203.0.113.99").build(), XDP_DROP, &[(drop_reason(verdict_reason::HOLD), 1)], "reason 1000");
+
+    gk.verdict("203.0.113.50", action::PASS, verdict_reason::OK, forever);
+    gk.check(&syn("203.0.113.50").build(), XDP_PASS, &[(c(Counter::VerdictPass), 1)], "pass verdict");
+    gk.verdict("2001:db8:50::1", action::PASS, verdict_reason::OK, monotonic_ns() + 3_600_000_000_000);
+    gk.check(&syn("2001:db8:50::1").build(), XDP_PASS, &[(c(Counter::VerdictPass), 1)], "v6 pass verdict");
+    assert!(gk.events().is_empty(), "decided sources are not reported");
+}
+
+#[test]
+fn expired_verdict_is_unknown() {
+    let mut gk = Gk::new();
+    let now = monotonic_ns();
+    gk.verdict("203.0.113.1", action::DROP, verdict_reason::NO_PTR, now - 1);
+    gk.verdict("203.0.113.2", action::PASS, verdict_reason::OK, now - 1);
+    gk.verdict("2001:db8:1::1", action::DROP, verdict_reason::DYNAMIC, 1);
+    gk.verdict("203.0.113.3", action::DROP, verdict_reason::NO_PTR, now + 3_600_000_000_000);
+    for src in ["203.0.113.1", "203.0.113.2", "2001:db8:1::1"] {
+        gk.check(&syn(src).build(), XDP_PASS, &[(c(Counter::Unknown), 1)], &format!("expired verdict {src}"));
+    }
+    assert_eq!(gk.events().len(), 3);
+    gk.check(&syn("203.0.113.3").build(), XDP_DROP, &[(drop_reason(verdict_reason::NO_PTR), 1)], "live verdict");
+}
+
+#[test]
+fn unknown_source_is_reported_once_per_interval() {
+    let mut gk = Gk::new();
+    gk.config(60_000_000_000, 0);
+    let before = monotonic_ns();
+    let frame = Packet::tcp_v4(v4("203.0.113.77"), DST4, 41000, SMTP, tcp_flags::SYN).build();
+    gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "first SYN");
+    let after = monotonic_ns();
+    let ev = gk.events();
+    assert_eq!(ev.len(), 1, "one event: {ev:?}");
+    let e = ev[0];
+    assert_eq!(
+        (e.addr, e.port, e.family, e.ifindex),
+        (addr::mapped_v4([203, 0, 113, 77]), SMTP, family::V4, IFINDEX)
+    );
+    assert_eq!(addr::event_ip(e.addr, e.family), "203.0.113.77".parse::<IpAddr>().unwrap());
+    assert!((before..=after).contains(&e.ts_ns), "event time {} in [{before}, {after}]", e.ts_ns);
+
+    gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "second SYN");
+    assert!(gk.events().is_empty(), "no second event within the interval");
+
+    // Another guarded port from the same source, still within the interval.
+    gk.set_port(587, true);
+    let sub = Packet::tcp_v4(v4("203.0.113.77"), DST4, 41000, 587, tcp_flags::SYN).build();
+    gk.check(&sub, XDP_PASS, &[(c(Counter::Unknown), 1)], "SYN to 587");
+    assert!(gk.events().is_empty());
+
+    // IPv6: the event carries the full address; the interval is per /64.
+    let src6 = v6("2001:db8:77:1::abcd");
+    gk.check(&syn6("2001:db8:77:1::abcd").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "v6 SYN");
+    let ev = gk.events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!((ev[0].addr, ev[0].port, ev[0].family), (src6.octets(), SMTP, family::V6));
+    gk.check(&syn6("2001:db8:77:1::1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "same /64");
+    assert!(gk.events().is_empty(), "same /64 within the interval");
+    gk.check(&syn6("2001:db8:77:2::1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "other /64");
+    assert_eq!(gk.events().len(), 1);
+
+    // A zero interval reports every SYN.
+    gk.config(0, 0);
+    for _ in 0..3 {
+        gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "SYN, interval 0");
+    }
+    assert_eq!(gk.events().len(), 3);
+}
+
+#[test]
+fn dry_run_passes_every_drop_and_counts_it() {
+    let mut gk = Gk::new();
+    gk.config(0, config_flags::DRY_RUN);
+    gk.deny("198.51.100.0/24", 1);
+    gk.deny("2001:db8:bad::/48", 2);
+    let dry = c(Counter::DryRun);
+    gk.check(&syn("198.51.100.1").build(), XDP_PASS, &[(c(Counter::DenyRange), 1), (dry, 1)], "v4 deny");
+    gk.check(&syn("2001:db8:bad::1").build(), XDP_PASS, &[(c(Counter::DenyRange), 1), (dry, 1)], "v6 deny");
+    assert_eq!((gk.range_hits(1), gk.range_hits(2)), (1, 1));
+    for reason in 0..verdict_reason::COUNT {
+        let src = format!("203.0.113.{}", 10 + reason);
+        gk.verdict(&src, action::DROP, reason, u64::MAX);
+        gk.check(&syn(&src).build(), XDP_PASS, &[(drop_reason(reason), 1), (dry, 1)], &format!("reason {reason}"));
+        let src6 = format!("2001:db8:{}::1", 10 + reason);
+        gk.verdict(&src6, action::DROP, reason, u64::MAX);
+        gk.check(&syn(&src6).build(), XDP_PASS, &[(drop_reason(reason), 1), (dry, 1)], &format!("v6 reason {reason}"));
+    }
+    // Passing decisions are not "would drop".
+    gk.allow("192.0.2.0/24", 3);
+    gk.check(&syn("192.0.2.1").build(), XDP_PASS, &[(c(Counter::Allowed), 1)], "allowed in dry run");
+    gk.check(&syn("203.0.113.200").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "unknown in dry run");
+    // Leaving dry run drops again.
+    gk.config(0, 0);
+    gk.check(&syn("198.51.100.1").build(), XDP_DROP, &[(c(Counter::DenyRange), 1)], "v4 deny after dry run");
+}
+
+#[test]
+fn unguarded_ports_pass_uncounted_and_bitmap_changes_apply() {
+    let mut gk = Gk::new();
+    gk.deny("0.0.0.0/0", 1);
+    gk.deny("::/0", 2);
+    let to = |port: u16| Packet::tcp_v4(v4("198.51.100.1"), DST4, 40000, port, tcp_flags::SYN).build();
+    let to6 = |port: u16| Packet::tcp_v6(v6("2001:db8::1"), v6(DST6), 40000, port, tcp_flags::SYN).build();
+    for port in [0, 24, 26, 80, 443, 587, 65535] {
+        gk.check(&to(port), XDP_PASS, &[], &format!("SYN to unguarded {port}"));
+        gk.check(&to6(port), XDP_PASS, &[], &format!("v6 SYN to unguarded {port}"));
+    }
+    gk.check(&to(25), XDP_DROP, &[(c(Counter::DenyRange), 1)], "SYN to 25");
+    for port in [587, 0, 63, 64, 65535] {
+        gk.set_port(port, true);
+        gk.check(&to(port), XDP_DROP, &[(c(Counter::DenyRange), 1)], &format!("SYN to newly guarded {port}"));
+        gk.check(&to6(port), XDP_DROP, &[(c(Counter::DenyRange), 1)], &format!("v6 SYN to newly guarded {port}"));
+    }
+    gk.check(&to(26), XDP_PASS, &[], "neighbour ports stay unguarded");
+    gk.set_port(25, false);
+    gk.check(&to(25), XDP_PASS, &[], "SYN to 25 after unguarding");
+    gk.check(&to(587), XDP_DROP, &[(c(Counter::DenyRange), 1)], "587 still guarded");
+    assert_eq!(gk.range_hits(1) + gk.range_hits(2), 12);
+}
+
+#[test]
+fn ipv4_options_every_ihl() {
+    let mut gk = Gk::new();
+    gk.deny("198.51.100.0/24", 1);
+    for words in 1..=10usize {
+        // Record-route-ish bytes; any option bytes will do for the parser.
+        let opts: Vec<u8> = (0..words * 4).map(|i| if i == 0 { 1 } else { 0x07 }).collect();
+        let frame = syn4("198.51.100.9").ipv4_options(&opts).build();
+        assert_eq!(frame[14] & 0x0f, 5 + words as u8);
+        gk.check(&frame, XDP_DROP, &[(c(Counter::DenyRange), 1)], &format!("IHL {}", 5 + words));
+        let frame = syn4("203.0.113.9").ipv4_options(&opts).build();
+        gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], &format!("unknown, IHL {}", 5 + words));
+        let ack = Packet::tcp_v4(v4("198.51.100.9"), DST4, 1, SMTP, tcp_flags::ACK).ipv4_options(&opts).build();
+        gk.check(&ack, XDP_PASS, &[], &format!("ACK, IHL {}", 5 + words));
+    }
+    let ev = gk.events();
+    assert_eq!(ev.len(), 10);
+    assert!(ev.iter().all(|e| e.addr == addr::mapped_v4([203, 0, 113, 9]) && e.port == SMTP));
+}
+
+#[test]
+fn ipv6_verdicts_are_keyed_by_slash64() {
+    let mut gk = Gk::new();
+    gk.verdict("2001:db8:1:2::1", action::DROP, verdict_reason::DYNAMIC, u64::MAX);
+    for src in ["2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2:abcd::9"] {
+        gk.check(&syn(src).build(), XDP_DROP, &[(drop_reason(verdict_reason::DYNAMIC), 1)], src);
+    }
+    for src in ["2001:db8:1:3::1", "2001:db8:1:1:ffff:ffff:ffff:ffff"] {
+        gk.check(&syn(src).build(), XDP_PASS, &[(c(Counter::Unknown), 1)], src);
+    }
+    gk.verdict("2001:db8:9:9::", action::PASS, verdict_reason::OK, u64::MAX);
+    gk.check(&syn("2001:db8:9:9:1:2:3:4").build(), XDP_PASS, &[(c(Counter::VerdictPass), 1)], "pass /64");
+}
+
+#[test]
+fn ipv6_extension_headers_reach_the_decision() {
+    let mut gk = Gk::new();
+    gk.deny("2001:db8:bad::/48", 1);
+    let via = v6("2001:db8:ffff::1");
+    let chains: Vec<(&str, Vec<ExtHeader>)> = vec![
+        ("hop-by-hop", vec![ExtHeader::hop_by_hop()]),
+        ("hop-by-hop with options", vec![ExtHeader::HopByHop(vec![5, 2, 0, 0, 1, 3, 1, 2, 3])]),
+        ("routing", vec![ExtHeader::routing(&[via, v6(DST6)])]),
+        ("dst-opts", vec![ExtHeader::dest_opts()]),
+        ("dst-opts 24 bytes", vec![ExtHeader::DestOpts(vec![0x1e, 20].into_iter().chain([0; 20]).collect())]),
+        ("first fragment", vec![ExtHeader::fragment(0, true)]),
+        ("atomic fragment", vec![ExtHeader::fragment(0, false)]),
+        (
+            "hbh, dst-opts, routing, fragment, dst-opts",
+            vec![
+                ExtHeader::hop_by_hop(),
+                ExtHeader::dest_opts(),
+                ExtHeader::routing(&[via]),
+                ExtHeader::fragment(0, true),
+                ExtHeader::dest_opts(),
+            ],
+        ),
+        ("bound: six headers", vec![ExtHeader::dest_opts(); MAX_IPV6_EXT_HEADERS]),
+    ];
+    for (name, chain) in chains {
+        let build = |src: &str| chain.iter().cloned().fold(syn6(src), Packet::ext).build();
+        gk.check(&build("2001:db8:bad::1"), XDP_DROP, &[(c(Counter::DenyRange), 1)], name);
+        gk.check(&build("2001:db8:900d::1"), XDP_PASS, &[(c(Counter::Unknown), 1)], name);
+        let ev = gk.events();
+        assert_eq!(ev.len(), 1, "{name}");
+        assert_eq!((ev[0].addr, ev[0].port), (v6("2001:db8:900d::1").octets(), SMTP), "{name}");
+    }
+}
+
+#[test]
+fn ipv6_ah_and_too_many_ext_headers_are_skipped() {
+    let mut gk = Gk::new();
+    gk.deny("::/0", 1);
+    let skipped = [(c(Counter::ParseSkipped), 1)];
+    gk.check(&syn6("2001:db8::1").ext(ExtHeader::ah()).build(), XDP_PASS, &skipped, "AH");
+    let frame = syn6("2001:db8::1").ext(ExtHeader::hop_by_hop()).ext(ExtHeader::ah()).build();
+    gk.check(&frame, XDP_PASS, &skipped, "hop-by-hop, AH");
+    let frame =
+        vec![ExtHeader::dest_opts(); MAX_IPV6_EXT_HEADERS + 1].into_iter().fold(syn6("2001:db8::1"), Packet::ext).build();
+    gk.check(&frame, XDP_PASS, &skipped, "one header more than the bound");
+    let frame = vec![ExtHeader::dest_opts(); 20].into_iter().fold(syn6("2001:db8::1"), Packet::ext).build();
+    gk.check(&frame, XDP_PASS, &skipped, "twenty headers");
+    // Unknown next headers end the walk without a decision or a count.
+    for (proto, name) in [(ipproto::ESP, "ESP"), (ipproto::NONE, "no next header"), (ipproto::UDP, "UDP")] {
+        let frame = Packet::tcp_v6(v6("2001:db8::1"), v6(DST6), 1, SMTP, tcp_flags::SYN)
+            .ext(ExtHeader::hop_by_hop())
+            .raw_l4(proto, &[0; 40])
+            .build();
+        gk.check(&frame, XDP_PASS, &[], name);
+    }
+    assert_eq!(gk.range_hits(1), 0);
+}
+
+#[test]
+fn vlan_and_qinq_are_decided() {
+    let mut gk = Gk::new();
+    gk.deny("198.51.100.0/24", 1);
+    gk.deny("2001:db8:bad::/48", 2);
+    let tags: [(&str, &[(u16, u16)]); 4] = [
+        ("802.1Q", &[(ethertype::VLAN, 10)]),
+        ("QinQ 802.1ad+802.1Q", &[(ethertype::QINQ, 100), (ethertype::VLAN, 10)]),
+        ("double 802.1Q", &[(ethertype::VLAN, 100), (ethertype::VLAN, 10)]),
+        ("802.1ad only", &[(ethertype::QINQ, 100)]),
+    ];
+    for (name, tags) in tags {
+        let tag = |p: Packet| tags.iter().fold(p, |p, &(tpid, vid)| p.vlan(tpid, vid)).build();
+        gk.check(&tag(syn4("198.51.100.1")), XDP_DROP, &[(c(Counter::DenyRange), 1)], name);
+        gk.check(&tag(syn6("2001:db8:bad::1")), XDP_DROP, &[(c(Counter::DenyRange), 1)], name);
+        gk.check(&tag(syn4("203.0.113.1")), XDP_PASS, &[(c(Counter::Unknown), 1)], name);
+        gk.check(&tag(syn6("2001:db8:900d::1").ext(ExtHeader::hop_by_hop())), XDP_PASS, &[(c(Counter::Unknown), 1)], name);
+        let ack = Packet::tcp_v4(v4("198.51.100.1"), DST4, 1, SMTP, tcp_flags::ACK);
+        gk.check(&tag(ack), XDP_PASS, &[], name);
+        assert_eq!(gk.events().len(), 2, "{name}");
+    }
+    // A third tag is beyond the parser's bound: passed without a decision.
+    let frame = syn4("198.51.100.1").vlan(ethertype::QINQ, 1).vlan(ethertype::VLAN, 2).vlan(ethertype::VLAN, 3).build();
+    gk.check(&frame, XDP_PASS, &[], "three tags");
+}
+
+#[test]
+fn non_first_fragments_pass_without_a_decision() {
+    let mut gk = Gk::new();
+    gk.deny("0.0.0.0/0", 1);
+    gk.deny("::/0", 2);
+    for (offset, more) in [(1, true), (1, false), (185, true), (0x1fff, false)] {
+        let frame = syn4("198.51.100.1").ipv4_fragment(offset, more).build();
+        gk.check(&frame, XDP_PASS, &[], &format!("v4 fragment offset {offset} MF {more}"));
+        let frame = syn6("2001:db8::1").ext(ExtHeader::fragment(offset, more)).build();
+        gk.check(&frame, XDP_PASS, &[], &format!("v6 fragment offset {offset} M {more}"));
+        let frame = syn6("2001:db8::1").ext(ExtHeader::hop_by_hop()).ext(ExtHeader::fragment(offset, more)).build();
+        gk.check(&frame, XDP_PASS, &[], &format!("v6 hbh + fragment offset {offset} M {more}"));
+    }
+    // First fragments are decided.
+    let frame = syn4("198.51.100.1").ipv4_fragment(0, true).build();
+    gk.check(&frame, XDP_DROP, &[(c(Counter::DenyRange), 1)], "v4 first fragment");
+    let frame = syn6("2001:db8::1").ext(ExtHeader::fragment(0, true)).build();
+    gk.check(&frame, XDP_DROP, &[(c(Counter::DenyRange), 1)], "v6 first fragment");
+}
+
+#[test]
+fn only_a_pure_syn_is_decided() {
+    let mut gk = Gk::new();
+    gk.deny("0.0.0.0/0", 1);
+    gk.deny("::/0", 2);
+    use tcp_flags::*;
+    for (flags, name) in [
+        (SYN | ACK, "SYN+ACK"),
+        (RST, "RST"),
+        (SYN | RST, "SYN+RST"),
+        (ACK, "ACK"),
+        (ACK | PSH, "ACK+PSH"),
+        (FIN | ACK, "FIN+ACK"),
+        (RST | ACK, "RST+ACK"),
+        (SYN | ACK | RST, "SYN+ACK+RST"),
+        (0, "no flags"),
+    ] {
+        let frame = Packet::tcp_v4(v4("198.51.100.1"), DST4, 1, SMTP, flags).build();
+        gk.check(&frame, XDP_PASS, &[], name);
+        let frame = Packet::tcp_v6(v6("2001:db8::1"), v6(DST6), 1, SMTP, flags).build();
+        gk.check(&frame, XDP_PASS, &[], name);
+    }
+    for frame in [
+        Packet::udp_v4(v4("198.51.100.1"), DST4, 1, SMTP).payload(&[0; 32]).build(),
+        Packet::udp_v6(v6("2001:db8::1"), v6(DST6), 1, SMTP).payload(&[0; 32]).build(),
+        // UDP whose bytes 13 would look like a SYN flag to a TCP parser.
+        Packet::udp_v4(v4("198.51.100.1"), DST4, 1, SMTP).payload(&[0, 0, 0, 0, 0, 0x02, 0, 0]).build(),
+        Packet::tcp_v4(v4("198.51.100.1"), DST4, 1, SMTP, SYN).raw_l4(ipproto::UDP, &[0; 20]).build(),
+    ] {
+        gk.check(&frame, XDP_PASS, &[], "UDP to port 25");
+    }
+    // SYN with other bits (ECN setup, FIN, PSH) is still a connection attempt.
+    for flags in [SYN | 0x40 | 0x80, SYN | FIN, SYN | PSH, SYN | URG] {
+        let frame = Packet::tcp_v4(v4("198.51.100.1"), DST4, 1, SMTP, flags).build();
+        gk.check(&frame, XDP_DROP, &[(c(Counter::DenyRange), 1)], &format!("flags {flags:#04x}"));
+    }
+}
+
+#[test]
+fn truncated_frames_always_pass() {
+    let mut gk = Gk::new();
+    gk.deny("0.0.0.0/0", 1);
+    gk.deny("::/0", 2);
+    let frames: Vec<(&str, Vec<u8>)> = vec![
+        ("v4", syn4("198.51.100.1").build()),
+        ("v4 options", syn4("198.51.100.1").ipv4_options(&[1; 12]).build()),
+        ("v4 802.1Q", syn4("198.51.100.1").vlan(ethertype::VLAN, 5).build()),
+        ("v4 QinQ", syn4("198.51.100.1").qinq(6, 7).build()),
+        ("v6", syn6("2001:db8::1").build()),
+        (
+            "v6 hbh+routing+fragment+dst-opts",
+            syn6("2001:db8::1")
+                .ext(ExtHeader::hop_by_hop())
+                .ext(ExtHeader::routing(&[v6(DST6)]))
+                .ext(ExtHeader::fragment(0, true))
+                .ext(ExtHeader::dest_opts())
+                .build(),
+        ),
+        ("v6 QinQ dst-opts", syn6("2001:db8::1").qinq(6, 7).ext(ExtHeader::dest_opts()).build()),
+        ("v4 no TCP options", Packet::tcp_v4(v4("198.51.100.1"), DST4, 1, SMTP, tcp_flags::SYN).build()),
+    ];
+    for (name, full) in frames {
+        let mut skipped = 0;
+        for len in 14..full.len() {
+            let ret = gk.run(&full[..len]);
+            assert_eq!(ret, XDP_PASS, "{name} truncated to {len} of {} bytes", full.len());
+            let d = gk.delta();
+            // Either the parser gave up (counted) or stopped before it knew
+            // enough to count anything (e.g. an Ethernet header only).
+            assert!(
+                d.is_empty() || d == BTreeMap::from([((IFINDEX, "parse-skipped"), 1)]),
+                "{name} truncated to {len}: {d:?}"
+            );
+            skipped += d.len();
+        }
+        assert!(skipped > 0, "{name}: truncations are counted as parse-skipped");
+        gk.check(&full, XDP_DROP, &[(c(Counter::DenyRange), 1)], name);
+    }
+}
+
+#[test]
+fn malformed_ip_headers_pass_and_are_counted() {
+    let mut gk = Gk::new();
+    gk.deny("0.0.0.0/0", 1);
+    gk.deny("::/0", 2);
+    let skipped = [(c(Counter::ParseSkipped), 1)];
+    let good = syn4("198.51.100.1").build();
+    for ihl in 0..5u8 {
+        let mut frame = good.clone();
+        frame[14] = 0x40 | ihl;
+        gk.check(&frame, XDP_PASS, &skipped, &format!("IHL {ihl}"));
+    }
+    for version in [0u8, 5, 6, 15] {
+        let mut frame = good.clone();
+        frame[14] = (version << 4) | 5;
+        gk.check(&frame, XDP_PASS, &skipped, &format!("IPv4 ethertype, version {version}"));
+    }
+    // IHL pointing past the end of the frame.
+    let mut frame = good.clone();
+    frame[14] = 0x4f;
+    gk.check(&frame, XDP_PASS, &skipped, "IHL 15 without options");
+    let good6 = syn6("2001:db8::1").build();
+    for version in [0u8, 4, 7] {
+        let mut frame = good6.clone();
+        frame[14] = version << 4;
+        gk.check(&frame, XDP_PASS, &skipped, &format!("IPv6 ethertype, version {version}"));
+    }
+    // TCP data offset below 5 is not a TCP header.
+    for doff in 0..5u8 {
+        let mut frame = good.clone();
+        frame[34 + 12] = doff << 4;
+        gk.check(&frame, XDP_PASS, &skipped, &format!("TCP data offset {doff}"));
+    }
+    // TCP data offset claiming options the frame does not have.
+    let mut frame = good.clone();
+    frame[34 + 12] = 0xf0;
+    gk.check(&frame, XDP_PASS, &skipped, "TCP data offset 15 without options");
+    assert_eq!(gk.range_hits(1) + gk.range_hits(2), 0);
+}
+
+/// An extension header whose length points past 4 KiB must not make the
+/// parser read the TCP header from somewhere else in the frame.
+#[test]
+fn huge_extension_header_offsets_do_not_wrap() {
+    let mut gk = Gk::new();
+    gk.deny("::/0", 1);
+    // Two 2048-byte dst-opts headers put the TCP header at 54 + 4096 = 4150.
+    // The first header's option bytes (from offset 56) look like a TCP SYN to
+    // port 25 for anyone who reads "TCP" at 4150 & 0xfff = 54.
+    let mut opts = vec![0u8; 2046];
+    opts[0..2].copy_from_slice(&SMTP.to_be_bytes()); // "dport" at 56
+    opts[10] = 0x50; // "data offset" at 66
+    opts[11] = tcp_flags::SYN; // "flags" at 67
+    let full = syn6("2001:db8::1").ext(ExtHeader::DestOpts(opts)).ext(ExtHeader::DestOpts(vec![0; 2046])).build();
+    assert_eq!(full.len(), 54 + 4096 + 24);
+    assert_eq!(&full[56..58], &[0, 25]);
+    // XDP test runs only give the program the first ~3.5 KiB linear part;
+    // the second header's first bytes (2102..2104) must be in it.
+    for len in [2104, 2200, 3000] {
+        gk.check(&full[..len], XDP_PASS, &[(c(Counter::ParseSkipped), 1)], &format!("{len} bytes, TCP at 4150"));
+    }
+    assert_eq!(gk.range_hits(1), 0);
+}
+
+/// Seeded xorshift64*: deterministic test randomness without extra crates.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+#[test]
+fn random_garbage_is_never_dropped_or_aborted() {
+    let mut gk = Gk::new();
+    gk.set_all_ports();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let ethertypes = [0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, 0x0000];
+    for i in 0..4000 {
+        let len = 14 + rng.below(if i % 4 == 0 { 1500 } else { 120 }) as usize;
+        let mut frame = rng.bytes(len);
+        // Bias towards the interesting ethertypes and versions so the parser
+        // gets past the first header most of the time.
+        if i % 8 != 0 {
+            let et = ethertypes[rng.below(ethertypes.len() as u64) as usize];
+            frame[12..14].copy_from_slice(&et.to_be_bytes());
+            if len > 14 {
+                frame[14] = match et {
+                    0x86dd => 0x60 | (frame[14] & 0x0f),
+                    0x0800 => 0x40 | (frame[14] & 0x0f),
+                    _ => frame[14],
+                };
+            }
+        }
+        let ret = gk.run(&frame);
+        assert_eq!(ret, XDP_PASS, "random frame {i}: {}", hex(&frame));
+    }
+    let d = gk.delta();
+    assert!(!d.contains_key(&(IFINDEX, "deny-range")) && d.keys().all(|k| k.0 == IFINDEX), "{d:?}");
+}
+
+/// What the datapath should do with a frame when every source is denied and
+/// every port is guarded: an independent reading of the parsing rules.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Expect {
+    /// Not a first-fragment TCP SYN: pass, no counter.
+    Pass,
+    /// The parser cannot read it: pass, parse-skipped.
+    Skip,
+    /// A guarded SYN: denied.
+    Drop,
+}
+
+fn model(f: &[u8]) -> Expect {
+    // Every read must lie in the frame and start below 4 KiB.
+    let get = |off: usize, n: usize| if off <= 0xfff && off + n <= f.len() { Some(&f[off..off + n]) } else { None };
+    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let Some(b) = get(12, 2) else { return Expect::Skip };
+    let mut et = be16(b);
+    let mut off = 14;
+    for _ in 0..2 {
+        if et != 0x8100 && et != 0x88a8 {
+            break;
+        }
+        let Some(b) = get(off + 2, 2) else { return Expect::Skip };
+        et = be16(b);
+        off += 4;
+    }
+    let tcp = match et {
+        0x0800 => {
+            let Some(ip) = get(off, 20) else { return Expect::Skip };
+            let ihl = (ip[0] & 0x0f) as usize * 4;
+            if ip[0] >> 4 != 4 || ihl < 20 {
+                return Expect::Skip;
+            }
+            if be16(&ip[6..8]) & 0x1fff != 0 || ip[9] != 6 {
+                return Expect::Pass;
+            }
+            off + ihl
+        }
+        0x86dd => {
+            let Some(ip) = get(off, 8) else { return Expect::Skip };
+            if ip[0] >> 4 != 6 {
+                return Expect::Skip;
+            }
+            let mut next = ip[6];
+            if get(off + 8, 16).is_none() {
+                return Expect::Skip;
+            }
+            off += 40;
+            let mut walked = 0;
+            loop {
+                match next {
+                    6 => break off,
+                    _ if walked == MAX_IPV6_EXT_HEADERS => return Expect::Skip,
+                    0 | 43 | 60 => {
+                        let Some(h) = get(off, 2) else { return Expect::Skip };
+                        next = h[0];
+                        off += (h[1] as usize + 1) * 8;
+                    }
+                    44 => {
+                        let Some(h) = get(off, 4) else { return Expect::Skip };
+                        if be16(&h[2..4]) & 0xfff8 != 0 {
+                            return Expect::Pass;
+                        }
+                        next = h[0];
+                        off += 8;
+                    }
+                    51 => return Expect::Skip,
+                    _ => return Expect::Pass,
+                }
+                walked += 1;
+            }
+        }
+        _ => return Expect::Pass,
+    };
+    let Some(h) = get(tcp, 14) else { return Expect::Skip };
+    let doff = (h[12] >> 4) as usize * 4;
+    if doff < 20 || tcp + doff > f.len() {
+        return Expect::Skip;
+    }
+    if h[13] & 0x16 != 0x02 {
+        return Expect::Pass;
+    }
+    Expect::Drop
+}
+
+#[test]
+fn mutated_packets_match_the_parsing_rules() {
+    let mut gk = Gk::new();
+    gk.set_all_ports();
+    gk.deny("0.0.0.0/0", 1);
+    gk.deny("::/0", 2);
+    let seeds: Vec<Vec<u8>> = vec![
+        syn4("198.51.100.1").build(),
+        syn4("198.51.100.1").ipv4_options(&[1; 8]).vlan(ethertype::VLAN, 3).build(),
+        syn4("198.51.100.1").qinq(1, 2).build(),
+        syn6("2001:db8::1").build(),
+        syn6("2001:db8::1").ext(ExtHeader::hop_by_hop()).ext(ExtHeader::fragment(0, true)).build(),
+        syn6("2001:db8::1")
+            .vlan(ethertype::VLAN, 9)
+            .ext(ExtHeader::routing(&[v6(DST6)]))
+            .ext(ExtHeader::dest_opts())
+            .ext(ExtHeader::dest_opts())
+            .build(),
+        Packet::udp_v4(v4("198.51.100.1"), DST4, 1, SMTP).payload(&[0x02; 24]).build(),
+    ];
+    let mut rng = Rng(0x0123_4567_89ab_cdef);
+    let mut outcomes = BTreeMap::new();
+    for i in 0..3000 {
+        let mut frame = seeds[i % seeds.len()].clone();
+        // Flip a few bytes, mostly in the headers; sometimes truncate or extend.
+        for _ in 0..1 + rng.below(3) {
+            let at = rng.below(frame.len().min(110) as u64) as usize;
+            frame[at] = match rng.below(4) {
+                0 => rng.next() as u8,
+                1 => frame[at] ^ (1 << rng.below(8)),
+                2 => [0, 6, 0x02, 0x12, 44, 60, 0xff][rng.below(7) as usize],
+                _ => frame[at].wrapping_add(1),
+            };
+        }
+        match rng.below(6) {
+            0 => frame.truncate(14 + rng.below(frame.len() as u64 - 13) as usize),
+            1 => {
+                let n = rng.below(64) as usize;
+                frame.extend(rng.bytes(n));
+            }
+            _ => {}
+        }
+        let want = model(&frame);
+        *outcomes.entry(format!("{want:?}")).or_insert(0) += 1;
+        let (ret, counters): (u32, &[(u32, u64)]) = match want {
+            Expect::Pass => (XDP_PASS, &[]),
+            Expect::Skip => (XDP_PASS, &[(c(Counter::ParseSkipped), 1)]),
+            Expect::Drop => (XDP_DROP, &[(c(Counter::DenyRange), 1)]),
+        };
+        gk.check(&frame, ret, counters, &format!("mutation {i} ({want:?}): {}", hex(&frame)));
+    }
+    // The mutations must exercise all three outcomes.
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+    eprintln!("mutation outcomes: {outcomes:?}");
+}

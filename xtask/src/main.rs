@@ -1,0 +1,86 @@
+//! Developer and CI tasks for gatekeeper: `cargo xtask <command>`.
+//!
+//! * `cargo xtask setup` — install what a fresh Debian 12 machine lacks (as
+//!   root): nightly rust-src, bpf-linker 0.13.0 against the nightly's libLLVM,
+//!   Debian packages, bpffs at /sys/fs/bpf. Quick and idempotent.
+//! * `cargo xtask test [CARGO_TEST_ARGS] [-- TEST_ARGS]` — setup, build the
+//!   `gatekeeper` binary, `cargo test` (default members), then fail if any
+//!   `gk-*` network namespace or `/sys/fs/bpf/gk-test-*` pin dir was left
+//!   behind. Tests run with libtest's default `--test-threads` (one per core):
+//!   every netlab namespace/pin name is unique per process and counter, so
+//!   root tests may run in parallel; pass `-- --test-threads=1` to serialise.
+//! * `cargo xtask bench xdp|all [-- ARGS]` — setup, then the release
+//!   `gatekeeper-bench` binary; JSON results land in `target/bench/`.
+//! * `cargo xtask lab` — not written yet.
+
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "gatekeeper developer and CI tasks", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks to build and test gatekeeper (root; idempotent).
+    Setup,
+    /// Setup, build the agent binary, run the whole test suite as root, check for leftovers.
+    ///
+    /// Example: `cargo xtask test -p gatekeeper-tests netlab -- --nocapture`.
+    Test {
+        /// Extra arguments for `cargo test` (package selection, test name filter, ...).
+        #[arg(allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+        /// Arguments after `--` go to the test binaries (`--nocapture`, `--test-threads=1`, ...).
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+    /// Setup, then run the release benchmark binary; JSON results go to target/bench/.
+    Bench {
+        /// Which benchmark to run.
+        which: Bench,
+        /// Arguments after `--` are passed to gatekeeper-bench.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Interactive lab of network namespaces (not written yet).
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bench {
+    Xdp,
+    All,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Test { cargo_args, test_args } => test::test(&cargo_args, &test_args),
+        Cmd::Bench { which, args } => {
+            let which = match which {
+                Bench::Xdp => "xdp",
+                Bench::All => "all",
+            };
+            test::bench(which, &args)
+        }
+        Cmd::Lab { .. } => {
+            println!("cargo xtask lab: not yet");
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,174 @@
+//! `cargo xtask test` and `cargo xtask bench`.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::SystemTime,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    setup,
+    util::{self, output, run, status},
+};
+
+/// Prefix of every network namespace netlab creates (`gk-<prefix>-<pid>-<n>`).
+const NETNS_PREFIX: &str = "gk-";
+/// Prefix of every bpffs directory netlab's `PinDirGuard` creates.
+const PIN_PREFIX: &str = "gk-test-";
+
+/// Build the agent binary (integration tests run it as a separate process and
+/// it is not built by `cargo test` for `gatekeeper-tests`, which only depends
+/// on the library), then `cargo test` at the workspace root, which covers the
+/// `default-members` (everything but `gatekeeper-ebpf`; that crate is built
+/// for the BPF target by gatekeeper's build.rs and must not be built for the
+/// host, so no `--workspace`).
+pub fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
+    setup::setup()?;
+    let before = Leftovers::scan()?;
+    println!("xtask: cargo build -p gatekeeper --bins");
+    run(util::cargo().args(["build", "-p", "gatekeeper", "--bins"]))?;
+
+    let mut cmd = util::cargo();
+    cmd.arg("test").args(cargo_args);
+    if !test_args.is_empty() {
+        cmd.arg("--").args(test_args);
+    }
+    let shown: Vec<&str> = cmd.get_args().filter_map(|a| a.to_str()).collect();
+    println!("xtask: cargo {}", shown.join(" "));
+    let test_status = status(&mut cmd)?;
+
+    let after = Leftovers::scan()?;
+    let leaked = after.leaked_since(&before);
+    let preexisting: Vec<_> = before.all().collect();
+    if !preexisting.is_empty() {
+        eprintln!(
+            "xtask: warning: left over from before this run (not counted): {}",
+            preexisting.join(", ")
+        );
+    }
+    if !leaked.is_empty() {
+        eprintln!("xtask: the tests left these behind:");
+        for l in &leaked {
+            eprintln!("  {l}");
+        }
+        eprintln!(
+            "  remove with: ip netns del NAME (after killing `ip netns pids NAME`); rm -r /sys/fs/bpf/gk-test-*"
+        );
+    }
+    if !test_status.success() {
+        bail!("cargo test failed: {test_status}");
+    }
+    if !leaked.is_empty() {
+        bail!("tests passed but left {} namespace(s)/pin dir(s) behind", leaked.len());
+    }
+    println!("xtask: tests passed, no namespaces or bpffs pins left behind");
+    Ok(())
+}
+
+/// What netlab-made things exist now: `gk-*` namespaces and
+/// `/sys/fs/bpf/gk-test-*` entries.
+struct Leftovers {
+    netns: BTreeSet<String>,
+    pins: BTreeSet<String>,
+}
+
+impl Leftovers {
+    fn scan() -> Result<Self> {
+        let list = output(Command::new("ip").args(["netns", "list"]))?;
+        let netns = list
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(NETNS_PREFIX))
+            .map(str::to_owned)
+            .collect();
+        let mut pins = BTreeSet::new();
+        if let Ok(rd) = fs::read_dir(setup::BPFFS) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(PIN_PREFIX) {
+                    pins.insert(name);
+                }
+            }
+        }
+        Ok(Self { netns, pins })
+    }
+
+    fn all(&self) -> impl Iterator<Item = String> + '_ {
+        self.netns
+            .iter()
+            .map(|n| format!("netns {n}"))
+            .chain(self.pins.iter().map(|p| format!("{}/{p}", setup::BPFFS)))
+    }
+
+    /// New since `before`, and not owned by a process that is still alive
+    /// (names carry the creating pid as the second-to-last `-` field, so a
+    /// concurrent test run by someone else on this machine is not blamed).
+    fn leaked_since(&self, before: &Self) -> Vec<String> {
+        let dead_owner = |name: &str| match owner_pid(name) {
+            Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+            None => true,
+        };
+        let netns = self
+            .netns
+            .difference(&before.netns)
+            .filter(|n| dead_owner(n))
+            .map(|n| format!("netns {n}"));
+        let pins = self
+            .pins
+            .difference(&before.pins)
+            .filter(|p| dead_owner(p))
+            .map(|p| format!("{}/{p}", setup::BPFFS));
+        netns.chain(pins).collect()
+    }
+}
+
+fn owner_pid(name: &str) -> Option<u32> {
+    let mut it = name.rsplit('-');
+    it.next()?;
+    it.next()?.parse().ok()
+}
+
+/// `cargo run --release -p gatekeeper-tests --bin gatekeeper-bench -- WHICH ARGS`,
+/// with JSON results under `target/bench/` (the directory is created and
+/// passed as `GATEKEEPER_BENCH_DIR`; the binary's working directory is the
+/// workspace root).
+pub fn bench(which: &str, args: &[String]) -> Result<()> {
+    setup::setup()?;
+    let dir = target_dir()?.join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let started = SystemTime::now();
+    let mut cmd = util::cargo();
+    cmd.args(["run", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-bench", "--"])
+        .arg(which)
+        .args(args)
+        .env("GATEKEEPER_BENCH_DIR", &dir);
+    run(&mut cmd)?;
+    let mut fresh: Vec<PathBuf> = fs::read_dir(&dir)?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter(|e| e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t >= started))
+        .map(|e| e.path())
+        .collect();
+    fresh.sort();
+    if fresh.is_empty() {
+        eprintln!("xtask: warning: the benchmark wrote no JSON file in {}", dir.display());
+    }
+    for f in fresh {
+        println!("xtask: bench result {}", f.display());
+    }
+    Ok(())
+}
+
+/// The cargo target directory (honours CARGO_TARGET_DIR and .cargo config).
+fn target_dir() -> Result<PathBuf> {
+    let out = output(util::cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("parse cargo metadata")?;
+    match v.get("target_directory").and_then(|t| t.as_str()) {
+        Some(t) => Ok(PathBuf::from(t)),
+        None => Ok(util::workspace_root().join("target")),
+    }
+}
