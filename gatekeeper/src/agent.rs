@@ -287,7 +287,8 @@ impl State {
                     "added": added.len(),
                     "unchanged": ranges.len() - added.len(),
                     "removed": removed.len(),
-                    "records": added,
+                    // Echo records back for interactive adds, not for 100k-line imports.
+                    "records": if added.len() <= 1000 { serde_json::to_value(&added).unwrap_or_default() } else { serde_json::Value::Null },
                 }))
             }
             Request::RangeDel { kind, nets } => {

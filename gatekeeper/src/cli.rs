@@ -136,9 +136,12 @@ pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!("datapath:   pinned at {} (program id {}, tag {})", pin_dir.display(), datapath["program"]["id"], s(&datapath["program"]["tag"]));
-    for l in datapath["links"].as_array().into_iter().flatten() {
-        let idx = if l["ifindex"].is_null() { "missing".to_string() } else { format!("ifindex {}", l["ifindex"]) };
-        println!("interface:  {} ({}, {} mode)", s(&l["ifname"]), idx, s(&l["mode"]));
+    // The agent sees its own network namespace; the CLI may not.
+    let links = if running { &agent["interfaces"] } else { &datapath["links"] };
+    for l in links.as_array().into_iter().flatten() {
+        let idx = if l["ifindex"].is_null() { "not in this namespace".to_string() } else { format!("ifindex {}", l["ifindex"]) };
+        let adopted = if l["adopted"].as_bool() == Some(true) { ", adopted from a previous agent" } else { "" };
+        println!("interface:  {} ({}, {} mode{adopted})", s(&l["ifname"]), idx, s(&l["mode"]));
     }
     println!("ports:      {}", join(&datapath["ports"]));
     println!("dry-run:    {}", if datapath["dry_run"].as_bool().unwrap_or(false) { "YES (nothing is dropped)" } else { "no" });

@@ -83,11 +83,18 @@ pub fn require_root() {
 // ---------------------------------------------------------------------------
 // Address safety
 
-const TEST_NETS: [&str; 4] = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"];
+const TEST_NETS: [&str; 4] = [
+    "192.0.2.0/24",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "2001:db8::/32",
+];
 
 /// Is `ip` in one of the documentation ranges the tests may use?
 pub fn is_test_addr(ip: IpAddr) -> bool {
-    TEST_NETS.iter().any(|n| n.parse::<IpNet>().unwrap().contains(&ip))
+    TEST_NETS
+        .iter()
+        .any(|n| n.parse::<IpNet>().unwrap().contains(&ip))
 }
 
 /// Test ranges, loopback (namespace-local), or unspecified (any).
@@ -103,7 +110,10 @@ fn is_link_local_v6(ip: IpAddr) -> bool {
 fn check_test_net(cidr: &str) -> Result<IpNet> {
     let net: IpNet = match cidr.parse() {
         Ok(n) => n,
-        Err(_) => IpNet::from(cidr.parse::<IpAddr>().map_err(|_| anyhow!("not an address: {cidr:?}"))?),
+        Err(_) => IpNet::from(
+            cidr.parse::<IpAddr>()
+                .map_err(|_| anyhow!("not an address: {cidr:?}"))?,
+        ),
     };
     let ok = TEST_NETS
         .iter()
@@ -119,7 +129,9 @@ fn check_ifname(name: &str) -> Result<()> {
         || name.len() > 15
         || name == "lo"
         || name.starts_with("eth")
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
         bail!("bad test interface name {name:?}: 1-15 chars [A-Za-z0-9._-], not lo/eth*");
     }
@@ -149,7 +161,10 @@ fn run_cmd(cmd: &mut Command, timeout: Duration) -> Result<String> {
         .with_context(|| format!("cannot run `{what}`"))?;
     let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
     for (is_err, mut pipe) in [
-        (false, Box::new(child.stdout.take().unwrap()) as Box<dyn io::Read + Send>),
+        (
+            false,
+            Box::new(child.stdout.take().unwrap()) as Box<dyn io::Read + Send>,
+        ),
         (true, Box::new(child.stderr.take().unwrap())),
     ] {
         let tx = tx.clone();
@@ -188,7 +203,11 @@ fn run_cmd(cmd: &mut Command, timeout: Duration) -> Result<String> {
         None => bail!("`{what}` timed out after {timeout:?}; stderr: {stderr}"),
         Some(st) if !st.success() => bail!(
             "`{what}` failed ({st}): {}",
-            if stderr.is_empty() { String::from_utf8_lossy(&out).trim().to_owned() } else { stderr }
+            if stderr.is_empty() {
+                String::from_utf8_lossy(&out).trim().to_owned()
+            } else {
+                stderr
+            }
         ),
         Some(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
     }
@@ -214,17 +233,29 @@ impl Netns {
     pub fn new(prefix: &str) -> Result<Self> {
         if prefix.is_empty()
             || prefix.len() > 12
-            || !prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         {
             bail!("bad namespace prefix {prefix:?}: 1-12 chars of [a-z0-9]");
         }
-        let name = format!("{NETNS_PREFIX}{prefix}-{}-{}", std::process::id(), next_id());
+        let name = format!(
+            "{NETNS_PREFIX}{prefix}-{}-{}",
+            std::process::id(),
+            next_id()
+        );
         let path = PathBuf::from("/run/netns").join(&name);
         if path.exists() {
             // Same pid and counter as ours: a leftover of a dead process.
             let _ = ip(&["netns", "del", &name]);
         }
-        ip(&["netns", "add", &name])?;
+        {
+            // The first `ip netns add` on a machine makes /run/netns a shared
+            // mount; parallel tests racing there could stack two of them.
+            static ADD_LOCK: Mutex<()> = Mutex::new(());
+            let _g = ADD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            ip(&["netns", "add", &name])?;
+        }
         // From here on Drop deletes it, also if the rest fails.
         let ns = Self { name, path };
         ns.ip(&["link", "set", "lo", "up"])?;
@@ -361,12 +392,17 @@ impl Netns {
         let deadline = Instant::now() + timeout;
         loop {
             let out = self.ip(&["-o", "link", "show", "dev", ifname])?;
-            let ready = out.contains("LOWER_UP") && out.contains(",UP") && !out.contains("qdisc noop");
+            let ready =
+                out.contains("LOWER_UP") && out.contains(",UP") && !out.contains("qdisc noop");
             if ready {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("{ifname} in {} not ready after {timeout:?}: {}", self.name, out.trim());
+                bail!(
+                    "{ifname} in {} not ready after {timeout:?}: {}",
+                    self.name,
+                    out.trim()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -375,7 +411,11 @@ impl Netns {
     /// Pids of the processes in the namespace (`ip netns pids`).
     pub fn pids(&self) -> Vec<i32> {
         ip(&["netns", "pids", &self.name])
-            .map(|out| out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+            .map(|out| {
+                out.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -383,14 +423,20 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let me = std::process::id() as i32;
-        let pids: Vec<i32> = self.pids().into_iter().filter(|&p| p != me && p > 1).collect();
+        let pids: Vec<i32> = self
+            .pids()
+            .into_iter()
+            .filter(|&p| p != me && p > 1)
+            .collect();
         for &p in &pids {
             let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
         // Bounded wait for them to go (zombies of our own children count as gone).
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline
-            && pids.iter().any(|p| proc_state(*p).is_some_and(|s| s != 'Z'))
+            && pids
+                .iter()
+                .any(|p| proc_state(*p).is_some_and(|s| s != 'Z'))
         {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -412,7 +458,18 @@ fn proc_state(pid: i32) -> Option<char> {
 pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     check_ifname(a_if)?;
     check_ifname(b_if)?;
-    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
     a.link_up(a_if)?;
     b.link_up(b_if)?;
     a.wait_link_ready(a_if, Duration::from_secs(5))?;
@@ -465,7 +522,10 @@ pub fn tcp_connect_stream(
     dst: SocketAddr,
     timeout: Duration,
 ) -> std::result::Result<TcpStream, ConnectOutcome> {
-    assert!(is_allowed_endpoint(src), "tcp_connect: source {src} is not a test address");
+    assert!(
+        is_allowed_endpoint(src),
+        "tcp_connect: source {src} is not a test address"
+    );
     assert!(
         is_allowed_endpoint(dst.ip()) && !dst.ip().is_unspecified(),
         "tcp_connect: destination {dst} is not a test address"
@@ -517,7 +577,8 @@ impl TcpListenerGuard {
             if addr.is_ipv6() {
                 sock.set_only_v6(true)?;
             }
-            sock.bind(&SockAddr::from(addr)).with_context(|| format!("bind {addr}"))?;
+            sock.bind(&SockAddr::from(addr))
+                .with_context(|| format!("bind {addr}"))?;
             sock.listen(128)?;
             sock.set_nonblocking(true)?;
             Ok(sock)
@@ -535,7 +596,8 @@ impl TcpListenerGuard {
                 .name(format!("gk-listen-{}", bound.port()))
                 .spawn(move || {
                     let started = Instant::now();
-                    while !stop.load(Ordering::Relaxed) && started.elapsed() < LISTENER_MAX_LIFETIME {
+                    while !stop.load(Ordering::Relaxed) && started.elapsed() < LISTENER_MAX_LIFETIME
+                    {
                         match sock.accept() {
                             Ok((conn, _)) => {
                                 accepts.fetch_add(1, Ordering::SeqCst);
@@ -546,7 +608,12 @@ impl TcpListenerGuard {
                     }
                 })?
         };
-        Ok(Self { addr: bound, accepts, stop, thread: Some(thread) })
+        Ok(Self {
+            addr: bound,
+            accepts,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// The bound address (with the real port if 0 was asked for).
@@ -616,7 +683,10 @@ impl AgentProcess {
             bail!("{} does not exist (see netlab::bin_path)", bin.display());
         }
         let dir = tempfile::Builder::new().prefix("gk-agent-").tempdir()?;
-        let name = bin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let log = dir.path().join(format!("{name}.log"));
         let file = File::create(&log)?;
         let mut cmd = Command::new("nsenter");
@@ -639,7 +709,13 @@ impl AgentProcess {
         }
         let what = format!("{} in {}", describe(&cmd), ns.name());
         let child = cmd.spawn().with_context(|| format!("spawn {what}"))?;
-        let mut agent = Self { child, status: None, log, _dir: dir, what };
+        let mut agent = Self {
+            child,
+            status: None,
+            log,
+            _dir: dir,
+            what,
+        };
         agent.wait_in_netns(ns)?;
         Ok(agent)
     }
@@ -676,7 +752,9 @@ impl AgentProcess {
 
     /// Everything the process wrote so far (stdout and stderr).
     pub fn log(&self) -> String {
-        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
@@ -740,10 +818,18 @@ impl AgentProcess {
                 if self.log().contains(needle) {
                     return Ok(());
                 }
-                bail!("{} exited ({st}) before logging {needle:?}; log:\n{}", self.what, self.log());
+                bail!(
+                    "{} exited ({st}) before logging {needle:?}; log:\n{}",
+                    self.what,
+                    self.log()
+                );
             }
             if Instant::now() >= deadline {
-                bail!("{} did not log {needle:?} within {timeout:?}; log:\n{}", self.what, self.log());
+                bail!(
+                    "{} did not log {needle:?} within {timeout:?}; log:\n{}",
+                    self.what,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -757,7 +843,9 @@ impl Drop for AgentProcess {
             let log = self.log();
             let tail: String = {
                 let start = log.len().saturating_sub(4000);
-                let start = (start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(log.len());
+                let start = (start..log.len())
+                    .find(|&i| log.is_char_boundary(i))
+                    .unwrap_or(log.len());
                 log[start..].to_owned()
             };
             eprintln!("netlab: log of {} (tail):\n{tail}", self.what);
@@ -808,7 +896,9 @@ static BPFFS_LOCK: Mutex<()> = Mutex::new(());
 fn bpffs_mounted() -> bool {
     fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
         m.lines().any(|line| {
-            let Some((left, right)) = line.split_once(" - ") else { return false };
+            let Some((left, right)) = line.split_once(" - ") else {
+                return false;
+            };
             left.split(' ').nth(4) == Some(BPFFS) && right.split(' ').next() == Some("bpf")
         })
     })
@@ -821,8 +911,14 @@ pub fn ensure_bpffs() -> Result<()> {
         return Ok(());
     }
     fs::create_dir_all(BPFFS)?;
-    nix::mount::mount(Some("bpf"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mount bpffs at {BPFFS}"))?;
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mount bpffs at {BPFFS}"))?;
     Ok(())
 }
 
@@ -836,7 +932,8 @@ pub struct PinDirGuard {
 impl PinDirGuard {
     pub fn new() -> Result<Self> {
         ensure_bpffs()?;
-        let path = Path::new(BPFFS).join(format!("{PIN_PREFIX}{}-{}", std::process::id(), next_id()));
+        let path =
+            Path::new(BPFFS).join(format!("{PIN_PREFIX}{}-{}", std::process::id(), next_id()));
         if path.exists() {
             // Same pid and counter as ours: a leftover of a dead process.
             let _ = fs::remove_dir_all(&path);
@@ -875,12 +972,16 @@ fn owner_pid(name: &str) -> Option<i32> {
 /// was removed. Those of live processes are left alone.
 pub fn cleanup_stale() -> Vec<String> {
     // Names without a pid are not ours to judge: leave them.
-    let alive = |name: &str| owner_pid(name).is_none_or(|p| Path::new(&format!("/proc/{p}")).exists());
+    let alive =
+        |name: &str| owner_pid(name).is_none_or(|p| Path::new(&format!("/proc/{p}")).exists());
     let mut removed = Vec::new();
     if let Ok(list) = ip(&["netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
             if name.starts_with(NETNS_PREFIX) && !alive(name) {
-                drop(Netns { name: name.to_owned(), path: PathBuf::from("/run/netns").join(name) });
+                drop(Netns {
+                    name: name.to_owned(),
+                    path: PathBuf::from("/run/netns").join(name),
+                });
                 removed.push(format!("netns {name}"));
             }
         }
@@ -888,7 +989,8 @@ pub fn cleanup_stale() -> Vec<String> {
     if let Ok(rd) = fs::read_dir(BPFFS) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PIN_PREFIX) && !alive(&name) && fs::remove_dir_all(e.path()).is_ok() {
+            if name.starts_with(PIN_PREFIX) && !alive(&name) && fs::remove_dir_all(e.path()).is_ok()
+            {
                 removed.push(e.path().display().to_string());
             }
         }

@@ -170,7 +170,12 @@ pub enum Ip {
         more_fragments: bool,
         dont_fragment: bool,
     },
-    V6 { src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, ext: Vec<ExtHeader> },
+    V6 {
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        hop_limit: u8,
+        ext: Vec<ExtHeader>,
+    },
 }
 
 /// Transport layer of a [`Packet`].
@@ -187,9 +192,16 @@ pub enum L4 {
         options: Vec<u8>,
         payload: Vec<u8>,
     },
-    Udp { src_port: u16, dst_port: u16, payload: Vec<u8> },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+        payload: Vec<u8>,
+    },
     /// Any protocol number with opaque bytes after the IP headers.
-    Raw { proto: u8, payload: Vec<u8> },
+    Raw {
+        proto: u8,
+        payload: Vec<u8>,
+    },
 }
 
 /// A packet description; [`Packet::build`] serializes it.
@@ -205,13 +217,7 @@ pub struct Packet {
 
 impl Packet {
     fn new(ip: Ip, l4: L4) -> Self {
-        Packet {
-            dst_mac: [0x02, 0, 0, 0, 0, 0x02],
-            src_mac: [0x02, 0, 0, 0, 0, 0x01],
-            vlans: Vec::new(),
-            ip,
-            l4,
-        }
+        Packet { dst_mac: [0x02, 0, 0, 0, 0, 0x02], src_mac: [0x02, 0, 0, 0, 0, 0x01], vlans: Vec::new(), ip, l4 }
     }
 
     fn v4(src: impl Into<Ipv4Addr>, dst: impl Into<Ipv4Addr>, l4: L4) -> Self {
@@ -312,9 +318,7 @@ impl Packet {
     /// Transport payload (TCP, UDP or raw).
     pub fn payload(mut self, bytes: &[u8]) -> Self {
         match &mut self.l4 {
-            L4::Tcp { payload, .. } | L4::Udp { payload, .. } | L4::Raw { payload, .. } => {
-                *payload = bytes.to_vec()
-            }
+            L4::Tcp { payload, .. } | L4::Udp { payload, .. } | L4::Raw { payload, .. } => *payload = bytes.to_vec(),
         }
         self
     }
@@ -455,7 +459,8 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
     let mut sum: u32 = 0;
     for part in parts {
         for chunk in part.chunks(2) {
-            let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from(chunk[0]) << 8 };
+            let word =
+                if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from(chunk[0]) << 8 };
             sum += u32::from(word);
         }
     }
@@ -524,5 +529,10 @@ mod tests {
         assert_eq!(u16::from_be_bytes([p[off + 2], p[off + 3]]), 25);
         assert_eq!(off + 20, p.len());
         assert_eq!(u16::from_be_bytes([p[18], p[19]]) as usize, p.len() - 54);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src.octets());
+        pseudo.extend_from_slice(&dst.octets());
+        pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, ipproto::TCP]);
+        assert_eq!(checksum(&[&pseudo, &p[off..]]), 0, "TCP checksum over the IPv6 pseudo-header");
     }
 }

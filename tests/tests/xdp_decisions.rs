@@ -18,8 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    action, addr, config_flags, counters::counter_name, family, maps, programs, range_origin, verdict_reason,
-    Config, Counter, Event, RangeValue, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
+    action, addr, config_flags, counters::counter_name, family, maps, programs, range_origin, verdict_reason, Config,
+    Counter, Event, RangeValue, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
 };
 use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Packet};
 use ipnet::IpNet;
@@ -126,8 +126,7 @@ impl Gk {
                 t.insert(&Key::new(n.prefix_len().into(), n.network().octets()), value, 0).unwrap();
             }
             IpNet::V6(n) => {
-                let mut t: LpmTrie<_, [u8; 16], RangeValue> =
-                    LpmTrie::try_from(self.bpf.map_mut(v6).unwrap()).unwrap();
+                let mut t: LpmTrie<_, [u8; 16], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(v6).unwrap()).unwrap();
                 t.insert(&Key::new(n.prefix_len().into(), n.network().octets()), value, 0).unwrap();
             }
         }
@@ -150,8 +149,7 @@ impl Gk {
                 t.remove(&Key::new(n.prefix_len().into(), n.network().octets())).unwrap();
             }
             IpNet::V6(n) => {
-                let mut t: LpmTrie<_, [u8; 16], RangeValue> =
-                    LpmTrie::try_from(self.bpf.map_mut(v6).unwrap()).unwrap();
+                let mut t: LpmTrie<_, [u8; 16], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(v6).unwrap()).unwrap();
                 t.remove(&Key::new(n.prefix_len().into(), n.network().octets())).unwrap();
             }
         }
@@ -159,19 +157,22 @@ impl Gk {
 
     fn verdict(&mut self, ip: &str, action: u32, reason: u32, expires_ns: u64) {
         let key = SourceKey::from_ip(ip.parse().unwrap());
-        let mut v: HashMap<_, SourceKey, Verdict> = HashMap::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap();
+        let mut v: HashMap<_, SourceKey, Verdict> =
+            HashMap::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap();
         v.insert(key, Verdict { expires_ns, action, reason }, 0).unwrap();
     }
 
     fn unverdict(&mut self, ip: &str) {
         let key = SourceKey::from_ip(ip.parse().unwrap());
-        let mut v: HashMap<_, SourceKey, Verdict> = HashMap::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap();
+        let mut v: HashMap<_, SourceKey, Verdict> =
+            HashMap::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap();
         v.remove(&key).unwrap();
     }
 
     /// Counter totals summed over CPUs.
     fn counters(&self) -> BTreeMap<StatKey, u64> {
-        let stats: PerCpuHashMap<_, StatKey, u64> = PerCpuHashMap::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
+        let stats: PerCpuHashMap<_, StatKey, u64> =
+            PerCpuHashMap::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
         stats.iter().map(|r| r.unwrap()).map(|(k, v)| (k, v.iter().sum())).collect()
     }
 
@@ -377,10 +378,7 @@ fn unknown_source_is_reported_once_per_interval() {
     let ev = gk.events();
     assert_eq!(ev.len(), 1, "one event: {ev:?}");
     let e = ev[0];
-    assert_eq!(
-        (e.addr, e.port, e.family, e.ifindex),
-        (addr::mapped_v4([203, 0, 113, 77]), SMTP, family::V4, IFINDEX)
-    );
+    assert_eq!((e.addr, e.port, e.family, e.ifindex), (addr::mapped_v4([203, 0, 113, 77]), SMTP, family::V4, IFINDEX));
     assert_eq!(addr::event_ip(e.addr, e.family), "203.0.113.77".parse::<IpAddr>().unwrap());
     assert!((before..=after).contains(&e.ts_ns), "event time {} in [{before}, {after}]", e.ts_ns);
 
@@ -540,8 +538,10 @@ fn ipv6_ah_and_too_many_ext_headers_are_skipped() {
     gk.check(&syn6("2001:db8::1").ext(ExtHeader::ah()).build(), XDP_PASS, &skipped, "AH");
     let frame = syn6("2001:db8::1").ext(ExtHeader::hop_by_hop()).ext(ExtHeader::ah()).build();
     gk.check(&frame, XDP_PASS, &skipped, "hop-by-hop, AH");
-    let frame =
-        vec![ExtHeader::dest_opts(); MAX_IPV6_EXT_HEADERS + 1].into_iter().fold(syn6("2001:db8::1"), Packet::ext).build();
+    let frame = vec![ExtHeader::dest_opts(); MAX_IPV6_EXT_HEADERS + 1]
+        .into_iter()
+        .fold(syn6("2001:db8::1"), Packet::ext)
+        .build();
     gk.check(&frame, XDP_PASS, &skipped, "one header more than the bound");
     let frame = vec![ExtHeader::dest_opts(); 20].into_iter().fold(syn6("2001:db8::1"), Packet::ext).build();
     gk.check(&frame, XDP_PASS, &skipped, "twenty headers");
@@ -572,7 +572,12 @@ fn vlan_and_qinq_are_decided() {
         gk.check(&tag(syn4("198.51.100.1")), XDP_DROP, &[(c(Counter::DenyRange), 1)], name);
         gk.check(&tag(syn6("2001:db8:bad::1")), XDP_DROP, &[(c(Counter::DenyRange), 1)], name);
         gk.check(&tag(syn4("203.0.113.1")), XDP_PASS, &[(c(Counter::Unknown), 1)], name);
-        gk.check(&tag(syn6("2001:db8:900d::1").ext(ExtHeader::hop_by_hop())), XDP_PASS, &[(c(Counter::Unknown), 1)], name);
+        gk.check(
+            &tag(syn6("2001:db8:900d::1").ext(ExtHeader::hop_by_hop())),
+            XDP_PASS,
+            &[(c(Counter::Unknown), 1)],
+            name,
+        );
         let ack = Packet::tcp_v4(v4("198.51.100.1"), DST4, 1, SMTP, tcp_flags::ACK);
         gk.check(&tag(ack), XDP_PASS, &[], name);
         assert_eq!(gk.events().len(), 2, "{name}");

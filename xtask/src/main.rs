@@ -11,7 +11,8 @@
 //!   root tests may run in parallel; pass `-- --test-threads=1` to serialise.
 //! * `cargo xtask bench xdp|all [-- ARGS]` — setup, then the release
 //!   `gatekeeper-bench` binary; JSON results land in `target/bench/`.
-//! * `cargo xtask lab` — not written yet.
+//! * `cargo xtask lab` — setup, build, then the `gatekeeper-lab` binary: a
+//!   throwaway namespace lab running the real agent, torn down at the end.
 
 mod setup;
 mod test;
@@ -20,7 +21,11 @@ mod util;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "gatekeeper developer and CI tasks", version)]
+#[command(
+    name = "cargo xtask",
+    about = "gatekeeper developer and CI tasks",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -49,7 +54,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Interactive lab of network namespaces (not written yet).
+    /// Build everything and run the self-contained namespace lab (root).
     Lab {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         args: Vec<String>,
@@ -66,7 +71,10 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Setup => setup::setup(),
-        Cmd::Test { cargo_args, test_args } => test::test(&cargo_args, &test_args),
+        Cmd::Test {
+            cargo_args,
+            test_args,
+        } => test::test(&cargo_args, &test_args),
         Cmd::Bench { which, args } => {
             let which = match which {
                 Bench::Xdp => "xdp",
@@ -74,10 +82,7 @@ fn main() {
             };
             test::bench(which, &args)
         }
-        Cmd::Lab { .. } => {
-            println!("cargo xtask lab: not yet");
-            Ok(())
-        }
+        Cmd::Lab { args } => test::lab(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -63,7 +63,10 @@ pub fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
         bail!("cargo test failed: {test_status}");
     }
     if !leaked.is_empty() {
-        bail!("tests passed but left {} namespace(s)/pin dir(s) behind", leaked.len());
+        bail!(
+            "tests passed but left {} namespace(s)/pin dir(s) behind",
+            leaked.len()
+        );
     }
     println!("xtask: tests passed, no namespaces or bpffs pins left behind");
     Ok(())
@@ -132,33 +135,73 @@ fn owner_pid(name: &str) -> Option<u32> {
     it.next()?.parse().ok()
 }
 
-/// `cargo run --release -p gatekeeper-tests --bin gatekeeper-bench -- WHICH ARGS`,
-/// with JSON results under `target/bench/` (the directory is created and
-/// passed as `GATEKEEPER_BENCH_DIR`; the binary's working directory is the
-/// workspace root).
+/// Benchmarks `gatekeeper-bench` knows; `cargo xtask bench all` runs each.
+pub const BENCHES: &[&str] = &["xdp"];
+
+/// `cargo run --release -p gatekeeper-tests --bin gatekeeper-bench -- NAME ARGS`
+/// for `which` (or every one of [`BENCHES`] for `all`). Results are JSON in
+/// `<target>/bench/NAME.json` (passed as `--json` unless ARGS has one; the
+/// binary's working directory is the workspace root).
 pub fn bench(which: &str, args: &[String]) -> Result<()> {
     setup::setup()?;
     let dir = target_dir()?.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let started = SystemTime::now();
-    let mut cmd = util::cargo();
-    cmd.args(["run", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-bench", "--"])
-        .arg(which)
-        .args(args)
-        .env("GATEKEEPER_BENCH_DIR", &dir);
-    run(&mut cmd)?;
-    let mut fresh: Vec<PathBuf> = fs::read_dir(&dir)?
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter(|e| e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t >= started))
-        .map(|e| e.path())
-        .collect();
-    fresh.sort();
-    if fresh.is_empty() {
-        eprintln!("xtask: warning: the benchmark wrote no JSON file in {}", dir.display());
-    }
-    for f in fresh {
-        println!("xtask: bench result {}", f.display());
+    let names: Vec<&str> = if which == "all" {
+        BENCHES.to_vec()
+    } else {
+        vec![which]
+    };
+    // Build once, quietly, so each run below starts at once.
+    run(util::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "gatekeeper-tests",
+        "--bin",
+        "gatekeeper-bench",
+    ]))?;
+    for name in names {
+        let started = SystemTime::now();
+        let mut cmd = util::cargo();
+        cmd.args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "gatekeeper-tests",
+            "--bin",
+            "gatekeeper-bench",
+            "--",
+        ])
+        .arg(name)
+        .args(args);
+        if !args
+            .iter()
+            .any(|a| a == "--json" || a.starts_with("--json="))
+        {
+            cmd.arg("--json").arg(dir.join(format!("{name}.json")));
+        }
+        println!("xtask: bench {name}");
+        run(&mut cmd)?;
+        let fresh: Vec<PathBuf> = fs::read_dir(&dir)?
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter(|e| {
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t >= started)
+            })
+            .map(|e| e.path())
+            .collect();
+        if fresh.is_empty() {
+            eprintln!(
+                "xtask: warning: bench {name} wrote no JSON file in {}",
+                dir.display()
+            );
+        }
+        for f in fresh {
+            println!("xtask: bench {name}: {}", f.display());
+        }
     }
     Ok(())
 }
@@ -171,4 +214,15 @@ fn target_dir() -> Result<PathBuf> {
         Some(t) => Ok(PathBuf::from(t)),
         None => Ok(util::workspace_root().join("target")),
     }
+}
+
+/// `cargo xtask lab`: setup, build the agent, then the lab binary (which
+/// builds its namespaces, runs the agent, and tears everything down).
+pub fn lab(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    println!("xtask: cargo build -p gatekeeper --bins");
+    run(util::cargo().args(["build", "-p", "gatekeeper", "--bins"]))?;
+    let mut cmd = util::cargo();
+    cmd.args(["run", "--quiet", "-p", "gatekeeper-tests", "--bin", "gatekeeper-lab", "--"]).args(args);
+    run(&mut cmd)
 }
