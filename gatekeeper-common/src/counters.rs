@@ -80,6 +80,18 @@ mod tests {
     }
 
     #[test]
+    fn stat_index_round_trips() {
+        use crate::{stat_index, StatKey, STAT_ENTRIES};
+        for (ifindex, counter) in [(1, 0), (7, COUNTER_SLOTS - 1), (1023, 3)] {
+            let i = stat_index(ifindex, counter);
+            assert!(i < STAT_ENTRIES);
+            assert_eq!(StatKey::from_index(i), StatKey { ifindex, counter });
+        }
+        // ifindexes beyond the slot count wrap into a slot.
+        assert_eq!(StatKey::from_index(stat_index(1024 + 5, 2)), StatKey { ifindex: 5, counter: 2 });
+    }
+
+    #[test]
     fn verdict_drop_slots_are_clamped() {
         assert_eq!(Counter::verdict_drop(0), Counter::VerdictDropBase as u32);
         assert_eq!(counter_name(Counter::verdict_drop(crate::verdict_reason::MANUAL_BAN)), "manual-ban");

@@ -13,10 +13,9 @@ pub use counters::Counter;
 
 /// Map names (as in the ELF object and as pinned under `<pin-dir>/maps/`).
 pub mod maps {
-    pub const ALLOW_V4: &str = "GK_ALLOW_V4";
-    pub const ALLOW_V6: &str = "GK_ALLOW_V6";
-    pub const DENY_V4: &str = "GK_DENY_V4";
-    pub const DENY_V6: &str = "GK_DENY_V6";
+    /// Allow and deny ranges in one LPM trie per family (see [`RangeValue`]).
+    pub const RANGES_V4: &str = "GK_RANGES_V4";
+    pub const RANGES_V6: &str = "GK_RANGES_V6";
     pub const VERDICTS: &str = "GK_VERDICTS";
     pub const SEEN: &str = "GK_SEEN";
     pub const PORTS: &str = "GK_PORTS";
@@ -26,10 +25,7 @@ pub mod maps {
     pub const EVENTS: &str = "GK_EVENTS";
 
     /// Every map, for pinning and unloading.
-    pub const ALL: [&str; 11] = [
-        ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, VERDICTS, SEEN, PORTS, CONFIG, STATS, RANGE_HITS,
-        EVENTS,
-    ];
+    pub const ALL: [&str; 9] = [RANGES_V4, RANGES_V6, VERDICTS, SEEN, PORTS, CONFIG, STATS, RANGE_HITS, EVENTS];
 }
 
 /// Program names in the ELF object.
@@ -40,7 +36,8 @@ pub mod programs {
     pub const XDP_BASELINE: &str = "gatekeeper_baseline_pass";
 }
 
-/// Capacity of each allow/deny LPM trie (v4 and v6 separately).
+/// Capacity of each range trie (v4 and v6 separately), allow and deny
+/// entries together.
 pub const MAX_RANGES: u32 = 131_072;
 /// Range ids index [`maps::RANGE_HITS`]; allow and deny share the id space.
 pub const MAX_RANGE_IDS: u32 = 2 * MAX_RANGES;
@@ -54,8 +51,20 @@ pub const MAX_GUARDED_PORTS: usize = 64;
 pub const PORT_WORDS: u32 = 1024;
 /// Ring buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
-/// How many (ifindex, counter) slots the stats map holds.
-pub const MAX_STAT_KEYS: u32 = 4096;
+/// Interfaces are counted in `ifindex % STAT_IF_SLOTS` (the agent warns
+/// when two attached interfaces share a slot).
+pub const STAT_IF_SLOTS: u32 = 1024;
+/// Counter slots reserved per interface (>= `counters::COUNTER_SLOTS`).
+pub const STAT_STRIDE: u32 = 16;
+/// Entries of the per-CPU stats array.
+pub const STAT_ENTRIES: u32 = STAT_IF_SLOTS * STAT_STRIDE;
+const _: () = assert!(counters::COUNTER_SLOTS <= STAT_STRIDE);
+
+/// Index of (interface, counter) in the stats array.
+#[inline(always)]
+pub const fn stat_index(ifindex: u32, counter: u32) -> u32 {
+    (ifindex % STAT_IF_SLOTS) * STAT_STRIDE + counter
+}
 /// IPv6 extension headers walked before giving up (and passing).
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// VLAN tags parsed (802.1Q / 802.1ad).
@@ -82,11 +91,17 @@ pub mod verdict_reason {
     pub const COUNT: u32 = 8;
 }
 
-/// Where a deny range came from ([`RangeValue::origin`]).
+/// What a range entry does ([`RangeValue::kind`]).
+pub mod range_kind {
+    pub const DENY: u16 = 0;
+    pub const ALLOW: u16 = 1;
+}
+
+/// Where a range came from ([`RangeValue::origin`]).
 pub mod range_origin {
-    pub const MANUAL: u32 = 0;
-    pub const IMPORTED: u32 = 1;
-    pub const LEARNED: u32 = 2;
+    pub const MANUAL: u16 = 0;
+    pub const IMPORTED: u16 = 1;
+    pub const LEARNED: u16 = 2;
 }
 
 /// Flags in [`Config::flags`].
@@ -100,14 +115,19 @@ pub mod config_flags {
 pub type Ipv4Bytes = [u8; 4];
 pub type Ipv6Bytes = [u8; 16];
 
-/// Value of the allow and deny tries.
+/// Value of the range tries. Allow and deny share one trie so a guarded SYN
+/// costs one longest-prefix lookup; "allow always wins" holds because the
+/// agent leaves out deny entries that an allow range covers, so the longest
+/// match of an allowed source is always an allow entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RangeValue {
     /// Index into [`maps::RANGE_HITS`], unique per range.
     pub range_id: u32,
+    /// One of [`range_kind`].
+    pub kind: u16,
     /// One of [`range_origin`].
-    pub origin: u32,
+    pub origin: u16,
 }
 const _: () = assert!(core::mem::size_of::<RangeValue>() == 8);
 
@@ -124,8 +144,8 @@ const _: () = assert!(core::mem::size_of::<SourceKey>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Verdict {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which the verdict is
-    /// ignored; `u64::MAX` never expires.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) after which the
+    /// verdict is ignored; `u64::MAX` never expires.
     pub expires_ns: u64,
     /// One of [`action`].
     pub action: u32,
@@ -146,15 +166,21 @@ pub struct Config {
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
-/// Key of the per-CPU stats hash: counters per interface.
-#[repr(C)]
+/// A counter of an interface slot, as userspace reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct StatKey {
+    /// The interface's slot: its ifindex modulo [`STAT_IF_SLOTS`].
     pub ifindex: u32,
     /// A [`Counter`] as u32.
     pub counter: u32,
 }
-const _: () = assert!(core::mem::size_of::<StatKey>() == 8);
+
+impl StatKey {
+    /// The key of a stats-array index.
+    pub const fn from_index(index: u32) -> StatKey {
+        StatKey { ifindex: index / STAT_STRIDE, counter: index % STAT_STRIDE }
+    }
+}
 
 /// Address families in [`Event::family`].
 pub mod family {
@@ -166,7 +192,7 @@ pub mod family {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Event {
-    /// `bpf_ktime_get_ns()` when seen.
+    /// `bpf_ktime_get_coarse_ns()` when seen.
     pub ts_ns: u64,
     /// The full source address (IPv4 mapped into `::ffff:0:0/96`).
     pub addr: [u8; 16],
@@ -185,6 +211,5 @@ mod pod {
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for StatKey {}
     unsafe impl aya::Pod for Event {}
 }

@@ -9,28 +9,24 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{
-        lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+        lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
     },
     programs::XdpContext,
 };
 use gatekeeper_common::{
-    action, addr, config_flags, family, Config, Counter, Event, Ipv4Bytes, Ipv6Bytes, RangeValue,
-    SourceKey, StatKey, Verdict, EVENTS_BYTES, MAX_IPV6_EXT_HEADERS, MAX_RANGES, MAX_RANGE_IDS,
-    MAX_SEEN, MAX_STAT_KEYS, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS,
+    action, addr, config_flags, family, range_kind, stat_index, Config, Counter, Event, Ipv4Bytes,
+    Ipv6Bytes, RangeValue, SourceKey, Verdict, EVENTS_BYTES, MAX_IPV6_EXT_HEADERS, MAX_RANGES,
+    MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, STAT_ENTRIES,
 };
 
-#[map(name = "GK_ALLOW_V4")]
-static GK_ALLOW_V4: LpmTrie<Ipv4Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
-#[map(name = "GK_ALLOW_V6")]
-static GK_ALLOW_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
-#[map(name = "GK_DENY_V4")]
-static GK_DENY_V4: LpmTrie<Ipv4Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
-#[map(name = "GK_DENY_V6")]
-static GK_DENY_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+#[map(name = "GK_RANGES_V4")]
+static GK_RANGES_V4: LpmTrie<Ipv4Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+#[map(name = "GK_RANGES_V6")]
+static GK_RANGES_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
 #[map(name = "GK_VERDICTS")]
 static GK_VERDICTS: LruHashMap<SourceKey, Verdict> = LruHashMap::with_max_entries(MAX_VERDICTS, 0);
 /// Unknown sources recently reported to the agent, with the report time.
@@ -41,7 +37,7 @@ static GK_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 #[map(name = "GK_CONFIG")]
 static GK_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "GK_STATS")]
-static GK_STATS: PerCpuHashMap<StatKey, u64> = PerCpuHashMap::with_max_entries(MAX_STAT_KEYS, 0);
+static GK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_ENTRIES, 0);
 #[map(name = "GK_RANGE_HITS")]
 static GK_RANGE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RANGE_IDS, 0);
 #[map(name = "GK_EVENTS")]
@@ -206,39 +202,30 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Option<(Source, usize)>
     Err(Skip)
 }
 
-/// The decision for a guarded SYN: allow range, deny range, live verdict,
-/// else unknown (pass and report).
+/// The decision for a guarded SYN: range (allow passes, deny drops), then
+/// live verdict, else unknown (pass and report). One longest-prefix lookup
+/// serves both kinds of range (see `RangeValue`).
 #[inline(always)]
 fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
-    let (allow, deny, key) = match &source {
-        Source::V4(a) => {
-            let k = Key::new(32, *a);
-            match GK_ALLOW_V4.get(&k) {
-                Some(r) => (Some(*r), None, addr::key_v4(*a)),
-                None => (None, GK_DENY_V4.get(&k).copied(), addr::key_v4(*a)),
-            }
-        }
-        Source::V6(a) => {
-            let k = Key::new(128, *a);
-            match GK_ALLOW_V6.get(&k) {
-                Some(r) => (Some(*r), None, addr::key_v6(*a)),
-                None => (None, GK_DENY_V6.get(&k).copied(), addr::key_v6(*a)),
-            }
-        }
+    let (range, key) = match &source {
+        Source::V4(a) => (GK_RANGES_V4.get(Key::new(32, *a)).copied(), addr::key_v4(*a)),
+        Source::V6(a) => (GK_RANGES_V6.get(Key::new(128, *a)).copied(), addr::key_v6(*a)),
     };
-    if let Some(range) = allow {
+    if let Some(range) = range {
         hit(range.range_id);
-        count(ifindex, Counter::Allowed as u32);
-        return xdp_action::XDP_PASS;
-    }
-    if let Some(range) = deny {
-        hit(range.range_id);
+        if range.kind == range_kind::ALLOW {
+            count(ifindex, Counter::Allowed as u32);
+            return xdp_action::XDP_PASS;
+        }
         return drop_or_dry_run(ifindex, Counter::DenyRange as u32);
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the value is copied out at once; a concurrent update can at
     // worst give a torn read of a verdict that is being replaced.
-    if let Some(v) = unsafe { GK_VERDICTS.get(&key) }.copied() {
+    let verdict = unsafe { GK_VERDICTS.get(&key) }.copied();
+    // The coarse clock (CLOCK_MONOTONIC at the last tick) is plenty for
+    // expiries and report intervals measured in seconds, and much cheaper.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some(v) = verdict {
         if v.expires_ns > now {
             if v.action == action::DROP {
                 return drop_or_dry_run(ifindex, Counter::verdict_drop(v.reason));
@@ -269,13 +256,9 @@ fn drop_or_dry_run(ifindex: u32, counter: u32) -> u32 {
 
 #[inline(always)]
 fn count(ifindex: u32, counter: u32) {
-    let key = StatKey { ifindex, counter };
-    match GK_STATS.get_ptr_mut(&key) {
+    if let Some(p) = GK_STATS.get_ptr_mut(stat_index(ifindex, counter)) {
         // SAFETY: per-CPU slot, only this CPU writes it.
-        Some(p) => unsafe { *p += 1 },
-        None => {
-            let _ = GK_STATS.insert(&key, &1, BPF_NOEXIST as u64);
-        }
+        unsafe { *p += 1 };
     }
 }
 
@@ -297,7 +280,6 @@ fn report(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) {
             return;
         }
     }
-    let _ = GK_SEEN.insert(&key, &now, 0);
     let (addr, fam) = match source {
         Source::V4(a) => (addr::mapped_v4(*a), family::V4),
         Source::V6(a) => (*a, family::V6),
@@ -306,6 +288,8 @@ fn report(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) {
         Some(mut entry) => {
             entry.write(Event { ts_ns: now, addr, ifindex, port, family: fam });
             entry.submit(0);
+            // Only a delivered report silences the source for an interval.
+            let _ = GK_SEEN.insert(&key, &now, 0);
         }
         None => count(ifindex, Counter::EventLost as u32),
     }

@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{validate_ports, Config},
-    datapath::{expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout},
+    datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, range_value, unix_now, Attached, Datapath, PinLayout},
     protocol::{Request, Response},
     store::{NewRange, RangeKind, RangeRecord, Store, VerdictRecord},
     Error, Result,
@@ -129,19 +129,16 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
     store.expire_ranges(now)?;
     store.expire_verdicts(now)?;
     let (mut added, mut removed) = (0, 0);
-    for kind in [RangeKind::Deny, RangeKind::Allow] {
-        let want: StdHashMap<IpNet, RangeValue> =
-            store.list_ranges(Some(kind))?.iter().map(|r| (r.net, range_value(r))).collect();
-        let have: StdHashMap<IpNet, RangeValue> = dp.maps.ranges(kind)?.into_iter().collect();
-        for net in have.keys().filter(|n| !want.contains_key(n)) {
-            dp.maps.del_range(kind, *net)?;
-            removed += 1;
-        }
-        for (net, v) in &want {
-            if have.get(net) != Some(v) {
-                dp.maps.set_range(kind, *net, *v)?;
-                added += 1;
-            }
+    let want = desired_ranges(&store.list_ranges(None)?);
+    let have: StdHashMap<IpNet, RangeValue> = dp.maps.ranges()?.into_iter().collect();
+    for net in have.keys().filter(|n| !want.contains_key(n)) {
+        dp.maps.del_range(*net)?;
+        removed += 1;
+    }
+    for (net, v) in &want {
+        if have.get(net) != Some(v) {
+            dp.maps.set_range(*net, *v)?;
+            added += 1;
         }
     }
     let mono = monotonic_ns();
@@ -158,10 +155,6 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
         added += 1;
     }
     Ok((added, removed))
-}
-
-fn range_value(r: &RangeRecord) -> RangeValue {
-    RangeValue { range_id: r.id, origin: r.origin.code() }
 }
 
 fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
@@ -266,21 +259,22 @@ impl State {
                     .map(|r| NewRange { net: r.net, origin, source: source.clone(), comment: r.comment.clone(), expires_at })
                     .collect();
                 let added = self.store.add_ranges(kind, &new, force, skip_existing, now)?;
-                if let Err(e) = self.apply_added(kind, &added) {
+                for r in &added {
+                    self.dp.maps.reset_range_hits(r.id)?;
+                }
+                if let Err(e) = self.sync_ranges(&added, true) {
                     // Roll back so the database never claims what the datapath lacks.
                     for r in &added {
-                        let _ = self.dp.maps.del_range(kind, r.net);
                         let _ = self.store.del_range(kind, r.net);
                     }
+                    let _ = self.sync_ranges(&added, false);
                     return Err(e);
                 }
                 let mut removed = Vec::new();
                 if replace {
                     let keep: Vec<IpNet> = ranges.iter().map(|r| r.net).collect();
                     removed = self.store.del_ranges_from_source_except(kind, &source, &keep)?;
-                    for r in &removed {
-                        self.dp.maps.del_range(kind, r.net)?;
-                    }
+                    self.sync_ranges(&removed, false)?;
                 }
                 info!(%kind, added = added.len(), removed = removed.len(), %source, "ranges changed");
                 json(serde_json::json!({
@@ -299,8 +293,8 @@ impl State {
                 let mut removed = Vec::new();
                 for net in nets {
                     removed.push(self.store.del_range(kind, net)?);
-                    self.dp.maps.del_range(kind, net)?;
                 }
+                self.sync_ranges(&removed, false)?;
                 info!(%kind, removed = removed.len(), "ranges removed");
                 json(serde_json::json!({ "removed": removed }))
             }
@@ -390,10 +384,40 @@ impl State {
         }
     }
 
-    fn apply_added(&mut self, kind: RangeKind, added: &[RangeRecord]) -> Result<()> {
-        for r in added {
-            self.dp.maps.reset_range_hits(r.id)?;
-            self.dp.maps.set_range(kind, r.net, range_value(r))?;
+    /// Brings the datapath in line with the database for the ranges in
+    /// `changed`, which were just added (`present`) or just removed: each
+    /// such net, and for a changed allow range every deny range inside it,
+    /// gets the entry [`desired_entry`] calls for.
+    fn sync_ranges(&mut self, changed: &[RangeRecord], present: bool) -> Result<()> {
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let allows = self.store.list_ranges(Some(RangeKind::Allow))?;
+        let allow_changed: Vec<IpNet> = changed.iter().filter(|r| r.kind == RangeKind::Allow).map(|r| r.net).collect();
+        // The deny range at each net whose entry may change.
+        let mut denies: StdHashMap<IpNet, RangeRecord> = StdHashMap::new();
+        if present {
+            denies.extend(changed.iter().filter(|r| r.kind == RangeKind::Deny).map(|r| (r.net, r.clone())));
+        }
+        if !allow_changed.is_empty() {
+            let inside = self.store.list_ranges(Some(RangeKind::Deny))?.into_iter().filter(|d| allow_changed.iter().any(|a| a.contains(&d.net)));
+            denies.extend(inside.map(|d| (d.net, d)));
+        }
+        let mut nets: Vec<IpNet> = changed.iter().map(|r| r.net).chain(denies.keys().copied()).collect();
+        nets.sort();
+        nets.dedup();
+        for net in nets {
+            let want = desired_entry(net, &allows, denies.get(&net));
+            let have = self.dp.maps.covering(net)?;
+            match want {
+                Some(v) if have != Some(v) => self.dp.maps.set_range(net, v)?,
+                Some(_) => {}
+                // Delete only this net's own entry, never a covering one.
+                None if changed.iter().chain(denies.values()).any(|r| r.net == net && have == Some(range_value(r))) => {
+                    self.dp.maps.del_range(net)?
+                }
+                None => {}
+            }
         }
         Ok(())
     }
@@ -401,10 +425,11 @@ impl State {
     /// Removes expired ranges and verdicts from the database and the maps.
     fn sweep(&mut self) -> Result<()> {
         let now = unix_now();
-        for r in self.store.expire_ranges(now)? {
-            self.dp.maps.del_range(r.kind, r.net)?;
+        let expired = self.store.expire_ranges(now)?;
+        for r in &expired {
             info!(kind = %r.kind, net = %r.net, "range expired");
         }
+        self.sync_ranges(&expired, false)?;
         for v in self.store.expire_verdicts(now)? {
             self.dp.maps.del_verdict(v.key)?;
             debug!(source = %v.key.display(), "verdict expired");

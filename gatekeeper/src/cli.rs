@@ -13,7 +13,7 @@ use gatekeeper::{
     protocol::{call, ClientError, Request},
     store::RangeKind,
 };
-use gatekeeper_common::{config_flags, counters::{counter_name, COUNTER_SLOTS}, StatKey};
+use gatekeeper_common::{config_flags, counters::{counter_name, COUNTER_SLOTS}, range_kind, StatKey};
 use serde_json::{json, Value};
 
 /// Prints rows as left-aligned columns under a header.
@@ -84,9 +84,8 @@ fn pinned_status(layout: &PinLayout) -> Result<Value> {
         return Ok(json!({ "loaded": false }));
     }
     let maps = Maps::open_pinned(layout)?;
-    let count = |k: RangeKind, v6: bool| -> Result<usize> {
-        Ok(maps.ranges(k)?.iter().filter(|(n, _)| n.addr().is_ipv6() == v6).count())
-    };
+    let ranges = maps.ranges()?;
+    let count = |kind: u16, v6: bool| ranges.iter().filter(|(n, v)| v.kind == kind && n.addr().is_ipv6() == v6).count();
     let program = aya::programs::ProgramInfo::from_pin(layout.program())
         .map(|p| json!({ "id": p.id(), "tag": format!("{:016x}", p.tag()) }))
         .unwrap_or(Value::Null);
@@ -102,10 +101,10 @@ fn pinned_status(layout: &PinLayout) -> Result<Value> {
         "ports": maps.ports()?,
         "dry_run": maps.config()?.flags & config_flags::DRY_RUN != 0,
         "entries": {
-            "deny_v4": count(RangeKind::Deny, false)?,
-            "deny_v6": count(RangeKind::Deny, true)?,
-            "allow_v4": count(RangeKind::Allow, false)?,
-            "allow_v6": count(RangeKind::Allow, true)?,
+            "deny_v4": count(range_kind::DENY, false),
+            "deny_v6": count(range_kind::DENY, true),
+            "allow_v4": count(range_kind::ALLOW, false),
+            "allow_v6": count(range_kind::ALLOW, true),
             "verdicts": maps.verdicts()?.len(),
         },
     }))
@@ -147,8 +146,8 @@ pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
     println!("dry-run:    {}", if datapath["dry_run"].as_bool().unwrap_or(false) { "YES (nothing is dropped)" } else { "no" });
     let e = &datapath["entries"];
     let cap = gatekeeper_common::MAX_RANGES;
-    println!("deny:       {} v4, {} v6 (capacity {cap} each)", e["deny_v4"], e["deny_v6"]);
-    println!("allow:      {} v4, {} v6 (capacity {cap} each)", e["allow_v4"], e["allow_v6"]);
+    println!("deny:       {} v4, {} v6 in the datapath (deny ranges inside allow ranges are left out)", e["deny_v4"], e["deny_v6"]);
+    println!("allow:      {} v4, {} v6 (capacity {cap} entries per family, allow and deny together)", e["allow_v4"], e["allow_v6"]);
     match agent["capacity"]["verdicts"].as_u64() {
         Some(c) => println!("verdicts:   {} (capacity {c})", e["verdicts"]),
         None => println!("verdicts:   {}", e["verdicts"]),
@@ -169,11 +168,10 @@ struct Snapshot {
 fn snapshot(maps: &Maps) -> Result<Snapshot> {
     let hits = maps.range_hits()?;
     let mut top = Vec::new();
-    for kind in [RangeKind::Deny, RangeKind::Allow] {
-        for (net, v) in maps.ranges(kind)? {
-            if let Some(h) = hits.get(&v.range_id) {
-                top.push((*h, kind, net.to_string()));
-            }
+    for (net, v) in maps.ranges()? {
+        if let Some(h) = hits.get(&v.range_id) {
+            let kind = if v.kind == range_kind::ALLOW { RangeKind::Allow } else { RangeKind::Deny };
+            top.push((*h, kind, net.to_string()));
         }
     }
     top.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));

@@ -6,7 +6,7 @@
 //! stay pinned when the agent exits, so enforcement never stops with it; a
 //! new agent reuses the maps and swaps the program in atomically.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap as StdMap},
     ffi::{CStr, CString},
     fs,
     path::{Path, PathBuf},
@@ -16,19 +16,23 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+        Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf,
     },
     programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    maps as names, programs, Config, Ipv4Bytes, Ipv6Bytes, RangeValue, SourceKey, StatKey, Verdict,
+    maps as names, programs, range_kind, Config, Ipv4Bytes, Ipv6Bytes, RangeValue, SourceKey, StatKey, Verdict,
     PORT_WORDS,
 };
 use ipnet::IpNet;
 use tracing::{info, warn};
 
-use crate::{config::XdpModeSetting, store::RangeKind, Error, Result};
+use crate::{
+    config::XdpModeSetting,
+    store::{RangeKind, RangeRecord},
+    Error, Result,
+};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS_ROOT: &str = "/sys/fs/bpf";
@@ -208,9 +212,10 @@ pub fn ifname(ifindex: u32) -> Option<String> {
     Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
-/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.
+/// CLOCK_MONOTONIC_COARSE in ns: the clock the datapath reads
+/// (`bpf_ktime_get_coarse_ns`), so expiries compare like with like.
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("CLOCK_MONOTONIC_COARSE");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
@@ -231,14 +236,12 @@ pub fn expiry_ns(expires_at: Option<i64>, unix_now: i64, mono_now: u64) -> u64 {
 
 /// Typed handles on every map but the ring buffer.
 pub struct Maps {
-    pub allow_v4: LpmTrie<MapData, Ipv4Bytes, RangeValue>,
-    pub allow_v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
-    pub deny_v4: LpmTrie<MapData, Ipv4Bytes, RangeValue>,
-    pub deny_v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
+    pub ranges_v4: LpmTrie<MapData, Ipv4Bytes, RangeValue>,
+    pub ranges_v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
     pub verdicts: HashMap<MapData, SourceKey, Verdict>,
     pub ports: Array<MapData, u64>,
     pub config: Array<MapData, Config>,
-    pub stats: PerCpuHashMap<MapData, StatKey, u64>,
+    pub stats: PerCpuArray<MapData, u64>,
     pub range_hits: PerCpuArray<MapData, u64>,
 }
 
@@ -250,13 +253,13 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     let lpm6 = (4 + size_of::<Ipv6Bytes>()) as u32;
     let range = size_of::<RangeValue>() as u32;
     Some(match name {
-        names::ALLOW_V4 | names::DENY_V4 => (lpm4, range),
-        names::ALLOW_V6 | names::DENY_V6 => (lpm6, range),
+        names::RANGES_V4 => (lpm4, range),
+        names::RANGES_V6 => (lpm6, range),
         names::VERDICTS => (size_of::<SourceKey>() as u32, size_of::<Verdict>() as u32),
         names::SEEN => (size_of::<SourceKey>() as u32, 8),
         names::PORTS => (4, 8),
         names::CONFIG => (4, size_of::<Config>() as u32),
-        names::STATS => (size_of::<StatKey>() as u32, 8),
+        names::STATS => (4, 8),
         names::RANGE_HITS => (4, 8),
         _ => return None,
     })
@@ -282,10 +285,8 @@ impl Maps {
             Map::from_map_data(data).map(Some).map_err(|e| bpf_err(format!("map {name}"), e))
         };
         Ok(Maps {
-            allow_v4: typed(open(names::ALLOW_V4)?, names::ALLOW_V4)?,
-            allow_v6: typed(open(names::ALLOW_V6)?, names::ALLOW_V6)?,
-            deny_v4: typed(open(names::DENY_V4)?, names::DENY_V4)?,
-            deny_v6: typed(open(names::DENY_V6)?, names::DENY_V6)?,
+            ranges_v4: typed(open(names::RANGES_V4)?, names::RANGES_V4)?,
+            ranges_v6: typed(open(names::RANGES_V6)?, names::RANGES_V6)?,
             verdicts: typed(open(names::VERDICTS)?, names::VERDICTS)?,
             ports: typed(open(names::PORTS)?, names::PORTS)?,
             config: typed(open(names::CONFIG)?, names::CONFIG)?,
@@ -297,10 +298,8 @@ impl Maps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps> {
         Ok(Maps {
-            allow_v4: typed(ebpf.take_map(names::ALLOW_V4), names::ALLOW_V4)?,
-            allow_v6: typed(ebpf.take_map(names::ALLOW_V6), names::ALLOW_V6)?,
-            deny_v4: typed(ebpf.take_map(names::DENY_V4), names::DENY_V4)?,
-            deny_v6: typed(ebpf.take_map(names::DENY_V6), names::DENY_V6)?,
+            ranges_v4: typed(ebpf.take_map(names::RANGES_V4), names::RANGES_V4)?,
+            ranges_v6: typed(ebpf.take_map(names::RANGES_V6), names::RANGES_V6)?,
             verdicts: typed(ebpf.take_map(names::VERDICTS), names::VERDICTS)?,
             ports: typed(ebpf.take_map(names::PORTS), names::PORTS)?,
             config: typed(ebpf.take_map(names::CONFIG), names::CONFIG)?,
@@ -309,40 +308,47 @@ impl Maps {
         })
     }
 
-    pub fn set_range(&mut self, kind: RangeKind, net: IpNet, value: RangeValue) -> Result<()> {
-        let r = match (kind, net) {
-            (RangeKind::Allow, IpNet::V4(n)) => self.allow_v4.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
-            (RangeKind::Allow, IpNet::V6(n)) => self.allow_v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
-            (RangeKind::Deny, IpNet::V4(n)) => self.deny_v4.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
-            (RangeKind::Deny, IpNet::V6(n)) => self.deny_v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
+    /// Writes the range entry for `net` (allow or deny, by `value.kind`).
+    pub fn set_range(&mut self, net: IpNet, value: RangeValue) -> Result<()> {
+        let r = match net {
+            IpNet::V4(n) => self.ranges_v4.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
+            IpNet::V6(n) => self.ranges_v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
         };
-        r.map_err(|e| bpf_err(format!("insert {kind} range {net}"), e))
+        r.map_err(|e| bpf_err(format!("insert range {net}"), e))
     }
 
-    pub fn del_range(&mut self, kind: RangeKind, net: IpNet) -> Result<()> {
-        let r = match (kind, net) {
-            (RangeKind::Allow, IpNet::V4(n)) => self.allow_v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-            (RangeKind::Allow, IpNet::V6(n)) => self.allow_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-            (RangeKind::Deny, IpNet::V4(n)) => self.deny_v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-            (RangeKind::Deny, IpNet::V6(n)) => self.deny_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+    pub fn del_range(&mut self, net: IpNet) -> Result<()> {
+        let r = match net {
+            IpNet::V4(n) => self.ranges_v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+            IpNet::V6(n) => self.ranges_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
         };
-        ignore_missing(r).map_err(|e| bpf_err(format!("remove {kind} range {net}"), e))
+        ignore_missing(r).map_err(|e| bpf_err(format!("remove range {net}"), e))
     }
 
-    /// Every range in the datapath of `kind`.
-    pub fn ranges(&self, kind: RangeKind) -> Result<Vec<(IpNet, RangeValue)>> {
-        let (t4, t6) = match kind {
-            RangeKind::Allow => (&self.allow_v4, &self.allow_v6),
-            RangeKind::Deny => (&self.deny_v4, &self.deny_v6),
+    /// The longest entry covering all of `net` (range ids are unique, so
+    /// comparing the value tells whether it is `net`'s own entry).
+    pub fn covering(&self, net: IpNet) -> Result<Option<RangeValue>> {
+        let r = match net {
+            IpNet::V4(n) => self.ranges_v4.get(&Key::new(n.prefix_len() as u32, n.network().octets()), 0),
+            IpNet::V6(n) => self.ranges_v6.get(&Key::new(n.prefix_len() as u32, n.network().octets()), 0),
         };
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(bpf_err(format!("look up range {net}"), e)),
+        }
+    }
+
+    /// Every range entry in the datapath.
+    pub fn ranges(&self) -> Result<Vec<(IpNet, RangeValue)>> {
         let mut out = Vec::new();
-        for item in t4.iter() {
-            let (k, v) = item.map_err(|e| bpf_err(format!("read {kind} v4 ranges"), e))?;
+        for item in self.ranges_v4.iter() {
+            let (k, v) = item.map_err(|e| bpf_err("read v4 ranges", e))?;
             let net = ipnet::Ipv4Net::new(k.data().into(), k.prefix_len() as u8).map_err(|e| bpf_err("bad v4 key", e))?;
             out.push((IpNet::V4(net), v));
         }
-        for item in t6.iter() {
-            let (k, v) = item.map_err(|e| bpf_err(format!("read {kind} v6 ranges"), e))?;
+        for item in self.ranges_v6.iter() {
+            let (k, v) = item.map_err(|e| bpf_err("read v6 ranges", e))?;
             let net = ipnet::Ipv6Net::new(k.data().into(), k.prefix_len() as u8).map_err(|e| bpf_err("bad v6 key", e))?;
             out.push((IpNet::V6(net), v));
         }
@@ -406,12 +412,15 @@ impl Maps {
         self.config.get(&0, 0).map_err(|e| bpf_err("read config", e))
     }
 
-    /// Decision counters summed over CPUs, by (ifindex, counter slot).
+    /// Decision counters summed over CPUs, by (interface slot, counter);
+    /// only counters that moved.
     pub fn counters(&self) -> Result<BTreeMap<StatKey, u64>> {
         let mut out = BTreeMap::new();
-        for item in self.stats.iter() {
-            let (k, v) = item.map_err(|e| bpf_err("read counters", e))?;
-            *out.entry(k).or_default() += v.iter().sum::<u64>();
+        for (index, v) in self.stats.iter().enumerate() {
+            let sum: u64 = v.map_err(|e| bpf_err("read counters", e))?.iter().sum();
+            if sum > 0 {
+                out.insert(StatKey::from_index(index as u32), sum);
+            }
         }
         Ok(out)
     }
@@ -590,4 +599,96 @@ fn check_pinned_maps(layout: &PinLayout, max_verdicts: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- allow wins
+
+pub fn range_value(r: &RangeRecord) -> RangeValue {
+    let kind = match r.kind {
+        RangeKind::Deny => range_kind::DENY,
+        RangeKind::Allow => range_kind::ALLOW,
+    };
+    RangeValue { range_id: r.id, kind, origin: r.origin.code() as u16 }
+}
+
+/// The datapath entry for `net`, given the allow ranges and the deny range
+/// at exactly `net` (if any). Allow and deny share one longest-prefix trie,
+/// so "allow always wins" holds by leaving out every deny range that an
+/// allow range covers: the longest match of an allowed source is then always
+/// an allow entry.
+pub fn desired_entry(net: IpNet, allows: &[RangeRecord], deny: Option<&RangeRecord>) -> Option<RangeValue> {
+    if let Some(a) = allows.iter().find(|a| a.net == net) {
+        return Some(range_value(a));
+    }
+    deny.filter(|d| !allows.iter().any(|a| a.net.contains(&d.net))).map(range_value)
+}
+
+/// Every datapath entry the database calls for.
+pub fn desired_ranges(records: &[RangeRecord]) -> StdMap<IpNet, RangeValue> {
+    let allows: Vec<RangeRecord> = records.iter().filter(|r| r.kind == RangeKind::Allow).cloned().collect();
+    let mut out: StdMap<IpNet, RangeValue> = allows.iter().map(|a| (a.net, range_value(a))).collect();
+    for d in records.iter().filter(|r| r.kind == RangeKind::Deny) {
+        if let Some(v) = desired_entry(d.net, &allows, Some(d)) {
+            out.insert(d.net, v);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Origin;
+
+    fn rec(id: u32, kind: RangeKind, net: &str) -> RangeRecord {
+        RangeRecord {
+            id,
+            kind,
+            net: net.parse().unwrap(),
+            origin: Origin::Manual,
+            source: "test".into(),
+            comment: None,
+            created_at: 0,
+            expires_at: None,
+        }
+    }
+
+    /// Longest-prefix match over the desired entries, as the kernel does.
+    fn lookup(entries: &StdMap<IpNet, RangeValue>, ip: &str) -> Option<u16> {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        entries.iter().filter(|(n, _)| n.contains(&ip)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| v.kind)
+    }
+
+    #[test]
+    fn allow_always_wins_under_longest_prefix_match() {
+        let records = vec![
+            rec(1, RangeKind::Deny, "198.51.100.0/24"),
+            rec(2, RangeKind::Allow, "198.51.100.0/28"),
+            // Inside the allow range: must be left out, or it would win LPM.
+            rec(3, RangeKind::Deny, "198.51.100.8/30"),
+            // Same net as an allow range (added with --force): allow wins.
+            rec(4, RangeKind::Deny, "203.0.113.0/24"),
+            rec(5, RangeKind::Allow, "203.0.113.0/24"),
+            rec(6, RangeKind::Deny, "2001:db8::/32"),
+            rec(7, RangeKind::Allow, "2001:db8:1::/48"),
+        ];
+        let want = desired_ranges(&records);
+        assert!(!want.contains_key(&"198.51.100.8/30".parse().unwrap()));
+        assert_eq!(want[&"203.0.113.0/24".parse().unwrap()].range_id, 5);
+        assert_eq!(lookup(&want, "198.51.100.9"), Some(range_kind::ALLOW));
+        assert_eq!(lookup(&want, "198.51.100.200"), Some(range_kind::DENY));
+        assert_eq!(lookup(&want, "203.0.113.7"), Some(range_kind::ALLOW));
+        assert_eq!(lookup(&want, "2001:db8:1::25"), Some(range_kind::ALLOW));
+        assert_eq!(lookup(&want, "2001:db8:2::25"), Some(range_kind::DENY));
+        assert_eq!(lookup(&want, "192.0.2.1"), None);
+    }
+
+    #[test]
+    fn removing_the_allow_brings_the_inner_deny_back() {
+        let allows = vec![rec(2, RangeKind::Allow, "198.51.100.0/28")];
+        let inner = rec(3, RangeKind::Deny, "198.51.100.8/30");
+        assert_eq!(desired_entry(inner.net, &allows, Some(&inner)), None);
+        assert_eq!(desired_entry(inner.net, &[], Some(&inner)), Some(range_value(&inner)));
+        assert_eq!(desired_entry(inner.net, &[], None), None);
+    }
 }

@@ -1,6 +1,7 @@
 //! gatekeeper: agent, datapath control and CLI plumbing.
 
 pub mod agent;
+pub mod classify;
 pub mod config;
 pub mod datapath;
 pub mod error;

@@ -95,7 +95,7 @@ pub enum Origin {
 
 impl Origin {
     /// The [`gatekeeper_common::range_origin`] code.
-    pub fn code(self) -> u32 {
+    pub fn code(self) -> u16 {
         use gatekeeper_common::range_origin::*;
         match self {
             Origin::Manual => MANUAL,

@@ -997,3 +997,133 @@ pub fn cleanup_stale() -> Vec<String> {
     }
     removed
 }
+
+// ---------------------------------------------------------------------------
+// Commands inside a namespace, keeping their exit status
+
+/// What a finished command left behind.
+#[derive(Debug, Clone)]
+pub struct CmdOutput {
+    /// `describe`d command line, for messages.
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// The exit code (`None` if a signal ended it).
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+impl std::fmt::Display for CmdOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` -> {}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.command,
+            self.status,
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// Like `run_cmd`, but any exit status is a result: only failing to start
+/// or running past `timeout` (then SIGKILL) is an error.
+fn run_capture(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
+    let what = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{what}`"))?;
+    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+    for (is_err, mut pipe) in [
+        (
+            false,
+            Box::new(child.stdout.take().unwrap()) as Box<dyn io::Read + Send>,
+        ),
+        (true, Box::new(child.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            let _ = tx.send((is_err, buf));
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let pipe_deadline = Instant::now() + Duration::from_secs(2);
+    for _ in 0..2 {
+        let left = pipe_deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((true, b)) => err = b,
+            Ok((false, b)) => out = b,
+            Err(_) => break,
+        }
+    }
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    );
+    match status {
+        None => bail!("`{what}` timed out after {timeout:?}; stderr: {}", stderr.trim()),
+        Some(status) => Ok(CmdOutput {
+            command: what,
+            status,
+            stdout,
+            stderr,
+        }),
+    }
+}
+
+/// Run `bin ARGS` inside `ns` with `nsenter --net=/run/netns/NAME` (only the
+/// network namespace changes, so bpffs stays visible), stdin closed, for at
+/// most `timeout`. Returns the output whatever the exit status.
+pub fn nsenter_output<S: AsRef<OsStr>>(
+    ns: &Netns,
+    bin: &Path,
+    args: &[S],
+    timeout: Duration,
+) -> Result<CmdOutput> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.path().display()))
+        .arg("--")
+        .arg(bin)
+        .args(args);
+    run_capture(&mut cmd, timeout)
+}
+
+impl Netns {
+    /// Id of the XDP program attached to `ifname` (any mode), from
+    /// `ip -d link show`; `None` if none is attached.
+    pub fn xdp_prog_id(&self, ifname: &str) -> Result<Option<u32>> {
+        let out = self.ip(&["-d", "link", "show", "dev", ifname])?;
+        let words: Vec<&str> = out.split_whitespace().collect();
+        Ok(words
+            .windows(3)
+            .find(|w| w[0] == "prog/xdp" && w[1] == "id")
+            .and_then(|w| w[2].parse().ok()))
+    }
+}

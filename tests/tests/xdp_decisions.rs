@@ -13,13 +13,17 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    action, addr, config_flags, counters::counter_name, family, maps, programs, range_origin, verdict_reason, Config,
+    action, addr, config_flags, counters::counter_name, family, maps, programs, verdict_reason, Config,
     Counter, Event, RangeValue, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
+};
+use gatekeeper::{
+    datapath::desired_ranges,
+    store::{Origin, RangeKind, RangeRecord},
 };
 use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Packet};
 use ipnet::IpNet;
@@ -39,6 +43,8 @@ struct Gk {
     events: RingBuf<MapData>,
     /// Counter totals at the last [`Gk::delta`].
     seen: BTreeMap<StatKey, u64>,
+    /// The ranges as the agent's database would hold them.
+    ranges: Vec<RangeRecord>,
 }
 
 fn require_root() {
@@ -51,7 +57,7 @@ fn require_root() {
 }
 
 fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("clock_gettime");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
@@ -72,7 +78,7 @@ impl Gk {
         let prog: &mut Xdp = bpf.program_mut(programs::XDP_INGRESS).expect("ingress program").try_into().unwrap();
         prog.load().expect("verifier accepts gatekeeper_ingress");
         let events = RingBuf::try_from(bpf.take_map(maps::EVENTS).expect("events map")).unwrap();
-        let mut gk = Gk { bpf, events, seen: BTreeMap::new() };
+        let mut gk = Gk { bpf, events, seen: BTreeMap::new(), ranges: Vec::new() };
         gk.set_port(SMTP, true);
         gk
     }
@@ -116,20 +122,21 @@ impl Gk {
         cfg.set(0, Config { event_interval_ns, flags, _pad: 0 }, 0).unwrap();
     }
 
+    /// Adds a range the way the agent does: the trie gets what
+    /// `desired_ranges` calls for (deny ranges inside allow ranges left out).
     fn range(&mut self, allow: bool, net: &str, range_id: u32) {
-        let net: IpNet = net.parse().unwrap();
-        let value = RangeValue { range_id, origin: range_origin::MANUAL };
-        let (v4, v6) = if allow { (maps::ALLOW_V4, maps::ALLOW_V6) } else { (maps::DENY_V4, maps::DENY_V6) };
-        match net {
-            IpNet::V4(n) => {
-                let mut t: LpmTrie<_, [u8; 4], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(v4).unwrap()).unwrap();
-                t.insert(&Key::new(n.prefix_len().into(), n.network().octets()), value, 0).unwrap();
-            }
-            IpNet::V6(n) => {
-                let mut t: LpmTrie<_, [u8; 16], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(v6).unwrap()).unwrap();
-                t.insert(&Key::new(n.prefix_len().into(), n.network().octets()), value, 0).unwrap();
-            }
-        }
+        let kind = if allow { RangeKind::Allow } else { RangeKind::Deny };
+        self.ranges.push(RangeRecord {
+            id: range_id,
+            kind,
+            net: net.parse().unwrap(),
+            origin: Origin::Manual,
+            source: "test".into(),
+            comment: None,
+            created_at: 0,
+            expires_at: None,
+        });
+        self.sync_ranges();
     }
 
     fn allow(&mut self, net: &str, range_id: u32) {
@@ -141,17 +148,30 @@ impl Gk {
     }
 
     fn unrange(&mut self, allow: bool, net: &str) {
+        let kind = if allow { RangeKind::Allow } else { RangeKind::Deny };
         let net: IpNet = net.parse().unwrap();
-        let (v4, v6) = if allow { (maps::ALLOW_V4, maps::ALLOW_V6) } else { (maps::DENY_V4, maps::DENY_V6) };
-        match net {
-            IpNet::V4(n) => {
-                let mut t: LpmTrie<_, [u8; 4], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(v4).unwrap()).unwrap();
-                t.remove(&Key::new(n.prefix_len().into(), n.network().octets())).unwrap();
-            }
-            IpNet::V6(n) => {
-                let mut t: LpmTrie<_, [u8; 16], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(v6).unwrap()).unwrap();
-                t.remove(&Key::new(n.prefix_len().into(), n.network().octets())).unwrap();
-            }
+        let before = self.ranges.len();
+        self.ranges.retain(|r| !(r.kind == kind && r.net == net));
+        assert_eq!(self.ranges.len() + 1, before, "no {kind} range {net} to remove");
+        self.sync_ranges();
+    }
+
+    /// Rewrites both tries from the range records.
+    fn sync_ranges(&mut self) {
+        let want = desired_ranges(&self.ranges);
+        let mut t4: LpmTrie<_, [u8; 4], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(maps::RANGES_V4).unwrap()).unwrap();
+        for k in t4.keys().map(|k| k.unwrap()).collect::<Vec<_>>() {
+            t4.remove(&k).unwrap();
+        }
+        for (net, v) in want.iter().filter_map(|(n, v)| match n { IpNet::V4(n) => Some((n, v)), _ => None }) {
+            t4.insert(&Key::new(net.prefix_len().into(), net.network().octets()), *v, 0).unwrap();
+        }
+        let mut t6: LpmTrie<_, [u8; 16], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(maps::RANGES_V6).unwrap()).unwrap();
+        for k in t6.keys().map(|k| k.unwrap()).collect::<Vec<_>>() {
+            t6.remove(&k).unwrap();
+        }
+        for (net, v) in want.iter().filter_map(|(n, v)| match n { IpNet::V6(n) => Some((n, v)), _ => None }) {
+            t6.insert(&Key::new(net.prefix_len().into(), net.network().octets()), *v, 0).unwrap();
         }
     }
 
@@ -171,9 +191,13 @@ impl Gk {
 
     /// Counter totals summed over CPUs.
     fn counters(&self) -> BTreeMap<StatKey, u64> {
-        let stats: PerCpuHashMap<_, StatKey, u64> =
-            PerCpuHashMap::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
-        stats.iter().map(|r| r.unwrap()).map(|(k, v)| (k, v.iter().sum())).collect()
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
+        stats
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (StatKey::from_index(i as u32), v.unwrap().iter().sum::<u64>()))
+            .filter(|(_, v)| *v > 0)
+            .collect()
     }
 
     /// Counters that moved since the last call, as (ifindex, name) -> delta.

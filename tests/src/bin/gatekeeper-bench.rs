@@ -32,13 +32,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    action, addr, counters::counter_name, maps, programs, range_origin, verdict_reason, Config, Counter, RangeValue,
-    SourceKey, StatKey, Verdict,
+    action, addr, counters::counter_name, maps, programs, range_kind, range_origin, stat_index, verdict_reason, Config,
+    Counter, RangeValue, SourceKey, StatKey, Verdict,
 };
 use gatekeeper_tests::packet::{mss_option, tcp_flags, ExtHeader, Packet};
 use serde_json::json;
@@ -196,13 +196,20 @@ impl Bench {
     }
 
     fn range(&mut self, allow: bool, net: Net, range_id: u32) -> Result<()> {
-        let value = RangeValue { range_id, origin: if allow { range_origin::MANUAL } else { range_origin::IMPORTED } };
-        let name = match (&net, allow) {
-            (Net::V4(..), true) => maps::ALLOW_V4,
-            (Net::V4(..), false) => maps::DENY_V4,
-            (Net::V6(..), true) => maps::ALLOW_V6,
-            (Net::V6(..), false) => maps::DENY_V6,
+        // Allow and deny share one trie per family; the random deny ranges
+        // stay clear of the allow ranges (TEST-NET), so none is shadowed.
+        let value = if allow {
+            RangeValue { range_id, kind: range_kind::ALLOW, origin: range_origin::MANUAL }
+        } else {
+            RangeValue { range_id, kind: range_kind::DENY, origin: range_origin::IMPORTED }
         };
+        let (name, label) = match (&net, allow) {
+            (Net::V4(..), true) => (maps::RANGES_V4, "allow v4"),
+            (Net::V4(..), false) => (maps::RANGES_V4, "deny v4"),
+            (Net::V6(..), true) => (maps::RANGES_V6, "allow v6"),
+            (Net::V6(..), false) => (maps::RANGES_V6, "deny v6"),
+        };
+        *self.entries.entry(label).or_default() += 1;
         let map = self.bpf.map_mut(name).unwrap();
         match net {
             Net::V4(n, len) => LpmTrie::<_, [u8; 4], RangeValue>::try_from(map)?.insert(
@@ -225,19 +232,20 @@ impl Bench {
         self.next_range_id
     }
 
-    /// The range matching `ip` in the allow or deny trie of its family.
+    /// The allow (or deny) range matching `ip` in the trie of its family.
     fn lookup(&self, allow: bool, ip: Net) -> Option<RangeValue> {
-        let (v4, v6) = if allow { (maps::ALLOW_V4, maps::ALLOW_V6) } else { (maps::DENY_V4, maps::DENY_V6) };
+        let kind = if allow { range_kind::ALLOW } else { range_kind::DENY };
         match ip {
-            Net::V4(a, _) => LpmTrie::<_, [u8; 4], RangeValue>::try_from(self.bpf.map(v4).unwrap())
+            Net::V4(a, _) => LpmTrie::<_, [u8; 4], RangeValue>::try_from(self.bpf.map(maps::RANGES_V4).unwrap())
                 .unwrap()
                 .get(&Key::new(32, a.to_be_bytes()), 0)
                 .ok(),
-            Net::V6(a, _) => LpmTrie::<_, [u8; 16], RangeValue>::try_from(self.bpf.map(v6).unwrap())
+            Net::V6(a, _) => LpmTrie::<_, [u8; 16], RangeValue>::try_from(self.bpf.map(maps::RANGES_V6).unwrap())
                 .unwrap()
                 .get(&Key::new(128, a.to_be_bytes()), 0)
                 .ok(),
         }
+        .filter(|v| v.kind == kind)
     }
 
     fn verdicts(&mut self) -> HashMap<&mut MapData, SourceKey, Verdict> {
@@ -251,15 +259,18 @@ impl Bench {
     }
 
     fn counter(&self, slot: u32) -> u64 {
-        let stats: PerCpuHashMap<_, StatKey, u64> =
-            PerCpuHashMap::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
-        stats.get(&StatKey { ifindex: IFINDEX, counter: slot }, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
+        stats.get(&stat_index(IFINDEX, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     fn all_counters(&self) -> BTreeMap<StatKey, u64> {
-        let stats: PerCpuHashMap<_, StatKey, u64> =
-            PerCpuHashMap::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
-        stats.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.iter().sum())).collect()
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
+        stats
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.ok().map(|v| (StatKey::from_index(i as u32), v.iter().sum::<u64>())))
+            .filter(|(_, v)| *v > 0)
+            .collect()
     }
 
     fn drain_events(&mut self) -> usize {
@@ -287,7 +298,7 @@ fn ip6(s: &str) -> Ipv6Addr {
 }
 
 fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("clock_gettime");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
@@ -660,9 +671,9 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
     );
     println!(
         "maps: {} v4 + {} v6 deny ranges, {} allow ranges, {} verdicts (capacity {VERDICT_CAPACITY})\n",
-        b.entries[maps::DENY_V4],
-        b.entries[maps::DENY_V6],
-        b.entries[maps::ALLOW_V4] + b.entries[maps::ALLOW_V6],
+        b.entries["deny v4"],
+        b.entries["deny v6"],
+        b.entries["allow v4"] + b.entries["allow v6"],
         b.entries[maps::VERDICTS]
     );
     println!("{:<36} {:>7} {:>9} {:>7} {:>7}  target", "case", "ns/pkt", "baseline", "net", "ratio");
