@@ -13,9 +13,16 @@ pub use counters::Counter;
 
 /// Map names (as in the ELF object and as pinned under `<pin-dir>/maps/`).
 pub mod maps {
-    /// Allow and deny ranges in one LPM trie per family (see [`RangeValue`]).
-    pub const RANGES_V4: &str = "GK_RANGES_V4";
+    /// IPv4 ranges: one [`V4Slot`](crate::V4Slot) per /16 (entries up to /16
+    /// and which longer lengths exist inside it) ...
+    pub const V4_SLOTS: &str = "GK_V4_SLOTS";
+    /// ... and the entries longer than /16, by (length, network).
+    pub const V4_LONG: &str = "GK_V4_LONG";
+    /// IPv6 ranges: an LPM trie.
     pub const RANGES_V6: &str = "GK_RANGES_V6";
+    /// Every range entry by range id, for userspace readers only (`status`,
+    /// `stats` and restarts read the ranges back from here).
+    pub const RANGE_INDEX: &str = "GK_RANGE_INDEX";
     pub const VERDICTS: &str = "GK_VERDICTS";
     pub const SEEN: &str = "GK_SEEN";
     pub const PORTS: &str = "GK_PORTS";
@@ -25,7 +32,8 @@ pub mod maps {
     pub const EVENTS: &str = "GK_EVENTS";
 
     /// Every map, for pinning and unloading.
-    pub const ALL: [&str; 9] = [RANGES_V4, RANGES_V6, VERDICTS, SEEN, PORTS, CONFIG, STATS, RANGE_HITS, EVENTS];
+    pub const ALL: [&str; 11] =
+        [V4_SLOTS, V4_LONG, RANGES_V6, RANGE_INDEX, VERDICTS, SEEN, PORTS, CONFIG, STATS, RANGE_HITS, EVENTS];
 }
 
 /// Program names in the ELF object.
@@ -36,9 +44,13 @@ pub mod programs {
     pub const XDP_BASELINE: &str = "gatekeeper_baseline_pass";
 }
 
-/// Capacity of each range trie (v4 and v6 separately), allow and deny
-/// entries together.
+/// Capacity of the range tables, per family, allow and deny entries
+/// together.
 pub const MAX_RANGES: u32 = 131_072;
+/// IPv4 slots: one per /16.
+pub const V4_SLOT_COUNT: u32 = 65_536;
+/// IPv4 entries up to this prefix length live in the slots.
+pub const V4_SHORT_MAX: u8 = 16;
 /// Range ids index [`maps::RANGE_HITS`]; allow and deny share the id space.
 pub const MAX_RANGE_IDS: u32 = 2 * MAX_RANGES;
 /// Capacity of the per-source verdict LRU map.
@@ -131,6 +143,58 @@ pub struct RangeValue {
 }
 const _: () = assert!(core::mem::size_of::<RangeValue>() == 8);
 
+/// One /16 of the IPv4 range table. A lookup probes, longest first, only the
+/// lengths in `long_mask` in the long-entry hash, then falls back to
+/// `short`: the longest entry of length <= /16 covering this /16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct V4Slot {
+    /// Bit `len - 17` set: some entry of length `len` (17..=32) lies here.
+    pub long_mask: u32,
+    /// Non-zero when `short` holds an entry.
+    pub has_short: u32,
+    pub short: RangeValue,
+}
+const _: () = assert!(core::mem::size_of::<V4Slot>() == 16);
+
+/// Key of the IPv4 long-entry hash: the network, masked, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct V4LongKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<V4LongKey>() == 8);
+
+impl V4LongKey {
+    /// The key of `addr`'s network of length `prefix_len` (17..=32).
+    #[inline(always)]
+    pub const fn of(addr: u32, prefix_len: u32) -> V4LongKey {
+        let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - prefix_len) };
+        V4LongKey { prefix_len, addr: (addr & mask).to_be_bytes() }
+    }
+}
+
+/// Bit of `long_mask` for prefix length `len` (17..=32).
+#[inline(always)]
+pub const fn v4_long_bit(len: u32) -> u32 {
+    1 << (len - V4_SHORT_MAX as u32 - 1)
+}
+
+/// An entry of the range index (userspace only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RangeEntry {
+    /// Network address; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    pub value: RangeValue,
+    pub prefix_len: u16,
+    /// One of [`family`].
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<RangeEntry>() == 32);
+
 /// Key of the verdict and seen maps: IPv4 as `::ffff:a.b.c.d` (a /32), IPv6
 /// masked to its /64 (see [`addr`]).
 #[repr(C)]
@@ -208,6 +272,9 @@ const _: () = assert!(core::mem::size_of::<Event>() == 32);
 mod pod {
     use super::*;
     unsafe impl aya::Pod for RangeValue {}
+    unsafe impl aya::Pod for V4Slot {}
+    unsafe impl aya::Pod for V4LongKey {}
+    unsafe impl aya::Pod for RangeEntry {}
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for Config {}

@@ -9,24 +9,30 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{xdp_action, BPF_F_NO_PREALLOC},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{
-        lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
     },
     programs::XdpContext,
 };
 use gatekeeper_common::{
-    action, addr, config_flags, family, range_kind, stat_index, Config, Counter, Event, Ipv4Bytes,
-    Ipv6Bytes, RangeValue, SourceKey, Verdict, EVENTS_BYTES, MAX_IPV6_EXT_HEADERS, MAX_RANGES,
-    MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, STAT_ENTRIES,
+    action, addr, config_flags, family, range_kind, stat_index, v4_long_bit, Config, Counter, Event,
+    Ipv4Bytes, Ipv6Bytes, RangeEntry, RangeValue, SourceKey, V4LongKey, V4Slot, Verdict, EVENTS_BYTES,
+    MAX_IPV6_EXT_HEADERS, MAX_RANGES, MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS,
+    STAT_ENTRIES, V4_SHORT_MAX, V4_SLOT_COUNT,
 };
 
-#[map(name = "GK_RANGES_V4")]
-static GK_RANGES_V4: LpmTrie<Ipv4Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+#[map(name = "GK_V4_SLOTS")]
+static GK_V4_SLOTS: Array<V4Slot> = Array::with_max_entries(V4_SLOT_COUNT, 0);
+#[map(name = "GK_V4_LONG")]
+static GK_V4_LONG: HashMap<V4LongKey, RangeValue> = HashMap::with_max_entries(MAX_RANGES, BPF_F_NO_PREALLOC);
 #[map(name = "GK_RANGES_V6")]
 static GK_RANGES_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+/// Range entries by id, for userspace readers; never read here.
+#[map(name = "GK_RANGE_INDEX")]
+static GK_RANGE_INDEX: HashMap<u32, RangeEntry> = HashMap::with_max_entries(MAX_RANGE_IDS, BPF_F_NO_PREALLOC);
 #[map(name = "GK_VERDICTS")]
 static GK_VERDICTS: LruHashMap<SourceKey, Verdict> = LruHashMap::with_max_entries(MAX_VERDICTS, 0);
 /// Unknown sources recently reported to the agent, with the report time.
@@ -204,11 +210,12 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Option<(Source, usize)>
 
 /// The decision for a guarded SYN: range (allow passes, deny drops), then
 /// live verdict, else unknown (pass and report). One longest-prefix lookup
-/// serves both kinds of range (see `RangeValue`).
+/// serves both kinds of range (see `RangeValue`); IPv4 searches the slot
+/// table (`lookup_v4`), IPv6 the LPM trie.
 #[inline(always)]
 fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
     let (range, key) = match &source {
-        Source::V4(a) => (GK_RANGES_V4.get(Key::new(32, *a)).copied(), addr::key_v4(*a)),
+        Source::V4(a) => (lookup_v4(u32::from_be_bytes(*a)), addr::key_v4(*a)),
         Source::V6(a) => (GK_RANGES_V6.get(Key::new(128, *a)).copied(), addr::key_v6(*a)),
     };
     if let Some(range) = range {
@@ -237,6 +244,31 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
     count(ifindex, Counter::Unknown as u32);
     report(ifindex, &source, key, port, now);
     xdp_action::XDP_PASS
+}
+
+/// Longest-prefix match in the IPv4 table: the lengths present in the
+/// source's /16, longest first, then the slot's own entry (<= /16).
+#[inline(always)]
+fn lookup_v4(addr: u32) -> Option<RangeValue> {
+    let slot = GK_V4_SLOTS.get(addr >> 16)?;
+    let mask = slot.long_mask;
+    if mask != 0 {
+        let mut len = 32;
+        while len > V4_SHORT_MAX as u32 {
+            if mask & v4_long_bit(len) != 0 {
+                // SAFETY: the value is copied out at once.
+                if let Some(v) = unsafe { GK_V4_LONG.get(&V4LongKey::of(addr, len)) } {
+                    return Some(*v);
+                }
+            }
+            len -= 1;
+        }
+    }
+    if slot.has_short != 0 {
+        Some(slot.short)
+    } else {
+        None
+    }
 }
 
 #[inline(always)]

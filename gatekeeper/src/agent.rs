@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{validate_ports, Config},
-    datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, range_value, unix_now, Attached, Datapath, PinLayout},
+    datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout},
     protocol::{Request, Response},
     store::{NewRange, RangeKind, RangeRecord, Store, VerdictRecord},
     Error, Result,
@@ -130,17 +130,19 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
     store.expire_verdicts(now)?;
     let (mut added, mut removed) = (0, 0);
     let want = desired_ranges(&store.list_ranges(None)?);
-    let have: StdHashMap<IpNet, RangeValue> = dp.maps.ranges()?.into_iter().collect();
+    let have: StdHashMap<IpNet, RangeValue> = dp.maps.ranges.ranges().into_iter().collect();
     for net in have.keys().filter(|n| !want.contains_key(n)) {
-        dp.maps.del_range(*net)?;
+        dp.maps.ranges.del_range(*net)?;
         removed += 1;
     }
     for (net, v) in &want {
         if have.get(net) != Some(v) {
-            dp.maps.set_range(*net, *v)?;
+            dp.maps.ranges.set_range(*net, *v)?;
             added += 1;
         }
     }
+    // Repairs whatever an agent that died mid-update left half-written.
+    added += dp.maps.ranges.rebuild_v4()?;
     let mono = monotonic_ns();
     let want: StdHashMap<SourceKey, Verdict> =
         store.list_verdicts(None)?.iter().map(|v| (v.key, verdict_value(v, now, mono))).collect();
@@ -408,15 +410,11 @@ impl State {
         nets.dedup();
         for net in nets {
             let want = desired_entry(net, &allows, denies.get(&net));
-            let have = self.dp.maps.covering(net)?;
+            let have = self.dp.maps.ranges.range(net);
             match want {
-                Some(v) if have != Some(v) => self.dp.maps.set_range(net, v)?,
-                Some(_) => {}
-                // Delete only this net's own entry, never a covering one.
-                None if changed.iter().chain(denies.values()).any(|r| r.net == net && have == Some(range_value(r))) => {
-                    self.dp.maps.del_range(net)?
-                }
-                None => {}
+                Some(v) if have != Some(v) => self.dp.maps.ranges.set_range(net, v)?,
+                None if have.is_some() => self.dp.maps.ranges.del_range(net)?,
+                _ => {}
             }
         }
         Ok(())

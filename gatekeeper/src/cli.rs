@@ -84,7 +84,7 @@ fn pinned_status(layout: &PinLayout) -> Result<Value> {
         return Ok(json!({ "loaded": false }));
     }
     let maps = Maps::open_pinned(layout)?;
-    let ranges = maps.ranges()?;
+    let ranges = maps.ranges.ranges();
     let count = |kind: u16, v6: bool| ranges.iter().filter(|(n, v)| v.kind == kind && n.addr().is_ipv6() == v6).count();
     let program = aya::programs::ProgramInfo::from_pin(layout.program())
         .map(|p| json!({ "id": p.id(), "tag": format!("{:016x}", p.tag()) }))
@@ -168,7 +168,7 @@ struct Snapshot {
 fn snapshot(maps: &Maps) -> Result<Snapshot> {
     let hits = maps.range_hits()?;
     let mut top = Vec::new();
-    for (net, v) in maps.ranges()? {
+    for (net, v) in maps.ranges.ranges() {
         if let Some(h) = hits.get(&v.range_id) {
             let kind = if v.kind == range_kind::ALLOW { RangeKind::Allow } else { RangeKind::Deny };
             top.push((*h, kind, net.to_string()));

@@ -22,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    maps as names, programs, range_kind, Config, Ipv4Bytes, Ipv6Bytes, RangeValue, SourceKey, StatKey, Verdict,
+    family, maps as names, programs, range_kind, Config, RangeEntry, V4LongKey, V4Slot, Ipv6Bytes, RangeValue, SourceKey, StatKey, Verdict,
     PORT_WORDS,
 };
 use ipnet::IpNet;
@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::{
     config::XdpModeSetting,
     store::{RangeKind, RangeRecord},
+    v4table::{V4Table, V4Writes},
     Error, Result,
 };
 
@@ -236,8 +237,7 @@ pub fn expiry_ns(expires_at: Option<i64>, unix_now: i64, mono_now: u64) -> u64 {
 
 /// Typed handles on every map but the ring buffer.
 pub struct Maps {
-    pub ranges_v4: LpmTrie<MapData, Ipv4Bytes, RangeValue>,
-    pub ranges_v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
+    pub ranges: RangeMaps,
     pub verdicts: HashMap<MapData, SourceKey, Verdict>,
     pub ports: Array<MapData, u64>,
     pub config: Array<MapData, Config>,
@@ -245,16 +245,30 @@ pub struct Maps {
     pub range_hits: PerCpuArray<MapData, u64>,
 }
 
+/// The range tables (IPv4 slots and long entries, IPv6 trie) and the index,
+/// with an in-memory mirror of every entry.
+pub struct RangeMaps {
+    pub v4_slots: Array<MapData, V4Slot>,
+    pub v4_long: HashMap<MapData, V4LongKey, RangeValue>,
+    pub ranges_v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
+    pub range_index: HashMap<MapData, u32, RangeEntry>,
+    /// Every range entry, as the index holds it (loaded on open).
+    entries: StdMap<IpNet, RangeValue>,
+    /// The IPv4 entries, organised as the datapath searches them.
+    v4: V4Table,
+}
+
 /// Expected (key size, value size) of each pinned map, to refuse adopting
 /// maps left by an incompatible gatekeeper build.
 fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     use core::mem::size_of;
-    let lpm4 = (4 + size_of::<Ipv4Bytes>()) as u32;
     let lpm6 = (4 + size_of::<Ipv6Bytes>()) as u32;
     let range = size_of::<RangeValue>() as u32;
     Some(match name {
-        names::RANGES_V4 => (lpm4, range),
+        names::V4_SLOTS => (4, size_of::<V4Slot>() as u32),
+        names::V4_LONG => (size_of::<V4LongKey>() as u32, range),
         names::RANGES_V6 => (lpm6, range),
+        names::RANGE_INDEX => (4, size_of::<RangeEntry>() as u32),
         names::VERDICTS => (size_of::<SourceKey>() as u32, size_of::<Verdict>() as u32),
         names::SEEN => (size_of::<SourceKey>() as u32, 8),
         names::PORTS => (4, 8),
@@ -285,8 +299,14 @@ impl Maps {
             Map::from_map_data(data).map(Some).map_err(|e| bpf_err(format!("map {name}"), e))
         };
         Ok(Maps {
-            ranges_v4: typed(open(names::RANGES_V4)?, names::RANGES_V4)?,
-            ranges_v6: typed(open(names::RANGES_V6)?, names::RANGES_V6)?,
+            ranges: RangeMaps::new(RangeMaps {
+                v4_slots: typed(open(names::V4_SLOTS)?, names::V4_SLOTS)?,
+                v4_long: typed(open(names::V4_LONG)?, names::V4_LONG)?,
+                ranges_v6: typed(open(names::RANGES_V6)?, names::RANGES_V6)?,
+                range_index: typed(open(names::RANGE_INDEX)?, names::RANGE_INDEX)?,
+                entries: StdMap::new(),
+                v4: V4Table::default(),
+            })?,
             verdicts: typed(open(names::VERDICTS)?, names::VERDICTS)?,
             ports: typed(open(names::PORTS)?, names::PORTS)?,
             config: typed(open(names::CONFIG)?, names::CONFIG)?,
@@ -298,61 +318,13 @@ impl Maps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps> {
         Ok(Maps {
-            ranges_v4: typed(ebpf.take_map(names::RANGES_V4), names::RANGES_V4)?,
-            ranges_v6: typed(ebpf.take_map(names::RANGES_V6), names::RANGES_V6)?,
+            ranges: RangeMaps::take(ebpf)?,
             verdicts: typed(ebpf.take_map(names::VERDICTS), names::VERDICTS)?,
             ports: typed(ebpf.take_map(names::PORTS), names::PORTS)?,
             config: typed(ebpf.take_map(names::CONFIG), names::CONFIG)?,
             stats: typed(ebpf.take_map(names::STATS), names::STATS)?,
             range_hits: typed(ebpf.take_map(names::RANGE_HITS), names::RANGE_HITS)?,
         })
-    }
-
-    /// Writes the range entry for `net` (allow or deny, by `value.kind`).
-    pub fn set_range(&mut self, net: IpNet, value: RangeValue) -> Result<()> {
-        let r = match net {
-            IpNet::V4(n) => self.ranges_v4.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
-            IpNet::V6(n) => self.ranges_v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0),
-        };
-        r.map_err(|e| bpf_err(format!("insert range {net}"), e))
-    }
-
-    pub fn del_range(&mut self, net: IpNet) -> Result<()> {
-        let r = match net {
-            IpNet::V4(n) => self.ranges_v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-            IpNet::V6(n) => self.ranges_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-        };
-        ignore_missing(r).map_err(|e| bpf_err(format!("remove range {net}"), e))
-    }
-
-    /// The longest entry covering all of `net` (range ids are unique, so
-    /// comparing the value tells whether it is `net`'s own entry).
-    pub fn covering(&self, net: IpNet) -> Result<Option<RangeValue>> {
-        let r = match net {
-            IpNet::V4(n) => self.ranges_v4.get(&Key::new(n.prefix_len() as u32, n.network().octets()), 0),
-            IpNet::V6(n) => self.ranges_v6.get(&Key::new(n.prefix_len() as u32, n.network().octets()), 0),
-        };
-        match r {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(bpf_err(format!("look up range {net}"), e)),
-        }
-    }
-
-    /// Every range entry in the datapath.
-    pub fn ranges(&self) -> Result<Vec<(IpNet, RangeValue)>> {
-        let mut out = Vec::new();
-        for item in self.ranges_v4.iter() {
-            let (k, v) = item.map_err(|e| bpf_err("read v4 ranges", e))?;
-            let net = ipnet::Ipv4Net::new(k.data().into(), k.prefix_len() as u8).map_err(|e| bpf_err("bad v4 key", e))?;
-            out.push((IpNet::V4(net), v));
-        }
-        for item in self.ranges_v6.iter() {
-            let (k, v) = item.map_err(|e| bpf_err("read v6 ranges", e))?;
-            let net = ipnet::Ipv6Net::new(k.data().into(), k.prefix_len() as u8).map_err(|e| bpf_err("bad v6 key", e))?;
-            out.push((IpNet::V6(net), v));
-        }
-        Ok(out)
     }
 
     pub fn set_verdict(&mut self, key: SourceKey, v: Verdict) -> Result<()> {
@@ -442,6 +414,147 @@ impl Maps {
         let ncpu = aya::util::nr_cpus().map_err(|(w, e)| bpf_err(w, e))?;
         let zeros = PerCpuValues::try_from(vec![0u64; ncpu]).map_err(|e| bpf_err("zero range hits", e))?;
         self.range_hits.set(id, zeros, 0).map_err(|e| bpf_err(format!("reset hits of range id {id}"), e))
+    }
+}
+
+impl RangeMaps {
+    /// Takes the range maps out of a loaded object (the tests and the
+    /// benchmark use this beside their own handles on the other maps).
+    pub fn take(ebpf: &mut Ebpf) -> Result<RangeMaps> {
+        RangeMaps::new(RangeMaps {
+            v4_slots: typed(ebpf.take_map(names::V4_SLOTS), names::V4_SLOTS)?,
+            v4_long: typed(ebpf.take_map(names::V4_LONG), names::V4_LONG)?,
+            ranges_v6: typed(ebpf.take_map(names::RANGES_V6), names::RANGES_V6)?,
+            range_index: typed(ebpf.take_map(names::RANGE_INDEX), names::RANGE_INDEX)?,
+            entries: StdMap::new(),
+            v4: V4Table::default(),
+        })
+    }
+
+    /// Loads the range mirror from the index.
+    fn new(mut maps: RangeMaps) -> Result<RangeMaps> {
+        for item in maps.range_index.iter() {
+            let (_, e) = item.map_err(|e| bpf_err("read range index", e))?;
+            let net = match e.family {
+                family::V4 => ipnet::Ipv4Net::new([e.addr[0], e.addr[1], e.addr[2], e.addr[3]].into(), e.prefix_len as u8).map(IpNet::V4),
+                _ => ipnet::Ipv6Net::new(e.addr.into(), e.prefix_len as u8).map(IpNet::V6),
+            }
+            .map_err(|err| bpf_err("bad range index entry", err))?;
+            maps.entries.insert(net, e.value);
+        }
+        maps.v4 = V4Table::from_entries(maps.entries.iter().filter_map(|(n, v)| match n {
+            IpNet::V4(n) => Some((*n, *v)),
+            IpNet::V6(_) => None,
+        }));
+        Ok(maps)
+    }
+
+    /// Writes the range entry for `net` (allow or deny, by `value.kind`).
+    pub fn set_range(&mut self, net: IpNet, value: RangeValue) -> Result<()> {
+        let err = |e| bpf_err(format!("insert range {net}"), e);
+        let old = self.entries.get(&net).copied();
+        match net {
+            IpNet::V4(n) => {
+                let w = self.v4.set(n, value);
+                self.apply_v4(w).map_err(err)?;
+            }
+            IpNet::V6(n) => {
+                self.ranges_v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0).map_err(err)?;
+            }
+        }
+        if let Some(old) = old.filter(|o| o.range_id != value.range_id) {
+            ignore_missing(self.range_index.remove(&old.range_id)).map_err(err)?;
+        }
+        let (addr, fam) = match net {
+            IpNet::V4(n) => {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&n.network().octets());
+                (a, family::V4)
+            }
+            IpNet::V6(n) => (n.network().octets(), family::V6),
+        };
+        let entry = RangeEntry { addr, value, prefix_len: net.prefix_len() as u16, family: fam, _pad: 0 };
+        self.range_index.insert(value.range_id, entry, 0).map_err(err)?;
+        self.entries.insert(net, value);
+        Ok(())
+    }
+
+    pub fn del_range(&mut self, net: IpNet) -> Result<()> {
+        let err = |e| bpf_err(format!("remove range {net}"), e);
+        let Some(old) = self.entries.remove(&net) else { return Ok(()) };
+        match net {
+            IpNet::V4(n) => {
+                let w = self.v4.del(n);
+                self.apply_v4(w).map_err(err)?;
+            }
+            IpNet::V6(n) => {
+                ignore_missing(self.ranges_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))).map_err(err)?;
+            }
+        }
+        ignore_missing(self.range_index.remove(&old.range_id)).map_err(err)
+    }
+
+    /// Writes what an IPv4 change needs: a new long entry before the slot
+    /// that points at it, a removed one after.
+    fn apply_v4(&mut self, w: V4Writes) -> std::result::Result<(), aya::maps::MapError> {
+        if let Some((k, v)) = w.long_set {
+            self.v4_long.insert(k, v, 0)?;
+        }
+        if let Some((first, count)) = w.slots {
+            for slot in first..first + count {
+                self.v4_slots.set(slot, self.v4.slot(slot), 0)?;
+            }
+        }
+        if let Some(k) = w.long_del {
+            ignore_missing(self.v4_long.remove(&k))?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the IPv4 slots and long entries that differ from the
+    /// mirror (the agent does this on start, after reconciling).
+    pub fn rebuild_v4(&mut self) -> Result<usize> {
+        let err = |e| bpf_err("rebuild IPv4 range table", e);
+        let mut writes = 0;
+        let want: StdMap<V4LongKey, RangeValue> = self
+            .entries
+            .iter()
+            .filter_map(|(n, v)| match n {
+                IpNet::V4(n) if n.prefix_len() > gatekeeper_common::V4_SHORT_MAX => {
+                    Some((V4LongKey::of(u32::from(n.network()), n.prefix_len() as u32), *v))
+                }
+                _ => None,
+            })
+            .collect();
+        let have: Vec<(V4LongKey, RangeValue)> = self.v4_long.iter().collect::<std::result::Result<_, _>>().map_err(err)?;
+        for (k, v) in &want {
+            if !have.iter().any(|(hk, hv)| hk == k && hv == v) {
+                self.v4_long.insert(*k, *v, 0).map_err(err)?;
+                writes += 1;
+            }
+        }
+        for slot in 0..gatekeeper_common::V4_SLOT_COUNT {
+            let want = self.v4.slot(slot);
+            if self.v4_slots.get(&slot, 0).map_err(err)? != want {
+                self.v4_slots.set(slot, want, 0).map_err(err)?;
+                writes += 1;
+            }
+        }
+        for (k, _) in have.iter().filter(|(k, _)| !want.contains_key(k)) {
+            ignore_missing(self.v4_long.remove(k)).map_err(err)?;
+            writes += 1;
+        }
+        Ok(writes)
+    }
+
+    /// The entry stored for exactly `net`.
+    pub fn range(&self, net: IpNet) -> Option<RangeValue> {
+        self.entries.get(&net).copied()
+    }
+
+    /// Every range entry in the datapath.
+    pub fn ranges(&self) -> Vec<(IpNet, RangeValue)> {
+        self.entries.iter().map(|(n, v)| (*n, *v)).collect()
     }
 }
 

@@ -39,6 +39,13 @@ pub enum Error {
     Bpf(String),
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: std::io::Error },
+    /// Bad lines in a classifier rules file; no rules were loaded.
+    #[error("{path}: {} bad line(s), no rules loaded:\n{}", .errors.len(), .errors.iter().map(|e| format!("  line {}: {}", e.line, e.message)).collect::<Vec<_>>().join("\n"))]
+    BadRules { path: String, errors: Vec<LineError> },
+    /// Input lines `classify` could not read (each was reported as it came);
+    /// the other lines were classified.
+    #[error("{bad} bad input line(s), the first at line {first_line}; the other lines were classified")]
+    ClassifyInput { bad: usize, first_line: usize },
 }
 
 /// One bad line of a list file.

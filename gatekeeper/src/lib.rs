@@ -8,6 +8,7 @@ pub mod error;
 pub mod lists;
 pub mod protocol;
 pub mod store;
+pub mod v4table;
 
 pub use error::{Error, Result};
 

@@ -583,10 +583,15 @@ fn cli_changes_apply_while_connected() {
         roundtrip(&mut est, b'b', "established connection after range add");
         lab.expect_dropped(src, SMTP, "new connect after range add");
         roundtrip(&mut est, b'c', "established connection after a dropped SYN");
+        assert!(gk.hits("range", net) > 0, "{net}: no hits");
         gk.ok(&["range", "del", net]);
         lab.expect_connect(src, SMTP, "after range del");
         roundtrip(&mut est, b'd', "established connection after range del");
         assert!(!gk.range_nets().contains(net));
+        // Added again, it is a new range: its hits start from zero.
+        gk.ok(&["range", "add", net]);
+        assert_eq!(gk.hits("range", net), 0, "{net}: re-added range inherited old hits");
+        gk.ok(&["range", "del", net]);
     }
 
     // A v6 ban covers the /64: the address, another in the same /64; not another /64.
@@ -843,10 +848,35 @@ fn unload_with_agent() {
     assert!(!lab.gk.socket().exists(), "socket left behind");
     assert_eq!(lab.gk.xdp_id(), None, "{}", lab.gk.link_details());
     lab.expect_connect(DENIED4, SMTP, "after unload");
-    // The database stays: status says nothing is loaded.
+    // The database stays: status says nothing is loaded ...
     let st = lab.gk.status();
     assert_eq!(st["datapath"]["loaded"], false, "{st:#}");
     assert_eq!(st["agent"]["running"], false, "{st:#}");
+    // ... and the next `gatekeeper run` restores the same state.
+    lab.gk.agent = None;
+    lab.gk.start(&[]);
+    assert!(lab.gk.range_nets().contains(DENY4_NET));
+    assert!(lab.gk.xdp_id().is_some(), "{}", lab.gk.link_details());
+    lab.expect_dropped(DENIED4, SMTP, "agent started again after unload");
+}
+
+/// SIGTERM: the agent exits cleanly, removes its socket, and the datapath
+/// keeps enforcing.
+#[test]
+fn sigterm_leaves_the_datapath_enforcing() {
+    let mut lab = Lab::new();
+    lab.gk.start(&[]);
+    lab.gk.ok(&["range", "add", DENY4_NET]);
+    let mut agent = lab.gk.agent.take().unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let st = agent.wait_timeout(Duration::from_secs(20)).unwrap();
+    assert!(matches!(st, Some(s) if s.success()), "exit after SIGTERM: {st:?}\n{}", agent.log());
+    assert!(!lab.gk.socket().exists(), "socket left behind after SIGTERM");
+    assert!(lab.gk.xdp_id().is_some(), "{}", lab.gk.link_details());
+    lab.expect_dropped(DENIED4, SMTP, "agent stopped with SIGTERM");
+    lab.expect_connect(UNLISTED4, SMTP, "agent stopped with SIGTERM");
+    let out = lab.gk.fails(&["range", "del", DENY4_NET]);
+    assert!(out.stderr.contains("not running"), "{out}");
 }
 
 /// Test 5b: `unload` without an agent (after SIGKILL) removes the pins.
@@ -1059,4 +1089,57 @@ fn run_refuses_pin_dir_outside_bpffs() {
         let left: Vec<_> = std::fs::read_dir(tmp.path().join("pins")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         assert!(left.is_empty(), "something created in the non-bpffs dir: {left:?}");
     }
+}
+
+/// A second `gatekeeper run` pointed at the socket and pin dir of a running
+/// agent must be refused without touching the running datapath: not its
+/// ranges (reconciled against another state database), not its dry-run flag
+/// or ports, not its program.
+#[test]
+fn second_agent_on_the_same_pins_changes_nothing() {
+    let mut lab = Lab::new();
+    lab.gk.start(&[]);
+    lab.gk.ok(&["range", "add", DENY4_NET, DENY6_NET]);
+    lab.expect_dropped(DENIED4, SMTP, "first agent");
+    let before = lab.gk.status();
+    let xdp_before = lab.gk.xdp_id();
+    let other_state = lab.gk.dir.path().join("other-state");
+    let mut args = lab.gk.run_args(&["--dry-run", "--ports", "2525"]);
+    // Same socket and pin dir, another (empty) state dir.
+    let i = args.iter().position(|a| a == "--state-dir").unwrap();
+    args[i + 1] = other_state.display().to_string();
+    let out = nsenter_output(&lab.gk.mx, &lab.gk.bin, &args, CLI_TIMEOUT).unwrap();
+    assert!(!out.success(), "second agent should be refused: {out}");
+    assert!(out.stderr.contains("already"), "{out}");
+
+    // Collect everything the refused agent changed, then report it at once.
+    let after = lab.gk.status();
+    let mut changed = Vec::new();
+    if after["datapath"]["entries"] != before["datapath"]["entries"] {
+        changed.push(format!("datapath entries {} -> {}", before["datapath"]["entries"], after["datapath"]["entries"]));
+    }
+    if after["datapath"]["dry_run"] != false {
+        changed.push("dry-run switched on".into());
+    }
+    if after["datapath"]["ports"] != serde_json::json!([25]) {
+        changed.push(format!("guarded ports -> {}", after["datapath"]["ports"]));
+    }
+    if after["datapath"]["program"] != before["datapath"]["program"] {
+        changed.push(format!("pinned program {} -> {}", before["datapath"]["program"], after["datapath"]["program"]));
+    }
+    if lab.gk.xdp_id() != xdp_before {
+        changed.push(format!("program on {MX_IF}: {xdp_before:?} -> {:?}", lab.gk.xdp_id()));
+    }
+    for src in [DENIED4, DENIED6] {
+        let r = lab.connect(src, SMTP, CONNECT_DROP);
+        if r != ConnectOutcome::TimedOut {
+            changed.push(format!("deny-listed {src} -> port 25: {r:?}"));
+        }
+    }
+    assert!(
+        changed.is_empty(),
+        "a refused second `gatekeeper run` changed the running datapath:\n  {}\nits output: {out}",
+        changed.join("\n  ")
+    );
+    assert!(lab.gk.agent.as_mut().unwrap().is_running());
 }

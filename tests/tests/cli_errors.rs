@@ -262,9 +262,12 @@ fn import_with_a_bad_line_imports_nothing_unless_skip_bad() {
     );
     let out = gk.refused(&["range", "import", &f], &["list.txt", "line 4", "host bits", "192.0.2.0/24", "nothing imported"]);
     assert!(!out.stderr.contains("line 2:"), "good lines reported as bad: {out}");
-    // From standard input the same (nothing to pipe: a file with the bad line only).
+    // A list with nothing but a bad line.
     let bad = gk.file("bad.txt", "not-a-net\n");
     gk.refused(&["range", "import", &bad], &["line 1", "not-a-net"]);
+    // A file that is not there.
+    let missing = gk.path("no-such-list.txt");
+    gk.refused(&["range", "import", &missing], &["no-such-list.txt"]);
 
     let out = gk.ok(&["range", "import", &f, "--skip-bad"]);
     assert!(out.stderr.contains("warning"), "{out}");

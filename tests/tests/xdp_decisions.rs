@@ -13,16 +13,16 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
     action, addr, config_flags, counters::counter_name, family, maps, programs, verdict_reason, Config,
-    Counter, Event, RangeValue, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
+    Counter, Event, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
 };
 use gatekeeper::{
-    datapath::desired_ranges,
+    datapath::{desired_ranges, RangeMaps},
     store::{Origin, RangeKind, RangeRecord},
 };
 use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Packet};
@@ -45,6 +45,7 @@ struct Gk {
     seen: BTreeMap<StatKey, u64>,
     /// The ranges as the agent's database would hold them.
     ranges: Vec<RangeRecord>,
+    range_maps: RangeMaps,
 }
 
 fn require_root() {
@@ -78,7 +79,8 @@ impl Gk {
         let prog: &mut Xdp = bpf.program_mut(programs::XDP_INGRESS).expect("ingress program").try_into().unwrap();
         prog.load().expect("verifier accepts gatekeeper_ingress");
         let events = RingBuf::try_from(bpf.take_map(maps::EVENTS).expect("events map")).unwrap();
-        let mut gk = Gk { bpf, events, seen: BTreeMap::new(), ranges: Vec::new() };
+        let range_maps = RangeMaps::take(&mut bpf).expect("range maps");
+        let mut gk = Gk { bpf, events, seen: BTreeMap::new(), ranges: Vec::new(), range_maps };
         gk.set_port(SMTP, true);
         gk
     }
@@ -156,22 +158,19 @@ impl Gk {
         self.sync_ranges();
     }
 
-    /// Rewrites both tries from the range records.
+    /// Brings the range tables in line with the records, the way the agent
+    /// does: `desired_ranges` decides, `RangeMaps` writes.
     fn sync_ranges(&mut self) {
         let want = desired_ranges(&self.ranges);
-        let mut t4: LpmTrie<_, [u8; 4], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(maps::RANGES_V4).unwrap()).unwrap();
-        for k in t4.keys().map(|k| k.unwrap()).collect::<Vec<_>>() {
-            t4.remove(&k).unwrap();
+        for (net, _) in self.range_maps.ranges() {
+            if !want.contains_key(&net) {
+                self.range_maps.del_range(net).unwrap();
+            }
         }
-        for (net, v) in want.iter().filter_map(|(n, v)| match n { IpNet::V4(n) => Some((n, v)), _ => None }) {
-            t4.insert(&Key::new(net.prefix_len().into(), net.network().octets()), *v, 0).unwrap();
-        }
-        let mut t6: LpmTrie<_, [u8; 16], RangeValue> = LpmTrie::try_from(self.bpf.map_mut(maps::RANGES_V6).unwrap()).unwrap();
-        for k in t6.keys().map(|k| k.unwrap()).collect::<Vec<_>>() {
-            t6.remove(&k).unwrap();
-        }
-        for (net, v) in want.iter().filter_map(|(n, v)| match n { IpNet::V6(n) => Some((n, v)), _ => None }) {
-            t6.insert(&Key::new(net.prefix_len().into(), net.network().octets()), *v, 0).unwrap();
+        for (net, v) in want {
+            if self.range_maps.range(net) != Some(v) {
+                self.range_maps.set_range(net, v).unwrap();
+            }
         }
     }
 

@@ -23,16 +23,27 @@
 //! `--deny-v4`, `--deny-v6` and `--verdicts` change the number of random
 //! entries (defaults 100,000, 10,000 and 1,000,000) to see how the cost
 //! scales with the map sizes.
+//!
+//! ```text
+//! gatekeeper-bench classify [--dataset PATH] [--seconds S] [--rules FILE] [--json PATH]
+//! ```
+//!
+//! `classify` measures the reverse-DNS classifier on one thread: the names
+//! of `--dataset` (default `data/rdns/dataset.tsv`) classified over and over
+//! for `--seconds` (default 3) after a short warm-up, with `classify` (a new
+//! reasons vector per call) and `classify_into` (one reused vector),
+//! heuristics only unless `--rules` is given. Prints names/s against the
+//! 1,000,000 names/s target and writes JSON to `--json` (default
+//! `target/bench/classify.json`). Needs no root; build it in release.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
@@ -40,7 +51,9 @@ use gatekeeper_common::{
     action, addr, counters::counter_name, maps, programs, range_kind, range_origin, stat_index, verdict_reason, Config,
     Counter, RangeValue, SourceKey, StatKey, Verdict,
 };
+use gatekeeper::datapath::RangeMaps;
 use gatekeeper_tests::packet::{mss_option, tcp_flags, ExtHeader, Packet};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::json;
 
 const XDP_DROP: u32 = 1;
@@ -70,13 +83,16 @@ const TEST_NET_V6: (u128, u8) = (0x2001_0db8 << 96, 32);
 
 fn usage() -> ! {
     eprintln!("usage: gatekeeper-bench xdp [--repeat N] [--json PATH] [--deny-v4 N] [--deny-v6 N] [--verdicts N]");
+    eprintln!("       gatekeeper-bench classify [--dataset PATH] [--seconds S] [--rules FILE] [--json PATH]");
     std::process::exit(2)
 }
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    if args.next().as_deref() != Some("xdp") {
-        usage();
+    match args.next().as_deref() {
+        Some("xdp") => {}
+        Some("classify") => return classify_bench::run(args),
+        _ => usage(),
     }
     let mut repeat = DEFAULT_REPEAT;
     let mut json_path = PathBuf::from("target/bench/xdp.json");
@@ -174,6 +190,7 @@ fn random_v6_ranges(rng: &mut Rng, n: usize) -> Vec<(u128, u8)> {
 
 struct Bench {
     bpf: Ebpf,
+    ranges: RangeMaps,
     events: Option<RingBuf<MapData>>,
     next_range_id: u32,
     entries: BTreeMap<&'static str, usize>,
@@ -196,34 +213,23 @@ impl Bench {
     }
 
     fn range(&mut self, allow: bool, net: Net, range_id: u32) -> Result<()> {
-        // Allow and deny share one trie per family; the random deny ranges
+        // Allow and deny share one table per family; the random deny ranges
         // stay clear of the allow ranges (TEST-NET), so none is shadowed.
         let value = if allow {
             RangeValue { range_id, kind: range_kind::ALLOW, origin: range_origin::MANUAL }
         } else {
             RangeValue { range_id, kind: range_kind::DENY, origin: range_origin::IMPORTED }
         };
-        let (name, label) = match (&net, allow) {
-            (Net::V4(..), true) => (maps::RANGES_V4, "allow v4"),
-            (Net::V4(..), false) => (maps::RANGES_V4, "deny v4"),
-            (Net::V6(..), true) => (maps::RANGES_V6, "allow v6"),
-            (Net::V6(..), false) => (maps::RANGES_V6, "deny v6"),
+        let (ipnet, label) = match (net, allow) {
+            (Net::V4(n, len), _) => {
+                (IpNet::V4(Ipv4Net::new(n.into(), len)?), if allow { "allow v4" } else { "deny v4" })
+            }
+            (Net::V6(n, len), _) => {
+                (IpNet::V6(Ipv6Net::new(n.into(), len)?), if allow { "allow v6" } else { "deny v6" })
+            }
         };
+        self.ranges.set_range(ipnet, value)?;
         *self.entries.entry(label).or_default() += 1;
-        let map = self.bpf.map_mut(name).unwrap();
-        match net {
-            Net::V4(n, len) => LpmTrie::<_, [u8; 4], RangeValue>::try_from(map)?.insert(
-                &Key::new(len.into(), n.to_be_bytes()),
-                value,
-                0,
-            )?,
-            Net::V6(n, len) => LpmTrie::<_, [u8; 16], RangeValue>::try_from(map)?.insert(
-                &Key::new(len.into(), n.to_be_bytes()),
-                value,
-                0,
-            )?,
-        }
-        *self.entries.entry(name).or_default() += 1;
         Ok(())
     }
 
@@ -232,20 +238,21 @@ impl Bench {
         self.next_range_id
     }
 
-    /// The allow (or deny) range matching `ip` in the trie of its family.
+    /// The allow (or deny) range whose network contains `ip`, longest first
+    /// (from the mirror of what was written).
     fn lookup(&self, allow: bool, ip: Net) -> Option<RangeValue> {
         let kind = if allow { range_kind::ALLOW } else { range_kind::DENY };
-        match ip {
-            Net::V4(a, _) => LpmTrie::<_, [u8; 4], RangeValue>::try_from(self.bpf.map(maps::RANGES_V4).unwrap())
-                .unwrap()
-                .get(&Key::new(32, a.to_be_bytes()), 0)
-                .ok(),
-            Net::V6(a, _) => LpmTrie::<_, [u8; 16], RangeValue>::try_from(self.bpf.map(maps::RANGES_V6).unwrap())
-                .unwrap()
-                .get(&Key::new(128, a.to_be_bytes()), 0)
-                .ok(),
-        }
-        .filter(|v| v.kind == kind)
+        let ip: std::net::IpAddr = match ip {
+            Net::V4(a, _) => std::net::Ipv4Addr::from(a).into(),
+            Net::V6(a, _) => std::net::Ipv6Addr::from(a).into(),
+        };
+        self.ranges
+            .ranges()
+            .into_iter()
+            .filter(|(n, _)| n.contains(&ip))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, v)| v)
+            .filter(|v| v.kind == kind)
     }
 
     fn verdicts(&mut self) -> HashMap<&mut MapData, SourceKey, Verdict> {
@@ -362,30 +369,19 @@ struct MapMem {
     memlock: u64,
 }
 
-fn map_data(m: &Map) -> Option<&MapData> {
-    Some(match m {
-        Map::Array(d)
-        | Map::HashMap(d)
-        | Map::LpmTrie(d)
-        | Map::LruHashMap(d)
-        | Map::PerCpuArray(d)
-        | Map::PerCpuHashMap(d)
-        | Map::PerCpuLruHashMap(d)
-        | Map::RingBuf(d) => d,
-        _ => return None,
-    })
-}
-
-/// `memlock` and `max_entries` of each map from /proc/self/fdinfo.
-fn map_memory(bpf: &Ebpf) -> Vec<MapMem> {
-    let mut out = Vec::new();
-    for name in maps::ALL {
-        let Some(data) = bpf.map(name).and_then(map_data) else { continue };
-        let fd = data.fd().as_fd().as_raw_fd();
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+/// `memlock` and `max_entries` of each gatekeeper map this process holds,
+/// from /proc/self/fdinfo (map names come from the kernel's map info).
+fn map_memory() -> Vec<MapMem> {
+    let mut found: BTreeMap<&'static str, MapMem> = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc/self/fd").into_iter().flatten().flatten() {
+        let fd = entry.file_name();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.to_string_lossy())).unwrap_or_default();
         let field = |key: &str| {
             info.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string())).unwrap_or_default()
         };
+        let Ok(id) = field("map_id:").parse::<u32>() else { continue };
+        let Ok(map) = aya::maps::MapInfo::from_id(id) else { continue };
+        let Some(name) = maps::ALL.iter().find(|n| map.name_as_str() == Some(**n)) else { continue };
         let kind = match field("map_type:").as_str() {
             "1" => "hash",
             "2" => "array",
@@ -397,14 +393,17 @@ fn map_memory(bpf: &Ebpf) -> Vec<MapMem> {
             other => other,
         }
         .to_string();
-        out.push(MapMem {
+        found.insert(
             name,
-            kind,
-            max_entries: field("max_entries:").parse().unwrap_or(0),
-            memlock: field("memlock:").parse().unwrap_or(0),
-        });
+            MapMem {
+                name,
+                kind,
+                max_entries: field("max_entries:").parse().unwrap_or(0),
+                memlock: field("memlock:").parse().unwrap_or(0),
+            },
+        );
     }
-    out
+    maps::ALL.iter().filter_map(|n| found.remove(n)).collect()
 }
 
 fn mib(bytes: u64) -> String {
@@ -423,7 +422,8 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         let p: &mut Xdp = bpf.program_mut(name).with_context(|| format!("program {name}"))?.try_into()?;
         p.load().with_context(|| format!("loading {name}"))?;
     }
-    let mut b = Bench { bpf, events: None, next_range_id: 0, entries: BTreeMap::new() };
+    let ranges = RangeMaps::take(&mut bpf)?;
+    let mut b = Bench { bpf, ranges, events: None, next_range_id: 0, entries: BTreeMap::new() };
     let mut rng = Rng(0x005e_ed0f_9a7e_4eef);
 
     // Guarded port and event interval.
@@ -532,7 +532,7 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         ensure!(b.lookup(false, Net::V6(u128::from(src), 128)).is_some(), "deep v6 source not denied");
     }
 
-    let mem = map_memory(&b.bpf);
+    let mem = map_memory();
     b.events = Some(RingBuf::try_from(b.bpf.take_map(maps::EVENTS).unwrap())?);
 
     // The cases.
@@ -825,4 +825,140 @@ fn utc_now() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+// ------------------------------------------------------------ classify
+
+/// The `classify` subcommand: reverse-DNS classifier throughput on one
+/// thread, no root needed.
+mod classify_bench {
+    use std::collections::BTreeMap;
+    use std::hint::black_box;
+    use std::net::IpAddr;
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    use anyhow::{ensure, Context as _, Result};
+    use gatekeeper::classify::{load_rules, Class, Classifier};
+    use serde_json::json;
+
+    const TARGET_NAMES_PER_SEC: f64 = 1_000_000.0;
+    const DEFAULT_DATASET: &str = "data/rdns/dataset.tsv";
+
+    pub fn run(mut args: impl Iterator<Item = String>) -> Result<()> {
+        let mut dataset = PathBuf::from(DEFAULT_DATASET);
+        let mut seconds = 3.0f64;
+        let mut rules: Option<PathBuf> = None;
+        let mut json_path = PathBuf::from("target/bench/classify.json");
+        while let Some(a) = args.next() {
+            let mut value = || args.next().unwrap_or_else(|| super::usage());
+            match a.as_str() {
+                "--dataset" => dataset = PathBuf::from(value()),
+                "--seconds" => {
+                    seconds = value().parse().ok().filter(|s: &f64| *s > 0.0 && *s <= 600.0).unwrap_or_else(|| super::usage())
+                }
+                "--rules" => rules = Some(PathBuf::from(value())),
+                "--json" => json_path = PathBuf::from(value()),
+                _ => super::usage(),
+            }
+        }
+        // Run from the workspace root or anywhere else.
+        if !dataset.exists() && dataset == PathBuf::from(DEFAULT_DATASET) {
+            dataset = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/rdns/dataset.tsv"));
+        }
+        let text = std::fs::read_to_string(&dataset).with_context(|| format!("reading {}", dataset.display()))?;
+        let mut names: Vec<(IpAddr, String)> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let f: Vec<&str> = line.split('\t').collect();
+            if i == 0 && f.first() == Some(&"ip") || line.trim().is_empty() || line.starts_with('#') {
+                continue;
+            }
+            ensure!(f.len() >= 2, "{}:{}: expected ip<TAB>hostname", dataset.display(), i + 1);
+            let ip = f[0].parse().with_context(|| format!("{}:{}: bad ip {:?}", dataset.display(), i + 1, f[0]))?;
+            names.push((ip, f[1].to_string()));
+        }
+        ensure!(!names.is_empty(), "{}: no names", dataset.display());
+        let loaded = rules.as_ref().map(load_rules).transpose()?;
+        let rule_count = loaded.as_ref().map(|r| r.len());
+        let classifier = Classifier::new(loaded, vec![]);
+
+        let mut classes: BTreeMap<Class, usize> = BTreeMap::new();
+        for (ip, name) in &names {
+            *classes.entry(classifier.classify(*ip, name).class).or_default() += 1;
+        }
+
+        // `classify` (allocates the reasons vector each call) and
+        // `classify_into` (reuses one vector), each timed for `seconds`.
+        let timed = |reuse: bool| {
+            let mut reasons = Vec::new();
+            let pass = |reasons: &mut Vec<_>| {
+                for (ip, name) in &names {
+                    if reuse {
+                        black_box(classifier.classify_into(black_box(*ip), black_box(name), reasons));
+                    } else {
+                        black_box(classifier.classify(black_box(*ip), black_box(name)));
+                    }
+                }
+            };
+            let warm = Instant::now();
+            while warm.elapsed().as_secs_f64() < 0.2 {
+                pass(&mut reasons);
+            }
+            let start = Instant::now();
+            let mut done = 0u64;
+            loop {
+                pass(&mut reasons);
+                done += names.len() as u64;
+                if start.elapsed().as_secs_f64() >= seconds {
+                    break;
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            (done, secs, done as f64 / secs)
+        };
+        let (n_alloc, s_alloc, rate_alloc) = timed(false);
+        let (n_reuse, s_reuse, rate_reuse) = timed(true);
+
+        println!(
+            "classify: {} names from {} ({} dynamic, {} generic, {} named), rules: {}",
+            names.len(),
+            dataset.display(),
+            classes.get(&Class::Dynamic).unwrap_or(&0),
+            classes.get(&Class::Generic).unwrap_or(&0),
+            classes.get(&Class::Named).unwrap_or(&0),
+            rules.as_ref().map(|p| format!("{} ({} rules)", p.display(), rule_count.unwrap_or(0))).unwrap_or_else(|| "none".into())
+        );
+        println!("{:<22} {:>14} {:>10} {:>8}", "", "names/s", "ns/name", "target");
+        for (label, rate) in [("classify", rate_alloc), ("classify_into (reuse)", rate_reuse)] {
+            println!(
+                "{label:<22} {rate:>14.0} {:>10.1} {:>8}",
+                1e9 / rate,
+                if rate >= TARGET_NAMES_PER_SEC { "met" } else { "MISSED" }
+            );
+        }
+
+        let report = json!({
+            "benchmark": "classify",
+            "cpu": super::cpu_model(),
+            "date": super::utc_now(),
+            "threads": 1,
+            "dataset": dataset.display().to_string(),
+            "names": names.len(),
+            "classes": classes.iter().map(|(c, n)| (c.to_string(), *n)).collect::<BTreeMap<_, _>>(),
+            "rules": rules.as_ref().map(|p| p.display().to_string()),
+            "rule_count": rule_count,
+            "target_names_per_sec": TARGET_NAMES_PER_SEC,
+            "classify": { "names": n_alloc, "seconds": s_alloc, "names_per_sec": rate_alloc, "ns_per_name": 1e9 / rate_alloc,
+                          "met": rate_alloc >= TARGET_NAMES_PER_SEC },
+            "classify_into": { "names": n_reuse, "seconds": s_reuse, "names_per_sec": rate_reuse, "ns_per_name": 1e9 / rate_reuse,
+                               "met": rate_reuse >= TARGET_NAMES_PER_SEC },
+        });
+        if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", json_path.display()))?;
+        println!("\nwrote {}", json_path.display());
+        Ok(())
+    }
 }
