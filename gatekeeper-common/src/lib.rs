@@ -120,6 +120,10 @@ pub mod range_origin {
 pub mod config_flags {
     /// Count everything, drop nothing.
     pub const DRY_RUN: u32 = 1;
+    /// Drop SYNs from unknown sources until their verdict is in, for at
+    /// most `Config::hold_ms` after the first report (then pass: a dead
+    /// agent or DNS must never block anyone).
+    pub const HOLD: u32 = 2;
 }
 
 /// Key of the LPM tries: aya's `Key<[u8; 4]>` / `Key<[u8; 16]>` carries the
@@ -226,7 +230,9 @@ pub struct Config {
     pub event_interval_ns: u64,
     /// Bits of [`config_flags`].
     pub flags: u32,
-    pub _pad: u32,
+    /// With [`config_flags::HOLD`]: how long after its first report an
+    /// unknown source is held.
+    pub hold_ms: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use gatekeeper_common::{
-    action, addr, config_flags, family, range_kind, stat_index, v4_long_bit, Config, Counter, Event,
+    action, addr, config_flags, family, range_kind, stat_index, v4_long_bit, verdict_reason, Config, Counter, Event,
     Ipv4Bytes, Ipv6Bytes, RangeEntry, RangeValue, SourceKey, V4LongKey, V4Slot, Verdict, EVENTS_BYTES,
     MAX_IPV6_EXT_HEADERS, MAX_RANGES, MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS,
     STAT_ENTRIES, V4_SHORT_MAX, V4_SLOT_COUNT,
@@ -241,9 +241,7 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
             return xdp_action::XDP_PASS;
         }
     }
-    count(ifindex, Counter::Unknown as u32);
-    report(ifindex, &source, key, port, now);
-    xdp_action::XDP_PASS
+    unknown(ifindex, &source, key, port, now)
 }
 
 /// Longest-prefix match in the IPv4 table: the lengths present in the
@@ -302,16 +300,36 @@ fn hit(range_id: u32) {
     }
 }
 
-/// Reports an unknown source to the agent, at most once per interval.
+/// An unknown source: report it (at most once per interval) and pass, or
+/// with hold, drop while its first report is younger than `hold_ms`.
 #[inline(always)]
-fn report(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) {
-    let interval = config().event_interval_ns;
+fn unknown(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) -> u32 {
+    let cfg = config();
     // SAFETY: u64 copied out at once.
-    if let Some(last) = unsafe { GK_SEEN.get(&key) } {
-        if now.wrapping_sub(*last) < interval {
-            return;
+    let last = unsafe { GK_SEEN.get(&key) }.copied();
+    let due = match last {
+        Some(t) => now.wrapping_sub(t) >= cfg.event_interval_ns,
+        None => true,
+    };
+    let reported = due && report(ifindex, source, key, port, now);
+    if cfg.flags & config_flags::HOLD != 0 {
+        let since = if reported { Some(now) } else { last };
+        let held = match since {
+            Some(t) => now.wrapping_sub(t) < cfg.hold_ms as u64 * 1_000_000,
+            // Not reported (ring full): hold this SYN; the next one retries.
+            None => true,
+        };
+        if held {
+            return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD));
         }
     }
+    count(ifindex, Counter::Unknown as u32);
+    xdp_action::XDP_PASS
+}
+
+/// Queues an event for the agent; true when it was queued.
+#[inline(always)]
+fn report(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) -> bool {
     let (addr, fam) = match source {
         Source::V4(a) => (addr::mapped_v4(*a), family::V4),
         Source::V6(a) => (*a, family::V6),
@@ -322,8 +340,12 @@ fn report(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) {
             entry.submit(0);
             // Only a delivered report silences the source for an interval.
             let _ = GK_SEEN.insert(&key, &now, 0);
+            true
         }
-        None => count(ifindex, Counter::EventLost as u32),
+        None => {
+            count(ifindex, Counter::EventLost as u32);
+            false
+        }
     }
 }
 

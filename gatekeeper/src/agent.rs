@@ -23,7 +23,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    config::{validate_ports, Config},
+    config::{validate_ports, Config, FirstSyn},
     datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout},
     protocol::{Request, Response},
     store::{NewRange, RangeKind, RangeRecord, Store, VerdictRecord},
@@ -72,8 +72,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut dp = Datapath::load(&layout, cfg.max_verdicts)?;
     dp.maps.set_config(gatekeeper_common::Config {
         event_interval_ns: cfg.event_interval.as_nanos() as u64,
-        flags: if cfg.dry_run { config_flags::DRY_RUN } else { 0 },
-        _pad: 0,
+        flags: if cfg.dry_run { config_flags::DRY_RUN } else { 0 }
+            | if cfg.policy.first_syn == FirstSyn::Hold { config_flags::HOLD } else { 0 },
+        hold_ms: cfg.policy.hold_time.as_millis() as u32,
     })?;
     dp.maps.set_ports(&ports)?;
     let (added, removed) = reconcile(&mut store, &mut dp)?;
@@ -344,6 +345,35 @@ impl State {
                 json(serde_json::json!({ "removed": out }))
             }
             Request::BanList => json(serde_json::to_value(self.store.list_verdicts(Some(verdict_reason::MANUAL_BAN))?).unwrap_or_default()),
+            Request::VerdictList { reason } => json(serde_json::to_value(self.store.list_verdicts(reason)?).unwrap_or_default()),
+            Request::VerdictDel { addrs } => {
+                let all = self.store.list_verdicts(None)?;
+                let keys: Vec<SourceKey> = addrs.iter().map(|a| SourceKey::from_ip(*a)).collect();
+                if let Some(k) = keys.iter().find(|k| !all.iter().any(|v| v.key == **k)) {
+                    return Err(Error::NotFound { what: "verdict", key: k.display() });
+                }
+                let mut out = Vec::new();
+                for key in keys {
+                    out.push(self.store.del_verdict(key)?);
+                    self.dp.maps.del_verdict(key)?;
+                }
+                json(serde_json::json!({ "removed": out }))
+            }
+            Request::VerdictFlush { reason } => {
+                let doomed: Vec<VerdictRecord> = self
+                    .store
+                    .list_verdicts(reason)?
+                    .into_iter()
+                    .filter(|v| reason.is_some() || v.reason != verdict_reason::MANUAL_BAN)
+                    .collect();
+                for v in &doomed {
+                    self.store.del_verdict(v.key)?;
+                    self.dp.maps.del_verdict(v.key)?;
+                }
+                info!(removed = doomed.len(), "verdicts flushed");
+                json(serde_json::json!({ "removed": doomed.len() }))
+            }
+            Request::Check { .. } => Err(Error::Bpf("check is answered by the pipeline".into())),
             Request::PortsSet { ports } => {
                 let ports = validate_ports(&ports)?;
                 self.store.set_setting(PORTS_SETTING, &join_ports(&ports))?;

@@ -365,18 +365,30 @@ const VOCAB: &[(Kind, &[&str])] = &[
     (Kind::Unassigned, &["unknown", "unassigned", "unallocated", "noname", "unnamed", "unused", "generic"]),
 ];
 
-/// Words of at most 16 ASCII letters packed into a u128, sorted, for binary
-/// search (a `match` on 200 strings compiles to a linear chain).
-fn vocab() -> &'static [(u128, Kind, &'static str)] {
-    static TABLE: OnceLock<Vec<(u128, Kind, &'static str)>> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut v: Vec<_> = VOCAB
+/// The vocabulary: words of at most 16 ASCII letters packed into a u128,
+/// sorted for binary search (a `match` on 200 strings compiles to a linear
+/// chain), and a bitmap of the two-letter prefixes that start a word, which
+/// turns most non-words away before any search.
+struct Vocab {
+    table: Vec<(u128, Kind, &'static str)>,
+    prefix2: [u32; 26],
+}
+
+fn vocab() -> &'static Vocab {
+    static VOCAB_TABLE: OnceLock<Vocab> = OnceLock::new();
+    VOCAB_TABLE.get_or_init(|| {
+        let mut table: Vec<_> = VOCAB
             .iter()
             .flat_map(|(kind, words)| words.iter().map(move |w| (pack(w.as_bytes()), *kind, *w)))
             .collect();
-        v.sort_by_key(|e| e.0);
-        v.dedup_by_key(|e| e.0);
-        v
+        table.sort_by_key(|e| e.0);
+        table.dedup_by_key(|e| e.0);
+        let mut prefix2 = [0u32; 26];
+        for (_, _, w) in &table {
+            let b = w.as_bytes();
+            prefix2[usize::from(b[0] - b'a')] |= 1 << (b[1] - b'a');
+        }
+        Vocab { table, prefix2 }
     })
 }
 
@@ -389,13 +401,22 @@ fn pack(w: &[u8]) -> u128 {
     v
 }
 
-#[inline]
-fn lookup(table: &[(u128, Kind, &'static str)], w: &[u8]) -> Option<(Kind, &'static str)> {
-    if w.len() < 2 || w.len() > 16 {
-        return None;
+impl Vocab {
+    /// Could a vocabulary word start with the first two letters of `w`?
+    /// (`w` is lowercase ASCII letters.)
+    #[inline]
+    fn may_start(&self, w: &[u8]) -> bool {
+        w.len() >= 2 && self.prefix2[usize::from(w[0] - b'a')] & (1 << (w[1] - b'a')) != 0
     }
-    let key = pack(w);
-    table.binary_search_by_key(&key, |e| e.0).ok().map(|i| (table[i].1, table[i].2))
+
+    #[inline]
+    fn lookup(&self, w: &[u8]) -> Option<(Kind, &'static str)> {
+        if w.len() > 16 || !self.may_start(w) {
+            return None;
+        }
+        let key = pack(w);
+        self.table.binary_search_by_key(&key, |e| e.0).ok().map(|i| (self.table[i].1, self.table[i].2))
+    }
 }
 
 /// Private or placeholder top-level labels that no real mail server uses.
@@ -466,20 +487,24 @@ enum Strength {
     Full,
 }
 
-const MAX_RUNS: usize = 64;
+const MAX_RUNS: usize = 48;
 const MAX_HITS: usize = 12;
 
 #[derive(Clone, Copy, Default)]
 struct Run {
-    start: usize,
-    end: usize,
+    start: u8,
+    end: u8,
     val: u64,
 }
 
 impl Run {
     #[inline]
     fn len(&self) -> usize {
-        self.end - self.start
+        usize::from(self.end - self.start)
+    }
+    #[inline]
+    fn range(&self) -> std::ops::Range<usize> {
+        usize::from(self.start)..usize::from(self.end)
     }
     #[inline]
     fn octet(&self, o: u8) -> bool {
@@ -519,7 +544,8 @@ fn runs_of(name: &[u8], pred: impl Fn(u8) -> bool, out: &mut [Run; MAX_RUNS]) ->
         while i < name.len() && pred(name[i]) {
             i += 1;
         }
-        out[n] = Run { start, end: i, val: 0 };
+        // Names are at most MAX_NAME (255) bytes.
+        out[n] = Run { start: start as u8, end: i as u8, val: 0 };
         n += 1;
     }
     n
@@ -528,7 +554,7 @@ fn runs_of(name: &[u8], pred: impl Fn(u8) -> bool, out: &mut [Run; MAX_RUNS]) ->
 /// Runs `a` and `b` are joined by exactly one separator.
 #[inline]
 fn linked(name: &[u8], a: &Run, b: &Run) -> bool {
-    b.start == a.end + 1 && is_sep(name[a.end])
+    usize::from(b.start) == usize::from(a.end) + 1 && is_sep(name[usize::from(a.end)])
 }
 
 /// Reason strings for chain forms: [separator][reversed][padded].
@@ -543,7 +569,7 @@ fn chain_form(name: &[u8], runs: &[Run], reversed: bool) -> &'static str {
     let mut sep: Option<u8> = None;
     let mut mixed = false;
     for w in runs.windows(2) {
-        let c = name[w[0].end];
+        let c = name[usize::from(w[0].end)];
         match sep {
             None => sep = Some(c),
             Some(s) if s != c => mixed = true,
@@ -576,7 +602,7 @@ fn in_hex_runs(name: &[u8], hex_runs: &[Run], needle: &[u8]) -> bool {
     hex_runs
         .iter()
         .filter(|r| r.len() >= needle.len())
-        .any(|r| name[r.start..r.end].windows(needle.len()).any(|w| w == needle))
+        .any(|r| name[r.range()].windows(needle.len()).any(|w| w == needle))
 }
 
 fn embedded_v4(name: &[u8], ip: Ipv4Addr) -> (Strength, &'static str) {
@@ -585,7 +611,7 @@ fn embedded_v4(name: &[u8], ip: Ipv4Addr) -> (Strength, &'static str) {
     let n = runs_of(name, |b| b.is_ascii_digit(), &mut runs);
     let runs = &mut runs[..n];
     for r in runs.iter_mut() {
-        r.val = name[r.start..r.end]
+        r.val = name[r.range()]
             .iter()
             .try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
             .unwrap_or(u64::MAX);
@@ -743,7 +769,7 @@ fn embedded_v6(name: &[u8], ip: Ipv6Addr) -> (Strength, &'static str) {
     let n = runs_of(name, |b| b.is_ascii_alphanumeric(), &mut runs);
     let runs = &mut runs[..n];
     for r in runs.iter_mut() {
-        let s = &name[r.start..r.end];
+        let s = &name[r.range()];
         r.val = if s.len() <= 4 && s.iter().all(u8::is_ascii_hexdigit) {
             s.iter().fold(0u64, |acc, &c| acc << 4 | u64::from((c as char).to_digit(16).unwrap_or(0)))
         } else {
@@ -844,7 +870,7 @@ impl Evidence {
 }
 
 fn scan_tokens(name: &[u8], host_end: usize, tld_start: usize, ev: &mut Evidence) {
-    let table = vocab();
+    let vocab = vocab();
     let mut i = 0;
     let limit = tld_start;
     while i < limit {
@@ -875,13 +901,13 @@ fn scan_tokens(name: &[u8], host_end: usize, tld_start: usize, ev: &mut Evidence
                 k += 1;
             }
             let word = &piece[ws..k];
-            if let Some((kind, w)) = lookup(table, word) {
+            if let Some((kind, w)) = vocab.lookup(word) {
                 ev.add(kind, w, in_host);
-            } else if in_host && word.len() >= 4 && word.len() <= 16 {
+            } else if in_host && word.len() >= 4 && word.len() <= 16 && vocab.may_start(word) {
                 // Two known words run together: dynamicip, dyndsl, mailout.
                 for cut in 2..=word.len() - 2 {
-                    if let Some((k1, w1)) = lookup(table, &word[..cut]) {
-                        if let Some((k2, w2)) = lookup(table, &word[cut..]) {
+                    if let Some((k1, w1)) = vocab.lookup(&word[..cut]) {
+                        if let Some((k2, w2)) = vocab.lookup(&word[cut..]) {
                             ev.add(k1, w1, true);
                             ev.add(k2, w2, true);
                             break;
@@ -1408,11 +1434,11 @@ mod tests {
     #[test]
     fn vocab_is_packed_without_collisions() {
         let total: usize = VOCAB.iter().map(|(_, w)| w.len()).sum();
-        assert_eq!(vocab().len(), total, "a word appears twice in VOCAB");
+        assert_eq!(vocab().table.len(), total, "a word appears twice in VOCAB");
         for (_, words) in VOCAB {
             for w in *words {
                 assert!(w.len() >= 2 && w.len() <= 16 && w.bytes().all(|b| b.is_ascii_lowercase()), "{w}");
-                assert!(lookup(vocab(), w.as_bytes()).is_some());
+                assert!(vocab().lookup(w.as_bytes()).is_some());
             }
         }
     }

@@ -78,6 +78,23 @@ pub fn print_bans(rows: &[Value]) {
     table(&["SOURCE", "EXPIRES", "COMMENT"], &rows);
 }
 
+pub fn print_verdicts(rows: &[Value]) {
+    if rows.is_empty() {
+        println!("(no verdicts)");
+        return;
+    }
+    let reason = |v: &Value| {
+        let r = v.as_u64().unwrap_or(u64::MAX) as u32;
+        counter_name(gatekeeper_common::Counter::verdict_drop(r)).to_string()
+    };
+    let act = |v: &Value| if v.as_u64() == Some(gatekeeper_common::action::DROP as u64) { "drop" } else { "pass" }.to_string();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| vec![s(&r["key"]), act(&r["action"]), reason(&r["reason"]), expires(&r["expires_at"]), s(&r["comment"])])
+        .collect();
+    table(&["SOURCE", "ACTION", "REASON", "EXPIRES", "DETAIL"], &rows);
+}
+
 /// What the pins say, for `status` with or without an agent.
 fn pinned_status(layout: &PinLayout) -> Result<Value> {
     if !layout.is_loaded() {

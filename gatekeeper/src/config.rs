@@ -69,6 +69,120 @@ pub struct Config {
     pub max_verdicts: u32,
     #[serde(deserialize_with = "de_log_level")]
     pub log_level: String,
+    /// What each reverse-DNS outcome does.
+    pub policy: PolicyConfig,
+    /// Learning whole dynamic ranges.
+    pub learning: LearningConfig,
+    /// Operator rules and trusted suffixes for the hostname classifier.
+    pub classifier: ClassifierConfig,
+    /// Bounds that hold under a flood of spoofed sources.
+    pub limits: LimitsConfig,
+}
+
+/// Drop or pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Drop,
+    Pass,
+}
+
+/// What the datapath does with a SYN from a source it knows nothing about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirstSyn {
+    /// Pass it; the verdict applies from the next connection on.
+    #[default]
+    Pass,
+    /// Drop SYNs until the verdict is in (for at most `hold_time`); real
+    /// MTAs retransmit the SYN after about a second.
+    Hold,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub no_ptr: Action,
+    pub fcrdns_fail: Action,
+    pub dynamic: Action,
+    pub generic: Action,
+    pub ok: Action,
+    pub first_syn: FirstSyn,
+    /// With `first_syn = "hold"`: after this long an unanswered source
+    /// passes, so a dead resolver or agent never blocks anyone.
+    #[serde(deserialize_with = "de_duration")]
+    pub hold_time: Duration,
+    /// Verdicts live as long as the DNS answers' TTL, within these bounds.
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl_min: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl_max: Duration,
+    /// A temporary DNS failure passes (always) and is retried after this.
+    #[serde(deserialize_with = "de_duration")]
+    pub tempfail_ttl: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            no_ptr: Action::Drop,
+            fcrdns_fail: Action::Drop,
+            dynamic: Action::Drop,
+            generic: Action::Pass,
+            ok: Action::Pass,
+            first_syn: FirstSyn::Pass,
+            hold_time: Duration::from_secs(3),
+            ttl_min: Duration::from_secs(300),
+            ttl_max: Duration::from_secs(86_400),
+            tempfail_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LearningConfig {
+    pub enabled: bool,
+    /// Dynamic sources with the same naming shape in one IPv4 /24 or IPv6
+    /// /48 that promote it to a learned deny range.
+    pub min_sources: u32,
+    /// Lifetime of a learned range.
+    #[serde(deserialize_with = "de_duration")]
+    pub expire: Duration,
+    /// Prefixes tracked at once (memory bound).
+    pub max_prefixes: usize,
+}
+
+impl Default for LearningConfig {
+    fn default() -> Self {
+        LearningConfig { enabled: true, min_sources: 3, expire: Duration::from_secs(7 * 86_400), max_prefixes: 65_536 }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// Operator rules: `class regex` lines or a Postfix pcre table.
+    pub rules: Option<PathBuf>,
+    /// Domain suffixes whose hosts always pass (e.g. "example.net").
+    pub trusted: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Reverse-DNS lookups started per second at most.
+    pub dns_rate: u32,
+    /// Sources waiting for a lookup at most; the rest stay unknown (pass).
+    pub max_pending: usize,
+    /// Lookups in flight at most.
+    pub max_inflight: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { dns_rate: 500, max_pending: 10_000, max_inflight: 64 }
+    }
 }
 
 impl Default for Config {
@@ -84,6 +198,10 @@ impl Default for Config {
             event_interval: Duration::from_secs(30),
             max_verdicts: 262_144,
             log_level: "info".into(),
+            policy: PolicyConfig::default(),
+            learning: LearningConfig::default(),
+            classifier: ClassifierConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -100,7 +218,32 @@ impl Config {
 
     /// Parses config text; `path` is only used in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        toml::from_str(text).map_err(|e| Error::Config { path: path.to_path_buf(), message: describe(text, &e) })
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| Error::Config { path: path.to_path_buf(), message: describe(text, &e) })?;
+        cfg.check().map_err(|message| Error::Config { path: path.to_path_buf(), message })?;
+        Ok(cfg)
+    }
+
+    /// Checks that span several keys.
+    fn check(&self) -> std::result::Result<(), String> {
+        let p = &self.policy;
+        if p.ttl_min > p.ttl_max {
+            return Err(format!(
+                "[policy] ttl_min ({}s) is above ttl_max ({}s)",
+                p.ttl_min.as_secs(),
+                p.ttl_max.as_secs()
+            ));
+        }
+        if p.hold_time > Duration::from_secs(30) {
+            return Err("[policy] hold_time must be at most 30s: a held source gets no mail at all".into());
+        }
+        if self.learning.min_sources < 2 {
+            return Err("[learning] min_sources must be at least 2".into());
+        }
+        if self.limits.dns_rate == 0 || self.limits.max_pending == 0 || self.limits.max_inflight == 0 {
+            return Err("[limits] dns_rate, max_pending and max_inflight must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -235,6 +378,21 @@ mod tests {
             }
             other => panic!("expected a config error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn policy_sections_parse_and_are_checked() {
+        let c = Config::parse("[policy]\ngeneric = \"drop\"\nfirst_syn = \"hold\"\n[learning]\nenabled = false\n", Path::new("t.toml")).unwrap();
+        assert_eq!(c.policy.generic, Action::Drop);
+        assert_eq!(c.policy.first_syn, FirstSyn::Hold);
+        assert_eq!(c.policy.dynamic, Action::Drop, "defaults stay");
+        assert!(!c.learning.enabled);
+        let e = Config::parse("[policy]\nttl_min = \"2d\"\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("ttl_min") && e.contains("t.toml"), "{e}");
+        let e = Config::parse("[policy]\ntempfail = \"drop\"\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("tempfail"), "{e}");
+        let e = Config::parse("[policy]\ndynamic = \"reject\"\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
     }
 
     #[test]

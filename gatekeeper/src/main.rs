@@ -52,6 +52,23 @@ enum Cmd {
     /// Guarded destination ports (default 25).
     #[command(subcommand)]
     Ports(PortsCmd),
+    /// Per-source verdicts the agent learned from reverse DNS.
+    #[command(subcommand)]
+    Verdict(VerdictCmd),
+    /// Classify hostnames offline: `IP HOSTNAME` lines on stdin (or one pair as arguments).
+    Classify {
+        /// Operator rules: `class regex` lines or a Postfix pcre table [default: the config's].
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// Domain suffix whose hosts are always `named` (repeatable) [default: the config's].
+        #[arg(long = "trust", value_name = "SUFFIX")]
+        trusted: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        /// One source address and its hostname.
+        #[arg(num_args = 0..=2, value_names = ["IP", "HOSTNAME"])]
+        pair: Vec<String>,
+    },
     /// Programs, interfaces, modes, map fill levels, agent up/down.
     Status {
         #[arg(long)]
@@ -188,6 +205,28 @@ enum BanCmd {
 }
 
 #[derive(Subcommand)]
+enum VerdictCmd {
+    /// List verdicts (with their outcome and expiry).
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Only this reason: no-ptr, fcrdns-fail, dynamic, generic, ok, tempfail, manual-ban.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Forget the verdicts of these sources (they are looked up again).
+    Del {
+        #[arg(required = true, value_name = "ADDR")]
+        addrs: Vec<IpAddr>,
+    },
+    /// Forget every automatic verdict (manual bans stay), or those of one reason.
+    Flush {
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum PortsCmd {
     /// Replace the guarded ports, e.g. `ports set 25 587` or `ports set 25,587`.
     Set {
@@ -261,6 +300,8 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Allow(cmd) => allow(&target(&cli)?, cmd),
         Cmd::Ban(cmd) => ban(&target(&cli)?, cmd),
         Cmd::Ports(cmd) => ports(&target(&cli)?, cmd),
+        Cmd::Verdict(cmd) => verdict(&target(&cli)?, cmd),
+        Cmd::Classify { rules, trusted, json, pair } => classify(&cli, rules.as_deref(), trusted, *json, pair),
         Cmd::Status { json } => cli::status(&target(&cli)?.socket, &target(&cli)?.pin_dir, *json),
         Cmd::Stats { json, watch, top } => {
             let t = target(&cli)?;
@@ -486,6 +527,62 @@ fn ports(t: &Target, cmd: &PortsCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A verdict reason by its operator-facing name.
+fn parse_reason(name: &str) -> Result<u32> {
+    use gatekeeper_common::{counters::counter_name, verdict_reason as vr, Counter};
+    (0..vr::COUNT)
+        .find(|r| counter_name(Counter::verdict_drop(*r)) == name)
+        .ok_or_else(|| anyhow::anyhow!("unknown reason {name:?}: expected no-ptr, fcrdns-fail, dynamic, generic, ok, tempfail or manual-ban"))
+}
+
+fn verdict(t: &Target, cmd: &VerdictCmd) -> Result<()> {
+    match cmd {
+        VerdictCmd::List { json, reason } => {
+            let reason = reason.as_deref().map(parse_reason).transpose()?;
+            let data = call(&t.socket, &Request::VerdictList { reason })?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                cli::print_verdicts(data.as_array().map(Vec::as_slice).unwrap_or_default());
+            }
+        }
+        VerdictCmd::Del { addrs } => {
+            let data = call(&t.socket, &Request::VerdictDel { addrs: addrs.clone() })?;
+            for v in data["removed"].as_array().into_iter().flatten() {
+                println!("forgot the verdict for {}", v["key"].as_str().unwrap_or("?"));
+            }
+        }
+        VerdictCmd::Flush { reason } => {
+            let reason = reason.as_deref().map(parse_reason).transpose()?;
+            let data = call(&t.socket, &Request::VerdictFlush { reason })?;
+            println!("removed {} verdict(s)", data["removed"]);
+        }
+    }
+    Ok(())
+}
+
+fn classify(cli: &Cli, rules: Option<&Path>, trusted: &[String], json: bool, pair: &[String]) -> Result<()> {
+    use gatekeeper::classify::{classify_lines, load_rules, Classifier};
+    if pair.len() == 1 {
+        bail!("give both an address and a hostname, or none to read `IP HOSTNAME` lines from standard input");
+    }
+    let cfg = load_config(cli)?;
+    let rules = match rules.or(cfg.classifier.rules.as_deref()) {
+        Some(p) => Some(load_rules(p)?),
+        None => None,
+    };
+    let trusted = if trusted.is_empty() { cfg.classifier.trusted.clone() } else { trusted.to_vec() };
+    let classifier = Classifier::new(rules, trusted);
+    let stdout = std::io::stdout().lock();
+    if pair.len() == 2 {
+        let line = format!("{} {}\n", pair[0], pair[1]);
+        classify_lines(&classifier, line.as_bytes(), stdout, json)?;
+    } else {
+        classify_lines(&classifier, std::io::stdin().lock(), stdout, json)?;
+    }
+    Ok(())
 }
 
 fn unload(t: &Target) -> Result<()> {

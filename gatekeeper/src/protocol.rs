@@ -42,6 +42,14 @@ pub enum Request {
     BanAdd { addrs: Vec<IpAddr>, comment: Option<String>, expire_secs: Option<u64> },
     BanDel { addrs: Vec<IpAddr> },
     BanList,
+    /// Per-source verdicts (all reasons, or one).
+    VerdictList { reason: Option<u32> },
+    VerdictDel { addrs: Vec<IpAddr> },
+    /// Removes every verdict of `reason`, or every automatic one (not
+    /// manual bans) when `None`.
+    VerdictFlush { reason: Option<u32> },
+    /// Live explanation of what decides for a source.
+    Check { ip: IpAddr },
     PortsSet { ports: Vec<u16> },
     PortsList,
     Status,

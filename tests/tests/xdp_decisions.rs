@@ -121,7 +121,7 @@ impl Gk {
 
     fn config(&mut self, event_interval_ns: u64, flags: u32) {
         let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
-        cfg.set(0, Config { event_interval_ns, flags, _pad: 0 }, 0).unwrap();
+        cfg.set(0, Config { event_interval_ns, flags, hold_ms: 0 }, 0).unwrap();
     }
 
     /// Adds a range the way the agent does: the trie gets what

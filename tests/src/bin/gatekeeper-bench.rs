@@ -261,7 +261,7 @@ impl Bench {
 
     fn config(&mut self, event_interval_ns: u64) -> Result<()> {
         let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap())?;
-        cfg.set(0, Config { event_interval_ns, flags: 0, _pad: 0 }, 0)?;
+        cfg.set(0, Config { event_interval_ns, flags: 0, hold_ms: 0 }, 0)?;
         Ok(())
     }
 

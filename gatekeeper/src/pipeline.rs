@@ -1,0 +1,303 @@
+//! The pure parts of the agent's reverse-DNS pipeline: turning a lookup
+//! into a verdict, bounding the DNS query rate, and learning dynamic
+//! ranges. The agent wires these to the event ring, the resolver and the
+//! datapath.
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use gatekeeper_common::{action, verdict_reason, SourceKey};
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{
+    classify::{Class, Classifier},
+    config::{Action, LearningConfig, PolicyConfig},
+    dns::{DnsOutcome, Lookup},
+};
+
+/// What the policy made of a lookup.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    /// `no-ptr`, `fcrdns-fail`, `dynamic`, `generic`, `ok` or `tempfail`.
+    pub outcome: &'static str,
+    /// One of [`gatekeeper_common::action`].
+    pub action: u32,
+    /// One of [`gatekeeper_common::verdict_reason`].
+    pub reason: u32,
+    /// How long the verdict lives.
+    #[serde(serialize_with = "secs")]
+    pub ttl: Duration,
+    /// The classifier's reasons, for a confirmed name.
+    pub reasons: Vec<String>,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+fn act(a: Action) -> u32 {
+    match a {
+        Action::Drop => action::DROP,
+        Action::Pass => action::PASS,
+    }
+}
+
+/// The verdict for a finished lookup. A temporary failure always passes,
+/// with the short retry TTL: a DNS outage never blocks anyone.
+pub fn decide(lookup: &Lookup, classifier: &Classifier, policy: &PolicyConfig) -> Decision {
+    let ttl = lookup.ttl.unwrap_or(policy.ttl_min).clamp(policy.ttl_min, policy.ttl_max);
+    let d = |outcome, a: Action, reason, reasons| Decision { outcome, action: act(a), reason, ttl, reasons };
+    match lookup.outcome {
+        DnsOutcome::TempFail => Decision {
+            outcome: "tempfail",
+            action: action::PASS,
+            reason: verdict_reason::TEMPFAIL,
+            ttl: policy.tempfail_ttl,
+            reasons: Vec::new(),
+        },
+        DnsOutcome::NoPtr => d("no-ptr", policy.no_ptr, verdict_reason::NO_PTR, Vec::new()),
+        DnsOutcome::FcrdnsFail => d("fcrdns-fail", policy.fcrdns_fail, verdict_reason::FCRDNS_FAIL, Vec::new()),
+        DnsOutcome::Confirmed => {
+            let name = lookup.confirmed.as_deref().unwrap_or_default();
+            let c = classifier.classify(lookup.ip, name);
+            let reasons = c.reasons.iter().map(|r| r.to_string()).collect();
+            match c.class {
+                Class::Dynamic => d("dynamic", policy.dynamic, verdict_reason::DYNAMIC, reasons),
+                Class::Generic => d("generic", policy.generic, verdict_reason::GENERIC, reasons),
+                Class::Named => d("ok", policy.ok, verdict_reason::OK, reasons),
+            }
+        }
+    }
+}
+
+/// A token bucket over DNS queries: a lookup waits for one token to start
+/// and pays for its forward queries when done, so the long-run query rate
+/// stays at `rate` per second whatever arrives.
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32) -> TokenBucket {
+        let rate = rate.max(1) as f64;
+        // A burst of a tenth of a second's worth (at least one).
+        let burst = (rate / 10.0).max(1.0);
+        TokenBucket { rate, burst, tokens: burst, last: Instant::now() }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// Takes `n` tokens if they are there; otherwise how long to wait.
+    pub fn take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.tokens >= n.min(self.burst) {
+            self.tokens -= n;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((n.min(self.burst) - self.tokens) / self.rate))
+        }
+    }
+
+    /// Charges `n` more tokens (may go negative: later lookups wait).
+    pub fn charge(&mut self, n: f64, now: Instant) {
+        self.refill(now);
+        self.tokens -= n;
+    }
+}
+
+/// A hostname with its numbers masked: `dsl-1-2-3-4.pool.isp.net` and
+/// `dsl-1-2-3-9.pool.isp.net` share the shape `dsl-#-#-#-#.pool.isp.net`.
+pub fn shape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut in_digits = false;
+    for c in name.chars() {
+        if c.is_ascii_digit() {
+            if !in_digits {
+                out.push('#');
+            }
+            in_digits = true;
+        } else {
+            out.push(c.to_ascii_lowercase());
+            in_digits = false;
+        }
+    }
+    out
+}
+
+/// The prefix a source's range would be learned at: IPv4 /24, IPv6 /48.
+pub fn learning_prefix(ip: IpAddr) -> IpNet {
+    let net = match ip {
+        IpAddr::V4(_) => IpNet::new(ip, 24),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), 24),
+            None => IpNet::new(ip, 48),
+        },
+    };
+    net.expect("valid prefix length").trunc()
+}
+
+/// A range the learner wants denied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Learned {
+    pub net: IpNet,
+    pub shape: String,
+    pub sources: usize,
+}
+
+/// Counts dynamic sources per (prefix, naming shape) and promotes a prefix
+/// once `min_sources` distinct sources share a shape. Memory is bounded by
+/// `max_prefixes` (the oldest prefix is forgotten first).
+pub struct Learner {
+    cfg: LearningConfig,
+    seen: HashMap<IpNet, HashMap<String, BTreeSet<SourceKey>>>,
+    /// Prefixes in the order they were first tracked (may hold some that
+    /// were promoted since).
+    order: VecDeque<IpNet>,
+}
+
+impl Learner {
+    pub fn new(cfg: LearningConfig) -> Learner {
+        Learner { cfg, seen: HashMap::new(), order: VecDeque::new() }
+    }
+
+    /// Records a source judged `dynamic` under `name`; returns the range to
+    /// learn when this completes one.
+    pub fn observe(&mut self, ip: IpAddr, name: &str) -> Option<Learned> {
+        if !self.cfg.enabled {
+            return None;
+        }
+        let net = learning_prefix(ip);
+        let shape = shape(name);
+        if !self.seen.contains_key(&net) {
+            while self.seen.len() >= self.cfg.max_prefixes.max(1) {
+                match self.order.pop_front() {
+                    Some(old) => {
+                        self.seen.remove(&old);
+                    }
+                    None => break,
+                }
+            }
+            self.order.push_back(net);
+        }
+        let sources = self.seen.entry(net).or_default().entry(shape.clone()).or_default();
+        sources.insert(SourceKey::from_ip(ip));
+        if sources.len() >= self.cfg.min_sources as usize {
+            let n = sources.len();
+            self.seen.remove(&net);
+            return Some(Learned { net, shape, sources: n });
+        }
+        None
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(outcome: DnsOutcome, name: Option<&str>, ttl: Option<u64>) -> Lookup {
+        Lookup {
+            ip: "198.51.100.7".parse().unwrap(),
+            outcome,
+            ptr_names: name.map(|n| vec![n.to_string()]).unwrap_or_default(),
+            confirmed: name.map(str::to_string),
+            ttl: ttl.map(Duration::from_secs),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn outcomes_map_to_the_default_policy() {
+        let c = Classifier::default();
+        let p = PolicyConfig::default();
+        let d = decide(&lookup(DnsOutcome::NoPtr, None, Some(60)), &c, &p);
+        assert_eq!((d.outcome, d.action, d.reason), ("no-ptr", action::DROP, verdict_reason::NO_PTR));
+        assert_eq!(d.ttl, p.ttl_min, "short TTLs are clamped up");
+        let d = decide(&lookup(DnsOutcome::FcrdnsFail, None, Some(1_000_000)), &c, &p);
+        assert_eq!((d.outcome, d.action), ("fcrdns-fail", action::DROP));
+        assert_eq!(d.ttl, p.ttl_max, "long TTLs are clamped down");
+        let d = decide(&lookup(DnsOutcome::Confirmed, Some("dsl-198-51-100-7.pool.example.net"), Some(3600)), &c, &p);
+        assert_eq!((d.outcome, d.action, d.ttl), ("dynamic", action::DROP, Duration::from_secs(3600)));
+        assert!(!d.reasons.is_empty());
+        let d = decide(&lookup(DnsOutcome::Confirmed, Some("mail.example.org"), Some(3600)), &c, &p);
+        assert_eq!((d.outcome, d.action), ("ok", action::PASS));
+    }
+
+    #[test]
+    fn tempfail_always_passes_whatever_the_policy() {
+        let c = Classifier::default();
+        let p = PolicyConfig { no_ptr: Action::Drop, fcrdns_fail: Action::Drop, ..PolicyConfig::default() };
+        let d = decide(&lookup(DnsOutcome::TempFail, None, None), &c, &p);
+        assert_eq!((d.outcome, d.action, d.ttl), ("tempfail", action::PASS, p.tempfail_ttl));
+    }
+
+    #[test]
+    fn token_bucket_bounds_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(100);
+        let mut started = 0;
+        // Simulate 2 s in 1 ms steps with unbounded demand of 4 queries each.
+        for ms in 0..2000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            while b.take(1.0, now).is_ok() {
+                b.charge(3.0, now);
+                started += 1;
+            }
+        }
+        let queries = started * 4;
+        assert!(queries <= 100 * 2 + 10 + 4, "{queries} queries in 2 s at 100/s");
+        assert!(queries >= 150, "the bucket must not starve: {queries}");
+        assert!(b.take(1.0, t0 + Duration::from_millis(2000)).is_err());
+    }
+
+    #[test]
+    fn shapes_mask_numbers() {
+        assert_eq!(shape("dsl-1-2-3-4.pool.isp.net"), "dsl-#-#-#-#.pool.isp.net");
+        assert_eq!(shape("DSL-10-20-30-40.Pool.ISP.net"), "dsl-#-#-#-#.pool.isp.net");
+        assert_eq!(shape("c-73-12-5-9.hsd1.ca.comcast.net"), "c-#-#-#-#.hsd#.ca.comcast.net");
+    }
+
+    #[test]
+    fn learner_promotes_a_prefix_after_min_sources_of_one_shape() {
+        let mut l = Learner::new(LearningConfig { min_sources: 3, ..LearningConfig::default() });
+        assert_eq!(l.observe("198.51.100.1".parse().unwrap(), "dsl-198-51-100-1.pool.example.net"), None);
+        // Same source twice counts once; another shape does not add up.
+        assert_eq!(l.observe("198.51.100.1".parse().unwrap(), "dsl-198-51-100-1.pool.example.net"), None);
+        assert_eq!(l.observe("198.51.100.2".parse().unwrap(), "cable-2.other.example.net"), None);
+        assert_eq!(l.observe("198.51.100.3".parse().unwrap(), "dsl-198-51-100-3.pool.example.net"), None);
+        let got = l.observe("198.51.100.4".parse().unwrap(), "dsl-198-51-100-4.pool.example.net").unwrap();
+        assert_eq!(got.net, "198.51.100.0/24".parse::<IpNet>().unwrap());
+        assert_eq!(got.shape, "dsl-#-#-#-#.pool.example.net");
+        assert_eq!(got.sources, 3);
+        // IPv6 learns per /48.
+        let mut l = Learner::new(LearningConfig { min_sources: 2, ..LearningConfig::default() });
+        l.observe("2001:db8:5:1::1".parse().unwrap(), "dyn-1.v6.example.net");
+        let got = l.observe("2001:db8:5:2::1".parse().unwrap(), "dyn-2.v6.example.net").unwrap();
+        assert_eq!(got.net, "2001:db8:5::/48".parse::<IpNet>().unwrap());
+    }
+
+    #[test]
+    fn learner_memory_is_bounded_and_can_be_off() {
+        let mut l = Learner::new(LearningConfig { max_prefixes: 10, min_sources: 5, ..LearningConfig::default() });
+        for i in 0..1000u32 {
+            l.observe(IpAddr::V4((0xc000_0000 + (i << 8)).into()), "dyn-1.example.net");
+        }
+        assert!(l.tracked() <= 10);
+        let mut off = Learner::new(LearningConfig { enabled: false, min_sources: 2, ..LearningConfig::default() });
+        off.observe("198.51.100.1".parse().unwrap(), "dyn-1.example.net");
+        assert_eq!(off.observe("198.51.100.2".parse().unwrap(), "dyn-2.example.net"), None);
+    }
+}
