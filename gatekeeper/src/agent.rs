@@ -5,7 +5,9 @@
 //! Exiting never detaches anything: the pinned datapath keeps enforcing the
 //! last state until a new agent adopts it or `gatekeeper unload` runs.
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
+    net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -18,12 +20,16 @@ use serde::Serialize;
 use tokio::{
     io::{unix::AsyncFd, AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{watch, Mutex},
+    sync::{mpsc, watch, Mutex},
 };
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    classify::{load_rules, Classifier},
     config::{validate_ports, Config, FirstSyn},
+    dns::{Lookup, Resolver},
+    pipeline::{decide, Learned, Learner, TokenBucket},
+    store::Origin,
     datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout},
     protocol::{Request, Response},
     store::{NewRange, RangeKind, RangeRecord, Store, VerdictRecord},
@@ -43,6 +49,50 @@ struct State {
     attached: Vec<Attached>,
     started_at: i64,
     events: u64,
+    classifier: Arc<Classifier>,
+    learner: Learner,
+    /// Lookups finished, by outcome.
+    outcomes: BTreeMap<&'static str, u64>,
+    /// Ranges learned since start.
+    learned: u64,
+}
+
+/// The queue between the event ring and the resolver: bounded, and each
+/// source is in it (or being looked up) at most once.
+struct Queue {
+    tx: mpsc::Sender<IpAddr>,
+    pending: std::sync::Mutex<HashSet<SourceKey>>,
+    queued: AtomicU64,
+    duplicate: AtomicU64,
+    overflow: AtomicU64,
+}
+
+impl Queue {
+    /// Queues a source for a lookup; false when it was already pending or
+    /// the queue is full (the source stays unknown and passes).
+    fn submit(&self, ip: IpAddr) -> bool {
+        let key = SourceKey::from_ip(ip);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.contains(&key) {
+            self.duplicate.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match self.tx.try_send(ip) {
+            Ok(()) => {
+                pending.insert(key);
+                self.queued.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.overflow.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn done(&self, ip: IpAddr) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&SourceKey::from_ip(ip));
+    }
 }
 
 /// Runs the agent until SIGINT/SIGTERM or `gatekeeper unload`.
@@ -53,6 +103,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             message: "no interfaces to guard: pass --iface IFACE or set `interfaces = [..]` in the config".into(),
         });
     }
+    let rules = match &cfg.classifier.rules {
+        Some(p) => Some(load_rules(p)?),
+        None => None,
+    };
+    let classifier = Arc::new(Classifier::new(rules, cfg.classifier.trusted.clone()));
+    let resolver = Arc::new(Resolver::new(&cfg.dns)?);
     let db = cfg.state_dir.join("gatekeeper.db");
     let mut store = Store::open(&db)?;
     let ports = match &cfg.ports {
@@ -100,14 +156,36 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let listener = bind_socket(&cfg.socket)?;
     let socket_path = cfg.socket.clone();
-    let state = Arc::new(Mutex::new(State { cfg, store, dp, attached, started_at: unix_now(), events: 0 }));
+    let limits = cfg.limits.clone();
+    let learner = Learner::new(cfg.learning.clone());
+    let state = Arc::new(Mutex::new(State {
+        cfg,
+        store,
+        dp,
+        attached,
+        started_at: unix_now(),
+        events: 0,
+        classifier,
+        learner,
+        outcomes: BTreeMap::new(),
+        learned: 0,
+    }));
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (tx, rx) = mpsc::channel(limits.max_pending);
+    let queue = Arc::new(Queue {
+        tx,
+        pending: Default::default(),
+        queued: AtomicU64::new(0),
+        duplicate: AtomicU64::new(0),
+        overflow: AtomicU64::new(0),
+    });
 
     tokio::spawn(sweeper(state.clone()));
     if let Some(rb) = events {
-        tokio::spawn(event_reader(state.clone(), rb));
+        tokio::spawn(event_reader(state.clone(), queue.clone(), rb));
     }
-    tokio::spawn(serve(listener, state.clone(), stop_tx.clone()));
+    tokio::spawn(lookups(state.clone(), queue.clone(), rx, resolver.clone(), limits));
+    tokio::spawn(serve(listener, state.clone(), queue, resolver, stop_tx.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("install SIGTERM handler", e))?;
@@ -187,7 +265,13 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn serve(listener: UnixListener, state: Arc<Mutex<State>>, stop: watch::Sender<bool>) {
+async fn serve(
+    listener: UnixListener,
+    state: Arc<Mutex<State>>,
+    queue: Arc<Queue>,
+    resolver: Arc<Resolver>,
+    stop: watch::Sender<bool>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -199,15 +283,21 @@ async fn serve(listener: UnixListener, state: Arc<Mutex<State>>, stop: watch::Se
         };
         let state = state.clone();
         let stop = stop.clone();
+        let ctx = (queue.clone(), resolver.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle_conn(stream, state, stop).await {
+            if let Err(e) = handle_conn(stream, state, ctx, stop).await {
                 debug!(error = %e, "control connection");
             }
         });
     }
 }
 
-async fn handle_conn(stream: UnixStream, state: Arc<Mutex<State>>, stop: watch::Sender<bool>) -> std::io::Result<()> {
+async fn handle_conn(
+    stream: UnixStream,
+    state: Arc<Mutex<State>>,
+    (queue, resolver): (Arc<Queue>, Arc<Resolver>),
+    stop: watch::Sender<bool>,
+) -> std::io::Result<()> {
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == 0 => {}
         _ => {
@@ -222,11 +312,30 @@ async fn handle_conn(stream: UnixStream, state: Arc<Mutex<State>>, stop: watch::
     let Some(line) = lines.next_line().await? else { return Ok(()) };
     let (resp, unload) = match serde_json::from_str::<Request>(&line) {
         Err(e) => (Response::err(format!("bad request: {e}")), false),
+        Ok(Request::Check { ip }) => {
+            // The live lookup runs outside the state lock.
+            let lookup = resolver.lookup(ip).await;
+            let st = state.lock().await;
+            match tokio::task::block_in_place(|| st.check(&lookup)) {
+                Ok(v) => (Response::ok(v), false),
+                Err(e) => (Response::err(e), false),
+            }
+        }
         Ok(req) => {
             let unload = matches!(req, Request::Unload);
             let mut st = state.lock().await;
             let resp = match tokio::task::block_in_place(|| st.handle(req)) {
-                Ok(v) => Response::ok(v),
+                Ok(mut v) => {
+                    if let Some(obj) = v.as_object_mut().filter(|o| o.contains_key("events_received")) {
+                        obj.insert("queue".into(), serde_json::json!({
+                            "queued": queue.queued.load(Ordering::Relaxed),
+                            "duplicate": queue.duplicate.load(Ordering::Relaxed),
+                            "overflow": queue.overflow.load(Ordering::Relaxed),
+                            "pending": queue.pending.lock().map(|p| p.len()).unwrap_or(0),
+                        }));
+                    }
+                    Response::ok(v)
+                }
                 Err(e) => Response::err(e),
             };
             (resp, unload)
@@ -406,6 +515,9 @@ impl State {
                         "verdicts": self.cfg.max_verdicts,
                     },
                     "events_received": self.events,
+                    "lookups": self.outcomes,
+                    "learned_ranges": self.learned,
+                    "learning_prefixes_tracked": self.learner.tracked(),
                 }))
             }
             Request::Unload => {
@@ -477,7 +589,7 @@ async fn sweeper(state: Arc<Mutex<State>>) {
     }
 }
 
-async fn event_reader(state: Arc<Mutex<State>>, rb: aya::maps::RingBuf<aya::maps::MapData>) {
+async fn event_reader(state: Arc<Mutex<State>>, queue: Arc<Queue>, rb: aya::maps::RingBuf<aya::maps::MapData>) {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
     // as long as the AsyncFd owns the RingBuf.
     let mut afd = match unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) } {
@@ -505,11 +617,163 @@ async fn event_reader(state: Arc<Mutex<State>>, rb: aya::maps::RingBuf<aya::maps
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
             let ip = gatekeeper_common::addr::event_ip(ev.addr, ev.family);
             debug!(source = %ip, port = ev.port, ifindex = ev.ifindex, "unknown source");
+            queue.submit(ip);
             n += 1;
         }
         guard.clear_ready();
         if n > 0 {
             state.lock().await.events += n;
         }
+    }
+}
+
+/// Looks sources up at most `dns_rate` queries per second with at most
+/// `max_inflight` lookups at once, and applies each result.
+async fn lookups(
+    state: Arc<Mutex<State>>,
+    queue: Arc<Queue>,
+    mut rx: mpsc::Receiver<IpAddr>,
+    resolver: Arc<Resolver>,
+    limits: crate::config::LimitsConfig,
+) {
+    let bucket = Arc::new(std::sync::Mutex::new(TokenBucket::new(limits.dns_rate)));
+    let inflight = Arc::new(tokio::sync::Semaphore::new(limits.max_inflight));
+    while let Some(ip) = rx.recv().await {
+        loop {
+            let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).take(1.0, std::time::Instant::now());
+            match wait {
+                Ok(()) => break,
+                Err(d) => tokio::time::sleep(d).await,
+            }
+        }
+        let Ok(permit) = inflight.clone().acquire_owned().await else { return };
+        let (state, queue, resolver, bucket) = (state.clone(), queue.clone(), resolver.clone(), bucket.clone());
+        tokio::spawn(async move {
+            let lookup = resolver.lookup(ip).await;
+            // Pay for the forward queries the lookup made.
+            bucket.lock().unwrap_or_else(|e| e.into_inner()).charge(lookup.ptr_names.len() as f64, std::time::Instant::now());
+            let mut st = state.lock().await;
+            if let Err(e) = tokio::task::block_in_place(|| st.apply(&lookup)) {
+                error!(source = %ip, error = %e, "could not apply a lookup");
+            }
+            drop(st);
+            queue.done(ip);
+            drop(permit);
+        });
+    }
+}
+
+impl State {
+    /// Writes the verdict a lookup calls for (never over a manual ban) and
+    /// feeds dynamic sources to the range learner.
+    fn apply(&mut self, lookup: &Lookup) -> Result<()> {
+        let d = decide(lookup, &self.classifier, &self.cfg.policy);
+        *self.outcomes.entry(d.outcome).or_default() += 1;
+        let key = SourceKey::from_ip(lookup.ip);
+        if self.store.verdict(key)?.is_some_and(|v| v.reason == verdict_reason::MANUAL_BAN) {
+            return Ok(());
+        }
+        let now = unix_now();
+        let name = lookup.confirmed.as_deref().or(lookup.ptr_names.first().map(String::as_str));
+        let comment = match (name, d.reasons.is_empty()) {
+            (Some(n), false) => format!("{}: {n} ({})", d.outcome, d.reasons.join(",")),
+            (Some(n), true) => format!("{}: {n}; {}", d.outcome, lookup.detail),
+            (None, _) => format!("{}: {}", d.outcome, lookup.detail),
+        };
+        let rec = VerdictRecord {
+            key,
+            action: d.action,
+            reason: d.reason,
+            comment: Some(comment),
+            created_at: now,
+            expires_at: Some(now + d.ttl.as_secs() as i64),
+        };
+        self.store.upsert_verdict(&rec)?;
+        self.dp.maps.set_verdict(key, verdict_value(&rec, now, monotonic_ns()))?;
+        info!(source = %key.display(), outcome = d.outcome, action = if d.action == action::DROP { "drop" } else { "pass" }, ttl = d.ttl.as_secs(), "verdict");
+        if d.outcome == "dynamic" {
+            if let Some(l) = self.learner.observe(lookup.ip, name.unwrap_or_default()) {
+                self.learn(l, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a learned deny range (unless an allow range overlaps it).
+    fn learn(&mut self, l: Learned, now: i64) -> Result<()> {
+        let new = NewRange {
+            net: l.net,
+            origin: Origin::Learned,
+            source: "learned".into(),
+            comment: Some(format!("{} dynamic hosts named like {}", l.sources, l.shape)),
+            expires_at: Some(now + self.cfg.learning.expire.as_secs() as i64),
+        };
+        match self.store.add_ranges(RangeKind::Deny, &[new], false, true, now) {
+            Ok(added) => {
+                for r in &added {
+                    self.dp.maps.reset_range_hits(r.id)?;
+                }
+                self.sync_ranges(&added, true)?;
+                if !added.is_empty() {
+                    self.learned += 1;
+                    info!(range = %l.net, shape = %l.shape, sources = l.sources, "learned a dynamic range");
+                }
+                Ok(())
+            }
+            Err(Error::Overlap { .. }) => {
+                info!(range = %l.net, "not learning a dynamic range that overlaps an allow range");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `gatekeeper check`: the lookup, the policy, and what decides for the
+    /// source in the datapath now.
+    fn check(&self, lookup: &Lookup) -> Result<serde_json::Value> {
+        let d = decide(lookup, &self.classifier, &self.cfg.policy);
+        let ip = lookup.ip;
+        let key = SourceKey::from_ip(ip);
+        let range = self
+            .dp
+            .maps
+            .ranges
+            .ranges()
+            .into_iter()
+            .filter(|(n, _)| n.contains(&ip))
+            .max_by_key(|(n, _)| n.prefix_len());
+        let range = match range {
+            Some((net, v)) => {
+                let rec = self.store.list_ranges(None)?.into_iter().find(|r| r.id == v.range_id);
+                Some(serde_json::json!({
+                    "net": net,
+                    "kind": if v.kind == gatekeeper_common::range_kind::ALLOW { "allow" } else { "deny" },
+                    "record": rec,
+                }))
+            }
+            None => None,
+        };
+        let mono = monotonic_ns();
+        let verdict = self.dp.maps.verdicts.get(&key, 0).ok().map(|v| {
+            serde_json::json!({
+                "action": if v.action == action::DROP { "drop" } else { "pass" },
+                "reason": gatekeeper_common::counters::counter_name(gatekeeper_common::Counter::verdict_drop(v.reason)),
+                "live": v.expires_ns > mono,
+                "expires_in_secs": if v.expires_ns == u64::MAX { None } else { Some(v.expires_ns.saturating_sub(mono) / 1_000_000_000) },
+                "record": self.store.verdict(key).ok().flatten(),
+            })
+        });
+        let decides = match (&range, &verdict) {
+            (Some(r), _) => format!("{} range {}", r["kind"].as_str().unwrap_or("?"), r["net"].as_str().unwrap_or("?")),
+            (None, Some(v)) if v["live"] == true => format!("verdict: {} ({})", v["action"].as_str().unwrap_or("?"), v["reason"].as_str().unwrap_or("?")),
+            _ => "nothing: the source is unknown, passes, and is looked up".into(),
+        };
+        Ok(serde_json::json!({
+            "ip": ip,
+            "source_key": key.display(),
+            "lookup": lookup,
+            "decision": d,
+            "datapath": { "decides": decides, "range": range, "verdict": verdict },
+        }))
     }
 }

@@ -78,6 +78,32 @@ pub fn print_bans(rows: &[Value]) {
     table(&["SOURCE", "EXPIRES", "COMMENT"], &rows);
 }
 
+/// `gatekeeper check` for people.
+pub fn print_check(v: &Value) {
+    let l = &v["lookup"];
+    let d = &v["decision"];
+    println!("source:     {} (verdicts key {})", s(&v["ip"]), s(&v["source_key"]));
+    let names: Vec<String> = l["ptr_names"].as_array().into_iter().flatten().map(s).collect();
+    println!("PTR:        {}", if names.is_empty() { "none".to_string() } else { names.join(", ") });
+    println!("DNS:        {} ({})", s(&l["outcome"]), s(&l["detail"]));
+    if let Some(c) = l["confirmed"].as_str() {
+        println!("confirmed:  {c}");
+    }
+    let reasons: Vec<String> = d["reasons"].as_array().into_iter().flatten().map(s).collect();
+    let act = if d["action"].as_u64() == Some(gatekeeper_common::action::DROP as u64) { "drop" } else { "pass" };
+    println!(
+        "outcome:    {}{} -> {act} for {}",
+        s(&d["outcome"]),
+        if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
+        format_duration_short(Duration::from_secs(d["ttl"].as_u64().unwrap_or(0)))
+    );
+    println!("datapath:   decided by {}", s(&v["datapath"]["decides"]));
+    if let Some(vd) = v["datapath"]["verdict"].as_object() {
+        let left = vd.get("expires_in_secs").and_then(Value::as_u64).map(|x| format!("expires in {}", format_duration_short(Duration::from_secs(x)))).unwrap_or_else(|| "never expires".into());
+        println!("verdict:    {} ({}), {}", s(&vd["action"]), s(&vd["reason"]), left);
+    }
+}
+
 pub fn print_verdicts(rows: &[Value]) {
     if rows.is_empty() {
         println!("(no verdicts)");

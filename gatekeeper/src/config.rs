@@ -77,6 +77,8 @@ pub struct Config {
     pub classifier: ClassifierConfig,
     /// Bounds that hold under a flood of spoofed sources.
     pub limits: LimitsConfig,
+    /// The resolver for reverse-DNS lookups.
+    pub dns: crate::dns::DnsConfig,
 }
 
 /// Drop or pass.
@@ -202,6 +204,7 @@ impl Default for Config {
             learning: LearningConfig::default(),
             classifier: ClassifierConfig::default(),
             limits: LimitsConfig::default(),
+            dns: crate::dns::DnsConfig::default(),
         }
     }
 }
@@ -243,6 +246,7 @@ impl Config {
         if self.limits.dns_rate == 0 || self.limits.max_pending == 0 || self.limits.max_inflight == 0 {
             return Err("[limits] dns_rate, max_pending and max_inflight must be at least 1".into());
         }
+        self.dns.validate().map_err(|e| format!("[dns] {e}"))?;
         Ok(())
     }
 }

@@ -46,6 +46,12 @@ pub enum Error {
     /// the other lines were classified.
     #[error("{bad} bad input line(s), the first at line {first_line}; the other lines were classified")]
     ClassifyInput { bad: usize, first_line: usize },
+    /// A DNS resolver address that does not parse.
+    #[error("invalid DNS server {input:?}: {reason} (expected an IP address or IP:port, e.g. 192.0.2.53 or [2001:db8::53]:5300)")]
+    InvalidDnsServer { input: String, reason: String },
+    /// A DNS setting that cannot work, or a resolver that cannot be set up.
+    #[error("dns: {0}")]
+    Dns(String),
 }
 
 /// One bad line of a list file.

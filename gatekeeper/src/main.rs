@@ -52,6 +52,12 @@ enum Cmd {
     /// Guarded destination ports (default 25).
     #[command(subcommand)]
     Ports(PortsCmd),
+    /// Explain a source: live PTR, forward confirmation, class, policy, and what decides in the datapath.
+    Check {
+        ip: IpAddr,
+        #[arg(long)]
+        json: bool,
+    },
     /// Per-source verdicts the agent learned from reverse DNS.
     #[command(subcommand)]
     Verdict(VerdictCmd),
@@ -301,6 +307,15 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Ban(cmd) => ban(&target(&cli)?, cmd),
         Cmd::Ports(cmd) => ports(&target(&cli)?, cmd),
         Cmd::Verdict(cmd) => verdict(&target(&cli)?, cmd),
+        Cmd::Check { ip, json } => {
+            let data = call(&target(&cli)?.socket, &Request::Check { ip: *ip })?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                cli::print_check(&data);
+            }
+            Ok(())
+        }
         Cmd::Classify { rules, trusted, json, pair } => classify(&cli, rules.as_deref(), trusted, *json, pair),
         Cmd::Status { json } => cli::status(&target(&cli)?.socket, &target(&cli)?.pin_dir, *json),
         Cmd::Stats { json, watch, top } => {

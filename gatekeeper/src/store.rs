@@ -589,6 +589,15 @@ impl Store {
         Ok(out)
     }
 
+    /// The verdict for `key`, if any.
+    pub fn verdict(&self, key: SourceKey) -> Result<Option<VerdictRecord>> {
+        use rusqlite::OptionalExtension as _;
+        self.conn
+            .query_row(&format!("SELECT {VERDICT_COLS} FROM verdicts WHERE key = ?1"), [key.display()], verdict_row)
+            .optional()
+            .map_err(db(&self.path))
+    }
+
     /// Deletes and returns the verdicts with `expires_at <= now`.
     pub fn expire_verdicts(&mut self, now: i64) -> Result<Vec<VerdictRecord>> {
         let e = db(&self.path);
@@ -650,6 +659,17 @@ mod tests {
             created_at: 100,
             expires_at,
         }
+    }
+
+    #[test]
+    fn verdict_point_lookup() {
+        let mut s = Store::open_in_memory().unwrap();
+        let key = SourceKey::from_ip("2001:db8:1:2::9".parse().unwrap());
+        assert_eq!(s.verdict(key).unwrap(), None);
+        let v = VerdictRecord { key, action: 1, reason: 3, comment: Some("x".into()), created_at: 5, expires_at: Some(50) };
+        s.upsert_verdict(&v).unwrap();
+        assert_eq!(s.verdict(key).unwrap(), Some(v));
+        assert_eq!(s.verdict(SourceKey::from_ip("192.0.2.1".parse().unwrap())).unwrap(), None);
     }
 
     #[test]
