@@ -210,7 +210,8 @@ pub enum DnsOutcome {
     /// A PTR name maps back to the source.
     Confirmed,
     /// DNS could not tell (error code, timeout, unreachable, ...). Never a
-    /// reason to refuse anyone.
+    /// reason to refuse anyone. (`tempfail`, not kebab-case `temp-fail`.)
+    #[serde(rename = "tempfail")]
     TempFail,
 }
 

@@ -64,7 +64,13 @@ fn report(title: &str, rows: &[(&Row, Class)]) -> Confusion {
     println!("\n== {title}: {} rows", rows.len());
     println!("{:>16} {:>8} {:>8} {:>8}", "label \\ predicted", "dynamic", "generic", "named");
     for l in Class::ALL {
-        println!("{:>16} {:>8} {:>8} {:>8}", l.to_string(), get(l, Class::Dynamic), get(l, Class::Generic), get(l, Class::Named));
+        println!(
+            "{:>16} {:>8} {:>8} {:>8}",
+            l.to_string(),
+            get(l, Class::Dynamic),
+            get(l, Class::Generic),
+            get(l, Class::Named)
+        );
     }
     for c in Class::ALL {
         let tp = get(c, c);

@@ -136,7 +136,7 @@ fn owner_pid(name: &str) -> Option<u32> {
 }
 
 /// Benchmarks `gatekeeper-bench` knows; `cargo xtask bench all` runs each.
-pub const BENCHES: &[&str] = &["xdp"];
+pub const BENCHES: &[&str] = &["xdp", "classify"];
 
 /// `cargo run --release -p gatekeeper-tests --bin gatekeeper-bench -- NAME ARGS`
 /// for `which` (or every one of [`BENCHES`] for `all`). Results are JSON in
