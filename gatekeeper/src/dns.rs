@@ -39,6 +39,12 @@
 //!   dropped, at most [`MAX_PTR_NAMES`] are read, duplicates removed, and
 //!   they are sorted so the same RRset in any order gives the same result;
 //!   the first `max_names` of them are forward-checked (concurrently).
+//! * **Several servers**: hickory's pool asks them (two at a time, fastest
+//!   first) and fails over on timeouts and unreachable servers, but returns
+//!   an error code (SERVFAIL, REFUSED, ...) or a failed TCP retry from the
+//!   first server that sends one. Then each server is asked on its own (side
+//!   by side) and the first real answer wins, so one broken resolver among
+//!   several does not turn every lookup into `tempfail`.
 //! * IPv4-mapped IPv6 sources (`::ffff:192.0.2.7`) are looked up as IPv4,
 //!   and [`Lookup::ip`] is the IPv4 address.
 //! * `/etc/hosts` is not consulted. hickory answers names under
@@ -46,13 +52,15 @@
 //!   and `.onion` (RFC 6761), without asking a server.
 //! * Time: one query takes at most `timeout` per attempt, `attempts`
 //!   times (the UDP try and its TCP retry share one attempt's `timeout`); a
-//!   lookup is the PTR query plus the forward queries run side by side, and
-//!   each query is also capped by a hard deadline of
-//!   `2 × timeout × attempts + 1s` in case hickory misbehaves.
+//!   lookup is the PTR query plus the forward queries run side by side
+//!   (with several servers, an error-code failure adds one round of
+//!   per-server queries), and each query is also capped by a hard deadline
+//!   of `2 × timeout × attempts + 1s` in case hickory misbehaves.
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use hickory_resolver::{
     config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts},
     net::{runtime::TokioRuntimeProvider, DnsError, NetError, NoRecords},
@@ -136,7 +144,9 @@ pub fn parse_server(input: &str) -> Result<SocketAddr> {
         SocketAddr::new(ip, 53)
     } else if let Ok(sa) = s.parse::<SocketAddr>() {
         sa
-    } else if let Some(ip) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).and_then(|r| r.parse::<IpAddr>().ok()) {
+    } else if let Some(ip) =
+        s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).and_then(|r| r.parse::<IpAddr>().ok())
+    {
         SocketAddr::new(ip, 53)
     } else if s.contains('%') {
         return Err(err("scoped (link-local) addresses are not supported"));
@@ -267,16 +277,26 @@ enum Answer {
     /// NXDOMAIN (`nxdomain`) or NOERROR without records of the asked type;
     /// `ttl` from the SOA if there was one.
     Negative { nxdomain: bool, ttl: Option<u32> },
-    /// No usable answer; the reason.
-    Failed(String),
+    /// No usable answer: the reason, and whether asking the servers one by
+    /// one may help (a server answered with an error code or a referral, or
+    /// TCP after truncation failed: hickory's pool returns such failures
+    /// at once instead of trying the other servers; it does fail over on
+    /// timeouts and unreachable servers).
+    Failed { why: String, retry_singly: bool },
 }
 
 /// One forward check of one PTR name.
 #[derive(Debug)]
 enum Forward {
-    Match { ttl: u32, detail: String },
+    Match {
+        ttl: u32,
+        detail: String,
+    },
     /// Answered, does not contain the source.
-    NoMatch { ttl: Option<u32>, detail: String },
+    NoMatch {
+        ttl: Option<u32>,
+        detail: String,
+    },
     Failed(String),
 }
 
@@ -288,10 +308,12 @@ enum Forward {
 /// resolver keeps connections (e.g. TCP after a truncated answer) whose
 /// tasks live on the runtime that opened them.
 pub struct Resolver {
-    inner: TokioResolver,
+    /// All servers in one hickory pool.
+    all: Upstream,
+    /// With several servers, one resolver per server, asked (side by side)
+    /// when the pool failed with an error code (see [`Answer::Failed`]).
+    singles: Vec<Upstream>,
     max_names: usize,
-    /// The servers, for messages: `127.0.0.1:5300` or `a:53, b:53`.
-    servers: String,
     timeout: Duration,
     attempts: usize,
     deadline: Duration,
@@ -300,7 +322,7 @@ pub struct Resolver {
 impl fmt::Debug for Resolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Resolver")
-            .field("servers", &self.servers)
+            .field("servers", &self.all.desc)
             .field("timeout", &self.timeout)
             .field("attempts", &self.attempts)
             .field("max_names", &self.max_names)
@@ -333,14 +355,10 @@ impl Resolver {
         if name_servers.is_empty() {
             return Err(Error::Dns("no DNS servers".into()));
         }
-        let servers = name_servers
-            .iter()
-            .map(|ns| {
-                let port = ns.connections.first().map_or(53, |c| c.port);
-                SocketAddr::new(ns.ip, port).to_string()
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let desc = |ns: &NameServerConfig| {
+            let port = ns.connections.first().map_or(53, |c| c.port);
+            SocketAddr::new(ns.ip, port).to_string()
+        };
 
         let mut opts = ResolverOpts::default();
         opts.timeout = cfg.timeout;
@@ -356,26 +374,43 @@ impl Resolver {
         opts.preserve_intermediates = true;
         opts.ndots = 1;
 
-        let inner = hickory_resolver::Resolver::builder_with_config(
-            ResolverConfig::from_name_servers(name_servers),
-            TokioRuntimeProvider::default(),
-        )
-        .with_options(opts)
-        .build()
-        .map_err(|e| Error::Dns(format!("cannot build the DNS resolver: {e}")))?;
+        let build = |servers: Vec<NameServerConfig>| -> Result<Upstream> {
+            let desc = servers.iter().map(desc).collect::<Vec<_>>().join(", ");
+            let resolver = hickory_resolver::Resolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+            .with_options(opts.clone())
+            .build()
+            .map_err(|e| Error::Dns(format!("cannot build the DNS resolver: {e}")))?;
+            Ok(Upstream { resolver, desc })
+        };
+        let singles = if name_servers.len() > 1 {
+            name_servers.iter().map(|ns| build(vec![ns.clone()])).collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let all = build(name_servers)?;
 
         let deadline = cfg.timeout * 2 * cfg.attempts as u32 + Duration::from_secs(1);
-        Ok(Resolver { inner, max_names: cfg.max_names, servers, timeout: cfg.timeout, attempts: cfg.attempts, deadline })
+        Ok(Resolver { all, singles, max_names: cfg.max_names, timeout: cfg.timeout, attempts: cfg.attempts, deadline })
     }
 
     /// Reverse-resolves and forward-confirms `ip`. Never fails: every
     /// failure is a [`DnsOutcome::TempFail`] with the reason in `detail`.
     pub async fn lookup(&self, ip: IpAddr) -> Lookup {
         let ip = ip.to_canonical();
-        let mut out = Lookup { ip, outcome: DnsOutcome::TempFail, ptr_names: Vec::new(), confirmed: None, ttl: None, detail: String::new() };
+        let mut out = Lookup {
+            ip,
+            outcome: DnsOutcome::TempFail,
+            ptr_names: Vec::new(),
+            confirmed: None,
+            ttl: None,
+            detail: String::new(),
+        };
         let rname = reverse_name(ip);
         let (ptr_records, ptr_ttl) = match self.query(&rname, RecordType::PTR).await {
-            Answer::Failed(why) => {
+            Answer::Failed { why, .. } => {
                 out.detail = format!("PTR {why}");
                 return out;
             }
@@ -392,7 +427,9 @@ impl Resolver {
         if names.is_empty() {
             out.outcome = DnsOutcome::NoPtr;
             out.ttl = Some(ttl_duration(ptr_ttl));
-            out.detail = format!("PTR: no usable name ({rejected} rejected: root name or longer than {MAX_NAME_LEN} characters)");
+            out.detail = format!(
+                "PTR: no usable name ({rejected} rejected: root name or longer than {MAX_NAME_LEN} characters)"
+            );
             return out;
         }
         let total = names.len();
@@ -405,7 +442,11 @@ impl Resolver {
 
         let mut notes = Vec::new();
         if total > checked.len() {
-            notes.push(format!("{} more PTR name(s) not checked (max_names {})", total - checked.len(), self.max_names));
+            notes.push(format!(
+                "{} more PTR name(s) not checked (max_names {})",
+                total - checked.len(),
+                self.max_names
+            ));
         }
         if rejected > 0 {
             notes.push(format!("{rejected} PTR name(s) rejected"));
@@ -425,14 +466,22 @@ impl Resolver {
         let details: Vec<&str> = forwards
             .iter()
             .map(|f| match f {
-                Forward::Match { detail, .. } | Forward::NoMatch { detail, .. } | Forward::Failed(detail) => detail.as_str(),
+                Forward::Match { detail, .. } | Forward::NoMatch { detail, .. } | Forward::Failed(detail) => {
+                    detail.as_str()
+                }
             })
             .collect();
         if forwards.iter().any(|f| matches!(f, Forward::Failed(_))) {
             // Failures first: they are why this is not fcrdns-fail.
-            let mut ordered: Vec<&str> =
-                forwards.iter().zip(&details).filter(|(f, _)| matches!(f, Forward::Failed(_))).map(|(_, d)| *d).collect();
-            ordered.extend(forwards.iter().zip(&details).filter(|(f, _)| !matches!(f, Forward::Failed(_))).map(|(_, d)| *d));
+            let mut ordered: Vec<&str> = forwards
+                .iter()
+                .zip(&details)
+                .filter(|(f, _)| matches!(f, Forward::Failed(_)))
+                .map(|(_, d)| *d)
+                .collect();
+            ordered.extend(
+                forwards.iter().zip(&details).filter(|(f, _)| !matches!(f, Forward::Failed(_))).map(|(_, d)| *d),
+            );
             out.outcome = DnsOutcome::TempFail;
             out.detail = format!("{}{suffix}", ordered.join("; "));
             return out;
@@ -453,7 +502,7 @@ impl Resolver {
     /// The forward check of one PTR name.
     async fn forward(&self, shown: &str, name: &Name, rtype: RecordType, ip: IpAddr) -> Forward {
         match self.query(name, rtype).await {
-            Answer::Failed(why) => Forward::Failed(format!("{shown}. {rtype} {why}")),
+            Answer::Failed { why, .. } => Forward::Failed(format!("{shown}. {rtype} {why}")),
             Answer::Negative { nxdomain, ttl } => Forward::NoMatch {
                 ttl,
                 detail: format!("{shown}. {rtype} {}", if nxdomain { "NXDOMAIN" } else { "NODATA" }),
@@ -477,12 +526,31 @@ impl Resolver {
         }
     }
 
-    /// One query, classified by response code.
+    /// One query, classified by response code. When the pool fails with an
+    /// error code and there are several servers, the servers are asked one
+    /// by one (side by side); the first answer wins.
     async fn query(&self, name: &Name, rtype: RecordType) -> Answer {
-        let result = match tokio::time::timeout(self.deadline, self.inner.lookup(name.clone(), rtype)).await {
+        let first = self.query_on(&self.all, name, rtype).await;
+        if self.singles.is_empty() || !matches!(first, Answer::Failed { retry_singly: true, .. }) {
+            return first;
+        }
+        let mut tries: FuturesUnordered<_> = self.singles.iter().map(|u| self.query_on(u, name, rtype)).collect();
+        while let Some(answer) = tries.next().await {
+            if !matches!(answer, Answer::Failed { .. }) {
+                return answer;
+            }
+        }
+        first
+    }
+
+    async fn query_on(&self, up: &Upstream, name: &Name, rtype: RecordType) -> Answer {
+        let result = match tokio::time::timeout(self.deadline, up.resolver.lookup(name.clone(), rtype)).await {
             Ok(r) => r,
             Err(_) => {
-                return Answer::Failed(format!("no answer from {} within {:?} (hard deadline)", self.servers, self.deadline))
+                return Answer::Failed {
+                    why: format!("no answer from {} within {:?} (hard deadline)", up.desc, self.deadline),
+                    retry_singly: false,
+                }
             }
         };
         match result {
@@ -494,38 +562,44 @@ impl Resolver {
                     _ => Answer::Negative { nxdomain: false, ttl: None },
                 }
             }
-            Err(e) => self.classify_error(e),
+            Err(e) => self.classify_error(e, &up.desc),
         }
     }
 
-    fn classify_error(&self, e: NetError) -> Answer {
-        let rcode_failure = |rc: ResponseCode| Answer::Failed(format!("{} from {}", rcode_name(rc), self.servers));
+    /// Only NXDOMAIN and NOERROR are answers; everything else fails.
+    fn classify_error(&self, e: NetError, servers: &str) -> Answer {
+        let fail = |why: String, retry_singly: bool| Answer::Failed { why, retry_singly };
+        let rcode_failure = |rc: ResponseCode| fail(format!("{} from {servers}", rcode_name(rc)), true);
         match e {
             NetError::Dns(DnsError::NoRecordsFound(NoRecords { response_code, soa, ns, negative_ttl, .. })) => {
                 match response_code {
                     ResponseCode::NXDomain => Answer::Negative { nxdomain: true, ttl: negative_ttl },
-                    ResponseCode::NoError if soa.is_none() && ns.is_some() => Answer::Failed(format!(
-                        "referral instead of an answer from {} (not a recursive resolver?)",
-                        self.servers
-                    )),
+                    ResponseCode::NoError if soa.is_none() && ns.is_some() => {
+                        fail(format!("referral instead of an answer from {servers} (not a recursive resolver?)"), true)
+                    }
                     ResponseCode::NoError => Answer::Negative { nxdomain: false, ttl: negative_ttl },
                     // e.g. SERVFAIL surfaced as "no records found".
                     rc => rcode_failure(rc),
                 }
             }
             NetError::Dns(DnsError::ResponseCode(rc)) => rcode_failure(rc),
-            NetError::Timeout => Answer::Failed(format!(
-                "timed out: no answer from {} ({:?} × {} attempt(s))",
-                self.servers, self.timeout, self.attempts
-            )),
-            NetError::Truncated => {
-                Answer::Failed(format!("truncated answer from {} and the TCP retry failed", self.servers))
-            }
-            NetError::Io(io) => Answer::Failed(format!("{} ({io})", self.servers)),
-            NetError::NoConnections => Answer::Failed(format!("no connection to {}", self.servers)),
-            other => Answer::Failed(format!("{} ({other})", self.servers)),
+            NetError::Timeout => fail(
+                format!("timed out: no answer from {servers} ({:?} × {} attempt(s))", self.timeout, self.attempts),
+                false,
+            ),
+            NetError::Truncated => fail(format!("truncated answer from {servers} and the TCP retry failed"), true),
+            NetError::Io(io) => fail(format!("{servers} ({io})"), false),
+            NetError::NoConnections => fail(format!("no connection to {servers}"), false),
+            other => fail(format!("{servers} ({other})"), true),
         }
     }
+}
+
+/// A hickory resolver and the servers it asks, for messages
+/// (`127.0.0.1:5300` or `192.0.2.53:53, 192.0.2.54:53`).
+struct Upstream {
+    resolver: TokioResolver,
+    desc: String,
 }
 
 /// `SERVFAIL`, `REFUSED`, ... for messages.
@@ -568,8 +642,11 @@ fn collect_answer(answers: &[Record], qname: &Name, rtype: RecordType) -> (Vec<R
             _ => break,
         }
     }
-    let records: Vec<Record> =
-        answers.iter().filter(|r| r.record_type() == rtype && owners.contains(&r.name.to_lowercase())).cloned().collect();
+    let records: Vec<Record> = answers
+        .iter()
+        .filter(|r| r.record_type() == rtype && owners.contains(&r.name.to_lowercase()))
+        .cloned()
+        .collect();
     if records.is_empty() {
         return (records, None);
     }
@@ -644,7 +721,16 @@ mod tests {
         assert_eq!(parse_server("2001:db8::53").unwrap(), "[2001:db8::53]:53".parse().unwrap());
         assert_eq!(parse_server("[2001:db8::53]").unwrap(), "[2001:db8::53]:53".parse().unwrap());
         assert_eq!(parse_server("[2001:db8::53]:5300").unwrap(), "[2001:db8::53]:5300".parse().unwrap());
-        for bad in ["", "dns.example", "192.0.2.53:0", "192.0.2.300", "0.0.0.0", "224.0.0.1", "192.0.2.53:99999", "fe80::1%eth0"] {
+        for bad in [
+            "",
+            "dns.example",
+            "192.0.2.53:0",
+            "192.0.2.300",
+            "0.0.0.0",
+            "224.0.0.1",
+            "192.0.2.53:99999",
+            "fe80::1%eth0",
+        ] {
             let e = parse_server(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("{:?}", bad.trim())), "{bad:?}: {e}");
         }
@@ -683,7 +769,12 @@ mod tests {
     fn resolver_builds_without_a_runtime_and_rejects_bad_settings() {
         let cfg = DnsConfig { servers: vec!["127.0.0.1:5300".into()], ..DnsConfig::default() };
         let r = Resolver::new(&cfg).unwrap();
-        assert_eq!(r.servers, "127.0.0.1:5300");
+        assert_eq!(r.all.desc, "127.0.0.1:5300");
+        assert!(r.singles.is_empty());
+        let two = DnsConfig { servers: vec!["127.0.0.1:5300".into(), "[::1]".into()], ..DnsConfig::default() };
+        let r = Resolver::new(&two).unwrap();
+        assert_eq!(r.all.desc, "127.0.0.1:5300, [::1]:53");
+        assert_eq!(r.singles.len(), 2);
         for bad in [
             DnsConfig { attempts: 0, ..cfg.clone() },
             DnsConfig { max_names: 0, ..cfg.clone() },

@@ -108,7 +108,12 @@ impl Zone {
     pub fn new(origin: &str) -> Zone {
         let origin = fqdn(origin).trim_end_matches('.').to_string();
         assert!(!origin.is_empty(), "a zone needs an origin");
-        Zone { origin, soa_ttl: DEFAULT_TTL, negative_ttl: NEGATIVE_TTL, records: Vec::new() }
+        Zone {
+            origin,
+            soa_ttl: DEFAULT_TTL,
+            negative_ttl: NEGATIVE_TTL,
+            records: Vec::new(),
+        }
     }
 
     /// The reverse zone of an IPv4 network on an octet boundary
@@ -116,11 +121,20 @@ impl Zone {
     /// records (TTL [`DEFAULT_TTL`]; an address may appear several times).
     pub fn reverse_v4(net: &str, ptrs: &[(IpAddr, &str)]) -> Zone {
         let net: IpNet = net.parse().unwrap_or_else(|e| panic!("{net:?}: {e}"));
-        let IpNet::V4(v4) = net else { panic!("{net} is not an IPv4 network") };
-        assert!(v4.prefix_len() % 8 == 0 && v4.prefix_len() > 0, "{net}: prefix length must be 8, 16 or 24");
+        let IpNet::V4(v4) = net else {
+            panic!("{net} is not an IPv4 network")
+        };
+        assert!(
+            v4.prefix_len() % 8 == 0 && v4.prefix_len() > 0,
+            "{net}: prefix length must be 8, 16 or 24"
+        );
         check_test_addr(IpAddr::V4(v4.network()));
         let o = v4.network().octets();
-        let labels: Vec<String> = o[..(v4.prefix_len() / 8) as usize].iter().rev().map(|b| b.to_string()).collect();
+        let labels: Vec<String> = o[..(v4.prefix_len() / 8) as usize]
+            .iter()
+            .rev()
+            .map(|b| b.to_string())
+            .collect();
         let mut zone = Zone::new(&format!("{}.in-addr.arpa", labels.join(".")));
         for (ip, name) in ptrs {
             zone = zone.ptr(*ip, name, DEFAULT_TTL);
@@ -132,8 +146,13 @@ impl Zone {
     /// a multiple of 4 (e.g. a /48 or /64), with `(ip, ptr name)` records.
     pub fn reverse_v6(net: &str, ptrs: &[(IpAddr, &str)]) -> Zone {
         let net: IpNet = net.parse().unwrap_or_else(|e| panic!("{net:?}: {e}"));
-        let IpNet::V6(v6) = net else { panic!("{net} is not an IPv6 network") };
-        assert!(v6.prefix_len() % 4 == 0 && v6.prefix_len() > 0, "{net}: prefix length must be a multiple of 4");
+        let IpNet::V6(v6) = net else {
+            panic!("{net} is not an IPv6 network")
+        };
+        assert!(
+            v6.prefix_len() % 4 == 0 && v6.prefix_len() > 0,
+            "{net}: prefix length must be a multiple of 4"
+        );
         check_test_addr(IpAddr::V6(v6.network()));
         let full = reverse_name(IpAddr::V6(v6.network()));
         let nibbles = (v6.prefix_len() / 4) as usize;
@@ -181,8 +200,12 @@ impl Zone {
     pub fn record(mut self, owner: &str, ttl: u32, rtype: &str, rdata: &str) -> Zone {
         let owner = fqdn(owner);
         let origin = format!("{}.", self.origin);
-        assert!(owner == origin || owner.ends_with(&format!(".{origin}")), "{owner} is not in zone {origin}");
-        self.records.push((owner, ttl, rtype.to_string(), rdata.to_string()));
+        assert!(
+            owner == origin || owner.ends_with(&format!(".{origin}")),
+            "{owner} is not in zone {origin}"
+        );
+        self.records
+            .push((owner, ttl, rtype.to_string(), rdata.to_string()));
         self
     }
 
@@ -236,10 +259,25 @@ pub fn free_port() -> Result<u16> {
 
 /// Sends a SOA query for `zone` over UDP; true if any DNS answer came back.
 fn answers_udp(addr: SocketAddr, zone: &str, wait: Duration) -> bool {
-    let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else { return false };
+    let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
     let _ = sock.set_read_timeout(Some(wait));
     let id: u16 = 0x4744;
-    let mut q = vec![(id >> 8) as u8, id as u8, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    let mut q = vec![
+        (id >> 8) as u8,
+        id as u8,
+        0x01,
+        0x00,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
     encode_name(&mut q, zone);
     q.extend_from_slice(&[0, TYPE_SOA as u8, 0, 1]);
     if sock.send_to(&q, addr).is_err() {
@@ -268,7 +306,10 @@ pub struct NsdServer {
 
 impl fmt::Debug for NsdServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NsdServer").field("addr", &self.addr).field("dir", &self.dir.path()).finish()
+        f.debug_struct("NsdServer")
+            .field("addr", &self.addr)
+            .field("dir", &self.dir.path())
+            .finish()
     }
 }
 
@@ -290,7 +331,10 @@ impl NsdServer {
         if zones.is_empty() {
             bail!("nsd needs at least one zone");
         }
-        let dir = tempfile::Builder::new().prefix("gk-nsd-").tempdir().context("tempdir for nsd")?;
+        let dir = tempfile::Builder::new()
+            .prefix("gk-nsd-")
+            .tempdir()
+            .context("tempdir for nsd")?;
         for (i, z) in zones.iter().enumerate() {
             if zones[..i].iter().any(|o| o.origin == z.origin) {
                 bail!("zone {} given twice", z.origin);
@@ -357,7 +401,10 @@ remote-control:
 "#
         );
         for z in zones {
-            conf.push_str(&format!("zone:\n    name: \"{0}\"\n    zonefile: \"{0}.zone\"\n", z.origin));
+            conf.push_str(&format!(
+                "zone:\n    name: \"{0}\"\n    zonefile: \"{0}.zone\"\n",
+                z.origin
+            ));
         }
         fs::write(self.dir.path().join("nsd.conf"), conf)?;
         Ok(())
@@ -392,7 +439,11 @@ remote-control:
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("nsd did not answer on {} within {:?}", self.addr, NSD_START_TIMEOUT);
+                bail!(
+                    "nsd did not answer on {} within {:?}",
+                    self.addr,
+                    NSD_START_TIMEOUT
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -428,42 +479,70 @@ remote-control:
         if self.kill_all() {
             Ok(())
         } else {
-            bail!("nsd (process group {:?}) did not go away", self.child.as_ref().map(|c| c.id()))
+            bail!(
+                "nsd (process group {:?}) did not go away",
+                self.child.as_ref().map(|c| c.id())
+            )
         }
     }
 
     /// Starts nsd again on the same port, with the same zones.
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
-        self.spawn().map_err(|e| e.context(format!("restart nsd on {}; log:\n{}", self.addr, self.log())))
+        self.spawn().map_err(|e| {
+            e.context(format!(
+                "restart nsd on {}; log:\n{}",
+                self.addr,
+                self.log()
+            ))
+        })
     }
 
-    /// SIGTERM to the group, then SIGKILL; true once the group is gone.
+    /// SIGTERM to the group, then SIGKILL; true once no live process of
+    /// the group is left (zombies, which hold no sockets, are init's to
+    /// reap).
     fn kill_all(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return true };
-        let pgid = Pid::from_raw(child.id() as i32);
-        let gone = |child: &mut Child| {
-            let _ = child.try_wait();
-            matches!(kill(Pid::from_raw(-pgid.as_raw()), None), Err(Errno::ESRCH))
+        let Some(mut child) = self.child.take() else {
+            return true;
         };
-        let _ = killpg(pgid, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(child.try_wait(), Ok(Some(_))) && gone(&mut child) {
-                return true;
+        let pgid = child.id() as i32;
+        for (sig, wait) in [
+            (Signal::SIGTERM, Duration::from_secs(5)),
+            (Signal::SIGKILL, Duration::from_secs(5)),
+        ] {
+            let _ = killpg(Pid::from_raw(pgid), sig);
+            let deadline = Instant::now() + wait;
+            while Instant::now() < deadline {
+                let _ = child.try_wait();
+                if !group_alive(pgid) {
+                    let _ = child.wait();
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = killpg(pgid, Signal::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(child.try_wait(), Ok(Some(_))) && gone(&mut child) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
         false
     }
+}
+
+/// Is any process of process group `pgid` alive (not a zombie)?
+fn group_alive(pgid: i32) -> bool {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return !matches!(kill(Pid::from_raw(-pgid), None), Err(Errno::ESRCH));
+    };
+    entries.flatten().any(|e| {
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // pid (comm) state ppid pgrp ...; comm may contain spaces.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next();
+        let pgrp = f.nth(1).and_then(|p| p.parse::<i32>().ok());
+        pgrp == Some(pgid) && !matches!(state, Some("Z" | "X"))
+    })
 }
 
 impl Drop for NsdServer {
@@ -510,17 +589,29 @@ pub struct Rr {
 
 impl Rr {
     pub fn ptr(owner: &str, ttl: u32, target: &str) -> Rr {
-        Rr { name: owner.into(), ttl, data: RrData::Ptr(target.into()) }
+        Rr {
+            name: owner.into(),
+            ttl,
+            data: RrData::Ptr(target.into()),
+        }
     }
     pub fn addr(owner: &str, ttl: u32, ip: IpAddr) -> Rr {
         let data = match ip {
             IpAddr::V4(v4) => RrData::A(v4),
             IpAddr::V6(v6) => RrData::Aaaa(v6),
         };
-        Rr { name: owner.into(), ttl, data }
+        Rr {
+            name: owner.into(),
+            ttl,
+            data,
+        }
     }
     pub fn cname(owner: &str, ttl: u32, target: &str) -> Rr {
-        Rr { name: owner.into(), ttl, data: RrData::Cname(target.into()) }
+        Rr {
+            name: owner.into(),
+            ttl,
+            data: RrData::Cname(target.into()),
+        }
     }
 }
 
@@ -615,7 +706,9 @@ struct FakeShared {
 }
 
 /// A purpose-built DNS responder on 127.0.0.1 (UDP and TCP on one port);
-/// its threads stop on drop.
+/// its threads stop on drop. UDP answers longer than [`UDP_MAX`] bytes are
+/// sent truncated (header and question, TC bit), as a server without EDNS
+/// would.
 pub struct FakeDns {
     addr: SocketAddr,
     shared: Arc<FakeShared>,
@@ -624,9 +717,15 @@ pub struct FakeDns {
 
 impl fmt::Debug for FakeDns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FakeDns").field("addr", &self.addr).field("mode", &self.shared.mode).finish()
+        f.debug_struct("FakeDns")
+            .field("addr", &self.addr)
+            .field("mode", &self.shared.mode)
+            .finish()
     }
 }
+
+/// Largest UDP answer [`FakeDns`] sends; larger ones go out truncated (TC).
+pub const UDP_MAX: usize = 512;
 
 /// Poll interval of the fake server's threads (bounds how long drop takes).
 const FAKE_POLL: Duration = Duration::from_millis(25);
@@ -652,10 +751,18 @@ impl FakeDns {
             conns: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
-        let udp_thread = std::thread::Builder::new().name("fakedns-udp".into()).spawn(move || udp_loop(udp, &s))?;
+        let udp_thread = std::thread::Builder::new()
+            .name("fakedns-udp".into())
+            .spawn(move || udp_loop(udp, &s))?;
         let s = shared.clone();
-        let tcp_thread = std::thread::Builder::new().name("fakedns-tcp".into()).spawn(move || tcp_loop(tcp, &s))?;
-        Ok(FakeDns { addr, shared, threads: vec![udp_thread, tcp_thread] })
+        let tcp_thread = std::thread::Builder::new()
+            .name("fakedns-tcp".into())
+            .spawn(move || tcp_loop(tcp, &s))?;
+        Ok(FakeDns {
+            addr,
+            shared,
+            threads: vec![udp_thread, tcp_thread],
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -691,13 +798,32 @@ fn udp_loop(sock: UdpSocket, s: &FakeShared) {
     while !s.stop.load(Ordering::SeqCst) {
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(v) => v,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(_) => continue,
         };
-        let Some(q) = parse_query(&buf[..n]) else { continue };
-        let fq = FakeQuery { name: q.name.clone(), qtype: q.qtype, transport: Transport::Udp };
+        let Some(q) = parse_query(&buf[..n]) else {
+            continue;
+        };
+        let fq = FakeQuery {
+            name: q.name.clone(),
+            qtype: q.qtype,
+            transport: Transport::Udp,
+        };
         s.queries.lock().unwrap().push(fq.clone());
-        if let Some(resp) = build_response(&q, &s.mode.reply(&fq)) {
+        if let Some(mut resp) = build_response(&q, &s.mode.reply(&fq)) {
+            // Like a server ignoring EDNS: more than 512 bytes is truncated.
+            if resp.len() > UDP_MAX {
+                resp = build_response(&q, &Reply::Truncated).expect("truncated reply");
+            }
             let _ = sock.send_to(&resp, from);
         }
     }
@@ -708,7 +834,10 @@ fn tcp_loop(listener: TcpListener, s: &Arc<FakeShared>) {
         match listener.accept() {
             Ok((stream, _)) => {
                 let s2 = s.clone();
-                if let Ok(h) = std::thread::Builder::new().name("fakedns-conn".into()).spawn(move || tcp_conn(stream, &s2)) {
+                if let Ok(h) = std::thread::Builder::new()
+                    .name("fakedns-conn".into())
+                    .spawn(move || tcp_conn(stream, &s2))
+                {
                     s.conns.lock().unwrap().push(h);
                 }
             }
@@ -728,7 +857,13 @@ fn read_full(stream: &mut TcpStream, buf: &mut [u8], s: &FakeShared) -> bool {
         match stream.read(&mut buf[got..]) {
             Ok(0) => return false,
             Ok(n) => got += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
             Err(_) => return false,
         }
     }
@@ -748,7 +883,11 @@ fn tcp_conn(mut stream: TcpStream, s: &FakeShared) {
             return;
         }
         let Some(q) = parse_query(&msg) else { return };
-        let fq = FakeQuery { name: q.name.clone(), qtype: q.qtype, transport: Transport::Tcp };
+        let fq = FakeQuery {
+            name: q.name.clone(),
+            qtype: q.qtype,
+            transport: Transport::Tcp,
+        };
         s.queries.lock().unwrap().push(fq.clone());
         match s.mode.reply(&fq) {
             Reply::Close => return,
@@ -797,11 +936,21 @@ fn parse_query(msg: &[u8]) -> Option<ParsedQuery> {
     }
     let qtype = u16::from_be_bytes([*msg.get(i)?, *msg.get(i + 1)?]);
     msg.get(i + 2..i + 4)?;
-    Some(ParsedQuery { id: [msg[0], msg[1]], flags: msg[2] & 0x79, name: labels.join("."), qtype, question: msg[12..i + 4].to_vec() })
+    Some(ParsedQuery {
+        id: [msg[0], msg[1]],
+        flags: msg[2] & 0x79,
+        name: labels.join("."),
+        qtype,
+        question: msg[12..i + 4].to_vec(),
+    })
 }
 
 fn encode_name(out: &mut Vec<u8>, name: &str) {
-    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+    for label in name
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
         out.push(label.len() as u8);
         out.extend_from_slice(label.as_bytes());
     }
@@ -870,4 +1019,3 @@ fn build_response(q: &ParsedQuery, reply: &Reply) -> Option<Vec<u8>> {
     }
     Some(out)
 }
-
