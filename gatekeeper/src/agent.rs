@@ -590,6 +590,7 @@ async fn sweeper(state: Arc<Mutex<State>>) {
 }
 
 async fn event_reader(state: Arc<Mutex<State>>, queue: Arc<Queue>, rb: aya::maps::RingBuf<aya::maps::MapData>) {
+    let lookups_on = state.lock().await.cfg.dns.enabled;
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
     // as long as the AsyncFd owns the RingBuf.
     let mut afd = match unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) } {
@@ -617,7 +618,9 @@ async fn event_reader(state: Arc<Mutex<State>>, queue: Arc<Queue>, rb: aya::maps
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
             let ip = gatekeeper_common::addr::event_ip(ev.addr, ev.family);
             debug!(source = %ip, port = ev.port, ifindex = ev.ifindex, "unknown source");
-            queue.submit(ip);
+            if lookups_on {
+                queue.submit(ip);
+            }
             n += 1;
         }
         guard.clear_ready();

@@ -92,6 +92,9 @@ const MAX_CNAME_HOPS: usize = 8;
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DnsConfig {
+    /// Look unknown sources up at all. Off: only ranges and bans decide
+    /// (unknown sources pass and are just counted).
+    pub enabled: bool,
     /// Resolver addresses (`ip` or `ip:port`, `[v6]:port`; port 53 if none);
     /// empty means the nameservers of `/etc/resolv.conf`. Recursive
     /// resolvers: a referral is a temporary failure.
@@ -111,7 +114,7 @@ pub struct DnsConfig {
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        DnsConfig { servers: Vec::new(), timeout: Duration::from_secs(2), attempts: 2, max_names: 3 }
+        DnsConfig { enabled: true, servers: Vec::new(), timeout: Duration::from_secs(2), attempts: 2, max_names: 3 }
     }
 }
 

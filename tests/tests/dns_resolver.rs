@@ -31,12 +31,12 @@ fn setup() {
 
 /// For servers expected to answer.
 fn cfg(addr: SocketAddr) -> DnsConfig {
-    DnsConfig { servers: vec![addr.to_string()], timeout: Duration::from_secs(2), attempts: 2, max_names: 3 }
+    DnsConfig { servers: vec![addr.to_string()], ..DnsConfig::default() }
 }
 
 /// For servers expected to fail: 300 ms × 1 attempt.
 fn fast(addr: SocketAddr) -> DnsConfig {
-    DnsConfig { servers: vec![addr.to_string()], timeout: Duration::from_millis(300), attempts: 1, max_names: 3 }
+    DnsConfig { servers: vec![addr.to_string()], timeout: Duration::from_millis(300), attempts: 1, ..DnsConfig::default() }
 }
 
 /// One lookup with a new resolver (printed: shown for failing tests).
@@ -272,8 +272,7 @@ async fn one_dead_server_of_two_is_survived() {
     let two = DnsConfig {
         servers: vec![silent.addr().to_string(), nsd.addr().to_string()],
         timeout: Duration::from_secs(1),
-        attempts: 2,
-        max_names: 3,
+        ..DnsConfig::default()
     };
     let resolver = Resolver::new(&two).unwrap();
     for _ in 0..3 {
