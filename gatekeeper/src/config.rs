@@ -385,6 +385,16 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_parses() {
+        let text = include_str!("../../docs/gatekeeper.example.toml");
+        let c = Config::parse(text, Path::new("docs/gatekeeper.example.toml")).unwrap();
+        assert_eq!(c.interfaces, vec!["eth1".to_string()]);
+        assert_eq!(c.policy, PolicyConfig::default());
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert!(c.dns.enabled);
+    }
+
+    #[test]
     fn policy_sections_parse_and_are_checked() {
         let c = Config::parse("[policy]\ngeneric = \"drop\"\nfirst_syn = \"hold\"\n[learning]\nenabled = false\n", Path::new("t.toml")).unwrap();
         assert_eq!(c.policy.generic, Action::Drop);

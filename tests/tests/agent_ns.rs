@@ -83,6 +83,9 @@ const UNGUARDED: u16 = 2525;
 const MX_IF: &str = "gkmx";
 const CLIENT_IF: &str = "gkcl";
 
+/// The config file every agent here runs with.
+const TEST_CONFIG: &str = "[dns]\nenabled = false\n";
+
 /// A connect that should succeed gets this long (it normally takes < 1 ms).
 const CONNECT_OK: Duration = Duration::from_secs(5);
 /// A connect whose SYNs are dropped times out after this long.
@@ -204,8 +207,10 @@ impl Instance {
     fn new(mx: Netns, ifname: &str) -> Self {
         let pins = PinDirGuard::new().expect("pin dir");
         let dir = tempfile::Builder::new().prefix("gk-agent-ns-").tempdir().expect("tempdir");
-        // An empty config, so /etc/gatekeeper/gatekeeper.toml on the host cannot leak in.
-        std::fs::write(dir.path().join("gatekeeper.toml"), "").unwrap();
+        // Our own config, so /etc/gatekeeper/gatekeeper.toml on the host cannot
+        // leak in; no reverse-DNS lookups (these tests are about ranges and
+        // bans; unknown sources just pass and are counted).
+        std::fs::write(dir.path().join("gatekeeper.toml"), TEST_CONFIG).unwrap();
         let bin = netlab::bin_path("gatekeeper").expect("gatekeeper binary");
         Self { agent: None, pins, dir, mx, ifname: ifname.into(), bin }
     }
@@ -1058,7 +1063,7 @@ fn run_refuses_pin_dir_outside_bpffs() {
     veth_pair(&mx, MX_IF, &client, CLIENT_IF).unwrap();
     let bin = netlab::bin_path("gatekeeper").unwrap();
     let tmp = tempfile::Builder::new().prefix("gk-not-bpffs-").tempdir().unwrap();
-    std::fs::write(tmp.path().join("gatekeeper.toml"), "").unwrap();
+    std::fs::write(tmp.path().join("gatekeeper.toml"), TEST_CONFIG).unwrap();
     // An existing directory, and one that does not exist yet.
     for pin_dir in [tmp.path().join("pins"), tmp.path().join("deeper/still/pins")] {
         if !pin_dir.starts_with(tmp.path().join("deeper")) {

@@ -50,12 +50,13 @@ impl Gk {
         let pins = PinDirGuard::new().unwrap();
         let dir = tempfile::Builder::new().prefix("gk-cli-errors-").tempdir().unwrap();
         let bin = netlab::bin_path("gatekeeper").unwrap();
-        // An empty config, so the host's /etc/gatekeeper/gatekeeper.toml cannot leak in.
-        std::fs::write(dir.path().join("empty.toml"), "").unwrap();
+        // Our own config, so the host's /etc/gatekeeper/gatekeeper.toml cannot
+        // leak in; no reverse-DNS lookups.
+        std::fs::write(dir.path().join("agent.toml"), "[dns]\nenabled = false\n").unwrap();
         let mut gk = Self { agent: None, pins, dir, ns, bin, known: Default::default() };
         let args: Vec<String> = [
             "--config",
-            &gk.path("empty.toml"),
+            &gk.path("agent.toml"),
             "--socket",
             &gk.path("gk.sock"),
             "--pin-dir",
