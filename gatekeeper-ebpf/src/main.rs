@@ -305,20 +305,20 @@ fn hit(range_id: u32) {
 #[inline(always)]
 fn unknown(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) -> u32 {
     let cfg = config();
+    // When the source was last reported; 0 = never (the clock is never 0).
+    // A plain u64, not an Option of a map pointer: the verifier refuses
+    // the pointer arithmetic the compiler makes of the latter.
     // SAFETY: u64 copied out at once.
-    let last = unsafe { GK_SEEN.get(&key) }.copied();
-    let due = match last {
-        Some(t) => now.wrapping_sub(t) >= cfg.event_interval_ns,
-        None => true,
+    let last: u64 = match unsafe { GK_SEEN.get(&key) } {
+        Some(t) => *t,
+        None => 0,
     };
+    let due = last == 0 || now.wrapping_sub(last) >= cfg.event_interval_ns;
     let reported = due && report(ifindex, source, key, port, now);
     if cfg.flags & config_flags::HOLD != 0 {
-        let since = if reported { Some(now) } else { last };
-        let held = match since {
-            Some(t) => now.wrapping_sub(t) < cfg.hold_ms as u64 * 1_000_000,
-            // Not reported (ring full): hold this SYN; the next one retries.
-            None => true,
-        };
+        let since = if reported { now } else { last };
+        // Not reported (ring full) and never before: hold; the next SYN retries.
+        let held = since == 0 || now.wrapping_sub(since) < cfg.hold_ms as u64 * 1_000_000;
         if held {
             return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD));
         }

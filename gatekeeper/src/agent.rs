@@ -702,8 +702,19 @@ impl State {
         Ok(())
     }
 
-    /// Adds a learned deny range (unless an allow range overlaps it).
+    /// Adds a learned deny range, unless an allow range overlaps it or a
+    /// source inside it has a good name (a learned range beats per-source
+    /// verdicts, and must never block a known mail server).
     fn learn(&mut self, l: Learned, now: i64) -> Result<()> {
+        let good = self.store.list_verdicts(None)?.into_iter().find(|v| {
+            v.action == action::PASS
+                && (v.reason == verdict_reason::OK || v.reason == verdict_reason::GENERIC)
+                && l.net.contains(&v.key.to_ip())
+        });
+        if let Some(g) = good {
+            info!(range = %l.net, good = %g.key.display(), "not learning a dynamic range that holds a host with a good name");
+            return Ok(());
+        }
         let new = NewRange {
             net: l.net,
             origin: Origin::Learned,

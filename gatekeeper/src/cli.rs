@@ -13,7 +13,7 @@ use gatekeeper::{
     protocol::{call, ClientError, Request},
     store::RangeKind,
 };
-use gatekeeper_common::{config_flags, counters::{counter_name, COUNTER_SLOTS}, range_kind, StatKey};
+use gatekeeper_common::{config_flags, counters::{counter_name, COUNTER_SLOTS}, range_kind, Counter, StatKey};
 use serde_json::{json, Value};
 
 /// Prints rows as left-aligned columns under a header.
@@ -254,7 +254,11 @@ fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, top: usize) {
         header.push("RATE/s".into());
     }
     let total = |s: &Snapshot, slot: u32| -> u64 { s.counters.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum() };
+    // Verdict-reason rows that never counted anything are noise (most
+    // outcomes pass by default); the decision rows always show.
+    let shown = |slot: u32| slot < Counter::VerdictDropBase as u32 || total(snap, slot) > 0;
     let rows: Vec<Vec<String>> = (0..COUNTER_SLOTS)
+        .filter(|&slot| shown(slot))
         .map(|slot| {
             let mut row = vec![counter_name(slot).to_string()];
             row.extend(ifaces.iter().map(|&i| snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).to_string()));

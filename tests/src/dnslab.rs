@@ -1019,3 +1019,219 @@ fn build_response(q: &ParsedQuery, reply: &Reply) -> Option<Vec<u8>> {
     }
     Some(out)
 }
+
+// ---------------------------------------------------------------------------
+// Servers inside a network namespace
+
+use crate::netlab::{in_netns, Netns};
+
+/// A port free for both UDP and TCP on 127.0.0.1 inside `ns` right now.
+pub fn free_port_in(ns: &Netns) -> Result<u16> {
+    in_netns(ns, free_port)
+}
+
+impl NsdServer {
+    /// Like [`NsdServer::start`], but nsd runs inside `ns` (started with
+    /// `nsenter --net=/run/netns/NAME`) and listens on 127.0.0.1 *there*:
+    /// processes in `ns` (e.g. an agent started with
+    /// [`crate::netlab::AgentProcess`]) reach it at [`NsdServer::addr`];
+    /// the host's namespace does not. [`NsdServer::stop`] works as usual;
+    /// to start it again use [`NsdServer::restart_in`] with the same `ns`
+    /// ([`NsdServer::restart`] would start it in the caller's namespace).
+    pub fn start_in(ns: &Netns, zones: &[Zone]) -> Result<NsdServer> {
+        if !Path::new(NSD).exists() {
+            bail!("{NSD} is missing: run `cargo xtask setup` (or `apt-get install nsd`)");
+        }
+        if zones.is_empty() {
+            bail!("nsd needs at least one zone");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("gk-nsd-")
+            .tempdir()
+            .context("tempdir for nsd")?;
+        for (i, z) in zones.iter().enumerate() {
+            if zones[..i].iter().any(|o| o.origin == z.origin) {
+                bail!("zone {} given twice", z.origin);
+            }
+            fs::write(dir.path().join(format!("{}.zone", z.origin)), z.text())?;
+        }
+        let mut server = NsdServer {
+            dir,
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            first_zone: zones[0].origin.clone(),
+            child: None,
+        };
+        let mut last_err = None;
+        for _ in 0..START_TRIES {
+            server.addr.set_port(free_port_in(ns)?);
+            server.write_config(zones)?;
+            match server.spawn_in(ns) {
+                Ok(()) => return Ok(server),
+                Err(e) => {
+                    server.kill_all();
+                    let log = server.log();
+                    let port_taken = log.contains("Address already in use");
+                    let err = e.context(format!("nsd on {} in {}; log:\n{log}", server.addr, ns.name()));
+                    if !port_taken {
+                        return Err(err);
+                    }
+                    last_err = Some(err);
+                }
+            }
+        }
+        Err(last_err.expect("tried at least once"))
+    }
+
+    /// Starts nsd again inside `ns` (the namespace it was started in with
+    /// [`NsdServer::start_in`]) on the same port, with the same zones.
+    pub fn restart_in(&mut self, ns: &Netns) -> Result<()> {
+        self.stop()?;
+        self.spawn_in(ns).map_err(|e| {
+            e.context(format!(
+                "restart nsd on {} in {}; log:\n{}",
+                self.addr,
+                ns.name(),
+                self.log()
+            ))
+        })
+    }
+
+    /// Starts nsd inside `ns` and waits (bounded) until it answers there.
+    fn spawn_in(&mut self, ns: &Netns) -> Result<()> {
+        let _ = fs::remove_file(self.dir.path().join("nsd.log"));
+        let out = File::create(self.dir.path().join("nsd.out"))?;
+        // nsenter execs nsd (no fork), so the child is nsd itself and its
+        // own process group holds nsd's server and xfrd processes.
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg("--")
+            .arg(NSD)
+            .arg("-d")
+            .arg("-c")
+            .arg(self.dir.path().join("nsd.conf"))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("spawn nsenter --net={} -- {NSD}", ns.path().display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + NSD_START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("just set").try_wait()? {
+                bail!("nsd exited during start-up ({status})");
+            }
+            let (addr, zone) = (self.addr, self.first_zone.clone());
+            let up = in_netns(ns, move || {
+                answers_udp(addr, &zone, Duration::from_millis(100))
+                    && accepts_tcp(addr, Duration::from_millis(200))
+            });
+            if up {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "nsd did not answer on {} in {} within {:?}",
+                    self.addr,
+                    ns.name(),
+                    NSD_START_TIMEOUT
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl FakeDns {
+    /// Like [`FakeDns::start`], but listening on 127.0.0.1 inside `ns`
+    /// (the sockets are made there; the threads serving them need not be).
+    pub fn start_in(ns: &Netns, mode: FakeMode) -> Result<FakeDns> {
+        let (udp, tcp) = in_netns(ns, || {
+            (0..100).find_map(|_| {
+                let udp = UdpSocket::bind("127.0.0.1:0").ok()?;
+                let port = udp.local_addr().ok()?.port();
+                let tcp = TcpListener::bind(("127.0.0.1", port)).ok()?;
+                Some((udp, tcp))
+            })
+        })
+        .ok_or_else(|| anyhow!("no port free for both UDP and TCP on 127.0.0.1 in {}", ns.name()))?;
+        let addr = udp.local_addr()?;
+        udp.set_read_timeout(Some(FAKE_POLL))?;
+        tcp.set_nonblocking(true)?;
+        let shared = Arc::new(FakeShared {
+            mode,
+            stop: AtomicBool::new(false),
+            queries: Mutex::new(Vec::new()),
+            conns: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        let udp_thread = std::thread::Builder::new()
+            .name("fakedns-udp".into())
+            .spawn(move || udp_loop(udp, &s))?;
+        let s = shared.clone();
+        let tcp_thread = std::thread::Builder::new()
+            .name("fakedns-tcp".into())
+            .spawn(move || tcp_loop(tcp, &s))?;
+        Ok(FakeDns {
+            addr,
+            shared,
+            threads: vec![udp_thread, tcp_thread],
+        })
+    }
+
+    /// How many queries were received so far.
+    pub fn query_count(&self) -> usize {
+        self.shared.queries.lock().unwrap().len()
+    }
+}
+
+impl FakeMode {
+    /// Answers like an authoritative server for a fixed set of records:
+    /// PTR queries from `ptrs` (address, name), A/AAAA queries from `addrs`
+    /// (name, address), all with TTL `ttl`; a name that has records of
+    /// another type only gets NODATA, anything else NXDOMAIN (both with an
+    /// SOA of negative TTL [`NEGATIVE_TTL`]). Names compare case-insensitively.
+    pub fn table(ptrs: &[(IpAddr, &str)], addrs: &[(&str, IpAddr)], ttl: u32) -> FakeMode {
+        let norm = |n: &str| n.trim().trim_end_matches('.').to_ascii_lowercase();
+        let ptrs: Vec<(String, String)> = ptrs
+            .iter()
+            .map(|(ip, name)| {
+                check_test_addr(*ip);
+                (norm(&reverse_name(*ip)), norm(name))
+            })
+            .collect();
+        let addrs: Vec<(String, IpAddr)> = addrs
+            .iter()
+            .map(|(name, ip)| {
+                check_test_addr(*ip);
+                (norm(name), *ip)
+            })
+            .collect();
+        FakeMode::script(move |q| {
+            let answers: Vec<Rr> = match q.qtype {
+                TYPE_PTR => ptrs
+                    .iter()
+                    .filter(|(owner, _)| *owner == q.name)
+                    .map(|(_, target)| Rr::ptr(&q.name, ttl, target))
+                    .collect(),
+                TYPE_A | TYPE_AAAA => addrs
+                    .iter()
+                    .filter(|(owner, ip)| *owner == q.name && ip.is_ipv4() == (q.qtype == TYPE_A))
+                    .map(|(_, ip)| Rr::addr(&q.name, ttl, *ip))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if !answers.is_empty() {
+                return Reply::Answer(answers);
+            }
+            let exists = ptrs.iter().any(|(owner, _)| *owner == q.name)
+                || addrs.iter().any(|(owner, _)| *owner == q.name);
+            if exists {
+                Reply::NoData(Some(NEGATIVE_TTL))
+            } else {
+                Reply::NxDomain(Some(NEGATIVE_TTL))
+            }
+        })
+    }
+}

@@ -1127,3 +1127,120 @@ impl Netns {
             .and_then(|w| w[2].parse().ok()))
     }
 }
+
+// ---------------------------------------------------------------------------
+// Raw frames
+
+/// Most frames [`send_frames`] sends in one call.
+pub const MAX_RAW_FRAMES: usize = 100_000;
+/// [`send_frames`] gives up after this long.
+pub const RAW_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Source and destination address of an Ethernet frame carrying IPv4 or
+/// IPv6 (after up to two VLAN tags), if it does.
+fn frame_addrs(frame: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    let mut off = 12;
+    let mut ethertype = u16::from_be_bytes([*frame.get(off)?, *frame.get(off + 1)?]);
+    for _ in 0..2 {
+        if ethertype != 0x8100 && ethertype != 0x88a8 {
+            break;
+        }
+        off += 4;
+        ethertype = u16::from_be_bytes([*frame.get(off)?, *frame.get(off + 1)?]);
+    }
+    let l3 = off + 2;
+    match ethertype {
+        0x0800 => {
+            let b = frame.get(l3 + 12..l3 + 20)?;
+            Some((
+                IpAddr::from([b[0], b[1], b[2], b[3]]),
+                IpAddr::from([b[4], b[5], b[6], b[7]]),
+            ))
+        }
+        0x86dd => {
+            let b = frame.get(l3 + 8..l3 + 40)?;
+            let src: [u8; 16] = b[..16].try_into().ok()?;
+            let dst: [u8; 16] = b[16..].try_into().ok()?;
+            Some((IpAddr::from(src), IpAddr::from(dst)))
+        }
+        _ => None,
+    }
+}
+
+/// Sends complete Ethernet frames (e.g. from [`crate::packet::Packet::build`])
+/// out of `ifname` inside `ns` through an AF_PACKET socket, in order, and
+/// returns how many went out. Every frame must carry IPv4 or IPv6 with both
+/// addresses in the test ranges. Bounded: at most [`MAX_RAW_FRAMES`] frames
+/// and [`RAW_SEND_TIMEOUT`]; it pauses 2 ms after every 32 frames (and
+/// backs off while the device queue is full) so that a veth peer's receive
+/// ring keeps up instead of dropping the burst.
+pub fn send_frames(ns: &Netns, ifname: &str, frames: &[Vec<u8>]) -> Result<usize> {
+    check_ifname(ifname)?;
+    if frames.len() > MAX_RAW_FRAMES {
+        bail!("send_frames: {} frames, at most {MAX_RAW_FRAMES}", frames.len());
+    }
+    for (i, f) in frames.iter().enumerate() {
+        let (src, dst) =
+            frame_addrs(f).ok_or_else(|| anyhow!("send_frames: frame {i} is not IPv4/IPv6 over Ethernet"))?;
+        if !is_test_addr(src) || !is_test_addr(dst) {
+            bail!("send_frames: frame {i} ({src} -> {dst}) is outside the test ranges");
+        }
+    }
+    let name = std::ffi::CString::new(ifname)?;
+    in_netns(ns, move || -> Result<usize> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        // SAFETY: plain libc calls on a fd we own; the sockaddr_ll is fully
+        // initialized before use.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("send_frames: no interface {ifname} in {}", ns.name());
+        }
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error()).context("socket(AF_PACKET)");
+        }
+        // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let deadline = Instant::now() + RAW_SEND_TIMEOUT;
+        let mut sent = 0;
+        for (i, frame) in frames.iter().enumerate() {
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            loop {
+                let n = unsafe {
+                    libc::sendto(
+                        fd.as_raw_fd(),
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&sll as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    )
+                };
+                if n >= 0 {
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                let busy = matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR));
+                if !busy {
+                    return Err(e).with_context(|| format!("send frame {i} on {ifname}"));
+                }
+                if Instant::now() >= deadline {
+                    bail!("send_frames: {ifname} still busy after {RAW_SEND_TIMEOUT:?} ({sent} sent)");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sent += 1;
+            if sent % 32 == 0 {
+                if Instant::now() >= deadline {
+                    bail!("send_frames: not done after {RAW_SEND_TIMEOUT:?} ({sent} sent)");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(sent)
+    })
+}
