@@ -126,6 +126,13 @@ impl Gk {
 
     /// Adds a range the way the agent does: the trie gets what
     /// `desired_ranges` calls for (deny ranges inside allow ranges left out).
+    /// Sets `hold_ms` in the config, keeping the rest.
+    fn hold_ms(&mut self, ms: u32) {
+        let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
+        let c = cfg.get(&0, 0).unwrap();
+        cfg.set(0, Config { hold_ms: ms, ..c }, 0).unwrap();
+    }
+
     fn range(&mut self, allow: bool, net: &str, range_id: u32) {
         let kind = if allow { RangeKind::Allow } else { RangeKind::Deny };
         self.ranges.push(RangeRecord {
@@ -961,4 +968,51 @@ fn mutated_packets_match_the_parsing_rules() {
     // The mutations must exercise all three outcomes.
     assert_eq!(outcomes.len(), 3, "{outcomes:?}");
     eprintln!("mutation outcomes: {outcomes:?}");
+}
+
+// ---------------------------------------------------------------- hold
+
+/// `first_syn = hold`: an unknown source is dropped from its first SYN
+/// while its report is younger than hold_ms, then passes (fail-open); a
+/// verdict that lands in between decides as usual.
+#[test]
+fn hold_drops_unknown_sources_for_a_bounded_time() {
+    let mut gk = Gk::new();
+    let hold = c(Counter::VerdictDropBase) + verdict_reason::HOLD;
+    gk.config(60_000_000_000, config_flags::HOLD);
+    // hold_ms = 0 in `config`: set a real window.
+    gk.hold_ms(60_000);
+    let first = syn("203.0.113.90").build();
+    gk.check(&first, XDP_DROP, &[(hold, 1)], "first SYN is held");
+    assert_eq!(gk.events().len(), 1, "and reported");
+    gk.check(&first, XDP_DROP, &[(hold, 1)], "retransmit within the window is held");
+    assert!(gk.events().is_empty(), "reported once");
+    // The verdict lands: it decides.
+    gk.verdict("203.0.113.90", action::PASS, verdict_reason::OK, u64::MAX);
+    gk.check(&first, XDP_PASS, &[(c(Counter::VerdictPass), 1)], "verdict pass after hold");
+    // v6 too.
+    gk.check(&syn6("2001:db8:90::1").build(), XDP_DROP, &[(hold, 1)], "v6 first SYN is held");
+    // Dry-run: held SYNs pass but count.
+    gk.config(60_000_000_000, config_flags::HOLD | config_flags::DRY_RUN);
+    gk.hold_ms(60_000);
+    gk.check(&syn("203.0.113.91").build(), XDP_PASS, &[(hold, 1), (c(Counter::DryRun), 1)], "dry-run hold");
+}
+
+#[test]
+fn hold_fails_open_once_the_window_is_over() {
+    let mut gk = Gk::new();
+    let hold = c(Counter::VerdictDropBase) + verdict_reason::HOLD;
+    gk.config(60_000_000_000, config_flags::HOLD);
+    gk.hold_ms(1);
+    let frame = syn("203.0.113.92").build();
+    gk.check(&frame, XDP_DROP, &[(hold, 1)], "first SYN is held");
+    // No verdict ever comes (agent or DNS dead): after the window it passes.
+    let start = monotonic_ns();
+    while monotonic_ns() < start + 50_000_000 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "after hold_ms the source passes");
+    // Without the flag nothing is held.
+    gk.config(60_000_000_000, 0);
+    gk.check(&syn("203.0.113.93").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "no hold without the flag");
 }
