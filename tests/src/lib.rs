@@ -4,3 +4,4 @@
 pub mod dnslab;
 pub mod netlab;
 pub mod packet;
+pub mod rng;

@@ -25,6 +25,7 @@ use gatekeeper::{
     datapath::{desired_ranges, RangeMaps},
     store::{Origin, RangeKind, RangeRecord},
 };
+use gatekeeper_tests::rng::Rng;
 use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Packet};
 use ipnet::IpNet;
 
@@ -781,23 +782,6 @@ fn huge_extension_header_offsets_do_not_wrap() {
     assert_eq!(gk.range_hits(1), 0);
 }
 
-/// Seeded xorshift64*: deterministic test randomness without extra crates.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 #[test]
 fn random_garbage_is_never_dropped_or_aborted() {

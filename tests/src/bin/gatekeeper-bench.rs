@@ -52,6 +52,7 @@ use gatekeeper_common::{
     Counter, RangeValue, SourceKey, StatKey, Verdict,
 };
 use gatekeeper::datapath::RangeMaps;
+use gatekeeper_tests::rng::Rng;
 use gatekeeper_tests::packet::{mss_option, tcp_flags, ExtHeader, Packet};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::json;
@@ -115,20 +116,6 @@ fn main() -> Result<()> {
 
 // ------------------------------------------------------------ randomness
 
-/// Seeded xorshift64* (no extra crates; runs are reproducible).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 fn mask32(len: u8) -> u32 {
     if len == 0 {
