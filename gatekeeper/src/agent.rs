@@ -30,7 +30,7 @@ use crate::{
     dns::{Lookup, Resolver},
     pipeline::{decide, Learned, Learner, TokenBucket},
     store::Origin,
-    datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout},
+    datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout, PinLock},
     protocol::{Request, Response},
     store::{NewRange, RangeKind, RangeRecord, Store, VerdictRecord},
     Error, Result,
@@ -109,6 +109,19 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     let classifier = Arc::new(Classifier::new(rules, cfg.classifier.trusted.clone()));
     let resolver = Arc::new(Resolver::new(&cfg.dns)?);
+    // Everything that can refuse to start does so before the datapath or
+    // the database is touched: a refused agent changes nothing.
+    if let Some(missing) = cfg.interfaces.iter().find(|i| crate::datapath::ifindex(i).is_none()) {
+        return Err(Error::Bpf(format!("interface {missing:?} not found; nothing was changed")));
+    }
+    if cfg.socket.exists() && std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+        return Err(Error::Bpf(format!(
+            "another agent is already serving {}; nothing was changed (use --socket and --pin-dir to run a second instance)",
+            cfg.socket.display()
+        )));
+    }
+    let layout = PinLayout::new(&cfg.pin_dir);
+    let _lock = PinLock::acquire(&layout)?;
     let db = cfg.state_dir.join("gatekeeper.db");
     let mut store = Store::open(&db)?;
     let ports = match &cfg.ports {
@@ -123,7 +136,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         },
     };
 
-    let layout = PinLayout::new(&cfg.pin_dir);
     let adopting = layout.is_loaded();
     let mut dp = Datapath::load(&layout, cfg.max_verdicts)?;
     dp.maps.set_config(gatekeeper_common::Config {
@@ -411,10 +423,9 @@ impl State {
                 json(serde_json::json!({ "removed": removed }))
             }
             Request::RangeList { kind } => {
-                let hits = self.dp.maps.range_hits()?;
-                let out: Vec<RangeOut> = self
-                    .store
-                    .list_ranges(Some(kind))?
+                let ranges = self.store.list_ranges(Some(kind))?;
+                let hits = self.dp.maps.range_hits(ranges.iter().map(|r| r.id))?;
+                let out: Vec<RangeOut> = ranges
                     .into_iter()
                     .map(|r| RangeOut { hits: hits.get(&r.id).copied().unwrap_or(0), record: r })
                     .collect();

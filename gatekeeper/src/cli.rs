@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::Result;
 use gatekeeper::{
-    datapath::{ifindex, ifname, Maps, PinLayout},
+    datapath::{ifindex, Maps, PinLayout},
     lists::format_duration_short,
     protocol::{call, ClientError, Request},
     store::RangeKind,
@@ -209,9 +209,10 @@ struct Snapshot {
 }
 
 fn snapshot(maps: &Maps) -> Result<Snapshot> {
-    let hits = maps.range_hits()?;
+    let ranges = maps.ranges.ranges();
+    let hits = maps.range_hits(ranges.iter().map(|(_, v)| v.range_id))?;
     let mut top = Vec::new();
-    for (net, v) in maps.ranges.ranges() {
+    for (net, v) in ranges {
         if let Some(h) = hits.get(&v.range_id) {
             let kind = if v.kind == range_kind::ALLOW { RangeKind::Allow } else { RangeKind::Deny };
             top.push((*h, kind, net.to_string()));
@@ -221,11 +222,36 @@ fn snapshot(maps: &Maps) -> Result<Snapshot> {
     Ok(Snapshot { at: Instant::now(), counters: maps.counters()?, top })
 }
 
-fn iface_label(idx: u32) -> String {
-    ifname(idx).unwrap_or_else(|| format!("if{idx}"))
+/// Interface names by stats slot: the agent's own view when it runs (it
+/// may sit in another network namespace than this CLI), else a local
+/// lookup, trusted only for names the datapath is pinned on.
+struct Names(BTreeMap<u32, String>);
+
+impl Names {
+    fn new(socket: &Path, layout: &PinLayout) -> Names {
+        let mut m = BTreeMap::new();
+        if let Ok(v) = call(socket, &Request::Status) {
+            for i in v["interfaces"].as_array().into_iter().flatten() {
+                if let (Some(idx), Some(name)) = (i["ifindex"].as_u64(), i["ifname"].as_str()) {
+                    m.insert(idx as u32 % gatekeeper_common::STAT_IF_SLOTS, name.to_string());
+                }
+            }
+        } else if let Ok(links) = layout.links() {
+            for l in links {
+                if let Some(idx) = ifindex(&l.ifname) {
+                    m.insert(idx % gatekeeper_common::STAT_IF_SLOTS, l.ifname);
+                }
+            }
+        }
+        Names(m)
+    }
+
+    fn label(&self, slot: u32) -> String {
+        self.0.get(&slot).cloned().unwrap_or_else(|| format!("if{slot}"))
+    }
 }
 
-fn stats_json(snap: &Snapshot, top: usize) -> Value {
+fn stats_json(snap: &Snapshot, names: &Names, top: usize) -> Value {
     let ifaces: BTreeSet<u32> = snap.counters.keys().map(|k| k.ifindex).collect();
     let mut totals = serde_json::Map::new();
     for slot in 0..COUNTER_SLOTS {
@@ -238,17 +264,17 @@ fn stats_json(snap: &Snapshot, top: usize) -> Value {
             let c: serde_json::Map<String, Value> = (0..COUNTER_SLOTS)
                 .map(|slot| (counter_name(slot).to_string(), snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).into()))
                 .collect();
-            json!({ "ifindex": i, "name": ifname(i), "counters": c })
+            json!({ "ifindex": i, "name": names.label(i), "counters": c })
         })
         .collect();
     let top: Vec<Value> = snap.top.iter().take(top).map(|(h, k, n)| json!({ "range": n, "kind": k, "hits": h })).collect();
     json!({ "totals": totals, "interfaces": per_if, "top_ranges": top })
 }
 
-fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, top: usize) {
+fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, names: &Names, top: usize) {
     let ifaces: Vec<u32> = snap.counters.keys().map(|k| k.ifindex).collect::<BTreeSet<_>>().into_iter().collect();
     let mut header: Vec<String> = vec!["COUNTER".into()];
-    header.extend(ifaces.iter().map(|&i| iface_label(i)));
+    header.extend(ifaces.iter().map(|&i| names.label(i)));
     header.push("TOTAL".into());
     if prev.is_some() {
         header.push("RATE/s".into());
@@ -281,19 +307,21 @@ fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, top: usize) {
     }
 }
 
-pub fn stats(pin_dir: &Path, as_json: bool, watch: Option<u64>, top: usize) -> Result<()> {
-    let maps = Maps::open_pinned(&PinLayout::new(pin_dir))?;
+pub fn stats(socket: &Path, pin_dir: &Path, as_json: bool, watch: Option<u64>, top: usize) -> Result<()> {
+    let layout = PinLayout::new(pin_dir);
+    let maps = Maps::open_pinned(&layout)?;
+    let names = Names::new(socket, &layout);
     let mut prev: Option<Snapshot> = None;
     loop {
         let snap = snapshot(&maps)?;
         if as_json {
-            println!("{}", if watch.is_some() { serde_json::to_string(&stats_json(&snap, top))? } else { serde_json::to_string_pretty(&stats_json(&snap, top))? });
+            println!("{}", if watch.is_some() { serde_json::to_string(&stats_json(&snap, &names, top))? } else { serde_json::to_string_pretty(&stats_json(&snap, &names, top))? });
         } else {
             if watch.is_some() {
                 print!("\x1b[2J\x1b[H");
                 println!("gatekeeper stats — {} (every {}s, Ctrl-C to stop)\n", pin_dir.display(), watch.unwrap_or(1));
             }
-            print_stats(&snap, prev.as_ref(), top);
+            print_stats(&snap, prev.as_ref(), &names, top);
         }
         let Some(secs) = watch else { return Ok(()) };
         prev = Some(snap);

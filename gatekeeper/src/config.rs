@@ -1,6 +1,5 @@
 //! The agent's config file (TOML). Every key is optional; unknown keys and
 //! bad values are errors naming the line, column and key.
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -112,7 +111,7 @@ pub struct PolicyConfig {
     pub first_syn: FirstSyn,
     /// With `first_syn = "hold"`: after this long an unanswered source
     /// passes, so a dead resolver or agent never blocks anyone.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_hold_time")]
     pub hold_time: Duration,
     /// Verdicts live as long as the DNS answers' TTL, within these bounds.
     #[serde(deserialize_with = "de_duration")]
@@ -147,6 +146,7 @@ pub struct LearningConfig {
     pub enabled: bool,
     /// Dynamic sources with the same naming shape in one IPv4 /24 or IPv6
     /// /48 that promote it to a learned deny range.
+    #[serde(deserialize_with = "de_min_sources")]
     pub min_sources: u32,
     /// Lifetime of a learned range.
     #[serde(deserialize_with = "de_duration")]
@@ -173,11 +173,14 @@ pub struct ClassifierConfig {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Reverse-DNS lookups started per second at most.
+    /// DNS queries per second at most.
+    #[serde(deserialize_with = "de_positive_u32")]
     pub dns_rate: u32,
     /// Sources waiting for a lookup at most; the rest stay unknown (pass).
+    #[serde(deserialize_with = "de_positive_usize")]
     pub max_pending: usize,
     /// Lookups in flight at most.
+    #[serde(deserialize_with = "de_positive_usize")]
     pub max_inflight: usize,
 }
 
@@ -223,31 +226,20 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
         let cfg: Config =
             toml::from_str(text).map_err(|e| Error::Config { path: path.to_path_buf(), message: describe(text, &e) })?;
-        cfg.check().map_err(|message| Error::Config { path: path.to_path_buf(), message })?;
-        Ok(cfg)
-    }
-
-    /// Checks that span several keys.
-    fn check(&self) -> std::result::Result<(), String> {
-        let p = &self.policy;
+        let p = &cfg.policy;
         if p.ttl_min > p.ttl_max {
-            return Err(format!(
-                "[policy] ttl_min ({}s) is above ttl_max ({}s)",
-                p.ttl_min.as_secs(),
-                p.ttl_max.as_secs()
-            ));
+            let at = line_of(text, "policy", "ttl_min").map(|l| format!("line {l}, ")).unwrap_or_default();
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "{at}key `policy.ttl_min`: {}s is above ttl_max ({}s)",
+                    p.ttl_min.as_secs(),
+                    p.ttl_max.as_secs()
+                ),
+            });
         }
-        if p.hold_time > Duration::from_secs(30) {
-            return Err("[policy] hold_time must be at most 30s: a held source gets no mail at all".into());
-        }
-        if self.learning.min_sources < 2 {
-            return Err("[learning] min_sources must be at least 2".into());
-        }
-        if self.limits.dns_rate == 0 || self.limits.max_pending == 0 || self.limits.max_inflight == 0 {
-            return Err("[limits] dns_rate, max_pending and max_inflight must be at least 1".into());
-        }
-        self.dns.validate().map_err(|e| format!("[dns] {e}"))?;
-        Ok(())
+        cfg.dns.validate().map_err(|e| Error::Config { path: path.to_path_buf(), message: format!("[dns] {e}") })?;
+        Ok(cfg)
     }
 }
 
@@ -261,17 +253,78 @@ fn describe(text: &str, e: &toml::de::Error) -> String {
     let before = text.get(..start).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    // Name the top-level key whose value holds the error, unless the
-    // message already does (as for unknown fields).
-    let key = toml::from_str::<BTreeMap<String, toml::Spanned<toml::Value>>>(text)
-        .ok()
-        .and_then(|t| t.into_iter().find(|(_, v)| v.span().contains(&start) || v.span().start == start))
-        .map(|(k, _)| k)
-        .filter(|k| !msg.contains(&format!("`{k}`")));
+    // Name the key whose value holds the error (`table.key` inside a
+    // `[table]`), unless the message already does (as for unknown fields).
+    let key = key_at(text, start).filter(|k| {
+        let leaf = k.rsplit('.').next().unwrap_or(k);
+        !msg.contains(&format!("`{leaf}`"))
+    });
     match key {
         Some(k) => format!("line {line}, column {column}: key `{k}`: {msg}"),
         None => format!("line {line}, column {column}: {msg}"),
     }
+}
+
+/// The line (1-based) of `key = ..` inside `[table]`.
+fn line_of(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') && l.ends_with(']') {
+            current = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        } else if current == table && l.split_once('=').is_some_and(|(k, _)| k.trim() == key) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+fn de_hold_time<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let t = de_duration(d)?;
+    if t > Duration::from_secs(30) {
+        return Err(serde::de::Error::custom("hold_time must be at most 30s: a held source gets no mail at all"));
+    }
+    Ok(t)
+}
+
+fn de_min_sources<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n < 2 {
+        return Err(serde::de::Error::custom("min_sources must be at least 2"));
+    }
+    Ok(n)
+}
+
+fn de_positive_u32<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    match u32::deserialize(d)? {
+        0 => Err(serde::de::Error::custom("must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn de_positive_usize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    match usize::deserialize(d)? {
+        0 => Err(serde::de::Error::custom("must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+/// The dotted key whose `key = value` line holds byte `pos`, with the
+/// `[table]` it sits in.
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    let line_start = text[..pos.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty())?;
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
+    })
 }
 
 /// Checks a guarded-port set: non-empty, no port 0, at most
@@ -385,6 +438,16 @@ mod tests {
     }
 
     #[test]
+    fn errors_inside_tables_name_the_table_and_key() {
+        let e = Config::parse("ports = [25]\n[policy]\nno_ptr = 5\n", Path::new("g.toml")).unwrap_err().to_string();
+        assert!(e.contains("g.toml") && e.contains("line 3") && e.contains("policy.no_ptr"), "{e}");
+        let e = Config::parse("[dns]\ntimeout = \"soon\"\n", Path::new("g.toml")).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("dns.timeout"), "{e}");
+        let e = Config::parse("dry_run = 3\n", Path::new("g.toml")).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("key `dry_run`"), "{e}");
+    }
+
+    #[test]
     fn the_documented_example_config_parses() {
         let text = include_str!("../../docs/gatekeeper.example.toml");
         let c = Config::parse(text, Path::new("docs/gatekeeper.example.toml")).unwrap();
@@ -402,7 +465,11 @@ mod tests {
         assert_eq!(c.policy.dynamic, Action::Drop, "defaults stay");
         assert!(!c.learning.enabled);
         let e = Config::parse("[policy]\nttl_min = \"2d\"\n", Path::new("t.toml")).unwrap_err().to_string();
-        assert!(e.contains("ttl_min") && e.contains("t.toml"), "{e}");
+        assert!(e.contains("policy.ttl_min") && e.contains("line 2") && e.contains("t.toml"), "{e}");
+        let e = Config::parse("[policy]\nhold_time = \"60s\"\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("policy.hold_time") && e.contains("line 2"), "{e}");
+        let e = Config::parse("[limits]\ndns_rate = 0\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("limits.dns_rate") && e.contains("line 2"), "{e}");
         let e = Config::parse("[policy]\ntempfail = \"drop\"\n", Path::new("t.toml")).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("tempfail"), "{e}");
         let e = Config::parse("[policy]\ndynamic = \"reject\"\n", Path::new("t.toml")).unwrap_err().to_string();

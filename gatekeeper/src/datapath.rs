@@ -7,7 +7,7 @@
 //! new agent reuses the maps and swaps the program in atomically.
 use std::{
     collections::{BTreeMap, HashMap as StdMap},
-    ffi::{CStr, CString},
+    ffi::CString,
     fs,
     path::{Path, PathBuf},
     time::Duration,
@@ -74,6 +74,30 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// An exclusive lock on a pin directory, held for an agent's lifetime: a
+/// second agent for the same datapath is refused before it touches it.
+pub struct PinLock(#[allow(dead_code)] fs::File);
+
+impl PinLock {
+    pub fn acquire(layout: &PinLayout) -> Result<PinLock> {
+        ensure_bpffs(&layout.root)?;
+        fs::create_dir_all(&layout.root).map_err(|e| Error::io(format!("create {}", layout.root.display()), e))?;
+        let dir = fs::File::open(&layout.root).map_err(|e| Error::io(format!("open {}", layout.root.display()), e))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::Bpf(format!(
+                    "another gatekeeper agent is running on the datapath pinned at {}; nothing was changed (stop it first, or give this one its own --pin-dir and --socket)",
+                    layout.root.display()
+                )));
+            }
+            return Err(Error::io(format!("lock {}", layout.root.display()), err));
+        }
+        Ok(PinLock(dir))
+    }
 }
 
 /// How an XDP program is attached.
@@ -200,17 +224,6 @@ pub fn ifindex(ifname: &str) -> Option<u32> {
     // SAFETY: valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (idx != 0).then_some(idx)
-}
-
-pub fn ifname(ifindex: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
-    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: if_indextoname wrote a NUL-terminated name.
-    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock the datapath reads
@@ -398,12 +411,14 @@ impl Maps {
     }
 
     /// Hits of each range id that has any.
-    pub fn range_hits(&self) -> Result<BTreeMap<u32, u64>> {
+    /// Hits of the range ids in use (`ids`), read one id at a time: the
+    /// whole per-CPU array is 262,144 slots, most of them unused.
+    pub fn range_hits(&self, ids: impl IntoIterator<Item = u32>) -> Result<BTreeMap<u32, u64>> {
         let mut out = BTreeMap::new();
-        for (id, v) in self.range_hits.iter().enumerate() {
-            let sum: u64 = v.map_err(|e| bpf_err("read range hits", e))?.iter().sum();
+        for id in ids {
+            let sum: u64 = self.range_hits.get(&id, 0).map_err(|e| bpf_err("read range hits", e))?.iter().sum();
             if sum > 0 {
-                out.insert(id as u32, sum);
+                out.insert(id, sum);
             }
         }
         Ok(out)

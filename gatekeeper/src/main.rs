@@ -170,6 +170,9 @@ enum RangeCmd {
         /// Import even entries that overlap allow ranges.
         #[arg(long)]
         force: bool,
+        /// With --replace, accept a list with no entries (which removes every range imported from it).
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Print deny ranges in a format `range import` reads back.
     Export {
@@ -320,7 +323,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Status { json } => cli::status(&target(&cli)?.socket, &target(&cli)?.pin_dir, *json),
         Cmd::Stats { json, watch, top } => {
             let t = target(&cli)?;
-            cli::stats(&t.pin_dir, *json, *watch, *top)
+            cli::stats(&t.socket, &t.pin_dir, *json, *watch, *top)
         }
         Cmd::Unload => unload(&target(&cli)?),
     }
@@ -420,7 +423,9 @@ fn range(t: &Target, cmd: &RangeCmd) -> Result<()> {
         RangeCmd::Add(a) => add(t, RangeKind::Deny, a),
         RangeCmd::Del(a) => del(t, RangeKind::Deny, a),
         RangeCmd::List { json, origin } => list(t, RangeKind::Deny, *json, parse_origin(origin.as_deref())?),
-        RangeCmd::Import { file, skip_bad, replace, expire, force } => import(t, file, *skip_bad, *replace, *expire, *force),
+        RangeCmd::Import { file, skip_bad, replace, expire, force, allow_empty } => {
+            import(t, file, ImportOpts { skip_bad: *skip_bad, replace: *replace, expire: *expire, force: *force, allow_empty: *allow_empty })
+        }
         RangeCmd::Export { origin } => {
             let origin = parse_origin(origin.as_deref())?;
             let data = call(&t.socket, &Request::RangeList { kind: RangeKind::Deny })?;
@@ -440,7 +445,16 @@ fn range(t: &Target, cmd: &RangeCmd) -> Result<()> {
     }
 }
 
-fn import(t: &Target, file: &Path, skip_bad: bool, replace: bool, expire: Option<Duration>, force: bool) -> Result<()> {
+struct ImportOpts {
+    skip_bad: bool,
+    replace: bool,
+    expire: Option<Duration>,
+    force: bool,
+    allow_empty: bool,
+}
+
+fn import(t: &Target, file: &Path, o: ImportOpts) -> Result<()> {
+    let ImportOpts { skip_bad, replace, expire, force, allow_empty } = o;
     let (text, name) = if file == Path::new("-") {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s).context("read standard input")?;
@@ -457,6 +471,12 @@ fn import(t: &Target, file: &Path, skip_bad: bool, replace: bool, expire: Option
         for e in &errors {
             eprintln!("warning: {}: line {}: {} (skipped)", file.display(), e.line, e.message);
         }
+    }
+    if replace && entries.is_empty() && !allow_empty {
+        bail!(
+            "{} has no entries: with --replace that would remove every range imported from it (a failed download?); nothing was changed. Pass --allow-empty if that is what you want",
+            file.display()
+        );
     }
     let ranges: Vec<RangeSpec> = entries.into_iter().map(|e| RangeSpec { net: e.net, comment: e.comment }).collect();
     let total = ranges.len();

@@ -20,8 +20,8 @@
 //!
 //! Every test has its own namespaces, bpffs pin dir, socket, state dir and
 //! DNS server, so the tests run in parallel. Nothing asserts how long
-//! something took: waits are bounded polls for a condition, and the one rate
-//! check (the flood) bounds a count by the elapsed time, never the reverse.
+//! something took: waits are bounded polls for a condition, and the rate
+//! checks (the floods) bound a count by the elapsed time, never the reverse.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -1047,6 +1047,10 @@ fn paced_flood(lab: &Lab) {
 /// (each lookup takes the full 5 s timeout): `queue.pending`, the sources
 /// waiting for a lookup, must stay within `max_pending` (the rest overflow
 /// and pass), and the agent keeps answering.
+///
+/// Red when written: `pending` counts the queue (`max_pending`), the source
+/// the lookup loop holds while it waits for a token, and every lookup in
+/// flight (up to `max_inflight`), so it reaches 50 + 1 + 64 = 115 here.
 #[test]
 fn flood_with_slow_dns_keeps_pending_within_max_pending() {
     let mut lab = Lab::new();
@@ -1076,6 +1080,11 @@ fn flood_with_slow_dns_keeps_pending_within_max_pending() {
 /// with one attempt per query: the DNS server must not see more than
 /// `dns_rate` queries per second (plus burst and slack), neither by the end
 /// of the flood nor once every lookup has finished.
+///
+/// Red when written: the agent's token bucket charges one token per lookup
+/// (plus its forward names), but hickory's UDP client sends each query up
+/// to 3 times per attempt when no answer comes (retransmit every 1.2 x SRTT,
+/// at least 333 ms), so a silent resolver sees about 3 x `dns_rate`.
 #[test]
 fn flood_with_silent_dns_keeps_the_query_rate() {
     let mut lab = Lab::new();
