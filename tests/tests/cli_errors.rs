@@ -465,6 +465,12 @@ fn spamhaus_drop_import_reimport_replace_and_export() {
         strs(&["192.0.2.0/24", "198.51.100.0/24", "2001:db8:2::/48"])
     );
 
+    // A list that came down empty (a failed download) must not wipe it.
+    let before = gk.state();
+    let empty = gk.file("drop.txt", "; Spamhaus DROP List, nothing below\n");
+    gk.refused(&["range", "import", &empty, "--replace"], &["no entries", "--allow-empty", "nothing was changed"]);
+    assert_eq!(gk.state(), before);
+
     // `range export` reads back: idempotent on the same agent, and restores
     // the same nets and comments after everything was removed.
     let exported = gk.ok(&["range", "export"]).stdout;
