@@ -28,7 +28,7 @@ use crate::{
     classify::{load_rules, Classifier},
     config::{validate_ports, Config, FirstSyn},
     dns::{Lookup, Resolver},
-    pipeline::{decide, Learned, Learner, TokenBucket},
+    pipeline::{decide, query_cost, Learned, Learner, TokenBucket},
     store::Origin,
     datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout, PinLock},
     protocol::{Request, Response},
@@ -61,6 +61,8 @@ struct State {
 /// source is in it (or being looked up) at most once.
 struct Queue {
     tx: mpsc::Sender<IpAddr>,
+    /// Sources queued or being looked up at most.
+    max_pending: usize,
     pending: std::sync::Mutex<HashSet<SourceKey>>,
     queued: AtomicU64,
     duplicate: AtomicU64,
@@ -75,6 +77,10 @@ impl Queue {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if pending.contains(&key) {
             self.duplicate.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if pending.len() >= self.max_pending {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         match self.tx.try_send(ip) {
@@ -169,6 +175,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let listener = bind_socket(&cfg.socket)?;
     let socket_path = cfg.socket.clone();
     let limits = cfg.limits.clone();
+    let dns_cfg = cfg.dns.clone();
     let learner = Learner::new(cfg.learning.clone());
     let state = Arc::new(Mutex::new(State {
         cfg,
@@ -186,6 +193,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (tx, rx) = mpsc::channel(limits.max_pending);
     let queue = Arc::new(Queue {
         tx,
+        max_pending: limits.max_pending,
         pending: Default::default(),
         queued: AtomicU64::new(0),
         duplicate: AtomicU64::new(0),
@@ -196,7 +204,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(rb) = events {
         tokio::spawn(event_reader(state.clone(), queue.clone(), rb));
     }
-    tokio::spawn(lookups(state.clone(), queue.clone(), rx, resolver.clone(), limits));
+    tokio::spawn(lookups(state.clone(), queue.clone(), rx, resolver.clone(), limits, dns_cfg));
     tokio::spawn(serve(listener, state.clone(), queue, resolver, stop_tx.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -519,7 +527,7 @@ impl State {
                         "deny_v6": count(RangeKind::Deny, true),
                         "allow_v4": count(RangeKind::Allow, false),
                         "allow_v6": count(RangeKind::Allow, true),
-                        "verdicts": self.dp.maps.verdicts()?.len(),
+                        "verdicts": self.store.verdict_count()?,
                     },
                     "capacity": {
                         "ranges_per_table": gatekeeper_common::MAX_RANGES,
@@ -649,23 +657,29 @@ async fn lookups(
     mut rx: mpsc::Receiver<IpAddr>,
     resolver: Arc<Resolver>,
     limits: crate::config::LimitsConfig,
+    dns: crate::dns::DnsConfig,
 ) {
     let bucket = Arc::new(std::sync::Mutex::new(TokenBucket::new(limits.dns_rate)));
     let inflight = Arc::new(tokio::sync::Semaphore::new(limits.max_inflight));
+    // The most one lookup can send: every query resent to the limit.
+    let reserve = query_cost(dns.max_names, Duration::from_secs(86_400), dns.attempts, dns.timeout);
     while let Some(ip) = rx.recv().await {
         loop {
-            let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).take(1.0, std::time::Instant::now());
+            let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).take(reserve, std::time::Instant::now());
             match wait {
                 Ok(()) => break,
                 Err(d) => tokio::time::sleep(d).await,
             }
         }
         let Ok(permit) = inflight.clone().acquire_owned().await else { return };
-        let (state, queue, resolver, bucket) = (state.clone(), queue.clone(), resolver.clone(), bucket.clone());
+        let (state, queue, resolver, bucket, dns) = (state.clone(), queue.clone(), resolver.clone(), bucket.clone(), dns.clone());
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let lookup = resolver.lookup(ip).await;
-            // Pay for the forward queries the lookup made.
-            bucket.lock().unwrap_or_else(|e| e.into_inner()).charge(lookup.ptr_names.len() as f64, std::time::Instant::now());
+            // Give back what the lookup did not send (resends included).
+            let forward = lookup.ptr_names.len().min(dns.max_names);
+            let cost = query_cost(forward, started.elapsed(), dns.attempts, dns.timeout);
+            bucket.lock().unwrap_or_else(|e| e.into_inner()).refund(reserve - cost, std::time::Instant::now());
             let mut st = state.lock().await;
             if let Err(e) = tokio::task::block_in_place(|| st.apply(&lookup)) {
                 error!(source = %ip, error = %e, "could not apply a lookup");

@@ -176,7 +176,8 @@ pub struct LimitsConfig {
     /// DNS queries per second at most.
     #[serde(deserialize_with = "de_positive_u32")]
     pub dns_rate: u32,
-    /// Sources waiting for a lookup at most; the rest stay unknown (pass).
+    /// Sources queued or being looked up at most; the rest stay unknown
+    /// (pass) and are counted as overflow.
     #[serde(deserialize_with = "de_positive_usize")]
     pub max_pending: usize,
     /// Lookups in flight at most.

@@ -73,9 +73,10 @@ pub fn decide(lookup: &Lookup, classifier: &Classifier, policy: &PolicyConfig) -
     }
 }
 
-/// A token bucket over DNS queries: a lookup waits for one token to start
-/// and pays for its forward queries when done, so the long-run query rate
-/// stays at `rate` per second whatever arrives.
+/// A token bucket over DNS queries: a lookup takes the most it could send
+/// ([`query_cost`] of its worst case) before it starts and gets back what it
+/// did not use, so queries never go out faster than `rate` per second,
+/// whatever arrives and however slow the DNS server is.
 pub struct TokenBucket {
     rate: f64,
     burst: f64,
@@ -108,11 +109,30 @@ impl TokenBucket {
         }
     }
 
-    /// Charges `n` more tokens (may go negative: later lookups wait).
-    pub fn charge(&mut self, n: f64, now: Instant) {
+    /// Gives back `n` tokens taken up front but not used.
+    pub fn refund(&mut self, n: f64, now: Instant) {
         self.refill(now);
-        self.tokens -= n;
+        self.tokens = (self.tokens + n).min(self.burst);
     }
+}
+
+/// hickory resends an unanswered UDP query every 333 ms at the least, at
+/// most 3 sends per attempt (hickory-net's `retry`), which the bucket must
+/// pay for too.
+const RESEND_FLOOR: Duration = Duration::from_millis(333);
+const SENDS_PER_ATTEMPT: u64 = 3;
+
+/// An upper bound on the UDP queries a lookup sent: its PTR query and
+/// `forward` forward queries. Each query is sent once per attempt used (a
+/// further attempt only after a `timeout`), plus a resend per
+/// [`RESEND_FLOOR`] of the lookup's `elapsed` time, and at most
+/// [`SENDS_PER_ATTEMPT`] times per attempt. A prompt answer costs exactly
+/// one per query.
+pub fn query_cost(forward: usize, elapsed: Duration, attempts: usize, timeout: Duration) -> f64 {
+    let used = (1 + (elapsed.as_millis() / timeout.as_millis().max(1)) as u64).min(attempts.max(1) as u64);
+    let resends = (elapsed.as_millis() / RESEND_FLOOR.as_millis()) as u64;
+    let per_query = (used + resends).min(SENDS_PER_ATTEMPT * used);
+    ((1 + forward as u64) * per_query) as f64
 }
 
 /// A hostname with its numbers masked: `dsl-1-2-3-4.pool.isp.net` and
@@ -249,18 +269,32 @@ mod tests {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(100);
         let mut started = 0;
-        // Simulate 2 s in 1 ms steps with unbounded demand of 4 queries each.
+        // Simulate 2 s in 1 ms steps with unbounded demand: each lookup
+        // reserves 8 and uses 4.
         for ms in 0..2000u64 {
             let now = t0 + Duration::from_millis(ms);
-            while b.take(1.0, now).is_ok() {
-                b.charge(3.0, now);
+            while b.take(8.0, now).is_ok() {
+                b.refund(4.0, now);
                 started += 1;
             }
         }
         let queries = started * 4;
         assert!(queries <= 100 * 2 + 10 + 4, "{queries} queries in 2 s at 100/s");
         assert!(queries >= 150, "the bucket must not starve: {queries}");
-        assert!(b.take(1.0, t0 + Duration::from_millis(2000)).is_err());
+        assert!(b.take(8.0, t0 + Duration::from_millis(1999)).is_err(), "demand used the bucket up");
+    }
+
+    #[test]
+    fn query_cost_bounds_resends() {
+        let t = Duration::from_secs(2);
+        // A prompt answer: one packet per query, whatever `attempts` allows.
+        assert_eq!(query_cost(0, Duration::from_millis(5), 2, t), 1.0);
+        assert_eq!(query_cost(3, Duration::from_millis(50), 2, t), 4.0);
+        // A silent server: each query sent up to 3 times per attempt.
+        assert_eq!(query_cost(0, Duration::from_secs(4), 2, t), 6.0);
+        assert_eq!(query_cost(2, Duration::from_secs(60), 1, t), 9.0);
+        // In between: one resend per 333 ms.
+        assert_eq!(query_cost(0, Duration::from_millis(700), 1, t), 3.0);
     }
 
     #[test]

@@ -589,6 +589,11 @@ impl Store {
         Ok(out)
     }
 
+    /// How many verdicts there are.
+    pub fn verdict_count(&self) -> Result<u64> {
+        self.conn.query_row("SELECT COUNT(*) FROM verdicts", [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(db(&self.path))
+    }
+
     /// The verdict for `key`, if any.
     pub fn verdict(&self, key: SourceKey) -> Result<Option<VerdictRecord>> {
         use rusqlite::OptionalExtension as _;
@@ -666,9 +671,11 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         let key = SourceKey::from_ip("2001:db8:1:2::9".parse().unwrap());
         assert_eq!(s.verdict(key).unwrap(), None);
+        assert_eq!(s.verdict_count().unwrap(), 0);
         let v = VerdictRecord { key, action: 1, reason: 3, comment: Some("x".into()), created_at: 5, expires_at: Some(50) };
         s.upsert_verdict(&v).unwrap();
         assert_eq!(s.verdict(key).unwrap(), Some(v));
+        assert_eq!(s.verdict_count().unwrap(), 1);
         assert_eq!(s.verdict(SourceKey::from_ip("192.0.2.1".parse().unwrap())).unwrap(), None);
     }
 
