@@ -33,7 +33,8 @@ pub fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     run(util::cargo().args(["build", "-p", "gatekeeper", "--bins"]))?;
 
     let mut cmd = util::cargo();
-    cmd.arg("test").args(cargo_args);
+    // Every test binary runs even after one fails: CI shows all failures.
+    cmd.args(["test", "--no-fail-fast"]).args(cargo_args);
     if !test_args.is_empty() {
         cmd.arg("--").args(test_args);
     }
