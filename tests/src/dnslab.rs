@@ -741,6 +741,11 @@ impl FakeDns {
                 Some((udp, tcp))
             })
             .ok_or_else(|| anyhow!("no port free for both UDP and TCP on 127.0.0.1"))?;
+        FakeDns::serve(udp, tcp, mode)
+    }
+
+    /// Answers on bound sockets until dropped.
+    fn serve(udp: UdpSocket, tcp: TcpListener, mode: FakeMode) -> Result<FakeDns> {
         let addr = udp.local_addr()?;
         udp.set_read_timeout(Some(FAKE_POLL))?;
         tcp.set_nonblocking(true)?;
@@ -1156,28 +1161,7 @@ impl FakeDns {
             })
         })
         .ok_or_else(|| anyhow!("no port free for both UDP and TCP on 127.0.0.1 in {}", ns.name()))?;
-        let addr = udp.local_addr()?;
-        udp.set_read_timeout(Some(FAKE_POLL))?;
-        tcp.set_nonblocking(true)?;
-        let shared = Arc::new(FakeShared {
-            mode,
-            stop: AtomicBool::new(false),
-            queries: Mutex::new(Vec::new()),
-            conns: Mutex::new(Vec::new()),
-        });
-        let s = shared.clone();
-        let udp_thread = std::thread::Builder::new()
-            .name("fakedns-udp".into())
-            .spawn(move || udp_loop(udp, &s))?;
-        let s = shared.clone();
-        let tcp_thread = std::thread::Builder::new()
-            .name("fakedns-tcp".into())
-            .spawn(move || tcp_loop(tcp, &s))?;
-        Ok(FakeDns {
-            addr,
-            shared,
-            threads: vec![udp_thread, tcp_thread],
-        })
+        FakeDns::serve(udp, tcp, mode)
     }
 
     /// How many queries were received so far.

@@ -152,65 +152,12 @@ fn describe(cmd: &Command) -> String {
 /// Run `cmd` (stdin closed), wait at most `timeout` (then SIGKILL), return its
 /// stdout; on failure the error names the command and carries its stderr.
 fn run_cmd(cmd: &mut Command, timeout: Duration) -> Result<String> {
-    let what = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run `{what}`"))?;
-    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
-    for (is_err, mut pipe) in [
-        (
-            false,
-            Box::new(child.stdout.take().unwrap()) as Box<dyn io::Read + Send>,
-        ),
-        (true, Box::new(child.stderr.take().unwrap())),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            let _ = tx.send((is_err, buf));
-        });
+    let out = run_capture(cmd, timeout)?;
+    if out.status.success() {
+        return Ok(out.stdout);
     }
-    drop(tx);
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break Some(st);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    // Pipes may be held open by grandchildren: don't wait for them forever.
-    let pipe_deadline = Instant::now() + Duration::from_secs(2);
-    for _ in 0..2 {
-        let left = pipe_deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((true, b)) => err = b,
-            Ok((false, b)) => out = b,
-            Err(_) => break,
-        }
-    }
-    let stderr = String::from_utf8_lossy(&err).trim().to_owned();
-    match status {
-        None => bail!("`{what}` timed out after {timeout:?}; stderr: {stderr}"),
-        Some(st) if !st.success() => bail!(
-            "`{what}` failed ({st}): {}",
-            if stderr.is_empty() {
-                String::from_utf8_lossy(&out).trim().to_owned()
-            } else {
-                stderr
-            }
-        ),
-        Some(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
-    }
+    let detail = if out.stderr.trim().is_empty() { out.stdout.trim() } else { out.stderr.trim() };
+    bail!("`{}` failed ({}): {detail}", out.command, out.status)
 }
 
 fn ip(args: &[&str]) -> Result<String> {
