@@ -48,18 +48,16 @@ pub fn counter_name(slot: u32) -> &'static str {
         4 => "parse-skipped",
         5 => "event-lost",
         6 => "verdict-pass",
-        s if s >= Counter::VerdictDropBase as u32 && s < COUNTER_SLOTS => {
-            match s - Counter::VerdictDropBase as u32 {
-                vr::MANUAL_BAN => "manual-ban",
-                vr::NO_PTR => "no-ptr",
-                vr::FCRDNS_FAIL => "fcrdns-fail",
-                vr::DYNAMIC => "dynamic",
-                vr::GENERIC => "generic",
-                vr::OK => "ok",
-                vr::TEMPFAIL => "tempfail",
-                _ => "hold",
-            }
-        }
+        s if s >= Counter::VerdictDropBase as u32 && s < COUNTER_SLOTS => match s - Counter::VerdictDropBase as u32 {
+            vr::MANUAL_BAN => "manual-ban",
+            vr::NO_PTR => "no-ptr",
+            vr::FCRDNS_FAIL => "fcrdns-fail",
+            vr::DYNAMIC => "dynamic",
+            vr::GENERIC => "generic",
+            vr::OK => "ok",
+            vr::TEMPFAIL => "tempfail",
+            _ => "hold",
+        },
         _ => "invalid",
     }
 }

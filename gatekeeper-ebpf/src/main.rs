@@ -12,16 +12,14 @@ use aya_ebpf::{
     bindings::{xdp_action, BPF_F_NO_PREALLOC},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
-    },
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use gatekeeper_common::{
     action, addr, config_flags, family, range_kind, stat_index, v4_long_bit, verdict_reason, Config, Counter, Event,
     Ipv4Bytes, Ipv6Bytes, RangeEntry, RangeValue, SourceKey, V4LongKey, V4Slot, Verdict, EVENTS_BYTES,
-    MAX_IPV6_EXT_HEADERS, MAX_RANGES, MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS,
-    STAT_ENTRIES, V4_SHORT_MAX, V4_SLOT_COUNT,
+    MAX_IPV6_EXT_HEADERS, MAX_RANGES, MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, STAT_ENTRIES,
+    V4_SHORT_MAX, V4_SLOT_COUNT,
 };
 
 #[map(name = "GK_V4_SLOTS")]

@@ -7,9 +7,9 @@
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     net::IpAddr,
-    sync::atomic::{AtomicU64, Ordering},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
     sync::Arc,
     time::Duration,
 };
@@ -27,11 +27,13 @@ use tracing::{debug, error, info, warn};
 use crate::{
     classify::{load_rules, Classifier},
     config::{validate_ports, Config, FirstSyn},
+    datapath::{
+        desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout, PinLock,
+    },
     dns::{Lookup, Resolver},
     pipeline::{decide, query_cost, Learned, Learner, TokenBucket},
-    store::Origin,
-    datapath::{desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout, PinLock},
     protocol::{Request, Response},
+    store::Origin,
     store::{NewRange, RangeKind, RangeRecord, Store, VerdictRecord},
     Error, Result,
 };
@@ -322,7 +324,8 @@ async fn handle_conn(
         Ok(cred) if cred.uid() == 0 => {}
         _ => {
             let (_, mut w) = stream.into_split();
-            let mut line = serde_json::to_vec(&Response::err("the control socket is for root only")).unwrap_or_default();
+            let mut line =
+                serde_json::to_vec(&Response::err("the control socket is for root only")).unwrap_or_default();
             line.push(b'\n');
             return w.write_all(&line).await;
         }
@@ -347,12 +350,15 @@ async fn handle_conn(
             let resp = match tokio::task::block_in_place(|| st.handle(req)) {
                 Ok(mut v) => {
                     if let Some(obj) = v.as_object_mut().filter(|o| o.contains_key("events_received")) {
-                        obj.insert("queue".into(), serde_json::json!({
-                            "queued": queue.queued.load(Ordering::Relaxed),
-                            "duplicate": queue.duplicate.load(Ordering::Relaxed),
-                            "overflow": queue.overflow.load(Ordering::Relaxed),
-                            "pending": queue.pending.lock().map(|p| p.len()).unwrap_or(0),
-                        }));
+                        obj.insert(
+                            "queue".into(),
+                            serde_json::json!({
+                                "queued": queue.queued.load(Ordering::Relaxed),
+                                "duplicate": queue.duplicate.load(Ordering::Relaxed),
+                                "overflow": queue.overflow.load(Ordering::Relaxed),
+                                "pending": queue.pending.lock().map(|p| p.len()).unwrap_or(0),
+                            }),
+                        );
                     }
                     Response::ok(v)
                 }
@@ -388,7 +394,13 @@ impl State {
                 let expires_at = expire_secs.map(|s| now + s as i64);
                 let new: Vec<NewRange> = ranges
                     .iter()
-                    .map(|r| NewRange { net: r.net, origin, source: source.clone(), comment: r.comment.clone(), expires_at })
+                    .map(|r| NewRange {
+                        net: r.net,
+                        origin,
+                        source: source.clone(),
+                        comment: r.comment.clone(),
+                        expires_at,
+                    })
                     .collect();
                 let added = self.store.add_ranges(kind, &new, force, skip_existing, now)?;
                 for r in &added {
@@ -420,7 +432,10 @@ impl State {
             Request::RangeDel { kind, nets } => {
                 let existing = self.store.list_ranges(Some(kind))?;
                 if let Some(missing) = nets.iter().find(|n| !existing.iter().any(|r| r.net == **n)) {
-                    return Err(Error::NotFound { what: if kind == RangeKind::Deny { "deny range" } else { "allow range" }, key: missing.to_string() });
+                    return Err(Error::NotFound {
+                        what: if kind == RangeKind::Deny { "deny range" } else { "allow range" },
+                        key: missing.to_string(),
+                    });
                 }
                 let mut removed = Vec::new();
                 for net in nets {
@@ -472,8 +487,12 @@ impl State {
                 }
                 json(serde_json::json!({ "removed": out }))
             }
-            Request::BanList => json(serde_json::to_value(self.store.list_verdicts(Some(verdict_reason::MANUAL_BAN))?).unwrap_or_default()),
-            Request::VerdictList { reason } => json(serde_json::to_value(self.store.list_verdicts(reason)?).unwrap_or_default()),
+            Request::BanList => json(
+                serde_json::to_value(self.store.list_verdicts(Some(verdict_reason::MANUAL_BAN))?).unwrap_or_default(),
+            ),
+            Request::VerdictList { reason } => {
+                json(serde_json::to_value(self.store.list_verdicts(reason)?).unwrap_or_default())
+            }
             Request::VerdictDel { addrs } => {
                 let all = self.store.list_verdicts(None)?;
                 let keys: Vec<SourceKey> = addrs.iter().map(|a| SourceKey::from_ip(*a)).collect();
@@ -512,7 +531,9 @@ impl State {
             Request::PortsList => json(serde_json::json!({ "ports": self.dp.maps.ports()? })),
             Request::Status => {
                 let ranges = self.store.list_ranges(None)?;
-                let count = |k: RangeKind, v6: bool| ranges.iter().filter(|r| r.kind == k && r.net.addr().is_ipv6() == v6).count();
+                let count = |k: RangeKind, v6: bool| {
+                    ranges.iter().filter(|r| r.kind == k && r.net.addr().is_ipv6() == v6).count()
+                };
                 json(serde_json::json!({
                     "agent": { "running": true, "pid": std::process::id(), "started_at": self.started_at, "version": env!("CARGO_PKG_VERSION") },
                     "pin_dir": self.dp.layout.root,
@@ -563,7 +584,11 @@ impl State {
             denies.extend(changed.iter().filter(|r| r.kind == RangeKind::Deny).map(|r| (r.net, r.clone())));
         }
         if !allow_changed.is_empty() {
-            let inside = self.store.list_ranges(Some(RangeKind::Deny))?.into_iter().filter(|d| allow_changed.iter().any(|a| a.contains(&d.net)));
+            let inside = self
+                .store
+                .list_ranges(Some(RangeKind::Deny))?
+                .into_iter()
+                .filter(|d| allow_changed.iter().any(|a| a.contains(&d.net)));
             denies.extend(inside.map(|d| (d.net, d)));
         }
         let mut nets: Vec<IpNet> = changed.iter().map(|r| r.net).chain(denies.keys().copied()).collect();
@@ -672,7 +697,8 @@ async fn lookups(
             }
         }
         let Ok(permit) = inflight.clone().acquire_owned().await else { return };
-        let (state, queue, resolver, bucket, dns) = (state.clone(), queue.clone(), resolver.clone(), bucket.clone(), dns.clone());
+        let (state, queue, resolver, bucket, dns) =
+            (state.clone(), queue.clone(), resolver.clone(), bucket.clone(), dns.clone());
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let lookup = resolver.lookup(ip).await;
@@ -804,7 +830,9 @@ impl State {
         });
         let decides = match (&range, &verdict) {
             (Some(r), _) => format!("{} range {}", r["kind"].as_str().unwrap_or("?"), r["net"].as_str().unwrap_or("?")),
-            (None, Some(v)) if v["live"] == true => format!("verdict: {} ({})", v["action"].as_str().unwrap_or("?"), v["reason"].as_str().unwrap_or("?")),
+            (None, Some(v)) if v["live"] == true => {
+                format!("verdict: {} ({})", v["action"].as_str().unwrap_or("?"), v["reason"].as_str().unwrap_or("?"))
+            }
             _ => "nothing: the source is unknown, passes, and is looked up".into(),
         };
         Ok(serde_json::json!({

@@ -13,7 +13,11 @@ use gatekeeper::{
     protocol::{call, ClientError, Request},
     store::RangeKind,
 };
-use gatekeeper_common::{config_flags, counters::{counter_name, COUNTER_SLOTS}, range_kind, Counter, StatKey};
+use gatekeeper_common::{
+    config_flags,
+    counters::{counter_name, COUNTER_SLOTS},
+    range_kind, Counter, StatKey,
+};
 use serde_json::{json, Value};
 
 /// Prints rows as left-aligned columns under a header.
@@ -43,7 +47,11 @@ fn expires(v: &Value) -> String {
         None => "never".into(),
         Some(t) => {
             let left = t - gatekeeper::datapath::unix_now();
-            if left <= 0 { "expired".into() } else { format!("in {}", format_duration_short(Duration::from_secs(left as u64))) }
+            if left <= 0 {
+                "expired".into()
+            } else {
+                format!("in {}", format_duration_short(Duration::from_secs(left as u64)))
+            }
         }
     }
 }
@@ -63,7 +71,16 @@ pub fn print_ranges(rows: &[Value]) {
     }
     let rows: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| vec![s(&r["net"]), s(&r["origin"]), s(&r["source"]), s(&r["hits"]), expires(&r["expires_at"]), s(&r["comment"])])
+        .map(|r| {
+            vec![
+                s(&r["net"]),
+                s(&r["origin"]),
+                s(&r["source"]),
+                s(&r["hits"]),
+                expires(&r["expires_at"]),
+                s(&r["comment"]),
+            ]
+        })
         .collect();
     table(&["RANGE", "ORIGIN", "SOURCE", "HITS", "EXPIRES", "COMMENT"], &rows);
 }
@@ -99,7 +116,11 @@ pub fn print_check(v: &Value) {
     );
     println!("datapath:   decided by {}", s(&v["datapath"]["decides"]));
     if let Some(vd) = v["datapath"]["verdict"].as_object() {
-        let left = vd.get("expires_in_secs").and_then(Value::as_u64).map(|x| format!("expires in {}", format_duration_short(Duration::from_secs(x)))).unwrap_or_else(|| "never expires".into());
+        let left = vd
+            .get("expires_in_secs")
+            .and_then(Value::as_u64)
+            .map(|x| format!("expires in {}", format_duration_short(Duration::from_secs(x))))
+            .unwrap_or_else(|| "never expires".into());
         println!("verdict:    {} ({}), {}", s(&vd["action"]), s(&vd["reason"]), left);
     }
 }
@@ -113,10 +134,14 @@ pub fn print_verdicts(rows: &[Value]) {
         let r = v.as_u64().unwrap_or(u64::MAX) as u32;
         counter_name(gatekeeper_common::Counter::verdict_drop(r)).to_string()
     };
-    let act = |v: &Value| if v.as_u64() == Some(gatekeeper_common::action::DROP as u64) { "drop" } else { "pass" }.to_string();
+    let act = |v: &Value| {
+        if v.as_u64() == Some(gatekeeper_common::action::DROP as u64) { "drop" } else { "pass" }.to_string()
+    };
     let rows: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| vec![s(&r["key"]), act(&r["action"]), reason(&r["reason"]), expires(&r["expires_at"]), s(&r["comment"])])
+        .map(|r| {
+            vec![s(&r["key"]), act(&r["action"]), reason(&r["reason"]), expires(&r["expires_at"]), s(&r["comment"])]
+        })
         .collect();
     table(&["SOURCE", "ACTION", "REASON", "EXPIRES", "DETAIL"], &rows);
 }
@@ -169,7 +194,9 @@ pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
     let running = agent["agent"]["running"].as_bool().unwrap_or(false);
     let loaded = datapath["loaded"].as_bool().unwrap_or(false);
     match (running, loaded) {
-        (true, _) => println!("agent:      running (pid {}, version {})", agent["agent"]["pid"], s(&agent["agent"]["version"])),
+        (true, _) => {
+            println!("agent:      running (pid {}, version {})", agent["agent"]["pid"], s(&agent["agent"]["version"]))
+        }
         (false, true) => println!("agent:      NOT RUNNING — the pinned datapath keeps enforcing its last state"),
         (false, false) => println!("agent:      not running"),
     }
@@ -177,20 +204,38 @@ pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
         println!("datapath:   not loaded (nothing pinned at {})", pin_dir.display());
         return Ok(());
     }
-    println!("datapath:   pinned at {} (program id {}, tag {})", pin_dir.display(), datapath["program"]["id"], s(&datapath["program"]["tag"]));
+    println!(
+        "datapath:   pinned at {} (program id {}, tag {})",
+        pin_dir.display(),
+        datapath["program"]["id"],
+        s(&datapath["program"]["tag"])
+    );
     // The agent sees its own network namespace; the CLI may not.
     let links = if running { &agent["interfaces"] } else { &datapath["links"] };
     for l in links.as_array().into_iter().flatten() {
-        let idx = if l["ifindex"].is_null() { "not in this namespace".to_string() } else { format!("ifindex {}", l["ifindex"]) };
+        let idx = if l["ifindex"].is_null() {
+            "not in this namespace".to_string()
+        } else {
+            format!("ifindex {}", l["ifindex"])
+        };
         let adopted = if l["adopted"].as_bool() == Some(true) { ", adopted from a previous agent" } else { "" };
         println!("interface:  {} ({}, {} mode{adopted})", s(&l["ifname"]), idx, s(&l["mode"]));
     }
     println!("ports:      {}", join(&datapath["ports"]));
-    println!("dry-run:    {}", if datapath["dry_run"].as_bool().unwrap_or(false) { "YES (nothing is dropped)" } else { "no" });
+    println!(
+        "dry-run:    {}",
+        if datapath["dry_run"].as_bool().unwrap_or(false) { "YES (nothing is dropped)" } else { "no" }
+    );
     let e = &datapath["entries"];
     let cap = gatekeeper_common::MAX_RANGES;
-    println!("deny:       {} v4, {} v6 in the datapath (deny ranges inside allow ranges are left out)", e["deny_v4"], e["deny_v6"]);
-    println!("allow:      {} v4, {} v6 (capacity {cap} entries per family, allow and deny together)", e["allow_v4"], e["allow_v6"]);
+    println!(
+        "deny:       {} v4, {} v6 in the datapath (deny ranges inside allow ranges are left out)",
+        e["deny_v4"], e["deny_v6"]
+    );
+    println!(
+        "allow:      {} v4, {} v6 (capacity {cap} entries per family, allow and deny together)",
+        e["allow_v4"], e["allow_v6"]
+    );
     match agent["capacity"]["verdicts"].as_u64() {
         Some(c) => println!("verdicts:   {} (capacity {c})", e["verdicts"]),
         None => println!("verdicts:   {}", e["verdicts"]),
@@ -262,12 +307,18 @@ fn stats_json(snap: &Snapshot, names: &Names, top: usize) -> Value {
         .iter()
         .map(|&i| {
             let c: serde_json::Map<String, Value> = (0..COUNTER_SLOTS)
-                .map(|slot| (counter_name(slot).to_string(), snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).into()))
+                .map(|slot| {
+                    (
+                        counter_name(slot).to_string(),
+                        snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).into(),
+                    )
+                })
                 .collect();
             json!({ "ifindex": i, "name": names.label(i), "counters": c })
         })
         .collect();
-    let top: Vec<Value> = snap.top.iter().take(top).map(|(h, k, n)| json!({ "range": n, "kind": k, "hits": h })).collect();
+    let top: Vec<Value> =
+        snap.top.iter().take(top).map(|(h, k, n)| json!({ "range": n, "kind": k, "hits": h })).collect();
     json!({ "totals": totals, "interfaces": per_if, "top_ranges": top })
 }
 
@@ -279,30 +330,35 @@ fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, names: &Names, top: usi
     if prev.is_some() {
         header.push("RATE/s".into());
     }
-    let total = |s: &Snapshot, slot: u32| -> u64 { s.counters.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum() };
+    let total =
+        |s: &Snapshot, slot: u32| -> u64 { s.counters.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum() };
     // Verdict-reason rows that never counted anything are noise (most
     // outcomes pass by default); the decision rows always show.
     let shown = |slot: u32| slot < Counter::VerdictDropBase as u32 || total(snap, slot) > 0;
-    let rows: Vec<Vec<String>> = (0..COUNTER_SLOTS)
-        .filter(|&slot| shown(slot))
-        .map(|slot| {
-            let mut row = vec![counter_name(slot).to_string()];
-            row.extend(ifaces.iter().map(|&i| snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).to_string()));
-            row.push(total(snap, slot).to_string());
-            if let Some(p) = prev {
-                let dt = snap.at.duration_since(p.at).as_secs_f64().max(1e-3);
-                row.push(format!("{:.1}", total(snap, slot).saturating_sub(total(p, slot)) as f64 / dt));
-            }
-            row
-        })
-        .collect();
+    let rows: Vec<Vec<String>> =
+        (0..COUNTER_SLOTS)
+            .filter(|&slot| shown(slot))
+            .map(|slot| {
+                let mut row = vec![counter_name(slot).to_string()];
+                row.extend(ifaces.iter().map(|&i| {
+                    snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).to_string()
+                }));
+                row.push(total(snap, slot).to_string());
+                if let Some(p) = prev {
+                    let dt = snap.at.duration_since(p.at).as_secs_f64().max(1e-3);
+                    row.push(format!("{:.1}", total(snap, slot).saturating_sub(total(p, slot)) as f64 / dt));
+                }
+                row
+            })
+            .collect();
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
     table(&header, &rows);
     println!();
     if snap.top.is_empty() {
         println!("(no range hits yet)");
     } else {
-        let rows: Vec<Vec<String>> = snap.top.iter().take(top).map(|(h, k, n)| vec![n.clone(), k.to_string(), h.to_string()]).collect();
+        let rows: Vec<Vec<String>> =
+            snap.top.iter().take(top).map(|(h, k, n)| vec![n.clone(), k.to_string(), h.to_string()]).collect();
         table(&["RANGE", "KIND", "HITS"], &rows);
     }
 }
@@ -315,7 +371,14 @@ pub fn stats(socket: &Path, pin_dir: &Path, as_json: bool, watch: Option<u64>, t
     loop {
         let snap = snapshot(&maps)?;
         if as_json {
-            println!("{}", if watch.is_some() { serde_json::to_string(&stats_json(&snap, &names, top))? } else { serde_json::to_string_pretty(&stats_json(&snap, &names, top))? });
+            println!(
+                "{}",
+                if watch.is_some() {
+                    serde_json::to_string(&stats_json(&snap, &names, top))?
+                } else {
+                    serde_json::to_string_pretty(&stats_json(&snap, &names, top))?
+                }
+            );
         } else {
             if watch.is_some() {
                 print!("\x1b[2J\x1b[H");

@@ -225,8 +225,8 @@ impl Config {
 
     /// Parses config text; `path` is only used in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| Error::Config { path: path.to_path_buf(), message: describe(text, &e) })?;
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| Error::Config { path: path.to_path_buf(), message: describe(text, &e) })?;
         let p = &cfg.policy;
         if p.ttl_min > p.ttl_max {
             let at = line_of(text, "policy", "ttl_min").map(|l| format!("line {l}, ")).unwrap_or_default();
@@ -352,9 +352,7 @@ pub fn parse_ports(s: &str) -> Result<Vec<u16>> {
     let ports = s
         .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|t| !t.is_empty())
-        .map(|t| {
-            t.parse::<u16>().map_err(|_| Error::InvalidPorts(format!("{t:?} is not a port number (1-65535)")))
-        })
+        .map(|t| t.parse::<u16>().map_err(|_| Error::InvalidPorts(format!("{t:?} is not a port number (1-65535)"))))
         .collect::<Result<Vec<_>>>()?;
     validate_ports(&ports)
 }
@@ -392,7 +390,11 @@ fn de_interfaces<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<Str
     let names = Vec::<String>::deserialize(d)?;
     for (i, n) in names.iter().enumerate() {
         // The kernel's IFNAMSIZ is 16 including the NUL.
-        let bad = n.is_empty() || n.len() > 15 || n == "." || n == ".." || n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+        let bad = n.is_empty()
+            || n.len() > 15
+            || n == "."
+            || n == ".."
+            || n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
         if bad {
             return Err(serde::de::Error::custom(format!("{n:?} is not a valid interface name")));
         }
@@ -409,7 +411,8 @@ fn de_log_level<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, 
     // A level, or comma-separated `level` / `target=level` directives.
     let ok = !s.trim().is_empty()
         && s.split(',').all(|dir| {
-            let level = dir.rsplit_once('=').map_or(dir, |(target, level)| if target.trim().is_empty() { "" } else { level });
+            let level =
+                dir.rsplit_once('=').map_or(dir, |(target, level)| if target.trim().is_empty() { "" } else { level });
             LEVELS.contains(&level.trim().to_ascii_lowercase().as_str())
         });
     if !ok {
@@ -460,7 +463,11 @@ mod tests {
 
     #[test]
     fn policy_sections_parse_and_are_checked() {
-        let c = Config::parse("[policy]\ngeneric = \"drop\"\nfirst_syn = \"hold\"\n[learning]\nenabled = false\n", Path::new("t.toml")).unwrap();
+        let c = Config::parse(
+            "[policy]\ngeneric = \"drop\"\nfirst_syn = \"hold\"\n[learning]\nenabled = false\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
         assert_eq!(c.policy.generic, Action::Drop);
         assert_eq!(c.policy.first_syn, FirstSyn::Hold);
         assert_eq!(c.policy.dynamic, Action::Drop, "defaults stay");

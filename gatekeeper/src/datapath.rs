@@ -22,8 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    family, maps as names, programs, range_kind, Config, RangeEntry, V4LongKey, V4Slot, Ipv6Bytes, RangeValue, SourceKey, StatKey, Verdict,
-    PORT_WORDS,
+    family, maps as names, programs, range_kind, Config, Ipv6Bytes, RangeEntry, RangeValue, SourceKey, StatKey,
+    V4LongKey, V4Slot, Verdict, PORT_WORDS,
 };
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -50,7 +50,7 @@ fn bpf_err(what: impl std::fmt::Display, e: impl std::error::Error) -> Error {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC).unwrap_or(false)
 }
 
 /// Makes sure `pin_dir` is on a bpf filesystem, mounting bpffs at
@@ -212,7 +212,8 @@ impl PinLayout {
         }
         for dir in [self.links_dir(), self.root.join("maps"), self.root.clone()] {
             if dir.exists() {
-                fs::remove_dir(&dir).map_err(|e| Error::io(format!("remove {} (is something else pinned there?)", dir.display()), e))?;
+                fs::remove_dir(&dir)
+                    .map_err(|e| Error::io(format!("remove {} (is something else pinned there?)", dir.display()), e))?;
             }
         }
         Ok(removed)
@@ -451,7 +452,10 @@ impl RangeMaps {
         for item in maps.range_index.iter() {
             let (_, e) = item.map_err(|e| bpf_err("read range index", e))?;
             let net = match e.family {
-                family::V4 => ipnet::Ipv4Net::new([e.addr[0], e.addr[1], e.addr[2], e.addr[3]].into(), e.prefix_len as u8).map(IpNet::V4),
+                family::V4 => {
+                    ipnet::Ipv4Net::new([e.addr[0], e.addr[1], e.addr[2], e.addr[3]].into(), e.prefix_len as u8)
+                        .map(IpNet::V4)
+                }
                 _ => ipnet::Ipv6Net::new(e.addr.into(), e.prefix_len as u8).map(IpNet::V6),
             }
             .map_err(|err| bpf_err("bad range index entry", err))?;
@@ -503,7 +507,8 @@ impl RangeMaps {
                 self.apply_v4(w).map_err(err)?;
             }
             IpNet::V6(n) => {
-                ignore_missing(self.ranges_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))).map_err(err)?;
+                ignore_missing(self.ranges_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())))
+                    .map_err(err)?;
             }
         }
         ignore_missing(self.range_index.remove(&old.range_id)).map_err(err)
@@ -541,7 +546,8 @@ impl RangeMaps {
                 _ => None,
             })
             .collect();
-        let have: Vec<(V4LongKey, RangeValue)> = self.v4_long.iter().collect::<std::result::Result<_, _>>().map_err(err)?;
+        let have: Vec<(V4LongKey, RangeValue)> =
+            self.v4_long.iter().collect::<std::result::Result<_, _>>().map_err(err)?;
         for (k, v) in &want {
             if !have.iter().any(|(hk, hv)| hk == k && hv == v) {
                 self.v4_long.insert(*k, *v, 0).map_err(err)?;
@@ -644,8 +650,10 @@ impl Datapath {
                 XdpModeSetting::Skb => pin.mode == AttachMode::Skb,
             };
             if compatible {
-                let pinned = PinnedLink::from_pin(&pin.path).map_err(|e| bpf_err(format!("open {}", pin.path.display()), e))?;
-                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| bpf_err(format!("link {}", pin.path.display()), e))?;
+                let pinned =
+                    PinnedLink::from_pin(&pin.path).map_err(|e| bpf_err(format!("open {}", pin.path.display()), e))?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| bpf_err(format!("link {}", pin.path.display()), e))?;
                 let id = prog.attach_to_link(link).map_err(|e| bpf_err(format!("update XDP link on {ifname}"), e))?;
                 // The link stays attached through its pin; drop our fd.
                 drop(prog.take_link(id).map_err(|e| bpf_err("take link", e))?);
@@ -665,7 +673,10 @@ impl Datapath {
                 Ok(id) => {
                     let link = prog.take_link(id).map_err(|e| bpf_err("take link", e))?;
                     let fd = FdLink::try_from(link).map_err(|e| {
-                        bpf_err(format!("{ifname}: the kernel attached XDP without a bpf_link, which cannot be pinned"), e)
+                        bpf_err(
+                            format!("{ifname}: the kernel attached XDP without a bpf_link, which cannot be pinned"),
+                            e,
+                        )
                     })?;
                     let path = self.layout.link(ifname, mode);
                     fd.pin(&path).map_err(|e| bpf_err(format!("pin link at {}", path.display()), e))?;
@@ -736,7 +747,7 @@ pub fn range_value(r: &RangeRecord) -> RangeValue {
         RangeKind::Deny => range_kind::DENY,
         RangeKind::Allow => range_kind::ALLOW,
     };
-    RangeValue { range_id: r.id, kind, origin: r.origin.code() as u16 }
+    RangeValue { range_id: r.id, kind, origin: r.origin.code() }
 }
 
 /// The datapath entry for `net`, given the allow ranges and the deny range

@@ -31,14 +31,22 @@ pub enum Error {
     #[error("invalid ports: {0}")]
     InvalidPorts(String),
     #[error("state database {path}: {source}")]
-    Store { path: PathBuf, #[source] source: rusqlite::Error },
+    Store {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
     /// A state database written by a newer gatekeeper (schema version too high).
     #[error("state database {path}: schema version {found} is newer than this gatekeeper supports ({supported}); upgrade gatekeeper or move the file away")]
     StoreVersion { path: PathBuf, found: i64, supported: i64 },
     #[error("bpf: {0}")]
     Bpf(String),
     #[error("{context}: {source}")]
-    Io { context: String, #[source] source: std::io::Error },
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// Bad lines in a classifier rules file; no rules were loaded.
     #[error("{path}: {} bad line(s), no rules loaded:\n{}", .errors.len(), .errors.iter().map(|e| format!("  line {}: {}", e.line, e.message)).collect::<Vec<_>>().join("\n"))]
     BadRules { path: String, errors: Vec<LineError> },

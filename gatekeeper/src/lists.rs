@@ -25,9 +25,7 @@ pub fn parse_net(s: &str) -> Result<IpNet> {
         Some((a, p)) => (a, Some(p)),
         None => (input, None),
     };
-    let addr: IpAddr = addr
-        .parse()
-        .map_err(|_| err(format!("{addr:?} is not an IPv4 or IPv6 address")))?;
+    let addr: IpAddr = addr.parse().map_err(|_| err(format!("{addr:?} is not an IPv4 or IPv6 address")))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
         None => max,
@@ -147,7 +145,9 @@ pub fn parse_list(text: &str) -> (Vec<ListEntry>, Vec<LineError>) {
         match parsed {
             Ok(None) => {}
             Ok(Some((net, comment))) => match seen.get(&net) {
-                Some(first) => errors.push(LineError { line, message: format!("{net} is a duplicate of line {first}") }),
+                Some(first) => {
+                    errors.push(LineError { line, message: format!("{net} is a duplicate of line {first}") })
+                }
                 None => {
                     seen.insert(net, line);
                     entries.push(ListEntry { line, net, comment });
@@ -214,10 +214,7 @@ mod tests {
 
     #[test]
     fn parse_net_rejects_ipv4_mapped() {
-        assert_eq!(
-            reason(parse_net("::ffff:1.2.3.4/128")),
-            "IPv4-mapped IPv6 address; use the IPv4 form 1.2.3.4/32"
-        );
+        assert_eq!(reason(parse_net("::ffff:1.2.3.4/128")), "IPv4-mapped IPv6 address; use the IPv4 form 1.2.3.4/32");
         assert!(reason(parse_net("::ffff:1.2.3.4")).contains("1.2.3.4/32"));
         assert!(reason(parse_net("::ffff:1.2.3.4/120")).contains("use the IPv4 form 1.2.3.0/24"));
         // A v6 network that merely contains the mapped range is fine.
@@ -260,7 +257,10 @@ mod tests {
         let (entries, errors) = parse_list(text);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(entries.len(), 3);
-        assert_eq!(entries[0], ListEntry { line: 3, net: parse_net("192.0.2.0/24").unwrap(), comment: Some("office".into()) });
+        assert_eq!(
+            entries[0],
+            ListEntry { line: 3, net: parse_net("192.0.2.0/24").unwrap(), comment: Some("office".into()) }
+        );
         assert_eq!(entries[1].line, 4);
         assert_eq!(entries[1].comment, None);
         assert_eq!(entries[2].net.to_string(), "198.51.100.7/32");
@@ -269,7 +269,8 @@ mod tests {
 
     #[test]
     fn spamhaus_drop_format() {
-        let text = "; Spamhaus DROP List 2024/01/01\n; Last-Modified: x\n1.10.16.0/20 ; SBL256894\n1.19.0.0/16 ; SBL434604\n";
+        let text =
+            "; Spamhaus DROP List 2024/01/01\n; Last-Modified: x\n1.10.16.0/20 ; SBL256894\n1.19.0.0/16 ; SBL434604\n";
         let (entries, errors) = parse_list(text);
         assert!(errors.is_empty());
         assert_eq!(entries.len(), 2);

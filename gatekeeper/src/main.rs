@@ -283,10 +283,7 @@ fn target(cli: &Cli) -> Result<Target> {
         return Ok(Target { socket: socket.clone(), pin_dir: pin_dir.clone() });
     }
     let cfg = load_config(cli)?;
-    Ok(Target {
-        socket: cli.socket.clone().unwrap_or(cfg.socket),
-        pin_dir: cli.pin_dir.clone().unwrap_or(cfg.pin_dir),
-    })
+    Ok(Target { socket: cli.socket.clone().unwrap_or(cfg.socket), pin_dir: cli.pin_dir.clone().unwrap_or(cfg.pin_dir) })
 }
 
 fn main() {
@@ -423,9 +420,17 @@ fn range(t: &Target, cmd: &RangeCmd) -> Result<()> {
         RangeCmd::Add(a) => add(t, RangeKind::Deny, a),
         RangeCmd::Del(a) => del(t, RangeKind::Deny, a),
         RangeCmd::List { json, origin } => list(t, RangeKind::Deny, *json, parse_origin(origin.as_deref())?),
-        RangeCmd::Import { file, skip_bad, replace, expire, force, allow_empty } => {
-            import(t, file, ImportOpts { skip_bad: *skip_bad, replace: *replace, expire: *expire, force: *force, allow_empty: *allow_empty })
-        }
+        RangeCmd::Import { file, skip_bad, replace, expire, force, allow_empty } => import(
+            t,
+            file,
+            ImportOpts {
+                skip_bad: *skip_bad,
+                replace: *replace,
+                expire: *expire,
+                force: *force,
+                allow_empty: *allow_empty,
+            },
+        ),
         RangeCmd::Export { origin } => {
             let origin = parse_origin(origin.as_deref())?;
             let data = call(&t.socket, &Request::RangeList { kind: RangeKind::Deny })?;
@@ -436,7 +441,9 @@ fn range(t: &Target, cmd: &RangeCmd) -> Result<()> {
                     continue;
                 }
                 match r["comment"].as_str() {
-                    Some(c) if !c.is_empty() => println!("{} # {}", r["net"].as_str().unwrap_or(""), c.replace('\n', " ")),
+                    Some(c) if !c.is_empty() => {
+                        println!("{} # {}", r["net"].as_str().unwrap_or(""), c.replace('\n', " "))
+                    }
                     _ => println!("{}", r["net"].as_str().unwrap_or("")),
                 }
             }
@@ -518,7 +525,11 @@ fn ban(t: &Target, cmd: &BanCmd) -> Result<()> {
         BanCmd::Add { addrs, comment, expire } => {
             let data = call(
                 &t.socket,
-                &Request::BanAdd { addrs: addrs.clone(), comment: comment.clone(), expire_secs: expire.map(|d| d.as_secs()) },
+                &Request::BanAdd {
+                    addrs: addrs.clone(),
+                    comment: comment.clone(),
+                    expire_secs: expire.map(|d| d.as_secs()),
+                },
             )?;
             for b in data.as_array().into_iter().flatten() {
                 println!("banned {}", b["key"].as_str().unwrap_or("?"));
@@ -567,9 +578,11 @@ fn ports(t: &Target, cmd: &PortsCmd) -> Result<()> {
 /// A verdict reason by its operator-facing name.
 fn parse_reason(name: &str) -> Result<u32> {
     use gatekeeper_common::{counters::counter_name, verdict_reason as vr, Counter};
-    (0..vr::COUNT)
-        .find(|r| counter_name(Counter::verdict_drop(*r)) == name)
-        .ok_or_else(|| anyhow::anyhow!("unknown reason {name:?}: expected no-ptr, fcrdns-fail, dynamic, generic, ok, tempfail or manual-ban"))
+    (0..vr::COUNT).find(|r| counter_name(Counter::verdict_drop(*r)) == name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown reason {name:?}: expected no-ptr, fcrdns-fail, dynamic, generic, ok, tempfail or manual-ban"
+        )
+    })
 }
 
 fn verdict(t: &Target, cmd: &VerdictCmd) -> Result<()> {

@@ -37,20 +37,41 @@ pub enum Request {
         /// Remove ranges of this `source` that are not in `ranges` (imports).
         replace: bool,
     },
-    RangeDel { kind: RangeKind, nets: Vec<IpNet> },
-    RangeList { kind: RangeKind },
-    BanAdd { addrs: Vec<IpAddr>, comment: Option<String>, expire_secs: Option<u64> },
-    BanDel { addrs: Vec<IpAddr> },
+    RangeDel {
+        kind: RangeKind,
+        nets: Vec<IpNet>,
+    },
+    RangeList {
+        kind: RangeKind,
+    },
+    BanAdd {
+        addrs: Vec<IpAddr>,
+        comment: Option<String>,
+        expire_secs: Option<u64>,
+    },
+    BanDel {
+        addrs: Vec<IpAddr>,
+    },
     BanList,
     /// Per-source verdicts (all reasons, or one).
-    VerdictList { reason: Option<u32> },
-    VerdictDel { addrs: Vec<IpAddr> },
+    VerdictList {
+        reason: Option<u32>,
+    },
+    VerdictDel {
+        addrs: Vec<IpAddr>,
+    },
     /// Removes every verdict of `reason`, or every automatic one (not
     /// manual bans) when `None`.
-    VerdictFlush { reason: Option<u32> },
+    VerdictFlush {
+        reason: Option<u32>,
+    },
     /// Live explanation of what decides for a source.
-    Check { ip: IpAddr },
-    PortsSet { ports: Vec<u16> },
+    Check {
+        ip: IpAddr,
+    },
+    PortsSet {
+        ports: Vec<u16>,
+    },
     PortsList,
     Status,
     /// Detach everything, remove all pins and exit.
@@ -83,7 +104,11 @@ pub enum ClientError {
     #[error("permission denied on {0}: the control socket is for root only")]
     PermissionDenied(String),
     #[error("talking to the agent at {path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Agent(String),
 }
@@ -104,8 +129,9 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientErr
     stream.write_all(&line).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;
-    let resp: Response = serde_json::from_str(&reply)
-        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad response {reply:?}: {e}"))))?;
+    let resp: Response = serde_json::from_str(&reply).map_err(|e| {
+        io(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad response {reply:?}: {e}")))
+    })?;
     if resp.ok {
         Ok(resp.data)
     } else {

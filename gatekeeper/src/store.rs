@@ -329,7 +329,8 @@ impl Store {
         let mut batch: HashSet<IpNet> = HashSet::with_capacity(new.len());
         let mut todo: Vec<&NewRange> = Vec::with_capacity(new.len());
         {
-            let mut find = tx.prepare("SELECT id, source, comment FROM ranges WHERE kind = ?1 AND net = ?2").map_err(&e)?;
+            let mut find =
+                tx.prepare("SELECT id, source, comment FROM ranges WHERE kind = ?1 AND net = ?2").map_err(&e)?;
             for n in new {
                 if !batch.insert(n.net) {
                     return Err(Error::Duplicate {
@@ -350,7 +351,11 @@ impl Store {
                     Some((id, source, comment)) => {
                         let comment = comment.map(|c| format!(", comment {c:?}")).unwrap_or_default();
                         let detail = format!("id {id}, source {source:?}{comment}");
-                        return Err(Error::Duplicate { what: kind.what(), net: n.net.to_string(), detail: Some(detail) });
+                        return Err(Error::Duplicate {
+                            what: kind.what(),
+                            net: n.net.to_string(),
+                            detail: Some(detail),
+                        });
                     }
                 }
             }
@@ -499,7 +504,9 @@ impl Store {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&e)?;
         let mut gone = tx
             .prepare(&format!("SELECT {RANGE_COLS} FROM ranges WHERE kind = ?1 AND source = ?2"))
-            .and_then(|mut s| s.query_map(params![kind.as_str(), source], range_row)?.collect::<rusqlite::Result<Vec<_>>>())
+            .and_then(|mut s| {
+                s.query_map(params![kind.as_str(), source], range_row)?.collect::<rusqlite::Result<Vec<_>>>()
+            })
             .map_err(&e)?;
         gone.retain(|r| !keep.contains(&r.net));
         {
@@ -567,7 +574,11 @@ impl Store {
         let e = db(&self.path);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&e)?;
         let rec = tx
-            .query_row(&format!("DELETE FROM verdicts WHERE key = ?1 RETURNING {VERDICT_COLS}"), [key.display()], verdict_row)
+            .query_row(
+                &format!("DELETE FROM verdicts WHERE key = ?1 RETURNING {VERDICT_COLS}"),
+                [key.display()],
+                verdict_row,
+            )
             .optional()
             .map_err(&e)?
             .ok_or_else(|| Error::NotFound { what: "verdict", key: key.display() })?;
@@ -591,7 +602,10 @@ impl Store {
 
     /// How many verdicts there are.
     pub fn verdict_count(&self) -> Result<u64> {
-        self.conn.query_row("SELECT COUNT(*) FROM verdicts", [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(db(&self.path))
+        self.conn
+            .query_row("SELECT COUNT(*) FROM verdicts", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(db(&self.path))
     }
 
     /// The verdict for `key`, if any.
@@ -672,7 +686,8 @@ mod tests {
         let key = SourceKey::from_ip("2001:db8:1:2::9".parse().unwrap());
         assert_eq!(s.verdict(key).unwrap(), None);
         assert_eq!(s.verdict_count().unwrap(), 0);
-        let v = VerdictRecord { key, action: 1, reason: 3, comment: Some("x".into()), created_at: 5, expires_at: Some(50) };
+        let v =
+            VerdictRecord { key, action: 1, reason: 3, comment: Some("x".into()), created_at: 5, expires_at: Some(50) };
         s.upsert_verdict(&v).unwrap();
         assert_eq!(s.verdict(key).unwrap(), Some(v));
         assert_eq!(s.verdict_count().unwrap(), 1);
@@ -683,7 +698,13 @@ mod tests {
     fn add_list_and_order() {
         let mut s = Store::open_in_memory().unwrap();
         let added = s
-            .add_ranges(RangeKind::Deny, &[nr("2001:db8::/32"), nr("198.51.100.0/24"), nr("192.0.2.0/25"), nr("192.0.2.0/24")], false, false, 7)
+            .add_ranges(
+                RangeKind::Deny,
+                &[nr("2001:db8::/32"), nr("198.51.100.0/24"), nr("192.0.2.0/25"), nr("192.0.2.0/24")],
+                false,
+                false,
+                7,
+            )
             .unwrap();
         assert_eq!(added.iter().map(|r| r.id).collect::<Vec<_>>(), [0, 1, 2, 3]);
         assert!(added.iter().all(|r| r.created_at == 7 && r.kind == RangeKind::Deny));
@@ -703,7 +724,10 @@ mod tests {
     fn non_canonical_net_rejected() {
         let mut s = Store::open_in_memory().unwrap();
         let bad = NewRange { net: IpNet::new("192.0.2.1".parse().unwrap(), 24).unwrap(), ..nr("0.0.0.0/0") };
-        assert!(matches!(s.add_ranges(RangeKind::Deny, &[nr("10.0.0.0/8"), bad], false, false, 0), Err(Error::InvalidCidr { .. })));
+        assert!(matches!(
+            s.add_ranges(RangeKind::Deny, &[nr("10.0.0.0/8"), bad], false, false, 0),
+            Err(Error::InvalidCidr { .. })
+        ));
         assert!(s.list_ranges(None).unwrap().is_empty());
     }
 
@@ -727,7 +751,10 @@ mod tests {
         assert_eq!(added[0].net, net("10.0.0.0/8"));
         assert_eq!(s.list_ranges(None).unwrap().iter().find(|r| r.id == 0).unwrap().comment.as_deref(), Some("office"));
         // The same net may be both allow and deny only with force.
-        assert!(matches!(s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], false, false, 0), Err(Error::Overlap { .. })));
+        assert!(matches!(
+            s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], false, false, 0),
+            Err(Error::Overlap { .. })
+        ));
         s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], true, false, 0).unwrap();
     }
 
@@ -753,7 +780,8 @@ mod tests {
         }
         assert_eq!(s.list_ranges(None).unwrap().len(), 3);
         // Neighbours and other families do not overlap.
-        s.add_ranges(RangeKind::Deny, &[nr("192.0.3.0/24"), nr("2001:db8:2::/48"), nr("::/0")], false, false, 0).unwrap_err();
+        s.add_ranges(RangeKind::Deny, &[nr("192.0.3.0/24"), nr("2001:db8:2::/48"), nr("::/0")], false, false, 0)
+            .unwrap_err();
         s.add_ranges(RangeKind::Deny, &[nr("192.0.3.0/24"), nr("2001:db8:2::/48")], false, false, 0).unwrap();
         let added = s.add_ranges(RangeKind::Deny, &[nr("192.0.2.128/25")], true, false, 0).unwrap();
         assert_eq!(added.len(), 1);
@@ -766,7 +794,15 @@ mod tests {
         s.add_ranges(RangeKind::Deny, &batch, false, false, 0).unwrap();
         s.del_range(RangeKind::Deny, net("10.0.3.0/24")).unwrap();
         s.del_range(RangeKind::Deny, net("10.0.7.0/24")).unwrap();
-        let added = s.add_ranges(RangeKind::Allow, &[nr("172.16.0.0/16"), nr("172.17.0.0/16"), nr("172.18.0.0/16")], false, false, 0).unwrap();
+        let added = s
+            .add_ranges(
+                RangeKind::Allow,
+                &[nr("172.16.0.0/16"), nr("172.17.0.0/16"), nr("172.18.0.0/16")],
+                false,
+                false,
+                0,
+            )
+            .unwrap();
         assert_eq!(added.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 7, 10]);
         let all = s.list_ranges(None).unwrap();
         let ids: HashSet<u32> = all.iter().map(|r| r.id).collect();
@@ -778,7 +814,8 @@ mod tests {
     fn full_family_is_rejected_whole() {
         let mut s = Store::open_in_memory().unwrap();
         // MAX_RANGES + 1 IPv4 /32s; nothing may be added.
-        let batch: Vec<NewRange> = (0..=MAX_RANGES).map(|i| nr(&format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + i)))).collect();
+        let batch: Vec<NewRange> =
+            (0..=MAX_RANGES).map(|i| nr(&format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + i)))).collect();
         match s.add_ranges(RangeKind::Deny, &batch, false, false, 0) {
             Err(Error::Full { what, capacity }) => {
                 assert_eq!(what, "IPv4 deny ranges");
@@ -814,7 +851,10 @@ mod tests {
     fn delete_and_not_found() {
         let mut s = Store::open_in_memory().unwrap();
         s.add_ranges(RangeKind::Deny, &[nr("192.0.2.0/24")], false, false, 0).unwrap();
-        assert!(matches!(s.del_range(RangeKind::Allow, net("192.0.2.0/24")), Err(Error::NotFound { what: "allow range", .. })));
+        assert!(matches!(
+            s.del_range(RangeKind::Allow, net("192.0.2.0/24")),
+            Err(Error::NotFound { what: "allow range", .. })
+        ));
         assert_eq!(s.del_range(RangeKind::Deny, net("192.0.2.0/24")).unwrap().net, net("192.0.2.0/24"));
         let err = s.del_range(RangeKind::Deny, net("192.0.2.0/24")).unwrap_err();
         assert_eq!(err.to_string(), "deny range 192.0.2.0/24 not found");
@@ -824,8 +864,14 @@ mod tests {
     fn replace_by_source() {
         let mut s = Store::open_in_memory().unwrap();
         let from = |n: &str, src: &str| NewRange { source: src.into(), origin: Origin::Imported, ..nr(n) };
-        s.add_ranges(RangeKind::Deny, &[from("10.0.0.0/8", "drop"), from("11.0.0.0/8", "drop"), from("12.0.0.0/8", "other")], false, false, 0)
-            .unwrap();
+        s.add_ranges(
+            RangeKind::Deny,
+            &[from("10.0.0.0/8", "drop"), from("11.0.0.0/8", "drop"), from("12.0.0.0/8", "other")],
+            false,
+            false,
+            0,
+        )
+        .unwrap();
         s.add_ranges(RangeKind::Allow, &[from("13.0.0.0/8", "drop")], false, false, 0).unwrap();
         let gone = s.del_ranges_from_source_except(RangeKind::Deny, "drop", &[net("11.0.0.0/8")]).unwrap();
         assert_eq!(gone.iter().map(|r| r.net.to_string()).collect::<Vec<_>>(), ["10.0.0.0/8"]);
@@ -837,8 +883,14 @@ mod tests {
     fn range_expiry() {
         let mut s = Store::open_in_memory().unwrap();
         let exp = |n: &str, at: Option<i64>| NewRange { expires_at: at, ..nr(n) };
-        s.add_ranges(RangeKind::Deny, &[exp("10.0.0.0/8", Some(100)), exp("11.0.0.0/8", Some(200)), exp("12.0.0.0/8", None)], false, false, 0)
-            .unwrap();
+        s.add_ranges(
+            RangeKind::Deny,
+            &[exp("10.0.0.0/8", Some(100)), exp("11.0.0.0/8", Some(200)), exp("12.0.0.0/8", None)],
+            false,
+            false,
+            0,
+        )
+        .unwrap();
         assert!(s.expire_ranges(99).unwrap().is_empty());
         let gone = s.expire_ranges(100).unwrap();
         assert_eq!(gone.len(), 1);
@@ -949,7 +1001,10 @@ mod tests {
         // Re-import is idempotent with skip_existing.
         assert!(s.add_ranges(RangeKind::Deny, &batch, false, true, 0).unwrap().is_empty());
         // An allow covering one of them is refused.
-        assert!(matches!(s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], false, false, 0), Err(Error::Overlap { .. })));
+        assert!(matches!(
+            s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], false, false, 0),
+            Err(Error::Overlap { .. })
+        ));
         assert_eq!(s.list_ranges(Some(RangeKind::Deny)).unwrap().len(), 110_000);
     }
 }

@@ -182,13 +182,18 @@ mod tests {
             }
             entries.retain(|e| !removed.contains(e));
             for _ in 0..3000 {
-                let probe = if rng.next() % 2 == 0 {
+                let probe = if rng.next().is_multiple_of(2) {
                     let (n, _) = entries[(rng.next() as usize) % entries.len()];
                     u32::from(n.network()) | ((rng.next() as u32) & !u32::from(n.netmask()))
                 } else {
                     rng.next() as u32
                 };
-                assert_eq!(t.lookup(probe), naive(&entries, probe), "round {round}, addr {}", std::net::Ipv4Addr::from(probe));
+                assert_eq!(
+                    t.lookup(probe),
+                    naive(&entries, probe),
+                    "round {round}, addr {}",
+                    std::net::Ipv4Addr::from(probe)
+                );
             }
         }
     }

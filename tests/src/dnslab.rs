@@ -83,7 +83,10 @@ fn fqdn(name: &str) -> String {
 }
 
 fn check_test_addr(ip: IpAddr) {
-    assert!(is_test_addr(ip.to_canonical()), "{ip} is not in a documentation range (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32)");
+    assert!(
+        is_test_addr(ip.to_canonical()),
+        "{ip} is not in a documentation range (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32)"
+    );
 }
 
 /// The reverse (`in-addr.arpa.`/`ip6.arpa.`) name of `ip`, with the dot.
@@ -108,12 +111,7 @@ impl Zone {
     pub fn new(origin: &str) -> Zone {
         let origin = fqdn(origin).trim_end_matches('.').to_string();
         assert!(!origin.is_empty(), "a zone needs an origin");
-        Zone {
-            origin,
-            soa_ttl: DEFAULT_TTL,
-            negative_ttl: NEGATIVE_TTL,
-            records: Vec::new(),
-        }
+        Zone { origin, soa_ttl: DEFAULT_TTL, negative_ttl: NEGATIVE_TTL, records: Vec::new() }
     }
 
     /// The reverse zone of an IPv4 network on an octet boundary
@@ -121,20 +119,11 @@ impl Zone {
     /// records (TTL [`DEFAULT_TTL`]; an address may appear several times).
     pub fn reverse_v4(net: &str, ptrs: &[(IpAddr, &str)]) -> Zone {
         let net: IpNet = net.parse().unwrap_or_else(|e| panic!("{net:?}: {e}"));
-        let IpNet::V4(v4) = net else {
-            panic!("{net} is not an IPv4 network")
-        };
-        assert!(
-            v4.prefix_len() % 8 == 0 && v4.prefix_len() > 0,
-            "{net}: prefix length must be 8, 16 or 24"
-        );
+        let IpNet::V4(v4) = net else { panic!("{net} is not an IPv4 network") };
+        assert!(v4.prefix_len() % 8 == 0 && v4.prefix_len() > 0, "{net}: prefix length must be 8, 16 or 24");
         check_test_addr(IpAddr::V4(v4.network()));
         let o = v4.network().octets();
-        let labels: Vec<String> = o[..(v4.prefix_len() / 8) as usize]
-            .iter()
-            .rev()
-            .map(|b| b.to_string())
-            .collect();
+        let labels: Vec<String> = o[..(v4.prefix_len() / 8) as usize].iter().rev().map(|b| b.to_string()).collect();
         let mut zone = Zone::new(&format!("{}.in-addr.arpa", labels.join(".")));
         for (ip, name) in ptrs {
             zone = zone.ptr(*ip, name, DEFAULT_TTL);
@@ -146,13 +135,8 @@ impl Zone {
     /// a multiple of 4 (e.g. a /48 or /64), with `(ip, ptr name)` records.
     pub fn reverse_v6(net: &str, ptrs: &[(IpAddr, &str)]) -> Zone {
         let net: IpNet = net.parse().unwrap_or_else(|e| panic!("{net:?}: {e}"));
-        let IpNet::V6(v6) = net else {
-            panic!("{net} is not an IPv6 network")
-        };
-        assert!(
-            v6.prefix_len() % 4 == 0 && v6.prefix_len() > 0,
-            "{net}: prefix length must be a multiple of 4"
-        );
+        let IpNet::V6(v6) = net else { panic!("{net} is not an IPv6 network") };
+        assert!(v6.prefix_len() % 4 == 0 && v6.prefix_len() > 0, "{net}: prefix length must be a multiple of 4");
         check_test_addr(IpAddr::V6(v6.network()));
         let full = reverse_name(IpAddr::V6(v6.network()));
         let nibbles = (v6.prefix_len() / 4) as usize;
@@ -200,12 +184,8 @@ impl Zone {
     pub fn record(mut self, owner: &str, ttl: u32, rtype: &str, rdata: &str) -> Zone {
         let owner = fqdn(owner);
         let origin = format!("{}.", self.origin);
-        assert!(
-            owner == origin || owner.ends_with(&format!(".{origin}")),
-            "{owner} is not in zone {origin}"
-        );
-        self.records
-            .push((owner, ttl, rtype.to_string(), rdata.to_string()));
+        assert!(owner == origin || owner.ends_with(&format!(".{origin}")), "{owner} is not in zone {origin}");
+        self.records.push((owner, ttl, rtype.to_string(), rdata.to_string()));
         self
     }
 
@@ -264,20 +244,7 @@ fn answers_udp(addr: SocketAddr, zone: &str, wait: Duration) -> bool {
     };
     let _ = sock.set_read_timeout(Some(wait));
     let id: u16 = 0x4744;
-    let mut q = vec![
-        (id >> 8) as u8,
-        id as u8,
-        0x01,
-        0x00,
-        0,
-        1,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ];
+    let mut q = vec![(id >> 8) as u8, id as u8, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     encode_name(&mut q, zone);
     q.extend_from_slice(&[0, TYPE_SOA as u8, 0, 1]);
     if sock.send_to(&q, addr).is_err() {
@@ -306,19 +273,13 @@ pub struct NsdServer {
 
 impl fmt::Debug for NsdServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NsdServer")
-            .field("addr", &self.addr)
-            .field("dir", &self.dir.path())
-            .finish()
+        f.debug_struct("NsdServer").field("addr", &self.addr).field("dir", &self.dir.path()).finish()
     }
 }
 
 /// Fails with a clear message unless nsd is installed.
 pub fn require_nsd() {
-    assert!(
-        Path::new(NSD).exists(),
-        "{NSD} is missing: run `cargo xtask setup` (or `apt-get install nsd`) first"
-    );
+    assert!(Path::new(NSD).exists(), "{NSD} is missing: run `cargo xtask setup` (or `apt-get install nsd`) first");
 }
 
 impl NsdServer {
@@ -331,10 +292,7 @@ impl NsdServer {
         if zones.is_empty() {
             bail!("nsd needs at least one zone");
         }
-        let dir = tempfile::Builder::new()
-            .prefix("gk-nsd-")
-            .tempdir()
-            .context("tempdir for nsd")?;
+        let dir = tempfile::Builder::new().prefix("gk-nsd-").tempdir().context("tempdir for nsd")?;
         for (i, z) in zones.iter().enumerate() {
             if zones[..i].iter().any(|o| o.origin == z.origin) {
                 bail!("zone {} given twice", z.origin);
@@ -401,10 +359,7 @@ remote-control:
 "#
         );
         for z in zones {
-            conf.push_str(&format!(
-                "zone:\n    name: \"{0}\"\n    zonefile: \"{0}.zone\"\n",
-                z.origin
-            ));
+            conf.push_str(&format!("zone:\n    name: \"{0}\"\n    zonefile: \"{0}.zone\"\n", z.origin));
         }
         fs::write(self.dir.path().join("nsd.conf"), conf)?;
         Ok(())
@@ -439,11 +394,7 @@ remote-control:
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "nsd did not answer on {} within {:?}",
-                    self.addr,
-                    NSD_START_TIMEOUT
-                );
+                bail!("nsd did not answer on {} within {:?}", self.addr, NSD_START_TIMEOUT);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -479,23 +430,14 @@ remote-control:
         if self.kill_all() {
             Ok(())
         } else {
-            bail!(
-                "nsd (process group {:?}) did not go away",
-                self.child.as_ref().map(|c| c.id())
-            )
+            bail!("nsd (process group {:?}) did not go away", self.child.as_ref().map(|c| c.id()))
         }
     }
 
     /// Starts nsd again on the same port, with the same zones.
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
-        self.spawn().map_err(|e| {
-            e.context(format!(
-                "restart nsd on {}; log:\n{}",
-                self.addr,
-                self.log()
-            ))
-        })
+        self.spawn().map_err(|e| e.context(format!("restart nsd on {}; log:\n{}", self.addr, self.log())))
     }
 
     /// SIGTERM to the group, then SIGKILL; true once no live process of
@@ -506,10 +448,7 @@ remote-control:
             return true;
         };
         let pgid = child.id() as i32;
-        for (sig, wait) in [
-            (Signal::SIGTERM, Duration::from_secs(5)),
-            (Signal::SIGKILL, Duration::from_secs(5)),
-        ] {
+        for (sig, wait) in [(Signal::SIGTERM, Duration::from_secs(5)), (Signal::SIGKILL, Duration::from_secs(5))] {
             let _ = killpg(Pid::from_raw(pgid), sig);
             let deadline = Instant::now() + wait;
             while Instant::now() < deadline {
@@ -589,29 +528,17 @@ pub struct Rr {
 
 impl Rr {
     pub fn ptr(owner: &str, ttl: u32, target: &str) -> Rr {
-        Rr {
-            name: owner.into(),
-            ttl,
-            data: RrData::Ptr(target.into()),
-        }
+        Rr { name: owner.into(), ttl, data: RrData::Ptr(target.into()) }
     }
     pub fn addr(owner: &str, ttl: u32, ip: IpAddr) -> Rr {
         let data = match ip {
             IpAddr::V4(v4) => RrData::A(v4),
             IpAddr::V6(v6) => RrData::Aaaa(v6),
         };
-        Rr {
-            name: owner.into(),
-            ttl,
-            data,
-        }
+        Rr { name: owner.into(), ttl, data }
     }
     pub fn cname(owner: &str, ttl: u32, target: &str) -> Rr {
-        Rr {
-            name: owner.into(),
-            ttl,
-            data: RrData::Cname(target.into()),
-        }
+        Rr { name: owner.into(), ttl, data: RrData::Cname(target.into()) }
     }
 }
 
@@ -717,10 +644,7 @@ pub struct FakeDns {
 
 impl fmt::Debug for FakeDns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FakeDns")
-            .field("addr", &self.addr)
-            .field("mode", &self.shared.mode)
-            .finish()
+        f.debug_struct("FakeDns").field("addr", &self.addr).field("mode", &self.shared.mode).finish()
     }
 }
 
@@ -756,18 +680,10 @@ impl FakeDns {
             conns: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
-        let udp_thread = std::thread::Builder::new()
-            .name("fakedns-udp".into())
-            .spawn(move || udp_loop(udp, &s))?;
+        let udp_thread = std::thread::Builder::new().name("fakedns-udp".into()).spawn(move || udp_loop(udp, &s))?;
         let s = shared.clone();
-        let tcp_thread = std::thread::Builder::new()
-            .name("fakedns-tcp".into())
-            .spawn(move || tcp_loop(tcp, &s))?;
-        Ok(FakeDns {
-            addr,
-            shared,
-            threads: vec![udp_thread, tcp_thread],
-        })
+        let tcp_thread = std::thread::Builder::new().name("fakedns-tcp".into()).spawn(move || tcp_loop(tcp, &s))?;
+        Ok(FakeDns { addr, shared, threads: vec![udp_thread, tcp_thread] })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -806,9 +722,7 @@ fn udp_loop(sock: UdpSocket, s: &FakeShared) {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                 ) =>
             {
                 continue
@@ -818,11 +732,7 @@ fn udp_loop(sock: UdpSocket, s: &FakeShared) {
         let Some(q) = parse_query(&buf[..n]) else {
             continue;
         };
-        let fq = FakeQuery {
-            name: q.name.clone(),
-            qtype: q.qtype,
-            transport: Transport::Udp,
-        };
+        let fq = FakeQuery { name: q.name.clone(), qtype: q.qtype, transport: Transport::Udp };
         s.queries.lock().unwrap().push(fq.clone());
         if let Some(mut resp) = build_response(&q, &s.mode.reply(&fq)) {
             // Like a server ignoring EDNS: more than 512 bytes is truncated.
@@ -839,9 +749,8 @@ fn tcp_loop(listener: TcpListener, s: &Arc<FakeShared>) {
         match listener.accept() {
             Ok((stream, _)) => {
                 let s2 = s.clone();
-                if let Ok(h) = std::thread::Builder::new()
-                    .name("fakedns-conn".into())
-                    .spawn(move || tcp_conn(stream, &s2))
+                if let Ok(h) =
+                    std::thread::Builder::new().name("fakedns-conn".into()).spawn(move || tcp_conn(stream, &s2))
                 {
                     s.conns.lock().unwrap().push(h);
                 }
@@ -865,9 +774,7 @@ fn read_full(stream: &mut TcpStream, buf: &mut [u8], s: &FakeShared) -> bool {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                 ) => {}
             Err(_) => return false,
         }
@@ -888,11 +795,7 @@ fn tcp_conn(mut stream: TcpStream, s: &FakeShared) {
             return;
         }
         let Some(q) = parse_query(&msg) else { return };
-        let fq = FakeQuery {
-            name: q.name.clone(),
-            qtype: q.qtype,
-            transport: Transport::Tcp,
-        };
+        let fq = FakeQuery { name: q.name.clone(), qtype: q.qtype, transport: Transport::Tcp };
         s.queries.lock().unwrap().push(fq.clone());
         match s.mode.reply(&fq) {
             Reply::Close => return,
@@ -951,11 +854,7 @@ fn parse_query(msg: &[u8]) -> Option<ParsedQuery> {
 }
 
 fn encode_name(out: &mut Vec<u8>, name: &str) {
-    for label in name
-        .trim_end_matches('.')
-        .split('.')
-        .filter(|l| !l.is_empty())
-    {
+    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
         out.push(label.len() as u8);
         out.extend_from_slice(label.as_bytes());
     }
@@ -1050,10 +949,7 @@ impl NsdServer {
         if zones.is_empty() {
             bail!("nsd needs at least one zone");
         }
-        let dir = tempfile::Builder::new()
-            .prefix("gk-nsd-")
-            .tempdir()
-            .context("tempdir for nsd")?;
+        let dir = tempfile::Builder::new().prefix("gk-nsd-").tempdir().context("tempdir for nsd")?;
         for (i, z) in zones.iter().enumerate() {
             if zones[..i].iter().any(|o| o.origin == z.origin) {
                 bail!("zone {} given twice", z.origin);
@@ -1091,14 +987,8 @@ impl NsdServer {
     /// [`NsdServer::start_in`]) on the same port, with the same zones.
     pub fn restart_in(&mut self, ns: &Netns) -> Result<()> {
         self.stop()?;
-        self.spawn_in(ns).map_err(|e| {
-            e.context(format!(
-                "restart nsd on {} in {}; log:\n{}",
-                self.addr,
-                ns.name(),
-                self.log()
-            ))
-        })
+        self.spawn_in(ns)
+            .map_err(|e| e.context(format!("restart nsd on {} in {}; log:\n{}", self.addr, ns.name(), self.log())))
     }
 
     /// Starts nsd inside `ns` and waits (bounded) until it answers there.
@@ -1129,19 +1019,13 @@ impl NsdServer {
             }
             let (addr, zone) = (self.addr, self.first_zone.clone());
             let up = in_netns(ns, move || {
-                answers_udp(addr, &zone, Duration::from_millis(100))
-                    && accepts_tcp(addr, Duration::from_millis(200))
+                answers_udp(addr, &zone, Duration::from_millis(100)) && accepts_tcp(addr, Duration::from_millis(200))
             });
             if up {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "nsd did not answer on {} in {} within {:?}",
-                    self.addr,
-                    ns.name(),
-                    NSD_START_TIMEOUT
-                );
+                bail!("nsd did not answer on {} in {} within {:?}", self.addr, ns.name(), NSD_START_TIMEOUT);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -1209,8 +1093,8 @@ impl FakeMode {
             if !answers.is_empty() {
                 return Reply::Answer(answers);
             }
-            let exists = ptrs.iter().any(|(owner, _)| *owner == q.name)
-                || addrs.iter().any(|(owner, _)| *owner == q.name);
+            let exists =
+                ptrs.iter().any(|(owner, _)| *owner == q.name) || addrs.iter().any(|(owner, _)| *owner == q.name);
             if exists {
                 Reply::NoData(Some(NEGATIVE_TTL))
             } else {

@@ -74,27 +74,17 @@ pub fn is_root() -> bool {
 /// Panics with a clear message unless running as root (the root tests need
 /// it for namespaces, XDP and bpffs; run them with `cargo xtask test`).
 pub fn require_root() {
-    assert!(
-        is_root(),
-        "this test needs root (network namespaces, XDP, bpffs): run `cargo xtask test` as root"
-    );
+    assert!(is_root(), "this test needs root (network namespaces, XDP, bpffs): run `cargo xtask test` as root");
 }
 
 // ---------------------------------------------------------------------------
 // Address safety
 
-const TEST_NETS: [&str; 4] = [
-    "192.0.2.0/24",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "2001:db8::/32",
-];
+const TEST_NETS: [&str; 4] = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"];
 
 /// Is `ip` in one of the documentation ranges the tests may use?
 pub fn is_test_addr(ip: IpAddr) -> bool {
-    TEST_NETS
-        .iter()
-        .any(|n| n.parse::<IpNet>().unwrap().contains(&ip))
+    TEST_NETS.iter().any(|n| n.parse::<IpNet>().unwrap().contains(&ip))
 }
 
 /// Test ranges, loopback (namespace-local), or unspecified (any).
@@ -110,14 +100,9 @@ fn is_link_local_v6(ip: IpAddr) -> bool {
 fn check_test_net(cidr: &str) -> Result<IpNet> {
     let net: IpNet = match cidr.parse() {
         Ok(n) => n,
-        Err(_) => IpNet::from(
-            cidr.parse::<IpAddr>()
-                .map_err(|_| anyhow!("not an address: {cidr:?}"))?,
-        ),
+        Err(_) => IpNet::from(cidr.parse::<IpAddr>().map_err(|_| anyhow!("not an address: {cidr:?}"))?),
     };
-    let ok = TEST_NETS
-        .iter()
-        .any(|t| t.parse::<IpNet>().unwrap().contains(&net));
+    let ok = TEST_NETS.iter().any(|t| t.parse::<IpNet>().unwrap().contains(&net));
     if !ok {
         bail!("{cidr} is outside the test ranges {TEST_NETS:?}");
     }
@@ -129,9 +114,7 @@ fn check_ifname(name: &str) -> Result<()> {
         || name.len() > 15
         || name == "lo"
         || name.starts_with("eth")
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
         bail!("bad test interface name {name:?}: 1-15 chars [A-Za-z0-9._-], not lo/eth*");
     }
@@ -180,17 +163,11 @@ impl Netns {
     pub fn new(prefix: &str) -> Result<Self> {
         if prefix.is_empty()
             || prefix.len() > 12
-            || !prefix
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            || !prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         {
             bail!("bad namespace prefix {prefix:?}: 1-12 chars of [a-z0-9]");
         }
-        let name = format!(
-            "{NETNS_PREFIX}{prefix}-{}-{}",
-            std::process::id(),
-            next_id()
-        );
+        let name = format!("{NETNS_PREFIX}{prefix}-{}-{}", std::process::id(), next_id());
         let path = PathBuf::from("/run/netns").join(&name);
         if path.exists() {
             // Same pid and counter as ours: a leftover of a dead process.
@@ -339,17 +316,12 @@ impl Netns {
         let deadline = Instant::now() + timeout;
         loop {
             let out = self.ip(&["-o", "link", "show", "dev", ifname])?;
-            let ready =
-                out.contains("LOWER_UP") && out.contains(",UP") && !out.contains("qdisc noop");
+            let ready = out.contains("LOWER_UP") && out.contains(",UP") && !out.contains("qdisc noop");
             if ready {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "{ifname} in {} not ready after {timeout:?}: {}",
-                    self.name,
-                    out.trim()
-                );
+                bail!("{ifname} in {} not ready after {timeout:?}: {}", self.name, out.trim());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -358,11 +330,7 @@ impl Netns {
     /// Pids of the processes in the namespace (`ip netns pids`).
     pub fn pids(&self) -> Vec<i32> {
         ip(&["netns", "pids", &self.name])
-            .map(|out| {
-                out.split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
+            .map(|out| out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
             .unwrap_or_default()
     }
 }
@@ -370,21 +338,13 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let me = std::process::id() as i32;
-        let pids: Vec<i32> = self
-            .pids()
-            .into_iter()
-            .filter(|&p| p != me && p > 1)
-            .collect();
+        let pids: Vec<i32> = self.pids().into_iter().filter(|&p| p != me && p > 1).collect();
         for &p in &pids {
             let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
         // Bounded wait for them to go (zombies of our own children count as gone).
         let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline
-            && pids
-                .iter()
-                .any(|p| proc_state(*p).is_some_and(|s| s != 'Z'))
-        {
+        while Instant::now() < deadline && pids.iter().any(|p| proc_state(*p).is_some_and(|s| s != 'Z')) {
             std::thread::sleep(Duration::from_millis(10));
         }
         if let Err(e) = ip(&["netns", "del", &self.name]) {
@@ -405,18 +365,7 @@ fn proc_state(pid: i32) -> Option<char> {
 pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     check_ifname(a_if)?;
     check_ifname(b_if)?;
-    a.ip(&[
-        "link",
-        "add",
-        a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ])?;
+    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
     a.link_up(a_if)?;
     b.link_up(b_if)?;
     a.wait_link_ready(a_if, Duration::from_secs(5))?;
@@ -435,8 +384,7 @@ where
     let path = ns.path().to_path_buf();
     std::thread::scope(|s| {
         let handle = s.spawn(move || {
-            let file = File::open(&path)
-                .unwrap_or_else(|e| panic!("in_netns: open {}: {e}", path.display()));
+            let file = File::open(&path).unwrap_or_else(|e| panic!("in_netns: open {}: {e}", path.display()));
             setns(&file, CloneFlags::CLONE_NEWNET)
                 .unwrap_or_else(|e| panic!("in_netns: setns {}: {e}", path.display()));
             f()
@@ -469,20 +417,16 @@ pub fn tcp_connect_stream(
     dst: SocketAddr,
     timeout: Duration,
 ) -> std::result::Result<TcpStream, ConnectOutcome> {
-    assert!(
-        is_allowed_endpoint(src),
-        "tcp_connect: source {src} is not a test address"
-    );
+    assert!(is_allowed_endpoint(src), "tcp_connect: source {src} is not a test address");
     assert!(
         is_allowed_endpoint(dst.ip()) && !dst.ip().is_unspecified(),
         "tcp_connect: destination {dst} is not a test address"
     );
     in_netns(ns, || {
         let other = |what: &str, e: io::Error| ConnectOutcome::Other(format!("{what}: {e}"));
-        let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
-            .map_err(|e| other("socket", e))?;
-        sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))
-            .map_err(|e| other(&format!("bind {src}"), e))?;
+        let sock =
+            Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)).map_err(|e| other("socket", e))?;
+        sock.bind(&SockAddr::from(SocketAddr::new(src, 0))).map_err(|e| other(&format!("bind {src}"), e))?;
         match sock.connect_timeout(&SockAddr::from(dst), timeout) {
             Ok(()) => Ok(TcpStream::from(sock)),
             Err(e) => Err(match e.kind() {
@@ -524,43 +468,31 @@ impl TcpListenerGuard {
             if addr.is_ipv6() {
                 sock.set_only_v6(true)?;
             }
-            sock.bind(&SockAddr::from(addr))
-                .with_context(|| format!("bind {addr}"))?;
+            sock.bind(&SockAddr::from(addr)).with_context(|| format!("bind {addr}"))?;
             sock.listen(128)?;
             sock.set_nonblocking(true)?;
             Ok(sock)
         })
         .with_context(|| format!("listen on {addr} in {}", ns.name()))?;
-        let bound = sock
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| anyhow!("listener has no inet address"))?;
+        let bound = sock.local_addr()?.as_socket().ok_or_else(|| anyhow!("listener has no inet address"))?;
         let accepts = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (accepts, stop) = (accepts.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name(format!("gk-listen-{}", bound.port()))
-                .spawn(move || {
-                    let started = Instant::now();
-                    while !stop.load(Ordering::Relaxed) && started.elapsed() < LISTENER_MAX_LIFETIME
-                    {
-                        match sock.accept() {
-                            Ok((conn, _)) => {
-                                accepts.fetch_add(1, Ordering::SeqCst);
-                                drop(conn);
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            std::thread::Builder::new().name(format!("gk-listen-{}", bound.port())).spawn(move || {
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < LISTENER_MAX_LIFETIME {
+                    match sock.accept() {
+                        Ok((conn, _)) => {
+                            accepts.fetch_add(1, Ordering::SeqCst);
+                            drop(conn);
                         }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
-                })?
+                }
+            })?
         };
-        Ok(Self {
-            addr: bound,
-            accepts,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Self { addr: bound, accepts, stop, thread: Some(thread) })
     }
 
     /// The bound address (with the real port if 0 was asked for).
@@ -620,20 +552,12 @@ impl AgentProcess {
     }
 
     /// Like [`Self::spawn`], with extra environment variables.
-    pub fn spawn_with_env<S: AsRef<OsStr>>(
-        ns: &Netns,
-        bin: &Path,
-        args: &[S],
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
+    pub fn spawn_with_env<S: AsRef<OsStr>>(ns: &Netns, bin: &Path, args: &[S], env: &[(&str, &str)]) -> Result<Self> {
         if !bin.is_file() {
             bail!("{} does not exist (see netlab::bin_path)", bin.display());
         }
         let dir = tempfile::Builder::new().prefix("gk-agent-").tempdir()?;
-        let name = bin
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = bin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let log = dir.path().join(format!("{name}.log"));
         let file = File::create(&log)?;
         let mut cmd = Command::new("nsenter");
@@ -656,13 +580,7 @@ impl AgentProcess {
         }
         let what = format!("{} in {}", describe(&cmd), ns.name());
         let child = cmd.spawn().with_context(|| format!("spawn {what}"))?;
-        let mut agent = Self {
-            child,
-            status: None,
-            log,
-            _dir: dir,
-            what,
-        };
+        let mut agent = Self { child, status: None, log, _dir: dir, what };
         agent.wait_in_netns(ns)?;
         Ok(agent)
     }
@@ -699,9 +617,7 @@ impl AgentProcess {
 
     /// Everything the process wrote so far (stdout and stderr).
     pub fn log(&self) -> String {
-        fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
@@ -739,8 +655,7 @@ impl AgentProcess {
     /// SIGKILL and reap.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         self.signal(Signal::SIGKILL)?;
-        self.wait_timeout(Duration::from_secs(10))?
-            .ok_or_else(|| anyhow!("{} survived SIGKILL for 10 s", self.what))
+        self.wait_timeout(Duration::from_secs(10))?.ok_or_else(|| anyhow!("{} survived SIGKILL for 10 s", self.what))
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL.
@@ -765,18 +680,10 @@ impl AgentProcess {
                 if self.log().contains(needle) {
                     return Ok(());
                 }
-                bail!(
-                    "{} exited ({st}) before logging {needle:?}; log:\n{}",
-                    self.what,
-                    self.log()
-                );
+                bail!("{} exited ({st}) before logging {needle:?}; log:\n{}", self.what, self.log());
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "{} did not log {needle:?} within {timeout:?}; log:\n{}",
-                    self.what,
-                    self.log()
-                );
+                bail!("{} did not log {needle:?} within {timeout:?}; log:\n{}", self.what, self.log());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -790,9 +697,7 @@ impl Drop for AgentProcess {
             let log = self.log();
             let tail: String = {
                 let start = log.len().saturating_sub(4000);
-                let start = (start..log.len())
-                    .find(|&i| log.is_char_boundary(i))
-                    .unwrap_or(log.len());
+                let start = (start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(log.len());
                 log[start..].to_owned()
             };
             eprintln!("netlab: log of {} (tail):\n{tail}", self.what);
@@ -858,14 +763,8 @@ pub fn ensure_bpffs() -> Result<()> {
         return Ok(());
     }
     fs::create_dir_all(BPFFS)?;
-    nix::mount::mount(
-        Some("bpf"),
-        BPFFS,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .with_context(|| format!("mount bpffs at {BPFFS}"))?;
+    nix::mount::mount(Some("bpf"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mount bpffs at {BPFFS}"))?;
     Ok(())
 }
 
@@ -879,8 +778,7 @@ pub struct PinDirGuard {
 impl PinDirGuard {
     pub fn new() -> Result<Self> {
         ensure_bpffs()?;
-        let path =
-            Path::new(BPFFS).join(format!("{PIN_PREFIX}{}-{}", std::process::id(), next_id()));
+        let path = Path::new(BPFFS).join(format!("{PIN_PREFIX}{}-{}", std::process::id(), next_id()));
         if path.exists() {
             // Same pid and counter as ours: a leftover of a dead process.
             let _ = fs::remove_dir_all(&path);
@@ -919,16 +817,12 @@ fn owner_pid(name: &str) -> Option<i32> {
 /// was removed. Those of live processes are left alone.
 pub fn cleanup_stale() -> Vec<String> {
     // Names without a pid are not ours to judge: leave them.
-    let alive =
-        |name: &str| owner_pid(name).is_none_or(|p| Path::new(&format!("/proc/{p}")).exists());
+    let alive = |name: &str| owner_pid(name).is_none_or(|p| Path::new(&format!("/proc/{p}")).exists());
     let mut removed = Vec::new();
     if let Ok(list) = ip(&["netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
             if name.starts_with(NETNS_PREFIX) && !alive(name) {
-                drop(Netns {
-                    name: name.to_owned(),
-                    path: PathBuf::from("/run/netns").join(name),
-                });
+                drop(Netns { name: name.to_owned(), path: PathBuf::from("/run/netns").join(name) });
                 removed.push(format!("netns {name}"));
             }
         }
@@ -936,8 +830,7 @@ pub fn cleanup_stale() -> Vec<String> {
     if let Ok(rd) = fs::read_dir(BPFFS) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PIN_PREFIX) && !alive(&name) && fs::remove_dir_all(e.path()).is_ok()
-            {
+            if name.starts_with(PIN_PREFIX) && !alive(&name) && fs::remove_dir_all(e.path()).is_ok() {
                 removed.push(e.path().display().to_string());
             }
         }
@@ -994,10 +887,7 @@ fn run_capture(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
         .with_context(|| format!("cannot run `{what}`"))?;
     let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
     for (is_err, mut pipe) in [
-        (
-            false,
-            Box::new(child.stdout.take().unwrap()) as Box<dyn io::Read + Send>,
-        ),
+        (false, Box::new(child.stdout.take().unwrap()) as Box<dyn io::Read + Send>),
         (true, Box::new(child.stderr.take().unwrap())),
     ] {
         let tx = tx.clone();
@@ -1030,35 +920,19 @@ fn run_capture(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
             Err(_) => break,
         }
     }
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out).into_owned(),
-        String::from_utf8_lossy(&err).into_owned(),
-    );
+    let (stdout, stderr) = (String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned());
     match status {
         None => bail!("`{what}` timed out after {timeout:?}; stderr: {}", stderr.trim()),
-        Some(status) => Ok(CmdOutput {
-            command: what,
-            status,
-            stdout,
-            stderr,
-        }),
+        Some(status) => Ok(CmdOutput { command: what, status, stdout, stderr }),
     }
 }
 
 /// Run `bin ARGS` inside `ns` with `nsenter --net=/run/netns/NAME` (only the
 /// network namespace changes, so bpffs stays visible), stdin closed, for at
 /// most `timeout`. Returns the output whatever the exit status.
-pub fn nsenter_output<S: AsRef<OsStr>>(
-    ns: &Netns,
-    bin: &Path,
-    args: &[S],
-    timeout: Duration,
-) -> Result<CmdOutput> {
+pub fn nsenter_output<S: AsRef<OsStr>>(ns: &Netns, bin: &Path, args: &[S], timeout: Duration) -> Result<CmdOutput> {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", ns.path().display()))
-        .arg("--")
-        .arg(bin)
-        .args(args);
+    cmd.arg(format!("--net={}", ns.path().display())).arg("--").arg(bin).args(args);
     run_capture(&mut cmd, timeout)
 }
 
@@ -1068,10 +942,7 @@ impl Netns {
     pub fn xdp_prog_id(&self, ifname: &str) -> Result<Option<u32>> {
         let out = self.ip(&["-d", "link", "show", "dev", ifname])?;
         let words: Vec<&str> = out.split_whitespace().collect();
-        Ok(words
-            .windows(3)
-            .find(|w| w[0] == "prog/xdp" && w[1] == "id")
-            .and_then(|w| w[2].parse().ok()))
+        Ok(words.windows(3).find(|w| w[0] == "prog/xdp" && w[1] == "id").and_then(|w| w[2].parse().ok()))
     }
 }
 
@@ -1099,10 +970,7 @@ fn frame_addrs(frame: &[u8]) -> Option<(IpAddr, IpAddr)> {
     match ethertype {
         0x0800 => {
             let b = frame.get(l3 + 12..l3 + 20)?;
-            Some((
-                IpAddr::from([b[0], b[1], b[2], b[3]]),
-                IpAddr::from([b[4], b[5], b[6], b[7]]),
-            ))
+            Some((IpAddr::from([b[0], b[1], b[2], b[3]]), IpAddr::from([b[4], b[5], b[6], b[7]])))
         }
         0x86dd => {
             let b = frame.get(l3 + 8..l3 + 40)?;

@@ -23,8 +23,8 @@ use std::{
 };
 
 use gatekeeper_tests::netlab::{
-    self, in_netns, nsenter_output, tcp_connect, tcp_connect_stream, veth_pair, AgentProcess,
-    CmdOutput, ConnectOutcome, Netns, PinDirGuard,
+    self, in_netns, nsenter_output, tcp_connect, tcp_connect_stream, veth_pair, AgentProcess, CmdOutput,
+    ConnectOutcome, Netns, PinDirGuard,
 };
 use serde_json::Value;
 
@@ -94,10 +94,7 @@ const CONNECT_DROP: Duration = Duration::from_millis(1500);
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -131,9 +128,7 @@ impl EchoServer {
             let (accepts, stop) = (accepts.clone(), stop.clone());
             std::thread::spawn(move || {
                 let started = Instant::now();
-                while !stop.load(Ordering::Relaxed)
-                    && started.elapsed() < netlab::LISTENER_MAX_LIFETIME
-                {
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < netlab::LISTENER_MAX_LIFETIME {
                     match listener.accept() {
                         Ok((conn, _)) => {
                             accepts.fetch_add(1, Ordering::SeqCst);
@@ -144,11 +139,7 @@ impl EchoServer {
                 }
             })
         };
-        Self {
-            accepts,
-            stop,
-            thread: Some(thread),
-        }
+        Self { accepts, stop, thread: Some(thread) }
     }
 
     fn accepts(&self) -> usize {
@@ -193,11 +184,9 @@ impl Drop for EchoServer {
 /// Sends one byte through `s` and expects it back.
 fn roundtrip(s: &mut TcpStream, byte: u8, what: &str) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&[byte])
-        .unwrap_or_else(|e| panic!("{what}: send: {e}"));
+    s.write_all(&[byte]).unwrap_or_else(|e| panic!("{what}: send: {e}"));
     let mut b = [0u8; 1];
-    s.read_exact(&mut b)
-        .unwrap_or_else(|e| panic!("{what}: receive: {e}"));
+    s.read_exact(&mut b).unwrap_or_else(|e| panic!("{what}: receive: {e}"));
     assert_eq!(b[0], byte, "{what}: echo");
 }
 
@@ -217,23 +206,13 @@ struct Instance {
 impl Instance {
     fn new(mx: Netns, ifname: &str) -> Self {
         let pins = PinDirGuard::new().expect("pin dir");
-        let dir = tempfile::Builder::new()
-            .prefix("gk-agent-ns-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("gk-agent-ns-").tempdir().expect("tempdir");
         // Our own config, so /etc/gatekeeper/gatekeeper.toml on the host cannot
         // leak in; no reverse-DNS lookups (these tests are about ranges and
         // bans; unknown sources just pass and are counted).
         std::fs::write(dir.path().join("gatekeeper.toml"), TEST_CONFIG).unwrap();
         let bin = netlab::bin_path("gatekeeper").expect("gatekeeper binary");
-        Self {
-            agent: None,
-            pins,
-            dir,
-            mx,
-            ifname: ifname.into(),
-            bin,
-        }
+        Self { agent: None, pins, dir, mx, ifname: ifname.into(), bin }
     }
 
     fn socket(&self) -> PathBuf {
@@ -260,13 +239,7 @@ impl Instance {
     fn run_args(&self, extra: &[&str]) -> Vec<String> {
         let mut a = self.global_args();
         a.push("--config".into());
-        a.push(
-            self.dir
-                .path()
-                .join("gatekeeper.toml")
-                .display()
-                .to_string(),
-        );
+        a.push(self.dir.path().join("gatekeeper.toml").display().to_string());
         a.extend(["run", "--iface", &self.ifname, "--state-dir"].map(String::from));
         a.push(self.state_dir().display().to_string());
         a.extend(extra.iter().map(|s| s.to_string()));
@@ -284,20 +257,13 @@ impl Instance {
         loop {
             let agent = self.agent.as_mut().unwrap();
             if let Some(st) = agent.try_wait().unwrap() {
-                panic!(
-                    "gatekeeper run exited ({st}) before serving its socket; log:\n{}",
-                    agent.log()
-                );
+                panic!("gatekeeper run exited ({st}) before serving its socket; log:\n{}", agent.log());
             }
             let out = self.cli(&["ports", "list", "--json"]);
             if out.success() {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent not answering after 30 s: {out}\nlog:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "agent not answering after 30 s: {out}\nlog:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -310,11 +276,7 @@ impl Instance {
     fn kill_agent(&mut self) {
         let mut agent = self.agent.take().expect("no agent to kill");
         let st = agent.kill().expect("kill agent");
-        assert!(
-            !st.success(),
-            "agent exited by itself before SIGKILL: {st}\n{}",
-            agent.log()
-        );
+        assert!(!st.success(), "agent exited by itself before SIGKILL: {st}\n{}", agent.log());
     }
 
     /// `gatekeeper --socket S --pin-dir P ARGS` inside the mx namespace.
@@ -327,11 +289,7 @@ impl Instance {
     /// Runs the CLI and expects success; returns stdout.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(
-            out.success(),
-            "expected success: {out}\nagent log:\n{}",
-            self.log()
-        );
+        assert!(out.success(), "expected success: {out}\nagent log:\n{}", self.log());
         out.stdout
     }
 
@@ -348,10 +306,7 @@ impl Instance {
     }
 
     fn stats(&self) -> Stats {
-        Stats {
-            v: self.json(&["stats", "--json"]),
-            ifname: self.ifname.clone(),
-        }
+        Stats { v: self.json(&["stats", "--json"]), ifname: self.ifname.clone() }
     }
 
     fn status(&self) -> Value {
@@ -384,9 +339,7 @@ impl Instance {
     }
 
     fn link_details(&self) -> String {
-        self.mx
-            .ip(&["-d", "link", "show", "dev", &self.ifname])
-            .unwrap()
+        self.mx.ip(&["-d", "link", "show", "dev", &self.ifname]).unwrap()
     }
 }
 
@@ -398,9 +351,7 @@ struct Stats {
 
 impl Stats {
     fn total(&self, counter: &str) -> u64 {
-        self.v["totals"][counter]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no total {counter:?} in {:#}", self.v))
+        self.v["totals"][counter].as_u64().unwrap_or_else(|| panic!("no total {counter:?} in {:#}", self.v))
     }
 
     /// The counter on our interface (0 if the interface has no counters yet).
@@ -418,8 +369,7 @@ impl Stats {
     /// `before`.
     fn assert_rose(&self, before: &Stats, counter: &str, what: &str) {
         assert!(
-            self.total(counter) > before.total(counter)
-                && self.on_iface(counter) > before.on_iface(counter),
+            self.total(counter) > before.total(counter) && self.on_iface(counter) > before.on_iface(counter),
             "{what}: `{counter}` did not rise: before {:#}\nafter {:#}",
             before.v,
             self.v
@@ -462,15 +412,9 @@ impl Lab {
         }
         let listeners = [SRV4, SRV6]
             .iter()
-            .flat_map(|s| {
-                [SMTP, UNGUARDED].map(|p| EchoServer::spawn(&mx, SocketAddr::new(ip(s), p)))
-            })
+            .flat_map(|s| [SMTP, UNGUARDED].map(|p| EchoServer::spawn(&mx, SocketAddr::new(ip(s), p))))
             .collect();
-        let lab = Self {
-            _listeners: listeners,
-            gk: Instance::new(mx, MX_IF),
-            client,
-        };
+        let lab = Self { _listeners: listeners, gk: Instance::new(mx, MX_IF), client };
         // Before any agent: everything connects (the lab itself works).
         for src in ["192.0.2.2", "2001:db8:1::2", DENIED4, DENIED6] {
             lab.expect_connect(src, SMTP, "lab check before the agent runs");
@@ -489,11 +433,7 @@ impl Lab {
 
     fn expect_dropped(&self, src: &str, port: u16, what: &str) {
         let r = self.connect(src, port, CONNECT_DROP);
-        assert_eq!(
-            r,
-            ConnectOutcome::TimedOut,
-            "{what}: {src} -> port {port} should time out (SYN dropped)"
-        );
+        assert_eq!(r, ConnectOutcome::TimedOut, "{what}: {src} -> port {port} should time out (SYN dropped)");
     }
 
     /// Polls (bounded by `limit`) until a connect from `src` succeeds.
@@ -544,17 +484,11 @@ impl Lab {
 
 fn assert_xdp_mode(gk: &Instance, mode: &str) {
     let st = gk.status();
-    let ifs = st["detail"]["interfaces"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no interfaces: {st:#}"));
+    let ifs = st["detail"]["interfaces"].as_array().unwrap_or_else(|| panic!("no interfaces: {st:#}"));
     assert_eq!(ifs.len(), 1, "{st:#}");
     assert_eq!(ifs[0]["ifname"], gk.ifname.as_str(), "{st:#}");
     assert_eq!(ifs[0]["mode"], mode, "{st:#}");
-    assert_eq!(
-        ifs[0]["ifindex"],
-        gk.mx.if_index(&gk.ifname).unwrap(),
-        "{st:#}"
-    );
+    assert_eq!(ifs[0]["ifindex"], gk.mx.if_index(&gk.ifname).unwrap(), "{st:#}");
     let links = st["datapath"]["links"].as_array().unwrap();
     assert_eq!(links.len(), 1, "{st:#}");
     assert_eq!(links[0]["ifname"], gk.ifname.as_str(), "{st:#}");
@@ -562,16 +496,8 @@ fn assert_xdp_mode(gk: &Instance, mode: &str) {
     assert_eq!(st["agent"]["running"], true, "{st:#}");
     // The kernel agrees: `xdp` is native (driver) mode, `xdpgeneric` skb mode.
     let link = gk.link_details();
-    let flag = if mode == "native" {
-        " xdp "
-    } else {
-        " xdpgeneric "
-    };
-    assert!(
-        link.contains(flag),
-        "{} not attached in {mode} mode: {link}",
-        gk.ifname
-    );
+    let flag = if mode == "native" { " xdp " } else { " xdpgeneric " };
+    assert!(link.contains(flag), "{} not attached in {mode} mode: {link}", gk.ifname);
     assert!(gk.xdp_id().is_some(), "{link}");
 }
 
@@ -583,28 +509,12 @@ fn gate_in_mode(mode: &str) {
     lab.gk.start(&["--xdp-mode", mode]);
     assert_xdp_mode(&lab.gk, mode);
     let gk = &lab.gk;
-    gk.ok(&[
-        "range",
-        "add",
-        DENY4_NET,
-        DENY6_NET,
-        "--comment",
-        "snowshoe",
-    ]);
-    gk.ok(&[
-        "allow",
-        "add",
-        ALLOW4_NET,
-        ALLOW6_NET,
-        "--force",
-        "--comment",
-        "partner",
-    ]);
+    gk.ok(&["range", "add", DENY4_NET, DENY6_NET, "--comment", "snowshoe"]);
+    gk.ok(&["allow", "add", ALLOW4_NET, ALLOW6_NET, "--force", "--comment", "partner"]);
 
-    for (denied, allowed, unlisted, deny_net, allow_net) in [
-        (DENIED4, ALLOWED4, UNLISTED4, DENY4_NET, ALLOW4_NET),
-        (DENIED6, ALLOWED6, UNLISTED6, DENY6_NET, ALLOW6_NET),
-    ] {
+    for (denied, allowed, unlisted, deny_net, allow_net) in
+        [(DENIED4, ALLOWED4, UNLISTED4, DENY4_NET, ALLOW4_NET), (DENIED6, ALLOWED6, UNLISTED6, DENY6_NET, ALLOW6_NET)]
+    {
         let what = format!("{mode}, {denied}");
         // A deny-listed source: dropped, counted, range hits.
         let hits0 = gk.hits("range", deny_net);
@@ -615,15 +525,10 @@ fn gate_in_mode(mode: &str) {
         for c in ["allowed", "unknown", "dry-run-would-drop"] {
             s1.assert_same(&s0, c, &what);
         }
-        assert!(
-            gk.hits("range", deny_net) > hits0,
-            "{what}: no hits on {deny_net}"
-        );
+        assert!(gk.hits("range", deny_net) > hits0, "{what}: no hits on {deny_net}");
         let top = s1.v["top_ranges"].as_array().unwrap();
         assert!(
-            top.iter().any(|t| t["range"] == deny_net
-                && t["kind"] == "deny"
-                && t["hits"].as_u64() > Some(0)),
+            top.iter().any(|t| t["range"] == deny_net && t["kind"] == "deny" && t["hits"].as_u64() > Some(0)),
             "{what}: {deny_net} not in top_ranges: {:#}",
             s1.v
         );
@@ -634,10 +539,7 @@ fn gate_in_mode(mode: &str) {
         let s2 = gk.stats();
         s2.assert_rose(&s1, "allowed", &what);
         s2.assert_same(&s1, "deny-range", &what);
-        assert!(
-            gk.hits("allow", allow_net) > ahits0,
-            "{what}: no hits on allow {allow_net}"
-        );
+        assert!(gk.hits("allow", allow_net) > ahits0, "{what}: no hits on allow {allow_net}");
 
         // A source on no list: passes, `unknown`.
         lab.expect_connect(unlisted, SMTP, &what);
@@ -690,11 +592,7 @@ fn cli_changes_apply_while_connected() {
         assert!(!gk.range_nets().contains(net));
         // Added again, it is a new range: its hits start from zero.
         gk.ok(&["range", "add", net]);
-        assert_eq!(
-            gk.hits("range", net),
-            0,
-            "{net}: re-added range inherited old hits"
-        );
+        assert_eq!(gk.hits("range", net), 0, "{net}: re-added range inherited old hits");
         gk.ok(&["range", "del", net]);
     }
 
@@ -703,13 +601,7 @@ fn cli_changes_apply_while_connected() {
     let out = gk.ok(&["ban", "add", BAN6, "--comment", "test"]);
     assert!(out.contains("2001:db8:4::/64"), "{out}");
     let bans = gk.json(&["ban", "list", "--json"]);
-    assert!(
-        bans.as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["key"] == "2001:db8:4::/64"),
-        "{bans:#}"
-    );
+    assert!(bans.as_array().unwrap().iter().any(|b| b["key"] == "2001:db8:4::/64"), "{bans:#}");
     lab.expect_dropped(BAN6, SMTP, "banned address");
     lab.expect_dropped(BAN6_SAME64, SMTP, "same /64 as a banned address");
     lab.expect_connect(BAN6_OTHER64, SMTP, "other /64 than a banned address");
@@ -733,18 +625,10 @@ fn cli_changes_apply_while_connected() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let bans = gk.json(&["ban", "list", "--json"]);
-        if !bans
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["key"].as_str().is_some_and(|k| k.starts_with(BAN4)))
-        {
+        if !bans.as_array().unwrap().iter().any(|b| b["key"].as_str().is_some_and(|k| k.starts_with(BAN4))) {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "expired ban still listed after 10 s: {bans:#}"
-        );
+        assert!(Instant::now() < deadline, "expired ban still listed after 10 s: {bans:#}");
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -754,10 +638,7 @@ fn cli_changes_apply_while_connected() {
     lab.expect_connect(DENIED4, UNGUARDED, "port 2525 not guarded yet");
     let out = gk.ok(&["ports", "set", "2525"]);
     assert!(out.contains("2525"), "{out}");
-    assert_eq!(
-        gk.json(&["ports", "list", "--json"])["ports"],
-        serde_json::json!([2525])
-    );
+    assert_eq!(gk.json(&["ports", "list", "--json"])["ports"], serde_json::json!([2525]));
     lab.expect_dropped(DENIED4, UNGUARDED, "after ports set 2525");
     lab.expect_connect(DENIED4, SMTP, "port 25 no longer guarded");
     lab.expect_connect(UNLISTED4, UNGUARDED, "unlisted source on the guarded 2525");
@@ -771,10 +652,9 @@ fn cli_changes_apply_while_connected() {
 fn allow_and_deny_changes_interplay() {
     let mut lab = Lab::new();
     lab.gk.start(&[]);
-    for (denied, allowed, deny_net, allow_net) in [
-        (DENIED4, ALLOWED4, DENY4_NET, ALLOW4_NET),
-        (DENIED6, ALLOWED6, DENY6_NET, ALLOW6_NET),
-    ] {
+    for (denied, allowed, deny_net, allow_net) in
+        [(DENIED4, ALLOWED4, DENY4_NET, ALLOW4_NET), (DENIED6, ALLOWED6, DENY6_NET, ALLOW6_NET)]
+    {
         let gk = &lab.gk;
         gk.ok(&["range", "add", deny_net]);
         gk.ok(&["allow", "add", allow_net, "--force"]);
@@ -802,24 +682,11 @@ fn allow_and_deny_changes_interplay() {
 
     // An allow range inside a deny range that expires: the deny applies again.
     lab.gk.ok(&["allow", "del", ALLOW4_NET]);
-    lab.gk
-        .ok(&["allow", "add", ALLOW4_NET, "--force", "--expire", "3s"]);
+    lab.gk.ok(&["allow", "add", ALLOW4_NET, "--force", "--expire", "3s"]);
     lab.expect_connect(ALLOWED4, SMTP, "expiring allow, not expired yet");
-    lab.wait_dropped(
-        ALLOWED4,
-        SMTP,
-        Duration::from_secs(15),
-        "allow expired inside a deny",
-    );
+    lab.wait_dropped(ALLOWED4, SMTP, Duration::from_secs(15), "allow expired inside a deny");
     let allows = lab.gk.json(&["allow", "list", "--json"]);
-    assert!(
-        !allows
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["net"] == ALLOW4_NET),
-        "{allows:#}"
-    );
+    assert!(!allows.as_array().unwrap().iter().any(|r| r["net"] == ALLOW4_NET), "{allows:#}");
 
     // A restart keeps all of it.
     lab.gk.kill_agent();
@@ -836,8 +703,7 @@ fn allow_and_deny_changes_interplay() {
 fn fail_static_and_adopt() {
     let mut lab = Lab::new();
     lab.gk.start(&["--xdp-mode", "native"]);
-    lab.gk
-        .ok(&["range", "add", DENY4_NET, "--comment", "persist me"]);
+    lab.gk.ok(&["range", "add", DENY4_NET, "--comment", "persist me"]);
     lab.gk.ok(&["ports", "set", "25,587"]);
     lab.expect_dropped(DENIED4, SMTP, "agent up");
     let xdp_before = lab.gk.xdp_id().expect("xdp attached");
@@ -860,12 +726,7 @@ fn fail_static_and_adopt() {
     assert_eq!(st["datapath"]["links"][0]["mode"], "native", "{st:#}");
     let text = lab.gk.ok(&["status"]);
     assert!(text.contains("NOT RUNNING"), "{text}");
-    assert_eq!(
-        lab.gk.xdp_id(),
-        Some(xdp_before),
-        "{}",
-        lab.gk.link_details()
-    );
+    assert_eq!(lab.gk.xdp_id(), Some(xdp_before), "{}", lab.gk.link_details());
 
     // Changes need the agent: a clear error, non-zero exit.
     for args in [
@@ -894,9 +755,7 @@ fn fail_static_and_adopt() {
                     .args(["-n", &ns_name, "-d", "link", "show", "dev", MX_IF])
                     .output();
                 match out {
-                    Ok(o)
-                        if o.status.success()
-                            && String::from_utf8_lossy(&o.stdout).contains("prog/xdp id") => {}
+                    Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("prog/xdp id") => {}
                     Ok(o) => gaps.lock().unwrap().push(format!(
                         "{}{}",
                         String::from_utf8_lossy(&o.stdout),
@@ -917,11 +776,7 @@ fn fail_static_and_adopt() {
         assert!(samples > 0);
     });
     let gaps = gaps.into_inner().unwrap();
-    assert!(
-        gaps.is_empty(),
-        "interface lost XDP during the restart ({} samples): {gaps:#?}",
-        gaps.len()
-    );
+    assert!(gaps.is_empty(), "interface lost XDP during the restart ({} samples): {gaps:#?}", gaps.len());
 
     let st = lab.gk.status();
     let ifs = &st["detail"]["interfaces"];
@@ -931,50 +786,23 @@ fn fail_static_and_adopt() {
     assert_eq!(ifs[0]["mode"], "native", "{st:#}");
     assert_eq!(ifs[0]["adopted"], true, "{st:#}");
     assert!(lab.gk.xdp_id().is_some(), "{}", lab.gk.link_details());
-    assert!(
-        lab.gk.link_details().contains(" xdp "),
-        "{}",
-        lab.gk.link_details()
-    );
+    assert!(lab.gk.link_details().contains(" xdp "), "{}", lab.gk.link_details());
 
     // Counters and ranges carried over; enforcement continues.
     let s2 = lab.gk.stats();
     for c in ["deny-range", "unknown"] {
-        assert!(
-            s2.total(c) >= s1.total(c),
-            "`{c}` reset by the restart: before {:#}\nafter {:#}",
-            s1.v,
-            s2.v
-        );
+        assert!(s2.total(c) >= s1.total(c), "`{c}` reset by the restart: before {:#}\nafter {:#}", s1.v, s2.v);
     }
     let rows = lab.gk.json(&["range", "list", "--json"]);
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["net"] == DENY4_NET)
-        .unwrap_or_else(|| panic!("{rows:#}"));
+    let row = rows.as_array().unwrap().iter().find(|r| r["net"] == DENY4_NET).unwrap_or_else(|| panic!("{rows:#}"));
     assert_eq!(row["comment"], "persist me");
-    let hits_before = s1.v["top_ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["range"] == DENY4_NET)
-        .unwrap()["hits"]
+    let hits_before = s1.v["top_ranges"].as_array().unwrap().iter().find(|t| t["range"] == DENY4_NET).unwrap()["hits"]
         .as_u64()
         .unwrap();
-    assert!(
-        row["hits"].as_u64().unwrap() >= hits_before,
-        "range hits reset by the restart: {rows:#}"
-    );
-    assert_eq!(
-        lab.gk.json(&["ports", "list", "--json"])["ports"],
-        serde_json::json!([25, 587])
-    );
+    assert!(row["hits"].as_u64().unwrap() >= hits_before, "range hits reset by the restart: {rows:#}");
+    assert_eq!(lab.gk.json(&["ports", "list", "--json"])["ports"], serde_json::json!([25, 587]));
     lab.expect_dropped(DENIED4, SMTP, "after adoption");
-    lab.gk
-        .stats()
-        .assert_rose(&s2, "deny-range", "after adoption");
+    lab.gk.stats().assert_rose(&s2, "deny-range", "after adoption");
     // The new agent takes changes again.
     lab.gk.ok(&["range", "del", DENY4_NET]);
     lab.expect_connect(DENIED4, SMTP, "after range del on the new agent");
@@ -1016,21 +844,9 @@ fn unload_with_agent() {
     assert!(out.contains("unloaded"), "{out}");
     let agent = lab.gk.agent.as_mut().unwrap();
     let st = agent.wait_timeout(Duration::from_secs(20)).unwrap();
-    assert!(
-        st.is_some(),
-        "agent still running 20 s after unload; log:\n{}",
-        agent.log()
-    );
-    assert!(
-        st.unwrap().success(),
-        "agent exit after unload: {st:?}\n{}",
-        agent.log()
-    );
-    assert!(
-        !lab.gk.pin_dir().exists(),
-        "pin dir {} still exists",
-        lab.gk.pin_dir().display()
-    );
+    assert!(st.is_some(), "agent still running 20 s after unload; log:\n{}", agent.log());
+    assert!(st.unwrap().success(), "agent exit after unload: {st:?}\n{}", agent.log());
+    assert!(!lab.gk.pin_dir().exists(), "pin dir {} still exists", lab.gk.pin_dir().display());
     assert!(!lab.gk.socket().exists(), "socket left behind");
     assert_eq!(lab.gk.xdp_id(), None, "{}", lab.gk.link_details());
     lab.expect_connect(DENIED4, SMTP, "after unload");
@@ -1056,15 +872,8 @@ fn sigterm_leaves_the_datapath_enforcing() {
     let mut agent = lab.gk.agent.take().unwrap();
     agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     let st = agent.wait_timeout(Duration::from_secs(20)).unwrap();
-    assert!(
-        matches!(st, Some(s) if s.success()),
-        "exit after SIGTERM: {st:?}\n{}",
-        agent.log()
-    );
-    assert!(
-        !lab.gk.socket().exists(),
-        "socket left behind after SIGTERM"
-    );
+    assert!(matches!(st, Some(s) if s.success()), "exit after SIGTERM: {st:?}\n{}", agent.log());
+    assert!(!lab.gk.socket().exists(), "socket left behind after SIGTERM");
     assert!(lab.gk.xdp_id().is_some(), "{}", lab.gk.link_details());
     lab.expect_dropped(DENIED4, SMTP, "agent stopped with SIGTERM");
     lab.expect_connect(UNLISTED4, SMTP, "agent stopped with SIGTERM");
@@ -1083,11 +892,7 @@ fn unload_without_agent() {
     lab.expect_dropped(DENIED6, SMTP, "after kill");
     let out = lab.gk.ok(&["unload"]);
     assert!(out.contains("removed link"), "{out}");
-    assert!(
-        !lab.gk.pin_dir().exists(),
-        "pin dir {} still exists",
-        lab.gk.pin_dir().display()
-    );
+    assert!(!lab.gk.pin_dir().exists(), "pin dir {} still exists", lab.gk.pin_dir().display());
     assert_eq!(lab.gk.xdp_id(), None, "{}", lab.gk.link_details());
     lab.expect_connect(DENIED6, SMTP, "after unload");
     // A second unload has nothing left to do, and says so.
@@ -1114,13 +919,7 @@ fn concurrent_cli_updates_are_not_lost() {
                     for i in 0..50u32 {
                         s.spawn(move || {
                             let net = format!("203.0.113.{}/32", 100 + 2 * i + half);
-                            let out = gk.cli(&[
-                                "range",
-                                "add",
-                                &net,
-                                "--comment",
-                                &format!("thread {half}"),
-                            ]);
+                            let out = gk.cli(&["range", "add", &net, "--comment", &format!("thread {half}")]);
                             if !out.success() {
                                 failures.lock().unwrap().push(out.to_string());
                             }
@@ -1131,11 +930,7 @@ fn concurrent_cli_updates_are_not_lost() {
         }
     });
     let failures = failures.into_inner().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} of 100 adds failed: {failures:#?}",
-        failures.len()
-    );
+    assert!(failures.is_empty(), "{} of 100 adds failed: {failures:#?}", failures.len());
     let want: BTreeSet<String> = (100..200).map(|n| format!("203.0.113.{n}/32")).collect();
     assert_eq!(gk.range_nets(), want);
     let st = gk.status();
@@ -1156,12 +951,7 @@ fn restart_drops_ranges_expired_while_down() {
     lab.gk.ok(&["range", "add", DENY4_NET, "--expire", "3s"]);
     lab.gk.ok(&["range", "add", DENY6_NET]);
     let rows = lab.gk.json(&["range", "list", "--json"]);
-    let expires_at = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["net"] == DENY4_NET)
-        .unwrap()["expires_at"]
+    let expires_at = rows.as_array().unwrap().iter().find(|r| r["net"] == DENY4_NET).unwrap()["expires_at"]
         .as_i64()
         .unwrap_or_else(|| panic!("no expires_at: {rows:#}"));
     lab.gk.kill_agent();
@@ -1175,18 +965,12 @@ fn restart_drops_ranges_expired_while_down() {
     // Wait (bounded) until the range's expiry has passed.
     let deadline = Instant::now() + Duration::from_secs(20);
     while unix_now() <= expires_at {
-        assert!(
-            Instant::now() < deadline,
-            "clock did not reach {expires_at}"
-        );
+        assert!(Instant::now() < deadline, "clock did not reach {expires_at}");
         std::thread::sleep(Duration::from_millis(100));
     }
     lab.gk.start(&[]);
     let nets = lab.gk.range_nets();
-    assert!(
-        !nets.contains(DENY4_NET),
-        "expired range still listed: {nets:?}"
-    );
+    assert!(!nets.contains(DENY4_NET), "expired range still listed: {nets:?}");
     assert!(nets.contains(DENY6_NET), "unexpired range lost: {nets:?}");
     let st = lab.gk.status();
     assert_eq!(st["datapath"]["entries"]["deny_v4"], 0, "{st:#}");
@@ -1232,30 +1016,14 @@ fn two_instances_side_by_side() {
     assert_eq!(gk2.range_nets(), BTreeSet::from([format!("{src_b}/32")]));
 
     let (s1, s2) = (gk1.stats(), gk2.stats());
-    assert_eq!(
-        connect(src_a, dst1, CONNECT_DROP),
-        ConnectOutcome::TimedOut,
-        "a -> instance 1 (listed there)"
-    );
-    assert_eq!(
-        connect(src_a, dst2, CONNECT_OK),
-        ConnectOutcome::Connected,
-        "a -> instance 2 (not listed there)"
-    );
+    assert_eq!(connect(src_a, dst1, CONNECT_DROP), ConnectOutcome::TimedOut, "a -> instance 1 (listed there)");
+    assert_eq!(connect(src_a, dst2, CONNECT_OK), ConnectOutcome::Connected, "a -> instance 2 (not listed there)");
     let (t1, t2) = (gk1.stats(), gk2.stats());
     t1.assert_rose(&s1, "deny-range", "instance 1");
     t2.assert_same(&s2, "deny-range", "instance 2");
     t2.assert_rose(&s2, "unknown", "instance 2");
-    assert_eq!(
-        connect(src_b, dst1, CONNECT_OK),
-        ConnectOutcome::Connected,
-        "b -> instance 1 (not listed there)"
-    );
-    assert_eq!(
-        connect(src_b, dst2, CONNECT_DROP),
-        ConnectOutcome::TimedOut,
-        "b -> instance 2 (listed there)"
-    );
+    assert_eq!(connect(src_b, dst1, CONNECT_OK), ConnectOutcome::Connected, "b -> instance 1 (not listed there)");
+    assert_eq!(connect(src_b, dst2, CONNECT_DROP), ConnectOutcome::TimedOut, "b -> instance 2 (listed there)");
     let (u1, u2) = (gk1.stats(), gk2.stats());
     u1.assert_same(&t1, "deny-range", "instance 1");
     u2.assert_rose(&t2, "deny-range", "instance 2");
@@ -1267,36 +1035,18 @@ fn two_instances_side_by_side() {
     // Status of each names only its own pins.
     for gk in [&gk1, &gk2] {
         let st = gk.status();
-        assert_eq!(
-            st["detail"]["pin_dir"],
-            gk.pin_dir().display().to_string(),
-            "{st:#}"
-        );
+        assert_eq!(st["detail"]["pin_dir"], gk.pin_dir().display().to_string(), "{st:#}");
         assert_eq!(st["datapath"]["entries"]["deny_v4"], 1, "{st:#}");
     }
 
     // Unloading one leaves the other enforcing.
     gk1.ok(&["unload"]);
-    assert!(gk1
-        .agent
-        .as_mut()
-        .unwrap()
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
-        .is_some());
+    assert!(gk1.agent.as_mut().unwrap().wait_timeout(Duration::from_secs(20)).unwrap().is_some());
     assert_eq!(gk1.xdp_id(), None);
     assert!(gk2.xdp_id().is_some());
     assert!(gk2.pin_dir().exists());
-    assert_eq!(
-        connect(src_a, dst1, CONNECT_OK),
-        ConnectOutcome::Connected,
-        "instance 1 unloaded"
-    );
-    assert_eq!(
-        connect(src_b, dst2, CONNECT_DROP),
-        ConnectOutcome::TimedOut,
-        "instance 2 unaffected"
-    );
+    assert_eq!(connect(src_a, dst1, CONNECT_OK), ConnectOutcome::Connected, "instance 1 unloaded");
+    assert_eq!(connect(src_b, dst2, CONNECT_DROP), ConnectOutcome::TimedOut, "instance 2 unaffected");
     gk2.ok(&["ports", "list"]);
 }
 
@@ -1309,16 +1059,10 @@ fn run_refuses_pin_dir_outside_bpffs() {
     let client = Netns::new("client").unwrap();
     veth_pair(&mx, MX_IF, &client, CLIENT_IF).unwrap();
     let bin = netlab::bin_path("gatekeeper").unwrap();
-    let tmp = tempfile::Builder::new()
-        .prefix("gk-not-bpffs-")
-        .tempdir()
-        .unwrap();
+    let tmp = tempfile::Builder::new().prefix("gk-not-bpffs-").tempdir().unwrap();
     std::fs::write(tmp.path().join("gatekeeper.toml"), TEST_CONFIG).unwrap();
     // An existing directory, and one that does not exist yet.
-    for pin_dir in [
-        tmp.path().join("pins"),
-        tmp.path().join("deeper/still/pins"),
-    ] {
+    for pin_dir in [tmp.path().join("pins"), tmp.path().join("deeper/still/pins")] {
         if !pin_dir.starts_with(tmp.path().join("deeper")) {
             std::fs::create_dir(&pin_dir).unwrap();
         }
@@ -1340,24 +1084,14 @@ fn run_refuses_pin_dir_outside_bpffs() {
         .to_vec();
         let out = nsenter_output(&mx, &bin, &args, CLI_TIMEOUT).unwrap();
         assert!(!out.success(), "{out}");
-        assert!(
-            out.stderr.contains(&pin_dir.display().to_string()),
-            "error does not name the pin dir: {out}"
-        );
+        assert!(out.stderr.contains(&pin_dir.display().to_string()), "error does not name the pin dir: {out}");
         assert!(out.stderr.contains("bpf"), "error does not say why: {out}");
-        assert_eq!(
-            mx.xdp_prog_id(MX_IF).unwrap(),
-            None,
-            "XDP attached despite the error"
-        );
+        assert_eq!(mx.xdp_prog_id(MX_IF).unwrap(), None, "XDP attached despite the error");
         assert!(!sock.exists(), "socket created despite the error");
         let left: Vec<_> = std::fs::read_dir(tmp.path().join("pins"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
-        assert!(
-            left.is_empty(),
-            "something created in the non-bpffs dir: {left:?}"
-        );
+        assert!(left.is_empty(), "something created in the non-bpffs dir: {left:?}");
     }
 }
 
@@ -1386,10 +1120,7 @@ fn second_agent_on_the_same_pins_changes_nothing() {
     let after = lab.gk.status();
     let mut changed = Vec::new();
     if after["datapath"]["entries"] != before["datapath"]["entries"] {
-        changed.push(format!(
-            "datapath entries {} -> {}",
-            before["datapath"]["entries"], after["datapath"]["entries"]
-        ));
+        changed.push(format!("datapath entries {} -> {}", before["datapath"]["entries"], after["datapath"]["entries"]));
     }
     if after["datapath"]["dry_run"] != false {
         changed.push("dry-run switched on".into());
@@ -1398,16 +1129,10 @@ fn second_agent_on_the_same_pins_changes_nothing() {
         changed.push(format!("guarded ports -> {}", after["datapath"]["ports"]));
     }
     if after["datapath"]["program"] != before["datapath"]["program"] {
-        changed.push(format!(
-            "pinned program {} -> {}",
-            before["datapath"]["program"], after["datapath"]["program"]
-        ));
+        changed.push(format!("pinned program {} -> {}", before["datapath"]["program"], after["datapath"]["program"]));
     }
     if lab.gk.xdp_id() != xdp_before {
-        changed.push(format!(
-            "program on {MX_IF}: {xdp_before:?} -> {:?}",
-            lab.gk.xdp_id()
-        ));
+        changed.push(format!("program on {MX_IF}: {xdp_before:?} -> {:?}", lab.gk.xdp_id()));
     }
     for src in [DENIED4, DENIED6] {
         let r = lab.connect(src, SMTP, CONNECT_DROP);

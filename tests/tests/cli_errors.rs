@@ -44,29 +44,16 @@ impl Gk {
     fn new() -> Self {
         netlab::require_root();
         let ns = Netns::new("clierr").unwrap();
-        ns.ip(&[
-            "link", "add", IF_AGENT, "type", "veth", "peer", "name", IF_SPARE,
-        ])
-        .unwrap();
+        ns.ip(&["link", "add", IF_AGENT, "type", "veth", "peer", "name", IF_SPARE]).unwrap();
         ns.link_up(IF_AGENT).unwrap();
         ns.link_up(IF_SPARE).unwrap();
         let pins = PinDirGuard::new().unwrap();
-        let dir = tempfile::Builder::new()
-            .prefix("gk-cli-errors-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("gk-cli-errors-").tempdir().unwrap();
         let bin = netlab::bin_path("gatekeeper").unwrap();
         // Our own config, so the host's /etc/gatekeeper/gatekeeper.toml cannot
         // leak in; no reverse-DNS lookups.
         std::fs::write(dir.path().join("agent.toml"), "[dns]\nenabled = false\n").unwrap();
-        let mut gk = Self {
-            agent: None,
-            pins,
-            dir,
-            ns,
-            bin,
-            known: Default::default(),
-        };
+        let mut gk = Self { agent: None, pins, dir, ns, bin, known: Default::default() };
         let args: Vec<String> = [
             "--config",
             &gk.path("agent.toml"),
@@ -82,9 +69,7 @@ impl Gk {
         ]
         .map(String::from)
         .to_vec();
-        gk.agent = Some(
-            AgentProcess::spawn_with_env(&gk.ns, &gk.bin, &args, &[("NO_COLOR", "1")]).unwrap(),
-        );
+        gk.agent = Some(AgentProcess::spawn_with_env(&gk.ns, &gk.bin, &args, &[("NO_COLOR", "1")]).unwrap());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             {
@@ -97,10 +82,7 @@ impl Gk {
                 break;
             }
             let log = gk.agent.as_ref().unwrap().log();
-            assert!(
-                Instant::now() < deadline,
-                "agent not answering after 30 s; log:\n{log}"
-            );
+            assert!(Instant::now() < deadline, "agent not answering after 30 s; log:\n{log}");
             std::thread::sleep(Duration::from_millis(50));
         }
         gk
@@ -118,12 +100,8 @@ impl Gk {
     }
 
     fn cli(&self, args: &[&str]) -> CmdOutput {
-        let mut all: Vec<String> = vec![
-            "--socket".into(),
-            self.path("gk.sock"),
-            "--pin-dir".into(),
-            self.pins.path().display().to_string(),
-        ];
+        let mut all: Vec<String> =
+            vec!["--socket".into(), self.path("gk.sock"), "--pin-dir".into(), self.pins.path().display().to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
         nsenter_output(&self.ns, &self.bin, &all, CLI_TIMEOUT).unwrap()
     }
@@ -167,10 +145,7 @@ impl Gk {
         assert!(!out.success(), "expected failure: {out}");
         assert!(matches!(out.code(), Some(c) if c != 0), "{out}");
         for n in needles {
-            assert!(
-                out.stderr.contains(n),
-                "stderr does not mention {n:?}: {out}"
-            );
+            assert!(out.stderr.contains(n), "stderr does not mention {n:?}: {out}");
         }
         assert!(!out.stderr.contains("panicked"), "{out}");
         let after = self.read_state();
@@ -198,12 +173,7 @@ impl Gk {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| {
-                (
-                    r["net"].as_str().unwrap().to_owned(),
-                    r["comment"].as_str().map(str::to_owned),
-                )
-            })
+            .map(|r| (r["net"].as_str().unwrap().to_owned(), r["comment"].as_str().map(str::to_owned)))
             .collect();
         v.sort();
         v
@@ -224,42 +194,15 @@ fn malformed_cidrs() {
     gk.ok(&["range", "add", "198.51.100.0/25", "--comment", "keep"]);
     gk.ok(&["allow", "add", "203.0.113.0/28"]);
 
-    gk.refused(
-        &["range", "add", "300.1.2.3/24"],
-        &["300.1.2.3", "not an IPv4 or IPv6 address"],
-    );
-    gk.refused(
-        &["range", "add", "192.0.2.1/24"],
-        &["192.0.2.1/24", "host bits", "192.0.2.0/24"],
-    );
-    gk.refused(
-        &["range", "add", "2001:db8::/129"],
-        &["2001:db8::/129", "/128"],
-    );
+    gk.refused(&["range", "add", "300.1.2.3/24"], &["300.1.2.3", "not an IPv4 or IPv6 address"]);
+    gk.refused(&["range", "add", "192.0.2.1/24"], &["192.0.2.1/24", "host bits", "192.0.2.0/24"]);
+    gk.refused(&["range", "add", "2001:db8::/129"], &["2001:db8::/129", "/128"]);
     gk.refused(&["range", "add", "abc"], &["\"abc\""]);
-    gk.refused(
-        &["range", "add", "192.0.2.0/"],
-        &["192.0.2.0/", "not a number"],
-    );
-    gk.refused(
-        &["range", "add", "::ffff:192.0.2.1"],
-        &["IPv4-mapped", "192.0.2.1/32"],
-    );
+    gk.refused(&["range", "add", "192.0.2.0/"], &["192.0.2.0/", "not a number"]);
+    gk.refused(&["range", "add", "::ffff:192.0.2.1"], &["IPv4-mapped", "192.0.2.1/32"]);
     // A bad one among good ones: nothing is added.
-    gk.refused(
-        &[
-            "range",
-            "add",
-            "192.0.2.0/24",
-            "300.1.2.3/24",
-            "2001:db8:9::/48",
-        ],
-        &["300.1.2.3"],
-    );
-    gk.refused(
-        &["allow", "add", "2001:db8::1/32"],
-        &["host bits", "2001:db8::/32"],
-    );
+    gk.refused(&["range", "add", "192.0.2.0/24", "300.1.2.3/24", "2001:db8:9::/48"], &["300.1.2.3"]);
+    gk.refused(&["allow", "add", "2001:db8::1/32"], &["host bits", "2001:db8::/32"]);
     gk.refused(&["range", "del", "192.0.2.1/24"], &["192.0.2.0/24"]);
     gk.refused(&["allow", "del", "abc"], &["abc"]);
     assert_eq!(gk.nets("range"), strs(&["198.51.100.0/25"]));
@@ -270,27 +213,13 @@ fn duplicate_ranges() {
     let gk = Gk::new();
     gk.ok(&["range", "add", "198.51.100.0/25", "--comment", "first"]);
     gk.ok(&["allow", "add", "2001:db8:7::/48"]);
-    let out = gk.refused(
-        &["range", "add", "198.51.100.0/25", "--comment", "second"],
-        &["198.51.100.0/25", "already exists"],
-    );
-    assert!(
-        out.stderr.contains("first"),
-        "the error should say which entry is there: {out}"
-    );
+    let out =
+        gk.refused(&["range", "add", "198.51.100.0/25", "--comment", "second"], &["198.51.100.0/25", "already exists"]);
+    assert!(out.stderr.contains("first"), "the error should say which entry is there: {out}");
     // In a batch: the new one before the duplicate is not added either.
-    gk.refused(
-        &["range", "add", "198.51.100.128/25", "198.51.100.0/25"],
-        &["198.51.100.0/25", "already exists"],
-    );
-    gk.refused(
-        &["range", "add", "192.0.2.0/24", "192.0.2.0/24"],
-        &["192.0.2.0/24", "twice"],
-    );
-    gk.refused(
-        &["allow", "add", "2001:db8:7::/48"],
-        &["2001:db8:7::/48", "already exists"],
-    );
+    gk.refused(&["range", "add", "198.51.100.128/25", "198.51.100.0/25"], &["198.51.100.0/25", "already exists"]);
+    gk.refused(&["range", "add", "192.0.2.0/24", "192.0.2.0/24"], &["192.0.2.0/24", "twice"]);
+    gk.refused(&["allow", "add", "2001:db8:7::/48"], &["2001:db8:7::/48", "already exists"]);
     // The same net as a deny and as an allow is an overlap, not a duplicate.
     gk.refused(&["range", "add", "2001:db8:7::/48"], &["overlaps"]);
     let ranges = gk.json(&["range", "list", "--json"]);
@@ -304,66 +233,32 @@ fn allow_deny_overlap_needs_force() {
     gk.ok(&["range", "add", "198.51.100.0/24", "2001:db8:2::/64"]);
     gk.ok(&["allow", "add", "203.0.113.0/28"]);
     // A new allow inside a deny range.
-    gk.refused(
-        &["allow", "add", "198.51.100.7"],
-        &["198.51.100.7/32", "overlaps", "198.51.100.0/24", "--force"],
-    );
-    gk.refused(
-        &["allow", "add", "2001:db8:2::20/124"],
-        &["overlaps", "2001:db8:2::/64", "--force"],
-    );
+    gk.refused(&["allow", "add", "198.51.100.7"], &["198.51.100.7/32", "overlaps", "198.51.100.0/24", "--force"]);
+    gk.refused(&["allow", "add", "2001:db8:2::20/124"], &["overlaps", "2001:db8:2::/64", "--force"]);
     // A new allow covering a deny range.
-    gk.refused(
-        &["allow", "add", "198.51.100.0/24"],
-        &["overlaps", "--force"],
-    );
+    gk.refused(&["allow", "add", "198.51.100.0/24"], &["overlaps", "--force"]);
     // A new deny covering an allow range, and one inside it.
-    gk.refused(
-        &["range", "add", "203.0.113.0/24"],
-        &["203.0.113.0/24", "overlaps", "203.0.113.0/28", "--force"],
-    );
-    gk.refused(
-        &["range", "add", "203.0.113.5"],
-        &["203.0.113.5/32", "overlaps", "203.0.113.0/28", "--force"],
-    );
+    gk.refused(&["range", "add", "203.0.113.0/24"], &["203.0.113.0/24", "overlaps", "203.0.113.0/28", "--force"]);
+    gk.refused(&["range", "add", "203.0.113.5"], &["203.0.113.5/32", "overlaps", "203.0.113.0/28", "--force"]);
     // Nor through an import.
     let f = gk.file("overlap.txt", "192.0.2.0/24\n203.0.113.0/25\n");
     gk.refused(&["range", "import", &f], &["overlaps", "203.0.113.0/28"]);
     // With --force both directions are accepted.
     gk.ok(&["allow", "add", "198.51.100.7", "--force"]);
     gk.ok(&["range", "add", "203.0.113.0/24", "--force"]);
-    assert_eq!(
-        gk.nets("allow"),
-        strs(&["198.51.100.7/32", "203.0.113.0/28"])
-    );
-    assert_eq!(
-        gk.nets("range"),
-        strs(&["198.51.100.0/24", "2001:db8:2::/64", "203.0.113.0/24"])
-    );
+    assert_eq!(gk.nets("allow"), strs(&["198.51.100.7/32", "203.0.113.0/28"]));
+    assert_eq!(gk.nets("range"), strs(&["198.51.100.0/24", "2001:db8:2::/64", "203.0.113.0/24"]));
 }
 
 #[test]
 fn import_with_a_bad_line_imports_nothing_unless_skip_bad() {
     let gk = Gk::new();
     gk.ok(&["range", "add", "203.0.113.128/25", "--comment", "manual"]);
-    let f = gk.file(
-        "list.txt",
-        "# my list\n198.51.100.0/25\n\n192.0.2.1/24 # typo\n203.0.113.0/25 ; ok\n2001:db8:2::/64\n",
-    );
-    let out = gk.refused(
-        &["range", "import", &f],
-        &[
-            "list.txt",
-            "line 4",
-            "host bits",
-            "192.0.2.0/24",
-            "nothing imported",
-        ],
-    );
-    assert!(
-        !out.stderr.contains("line 2:"),
-        "good lines reported as bad: {out}"
-    );
+    let f = gk
+        .file("list.txt", "# my list\n198.51.100.0/25\n\n192.0.2.1/24 # typo\n203.0.113.0/25 ; ok\n2001:db8:2::/64\n");
+    let out =
+        gk.refused(&["range", "import", &f], &["list.txt", "line 4", "host bits", "192.0.2.0/24", "nothing imported"]);
+    assert!(!out.stderr.contains("line 2:"), "good lines reported as bad: {out}");
     // A list with nothing but a bad line.
     let bad = gk.file("bad.txt", "not-a-net\n");
     gk.refused(&["range", "import", &bad], &["line 1", "not-a-net"]);
@@ -373,30 +268,11 @@ fn import_with_a_bad_line_imports_nothing_unless_skip_bad() {
 
     let out = gk.ok(&["range", "import", &f, "--skip-bad"]);
     assert!(out.stderr.contains("warning"), "{out}");
-    assert!(
-        out.stderr.contains("line 4") && out.stderr.contains("192.0.2.1/24"),
-        "{out}"
-    );
-    assert!(
-        out.stdout.contains("3 new") && out.stdout.contains("1 bad line"),
-        "{out}"
-    );
-    assert_eq!(
-        gk.nets("range"),
-        strs(&[
-            "198.51.100.0/25",
-            "203.0.113.0/25",
-            "203.0.113.128/25",
-            "2001:db8:2::/64"
-        ])
-    );
+    assert!(out.stderr.contains("line 4") && out.stderr.contains("192.0.2.1/24"), "{out}");
+    assert!(out.stdout.contains("3 new") && out.stdout.contains("1 bad line"), "{out}");
+    assert_eq!(gk.nets("range"), strs(&["198.51.100.0/25", "203.0.113.0/25", "203.0.113.128/25", "2001:db8:2::/64"]));
     let rows = gk.json(&["range", "list", "--json"]);
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["net"] == "203.0.113.0/25")
-        .unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["net"] == "203.0.113.0/25").unwrap();
     assert_eq!(row["origin"], "imported", "{rows:#}");
     assert_eq!(row["comment"], "ok", "{rows:#}");
 }
@@ -404,13 +280,7 @@ fn import_with_a_bad_line_imports_nothing_unless_skip_bad() {
 #[test]
 fn spamhaus_drop_import_reimport_replace_and_export() {
     let gk = Gk::new();
-    gk.ok(&[
-        "range",
-        "add",
-        "192.0.2.0/24",
-        "--comment",
-        "snowshoe; wave #2",
-    ]);
+    gk.ok(&["range", "add", "192.0.2.0/24", "--comment", "snowshoe; wave #2"]);
     let drop_v1 = "; Spamhaus DROP List 2025/01/01 - (c) 2025 The Spamhaus Project SLU\n\
                    ; https://www.spamhaus.org/drop/drop.txt\n\
                    ; Last-Modified: Wed, 01 Jan 2025 00:00:00 GMT\n\
@@ -422,10 +292,7 @@ fn spamhaus_drop_import_reimport_replace_and_export() {
     let out = gk.ok(&["range", "import", &f]);
     assert!(out.stdout.contains("3 new"), "{out}");
     let want_v1 = vec![
-        (
-            "192.0.2.0/24".to_string(),
-            Some("snowshoe; wave #2".to_string()),
-        ),
+        ("192.0.2.0/24".to_string(), Some("snowshoe; wave #2".to_string())),
         ("198.51.100.0/24".to_string(), Some("SBL100001".to_string())),
         ("2001:db8:2::/48".to_string(), Some("SBL100003".to_string())),
         ("203.0.113.0/25".to_string(), Some("SBL100002".to_string())),
@@ -433,37 +300,19 @@ fn spamhaus_drop_import_reimport_replace_and_export() {
     assert_eq!(gk.nets_and_comments(), want_v1);
     let rows = gk.json(&["range", "list", "--json", "--origin", "imported"]);
     assert_eq!(rows.as_array().unwrap().len(), 3, "{rows:#}");
-    assert!(
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["source"] == "import:drop.txt"),
-        "{rows:#}"
-    );
+    assert!(rows.as_array().unwrap().iter().all(|r| r["source"] == "import:drop.txt"), "{rows:#}");
 
     // Re-importing the same file changes nothing.
     let before = gk.state();
     let out = gk.ok(&["range", "import", &f]);
-    assert!(
-        out.stdout.contains("0 new") && out.stdout.contains("3 already present"),
-        "{out}"
-    );
+    assert!(out.stdout.contains("0 new") && out.stdout.contains("3 already present"), "{out}");
     assert_eq!(gk.state(), before);
 
     // --replace drops what the list no longer has (only its own entries).
-    let f = gk.file(
-        "drop.txt",
-        &drop_v1.replace("203.0.113.0/25 ; SBL100002\n", ""),
-    );
+    let f = gk.file("drop.txt", &drop_v1.replace("203.0.113.0/25 ; SBL100002\n", ""));
     let out = gk.ok(&["range", "import", &f, "--replace"]);
-    assert!(
-        out.stdout.contains("0 new") && out.stdout.contains("1 removed"),
-        "{out}"
-    );
-    assert_eq!(
-        gk.nets("range"),
-        strs(&["192.0.2.0/24", "198.51.100.0/24", "2001:db8:2::/48"])
-    );
+    assert!(out.stdout.contains("0 new") && out.stdout.contains("1 removed"), "{out}");
+    assert_eq!(gk.nets("range"), strs(&["192.0.2.0/24", "198.51.100.0/24", "2001:db8:2::/48"]));
 
     // A list that came down empty (a failed download) must not wipe it.
     let before = gk.state();
@@ -493,31 +342,11 @@ fn config_errors_name_file_line_and_key() {
     let gk = Gk::new();
     let pins = PinDirGuard::new().unwrap();
     let cases = [
-        (
-            "unknown.toml",
-            "dry_run = false\nportz = [25]\n",
-            &["line 2", "portz"][..],
-        ),
-        (
-            "type.toml",
-            "# gatekeeper\n\ndry_run = \"yes\"\n",
-            &["line 3", "dry_run"][..],
-        ),
-        (
-            "port.toml",
-            "ports = [25, 70000]\n",
-            &["line 1", "ports", "70000"][..],
-        ),
-        (
-            "port0.toml",
-            "interfaces = [\"gkv1\"]\nports = [0]\n",
-            &["line 2", "ports", "port 0"][..],
-        ),
-        (
-            "mode.toml",
-            "xdp_mode = \"fast\"\n",
-            &["line 1", "xdp_mode", "fast"][..],
-        ),
+        ("unknown.toml", "dry_run = false\nportz = [25]\n", &["line 2", "portz"][..]),
+        ("type.toml", "# gatekeeper\n\ndry_run = \"yes\"\n", &["line 3", "dry_run"][..]),
+        ("port.toml", "ports = [25, 70000]\n", &["line 1", "ports", "70000"][..]),
+        ("port0.toml", "interfaces = [\"gkv1\"]\nports = [0]\n", &["line 2", "ports", "port 0"][..]),
+        ("mode.toml", "xdp_mode = \"fast\"\n", &["line 1", "xdp_mode", "fast"][..]),
     ];
     for (name, text, needles) in cases {
         let cfg = gk.file(name, text);
@@ -540,37 +369,16 @@ fn config_errors_name_file_line_and_key() {
         .map(String::from);
         let out = nsenter_output(&gk.ns, &gk.bin, &args, CLI_TIMEOUT).unwrap();
         assert!(!out.success(), "{name}: {out}");
-        assert!(
-            out.stderr.contains(&cfg),
-            "{name}: error does not name the file: {out}"
-        );
+        assert!(out.stderr.contains(&cfg), "{name}: error does not name the file: {out}");
         for n in needles {
-            assert!(
-                out.stderr.contains(n),
-                "{name}: stderr does not mention {n:?}: {out}"
-            );
+            assert!(out.stderr.contains(n), "{name}: stderr does not mention {n:?}: {out}");
         }
-        let pinned: Vec<_> = std::fs::read_dir(pins.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        assert!(
-            pinned.is_empty(),
-            "{name}: pinned despite the config error: {pinned:?}"
-        );
-        assert_eq!(
-            gk.ns.xdp_prog_id(IF_SPARE).unwrap(),
-            None,
-            "{name}: XDP attached despite the config error"
-        );
+        let pinned: Vec<_> = std::fs::read_dir(pins.path()).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(pinned.is_empty(), "{name}: pinned despite the config error: {pinned:?}");
+        assert_eq!(gk.ns.xdp_prog_id(IF_SPARE).unwrap(), None, "{name}: XDP attached despite the config error");
         assert!(!Path::new(&sock).exists(), "{name}: socket created");
         assert!(!Path::new(&state_dir).exists(), "{name}: state dir created");
-        assert_eq!(
-            gk.state(),
-            before,
-            "{name}: the running agent's state changed"
-        );
+        assert_eq!(gk.state(), before, "{name}: the running agent's state changed");
     }
     // The running agent's interface is untouched by all that.
     assert!(gk.ns.xdp_prog_id(IF_AGENT).unwrap().is_some());
@@ -580,10 +388,7 @@ fn config_errors_name_file_line_and_key() {
 fn bad_ports() {
     let gk = Gk::new();
     gk.ok(&["ports", "set", "25", "587"]);
-    assert_eq!(
-        gk.json(&["ports", "list", "--json"])["ports"],
-        serde_json::json!([25, 587])
-    );
+    assert_eq!(gk.json(&["ports", "list", "--json"])["ports"], serde_json::json!([25, 587]));
     gk.refused(&["ports", "set", "0"], &["port 0"]);
     gk.refused(&["ports", "set", "25", "0"], &["port 0"]);
     gk.refused(&["ports", "set", "70000"], &["70000"]);
@@ -595,10 +400,7 @@ fn bad_ports() {
     gk.refused(&args, &["65 ports", "at most 64"]);
     let joined = many.join(",");
     gk.refused(&["ports", "set", &joined], &["at most 64"]);
-    assert_eq!(
-        gk.json(&["ports", "list", "--json"])["ports"],
-        serde_json::json!([25, 587])
-    );
+    assert_eq!(gk.json(&["ports", "list", "--json"])["ports"], serde_json::json!([25, 587]));
     // 64 is fine.
     let ok: Vec<String> = (1..=64).map(|p| p.to_string()).collect();
     gk.ok(&["ports", "set", &ok.join(",")]);
@@ -608,25 +410,13 @@ fn bad_ports() {
 fn ban_add_not_an_ip() {
     let gk = Gk::new();
     gk.ok(&["ban", "add", "203.0.113.7"]);
-    let out = gk.refused(
-        &["ban", "add", "not-an-ip"],
-        &["not-an-ip", "invalid value"],
-    );
+    let out = gk.refused(&["ban", "add", "not-an-ip"], &["not-an-ip", "invalid value"]);
     assert_eq!(out.code(), Some(2), "clap usage errors exit 2: {out}");
-    let out = gk.refused(
-        &["ban", "add", "203.0.113.8", "203.0.113.0/24"],
-        &["203.0.113.0/24"],
-    );
+    let out = gk.refused(&["ban", "add", "203.0.113.8", "203.0.113.0/24"], &["203.0.113.0/24"]);
     assert_eq!(out.code(), Some(2), "{out}");
-    gk.refused(
-        &["ban", "del", "203.0.113.9"],
-        &["203.0.113.9", "not found"],
-    );
+    gk.refused(&["ban", "del", "203.0.113.9"], &["203.0.113.9", "not found"]);
     // The first of two is not lifted when the second is not banned.
-    gk.refused(
-        &["ban", "del", "203.0.113.7", "203.0.113.9"],
-        &["not found"],
-    );
+    gk.refused(&["ban", "del", "203.0.113.7", "203.0.113.9"], &["not found"]);
     let bans = gk.json(&["ban", "list", "--json"]);
     assert_eq!(bans.as_array().unwrap().len(), 1, "{bans:#}");
     assert_eq!(bans[0]["key"], "203.0.113.7");
@@ -637,34 +427,16 @@ fn range_del_of_a_missing_range() {
     let gk = Gk::new();
     gk.ok(&["range", "add", "198.51.100.0/24", "2001:db8:2::/64"]);
     gk.ok(&["allow", "add", "203.0.113.0/28"]);
-    gk.refused(
-        &["range", "del", "192.0.2.0/24"],
-        &["192.0.2.0/24", "not found"],
-    );
+    gk.refused(&["range", "del", "192.0.2.0/24"], &["192.0.2.0/24", "not found"]);
     // The first of two must still be there when the second is missing.
-    gk.refused(
-        &["range", "del", "198.51.100.0/24", "192.0.2.0/24"],
-        &["192.0.2.0/24", "not found"],
-    );
-    gk.refused(
-        &["range", "del", "2001:db8:2::/64", "2001:db8:3::/64"],
-        &["2001:db8:3::/64", "not found"],
-    );
+    gk.refused(&["range", "del", "198.51.100.0/24", "192.0.2.0/24"], &["192.0.2.0/24", "not found"]);
+    gk.refused(&["range", "del", "2001:db8:2::/64", "2001:db8:3::/64"], &["2001:db8:3::/64", "not found"]);
     // A net that exists with the other kind is not found either.
-    gk.refused(
-        &["range", "del", "203.0.113.0/28"],
-        &["203.0.113.0/28", "not found"],
-    );
-    gk.refused(
-        &["allow", "del", "198.51.100.0/24"],
-        &["198.51.100.0/24", "not found"],
-    );
+    gk.refused(&["range", "del", "203.0.113.0/28"], &["203.0.113.0/28", "not found"]);
+    gk.refused(&["allow", "del", "198.51.100.0/24"], &["198.51.100.0/24", "not found"]);
     // A range that contains or is contained by one is not that one.
     gk.refused(&["range", "del", "198.51.100.0/25"], &["not found"]);
-    assert_eq!(
-        gk.nets("range"),
-        strs(&["198.51.100.0/24", "2001:db8:2::/64"])
-    );
+    assert_eq!(gk.nets("range"), strs(&["198.51.100.0/24", "2001:db8:2::/64"]));
     assert_eq!(gk.nets("allow"), strs(&["203.0.113.0/28"]));
 }
 
@@ -673,12 +445,7 @@ fn bad_expire() {
     let gk = Gk::new();
     gk.ok(&["range", "add", "198.51.100.0/24", "--expire", "1h"]);
     let f = gk.file("list.txt", "192.0.2.0/24\n");
-    for (dur, needle) in [
-        ("0s", "greater than zero"),
-        ("soon", "soon"),
-        ("5", "unit"),
-        ("-5m", "negative"),
-    ] {
+    for (dur, needle) in [("0s", "greater than zero"), ("soon", "soon"), ("5", "unit"), ("-5m", "negative")] {
         for args in [
             vec!["range", "add", "203.0.113.0/24", "--expire", dur],
             vec!["allow", "add", "203.0.113.0/24", "--expire", dur],
@@ -687,10 +454,7 @@ fn bad_expire() {
         ] {
             // `--expire=-5m`: a value starting with '-' must be attached.
             let args: Vec<String> = if dur.starts_with('-') {
-                let mut a: Vec<String> = args[..args.len() - 2]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
+                let mut a: Vec<String> = args[..args.len() - 2].iter().map(|s| s.to_string()).collect();
                 a.push(format!("--expire={dur}"));
                 a
             } else {
@@ -711,31 +475,11 @@ fn config_errors_in_tables_name_the_key_and_line() {
     let gk = Gk::new();
     let pins = PinDirGuard::new().unwrap();
     let cases = [
-        (
-            "t-unknown.toml",
-            "[dns]\nenabeld = true\n",
-            &["line 2", "enabeld"][..],
-        ),
-        (
-            "t-type.toml",
-            "[policy]\nno_ptr = 5\n",
-            &["line 2", "no_ptr"][..],
-        ),
-        (
-            "t-variant.toml",
-            "[policy]\nno_ptr = \"maybe\"\n",
-            &["line 2", "no_ptr", "maybe"][..],
-        ),
-        (
-            "t-duration.toml",
-            "[dns]\ntimeout = \"500ms\"\n",
-            &["line 2", "timeout", "500ms"][..],
-        ),
-        (
-            "t-range.toml",
-            "dry_run = true\n[policy]\nhold_time = \"60s\"\n",
-            &["line 3", "hold_time"][..],
-        ),
+        ("t-unknown.toml", "[dns]\nenabeld = true\n", &["line 2", "enabeld"][..]),
+        ("t-type.toml", "[policy]\nno_ptr = 5\n", &["line 2", "no_ptr"][..]),
+        ("t-variant.toml", "[policy]\nno_ptr = \"maybe\"\n", &["line 2", "no_ptr", "maybe"][..]),
+        ("t-duration.toml", "[dns]\ntimeout = \"500ms\"\n", &["line 2", "timeout", "500ms"][..]),
+        ("t-range.toml", "dry_run = true\n[policy]\nhold_time = \"60s\"\n", &["line 3", "hold_time"][..]),
     ];
     let mut wrong = Vec::new();
     for (name, text, needles) in cases {
@@ -757,31 +501,13 @@ fn config_errors_in_tables_name_the_key_and_line() {
         .map(String::from);
         let out = nsenter_output(&gk.ns, &gk.bin, &args, CLI_TIMEOUT).unwrap();
         assert!(!out.success(), "{name}: {out}");
-        assert!(
-            out.stderr.contains(&cfg),
-            "{name}: error does not name the file: {out}"
-        );
-        let missing: Vec<&str> = needles
-            .iter()
-            .copied()
-            .filter(|n| !out.stderr.contains(n))
-            .collect();
+        assert!(out.stderr.contains(&cfg), "{name}: error does not name the file: {out}");
+        let missing: Vec<&str> = needles.iter().copied().filter(|n| !out.stderr.contains(n)).collect();
         if !missing.is_empty() {
             wrong.push(format!("{text:?}: {} lacks {missing:?}", out.stderr.trim()));
         }
-        assert!(
-            std::fs::read_dir(pins.path()).unwrap().next().is_none(),
-            "{name}: pinned despite the error"
-        );
-        assert_eq!(
-            gk.ns.xdp_prog_id(IF_SPARE).unwrap(),
-            None,
-            "{name}: XDP attached despite the error"
-        );
+        assert!(std::fs::read_dir(pins.path()).unwrap().next().is_none(), "{name}: pinned despite the error");
+        assert_eq!(gk.ns.xdp_prog_id(IF_SPARE).unwrap(), None, "{name}: XDP attached despite the error");
     }
-    assert!(
-        wrong.is_empty(),
-        "config errors that do not name the key and line:\n  {}",
-        wrong.join("\n  ")
-    );
+    assert!(wrong.is_empty(), "config errors that do not name the key and line:\n  {}", wrong.join("\n  "));
 }

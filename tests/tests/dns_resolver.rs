@@ -36,7 +36,12 @@ fn cfg(addr: SocketAddr) -> DnsConfig {
 
 /// For servers expected to fail: 300 ms × 1 attempt.
 fn fast(addr: SocketAddr) -> DnsConfig {
-    DnsConfig { servers: vec![addr.to_string()], timeout: Duration::from_millis(300), attempts: 1, ..DnsConfig::default() }
+    DnsConfig {
+        servers: vec![addr.to_string()],
+        timeout: Duration::from_millis(300),
+        attempts: 1,
+        ..DnsConfig::default()
+    }
 }
 
 /// One lookup with a new resolver (printed: shown for failing tests).

@@ -10,8 +10,7 @@ use std::{
 };
 
 use gatekeeper_tests::netlab::{
-    self, in_netns, tcp_connect, veth_pair, AgentProcess, ConnectOutcome, Netns, PinDirGuard,
-    TcpListenerGuard,
+    self, in_netns, tcp_connect, veth_pair, AgentProcess, ConnectOutcome, Netns, PinDirGuard, TcpListenerGuard,
 };
 
 const A4: &str = "192.0.2.1";
@@ -45,11 +44,7 @@ fn netns_exists(name: &str) -> bool {
         || std::process::Command::new("ip")
             .args(["netns", "list"])
             .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .any(|l| l.split_whitespace().next() == Some(name))
-            })
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().next() == Some(name)))
             .unwrap_or(false)
 }
 
@@ -68,34 +63,14 @@ fn connect_refused_timeout_v4_v6_and_cleanup() {
     let l6 = TcpListenerGuard::spawn(&b, sa(B6, 2525)).unwrap();
     let t = Duration::from_secs(3);
 
-    assert_eq!(
-        tcp_connect(&a, ip(A4), sa(B4, 2525), t),
-        ConnectOutcome::Connected
-    );
-    assert_eq!(
-        tcp_connect(&a, ip(A6), sa(B6, 2525), t),
-        ConnectOutcome::Connected
-    );
-    assert!(
-        l4.wait_for_accepts(1, Duration::from_secs(2)),
-        "v4 accepts: {}",
-        l4.accepts()
-    );
-    assert!(
-        l6.wait_for_accepts(1, Duration::from_secs(2)),
-        "v6 accepts: {}",
-        l6.accepts()
-    );
+    assert_eq!(tcp_connect(&a, ip(A4), sa(B4, 2525), t), ConnectOutcome::Connected);
+    assert_eq!(tcp_connect(&a, ip(A6), sa(B6, 2525), t), ConnectOutcome::Connected);
+    assert!(l4.wait_for_accepts(1, Duration::from_secs(2)), "v4 accepts: {}", l4.accepts());
+    assert!(l6.wait_for_accepts(1, Duration::from_secs(2)), "v6 accepts: {}", l6.accepts());
 
     // Nothing listens on 2526: RST.
-    assert_eq!(
-        tcp_connect(&a, ip(A4), sa(B4, 2526), t),
-        ConnectOutcome::Refused
-    );
-    assert_eq!(
-        tcp_connect(&a, ip(A6), sa(B6, 2526), t),
-        ConnectOutcome::Refused
-    );
+    assert_eq!(tcp_connect(&a, ip(A4), sa(B4, 2526), t), ConnectOutcome::Refused);
+    assert_eq!(tcp_connect(&a, ip(A6), sa(B6, 2526), t), ConnectOutcome::Refused);
 
     // A host that is not there: `a` routes to it via `b`, `b` blackholes it
     // (silently), so the SYN gets no answer.
@@ -105,19 +80,9 @@ fn connect_refused_timeout_v4_v6_and_cleanup() {
     b.route_add("blackhole 2001:db8:ff::/48").unwrap();
     let short = Duration::from_millis(300);
     let start = Instant::now();
-    assert_eq!(
-        tcp_connect(&a, ip(A4), sa("203.0.113.7", 25), short),
-        ConnectOutcome::TimedOut
-    );
-    assert_eq!(
-        tcp_connect(&a, ip(A6), sa("2001:db8:ff::7", 25), short),
-        ConnectOutcome::TimedOut
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "timeouts took {:?}",
-        start.elapsed()
-    );
+    assert_eq!(tcp_connect(&a, ip(A4), sa("203.0.113.7", 25), short), ConnectOutcome::TimedOut);
+    assert_eq!(tcp_connect(&a, ip(A6), sa("2001:db8:ff::7", 25), short), ConnectOutcome::TimedOut);
+    assert!(start.elapsed() < Duration::from_secs(3), "timeouts took {:?}", start.elapsed());
 
     // No route at all inside a namespace: nothing leads outside.
     match tcp_connect(&a, ip(A4), sa("198.51.100.1", 25), short) {
@@ -125,10 +90,7 @@ fn connect_refused_timeout_v4_v6_and_cleanup() {
         other => panic!("expected network unreachable, got {other:?}"),
     }
     let routes = a.ip(&["route", "show", "default"]).unwrap();
-    assert!(
-        routes.trim().is_empty(),
-        "namespace has a default route: {routes}"
-    );
+    assert!(routes.trim().is_empty(), "namespace has a default route: {routes}");
 
     assert_eq!(l4.accepts(), 1);
     assert_eq!(l6.accepts(), 1);
@@ -145,55 +107,33 @@ fn listener_on_port_zero_and_in_netns() {
     let l = TcpListenerGuard::spawn(&b, sa(B4, 0)).unwrap();
     assert_ne!(l.addr().port(), 0);
     // The closure runs inside `b`: `vb` exists there, `va` does not.
-    let (vb, va) = in_netns(&b, || unsafe {
-        (
-            libc::if_nametoindex(c"vb".as_ptr()),
-            libc::if_nametoindex(c"va".as_ptr()),
-        )
-    });
+    let (vb, va) =
+        in_netns(&b, || unsafe { (libc::if_nametoindex(c"vb".as_ptr()), libc::if_nametoindex(c"va".as_ptr())) });
     assert!(vb > 0 && va == 0, "vb={vb} va={va}");
     assert_eq!(vb, b.if_index("vb").unwrap());
     assert_eq!(b.mac("vb").unwrap().len(), 6);
     for _ in 0..3 {
-        assert_eq!(
-            tcp_connect(&a, ip(A4), l.addr(), Duration::from_secs(3)),
-            ConnectOutcome::Connected
-        );
+        assert_eq!(tcp_connect(&a, ip(A4), l.addr(), Duration::from_secs(3)), ConnectOutcome::Connected);
     }
     assert!(l.wait_for_accepts(3, Duration::from_secs(2)));
     // Commands inside the namespace.
     let out = a.run(&["ip", "-o", "addr", "show", "dev", "va"]).unwrap();
     assert!(out.contains(A4), "{out}");
-    let err = a
-        .run(&["ip", "link", "show", "dev", "nonexistent0"])
-        .unwrap_err()
-        .to_string();
+    let err = a.run(&["ip", "link", "show", "dev", "nonexistent0"]).unwrap_err().to_string();
     assert!(err.contains("nonexistent0"), "{err}");
 }
 
 #[test]
 fn agent_process_runs_in_namespace_and_is_killed() {
     let (a, _b) = pair();
-    let mut p = AgentProcess::spawn(
-        &a,
-        Path::new("/bin/sh"),
-        &["-c", "echo ready; exec sleep 30"],
-    )
-    .unwrap();
+    let mut p = AgentProcess::spawn(&a, Path::new("/bin/sh"), &["-c", "echo ready; exec sleep 30"]).unwrap();
     p.wait_for_log("ready", Duration::from_secs(5)).unwrap();
     let link = std::fs::read_link(format!("/proc/{}/ns/net", p.pid())).unwrap();
-    assert_eq!(
-        link.to_string_lossy(),
-        format!("net:[{}]", a.inode().unwrap())
-    );
+    assert_eq!(link.to_string_lossy(), format!("net:[{}]", a.inode().unwrap()));
     // nsenter leaves the mount namespace alone: bpffs is visible.
     netlab::ensure_bpffs().unwrap();
-    let mut ls = AgentProcess::spawn(
-        &a,
-        Path::new("/bin/sh"),
-        &["-c", "grep -c ' /sys/fs/bpf ' /proc/self/mountinfo"],
-    )
-    .unwrap();
+    let mut ls =
+        AgentProcess::spawn(&a, Path::new("/bin/sh"), &["-c", "grep -c ' /sys/fs/bpf ' /proc/self/mountinfo"]).unwrap();
     assert!(ls.wait_timeout(Duration::from_secs(5)).unwrap().is_some());
     assert_ne!(ls.log().trim(), "0", "bpffs not visible via nsenter");
     assert!(a.pids().contains(&(p.pid() as i32)));
@@ -208,14 +148,8 @@ fn agent_process_runs_in_namespace_and_is_killed() {
     std::mem::forget(q); // simulate a process nobody stops
     drop(a);
     let state = std::fs::read_to_string(format!("/proc/{qpid}/stat")).unwrap_or_default();
-    let state = state
-        .rsplit_once(')')
-        .map(|(_, r)| r.trim_start().chars().next())
-        .unwrap_or(None);
-    assert!(
-        matches!(state, None | Some('Z')),
-        "pid {qpid} still alive: {state:?}"
-    );
+    let state = state.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).unwrap_or(None);
+    assert!(matches!(state, None | Some('Z')), "pid {qpid} still alive: {state:?}");
 }
 
 #[test]
@@ -226,8 +160,7 @@ fn namespace_removed_when_test_panics() {
         let (a, _b) = pair();
         let _l = TcpListenerGuard::spawn(&a, sa(A4, 25)).unwrap();
         let _pins = PinDirGuard::new().unwrap();
-        tx.send((a.name().to_owned(), _pins.path().to_owned()))
-            .unwrap();
+        tx.send((a.name().to_owned(), _pins.path().to_owned())).unwrap();
         panic!("deliberate panic to test cleanup");
     })
     .join();
@@ -242,11 +175,7 @@ fn pin_dir_guard() {
     netlab::require_root();
     let g = PinDirGuard::new().unwrap();
     let p = g.path().to_owned();
-    assert!(p
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .starts_with("gk-test-"));
+    assert!(p.file_name().unwrap().to_string_lossy().starts_with("gk-test-"));
     std::fs::create_dir(p.join("sub")).unwrap();
     drop(g);
     assert!(!p.exists());
@@ -270,8 +199,6 @@ fn refuses_non_test_addresses() {
 
 #[test]
 fn bin_path_reports_missing_binary_clearly() {
-    let err = netlab::bin_path("no-such-gatekeeper-binary")
-        .unwrap_err()
-        .to_string();
+    let err = netlab::bin_path("no-such-gatekeeper-binary").unwrap_err().to_string();
     assert!(err.contains("cargo build -p gatekeeper --bins"), "{err}");
 }

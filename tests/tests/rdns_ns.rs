@@ -268,10 +268,8 @@ impl Lab {
         for a in client_addrs() {
             client.addr_add(CL_IF, &a).unwrap();
         }
-        let listeners = [SRV4, SRV6]
-            .iter()
-            .map(|s| TcpListenerGuard::spawn(&mx, SocketAddr::new(ip(s), SMTP)).unwrap())
-            .collect();
+        let listeners =
+            [SRV4, SRV6].iter().map(|s| TcpListenerGuard::spawn(&mx, SocketAddr::new(ip(s), SMTP)).unwrap()).collect();
         let pins = PinDirGuard::new().unwrap();
         let dir = tempfile::Builder::new().prefix("gk-rdns-ns-").tempdir().unwrap();
         let bin = netlab::bin_path("gatekeeper").expect("gatekeeper binary (cargo build -p gatekeeper --bins)");
@@ -306,7 +304,8 @@ impl Lab {
         let mut args = self.global_args();
         args.extend(["run", "--iface", MX_IF, "--state-dir"].map(String::from));
         args.push(self.dir.path().join("state").display().to_string());
-        let agent = AgentProcess::spawn_with_env(&self.mx, &self.bin, &args, &[("NO_COLOR", "1")]).expect("spawn agent");
+        let agent =
+            AgentProcess::spawn_with_env(&self.mx, &self.bin, &args, &[("NO_COLOR", "1")]).expect("spawn agent");
         self.agent = Some(agent);
         let deadline = Instant::now() + POLL_LIMIT;
         loop {
@@ -474,7 +473,10 @@ fn assert_verdict(v: &Value, action: u64, reason: u64, ttl: i64, outcome: &str, 
     let life = v["expires_at"].as_i64().unwrap() - v["created_at"].as_i64().unwrap();
     assert_eq!(life, ttl, "lifetime: {v:#}");
     let c = v["comment"].as_str().unwrap_or_default();
-    assert!(c.starts_with(&format!("{outcome}: ")) && c.contains(detail), "comment {c:?} (want {outcome}, {detail:?}): {v:#}");
+    assert!(
+        c.starts_with(&format!("{outcome}: ")) && c.contains(detail),
+        "comment {c:?} (want {outcome}, {detail:?}): {v:#}"
+    );
 }
 
 /// `detail.lookups` as a map.
@@ -513,8 +515,8 @@ fn basic_expectations() -> Vec<(&'static str, ConnectOutcome)> {
 // ==================================================================== tests
 
 /// 1. `first_syn = "pass"` (the default): the first connection of an
-/// unknown source passes and is looked up; from then on its verdict
-/// decides in the datapath.
+///    unknown source passes and is looked up; from then on its verdict
+///    decides in the datapath.
 #[test]
 fn pass_mode_refuses_bad_sources_once_their_verdict_is_in() {
     let mut lab = Lab::new();
@@ -552,17 +554,13 @@ fn pass_mode_refuses_bad_sources_once_their_verdict_is_in() {
 }
 
 /// 2. `first_syn = "hold"`: the first SYN of an unknown source is dropped
-/// until its verdict is in, so a dynamic source never gets a first
-/// connection, and a good one connects on a retransmission.
+///    until its verdict is in, so a dynamic source never gets a first
+///    connection, and a good one connects on a retransmission.
 #[test]
 fn hold_mode_refuses_bad_sources_from_their_first_syn() {
     let mut lab = Lab::new();
     let nsd = NsdServer::start_in(&lab.mx, &zones()).unwrap();
-    lab.start(&config(
-        "",
-        "[policy]\nfirst_syn = \"hold\"\nhold_time = \"3s\"\n",
-        &dns_section(nsd.addr(), "2s", 2),
-    ));
+    lab.start(&config("", "[policy]\nfirst_syn = \"hold\"\nhold_time = \"3s\"\n", &dns_section(nsd.addr(), "2s", 2)));
 
     let s0 = lab.stats();
     lab.expect(&basic_expectations(), CONNECT_OK, "hold: very first connections");
@@ -585,7 +583,7 @@ fn hold_mode_refuses_bad_sources_from_their_first_syn() {
 }
 
 /// 3a. A DNS server that answers SERVFAIL: nobody is refused; every
-/// verdict is a `tempfail` pass.
+///    verdict is a `tempfail` pass.
 #[test]
 fn servfail_never_blocks() {
     let mut lab = Lab::new();
@@ -610,7 +608,7 @@ fn servfail_never_blocks() {
 }
 
 /// 3b. The DNS server is down (nsd stopped: port unreachable): nobody is
-/// refused.
+///    refused.
 #[test]
 fn dead_dns_server_never_blocks() {
     let mut lab = Lab::new();
@@ -633,7 +631,7 @@ fn dead_dns_server_never_blocks() {
 }
 
 /// 3c. Hold mode with a DNS server that never answers (lookups take 5 s):
-/// a source is held for `hold_time` (2 s) at most, then passes.
+///    a source is held for `hold_time` (2 s) at most, then passes.
 #[test]
 fn hold_with_silent_dns_passes_after_hold_time() {
     let mut lab = Lab::new();
@@ -661,7 +659,7 @@ fn hold_with_silent_dns_passes_after_hold_time() {
 }
 
 /// 3d. Hold mode with the DNS server down: lookups fail at once, the
-/// tempfail verdict passes the retransmission.
+///    tempfail verdict passes the retransmission.
 #[test]
 fn hold_with_dead_dns_server_never_blocks() {
     let mut lab = Lab::new();
@@ -691,8 +689,8 @@ fn learn_srcs() -> Vec<&'static str> {
 }
 
 /// 4a. Three dynamic sources named alike in one /24 (and one /48): the
-/// network is learned as a deny range, and a new source in it is refused at
-/// its first SYN without any DNS query.
+///    network is learned as a deny range, and a new source in it is refused at
+///    its first SYN without any DNS query.
 #[test]
 fn dynamic_ranges_are_learned_and_refuse_new_sources_without_dns() {
     let mut lab = Lab::new();
@@ -759,7 +757,7 @@ fn dynamic_ranges_are_learned_and_refuse_new_sources_without_dns() {
 }
 
 /// 4b. `[learning] enabled = false`: the same sources get verdicts, but no
-/// range is learned and new sources in the network are looked up as usual.
+///    range is learned and new sources in the network are looked up as usual.
 #[test]
 fn learning_can_be_switched_off() {
     let mut lab = Lab::new();
@@ -784,13 +782,17 @@ fn learning_can_be_switched_off() {
     for src in [NEW4, NEW6] {
         assert_verdict(&v[src], PASS, reason::OK, 3600, "ok", NEW_NAME);
     }
-    lab.expect(&[(NEW4, Connected), (NEW6, Connected), (LEARN4[0].0, TimedOut), (LEARN6[0].0, TimedOut)], CONNECT_OK, "no learning: verdicts only");
+    lab.expect(
+        &[(NEW4, Connected), (NEW6, Connected), (LEARN4[0].0, TimedOut), (LEARN6[0].0, TimedOut)],
+        CONNECT_OK,
+        "no learning: verdicts only",
+    );
     assert!(lab.learned_ranges().is_empty());
 }
 
 /// 5. Verdicts live in the state database: after SIGKILL, with the pinned
-/// datapath unloaded and the DNS server gone, a restarted agent enforces
-/// them again without asking DNS.
+///    datapath unloaded and the DNS server gone, a restarted agent enforces
+///    them again without asking DNS.
 #[test]
 fn verdicts_survive_an_agent_restart_without_dns() {
     let mut lab = Lab::new();
@@ -834,8 +836,8 @@ fn verdicts_survive_an_agent_restart_without_dns() {
 }
 
 /// 6. `check --json` explains a source; `verdict del` forgets a verdict (the
-/// source is unknown and looked up again); `verdict flush` removes the
-/// automatic verdicts and keeps manual bans.
+///    source is unknown and looked up again); `verdict flush` removes the
+///    automatic verdicts and keeps manual bans.
 #[test]
 fn check_explains_and_verdicts_can_be_removed() {
     let mut lab = Lab::new();
@@ -856,7 +858,8 @@ fn check_explains_and_verdicts_can_be_removed() {
         assert_eq!(c["decision"]["action"], DROP, "{c:#}");
         assert_eq!(c["decision"]["reason"], reason::DYNAMIC, "{c:#}");
         assert_eq!(c["decision"]["ttl"], 3600, "{c:#}");
-        let reasons: Vec<&str> = c["decision"]["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+        let reasons: Vec<&str> =
+            c["decision"]["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
         for r in [reason, "token:dsl", "token:pool"] {
             assert!(reasons.contains(&r), "{r} missing: {c:#}");
         }
@@ -1005,12 +1008,12 @@ fn assert_flood_aftermath(lab: &Lab, dns: &FakeDns, st: &Value, started: Instant
 }
 
 /// 7a. A burst of SYNs from 3000 spoofed IPv6 /64s against a resolver that
-/// answers SERVFAIL at once: the lookup queue overflows (the rest simply
-/// pass), the DNS query rate stays within `dns_rate`, every report is
-/// accounted for, and the agent keeps answering. `queue.pending` stays
-/// within the memory bound the agent can promise today (queue + the one
-/// waiting for a token + lookups in flight); the documented bound,
-/// `max_pending`, is checked by the next test.
+///    answers SERVFAIL at once: the lookup queue overflows (the rest simply
+///    pass), the DNS query rate stays within `dns_rate`, every report is
+///    accounted for, and the agent keeps answering. `queue.pending` stays
+///    within the memory bound the agent can promise today (queue + the one
+///    waiting for a token + lookups in flight); the documented bound,
+///    `max_pending`, is checked by the next test.
 #[test]
 fn flood_of_spoofed_sources_stays_bounded() {
     let mut lab = Lab::new();
@@ -1044,13 +1047,13 @@ fn paced_flood(lab: &Lab) {
 }
 
 /// 7b. The flood spread over 3 s against a resolver that never answers
-/// (each lookup takes the full 5 s timeout): `queue.pending`, the sources
-/// waiting for a lookup, must stay within `max_pending` (the rest overflow
-/// and pass), and the agent keeps answering.
+///    (each lookup takes the full 5 s timeout): `queue.pending`, the sources
+///    waiting for a lookup, must stay within `max_pending` (the rest overflow
+///    and pass), and the agent keeps answering.
 ///
-/// Red when written: `pending` counts the queue (`max_pending`), the source
-/// the lookup loop holds while it waits for a token, and every lookup in
-/// flight (up to `max_inflight`), so it reaches 50 + 1 + 64 = 115 here.
+///    Red when written: `pending` counts the queue (`max_pending`), the source
+///    the lookup loop holds while it waits for a token, and every lookup in
+///    flight (up to `max_inflight`), so it reaches 50 + 1 + 64 = 115 here.
 #[test]
 fn flood_with_slow_dns_keeps_pending_within_max_pending() {
     let mut lab = Lab::new();
@@ -1067,7 +1070,10 @@ fn flood_with_slow_dns_keeps_pending_within_max_pending() {
     let (st, _) = wait_reports_read(&lab, &mut max_pending);
     assert!(st["queue"]["overflow"].as_u64().unwrap() > 0, "the queue overflowed: {st:#}");
     let st = wait_drained(&lab, &mut max_pending);
-    eprintln!("slow flood: max pending {max_pending}; samples right after the flood {samples:?}; at the end {:#}", st["queue"]);
+    eprintln!(
+        "slow flood: max pending {max_pending}; samples right after the flood {samples:?}; at the end {:#}",
+        st["queue"]
+    );
     lab.ok(&["ports", "list", "--json"]);
     assert_eq!(lab.connect(GOOD4, CONNECT_OK), Connected);
     assert!(
@@ -1077,14 +1083,14 @@ fn flood_with_slow_dns_keeps_pending_within_max_pending() {
 }
 
 /// 7c. The flood spread over 3 s against a resolver that never answers,
-/// with one attempt per query: the DNS server must not see more than
-/// `dns_rate` queries per second (plus burst and slack), neither by the end
-/// of the flood nor once every lookup has finished.
+///    with one attempt per query: the DNS server must not see more than
+///    `dns_rate` queries per second (plus burst and slack), neither by the end
+///    of the flood nor once every lookup has finished.
 ///
-/// Red when written: the agent's token bucket charges one token per lookup
-/// (plus its forward names), but hickory's UDP client sends each query up
-/// to 3 times per attempt when no answer comes (retransmit every 1.2 x SRTT,
-/// at least 333 ms), so a silent resolver sees about 3 x `dns_rate`.
+///    Red when written: the agent's token bucket charges one token per lookup
+///    (plus its forward names), but hickory's UDP client sends each query up
+///    to 3 times per attempt when no answer comes (retransmit every 1.2 x SRTT,
+///    at least 333 ms), so a silent resolver sees about 3 x `dns_rate`.
 #[test]
 fn flood_with_silent_dns_keeps_the_query_rate() {
     let mut lab = Lab::new();
@@ -1098,7 +1104,10 @@ fn flood_with_silent_dns_keeps_the_query_rate() {
     let st = wait_drained(&lab, &mut max_pending);
     let queued = st["queue"]["queued"].as_u64().unwrap();
     let late = (dns.query_count() as u64, started.elapsed().as_secs_f64());
-    eprintln!("silent flood: {} queries by {:.1} s, {} by {:.1} s, for {queued} lookups; {:#}", early.0, early.1, late.0, late.1, st["queue"]);
+    eprintln!(
+        "silent flood: {} queries by {:.1} s, {} by {:.1} s, for {queued} lookups; {:#}",
+        early.0, early.1, late.0, late.1, st["queue"]
+    );
     assert_eq!(lookups(&st), counts(&[("tempfail", queued)]), "{st:#}");
     lab.ok(&["ports", "list", "--json"]);
     let per_name: BTreeMap<String, usize> = dns.queries().into_iter().fold(BTreeMap::new(), |mut m, q| {
@@ -1134,7 +1143,11 @@ fn run_with_stdin(bin: &std::path::Path, args: &[&str], stdin: &str) -> (Option<
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = child.wait_with_output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// `gatekeeper classify`: offline, one pair as arguments or lines on stdin;
@@ -1169,4 +1182,3 @@ fn classify_cli_smoke() {
     assert!(err.contains("line 3"), "the bad line is named: {err}");
     assert!(out.contains(&format!("{DYN4} {DYN4_NAME} dynamic")), "{out}");
 }
-

@@ -17,16 +17,16 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
-use gatekeeper_common::{
-    action, addr, config_flags, counters::counter_name, family, maps, programs, verdict_reason, Config,
-    Counter, Event, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
-};
 use gatekeeper::{
     datapath::{desired_ranges, RangeMaps},
     store::{Origin, RangeKind, RangeRecord},
 };
-use gatekeeper_tests::rng::Rng;
+use gatekeeper_common::{
+    action, addr, config_flags, counters::counter_name, family, maps, programs, verdict_reason, Config, Counter, Event,
+    SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
+};
 use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Packet};
+use gatekeeper_tests::rng::Rng;
 use ipnet::IpNet;
 
 const XDP_ABORTED: u32 = 0;
@@ -781,7 +781,6 @@ fn huge_extension_header_offsets_do_not_wrap() {
     }
     assert_eq!(gk.range_hits(1), 0);
 }
-
 
 #[test]
 fn random_garbage_is_never_dropped_or_aborted() {

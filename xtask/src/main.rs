@@ -21,11 +21,7 @@ mod util;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "gatekeeper developer and CI tasks",
-    version
-)]
+#[command(name = "cargo xtask", about = "gatekeeper developer and CI tasks", version)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -74,10 +70,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Setup => setup::setup(),
-        Cmd::Test {
-            cargo_args,
-            test_args,
-        } => test::test(&cargo_args, &test_args),
+        Cmd::Test { cargo_args, test_args } => test::test(&cargo_args, &test_args),
         Cmd::Bench { which, args } => {
             let which = match which {
                 Bench::Xdp => "xdp",

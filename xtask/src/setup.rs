@@ -69,8 +69,7 @@ fn rustup() -> Command {
 /// `rustc +nightly --print sysroot`, failing clearly if there is no nightly.
 pub fn nightly_sysroot() -> Result<PathBuf> {
     let mut cmd = Command::new(rustup_tool("rustc"));
-    cmd.args(["+nightly", "--print", "sysroot"])
-        .env("RUSTUP_AUTO_INSTALL", "0");
+    cmd.args(["+nightly", "--print", "sysroot"]).env("RUSTUP_AUTO_INSTALL", "0");
     let out = output(&mut cmd).context(
         "the `nightly` Rust toolchain is not usable; it must be installed beforehand \
          (`rustup toolchain install nightly`): xtask never installs or updates toolchains",
@@ -100,25 +99,13 @@ fn rust_src() -> Result<()> {
 /// `bpf-linker --version`'s first line if some bpf-linker runs (PATH first,
 /// then `$CARGO_HOME/bin`).
 fn bpf_linker_version() -> Option<(PathBuf, String)> {
-    let candidates = [
-        PathBuf::from("bpf-linker"),
-        cargo_home().join("bin/bpf-linker"),
-    ];
+    let candidates = [PathBuf::from("bpf-linker"), cargo_home().join("bin/bpf-linker")];
     for bin in candidates {
-        let Ok(out) = Command::new(&bin)
-            .arg("--version")
-            .stdin(std::process::Stdio::null())
-            .output()
-        else {
+        let Ok(out) = Command::new(&bin).arg("--version").stdin(std::process::Stdio::null()).output() else {
             continue;
         };
         if out.status.success() {
-            let line = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_owned();
+            let line = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_owned();
             return Some((bin, line));
         }
     }
@@ -150,10 +137,7 @@ fn nightly_libllvm(sysroot: &Path) -> Result<(PathBuf, u32)> {
         }
     }
     let Some((_, path)) = best else {
-        bail!(
-            "no libLLVM.so.* in {} (the nightly toolchain ships it; is it a complete install?)",
-            libdir.display()
-        );
+        bail!("no libLLVM.so.* in {} (the nightly toolchain ships it; is it a complete install?)", libdir.display());
     };
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
     let major: u32 = name["libLLVM.so.".len()..]
@@ -176,8 +160,7 @@ fn ensure_symlink(link: &Path, target: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("remove {}", link.display())),
     }
-    symlink(target, link)
-        .with_context(|| format!("symlink {} -> {}", link.display(), target.display()))
+    symlink(target, link).with_context(|| format!("symlink {} -> {}", link.display(), target.display()))
 }
 
 /// bpf-linker 0.13.0, dynamically linked against the nightly's own libLLVM.
@@ -189,11 +172,7 @@ fn ensure_symlink(link: &Path, target: &Path) -> Result<()> {
 fn bpf_linker() -> Result<()> {
     if let Some((bin, line)) = bpf_linker_version() {
         if is_wanted_version(&line) {
-            let note = if bin.is_absolute() {
-                format!(" ({}, not on PATH)", bin.display())
-            } else {
-                String::new()
-            };
+            let note = if bin.is_absolute() { format!(" ({}, not on PATH)", bin.display()) } else { String::new() };
             step("bpf-linker", &format!("ok ({line}){note}"));
             return Ok(());
         }
@@ -220,18 +199,8 @@ fn bpf_linker() -> Result<()> {
     let mut cmd = util::cargo();
     // Outside the workspace so its .cargo/config.toml plays no part.
     cmd.current_dir(cargo_home())
-        .args([
-            "+nightly",
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-        ])
-        .args([
-            "--locked",
-            "--force",
-            "--no-default-features",
-            "--features",
-            &feature,
-        ])
+        .args(["+nightly", "install", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
+        .args(["--locked", "--force", "--no-default-features", "--features", &feature])
         .env("LLVM_PREFIX", &prefix);
     run(&mut cmd)?;
     match bpf_linker_version() {
@@ -265,11 +234,7 @@ fn missing_packages() -> Result<Vec<&'static str>> {
         .filter_map(|l| l.split_whitespace().next())
         .map(|p| p.split(':').next().unwrap_or(p))
         .collect();
-    Ok(APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains(p))
-        .collect())
+    Ok(APT_PACKAGES.iter().copied().filter(|p| !installed.contains(p)).collect())
 }
 
 /// Keeps Debian maintainer scripts from starting daemons (nsd would otherwise
@@ -284,11 +249,7 @@ impl NoDaemonStart {
         if path.exists() {
             return Self(None);
         }
-        let ok = fs::write(
-            &path,
-            "#!/bin/sh\n# temporary, from cargo xtask setup\nexit 101\n",
-        )
-        .is_ok()
+        let ok = fs::write(&path, "#!/bin/sh\n# temporary, from cargo xtask setup\nexit 101\n").is_ok()
             && fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).is_ok();
         Self(ok.then_some(path))
     }
@@ -312,20 +273,14 @@ fn apt() -> Result<()> {
     let _guard = NoDaemonStart::new();
     let apt_get = || {
         let mut c = Command::new("apt-get");
-        c.env("DEBIAN_FRONTEND", "noninteractive")
-            .env("NEEDRESTART_MODE", "a");
+        c.env("DEBIAN_FRONTEND", "noninteractive").env("NEEDRESTART_MODE", "a");
         c
     };
     run(apt_get().args(["-q", "update"]))?;
-    run(apt_get()
-        .args(["-q", "install", "-y", "--no-install-recommends"])
-        .args(&missing))?;
+    run(apt_get().args(["-q", "install", "-y", "--no-install-recommends"]).args(&missing))?;
     let still = missing_packages()?;
     if !still.is_empty() {
-        bail!(
-            "apt-get install finished but these are still not installed: {}",
-            still.join(" ")
-        );
+        bail!("apt-get install finished but these are still not installed: {}", still.join(" "));
     }
     step("apt", &format!("installed ({})", missing.join(" ")));
     Ok(())
@@ -333,8 +288,7 @@ fn apt() -> Result<()> {
 
 /// Is a bpf filesystem mounted at `/sys/fs/bpf`?
 pub fn bpffs_mounted() -> Result<bool> {
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
     Ok(mountinfo.lines().any(|line| {
         // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPER
         let mut halves = line.splitn(2, " - ");

@@ -46,28 +46,20 @@ pub fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     let leaked = after.leaked_since(&before);
     let preexisting: Vec<_> = before.all().collect();
     if !preexisting.is_empty() {
-        eprintln!(
-            "xtask: warning: left over from before this run (not counted): {}",
-            preexisting.join(", ")
-        );
+        eprintln!("xtask: warning: left over from before this run (not counted): {}", preexisting.join(", "));
     }
     if !leaked.is_empty() {
         eprintln!("xtask: the tests left these behind:");
         for l in &leaked {
             eprintln!("  {l}");
         }
-        eprintln!(
-            "  remove with: ip netns del NAME (after killing `ip netns pids NAME`); rm -r /sys/fs/bpf/gk-test-*"
-        );
+        eprintln!("  remove with: ip netns del NAME (after killing `ip netns pids NAME`); rm -r /sys/fs/bpf/gk-test-*");
     }
     if !test_status.success() {
         bail!("cargo test failed: {test_status}");
     }
     if !leaked.is_empty() {
-        bail!(
-            "tests passed but left {} namespace(s)/pin dir(s) behind",
-            leaked.len()
-        );
+        bail!("tests passed but left {} namespace(s)/pin dir(s) behind", leaked.len());
     }
     println!("xtask: tests passed, no namespaces or bpffs pins left behind");
     Ok(())
@@ -102,10 +94,7 @@ impl Leftovers {
     }
 
     fn all(&self) -> impl Iterator<Item = String> + '_ {
-        self.netns
-            .iter()
-            .map(|n| format!("netns {n}"))
-            .chain(self.pins.iter().map(|p| format!("{}/{p}", setup::BPFFS)))
+        self.netns.iter().map(|n| format!("netns {n}")).chain(self.pins.iter().map(|p| format!("{}/{p}", setup::BPFFS)))
     }
 
     /// New since `before`, and not owned by a process that is still alive
@@ -116,16 +105,9 @@ impl Leftovers {
             Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
             None => true,
         };
-        let netns = self
-            .netns
-            .difference(&before.netns)
-            .filter(|n| dead_owner(n))
-            .map(|n| format!("netns {n}"));
-        let pins = self
-            .pins
-            .difference(&before.pins)
-            .filter(|p| dead_owner(p))
-            .map(|p| format!("{}/{p}", setup::BPFFS));
+        let netns = self.netns.difference(&before.netns).filter(|n| dead_owner(n)).map(|n| format!("netns {n}"));
+        let pins =
+            self.pins.difference(&before.pins).filter(|p| dead_owner(p)).map(|p| format!("{}/{p}", setup::BPFFS));
         netns.chain(pins).collect()
     }
 }
@@ -147,39 +129,16 @@ pub fn bench(which: &str, args: &[String]) -> Result<()> {
     setup::setup()?;
     let dir = target_dir()?.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let names: Vec<&str> = if which == "all" {
-        BENCHES.to_vec()
-    } else {
-        vec![which]
-    };
+    let names: Vec<&str> = if which == "all" { BENCHES.to_vec() } else { vec![which] };
     // Build once, quietly, so each run below starts at once.
-    run(util::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "gatekeeper-tests",
-        "--bin",
-        "gatekeeper-bench",
-    ]))?;
+    run(util::cargo().args(["build", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-bench"]))?;
     for name in names {
         let started = SystemTime::now();
         let mut cmd = util::cargo();
-        cmd.args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "gatekeeper-tests",
-            "--bin",
-            "gatekeeper-bench",
-            "--",
-        ])
-        .arg(name)
-        .args(args);
-        if !args
-            .iter()
-            .any(|a| a == "--json" || a.starts_with("--json="))
-        {
+        cmd.args(["run", "--quiet", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-bench", "--"])
+            .arg(name)
+            .args(args);
+        if !args.iter().any(|a| a == "--json" || a.starts_with("--json=")) {
             cmd.arg("--json").arg(dir.join(format!("{name}.json")));
         }
         println!("xtask: bench {name}");
@@ -187,18 +146,11 @@ pub fn bench(which: &str, args: &[String]) -> Result<()> {
         let fresh: Vec<PathBuf> = fs::read_dir(&dir)?
             .flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .filter(|e| {
-                e.metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t >= started)
-            })
+            .filter(|e| e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t >= started))
             .map(|e| e.path())
             .collect();
         if fresh.is_empty() {
-            eprintln!(
-                "xtask: warning: bench {name} wrote no JSON file in {}",
-                dir.display()
-            );
+            eprintln!("xtask: warning: bench {name} wrote no JSON file in {}", dir.display());
         }
         for f in fresh {
             println!("xtask: bench {name}: {}", f.display());

@@ -114,24 +114,14 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
-    cmd.stdin(Stdio::null())
-        .status()
-        .with_context(|| format!("cannot run `{}`", describe(cmd)))
+    cmd.stdin(Stdio::null()).status().with_context(|| format!("cannot run `{}`", describe(cmd)))
 }
 
 /// Run capturing stdout; error (with stderr) on non-zero exit.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{}`", describe(cmd)))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run `{}`", describe(cmd)))?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed: {}\n{}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{}` failed: {}\n{}", describe(cmd), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

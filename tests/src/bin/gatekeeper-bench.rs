@@ -47,13 +47,13 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
+use gatekeeper::datapath::RangeMaps;
 use gatekeeper_common::{
     action, addr, counters::counter_name, maps, programs, range_kind, range_origin, stat_index, verdict_reason, Config,
     Counter, RangeValue, SourceKey, StatKey, Verdict,
 };
-use gatekeeper::datapath::RangeMaps;
-use gatekeeper_tests::rng::Rng;
 use gatekeeper_tests::packet::{mss_option, tcp_flags, ExtHeader, Packet};
+use gatekeeper_tests::rng::Rng;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::json;
 
@@ -115,7 +115,6 @@ fn main() -> Result<()> {
 }
 
 // ------------------------------------------------------------ randomness
-
 
 fn mask32(len: u8) -> u32 {
     if len == 0 {
@@ -842,7 +841,8 @@ mod classify_bench {
             match a.as_str() {
                 "--dataset" => dataset = PathBuf::from(value()),
                 "--seconds" => {
-                    seconds = value().parse().ok().filter(|s: &f64| *s > 0.0 && *s <= 600.0).unwrap_or_else(|| super::usage())
+                    seconds =
+                        value().parse().ok().filter(|s: &f64| *s > 0.0 && *s <= 600.0).unwrap_or_else(|| super::usage())
                 }
                 "--rules" => rules = Some(PathBuf::from(value())),
                 "--json" => json_path = PathBuf::from(value()),
@@ -850,7 +850,7 @@ mod classify_bench {
             }
         }
         // Run from the workspace root or anywhere else.
-        if !dataset.exists() && dataset == PathBuf::from(DEFAULT_DATASET) {
+        if !dataset.exists() && dataset == std::path::Path::new(DEFAULT_DATASET) {
             dataset = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/rdns/dataset.tsv"));
         }
         let text = std::fs::read_to_string(&dataset).with_context(|| format!("reading {}", dataset.display()))?;
@@ -913,7 +913,10 @@ mod classify_bench {
             classes.get(&Class::Dynamic).unwrap_or(&0),
             classes.get(&Class::Generic).unwrap_or(&0),
             classes.get(&Class::Named).unwrap_or(&0),
-            rules.as_ref().map(|p| format!("{} ({} rules)", p.display(), rule_count.unwrap_or(0))).unwrap_or_else(|| "none".into())
+            rules
+                .as_ref()
+                .map(|p| format!("{} ({} rules)", p.display(), rule_count.unwrap_or(0)))
+                .unwrap_or_else(|| "none".into())
         );
         println!("{:<22} {:>14} {:>10} {:>8}", "", "names/s", "ns/name", "target");
         for (label, rate) in [("classify", rate_alloc), ("classify_into (reuse)", rate_reuse)] {

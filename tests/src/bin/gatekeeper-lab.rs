@@ -56,14 +56,63 @@ struct Client {
 }
 
 const CLIENTS: &[Client] = &[
-    Client { label: "ISP DSL pool host", ns: 0, src: "198.51.100.10", ptr: Some("dsl-198-51-100-10.pool.isp.example.net"), second: "DROPPED", why: "dynamic" },
-    Client { label: "ISP smarthost", ns: 0, src: "198.51.100.20", ptr: Some("smtp.isp.example.net"), second: "connected", why: "ok" },
-    Client { label: "ISP DSL pool host v6", ns: 0, src: "2001:db8:100::10", ptr: Some("dsl-2001-db8-100-0--10.dyn.isp.example.net"), second: "DROPPED", why: "dynamic" },
-    Client { label: "peer MTA", ns: 1, src: "203.0.113.40", ptr: Some("mail.peer.example.org"), second: "connected", why: "ok" },
-    Client { label: "peer MTA v6", ns: 1, src: "2001:db8:113::40", ptr: Some("mail.peer.example.org"), second: "connected", why: "ok" },
+    Client {
+        label: "ISP DSL pool host",
+        ns: 0,
+        src: "198.51.100.10",
+        ptr: Some("dsl-198-51-100-10.pool.isp.example.net"),
+        second: "DROPPED",
+        why: "dynamic",
+    },
+    Client {
+        label: "ISP smarthost",
+        ns: 0,
+        src: "198.51.100.20",
+        ptr: Some("smtp.isp.example.net"),
+        second: "connected",
+        why: "ok",
+    },
+    Client {
+        label: "ISP DSL pool host v6",
+        ns: 0,
+        src: "2001:db8:100::10",
+        ptr: Some("dsl-2001-db8-100-0--10.dyn.isp.example.net"),
+        second: "DROPPED",
+        why: "dynamic",
+    },
+    Client {
+        label: "peer MTA",
+        ns: 1,
+        src: "203.0.113.40",
+        ptr: Some("mail.peer.example.org"),
+        second: "connected",
+        why: "ok",
+    },
+    Client {
+        label: "peer MTA v6",
+        ns: 1,
+        src: "2001:db8:113::40",
+        ptr: Some("mail.peer.example.org"),
+        second: "connected",
+        why: "ok",
+    },
     Client { label: "host without PTR", ns: 1, src: "203.0.113.50", ptr: None, second: "DROPPED", why: "no-ptr" },
-    Client { label: "forged PTR", ns: 1, src: "203.0.113.60", ptr: Some("mail.bank.example.com"), second: "DROPPED", why: "fcrdns-fail" },
-    Client { label: "abusive MTA (banned later)", ns: 1, src: "203.0.113.66", ptr: Some("mx2.peer.example.org"), second: "connected", why: "ok" },
+    Client {
+        label: "forged PTR",
+        ns: 1,
+        src: "203.0.113.60",
+        ptr: Some("mail.bank.example.com"),
+        second: "DROPPED",
+        why: "fcrdns-fail",
+    },
+    Client {
+        label: "abusive MTA (banned later)",
+        ns: 1,
+        src: "203.0.113.66",
+        ptr: Some("mx2.peer.example.org"),
+        second: "connected",
+        why: "ok",
+    },
 ];
 
 /// More dynamic hosts of the ISP's IPv6 pool, in other /64s of one /48.
@@ -140,9 +189,10 @@ impl Lab {
         mx.addr_add("mx-isp", "2001:db8:100::1/48")?;
         mx.addr_add("mx-peer", "203.0.113.1/24")?;
         mx.addr_add("mx-peer", "2001:db8:113::1/48")?;
-        for (ns, side, ifname, gw4, gw6) in
-            [(&isp, 0, "isp0", "198.51.100.1", "2001:db8:100::1"), (&peer, 1, "peer0", "203.0.113.1", "2001:db8:113::1")]
-        {
+        for (ns, side, ifname, gw4, gw6) in [
+            (&isp, 0, "isp0", "198.51.100.1", "2001:db8:100::1"),
+            (&peer, 1, "peer0", "203.0.113.1", "2001:db8:113::1"),
+        ] {
             let mut addrs: Vec<String> = CLIENTS
                 .iter()
                 .filter(|c| c.ns == side)
@@ -189,9 +239,19 @@ impl Lab {
 
     fn start_agent(&mut self) -> Result<()> {
         let args: Vec<String> = [
-            "--socket", &self.socket.display().to_string(), "--pin-dir", &self.pins.path().display().to_string(),
-            "--config", &self.config.display().to_string(),
-            "run", "--iface", "mx-isp", "--iface", "mx-peer", "--state-dir", &self.state.path().display().to_string(),
+            "--socket",
+            &self.socket.display().to_string(),
+            "--pin-dir",
+            &self.pins.path().display().to_string(),
+            "--config",
+            &self.config.display().to_string(),
+            "run",
+            "--iface",
+            "mx-isp",
+            "--iface",
+            "mx-peer",
+            "--state-dir",
+            &self.state.path().display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -204,7 +264,8 @@ impl Lab {
 
     /// Runs the CLI inside the mail host's namespace, showing the command.
     fn gk(&self, args: &[&str]) -> Result<String> {
-        let shown: Vec<String> = args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { a.to_string() }).collect();
+        let shown: Vec<String> =
+            args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { a.to_string() }).collect();
         println!("  $ gatekeeper {}", shown.join(" "));
         self.run_cli(args, true)
     }
@@ -338,13 +399,28 @@ fn run() -> Result<()> {
     banner("2. second contact: the verdicts apply");
     let second: Vec<ConnectOutcome> = CLIENTS.iter().map(|c| lab.attempt(c, 25)).collect::<Result<_>>()?;
     let submission = lab.attempt(&CLIENTS[0], 587)?;
-    println!("\n{:<27} {:<17} {:<40} {:<10} {:<10} {}", "CLIENT", "SOURCE", "PTR", "FIRST", "SECOND", "WHY");
+    println!("\n{:<27} {:<17} {:<40} {:<10} {:<10} WHY", "CLIENT", "SOURCE", "PTR", "FIRST", "SECOND");
     for (i, c) in CLIENTS.iter().enumerate() {
-        println!("{:<27} {:<17} {:<40} {:<10} {:<10} {}", c.label, c.src, c.ptr.unwrap_or("(none)"), word(&first[i]), word(&second[i]), c.why);
+        println!(
+            "{:<27} {:<17} {:<40} {:<10} {:<10} {}",
+            c.label,
+            c.src,
+            c.ptr.unwrap_or("(none)"),
+            word(&first[i]),
+            word(&second[i]),
+            c.why
+        );
         expect(format!("{} first contact", c.src), &first[i], "connected");
         expect(format!("{} second contact", c.src), &second[i], c.second);
     }
-    println!("{:<27} {:<17} {:<40} {:<10} {:<10} {}", "ISP DSL pool host, 587", CLIENTS[0].src, "", "-", word(&submission), "587 is not guarded: submission works");
+    println!(
+        "{:<27} {:<17} {:<40} {:<10} {:<10} 587 is not guarded: submission works",
+        "ISP DSL pool host, 587",
+        CLIENTS[0].src,
+        "",
+        "-",
+        word(&submission)
+    );
     expect("port 587 from the DSL host".into(), &submission, "connected");
     lab.gk(&["check", CLIENTS[0].src])?;
 
