@@ -133,11 +133,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let db = cfg.state_dir.join("gatekeeper.db");
     let mut store = Store::open(&db)?;
     let ports = match &cfg.ports {
-        Some(p) => {
-            let p = validate_ports(p)?;
-            store.set_setting(PORTS_SETTING, &join_ports(&p))?;
-            p
-        }
+        Some(p) => validate_ports(p)?,
         None => match store.setting(PORTS_SETTING)? {
             Some(s) => crate::config::parse_ports(&s)?,
             None => DEFAULT_PORTS.to_vec(),
@@ -153,6 +149,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         hold_ms: cfg.policy.hold_time.as_millis() as u32,
     })?;
     dp.maps.set_ports(&ports)?;
+    if cfg.ports.is_some() {
+        // The configured ports win over `ports set`, and are kept as such.
+        store.set_setting(PORTS_SETTING, &join_ports(&ports))?;
+    }
     let (added, removed) = reconcile(&mut store, &mut dp)?;
     info!(written = added, removed, "datapath reconciled with {}", db.display());
 
