@@ -286,6 +286,11 @@ impl NsdServer {
     /// Writes the zones and a config to a new temporary directory and starts
     /// nsd on a free port; returns once it answers over UDP and TCP.
     pub fn start(zones: &[Zone]) -> Result<NsdServer> {
+        NsdServer::start_where(zones, None)
+    }
+
+    /// Starts nsd in the caller's namespace, or in `ns`.
+    fn start_where(zones: &[Zone], ns: Option<&Netns>) -> Result<NsdServer> {
         if !Path::new(NSD).exists() {
             bail!("{NSD} is missing: run `cargo xtask setup` (or `apt-get install nsd`)");
         }
@@ -307,16 +312,24 @@ impl NsdServer {
         };
         let mut last_err = None;
         for _ in 0..START_TRIES {
-            server.addr.set_port(free_port()?);
+            server.addr.set_port(match ns {
+                Some(ns) => free_port_in(ns)?,
+                None => free_port()?,
+            });
             server.write_config(zones)?;
-            match server.spawn() {
+            let started = match ns {
+                Some(ns) => server.spawn_in(ns),
+                None => server.spawn(),
+            };
+            match started {
                 Ok(()) => return Ok(server),
                 Err(e) => {
                     server.kill_all();
                     let log = server.log();
-                    // Someone took the port between free_port() and nsd's bind.
+                    // Someone took the port between picking it and nsd's bind.
                     let port_taken = log.contains("Address already in use");
-                    let err = e.context(format!("nsd on {}; log:\n{log}", server.addr));
+                    let place = ns.map(|n| format!(" in {}", n.name())).unwrap_or_default();
+                    let err = e.context(format!("nsd on {}{place}; log:\n{log}", server.addr));
                     if !port_taken {
                         return Err(err);
                     }
@@ -943,44 +956,7 @@ impl NsdServer {
     /// to start it again use [`NsdServer::restart_in`] with the same `ns`
     /// ([`NsdServer::restart`] would start it in the caller's namespace).
     pub fn start_in(ns: &Netns, zones: &[Zone]) -> Result<NsdServer> {
-        if !Path::new(NSD).exists() {
-            bail!("{NSD} is missing: run `cargo xtask setup` (or `apt-get install nsd`)");
-        }
-        if zones.is_empty() {
-            bail!("nsd needs at least one zone");
-        }
-        let dir = tempfile::Builder::new().prefix("gk-nsd-").tempdir().context("tempdir for nsd")?;
-        for (i, z) in zones.iter().enumerate() {
-            if zones[..i].iter().any(|o| o.origin == z.origin) {
-                bail!("zone {} given twice", z.origin);
-            }
-            fs::write(dir.path().join(format!("{}.zone", z.origin)), z.text())?;
-        }
-        let mut server = NsdServer {
-            dir,
-            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
-            first_zone: zones[0].origin.clone(),
-            child: None,
-        };
-        let mut last_err = None;
-        for _ in 0..START_TRIES {
-            server.addr.set_port(free_port_in(ns)?);
-            server.write_config(zones)?;
-            match server.spawn_in(ns) {
-                Ok(()) => return Ok(server),
-                Err(e) => {
-                    server.kill_all();
-                    let log = server.log();
-                    let port_taken = log.contains("Address already in use");
-                    let err = e.context(format!("nsd on {} in {}; log:\n{log}", server.addr, ns.name()));
-                    if !port_taken {
-                        return Err(err);
-                    }
-                    last_err = Some(err);
-                }
-            }
-        }
-        Err(last_err.expect("tried at least once"))
+        NsdServer::start_where(zones, Some(ns))
     }
 
     /// Starts nsd again inside `ns` (the namespace it was started in with
