@@ -474,38 +474,14 @@ impl State {
                 }
                 json(serde_json::to_value(out).unwrap_or_default())
             }
-            Request::BanDel { addrs } => {
-                let bans = self.store.list_verdicts(Some(verdict_reason::MANUAL_BAN))?;
-                let keys: Vec<SourceKey> = addrs.iter().map(|a| SourceKey::from_ip(*a)).collect();
-                if let Some(k) = keys.iter().find(|k| !bans.iter().any(|b| b.key == **k)) {
-                    return Err(Error::NotFound { what: "ban", key: k.display() });
-                }
-                let mut out = Vec::new();
-                for key in keys {
-                    out.push(self.store.del_verdict(key)?);
-                    self.dp.maps.del_verdict(key)?;
-                }
-                json(serde_json::json!({ "removed": out }))
-            }
+            Request::BanDel { addrs } => self.del_verdicts(&addrs, Some(verdict_reason::MANUAL_BAN), "ban"),
             Request::BanList => json(
                 serde_json::to_value(self.store.list_verdicts(Some(verdict_reason::MANUAL_BAN))?).unwrap_or_default(),
             ),
             Request::VerdictList { reason } => {
                 json(serde_json::to_value(self.store.list_verdicts(reason)?).unwrap_or_default())
             }
-            Request::VerdictDel { addrs } => {
-                let all = self.store.list_verdicts(None)?;
-                let keys: Vec<SourceKey> = addrs.iter().map(|a| SourceKey::from_ip(*a)).collect();
-                if let Some(k) = keys.iter().find(|k| !all.iter().any(|v| v.key == **k)) {
-                    return Err(Error::NotFound { what: "verdict", key: k.display() });
-                }
-                let mut out = Vec::new();
-                for key in keys {
-                    out.push(self.store.del_verdict(key)?);
-                    self.dp.maps.del_verdict(key)?;
-                }
-                json(serde_json::json!({ "removed": out }))
-            }
+            Request::VerdictDel { addrs } => self.del_verdicts(&addrs, None, "verdict"),
             Request::VerdictFlush { reason } => {
                 let doomed: Vec<VerdictRecord> = self
                     .store
@@ -566,6 +542,24 @@ impl State {
                 json(serde_json::json!({ "removed": removed }))
             }
         }
+    }
+
+    /// Removes the verdicts of `addrs` (of `reason` only, if given): all of
+    /// them, or none when one is missing.
+    fn del_verdicts(&mut self, addrs: &[IpAddr], reason: Option<u32>, what: &'static str) -> Result<serde_json::Value> {
+        let keys: Vec<SourceKey> = addrs.iter().map(|a| SourceKey::from_ip(*a)).collect();
+        for k in &keys {
+            let found = self.store.verdict(*k)?.filter(|v| reason.is_none_or(|r| v.reason == r));
+            if found.is_none() {
+                return Err(Error::NotFound { what, key: k.display() });
+            }
+        }
+        let mut out = Vec::new();
+        for key in keys {
+            out.push(self.store.del_verdict(key)?);
+            self.dp.maps.del_verdict(key)?;
+        }
+        Ok(serde_json::json!({ "removed": out }))
     }
 
     /// Brings the datapath in line with the database for the ranges in

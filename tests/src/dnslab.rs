@@ -317,11 +317,7 @@ impl NsdServer {
                 None => free_port()?,
             });
             server.write_config(zones)?;
-            let started = match ns {
-                Some(ns) => server.spawn_in(ns),
-                None => server.spawn(),
-            };
-            match started {
+            match server.spawn_where(ns) {
                 Ok(()) => return Ok(server),
                 Err(e) => {
                     server.kill_all();
@@ -378,11 +374,23 @@ remote-control:
         Ok(())
     }
 
-    /// Starts nsd on the configured port and waits until it answers.
-    fn spawn(&mut self) -> Result<()> {
+    /// Starts nsd on the configured port, in the caller's namespace or in
+    /// `ns`, and waits (bounded) until it answers there.
+    fn spawn_where(&mut self, ns: Option<&Netns>) -> Result<()> {
         let _ = fs::remove_file(self.dir.path().join("nsd.log"));
         let out = File::create(self.dir.path().join("nsd.out"))?;
-        let child = Command::new(NSD)
+        // nsenter execs nsd (no fork), so either way the child is nsd itself
+        // and its own process group (nsd forks a server and xfrd) is what
+        // stopping signals.
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.path().display())).arg("--").arg(NSD);
+                c
+            }
+            None => Command::new(NSD),
+        };
+        let child = cmd
             .arg("-d")
             .arg("-c")
             .arg(self.dir.path().join("nsd.conf"))
@@ -390,24 +398,29 @@ remote-control:
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
-            // Own process group: nsd forks a server and xfrd; stopping
-            // signals the whole group.
             .process_group(0)
             .spawn()
             .with_context(|| format!("spawn {NSD}"))?;
         self.child = Some(child);
+        let place = ns.map(|n| format!(" in {}", n.name())).unwrap_or_default();
         let deadline = Instant::now() + NSD_START_TIMEOUT;
         loop {
             if let Some(status) = self.child.as_mut().expect("just set").try_wait()? {
-                bail!("nsd exited during start-up ({status})");
+                bail!("nsd exited during start-up{place} ({status})");
             }
-            if answers_udp(self.addr, &self.first_zone, Duration::from_millis(100))
-                && accepts_tcp(self.addr, Duration::from_millis(200))
-            {
+            let (addr, zone) = (self.addr, self.first_zone.clone());
+            let probe = move || {
+                answers_udp(addr, &zone, Duration::from_millis(100)) && accepts_tcp(addr, Duration::from_millis(200))
+            };
+            let up = match ns {
+                Some(ns) => in_netns(ns, probe),
+                None => probe(),
+            };
+            if up {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("nsd did not answer on {} within {:?}", self.addr, NSD_START_TIMEOUT);
+                bail!("nsd did not answer on {}{place} within {:?}", self.addr, NSD_START_TIMEOUT);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -450,7 +463,7 @@ remote-control:
     /// Starts nsd again on the same port, with the same zones.
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
-        self.spawn().map_err(|e| e.context(format!("restart nsd on {}; log:\n{}", self.addr, self.log())))
+        self.spawn_where(None).map_err(|e| e.context(format!("restart nsd on {}; log:\n{}", self.addr, self.log())))
     }
 
     /// SIGTERM to the group, then SIGKILL; true once no live process of
@@ -963,48 +976,8 @@ impl NsdServer {
     /// [`NsdServer::start_in`]) on the same port, with the same zones.
     pub fn restart_in(&mut self, ns: &Netns) -> Result<()> {
         self.stop()?;
-        self.spawn_in(ns)
+        self.spawn_where(Some(ns))
             .map_err(|e| e.context(format!("restart nsd on {} in {}; log:\n{}", self.addr, ns.name(), self.log())))
-    }
-
-    /// Starts nsd inside `ns` and waits (bounded) until it answers there.
-    fn spawn_in(&mut self, ns: &Netns) -> Result<()> {
-        let _ = fs::remove_file(self.dir.path().join("nsd.log"));
-        let out = File::create(self.dir.path().join("nsd.out"))?;
-        // nsenter execs nsd (no fork), so the child is nsd itself and its
-        // own process group holds nsd's server and xfrd processes.
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
-            .arg("--")
-            .arg(NSD)
-            .arg("-d")
-            .arg("-c")
-            .arg(self.dir.path().join("nsd.conf"))
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("spawn nsenter --net={} -- {NSD}", ns.path().display()))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + NSD_START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.as_mut().expect("just set").try_wait()? {
-                bail!("nsd exited during start-up ({status})");
-            }
-            let (addr, zone) = (self.addr, self.first_zone.clone());
-            let up = in_netns(ns, move || {
-                answers_udp(addr, &zone, Duration::from_millis(100)) && accepts_tcp(addr, Duration::from_millis(200))
-            });
-            if up {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("nsd did not answer on {} in {} within {:?}", self.addr, ns.name(), NSD_START_TIMEOUT);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 
