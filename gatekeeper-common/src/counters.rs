@@ -62,6 +62,47 @@ pub fn counter_name(slot: u32) -> &'static str {
     }
 }
 
+/// Egress-gate decision counters, stored per interface in
+/// [`maps::EG_STATS`](crate::maps::EG_STATS) with the same layout as the
+/// ingress counters. Every SYN to a guarded or rate-limited port from a
+/// subscriber source bumps at most one decision counter, plus
+/// [`EgressCounter::DryRun`] when a drop was suppressed.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EgressCounter {
+    /// Pool source to a guarded port, not a smarthost: dropped.
+    PoolBlocked = 0,
+    /// As above, answered with a TCP RST (pool action `reject`).
+    PoolRejected = 1,
+    /// Pool source to a smarthost: passed.
+    SmarthostAllowed = 2,
+    /// Exempt source to a guarded port: passed.
+    Exempt = 3,
+    /// Over the source's connection rate for the port's class: dropped.
+    RateLimited = 4,
+    /// A drop was due but dry-run mode passed the packet.
+    DryRun = 5,
+    /// The parser could not read the packet to the TCP header: passed.
+    ParseSkipped = 6,
+}
+
+/// Number of egress counter slots.
+pub const EGRESS_COUNTER_SLOTS: u32 = EgressCounter::ParseSkipped as u32 + 1;
+
+/// Stable, operator-facing name of an egress counter slot.
+pub fn egress_counter_name(slot: u32) -> &'static str {
+    match slot {
+        0 => "pool-blocked",
+        1 => "pool-rejected",
+        2 => "smarthost-allowed",
+        3 => "exempt",
+        4 => "rate-limited",
+        5 => "dry-run-would-drop",
+        6 => "parse-skipped",
+        _ => "invalid",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +116,17 @@ mod tests {
         dedup.dedup();
         assert_eq!(dedup.len(), names.len(), "{names:?}");
         assert_eq!(counter_name(COUNTER_SLOTS), "invalid");
+    }
+
+    #[test]
+    fn egress_names_are_unique_and_cover_all_slots() {
+        let names: Vec<_> = (0..EGRESS_COUNTER_SLOTS).map(egress_counter_name).collect();
+        assert!(!names.contains(&"invalid"));
+        let mut dedup = names.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(dedup.len(), names.len(), "{names:?}");
+        assert_eq!(egress_counter_name(EGRESS_COUNTER_SLOTS), "invalid");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 pub mod addr;
 pub mod counters;
 
-pub use counters::Counter;
+pub use counters::{Counter, EgressCounter};
 
 /// Map names (as in the ELF object and as pinned under `<pin-dir>/maps/`).
 pub mod maps {
@@ -31,9 +31,48 @@ pub mod maps {
     pub const RANGE_HITS: &str = "GK_RANGE_HITS";
     pub const EVENTS: &str = "GK_EVENTS";
 
+    /// Egress gate: subscriber source ranges (pool and exempt entries share
+    /// one table, as allow and deny do), laid out like the ingress table.
+    pub const SUB_SLOTS: &str = "GK_SUB_SLOTS";
+    pub const SUB_LONG: &str = "GK_SUB_LONG";
+    pub const SUB_V6: &str = "GK_SUB_V6";
+    /// Egress gate: smarthost destination ranges.
+    pub const SMH_SLOTS: &str = "GK_SMH_SLOTS";
+    pub const SMH_LONG: &str = "GK_SMH_LONG";
+    pub const SMH_V6: &str = "GK_SMH_V6";
+    /// Egress port policy: one u32 per destination port (see [`port_policy`](crate::port_policy)).
+    pub const EG_PORTS: &str = "GK_EG_PORTS";
+    /// Rate-limit classes ([`RateLimit`](crate::RateLimit)), index = class.
+    pub const EG_LIMITS: &str = "GK_EG_LIMITS";
+    /// Token-bucket state per (source, class): an LRU of GCRA arrival times.
+    pub const EG_BUCKETS: &str = "GK_EG_BUCKETS";
+    /// Egress decision counters, laid out like [`STATS`].
+    pub const EG_STATS: &str = "GK_EG_STATS";
+
     /// Every map, for pinning and unloading.
-    pub const ALL: [&str; 11] =
-        [V4_SLOTS, V4_LONG, RANGES_V6, RANGE_INDEX, VERDICTS, SEEN, PORTS, CONFIG, STATS, RANGE_HITS, EVENTS];
+    pub const ALL: [&str; 21] = [
+        V4_SLOTS,
+        V4_LONG,
+        RANGES_V6,
+        RANGE_INDEX,
+        VERDICTS,
+        SEEN,
+        PORTS,
+        CONFIG,
+        STATS,
+        RANGE_HITS,
+        EVENTS,
+        SUB_SLOTS,
+        SUB_LONG,
+        SUB_V6,
+        SMH_SLOTS,
+        SMH_LONG,
+        SMH_V6,
+        EG_PORTS,
+        EG_LIMITS,
+        EG_BUCKETS,
+        EG_STATS,
+    ];
 }
 
 /// Program names in the ELF object.
@@ -42,16 +81,23 @@ pub mod programs {
     pub const XDP_INGRESS: &str = "gatekeeper_ingress";
     /// A program that only returns XDP_PASS: the benchmark baseline.
     pub const XDP_BASELINE: &str = "gatekeeper_baseline_pass";
+    /// The egress gate on subscriber-facing interfaces (XDP, their ingress).
+    pub const XDP_SUBSCRIBER: &str = "gatekeeper_subscriber";
+    /// The egress gate on uplinks (TC egress: forwarded and local traffic).
+    pub const TC_EGRESS: &str = "gatekeeper_egress";
+    /// A TC program that only passes: the egress benchmark baseline.
+    pub const TC_BASELINE: &str = "gatekeeper_tc_baseline";
 }
 
-/// Capacity of the range tables, per family, allow and deny entries
-/// together.
+/// Capacity of each range table, per family (allow and deny entries
+/// together; pool and exempt entries together; smarthosts).
 pub const MAX_RANGES: u32 = 131_072;
 /// IPv4 slots: one per /16.
 pub const V4_SLOT_COUNT: u32 = 65_536;
 /// IPv4 entries up to this prefix length live in the slots.
 pub const V4_SHORT_MAX: u8 = 16;
-/// Range ids index [`maps::RANGE_HITS`]; allow and deny share the id space.
+/// Range ids index [`maps::RANGE_HITS`]; every kind of range shares the id
+/// space.
 pub const MAX_RANGE_IDS: u32 = 2 * MAX_RANGES;
 /// Capacity of the per-source verdict LRU map.
 pub const MAX_VERDICTS: u32 = 1_048_576;
@@ -71,6 +117,33 @@ pub const STAT_STRIDE: u32 = 16;
 /// Entries of the per-CPU stats array.
 pub const STAT_ENTRIES: u32 = STAT_IF_SLOTS * STAT_STRIDE;
 const _: () = assert!(counters::COUNTER_SLOTS <= STAT_STRIDE);
+const _: () = assert!(counters::EGRESS_COUNTER_SLOTS <= STAT_STRIDE);
+/// Entries of the egress port-policy array: one per port.
+pub const EG_PORT_ENTRIES: u32 = 65_536;
+/// Rate-limit classes; class 0 means "no limit", so 1..MAX_LIMIT_CLASSES.
+pub const MAX_LIMIT_CLASSES: u32 = 8;
+/// Capacity of the token-bucket LRU (sources sending to limited ports).
+pub const MAX_BUCKETS: u32 = 131_072;
+
+/// Bits of an egress port-policy word ([`maps::EG_PORTS`]).
+pub mod port_policy {
+    /// SYNs to this port from pool sources are blocked (unless to a smarthost).
+    pub const GUARD: u32 = 1;
+    /// The rate-limit class of the port sits in bits 8..16 (0 = none).
+    pub const CLASS_SHIFT: u32 = 8;
+    pub const CLASS_MASK: u32 = 0xff;
+
+    /// The policy word for a port.
+    #[inline(always)]
+    pub const fn word(guard: bool, class: u32) -> u32 {
+        (if guard { GUARD } else { 0 }) | ((class & CLASS_MASK) << CLASS_SHIFT)
+    }
+    /// The rate-limit class of a policy word.
+    #[inline(always)]
+    pub const fn class(word: u32) -> u32 {
+        (word >> CLASS_SHIFT) & CLASS_MASK
+    }
+}
 
 /// Index of (interface, counter) in the stats array.
 #[inline(always)]
@@ -105,8 +178,22 @@ pub mod verdict_reason {
 
 /// What a range entry does ([`RangeValue::kind`]).
 pub mod range_kind {
-    pub const DENY: u16 = 0;
-    pub const ALLOW: u16 = 1;
+    /// Ingress table: drop guarded SYNs from here.
+    pub const DENY: u8 = 0;
+    /// Ingress table: always pass (wins over deny).
+    pub const ALLOW: u8 = 1;
+    /// Subscriber table: a dynamic pool, blocked from egress-guarded ports.
+    pub const POOL: u8 = 2;
+    /// Subscriber table: may send to guarded ports (wins over pool).
+    pub const EXEMPT: u8 = 3;
+    /// Smarthost table: pool sources may reach these destinations.
+    pub const SMARTHOST: u8 = 4;
+}
+
+/// Bits of [`RangeValue::flags`].
+pub mod range_flags {
+    /// Pool: answer a blocked SYN with a TCP RST instead of dropping it.
+    pub const REJECT: u8 = 1;
 }
 
 /// Where a range came from ([`RangeValue::origin`]).
@@ -141,7 +228,9 @@ pub struct RangeValue {
     /// Index into [`maps::RANGE_HITS`], unique per range.
     pub range_id: u32,
     /// One of [`range_kind`].
-    pub kind: u16,
+    pub kind: u8,
+    /// Bits of [`range_flags`].
+    pub flags: u8,
     /// One of [`range_origin`].
     pub origin: u16,
 }
@@ -274,6 +363,49 @@ pub struct Event {
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 32);
 
+/// One rate-limit class: a GCRA ("virtual scheduling") token bucket. A
+/// source may open `burst` connections at once and one more every
+/// `interval_ns` after that.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateLimit {
+    /// Nanoseconds per token (1e9 * 60 / per-minute rate); 0 = unlimited.
+    pub interval_ns: u64,
+    /// `burst * interval_ns`: how far ahead of now the arrival time may run.
+    pub burst_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<RateLimit>() == 16);
+
+impl RateLimit {
+    /// The GCRA step: given the stored theoretical arrival time `tat` (0 =
+    /// never seen) and the clock, the new arrival time to store if this
+    /// connection conforms, or `None` when it is over the limit (and nothing
+    /// is stored, so blocked attempts do not use up tokens).
+    #[inline(always)]
+    pub const fn admit(&self, tat: u64, now: u64) -> Option<u64> {
+        if self.interval_ns == 0 {
+            return Some(tat);
+        }
+        let base = if tat > now { tat } else { now };
+        let next = base.saturating_add(self.interval_ns);
+        if next - now > self.burst_ns {
+            None
+        } else {
+            Some(next)
+        }
+    }
+}
+
+/// Key of the token-bucket LRU: the source (as [`SourceKey`]: IPv4 /32,
+/// IPv6 /64) and the rate-limit class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LimitKey {
+    pub addr: [u8; 16],
+    pub class: u32,
+}
+const _: () = assert!(core::mem::size_of::<LimitKey>() == 20);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -285,4 +417,54 @@ mod pod {
     unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for RateLimit {}
+    unsafe impl aya::Pod for LimitKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_lets_a_burst_through_then_one_per_interval() {
+        let lim = RateLimit { interval_ns: 1_000, burst_ns: 3_000 };
+        let now = 1_000_000;
+        let mut tat = 0;
+        for i in 0..3 {
+            tat = lim.admit(tat, now).unwrap_or_else(|| panic!("burst connection {i} refused"));
+        }
+        // The fourth at the same instant is over, and does not use a token.
+        assert_eq!(lim.admit(tat, now), None);
+        assert_eq!(lim.admit(tat, now + 999), None);
+        // One interval later exactly one more conforms.
+        let t2 = lim.admit(tat, now + 1_000).unwrap();
+        assert_eq!(lim.admit(t2, now + 1_000), None);
+        // After a long pause the whole burst is back, no more.
+        let mut tat = t2;
+        let later = now + 1_000_000;
+        for _ in 0..3 {
+            tat = lim.admit(tat, later).unwrap();
+        }
+        assert_eq!(lim.admit(tat, later), None);
+    }
+
+    #[test]
+    fn gcra_unlimited_and_burst_of_one() {
+        let none = RateLimit::default();
+        assert_eq!(none.admit(5, 10), Some(5));
+        let one = RateLimit { interval_ns: 100, burst_ns: 100 };
+        let t = one.admit(0, 1_000).unwrap();
+        assert_eq!(one.admit(t, 1_050), None);
+        assert!(one.admit(t, 1_100).is_some());
+        // No overflow near the end of the clock.
+        let _ = one.admit(u64::MAX - 10, u64::MAX - 5);
+    }
+
+    #[test]
+    fn port_policy_words() {
+        let w = port_policy::word(true, 3);
+        assert_eq!(w & port_policy::GUARD, 1);
+        assert_eq!(port_policy::class(w), 3);
+        assert_eq!(port_policy::word(false, 0), 0);
+    }
 }

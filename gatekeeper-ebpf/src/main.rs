@@ -1,24 +1,26 @@
-//! gatekeeper's datapath: the XDP ingress gate.
+//! gatekeeper's datapath: the XDP ingress gate, and the egress gate (XDP on
+//! subscriber-facing interfaces, TC on uplink egress).
 //!
 //! Only a TCP SYN (no ACK, no RST) to a guarded destination port reaches a
-//! decision; everything else returns `XDP_PASS` after the header walk. A
-//! packet the parser cannot read is passed and counted, never dropped.
+//! decision; everything else passes after the header walk. A packet the
+//! parser cannot read is passed and counted, never dropped.
 #![no_std]
 #![no_main]
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_NO_PREALLOC},
-    helpers::bpf_ktime_get_coarse_ns,
-    macros::{map, xdp},
+    bindings::{xdp_action, BPF_F_INGRESS, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
+    macros::{classifier, map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use gatekeeper_common::{
-    action, addr, config_flags, family, range_kind, stat_index, v4_long_bit, verdict_reason, Config, Counter, Event,
-    Ipv4Bytes, Ipv6Bytes, RangeEntry, RangeValue, SourceKey, V4LongKey, V4Slot, Verdict, EVENTS_BYTES,
-    MAX_IPV6_EXT_HEADERS, MAX_RANGES, MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, STAT_ENTRIES,
+    action, addr, config_flags, family, port_policy, range_flags, range_kind, stat_index, v4_long_bit, verdict_reason,
+    Config, Counter, EgressCounter, Event, Ipv4Bytes, Ipv6Bytes, LimitKey, RangeEntry, RangeValue, RateLimit,
+    SourceKey, V4LongKey, V4Slot, Verdict, EG_PORT_ENTRIES, EVENTS_BYTES, MAX_BUCKETS, MAX_IPV6_EXT_HEADERS,
+    MAX_LIMIT_CLASSES, MAX_RANGES, MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, STAT_ENTRIES,
     V4_SHORT_MAX, V4_SLOT_COUNT,
 };
 
@@ -47,6 +49,32 @@ static GK_RANGE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RANGE
 #[map(name = "GK_EVENTS")]
 static GK_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+// The egress gate's tables: subscriber sources (pool and exempt entries,
+// exempt winning as allow does) and smarthost destinations, each laid out
+// like the ingress range table.
+#[map(name = "GK_SUB_SLOTS")]
+static GK_SUB_SLOTS: Array<V4Slot> = Array::with_max_entries(V4_SLOT_COUNT, 0);
+#[map(name = "GK_SUB_LONG")]
+static GK_SUB_LONG: HashMap<V4LongKey, RangeValue> = HashMap::with_max_entries(MAX_RANGES, BPF_F_NO_PREALLOC);
+#[map(name = "GK_SUB_V6")]
+static GK_SUB_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+#[map(name = "GK_SMH_SLOTS")]
+static GK_SMH_SLOTS: Array<V4Slot> = Array::with_max_entries(V4_SLOT_COUNT, 0);
+#[map(name = "GK_SMH_LONG")]
+static GK_SMH_LONG: HashMap<V4LongKey, RangeValue> = HashMap::with_max_entries(MAX_RANGES, BPF_F_NO_PREALLOC);
+#[map(name = "GK_SMH_V6")]
+static GK_SMH_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+/// Policy word per destination port (see `port_policy`).
+#[map(name = "GK_EG_PORTS")]
+static GK_EG_PORTS: Array<u32> = Array::with_max_entries(EG_PORT_ENTRIES, 0);
+#[map(name = "GK_EG_LIMITS")]
+static GK_EG_LIMITS: Array<RateLimit> = Array::with_max_entries(MAX_LIMIT_CLASSES, 0);
+/// GCRA theoretical arrival time per (source, class).
+#[map(name = "GK_EG_BUCKETS")]
+static GK_EG_BUCKETS: LruHashMap<LimitKey, u64> = LruHashMap::with_max_entries(MAX_BUCKETS, 0);
+#[map(name = "GK_EG_STATS")]
+static GK_EG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_ENTRIES, 0);
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -72,6 +100,48 @@ enum Source {
     V6(Ipv6Bytes),
 }
 
+/// Where a TCP SYN sits in the frame.
+#[derive(Clone, Copy)]
+struct Syn {
+    /// Offset of the IP header.
+    l3: usize,
+    /// Offset of the TCP header.
+    tcp: usize,
+    /// Length of the TCP header, options included (20..=60).
+    tcp_len: usize,
+    dport: u16,
+    v6: bool,
+}
+
+/// What the context gives the parser: the packet's bounds. XDP and TC
+/// programs share one parser through this.
+trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
 #[xdp]
 pub fn gatekeeper_ingress(ctx: XdpContext) -> u32 {
     match try_gatekeeper_ingress(&ctx) {
@@ -89,11 +159,84 @@ pub fn gatekeeper_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// The egress gate on a subscriber-facing interface: subscribers' SYNs as
+/// they arrive, before routing. A rejected SYN goes back out as a RST.
+#[xdp]
+pub fn gatekeeper_subscriber(ctx: XdpContext) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    match egress(&ctx, ifindex) {
+        Ok(Egress::Pass) => xdp_action::XDP_PASS,
+        Ok(Egress::Drop) => xdp_action::XDP_DROP,
+        Ok(Egress::Reject(syn)) => {
+            if reject_xdp(&ctx, &syn).is_ok() {
+                count_egress(ifindex, EgressCounter::PoolRejected as u32);
+                xdp_action::XDP_TX
+            } else {
+                count_egress(ifindex, EgressCounter::PoolBlocked as u32);
+                xdp_action::XDP_DROP
+            }
+        }
+        Err(Skip) => {
+            count_egress(ifindex, EgressCounter::ParseSkipped as u32);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// The egress gate on an uplink's egress: forwarded and locally generated
+/// SYNs. A rejected SYN is turned into a RST and redirected to the uplink's
+/// own ingress, so the kernel routes it back to the sender.
+#[classifier]
+pub fn gatekeeper_egress(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is the kernel's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match egress(&ctx, ifindex) {
+        // UNSPEC: let later tcx / clsact programs run; the default passes.
+        Ok(Egress::Pass) => TC_ACT_UNSPEC,
+        Ok(Egress::Drop) => TC_ACT_SHOT as i32,
+        Ok(Egress::Reject(syn)) => {
+            if reject_tc(&ctx, &syn).is_ok() {
+                count_egress(ifindex, EgressCounter::PoolRejected as u32);
+                // SAFETY: plain helper call.
+                unsafe { bpf_redirect(ifindex, BPF_F_INGRESS as u64) as i32 }
+            } else {
+                count_egress(ifindex, EgressCounter::PoolBlocked as u32);
+                TC_ACT_SHOT as i32
+            }
+        }
+        Err(Skip) => {
+            count_egress(ifindex, EgressCounter::ParseSkipped as u32);
+            TC_ACT_UNSPEC
+        }
+    }
+}
+
+/// The egress benchmark baseline: a TC program that only passes.
+#[classifier]
+pub fn gatekeeper_tc_baseline(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 /// Reads a `T` at `offset` bytes into the packet, bounds-checked.
 #[inline(always)]
-fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, Skip> {
+fn load<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Result<T, Skip> {
     // An offset past the mask (IPv6 extension headers can claim up to 2 KiB
     // each) must fail, not wrap around to an earlier part of the frame.
+    if offset > MAX_OFFSET {
+        return Err(Skip);
+    }
+    let offset = offset & MAX_OFFSET;
+    let start = ctx.start();
+    if start + offset + size_of::<T>() > ctx.end() {
+        return Err(Skip);
+    }
+    // SAFETY: bounds checked above; packet data may be unaligned.
+    Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+}
+
+/// Writes a `T` at `offset` bytes into the packet (XDP), bounds-checked.
+#[inline(always)]
+fn store<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> Result<(), Skip> {
     if offset > MAX_OFFSET {
         return Err(Skip);
     }
@@ -102,62 +245,75 @@ fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, Skip> {
     if start + offset + size_of::<T>() > ctx.data_end() {
         return Err(Skip);
     }
-    // SAFETY: bounds checked above; packet data may be unaligned.
-    Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    // SAFETY: bounds checked above.
+    unsafe { core::ptr::write_unaligned((start + offset) as *mut T, v) };
+    Ok(())
 }
 
+/// Walks to the TCP header. `Ok(None)`: nothing to decide (not the first
+/// fragment of a TCP segment, or not a plain SYN).
 #[inline(always)]
-fn try_gatekeeper_ingress(ctx: &XdpContext) -> Result<u32, Skip> {
-    let mut ether_type = u16::from_be(load::<u16>(ctx, 12)?);
+fn parse_syn<P: Packet>(ctx: &P) -> Result<Option<Syn>, Skip> {
+    let mut ether_type = u16::from_be(load::<u16, P>(ctx, 12)?);
     let mut offset = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
-        ether_type = u16::from_be(load::<u16>(ctx, offset + 2)?);
+        ether_type = u16::from_be(load::<u16, P>(ctx, offset + 2)?);
         offset += 4;
     }
-    let (source, tcp_offset) = match ether_type {
+    let (tcp_offset, v6) = match ether_type {
         ETH_P_IP => match parse_ipv4(ctx, offset)? {
-            Some(v) => v,
-            None => return Ok(xdp_action::XDP_PASS),
+            Some(t) => (t, false),
+            None => return Ok(None),
         },
         ETH_P_IPV6 => match parse_ipv6(ctx, offset)? {
-            Some(v) => v,
-            None => return Ok(xdp_action::XDP_PASS),
+            Some(t) => (t, true),
+            None => return Ok(None),
         },
-        _ => return Ok(xdp_action::XDP_PASS),
+        _ => return Ok(None),
     };
 
     // Destination port (bytes 2..4) and flags (byte 13) of the TCP header.
     // Whole-chunk loads: a 1-byte bounds check compiles to a form the
     // verifier cannot use.
-    let tcp = load::<[u8; 14]>(ctx, tcp_offset)?;
+    let tcp = load::<[u8; 14], P>(ctx, tcp_offset)?;
     // The whole TCP header, options included, must be in the frame: a
     // truncated or malformed header is skipped, never decided.
     let tcp_len = ((tcp[12] >> 4) as usize) * 4;
     if tcp_len < 20 {
         return Err(Skip);
     }
-    load::<[u8; 2]>(ctx, tcp_offset + tcp_len - 2)?;
-    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-    let flags = tcp[13];
-    if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
-        return Ok(xdp_action::XDP_PASS);
+    load::<[u8; 2], P>(ctx, tcp_offset + tcp_len - 2)?;
+    if tcp[13] & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+        return Ok(None);
     }
-    let (word, bit) = addr::port_slot(dport);
+    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    Ok(Some(Syn { l3: offset, tcp: tcp_offset, tcp_len, dport, v6 }))
+}
+
+#[inline(always)]
+fn try_gatekeeper_ingress(ctx: &XdpContext) -> Result<u32, Skip> {
+    let Some(syn) = parse_syn(ctx)? else { return Ok(xdp_action::XDP_PASS) };
+    let (word, bit) = addr::port_slot(syn.dport);
     match GK_PORTS.get(word) {
         Some(w) if *w & bit != 0 => {}
         _ => return Ok(xdp_action::XDP_PASS),
     }
-    Ok(decide(ctx.ingress_ifindex() as u32, source, dport))
+    let source = if syn.v6 {
+        Source::V6(load::<Ipv6Bytes, _>(ctx, syn.l3 + 8)?)
+    } else {
+        Source::V4(load::<Ipv4Bytes, _>(ctx, syn.l3 + 12)?)
+    };
+    Ok(decide(ctx.ingress_ifindex() as u32, source, syn.dport))
 }
 
-/// IPv4: returns the source and the TCP header offset, or `None` when the
-/// packet is not the first fragment of a TCP segment.
+/// IPv4: the TCP header offset, or `None` when the packet is not the first
+/// fragment of a TCP segment.
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Option<(Source, usize)>, Skip> {
-    let ip = load::<[u8; 20]>(ctx, offset)?;
+fn parse_ipv4<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> {
+    let ip = load::<[u8; 20], P>(ctx, offset)?;
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
     if ip[0] >> 4 != 4 || ihl < 20 {
         return Err(Skip);
@@ -166,30 +322,31 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Option<(Source, usize)>
     if frag & 0x1fff != 0 || ip[9] != IPPROTO_TCP {
         return Ok(None);
     }
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    Ok(Some((Source::V4(src), offset + ihl)))
+    Ok(Some(offset + ihl))
 }
 
 /// IPv6: walks up to [`MAX_IPV6_EXT_HEADERS`] extension headers.
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Option<(Source, usize)>, Skip> {
-    let ip = load::<[u8; 8]>(ctx, offset)?;
+fn parse_ipv6<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> {
+    let ip = load::<[u8; 8], P>(ctx, offset)?;
     if ip[0] >> 4 != 6 {
         return Err(Skip);
     }
     let mut next = ip[6];
-    let src = load::<Ipv6Bytes>(ctx, offset + 8)?;
+    // The source address must be there too (the destination is read when
+    // needed).
+    load::<Ipv6Bytes, P>(ctx, offset + 8)?;
     let mut offset = offset + 40;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return Ok(Some((Source::V6(src), offset))),
+            IPPROTO_TCP => return Ok(Some(offset)),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let hdr = load::<[u8; 2]>(ctx, offset)?;
+                let hdr = load::<[u8; 2], P>(ctx, offset)?;
                 next = hdr[0];
                 offset += (hdr[1] as usize + 1) * 8;
             }
             IPPROTO_FRAGMENT => {
-                let hdr = load::<[u8; 4]>(ctx, offset)?;
+                let hdr = load::<[u8; 4], P>(ctx, offset)?;
                 if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
                     return Ok(None); // non-first fragment
                 }
@@ -201,7 +358,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Option<(Source, usize)>
         }
     }
     if next == IPPROTO_TCP {
-        return Ok(Some((Source::V6(src), offset)));
+        return Ok(Some(offset));
     }
     Err(Skip)
 }
@@ -213,7 +370,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Option<(Source, usize)>
 #[inline(always)]
 fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
     let (range, key) = match &source {
-        Source::V4(a) => (lookup_v4(u32::from_be_bytes(*a)), addr::key_v4(*a)),
+        Source::V4(a) => (lookup_v4(&GK_V4_SLOTS, &GK_V4_LONG, u32::from_be_bytes(*a)), addr::key_v4(*a)),
         Source::V6(a) => (GK_RANGES_V6.get(Key::new(128, *a)).copied(), addr::key_v6(*a)),
     };
     if let Some(range) = range {
@@ -242,18 +399,18 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
     unknown(ifindex, &source, key, port, now)
 }
 
-/// Longest-prefix match in the IPv4 table: the lengths present in the
-/// source's /16, longest first, then the slot's own entry (<= /16).
+/// Longest-prefix match in an IPv4 table: the lengths present in the
+/// address's /16, longest first, then the slot's own entry (<= /16).
 #[inline(always)]
-fn lookup_v4(addr: u32) -> Option<RangeValue> {
-    let slot = GK_V4_SLOTS.get(addr >> 16)?;
+fn lookup_v4(slots: &Array<V4Slot>, long: &HashMap<V4LongKey, RangeValue>, addr: u32) -> Option<RangeValue> {
+    let slot = slots.get(addr >> 16)?;
     let mask = slot.long_mask;
     if mask != 0 {
         let mut len = 32;
         while len > V4_SHORT_MAX as u32 {
             if mask & v4_long_bit(len) != 0 {
                 // SAFETY: the value is copied out at once.
-                if let Some(v) = unsafe { GK_V4_LONG.get(&V4LongKey::of(addr, len)) } {
+                if let Some(v) = unsafe { long.get(&V4LongKey::of(addr, len)) } {
                     return Some(*v);
                 }
             }
@@ -345,6 +502,314 @@ fn report(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) ->
             false
         }
     }
+}
+
+// ------------------------------------------------------------ egress gate
+
+/// What the egress gate does with a packet.
+enum Egress {
+    Pass,
+    Drop,
+    /// Answer with a RST (the caller rewrites the frame, or drops it when
+    /// it cannot).
+    Reject(Syn),
+}
+
+/// The egress decision for a SYN to a port with a policy: from a pool to a
+/// guarded port, blocked unless the destination is a smarthost or the
+/// source is exempt (exempt entries win over pools in the one source
+/// table); then the rate limit of the port's class, for every subscriber
+/// source (pool or exempt).
+#[inline(always)]
+fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
+    let Some(syn) = parse_syn(ctx)? else { return Ok(Egress::Pass) };
+    let policy = match GK_EG_PORTS.get(syn.dport as u32) {
+        Some(p) => *p,
+        None => 0,
+    };
+    if policy == 0 {
+        return Ok(Egress::Pass);
+    }
+    let (range, key) = if syn.v6 {
+        let src = load::<Ipv6Bytes, P>(ctx, syn.l3 + 8)?;
+        (GK_SUB_V6.get(Key::new(128, src)).copied(), addr::key_v6(src))
+    } else {
+        let src = load::<Ipv4Bytes, P>(ctx, syn.l3 + 12)?;
+        (lookup_v4(&GK_SUB_SLOTS, &GK_SUB_LONG, u32::from_be_bytes(src)), addr::key_v4(src))
+    };
+    let Some(range) = range else { return Ok(Egress::Pass) };
+    if policy & port_policy::GUARD != 0 {
+        if range.kind == range_kind::POOL {
+            let smarthost = if syn.v6 {
+                let dst = load::<Ipv6Bytes, P>(ctx, syn.l3 + 24)?;
+                GK_SMH_V6.get(Key::new(128, dst)).copied()
+            } else {
+                let dst = load::<Ipv4Bytes, P>(ctx, syn.l3 + 16)?;
+                lookup_v4(&GK_SMH_SLOTS, &GK_SMH_LONG, u32::from_be_bytes(dst))
+            };
+            match smarthost {
+                Some(s) => {
+                    hit(s.range_id);
+                    count_egress(ifindex, EgressCounter::SmarthostAllowed as u32);
+                }
+                None => {
+                    hit(range.range_id);
+                    let reject = range.flags & range_flags::REJECT != 0;
+                    if config().flags & config_flags::DRY_RUN != 0 {
+                        let c = if reject { EgressCounter::PoolRejected } else { EgressCounter::PoolBlocked };
+                        count_egress(ifindex, c as u32);
+                        count_egress(ifindex, EgressCounter::DryRun as u32);
+                        return Ok(Egress::Pass);
+                    }
+                    if reject {
+                        return Ok(Egress::Reject(syn));
+                    }
+                    count_egress(ifindex, EgressCounter::PoolBlocked as u32);
+                    return Ok(Egress::Drop);
+                }
+            }
+        } else {
+            hit(range.range_id);
+            count_egress(ifindex, EgressCounter::Exempt as u32);
+        }
+    }
+    let class = port_policy::class(policy);
+    if class == 0 || class >= MAX_LIMIT_CLASSES {
+        return Ok(Egress::Pass);
+    }
+    let limit = match GK_EG_LIMITS.get(class) {
+        Some(l) => *l,
+        None => return Ok(Egress::Pass),
+    };
+    if limit.interval_ns == 0 {
+        return Ok(Egress::Pass);
+    }
+    let bucket = LimitKey { addr: key.addr, class };
+    // A plain u64 (0 = never seen), not an Option of a map pointer.
+    // SAFETY: copied out at once.
+    let tat: u64 = match unsafe { GK_EG_BUCKETS.get(&bucket) } {
+        Some(t) => *t,
+        None => 0,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    match limit.admit(tat, now) {
+        Some(next) => {
+            let _ = GK_EG_BUCKETS.insert(&bucket, &next, 0);
+            Ok(Egress::Pass)
+        }
+        None => {
+            count_egress(ifindex, EgressCounter::RateLimited as u32);
+            if config().flags & config_flags::DRY_RUN != 0 {
+                count_egress(ifindex, EgressCounter::DryRun as u32);
+                return Ok(Egress::Pass);
+            }
+            Ok(Egress::Drop)
+        }
+    }
+}
+
+#[inline(always)]
+fn count_egress(ifindex: u32, counter: u32) {
+    if let Some(p) = GK_EG_STATS.get_ptr_mut(stat_index(ifindex, counter)) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *p += 1 };
+    }
+}
+
+/// The parts of a SYN a RST answer is made from. Only plain segments are
+/// answered: IPv4 without options or IPv6 without extension headers, and
+/// no payload (anything else is dropped instead).
+struct RstPlan {
+    /// Source and destination address as the SYN had them (v4: first 8
+    /// bytes; v6: all 32).
+    addrs: [u8; 32],
+    /// The SYN's sequence number, raw bytes.
+    seq: [u8; 4],
+}
+
+#[inline(always)]
+fn plan_rst<P: Packet>(ctx: &P, syn: &Syn) -> Result<RstPlan, Skip> {
+    let mut addrs = [0u8; 32];
+    if syn.v6 {
+        let ip = load::<[u8; 40], P>(ctx, syn.l3)?;
+        let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        if syn.tcp != syn.l3 + 40 || payload != syn.tcp_len {
+            return Err(Skip);
+        }
+        addrs.copy_from_slice(&ip[8..40]);
+    } else {
+        let ip = load::<[u8; 20], P>(ctx, syn.l3)?;
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        if syn.tcp != syn.l3 + 20 || total != 20 + syn.tcp_len {
+            return Err(Skip);
+        }
+        addrs[..8].copy_from_slice(&ip[12..20]);
+    }
+    let tcp = load::<[u8; 8], P>(ctx, syn.tcp)?;
+    Ok(RstPlan { addrs, seq: [tcp[4], tcp[5], tcp[6], tcp[7]] })
+}
+
+const TCP_RST_ACK: u8 = TCP_RST | TCP_ACK;
+/// The options of an answered SYN become NOPs: same length, no meaning.
+const NOP4: [u8; 4] = [1, 1, 1, 1];
+const MAX_TCP_OPTION_WORDS: usize = 10;
+
+#[inline(always)]
+fn sum16(bytes: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// XDP: rewrites the SYN in place into the RST|ACK its receiver would have
+/// sent (addresses and ports swapped, ack = seq + 1, options as NOPs) with
+/// fresh checksums, to go back out the interface it came in on.
+#[inline(always)]
+fn reject_xdp(ctx: &XdpContext, syn: &Syn) -> Result<(), Skip> {
+    let plan = plan_rst(ctx, syn)?;
+    let eth = load::<[u8; 12], _>(ctx, 0)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&eth[6..12]);
+    swapped[6..].copy_from_slice(&eth[..6]);
+    store(ctx, 0, swapped)?;
+    let a = &plan.addrs;
+    let pseudo = if syn.v6 {
+        let mut ip = load::<[u8; 40], _>(ctx, syn.l3)?;
+        ip[7] = 64; // hop limit
+        ip[8..24].copy_from_slice(&a[16..32]);
+        ip[24..40].copy_from_slice(&a[..16]);
+        store(ctx, syn.l3, ip)?;
+        sum16(&a[..32])
+    } else {
+        let mut ip = load::<[u8; 20], _>(ctx, syn.l3)?;
+        ip[8] = 64; // TTL
+        ip[10] = 0;
+        ip[11] = 0;
+        ip[12..16].copy_from_slice(&a[4..8]);
+        ip[16..20].copy_from_slice(&a[..4]);
+        let csum = fold(sum16(&ip)).to_be_bytes();
+        ip[10] = csum[0];
+        ip[11] = csum[1];
+        store(ctx, syn.l3, ip)?;
+        sum16(&a[..8])
+    };
+    let old = load::<[u8; 20], _>(ctx, syn.tcp)?;
+    let ack = u32::from_be_bytes(plan.seq).wrapping_add(1).to_be_bytes();
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&old[2..4]);
+    tcp[2..4].copy_from_slice(&old[0..2]);
+    tcp[8..12].copy_from_slice(&ack);
+    tcp[12] = old[12] & 0xf0;
+    tcp[13] = TCP_RST_ACK;
+    let option_words = (syn.tcp_len - 20) / 4;
+    let mut i = 0;
+    while i < MAX_TCP_OPTION_WORDS {
+        if i < option_words {
+            store(ctx, syn.tcp + 20 + i * 4, NOP4)?;
+        }
+        i += 1;
+    }
+    let sum = pseudo
+        + IPPROTO_TCP as u32
+        + syn.tcp_len as u32
+        + sum16(&tcp)
+        + option_words as u32 * 2 * u16::from_be_bytes([1, 1]) as u32;
+    let csum = fold(sum).to_be_bytes();
+    tcp[16] = csum[0];
+    tcp[17] = csum[1];
+    store(ctx, syn.tcp, tcp)
+}
+
+/// TC: the same rewrite through the skb helpers, which keep the checksum
+/// right whatever offload state the skb is in (a locally generated or
+/// forwarded SYN usually carries a partial checksum). Swapping addresses
+/// and ports leaves every checksum as it is; the changed TCP words are
+/// folded in with `bpf_l4_csum_replace`.
+#[inline(always)]
+fn reject_tc(ctx: &TcContext, syn: &Syn) -> Result<(), Skip> {
+    let plan = plan_rst(ctx, syn)?;
+    let eth = load::<[u8; 12], _>(ctx, 0)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&eth[6..12]);
+    swapped[6..].copy_from_slice(&eth[..6]);
+    let put = |offset: usize, bytes: &[u8]| -> Result<(), Skip> {
+        if offset > MAX_OFFSET {
+            return Err(Skip);
+        }
+        // SAFETY: the helper bounds-checks against the skb.
+        let r = unsafe {
+            aya_ebpf::helpers::bpf_skb_store_bytes(
+                ctx.skb.skb as *mut _,
+                (offset & MAX_OFFSET) as u32,
+                bytes.as_ptr() as *const _,
+                bytes.len() as u32,
+                0,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(Skip)
+        }
+    };
+    let csum_off = syn.tcp + 16;
+    let fix = |from: u32, to: u32, size: u64| -> Result<(), Skip> {
+        ctx.l4_csum_replace(csum_off & MAX_OFFSET, from as u64, to as u64, size).map_err(|_| Skip)
+    };
+    let a = &plan.addrs;
+    put(0, &swapped)?;
+    if syn.v6 {
+        let mut addrs = [0u8; 32];
+        addrs[..16].copy_from_slice(&a[16..32]);
+        addrs[16..].copy_from_slice(&a[..16]);
+        put(syn.l3 + 8, &addrs)?;
+    } else {
+        let mut addrs = [0u8; 8];
+        addrs[..4].copy_from_slice(&a[4..8]);
+        addrs[4..].copy_from_slice(&a[..4]);
+        put(syn.l3 + 12, &addrs)?;
+    }
+    let old = load::<[u8; 20], _>(ctx, syn.tcp)?;
+    let ack = u32::from_be_bytes(plan.seq).wrapping_add(1).to_be_bytes();
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let half = |b: &[u8]| u16::from_ne_bytes([b[0], b[1]]) as u32;
+    // Ports swapped: the sum is unchanged.
+    put(syn.tcp, &[old[2], old[3], old[0], old[1]])?;
+    fix(word(&old[4..8]), 0, 4)?;
+    fix(word(&old[8..12]), word(&ack), 4)?;
+    let flags = [old[12] & 0xf0, TCP_RST_ACK];
+    fix(half(&old[12..14]), half(&flags), 2)?;
+    fix(half(&old[14..16]), 0, 2)?;
+    fix(half(&old[18..20]), 0, 2)?;
+    let mut hdr = [0u8; 16];
+    hdr[4..8].copy_from_slice(&ack);
+    hdr[8..10].copy_from_slice(&flags);
+    put(syn.tcp + 4, &hdr[..12])?;
+    put(syn.tcp + 18, &[0, 0])?;
+    let option_words = (syn.tcp_len - 20) / 4;
+    let mut i = 0;
+    while i < MAX_TCP_OPTION_WORDS {
+        if i < option_words {
+            let at = syn.tcp + 20 + i * 4;
+            let opt = load::<[u8; 4], _>(ctx, at)?;
+            fix(word(&opt), word(&NOP4), 4)?;
+            put(at, &NOP4)?;
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 #[cfg(not(test))]

@@ -28,13 +28,13 @@ use crate::{
     classify::{load_rules, Classifier},
     config::{validate_ports, Config, FirstSyn},
     datapath::{
-        desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout, PinLock,
+        desired_entry, desired_ranges, expiry_ns, monotonic_ns, unix_now, Attached, Datapath, PinLayout, PinLock, Role,
     },
     dns::{Lookup, Resolver},
     pipeline::{decide, query_cost, Learned, Learner, TokenBucket},
     protocol::{Request, Response},
     store::Origin,
-    store::{NewRange, RangeKind, RangeRecord, Store, VerdictRecord},
+    store::{NewRange, RangeKind, RangeRecord, RangeTable, Store, VerdictRecord},
     Error, Result,
 };
 
@@ -108,7 +108,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     if cfg.interfaces.is_empty() {
         return Err(Error::Config {
             path: PathBuf::from("<command line>"),
-            message: "no interfaces to guard: pass --iface IFACE or set `interfaces = [..]` in the config".into(),
+            message: "no interfaces to guard: pass --iface IFACE (ingress gate), --uplink IFACE or --subscriber-iface IFACE (egress gate), or set `interfaces = [..]` in the config".into(),
         });
     }
     let rules = match &cfg.classifier.rules {
@@ -119,8 +119,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     let resolver = Arc::new(Resolver::new(&cfg.dns)?);
     // Everything that can refuse to start does so before the datapath or
     // the database is touched: a refused agent changes nothing.
-    if let Some(missing) = cfg.interfaces.iter().find(|i| crate::datapath::ifindex(i).is_none()) {
-        return Err(Error::Bpf(format!("interface {missing:?} not found; nothing was changed")));
+    if let Some(missing) = cfg.interfaces.iter().find(|i| crate::datapath::ifindex(&i.name).is_none()) {
+        return Err(Error::Bpf(format!(
+            "interface {:?} ({}) not found; nothing was changed",
+            missing.name, missing.role
+        )));
     }
     if cfg.socket.exists() && std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
         return Err(Error::Bpf(format!(
@@ -149,6 +152,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         hold_ms: cfg.policy.hold_time.as_millis() as u32,
     })?;
     dp.maps.set_ports(&ports)?;
+    let classes: Vec<(Vec<u16>, gatekeeper_common::RateLimit)> =
+        cfg.egress.limit.iter().map(|c| (c.ports.clone(), c.rate_limit())).collect();
+    dp.maps.set_egress_policy(&cfg.egress.ports, &classes)?;
     if cfg.ports.is_some() {
         // The configured ports win over `ports set`, and are kept as such.
         store.set_setting(PORTS_SETTING, &join_ports(&ports))?;
@@ -157,13 +163,23 @@ pub async fn run(cfg: Config) -> Result<()> {
     info!(written = added, removed, "datapath reconciled with {}", db.display());
 
     let mut attached = Vec::new();
-    for ifname in &cfg.interfaces {
-        let a = dp.attach(ifname, cfg.xdp_mode)?;
-        info!(iface = %a.ifname, ifindex = a.ifindex, mode = %a.mode, adopted = a.adopted, "XDP ingress gate attached");
+    for spec in &cfg.interfaces {
+        let a = match spec.role {
+            Role::Uplink => dp.attach_uplink(&spec.name, cfg.tc_mode)?,
+            role => dp.attach(role, &spec.name, cfg.xdp_mode)?,
+        };
+        let what = match a.role {
+            Role::Ingress => "XDP ingress gate attached",
+            Role::Uplink => "TC egress gate attached to uplink",
+            Role::Subscriber => "XDP egress gate attached to subscriber side",
+        };
+        info!(iface = %a.ifname, ifindex = a.ifindex, mode = %a.mode, adopted = a.adopted, "{what}");
         attached.push(a);
     }
-    for gone in dp.detach_except(&cfg.interfaces)? {
-        info!(iface = %gone, "detached: no longer configured");
+    for role in [Role::Ingress, Role::Uplink, Role::Subscriber] {
+        for gone in dp.detach_except(role, &cfg.ifaces(role))? {
+            info!(iface = %gone, %role, "detached: no longer configured");
+        }
     }
     let events = dp.take_events();
     info!(
@@ -231,13 +247,14 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
     store.expire_verdicts(now)?;
     let (mut added, mut removed) = (0, 0);
     let want = desired_ranges(&store.list_ranges(None)?);
-    let have: StdHashMap<IpNet, RangeValue> = dp.maps.ranges.ranges().into_iter().collect();
-    for net in have.keys().filter(|n| !want.contains_key(n)) {
-        dp.maps.ranges.del_range(*net)?;
+    let have: StdHashMap<(RangeTable, IpNet), RangeValue> =
+        dp.maps.ranges.ranges().into_iter().map(|(t, n, v)| ((t, n), v)).collect();
+    for (table, net) in have.keys().filter(|k| !want.contains_key(k)) {
+        dp.maps.ranges.del_range(*table, *net)?;
         removed += 1;
     }
-    for (net, v) in &want {
-        if have.get(net) != Some(v) {
+    for ((_, net), v) in &want {
+        if have.get(&(v_table(v), *net)) != Some(v) {
             dp.maps.ranges.set_range(*net, *v)?;
             added += 1;
         }
@@ -258,6 +275,10 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
         added += 1;
     }
     Ok((added, removed))
+}
+
+fn v_table(v: &RangeValue) -> RangeTable {
+    crate::datapath::table_of(v.kind)
 }
 
 fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
@@ -390,7 +411,13 @@ impl State {
         let json = |v: serde_json::Value| Ok(v);
         match req {
             Request::Ping => json(serde_json::json!({ "pong": true })),
-            Request::RangeAdd { kind, ranges, origin, source, expire_secs, force, skip_existing, replace } => {
+            Request::RangeAdd { kind, ranges, origin, source, expire_secs, force, skip_existing, replace, action } => {
+                if action.is_some() && kind != RangeKind::Pool {
+                    return Err(Error::InvalidInput(format!(
+                        "an action (drop or reject) applies to pools, not to {} entries",
+                        kind.what()
+                    )));
+                }
                 let expires_at = expire_secs.map(|s| now + s as i64);
                 let new: Vec<NewRange> = ranges
                     .iter()
@@ -400,6 +427,7 @@ impl State {
                         source: source.clone(),
                         comment: r.comment.clone(),
                         expires_at,
+                        action,
                     })
                     .collect();
                 let added = self.store.add_ranges(kind, &new, force, skip_existing, now)?;
@@ -432,10 +460,7 @@ impl State {
             Request::RangeDel { kind, nets } => {
                 let existing = self.store.list_ranges(Some(kind))?;
                 if let Some(missing) = nets.iter().find(|n| !existing.iter().any(|r| r.net == **n)) {
-                    return Err(Error::NotFound {
-                        what: if kind == RangeKind::Deny { "deny range" } else { "allow range" },
-                        key: missing.to_string(),
-                    });
+                    return Err(Error::NotFound { what: kind.what(), key: missing.to_string() });
                 }
                 let mut removed = Vec::new();
                 for net in nets {
@@ -505,6 +530,7 @@ impl State {
                 json(serde_json::json!({ "ports": ports }))
             }
             Request::PortsList => json(serde_json::json!({ "ports": self.dp.maps.ports()? })),
+            Request::EgressPolicy => json(self.egress_policy()?),
             Request::Status => {
                 let ranges = self.store.list_ranges(None)?;
                 let count = |k: RangeKind, v6: bool| {
@@ -519,11 +545,18 @@ impl State {
                     "event_interval_secs": self.cfg.event_interval.as_secs(),
                     "interfaces": self.attached,
                     "ports": self.dp.maps.ports()?,
+                    "egress": self.egress_policy()?,
                     "entries": {
                         "deny_v4": count(RangeKind::Deny, false),
                         "deny_v6": count(RangeKind::Deny, true),
                         "allow_v4": count(RangeKind::Allow, false),
                         "allow_v6": count(RangeKind::Allow, true),
+                        "pool_v4": count(RangeKind::Pool, false),
+                        "pool_v6": count(RangeKind::Pool, true),
+                        "exempt_v4": count(RangeKind::Exempt, false),
+                        "exempt_v6": count(RangeKind::Exempt, true),
+                        "smarthost_v4": count(RangeKind::Smarthost, false),
+                        "smarthost_v6": count(RangeKind::Smarthost, true),
                         "verdicts": self.store.verdict_count()?,
                     },
                     "capacity": {
@@ -562,39 +595,67 @@ impl State {
         Ok(serde_json::json!({ "removed": out }))
     }
 
+    /// The egress gate's policy as the datapath holds it, with the
+    /// configured class names.
+    fn egress_policy(&self) -> Result<serde_json::Value> {
+        let (guarded, classes) = self.dp.maps.egress_policy()?;
+        let classes: Vec<serde_json::Value> = classes
+            .into_iter()
+            .map(|(c, ports, lim)| {
+                let cfg = self.cfg.egress.limit.get(c as usize - 1);
+                serde_json::json!({
+                    "class": c,
+                    "name": cfg.map(|l| l.name.clone()),
+                    "ports": ports,
+                    "rate": cfg.map(|l| l.rate.to_string()),
+                    "burst": cfg.map(|l| l.burst),
+                    "interval_ns": lim.interval_ns,
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({ "guarded_ports": guarded, "limits": classes }))
+    }
+
     /// Brings the datapath in line with the database for the ranges in
     /// `changed`, which were just added (`present`) or just removed: each
-    /// such net, and for a changed allow range every deny range inside it,
-    /// gets the entry [`desired_entry`] calls for.
+    /// such net, and for a changed winning range (allow, exempt) every
+    /// losing range (deny, pool) inside it, gets the entry [`desired_entry`]
+    /// calls for in its table.
     fn sync_ranges(&mut self, changed: &[RangeRecord], present: bool) -> Result<()> {
-        if changed.is_empty() {
-            return Ok(());
-        }
-        let allows = self.store.list_ranges(Some(RangeKind::Allow))?;
-        let allow_changed: Vec<IpNet> = changed.iter().filter(|r| r.kind == RangeKind::Allow).map(|r| r.net).collect();
-        // The deny range at each net whose entry may change.
-        let mut denies: StdHashMap<IpNet, RangeRecord> = StdHashMap::new();
-        if present {
-            denies.extend(changed.iter().filter(|r| r.kind == RangeKind::Deny).map(|r| (r.net, r.clone())));
-        }
-        if !allow_changed.is_empty() {
-            let inside = self
-                .store
-                .list_ranges(Some(RangeKind::Deny))?
-                .into_iter()
-                .filter(|d| allow_changed.iter().any(|a| a.contains(&d.net)));
-            denies.extend(inside.map(|d| (d.net, d)));
-        }
-        let mut nets: Vec<IpNet> = changed.iter().map(|r| r.net).chain(denies.keys().copied()).collect();
-        nets.sort();
-        nets.dedup();
-        for net in nets {
-            let want = desired_entry(net, &allows, denies.get(&net));
-            let have = self.dp.maps.ranges.range(net);
-            match want {
-                Some(v) if have != Some(v) => self.dp.maps.ranges.set_range(net, v)?,
-                None if have.is_some() => self.dp.maps.ranges.del_range(net)?,
-                _ => {}
+        for table in RangeTable::ALL {
+            let changed: Vec<&RangeRecord> = changed.iter().filter(|r| r.kind.table() == table).collect();
+            if changed.is_empty() {
+                continue;
+            }
+            let winners = self.store.list_ranges(Some(table.winner()))?;
+            let winner_changed: Vec<IpNet> =
+                changed.iter().filter(|r| r.kind == table.winner()).map(|r| r.net).collect();
+            // The losing range at each net whose entry may change.
+            let mut losers: StdHashMap<IpNet, RangeRecord> = StdHashMap::new();
+            if let Some(loser) = table.loser() {
+                if present {
+                    losers.extend(changed.iter().filter(|r| r.kind == loser).map(|r| (r.net, (*r).clone())));
+                }
+                if !winner_changed.is_empty() {
+                    let inside = self
+                        .store
+                        .list_ranges(Some(loser))?
+                        .into_iter()
+                        .filter(|d| winner_changed.iter().any(|a| a.contains(&d.net)));
+                    losers.extend(inside.map(|d| (d.net, d)));
+                }
+            }
+            let mut nets: Vec<IpNet> = changed.iter().map(|r| r.net).chain(losers.keys().copied()).collect();
+            nets.sort();
+            nets.dedup();
+            for net in nets {
+                let want = desired_entry(net, &winners, losers.get(&net));
+                let have = self.dp.maps.ranges.range(table, net);
+                match want {
+                    Some(v) if have != Some(v) => self.dp.maps.ranges.set_range(net, v)?,
+                    None if have.is_some() => self.dp.maps.ranges.del_range(table, net)?,
+                    _ => {}
+                }
             }
         }
         Ok(())
@@ -766,6 +827,7 @@ impl State {
             source: "learned".into(),
             comment: Some(format!("{} dynamic hosts named like {}", l.sources, l.shape)),
             expires_at: Some(now + self.cfg.learning.expire.as_secs() as i64),
+            action: None,
         };
         match self.store.add_ranges(RangeKind::Deny, &[new], false, true, now) {
             Ok(added) => {
@@ -799,14 +861,14 @@ impl State {
             .ranges
             .ranges()
             .into_iter()
-            .filter(|(n, _)| n.contains(&ip))
-            .max_by_key(|(n, _)| n.prefix_len());
+            .filter(|(t, n, _)| *t == RangeTable::Ingress && n.contains(&ip))
+            .max_by_key(|(_, n, _)| n.prefix_len());
         let range = match range {
-            Some((net, v)) => {
+            Some((_, net, v)) => {
                 let rec = self.store.list_ranges(None)?.into_iter().find(|r| r.id == v.range_id);
                 Some(serde_json::json!({
                     "net": net,
-                    "kind": if v.kind == gatekeeper_common::range_kind::ALLOW { "allow" } else { "deny" },
+                    "kind": crate::datapath::kind_of(v.kind),
                     "record": rec,
                 }))
             }

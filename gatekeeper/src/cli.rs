@@ -13,9 +13,11 @@ use gatekeeper::{
     protocol::{call, ClientError, Request},
     store::RangeKind,
 };
+
+use gatekeeper::datapath::{kind_of, Role};
 use gatekeeper_common::{
     config_flags,
-    counters::{counter_name, COUNTER_SLOTS},
+    counters::{counter_name, egress_counter_name, COUNTER_SLOTS, EGRESS_COUNTER_SLOTS},
     range_kind, Counter, StatKey,
 };
 use serde_json::{json, Value};
@@ -69,20 +71,25 @@ pub fn print_ranges(rows: &[Value]) {
         println!("(no ranges)");
         return;
     }
+    // Pools carry an action; other kinds do not.
+    let with_action = rows.iter().any(|r| !r["action"].is_null());
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
-                s(&r["net"]),
-                s(&r["origin"]),
-                s(&r["source"]),
-                s(&r["hits"]),
-                expires(&r["expires_at"]),
-                s(&r["comment"]),
-            ]
+            let mut row = vec![s(&r["net"])];
+            if with_action {
+                row.push(s(&r["action"]));
+            }
+            row.extend([s(&r["origin"]), s(&r["source"]), s(&r["hits"]), expires(&r["expires_at"]), s(&r["comment"])]);
+            row
         })
         .collect();
-    table(&["RANGE", "ORIGIN", "SOURCE", "HITS", "EXPIRES", "COMMENT"], &rows);
+    let header: &[&str] = if with_action {
+        &["RANGE", "ACTION", "ORIGIN", "SOURCE", "HITS", "EXPIRES", "COMMENT"]
+    } else {
+        &["RANGE", "ORIGIN", "SOURCE", "HITS", "EXPIRES", "COMMENT"]
+    };
+    table(header, &rows);
 }
 
 pub fn print_bans(rows: &[Value]) {
@@ -153,26 +160,44 @@ fn pinned_status(layout: &PinLayout) -> Result<Value> {
     }
     let maps = Maps::open_pinned(layout)?;
     let ranges = maps.ranges.ranges();
-    let count = |kind: u16, v6: bool| ranges.iter().filter(|(n, v)| v.kind == kind && n.addr().is_ipv6() == v6).count();
-    let program = aya::programs::ProgramInfo::from_pin(layout.program())
-        .map(|p| json!({ "id": p.id(), "tag": format!("{:016x}", p.tag()) }))
-        .unwrap_or(Value::Null);
+    let count =
+        |kind: u8, v6: bool| ranges.iter().filter(|(_, n, v)| v.kind == kind && n.addr().is_ipv6() == v6).count();
+    let program = |role: Role| {
+        aya::programs::ProgramInfo::from_pin(layout.program(role))
+            .map(|p| json!({ "id": p.id(), "tag": format!("{:016x}", p.tag()) }))
+            .unwrap_or(Value::Null)
+    };
     let links: Vec<Value> = layout
         .links()?
         .into_iter()
-        .map(|l| json!({ "ifname": l.ifname, "ifindex": ifindex(&l.ifname), "mode": l.mode }))
+        .map(|l| json!({ "ifname": l.ifname, "ifindex": ifindex(&l.ifname), "role": l.role, "mode": l.mode }))
+        .collect();
+    let (guarded, classes) = maps.egress_policy()?;
+    let classes: Vec<Value> = classes
+        .into_iter()
+        .map(
+            |(c, ports, l)| json!({ "class": c, "ports": ports, "interval_ns": l.interval_ns, "burst_ns": l.burst_ns }),
+        )
         .collect();
     Ok(json!({
         "loaded": true,
-        "program": program,
+        "program": program(Role::Ingress),
+        "programs": { "ingress": program(Role::Ingress), "subscriber": program(Role::Subscriber), "uplink": program(Role::Uplink) },
         "links": links,
         "ports": maps.ports()?,
+        "egress": { "guarded_ports": guarded, "limits": classes },
         "dry_run": maps.config()?.flags & config_flags::DRY_RUN != 0,
         "entries": {
             "deny_v4": count(range_kind::DENY, false),
             "deny_v6": count(range_kind::DENY, true),
             "allow_v4": count(range_kind::ALLOW, false),
             "allow_v6": count(range_kind::ALLOW, true),
+            "pool_v4": count(range_kind::POOL, false),
+            "pool_v6": count(range_kind::POOL, true),
+            "exempt_v4": count(range_kind::EXEMPT, false),
+            "exempt_v6": count(range_kind::EXEMPT, true),
+            "smarthost_v4": count(range_kind::SMARTHOST, false),
+            "smarthost_v6": count(range_kind::SMARTHOST, true),
             "verdicts": maps.verdicts()?.len(),
         },
     }))
@@ -219,9 +244,27 @@ pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
             format!("ifindex {}", l["ifindex"])
         };
         let adopted = if l["adopted"].as_bool() == Some(true) { ", adopted from a previous agent" } else { "" };
-        println!("interface:  {} ({}, {} mode{adopted})", s(&l["ifname"]), idx, s(&l["mode"]));
+        println!("interface:  {} ({}, {}, {} mode{adopted})", s(&l["ifname"]), s(&l["role"]), idx, s(&l["mode"]));
     }
-    println!("ports:      {}", join(&datapath["ports"]));
+    println!("ports:      {} (ingress gate)", join(&datapath["ports"]));
+    let eg = &datapath["egress"];
+    println!("egress:     ports {} blocked from pools", {
+        let p = join(&eg["guarded_ports"]);
+        if p.is_empty() {
+            "none".to_string()
+        } else {
+            p
+        }
+    });
+    let names: Vec<Value> = agent["egress"]["limits"].as_array().cloned().unwrap_or_default();
+    for l in eg["limits"].as_array().into_iter().flatten() {
+        let named = names.iter().find(|n| n["class"] == l["class"]);
+        let (name, rate, burst) = match named {
+            Some(n) => (s(&n["name"]), s(&n["rate"]), s(&n["burst"])),
+            None => (format!("class {}", l["class"]), format!("1 per {} ns", l["interval_ns"]), "-".into()),
+        };
+        println!("limit:      {name}: ports {} at {rate}, burst {burst}", join(&l["ports"]));
+    }
     println!(
         "dry-run:    {}",
         if datapath["dry_run"].as_bool().unwrap_or(false) { "YES (nothing is dropped)" } else { "no" }
@@ -236,6 +279,10 @@ pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
         "allow:      {} v4, {} v6 (capacity {cap} entries per family, allow and deny together)",
         e["allow_v4"], e["allow_v6"]
     );
+    println!(
+        "pools:      {} v4, {} v6; exempt {} v4, {} v6; smarthosts {} v4, {} v6",
+        e["pool_v4"], e["pool_v6"], e["exempt_v4"], e["exempt_v6"], e["smarthost_v4"], e["smarthost_v6"]
+    );
     match agent["capacity"]["verdicts"].as_u64() {
         Some(c) => println!("verdicts:   {} (capacity {c})", e["verdicts"]),
         None => println!("verdicts:   {}", e["verdicts"]),
@@ -249,22 +296,22 @@ pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
 struct Snapshot {
     at: Instant,
     counters: BTreeMap<StatKey, u64>,
+    egress: BTreeMap<StatKey, u64>,
     /// (hits, kind, net) of ranges with hits, most first.
     top: Vec<(u64, RangeKind, String)>,
 }
 
 fn snapshot(maps: &Maps) -> Result<Snapshot> {
     let ranges = maps.ranges.ranges();
-    let hits = maps.range_hits(ranges.iter().map(|(_, v)| v.range_id))?;
+    let hits = maps.range_hits(ranges.iter().map(|(_, _, v)| v.range_id))?;
     let mut top = Vec::new();
-    for (net, v) in ranges {
+    for (_, net, v) in ranges {
         if let Some(h) = hits.get(&v.range_id) {
-            let kind = if v.kind == range_kind::ALLOW { RangeKind::Allow } else { RangeKind::Deny };
-            top.push((*h, kind, net.to_string()));
+            top.push((*h, kind_of(v.kind), net.to_string()));
         }
     }
     top.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));
-    Ok(Snapshot { at: Instant::now(), counters: maps.counters()?, top })
+    Ok(Snapshot { at: Instant::now(), counters: maps.counters()?, egress: maps.egress_counters()?, top })
 }
 
 /// Interface names by stats slot: the agent's own view when it runs (it
@@ -296,63 +343,106 @@ impl Names {
     }
 }
 
-fn stats_json(snap: &Snapshot, names: &Names, top: usize) -> Value {
-    let ifaces: BTreeSet<u32> = snap.counters.keys().map(|k| k.ifindex).collect();
+/// One gate's counters as JSON: totals and per interface.
+fn counters_json(counters: &BTreeMap<StatKey, u64>, slots: u32, name: fn(u32) -> &'static str, names: &Names) -> Value {
+    let ifaces: BTreeSet<u32> = counters.keys().map(|k| k.ifindex).collect();
     let mut totals = serde_json::Map::new();
-    for slot in 0..COUNTER_SLOTS {
-        let sum: u64 = snap.counters.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum();
-        totals.insert(counter_name(slot).into(), sum.into());
+    for slot in 0..slots {
+        let sum: u64 = counters.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum();
+        totals.insert(name(slot).into(), sum.into());
     }
     let per_if: Vec<Value> = ifaces
         .iter()
         .map(|&i| {
-            let c: serde_json::Map<String, Value> = (0..COUNTER_SLOTS)
+            let c: serde_json::Map<String, Value> = (0..slots)
                 .map(|slot| {
                     (
-                        counter_name(slot).to_string(),
-                        snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).into(),
+                        name(slot).to_string(),
+                        counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).into(),
                     )
                 })
                 .collect();
             json!({ "ifindex": i, "name": names.label(i), "counters": c })
         })
         .collect();
-    let top: Vec<Value> =
-        snap.top.iter().take(top).map(|(h, k, n)| json!({ "range": n, "kind": k, "hits": h })).collect();
-    json!({ "totals": totals, "interfaces": per_if, "top_ranges": top })
+    json!({ "totals": totals, "interfaces": per_if })
 }
 
-fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, names: &Names, top: usize) {
-    let ifaces: Vec<u32> = snap.counters.keys().map(|k| k.ifindex).collect::<BTreeSet<_>>().into_iter().collect();
-    let mut header: Vec<String> = vec!["COUNTER".into()];
+fn stats_json(snap: &Snapshot, names: &Names, top: usize) -> Value {
+    let ingress = counters_json(&snap.counters, COUNTER_SLOTS, counter_name, names);
+    let egress = counters_json(&snap.egress, EGRESS_COUNTER_SLOTS, egress_counter_name, names);
+    let top: Vec<Value> =
+        snap.top.iter().take(top).map(|(h, k, n)| json!({ "range": n, "kind": k, "hits": h })).collect();
+    json!({ "totals": ingress["totals"], "interfaces": ingress["interfaces"], "egress": egress, "top_ranges": top })
+}
+
+/// One gate's counters as a table: a row per counter `shown`, a column per
+/// interface, the total and (with `prev`) the rate.
+fn counter_table(
+    title: &str,
+    now: (&BTreeMap<StatKey, u64>, Instant),
+    prev: Option<(&BTreeMap<StatKey, u64>, Instant)>,
+    slots: u32,
+    name: fn(u32) -> &'static str,
+    shown: &dyn Fn(u32, u64) -> bool,
+    names: &Names,
+) {
+    let (counters, at) = now;
+    let ifaces: Vec<u32> = counters.keys().map(|k| k.ifindex).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut header: Vec<String> = vec![title.into()];
     header.extend(ifaces.iter().map(|&i| names.label(i)));
     header.push("TOTAL".into());
     if prev.is_some() {
         header.push("RATE/s".into());
     }
-    let total =
-        |s: &Snapshot, slot: u32| -> u64 { s.counters.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum() };
-    // Verdict-reason rows that never counted anything are noise (most
-    // outcomes pass by default); the decision rows always show.
-    let shown = |slot: u32| slot < Counter::VerdictDropBase as u32 || total(snap, slot) > 0;
-    let rows: Vec<Vec<String>> =
-        (0..COUNTER_SLOTS)
-            .filter(|&slot| shown(slot))
-            .map(|slot| {
-                let mut row = vec![counter_name(slot).to_string()];
-                row.extend(ifaces.iter().map(|&i| {
-                    snap.counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).to_string()
-                }));
-                row.push(total(snap, slot).to_string());
-                if let Some(p) = prev {
-                    let dt = snap.at.duration_since(p.at).as_secs_f64().max(1e-3);
-                    row.push(format!("{:.1}", total(snap, slot).saturating_sub(total(p, slot)) as f64 / dt));
-                }
-                row
-            })
-            .collect();
+    let total = |c: &BTreeMap<StatKey, u64>, slot: u32| -> u64 {
+        c.iter().filter(|(k, _)| k.counter == slot).map(|(_, v)| v).sum()
+    };
+    let rows: Vec<Vec<String>> = (0..slots)
+        .filter(|&slot| shown(slot, total(counters, slot)))
+        .map(|slot| {
+            let mut row = vec![name(slot).to_string()];
+            row.extend(
+                ifaces
+                    .iter()
+                    .map(|&i| counters.get(&StatKey { ifindex: i, counter: slot }).copied().unwrap_or(0).to_string()),
+            );
+            row.push(total(counters, slot).to_string());
+            if let Some((p, p_at)) = prev {
+                let dt = at.duration_since(p_at).as_secs_f64().max(1e-3);
+                row.push(format!("{:.1}", total(counters, slot).saturating_sub(total(p, slot)) as f64 / dt));
+            }
+            row
+        })
+        .collect();
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
     table(&header, &rows);
+}
+
+fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, names: &Names, top: usize) {
+    // Verdict-reason rows that never counted anything are noise (most
+    // outcomes pass by default); the decision rows always show.
+    counter_table(
+        "COUNTER",
+        (&snap.counters, snap.at),
+        prev.map(|p| (&p.counters, p.at)),
+        COUNTER_SLOTS,
+        counter_name,
+        &|slot, total| slot < Counter::VerdictDropBase as u32 || total > 0,
+        names,
+    );
+    if !snap.egress.is_empty() {
+        println!();
+        counter_table(
+            "EGRESS",
+            (&snap.egress, snap.at),
+            prev.map(|p| (&p.egress, p.at)),
+            EGRESS_COUNTER_SLOTS,
+            egress_counter_name,
+            &|_, _| true,
+            names,
+        );
+    }
     println!();
     if snap.top.is_empty() {
         println!("(no range hits yet)");

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::datapath::{Role, TcModeSetting};
 use crate::error::{Error, Result};
 use crate::lists::parse_duration;
 
@@ -46,12 +47,23 @@ impl FromStr for XdpModeSetting {
     }
 }
 
+/// An interface and what gatekeeper does on it. In the config file an
+/// entry of `interfaces` is either a name (the ingress gate) or a table
+/// `{ name = "eth2", role = "uplink" }`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InterfaceSpec {
+    pub name: String,
+    pub role: Role,
+}
+
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     #[serde(deserialize_with = "de_interfaces")]
-    pub interfaces: Vec<String>,
+    pub interfaces: Vec<InterfaceSpec>,
     pub xdp_mode: XdpModeSetting,
+    /// How uplink TC programs attach: auto (tcx, else clsact), tcx, clsact.
+    pub tc_mode: TcModeSetting,
     /// `None` when the file does not set it.
     #[serde(deserialize_with = "de_ports")]
     pub ports: Option<Vec<u16>>,
@@ -78,6 +90,154 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The resolver for reverse-DNS lookups.
     pub dns: crate::dns::DnsConfig,
+    /// The egress gate: guarded ports and outbound connection limits.
+    pub egress: EgressConfig,
+}
+
+/// The egress gate's policy.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressConfig {
+    /// SYNs to these ports from pool sources are blocked unless they go to
+    /// a smarthost (empty: nothing is blocked, limits still apply).
+    #[serde(deserialize_with = "de_egress_ports")]
+    pub ports: Vec<u16>,
+    /// Connection-rate classes for subscriber sources (pool and exempt).
+    /// Setting `[[egress.limit]]` replaces the defaults; `limit = []`
+    /// turns limits off.
+    #[serde(deserialize_with = "de_limits")]
+    pub limit: Vec<LimitClass>,
+}
+
+/// One rate-limit class: every subscriber source gets its own token bucket
+/// per class.
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitClass {
+    pub name: String,
+    pub ports: Vec<u16>,
+    /// `N/s`, `N/min` or `N/h`.
+    pub rate: Rate,
+    /// Connections a quiet source may open at once.
+    pub burst: u32,
+}
+
+/// A connection rate, kept as the time between two tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Rate {
+    pub per: u32,
+    pub unit_secs: u32,
+}
+
+impl Rate {
+    pub fn interval_ns(self) -> u64 {
+        self.unit_secs as u64 * 1_000_000_000 / self.per as u64
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.unit_secs {
+            1 => "s",
+            60 => "min",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.per)
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("invalid rate {s:?} (expected N/s, N/min or N/h with N >= 1, e.g. \"30/min\")");
+        let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+        let per: u32 = n.trim().parse().map_err(|_| bad())?;
+        let unit_secs = match unit.trim() {
+            "s" | "sec" => 1,
+            "m" | "min" => 60,
+            "h" | "hour" => 3600,
+            _ => return Err(bad()),
+        };
+        if per == 0 || per > 1_000_000 {
+            return Err(bad());
+        }
+        Ok(Rate { per, unit_secs })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl LimitClass {
+    /// The datapath's form of this class.
+    pub fn rate_limit(&self) -> gatekeeper_common::RateLimit {
+        let interval_ns = self.rate.interval_ns();
+        gatekeeper_common::RateLimit { interval_ns, burst_ns: interval_ns.saturating_mul(self.burst as u64) }
+    }
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            ports: vec![25],
+            limit: vec![
+                LimitClass { name: "smtp".into(), ports: vec![25], rate: Rate { per: 30, unit_secs: 60 }, burst: 20 },
+                LimitClass {
+                    name: "submission".into(),
+                    ports: vec![465, 587],
+                    rate: Rate { per: 120, unit_secs: 60 },
+                    burst: 60,
+                },
+            ],
+        }
+    }
+}
+
+fn de_egress_ports<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<u16>, D::Error> {
+    let ports = Vec::<u16>::deserialize(d)?;
+    if ports.is_empty() {
+        return Ok(ports);
+    }
+    validate_ports(&ports).map_err(serde::de::Error::custom)
+}
+
+fn de_limits<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<LimitClass>, D::Error> {
+    let classes = Vec::<LimitClass>::deserialize(d)?;
+    let max = gatekeeper_common::MAX_LIMIT_CLASSES as usize - 1;
+    if classes.len() > max {
+        return Err(serde::de::Error::custom(format!("{} limit classes given, at most {max}", classes.len())));
+    }
+    let mut seen: Vec<(u16, &str)> = Vec::new();
+    for (i, c) in classes.iter().enumerate() {
+        if c.name.trim().is_empty() {
+            return Err(serde::de::Error::custom(format!("limit class #{} has an empty name", i + 1)));
+        }
+        if classes[..i].iter().any(|o| o.name == c.name) {
+            return Err(serde::de::Error::custom(format!("limit class {:?} is defined twice", c.name)));
+        }
+        if c.ports.is_empty() || c.ports.contains(&0) {
+            return Err(serde::de::Error::custom(format!(
+                "limit class {:?}: ports must be a non-empty list of ports 1-65535",
+                c.name
+            )));
+        }
+        if c.burst == 0 {
+            return Err(serde::de::Error::custom(format!("limit class {:?}: burst must be at least 1", c.name)));
+        }
+        for &p in &c.ports {
+            if let Some((_, other)) = seen.iter().find(|(q, _)| *q == p) {
+                return Err(serde::de::Error::custom(format!(
+                    "port {p} is in limit classes {other:?} and {:?}; a port belongs to one class",
+                    c.name
+                )));
+            }
+            seen.push((p, &c.name));
+        }
+    }
+    Ok(classes)
 }
 
 /// Drop or pass.
@@ -196,6 +356,7 @@ impl Default for Config {
         Config {
             interfaces: Vec::new(),
             xdp_mode: XdpModeSetting::Auto,
+            tc_mode: TcModeSetting::Auto,
             ports: None,
             dry_run: false,
             state_dir: "/var/lib/gatekeeper".into(),
@@ -209,11 +370,24 @@ impl Default for Config {
             classifier: ClassifierConfig::default(),
             limits: LimitsConfig::default(),
             dns: crate::dns::DnsConfig::default(),
+            egress: EgressConfig::default(),
         }
     }
 }
 
 impl Config {
+    /// The interfaces with `role`, in config order.
+    pub fn ifaces(&self, role: Role) -> Vec<String> {
+        self.interfaces.iter().filter(|i| i.role == role).map(|i| i.name.clone()).collect()
+    }
+
+    /// Replaces the interfaces of `role` (command-line flags do this).
+    pub fn set_ifaces(&mut self, role: Role, names: &[String]) -> Result<()> {
+        self.interfaces.retain(|i| i.role != role);
+        self.interfaces.extend(names.iter().map(|n| InterfaceSpec { name: n.clone(), role }));
+        check_interfaces(&self.interfaces).map_err(|message| Error::Config { path: "<command line>".into(), message })
+    }
+
     /// Reads `path`. A missing file gives the defaults unless `required`.
     pub fn load(path: &Path, required: bool) -> Result<Config> {
         match std::fs::read_to_string(path) {
@@ -386,9 +560,44 @@ fn de_abs_path<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<PathBuf, 
     Ok(p)
 }
 
-fn de_interfaces<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
-    let names = Vec::<String>::deserialize(d)?;
-    for (i, n) in names.iter().enumerate() {
+fn de_interfaces<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<InterfaceSpec>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Table {
+        name: String,
+        role: Role,
+    }
+    let values = Vec::<toml::Value>::deserialize(d)?;
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        out.push(match v {
+            toml::Value::String(name) => InterfaceSpec { name, role: Role::Ingress },
+            toml::Value::Table(t) => {
+                let t: Table = toml::Value::Table(t).try_into().map_err(|e: toml::de::Error| {
+                    serde::de::Error::custom(format!(
+                        "an interface entry is a name or {{ name = \"eth2\", role = \"ingress|uplink|subscriber\" }}: {}",
+                        e.message().trim()
+                    ))
+                })?;
+                InterfaceSpec { name: t.name, role: t.role }
+            }
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "an interface entry is a name or {{ name = .., role = .. }}, not {}",
+                    other.type_str()
+                )))
+            }
+        });
+    }
+    check_interfaces(&out).map_err(serde::de::Error::custom)?;
+    Ok(out)
+}
+
+/// Valid names; no interface twice in one role; the XDP roles (ingress and
+/// subscriber) exclude each other on one interface.
+fn check_interfaces(list: &[InterfaceSpec]) -> std::result::Result<(), String> {
+    for (i, spec) in list.iter().enumerate() {
+        let n = &spec.name;
         // The kernel's IFNAMSIZ is 16 including the NUL.
         let bad = n.is_empty()
             || n.len() > 15
@@ -396,13 +605,24 @@ fn de_interfaces<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<Str
             || n == ".."
             || n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
         if bad {
-            return Err(serde::de::Error::custom(format!("{n:?} is not a valid interface name")));
+            return Err(format!("{n:?} is not a valid interface name"));
         }
-        if names[..i].contains(n) {
-            return Err(serde::de::Error::custom(format!("interface {n:?} is listed twice")));
+        for other in &list[..i] {
+            if other.name != *n {
+                continue;
+            }
+            if other.role == spec.role {
+                return Err(format!("interface {n:?} is listed twice as {}", spec.role));
+            }
+            if other.role != Role::Uplink && spec.role != Role::Uplink {
+                return Err(format!(
+                    "interface {n:?} cannot be both {} and {}: both roles are XDP programs on its ingress",
+                    other.role, spec.role
+                ));
+            }
         }
     }
-    Ok(names)
+    Ok(())
 }
 
 fn de_log_level<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
@@ -455,10 +675,51 @@ mod tests {
     fn the_documented_example_config_parses() {
         let text = include_str!("../../docs/gatekeeper.example.toml");
         let c = Config::parse(text, Path::new("docs/gatekeeper.example.toml")).unwrap();
-        assert_eq!(c.interfaces, vec!["eth1".to_string()]);
+        assert_eq!(c.ifaces(Role::Ingress), vec!["eth1".to_string()]);
+        assert_eq!(c.ifaces(Role::Uplink), vec!["eth2".to_string()]);
+        assert_eq!(c.egress, EgressConfig::default());
         assert_eq!(c.policy, PolicyConfig::default());
         assert_eq!(c.limits, LimitsConfig::default());
         assert!(c.dns.enabled);
+    }
+
+    #[test]
+    fn interface_roles_and_egress_limits() {
+        let c = parse(
+            "interfaces = [\"eth0\", { name = \"eth1\", role = \"uplink\" }, { name = \"eth0\", role = \"uplink\" }, { name = \"sub0\", role = \"subscriber\" }]\n[egress]\nports = [25, 2525]\n[[egress.limit]]\nname = \"all\"\nports = [25]\nrate = \"6/min\"\nburst = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.ifaces(Role::Ingress), ["eth0"]);
+        assert_eq!(c.ifaces(Role::Uplink), ["eth1", "eth0"]);
+        assert_eq!(c.ifaces(Role::Subscriber), ["sub0"]);
+        assert_eq!(c.egress.ports, [25, 2525]);
+        assert_eq!(c.egress.limit.len(), 1);
+        let lim = c.egress.limit[0].rate_limit();
+        assert_eq!(lim.interval_ns, 10_000_000_000);
+        assert_eq!(lim.burst_ns, 30_000_000_000);
+        assert!(parse("[egress]\nlimit = []\nports = []\n").unwrap().egress.limit.is_empty());
+
+        for (text, want) in [
+            ("interfaces = [{ name = \"eth0\", role = \"router\" }]\n", "line 1"),
+            ("interfaces = [\"eth0\", { name = \"eth0\", role = \"subscriber\" }]\n", "both ingress and subscriber"),
+            ("interfaces = [{ name = \"eth0\", role = \"uplink\" }, { name = \"eth0\", role = \"uplink\" }]\n", "twice"),
+            ("interfaces = [3]\n", "not integer"),
+            ("[egress]\nports = [0]\n", "egress.ports"),
+            ("[[egress.limit]]\nname = \"a\"\nports = [25]\nrate = \"fast\"\nburst = 1\n", "invalid rate"),
+            ("[[egress.limit]]\nname = \"a\"\nports = [25]\nrate = \"0/min\"\nburst = 1\n", "invalid rate"),
+            ("[[egress.limit]]\nname = \"a\"\nports = [25]\nrate = \"1/min\"\nburst = 0\n", "burst"),
+            (
+                "[[egress.limit]]\nname = \"a\"\nports = [25]\nrate = \"1/min\"\nburst = 1\n[[egress.limit]]\nname = \"b\"\nports = [25]\nrate = \"1/min\"\nburst = 1\n",
+                "port 25 is in limit classes",
+            ),
+            ("[egress]\nport = [25]\n", "unknown field `port`"),
+        ] {
+            let m = message(text);
+            assert!(m.contains(want), "{text:?}: {m}");
+        }
+        let mut c = Config::default();
+        c.set_ifaces(Role::Ingress, &["eth0".into()]).unwrap();
+        assert!(c.set_ifaces(Role::Subscriber, &["eth0".into()]).is_err());
     }
 
     #[test]
@@ -516,7 +777,7 @@ log_level = "info,gatekeeper=debug"
 "#,
         )
         .unwrap();
-        assert_eq!(c.interfaces, ["eth0", "eth1"]);
+        assert_eq!(c.ifaces(Role::Ingress), ["eth0", "eth1"]);
         assert_eq!(c.xdp_mode, XdpModeSetting::Skb);
         assert_eq!(c.ports, Some(vec![25, 587]));
         assert!(c.dry_run);

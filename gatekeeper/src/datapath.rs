@@ -2,9 +2,13 @@
 //! adopting what a previous agent left attached), map updates and counters.
 //!
 //! Layout under the pin directory (default `/sys/fs/bpf/gatekeeper`):
-//! `maps/<MAP>`, `prog_ingress`, `links/<mode>@<ifname>`. Links and maps
-//! stay pinned when the agent exits, so enforcement never stops with it; a
-//! new agent reuses the maps and swaps the program in atomically.
+//! `maps/<MAP>`, `prog_ingress`, `prog_subscriber`, `prog_egress`, and
+//! `links/<mode>@<ifname>`: `native@`/`skb@` for the ingress gate,
+//! `sub-native@`/`sub-skb@` for subscriber-facing XDP, `tcx@` for uplink
+//! TC links, and an empty `clsact@` directory marking a netlink (clsact)
+//! filter on kernels without tcx. Links and maps stay pinned when the agent
+//! exits, so enforcement never stops with it; a new agent reuses the maps
+//! and swaps its programs in atomically.
 use std::{
     collections::{BTreeMap, HashMap as StdMap},
     ffi::CString,
@@ -18,19 +22,25 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf,
     },
-    programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode},
+    programs::{
+        links::FdLink,
+        links::PinnedLink,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        xdp::XdpLink,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    family, maps as names, programs, range_kind, Config, Ipv6Bytes, RangeEntry, RangeValue, SourceKey, StatKey,
-    V4LongKey, V4Slot, Verdict, PORT_WORDS,
+    family, maps as names, port_policy, programs, range_flags, range_kind, Config, Ipv6Bytes, RangeEntry, RangeValue,
+    RateLimit, SourceKey, StatKey, V4LongKey, V4Slot, Verdict, EG_PORT_ENTRIES, MAX_LIMIT_CLASSES, PORT_WORDS,
 };
 use ipnet::IpNet;
 use tracing::{info, warn};
 
 use crate::{
     config::XdpModeSetting,
-    store::{RangeKind, RangeRecord},
+    store::{PoolAction, RangeKind, RangeRecord, RangeTable},
     v4table::{V4Table, V4Writes},
     Error, Result,
 };
@@ -100,28 +110,103 @@ impl PinLock {
     }
 }
 
-/// How an XDP program is attached.
+/// How a program is attached: XDP in native or skb mode, TC through a
+/// tcx link or a clsact (netlink) filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     Native,
     Skb,
+    Tcx,
+    Clsact,
 }
 
 impl AttachMode {
     fn xdp_mode(self) -> XdpMode {
         match self {
-            AttachMode::Native => XdpMode::Driver,
             AttachMode::Skb => XdpMode::Skb,
+            _ => XdpMode::Driver,
         }
     }
     fn as_str(self) -> &'static str {
         match self {
             AttachMode::Native => "native",
             AttachMode::Skb => "skb",
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact => "clsact",
         }
     }
 }
+
+/// What an attached interface does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The ingress gate (XDP): inbound SYNs to guarded ports.
+    Ingress,
+    /// Uplink (TC egress): the egress gate on forwarded and local traffic.
+    Uplink,
+    /// Subscriber-facing (XDP): the egress gate on subscribers' SYNs as
+    /// they arrive.
+    Subscriber,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingress => "ingress",
+            Role::Uplink => "uplink",
+            Role::Subscriber => "subscriber",
+        }
+    }
+    fn program(self) -> &'static str {
+        match self {
+            Role::Ingress => programs::XDP_INGRESS,
+            Role::Uplink => programs::TC_EGRESS,
+            Role::Subscriber => programs::XDP_SUBSCRIBER,
+        }
+    }
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Role::Ingress | Role::Uplink => "",
+            Role::Subscriber => "sub-",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How to attach the uplink TC program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcModeSetting {
+    /// tcx where the kernel has it (6.6+), clsact otherwise.
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+impl std::str::FromStr for TcModeSetting {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(TcModeSetting::Auto),
+            "tcx" => Ok(TcModeSetting::Tcx),
+            "clsact" => Ok(TcModeSetting::Clsact),
+            _ => Err(format!("unknown TC mode {s:?} (expected auto, tcx or clsact)")),
+        }
+    }
+}
+
+/// Priority and handle of gatekeeper's clsact filter (fixed, so a
+/// restarted agent can replace it in place).
+const CLSACT_PRIORITY: u16 = 0xc0de;
+const CLSACT_HANDLE: u16 = 0x25;
 
 impl std::fmt::Display for AttachMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,10 +214,11 @@ impl std::fmt::Display for AttachMode {
     }
 }
 
-/// A pinned XDP link found under `links/`.
+/// A pinned link (or clsact marker) found under `links/`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LinkPin {
     pub ifname: String,
+    pub role: Role,
     pub mode: AttachMode,
     #[serde(skip)]
     pub path: PathBuf,
@@ -151,17 +237,22 @@ impl PinLayout {
     pub fn map(&self, name: &str) -> PathBuf {
         self.root.join("maps").join(name)
     }
-    pub fn program(&self) -> PathBuf {
-        self.root.join("prog_ingress")
+    pub fn program(&self, role: Role) -> PathBuf {
+        self.root.join(match role {
+            Role::Ingress => "prog_ingress",
+            Role::Subscriber => "prog_subscriber",
+            Role::Uplink => "prog_egress",
+        })
     }
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
-    /// `links/<mode>@<ifname>`, with `%` and `.` in the name percent-encoded:
-    /// bpffs refuses dots in pin names (and `eth0.100` has one).
-    pub fn link(&self, ifname: &str, mode: AttachMode) -> PathBuf {
+    /// `links/[sub-]<mode>@<ifname>`, with `%` and `.` in the name
+    /// percent-encoded: bpffs refuses dots in pin names (and `eth0.100` has
+    /// one).
+    pub fn link(&self, role: Role, ifname: &str, mode: AttachMode) -> PathBuf {
         let name = ifname.replace('%', "%25").replace('.', "%2e");
-        self.links_dir().join(format!("{mode}@{name}"))
+        self.links_dir().join(format!("{}{mode}@{name}", role.pin_prefix()))
     }
     /// Whether a datapath is pinned here.
     pub fn is_loaded(&self) -> bool {
@@ -180,14 +271,18 @@ impl PinLayout {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some((mode, ifname)) = name.split_once('@') else { continue };
             let ifname = ifname.replace("%2e", ".").replace("%25", "%");
-            let mode = match mode {
-                "native" => AttachMode::Native,
-                "skb" => AttachMode::Skb,
+            let (role, mode) = match mode {
+                "native" => (Role::Ingress, AttachMode::Native),
+                "skb" => (Role::Ingress, AttachMode::Skb),
+                "sub-native" => (Role::Subscriber, AttachMode::Native),
+                "sub-skb" => (Role::Subscriber, AttachMode::Skb),
+                "tcx" => (Role::Uplink, AttachMode::Tcx),
+                "clsact" => (Role::Uplink, AttachMode::Clsact),
                 _ => continue,
             };
-            out.push(LinkPin { ifname: ifname.to_string(), mode, path: entry.path() });
+            out.push(LinkPin { ifname: ifname.to_string(), role, mode, path: entry.path() });
         }
-        out.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+        out.sort_by(|a, b| (a.role, &a.ifname).cmp(&(b.role, &b.ifname)));
         Ok(out)
     }
 
@@ -195,13 +290,15 @@ impl PinLayout {
     pub fn unload(&self) -> Result<Vec<String>> {
         let mut removed = Vec::new();
         for link in self.links()? {
-            fs::remove_file(&link.path).map_err(|e| Error::io(format!("remove {}", link.path.display()), e))?;
-            removed.push(format!("link {} ({})", link.ifname, link.mode));
+            remove_link(&link)?;
+            removed.push(format!("link {} ({} {})", link.ifname, link.role, link.mode));
         }
-        let prog = self.program();
-        if prog.exists() {
-            fs::remove_file(&prog).map_err(|e| Error::io(format!("remove {}", prog.display()), e))?;
-            removed.push("program".into());
+        for role in [Role::Ingress, Role::Subscriber, Role::Uplink] {
+            let prog = self.program(role);
+            if prog.exists() {
+                fs::remove_file(&prog).map_err(|e| Error::io(format!("remove {}", prog.display()), e))?;
+                removed.push(format!("program {role}"));
+            }
         }
         for name in names::ALL {
             let p = self.map(name);
@@ -218,6 +315,22 @@ impl PinLayout {
         }
         Ok(removed)
     }
+}
+
+/// Detaches a pinned link: unpinning a link detaches it; a clsact filter
+/// is removed through netlink (gone with its interface already is fine).
+fn remove_link(link: &LinkPin) -> Result<()> {
+    if link.mode == AttachMode::Clsact {
+        if ifindex(&link.ifname).is_some() {
+            match tc::qdisc_detach_program(&link.ifname, TcAttachType::Egress, programs::TC_EGRESS) {
+                Ok(()) => {}
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(bpf_err(format!("remove clsact filter on {}", link.ifname), e)),
+            }
+        }
+        return fs::remove_dir(&link.path).map_err(|e| Error::io(format!("remove {}", link.path.display()), e));
+    }
+    fs::remove_file(&link.path).map_err(|e| Error::io(format!("remove {}", link.path.display()), e))
 }
 
 pub fn ifindex(ifname: &str) -> Option<u32> {
@@ -249,7 +362,7 @@ pub fn expiry_ns(expires_at: Option<i64>, unix_now: i64, mono_now: u64) -> u64 {
     }
 }
 
-/// Typed handles on every map but the ring buffer.
+/// Typed handles on every map but the ring buffer and the token buckets.
 pub struct Maps {
     pub ranges: RangeMaps,
     pub verdicts: HashMap<MapData, SourceKey, Verdict>,
@@ -257,19 +370,57 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
     pub stats: PerCpuArray<MapData, u64>,
     pub range_hits: PerCpuArray<MapData, u64>,
+    pub eg_ports: Array<MapData, u32>,
+    pub eg_limits: Array<MapData, RateLimit>,
+    pub eg_stats: PerCpuArray<MapData, u64>,
 }
 
-/// The range tables (IPv4 slots and long entries, IPv6 trie) and the index,
-/// with an in-memory mirror of every entry.
-pub struct RangeMaps {
+/// One range table: IPv4 slots and long entries, the IPv6 trie, and an
+/// in-memory mirror of its entries.
+pub struct TableMaps {
     pub v4_slots: Array<MapData, V4Slot>,
     pub v4_long: HashMap<MapData, V4LongKey, RangeValue>,
-    pub ranges_v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
-    pub range_index: HashMap<MapData, u32, RangeEntry>,
-    /// Every range entry, as the index holds it (loaded on open).
+    pub v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
+    /// Every entry of this table, as the index holds it (loaded on open).
     entries: StdMap<IpNet, RangeValue>,
     /// The IPv4 entries, organised as the datapath searches them.
     v4: V4Table,
+}
+
+/// The three range tables (ingress, subscriber, smarthost) and the shared
+/// index of every entry by range id.
+pub struct RangeMaps {
+    tables: [TableMaps; 3],
+    pub range_index: HashMap<MapData, u32, RangeEntry>,
+}
+
+/// Map names of a table: (IPv4 slots, IPv4 long entries, IPv6 trie).
+fn table_names(t: RangeTable) -> (&'static str, &'static str, &'static str) {
+    match t {
+        RangeTable::Ingress => (names::V4_SLOTS, names::V4_LONG, names::RANGES_V6),
+        RangeTable::Subscriber => (names::SUB_SLOTS, names::SUB_LONG, names::SUB_V6),
+        RangeTable::Smarthost => (names::SMH_SLOTS, names::SMH_LONG, names::SMH_V6),
+    }
+}
+
+/// The table a datapath entry of kind `code` lives in.
+pub fn table_of(code: u8) -> RangeTable {
+    match code {
+        range_kind::POOL | range_kind::EXEMPT => RangeTable::Subscriber,
+        range_kind::SMARTHOST => RangeTable::Smarthost,
+        _ => RangeTable::Ingress,
+    }
+}
+
+/// The store's kind of a datapath kind code.
+pub fn kind_of(code: u8) -> RangeKind {
+    match code {
+        range_kind::ALLOW => RangeKind::Allow,
+        range_kind::POOL => RangeKind::Pool,
+        range_kind::EXEMPT => RangeKind::Exempt,
+        range_kind::SMARTHOST => RangeKind::Smarthost,
+        _ => RangeKind::Deny,
+    }
 }
 
 /// Expected (key size, value size) of each pinned map, to refuse adopting
@@ -279,9 +430,13 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     let lpm6 = (4 + size_of::<Ipv6Bytes>()) as u32;
     let range = size_of::<RangeValue>() as u32;
     Some(match name {
-        names::V4_SLOTS => (4, size_of::<V4Slot>() as u32),
-        names::V4_LONG => (size_of::<V4LongKey>() as u32, range),
-        names::RANGES_V6 => (lpm6, range),
+        names::V4_SLOTS | names::SUB_SLOTS | names::SMH_SLOTS => (4, size_of::<V4Slot>() as u32),
+        names::V4_LONG | names::SUB_LONG | names::SMH_LONG => (size_of::<V4LongKey>() as u32, range),
+        names::RANGES_V6 | names::SUB_V6 | names::SMH_V6 => (lpm6, range),
+        names::EG_PORTS => (4, 4),
+        names::EG_LIMITS => (4, size_of::<RateLimit>() as u32),
+        names::EG_BUCKETS => (size_of::<gatekeeper_common::LimitKey>() as u32, 8),
+        names::EG_STATS => (4, 8),
         names::RANGE_INDEX => (4, size_of::<RangeEntry>() as u32),
         names::VERDICTS => (size_of::<SourceKey>() as u32, size_of::<Verdict>() as u32),
         names::SEEN => (size_of::<SourceKey>() as u32, 8),
@@ -312,33 +467,80 @@ impl Maps {
             let data = MapData::from_pin(&path).map_err(|e| bpf_err(format!("open {}", path.display()), e))?;
             Map::from_map_data(data).map(Some).map_err(|e| bpf_err(format!("map {name}"), e))
         };
-        Ok(Maps {
-            ranges: RangeMaps::new(RangeMaps {
-                v4_slots: typed(open(names::V4_SLOTS)?, names::V4_SLOTS)?,
-                v4_long: typed(open(names::V4_LONG)?, names::V4_LONG)?,
-                ranges_v6: typed(open(names::RANGES_V6)?, names::RANGES_V6)?,
-                range_index: typed(open(names::RANGE_INDEX)?, names::RANGE_INDEX)?,
-                entries: StdMap::new(),
-                v4: V4Table::default(),
-            })?,
-            verdicts: typed(open(names::VERDICTS)?, names::VERDICTS)?,
-            ports: typed(open(names::PORTS)?, names::PORTS)?,
-            config: typed(open(names::CONFIG)?, names::CONFIG)?,
-            stats: typed(open(names::STATS)?, names::STATS)?,
-            range_hits: typed(open(names::RANGE_HITS)?, names::RANGE_HITS)?,
-        })
+        let mut get = |name: &str| open(name);
+        Maps::build(&mut get)
     }
 
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps> {
+        Maps::build(&mut |name: &str| Ok(ebpf.take_map(name)))
+    }
+
+    fn build(get: &mut dyn FnMut(&str) -> Result<Option<Map>>) -> Result<Maps> {
         Ok(Maps {
-            ranges: RangeMaps::take(ebpf)?,
-            verdicts: typed(ebpf.take_map(names::VERDICTS), names::VERDICTS)?,
-            ports: typed(ebpf.take_map(names::PORTS), names::PORTS)?,
-            config: typed(ebpf.take_map(names::CONFIG), names::CONFIG)?,
-            stats: typed(ebpf.take_map(names::STATS), names::STATS)?,
-            range_hits: typed(ebpf.take_map(names::RANGE_HITS), names::RANGE_HITS)?,
+            ranges: RangeMaps::build(get)?,
+            verdicts: typed(get(names::VERDICTS)?, names::VERDICTS)?,
+            ports: typed(get(names::PORTS)?, names::PORTS)?,
+            config: typed(get(names::CONFIG)?, names::CONFIG)?,
+            stats: typed(get(names::STATS)?, names::STATS)?,
+            range_hits: typed(get(names::RANGE_HITS)?, names::RANGE_HITS)?,
+            eg_ports: typed(get(names::EG_PORTS)?, names::EG_PORTS)?,
+            eg_limits: typed(get(names::EG_LIMITS)?, names::EG_LIMITS)?,
+            eg_stats: typed(get(names::EG_STATS)?, names::EG_STATS)?,
         })
+    }
+
+    /// Writes the egress port policy: `guarded` ports are blocked from
+    /// pools, `classes[i]` = (ports, limit) is rate-limit class `i + 1`.
+    /// Only words that change are written; a port keeps its old policy
+    /// until its new word lands (each write is atomic).
+    pub fn set_egress_policy(&mut self, guarded: &[u16], classes: &[(Vec<u16>, RateLimit)]) -> Result<()> {
+        if classes.len() >= MAX_LIMIT_CLASSES as usize {
+            return Err(Error::Bpf(format!("at most {} rate-limit classes", MAX_LIMIT_CLASSES - 1)));
+        }
+        let mut want = vec![0u32; EG_PORT_ENTRIES as usize];
+        for &p in guarded {
+            want[p as usize] |= port_policy::GUARD;
+        }
+        for (i, (ports, _)) in classes.iter().enumerate() {
+            for &p in ports {
+                want[p as usize] |= port_policy::word(false, i as u32 + 1);
+            }
+        }
+        // Limits first, so a port never points at a class not yet written.
+        for class in 1..MAX_LIMIT_CLASSES {
+            let lim = classes.get(class as usize - 1).map(|(_, l)| *l).unwrap_or_default();
+            self.eg_limits.set(class, lim, 0).map_err(|e| bpf_err("write rate limits", e))?;
+        }
+        for (port, &w) in want.iter().enumerate() {
+            let cur = self.eg_ports.get(&(port as u32), 0).map_err(|e| bpf_err("read egress ports", e))?;
+            if cur != w {
+                self.eg_ports.set(port as u32, w, 0).map_err(|e| bpf_err("write egress ports", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The egress port policy: (guarded ports, ports of each class 1..).
+    pub fn egress_policy(&self) -> Result<(Vec<u16>, Vec<(u32, Vec<u16>, RateLimit)>)> {
+        let mut guarded = Vec::new();
+        let mut classes: BTreeMap<u32, Vec<u16>> = BTreeMap::new();
+        for (port, w) in self.eg_ports.iter().enumerate() {
+            let w = w.map_err(|e| bpf_err("read egress ports", e))?;
+            if w & port_policy::GUARD != 0 {
+                guarded.push(port as u16);
+            }
+            let c = port_policy::class(w);
+            if c != 0 {
+                classes.entry(c).or_default().push(port as u16);
+            }
+        }
+        let mut out = Vec::new();
+        for (c, ports) in classes {
+            let lim = self.eg_limits.get(&c, 0).map_err(|e| bpf_err("read rate limits", e))?;
+            out.push((c, ports, lim));
+        }
+        Ok((guarded, out))
     }
 
     pub fn set_verdict(&mut self, key: SourceKey, v: Verdict) -> Result<()> {
@@ -401,17 +603,14 @@ impl Maps {
     /// Decision counters summed over CPUs, by (interface slot, counter);
     /// only counters that moved.
     pub fn counters(&self) -> Result<BTreeMap<StatKey, u64>> {
-        let mut out = BTreeMap::new();
-        for (index, v) in self.stats.iter().enumerate() {
-            let sum: u64 = v.map_err(|e| bpf_err("read counters", e))?.iter().sum();
-            if sum > 0 {
-                out.insert(StatKey::from_index(index as u32), sum);
-            }
-        }
-        Ok(out)
+        sum_counters(&self.stats)
     }
 
-    /// Hits of each range id that has any.
+    /// The egress gate's counters, as [`Maps::counters`].
+    pub fn egress_counters(&self) -> Result<BTreeMap<StatKey, u64>> {
+        sum_counters(&self.eg_stats)
+    }
+
     /// Hits of the range ids in use (`ids`), read one id at a time: the
     /// whole per-CPU array is 262,144 slots, most of them unused.
     pub fn range_hits(&self, ids: impl IntoIterator<Item = u32>) -> Result<BTreeMap<u32, u64>> {
@@ -433,22 +632,53 @@ impl Maps {
     }
 }
 
+/// Per-CPU counters summed, by (interface slot, counter); only those that
+/// moved.
+fn sum_counters(stats: &PerCpuArray<MapData, u64>) -> Result<BTreeMap<StatKey, u64>> {
+    let mut out = BTreeMap::new();
+    for (index, v) in stats.iter().enumerate() {
+        let sum: u64 = v.map_err(|e| bpf_err("read counters", e))?.iter().sum();
+        if sum > 0 {
+            out.insert(StatKey::from_index(index as u32), sum);
+        }
+    }
+    Ok(out)
+}
+
 impl RangeMaps {
     /// Takes the range maps out of a loaded object (the tests and the
     /// benchmark use this beside their own handles on the other maps).
     pub fn take(ebpf: &mut Ebpf) -> Result<RangeMaps> {
-        RangeMaps::new(RangeMaps {
-            v4_slots: typed(ebpf.take_map(names::V4_SLOTS), names::V4_SLOTS)?,
-            v4_long: typed(ebpf.take_map(names::V4_LONG), names::V4_LONG)?,
-            ranges_v6: typed(ebpf.take_map(names::RANGES_V6), names::RANGES_V6)?,
-            range_index: typed(ebpf.take_map(names::RANGE_INDEX), names::RANGE_INDEX)?,
-            entries: StdMap::new(),
-            v4: V4Table::default(),
-        })
+        RangeMaps::build(&mut |name: &str| Ok(ebpf.take_map(name)))
     }
 
-    /// Loads the range mirror from the index.
+    fn build(get: &mut dyn FnMut(&str) -> Result<Option<Map>>) -> Result<RangeMaps> {
+        let mut table = |t: RangeTable| -> Result<TableMaps> {
+            let (slots, long, v6) = table_names(t);
+            Ok(TableMaps {
+                v4_slots: typed(get(slots)?, slots)?,
+                v4_long: typed(get(long)?, long)?,
+                v6: typed(get(v6)?, v6)?,
+                entries: StdMap::new(),
+                v4: V4Table::default(),
+            })
+        };
+        let tables = [table(RangeTable::Ingress)?, table(RangeTable::Subscriber)?, table(RangeTable::Smarthost)?];
+        let range_index = typed(get(names::RANGE_INDEX)?, names::RANGE_INDEX)?;
+        RangeMaps::new(RangeMaps { tables, range_index })
+    }
+
+    fn table(&self, t: RangeTable) -> &TableMaps {
+        &self.tables[t as usize]
+    }
+
+    fn table_mut(&mut self, t: RangeTable) -> &mut TableMaps {
+        &mut self.tables[t as usize]
+    }
+
+    /// Loads the range mirrors from the index.
     fn new(mut maps: RangeMaps) -> Result<RangeMaps> {
+        let mut loaded = Vec::new();
         for item in maps.range_index.iter() {
             let (_, e) = item.map_err(|e| bpf_err("read range index", e))?;
             let net = match e.family {
@@ -459,28 +689,35 @@ impl RangeMaps {
                 _ => ipnet::Ipv6Net::new(e.addr.into(), e.prefix_len as u8).map(IpNet::V6),
             }
             .map_err(|err| bpf_err("bad range index entry", err))?;
-            maps.entries.insert(net, e.value);
+            loaded.push((net, e.value));
         }
-        maps.v4 = V4Table::from_entries(maps.entries.iter().filter_map(|(n, v)| match n {
-            IpNet::V4(n) => Some((*n, *v)),
-            IpNet::V6(_) => None,
-        }));
+        for (net, value) in loaded {
+            maps.table_mut(table_of(value.kind)).entries.insert(net, value);
+        }
+        for t in &mut maps.tables {
+            t.v4 = V4Table::from_entries(t.entries.iter().filter_map(|(n, v)| match n {
+                IpNet::V4(n) => Some((*n, *v)),
+                IpNet::V6(_) => None,
+            }));
+        }
         Ok(maps)
     }
 
-    /// Writes the range entry for `net` (allow or deny, by `value.kind`).
+    /// Writes the range entry for `net` in the table of `value.kind`.
     pub fn set_range(&mut self, net: IpNet, value: RangeValue) -> Result<()> {
         let err = |e| bpf_err(format!("insert range {net}"), e);
-        let old = self.entries.get(&net).copied();
+        let t = self.table_mut(table_of(value.kind));
+        let old = t.entries.get(&net).copied();
         match net {
             IpNet::V4(n) => {
-                let w = self.v4.set(n, value);
-                self.apply_v4(w).map_err(err)?;
+                let w = t.v4.set(n, value);
+                t.apply_v4(w).map_err(err)?;
             }
             IpNet::V6(n) => {
-                self.ranges_v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0).map_err(err)?;
+                t.v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0).map_err(err)?;
             }
         }
+        t.entries.insert(net, value);
         if let Some(old) = old.filter(|o| o.range_id != value.range_id) {
             ignore_missing(self.range_index.remove(&old.range_id)).map_err(err)?;
         }
@@ -493,27 +730,48 @@ impl RangeMaps {
             IpNet::V6(n) => (n.network().octets(), family::V6),
         };
         let entry = RangeEntry { addr, value, prefix_len: net.prefix_len() as u16, family: fam, _pad: 0 };
-        self.range_index.insert(value.range_id, entry, 0).map_err(err)?;
-        self.entries.insert(net, value);
-        Ok(())
+        self.range_index.insert(value.range_id, entry, 0).map_err(err)
     }
 
-    pub fn del_range(&mut self, net: IpNet) -> Result<()> {
+    /// Removes the entry for `net` from `table`.
+    pub fn del_range(&mut self, table: RangeTable, net: IpNet) -> Result<()> {
         let err = |e| bpf_err(format!("remove range {net}"), e);
-        let Some(old) = self.entries.remove(&net) else { return Ok(()) };
+        let t = self.table_mut(table);
+        let Some(old) = t.entries.remove(&net) else { return Ok(()) };
         match net {
             IpNet::V4(n) => {
-                let w = self.v4.del(n);
-                self.apply_v4(w).map_err(err)?;
+                let w = t.v4.del(n);
+                t.apply_v4(w).map_err(err)?;
             }
             IpNet::V6(n) => {
-                ignore_missing(self.ranges_v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets())))
-                    .map_err(err)?;
+                ignore_missing(t.v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))).map_err(err)?;
             }
         }
         ignore_missing(self.range_index.remove(&old.range_id)).map_err(err)
     }
 
+    /// Rewrites the IPv4 slots and long entries that differ from the
+    /// mirrors (the agent does this on start, after reconciling).
+    pub fn rebuild_v4(&mut self) -> Result<usize> {
+        let mut writes = 0;
+        for t in &mut self.tables {
+            writes += t.rebuild_v4()?;
+        }
+        Ok(writes)
+    }
+
+    /// The entry stored for exactly `net` in `table`.
+    pub fn range(&self, table: RangeTable, net: IpNet) -> Option<RangeValue> {
+        self.table(table).entries.get(&net).copied()
+    }
+
+    /// Every range entry in the datapath, with its table.
+    pub fn ranges(&self) -> Vec<(RangeTable, IpNet, RangeValue)> {
+        RangeTable::ALL.into_iter().flat_map(|t| self.table(t).entries.iter().map(move |(n, v)| (t, *n, *v))).collect()
+    }
+}
+
+impl TableMaps {
     /// Writes what an IPv4 change needs: a new long entry before the slot
     /// that points at it, a removed one after.
     fn apply_v4(&mut self, w: V4Writes) -> std::result::Result<(), aya::maps::MapError> {
@@ -532,8 +790,8 @@ impl RangeMaps {
     }
 
     /// Rewrites the IPv4 slots and long entries that differ from the
-    /// mirror (the agent does this on start, after reconciling).
-    pub fn rebuild_v4(&mut self) -> Result<usize> {
+    /// mirror.
+    fn rebuild_v4(&mut self) -> Result<usize> {
         let err = |e| bpf_err("rebuild IPv4 range table", e);
         let mut writes = 0;
         let want: StdMap<V4LongKey, RangeValue> = self
@@ -567,16 +825,6 @@ impl RangeMaps {
         }
         Ok(writes)
     }
-
-    /// The entry stored for exactly `net`.
-    pub fn range(&self, net: IpNet) -> Option<RangeValue> {
-        self.entries.get(&net).copied()
-    }
-
-    /// Every range entry in the datapath.
-    pub fn ranges(&self) -> Vec<(IpNet, RangeValue)> {
-        self.entries.iter().map(|(n, v)| (*n, *v)).collect()
-    }
 }
 
 fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
@@ -592,6 +840,7 @@ fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::resul
 pub struct Attached {
     pub ifname: String,
     pub ifindex: u32,
+    pub role: Role,
     pub mode: AttachMode,
     /// An existing pinned link was kept and given the new program.
     pub adopted: bool,
@@ -606,7 +855,7 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the program, reusing maps already pinned under `layout` (a
+    /// Loads the programs, reusing maps already pinned under `layout` (a
     /// previous agent's state and counters) or creating and pinning them.
     pub fn load(layout: &PinLayout, max_verdicts: u32) -> Result<Datapath> {
         ensure_bpffs(&layout.root)?;
@@ -620,13 +869,14 @@ impl Datapath {
         }
         loader.map_max_entries(names::VERDICTS, max_verdicts);
         let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(|e| bpf_err("load eBPF object", e))?;
-        let prog = xdp_program(&mut ebpf)?;
-        prog.load().map_err(|e| bpf_err("load XDP program (verifier)", e))?;
-        let prog_pin = layout.program();
-        if prog_pin.exists() {
-            fs::remove_file(&prog_pin).map_err(|e| Error::io(format!("replace {}", prog_pin.display()), e))?;
+        for role in [Role::Ingress, Role::Subscriber] {
+            let prog = xdp_program(&mut ebpf, role)?;
+            prog.load().map_err(|e| bpf_err(format!("load XDP program {} (verifier)", role.program()), e))?;
+            pin_program(layout, role, |p| prog.pin(p))?;
         }
-        prog.pin(&prog_pin).map_err(|e| bpf_err(format!("pin program at {}", prog_pin.display()), e))?;
+        let prog = tc_program(&mut ebpf)?;
+        prog.load().map_err(|e| bpf_err(format!("load TC program {} (verifier)", programs::TC_EGRESS), e))?;
+        pin_program(layout, Role::Uplink, |p| prog.pin(p))?;
         let maps = Maps::take(&mut ebpf)?;
         let events = typed(ebpf.take_map(names::EVENTS), names::EVENTS)?;
         Ok(Datapath { layout: layout.clone(), ebpf, maps, events: Some(events) })
@@ -637,12 +887,16 @@ impl Datapath {
         self.events.take()
     }
 
-    /// Attaches to `ifname`, or adopts the link a previous agent pinned there
-    /// by swapping in this agent's program atomically (no gap).
-    pub fn attach(&mut self, ifname: &str, want: XdpModeSetting) -> Result<Attached> {
+    /// Attaches an XDP role (ingress gate or subscriber side) to `ifname`,
+    /// or adopts the link a previous agent pinned there by swapping in this
+    /// agent's program atomically (no gap).
+    pub fn attach(&mut self, role: Role, ifname: &str, want: XdpModeSetting) -> Result<Attached> {
+        if role == Role::Uplink {
+            return Err(Error::Bpf("uplinks are attached with attach_uplink".into()));
+        }
         let ifindex = ifindex(ifname).ok_or_else(|| Error::Bpf(format!("interface {ifname:?} not found")))?;
-        let existing = self.layout.links()?.into_iter().find(|l| l.ifname == ifname);
-        let prog = xdp_program(&mut self.ebpf)?;
+        let existing = self.layout.links()?.into_iter().find(|l| l.ifname == ifname && l.role == role);
+        let prog = xdp_program(&mut self.ebpf, role)?;
         if let Some(pin) = existing {
             let compatible = match want {
                 XdpModeSetting::Auto => true,
@@ -657,10 +911,10 @@ impl Datapath {
                 let id = prog.attach_to_link(link).map_err(|e| bpf_err(format!("update XDP link on {ifname}"), e))?;
                 // The link stays attached through its pin; drop our fd.
                 drop(prog.take_link(id).map_err(|e| bpf_err("take link", e))?);
-                return Ok(Attached { ifname: ifname.into(), ifindex, mode: pin.mode, adopted: true });
+                return Ok(Attached { ifname: ifname.into(), ifindex, role, mode: pin.mode, adopted: true });
             }
-            warn!(iface = ifname, from = %pin.mode, to = %want, "XDP mode change requested: detaching and re-attaching (brief gap)");
-            fs::remove_file(&pin.path).map_err(|e| Error::io(format!("remove {}", pin.path.display()), e))?;
+            warn!(iface = ifname, %role, from = %pin.mode, to = %want, "XDP mode change requested: detaching and re-attaching (brief gap)");
+            remove_link(&pin)?;
         }
         let modes: &[AttachMode] = match want {
             XdpModeSetting::Auto => &[AttachMode::Native, AttachMode::Skb],
@@ -678,13 +932,13 @@ impl Datapath {
                             e,
                         )
                     })?;
-                    let path = self.layout.link(ifname, mode);
+                    let path = self.layout.link(role, ifname, mode);
                     fd.pin(&path).map_err(|e| bpf_err(format!("pin link at {}", path.display()), e))?;
-                    return Ok(Attached { ifname: ifname.into(), ifindex, mode, adopted: false });
+                    return Ok(Attached { ifname: ifname.into(), ifindex, role, mode, adopted: false });
                 }
                 Err(e) => {
                     if mode == AttachMode::Native && modes.len() > 1 {
-                        warn!(iface = ifname, error = %e, "native XDP attach failed; falling back to skb (generic) mode, which is slower");
+                        warn!(iface = ifname, %role, error = %e, "native XDP attach failed; falling back to skb (generic) mode, which is slower");
                     }
                     last_err = Some(bpf_err(format!("attach XDP ({mode}) to {ifname}"), e));
                 }
@@ -693,12 +947,89 @@ impl Datapath {
         Err(last_err.unwrap_or_else(|| Error::Bpf("no XDP mode to try".into())))
     }
 
-    /// Detaches interfaces pinned earlier but no longer wanted.
-    pub fn detach_except(&self, keep: &[String]) -> Result<Vec<String>> {
+    /// Attaches the egress gate to an uplink's TC egress hook: a tcx link
+    /// (pinned) where the kernel has tcx, else a clsact filter (marked by an
+    /// empty `clsact@` directory). A previous agent's attachment is adopted
+    /// by replacing its program in place.
+    pub fn attach_uplink(&mut self, ifname: &str, want: TcModeSetting) -> Result<Attached> {
+        let ifindex = ifindex(ifname).ok_or_else(|| Error::Bpf(format!("interface {ifname:?} not found")))?;
+        let role = Role::Uplink;
+        let existing = self.layout.links()?.into_iter().find(|l| l.ifname == ifname && l.role == role);
+        let prog = tc_program(&mut self.ebpf)?;
+        if let Some(pin) = existing {
+            let compatible = match want {
+                TcModeSetting::Auto => true,
+                TcModeSetting::Tcx => pin.mode == AttachMode::Tcx,
+                TcModeSetting::Clsact => pin.mode == AttachMode::Clsact,
+            };
+            if compatible {
+                let link = if pin.mode == AttachMode::Tcx {
+                    let pinned = PinnedLink::from_pin(&pin.path)
+                        .map_err(|e| bpf_err(format!("open {}", pin.path.display()), e))?;
+                    SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| bpf_err(format!("link {}", pin.path.display()), e))?
+                } else {
+                    SchedClassifierLink::attached(
+                        ifname,
+                        TcAttachType::Egress,
+                        CLSACT_PRIORITY,
+                        TcHandle::new(0, CLSACT_HANDLE),
+                        None,
+                    )
+                    .map_err(|e| Error::io(format!("clsact filter on {ifname}"), e))?
+                };
+                let id = prog.attach_to_link(link).map_err(|e| bpf_err(format!("update TC link on {ifname}"), e))?;
+                let link = prog.take_link(id).map_err(|e| bpf_err("take link", e))?;
+                // tcx: the pin keeps it; clsact: the filter lives in the
+                // kernel. Neither may be detached when this handle goes.
+                std::mem::forget(link);
+                return Ok(Attached { ifname: ifname.into(), ifindex, role, mode: pin.mode, adopted: true });
+            }
+            warn!(iface = ifname, from = %pin.mode, "TC mode change requested: detaching and re-attaching (brief gap)");
+            remove_link(&pin)?;
+        }
+        let tcx_ok =
+            aya::util::KernelVersion::current().map(|v| v >= aya::util::KernelVersion::new(6, 6, 0)).unwrap_or(false);
+        let mode = match want {
+            TcModeSetting::Tcx => AttachMode::Tcx,
+            TcModeSetting::Clsact => AttachMode::Clsact,
+            TcModeSetting::Auto if tcx_ok => AttachMode::Tcx,
+            TcModeSetting::Auto => {
+                info!(iface = ifname, "kernel older than 6.6 has no tcx: attaching through a clsact qdisc");
+                AttachMode::Clsact
+            }
+        };
+        let path = self.layout.link(role, ifname, mode);
+        if mode == AttachMode::Tcx {
+            let id = prog
+                .attach_with_options(ifname, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| bpf_err(format!("attach TC (tcx) to {ifname} egress"), e))?;
+            let link = prog.take_link(id).map_err(|e| bpf_err("take link", e))?;
+            let fd = FdLink::try_from(link).map_err(|e| bpf_err(format!("{ifname}: tcx link"), e))?;
+            fd.pin(&path).map_err(|e| bpf_err(format!("pin link at {}", path.display()), e))?;
+        } else {
+            match tc::qdisc_add_clsact(ifname) {
+                Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(bpf_err(format!("add clsact qdisc to {ifname}"), e)),
+            }
+            let opts =
+                NlOptions { priority: CLSACT_PRIORITY, handle: TcHandle::new(0, CLSACT_HANDLE), ..Default::default() };
+            let id = prog
+                .attach_with_options(ifname, TcAttachType::Egress, TcAttachOptions::Netlink(opts))
+                .map_err(|e| bpf_err(format!("attach TC (clsact) to {ifname} egress"), e))?;
+            std::mem::forget(prog.take_link(id).map_err(|e| bpf_err("take link", e))?);
+            fs::create_dir(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+        }
+        Ok(Attached { ifname: ifname.into(), ifindex, role, mode, adopted: false })
+    }
+
+    /// Detaches the interfaces of `role` pinned earlier but no longer wanted.
+    pub fn detach_except(&self, role: Role, keep: &[String]) -> Result<Vec<String>> {
         let mut gone = Vec::new();
         for pin in self.layout.links()? {
-            if !keep.contains(&pin.ifname) {
-                fs::remove_file(&pin.path).map_err(|e| Error::io(format!("remove {}", pin.path.display()), e))?;
+            if pin.role == role && !keep.contains(&pin.ifname) {
+                remove_link(&pin)?;
                 gone.push(pin.ifname);
             }
         }
@@ -706,9 +1037,30 @@ impl Datapath {
     }
 }
 
-fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    ebpf.program_mut(programs::XDP_INGRESS)
-        .ok_or_else(|| Error::Bpf(format!("program {} missing from the eBPF object", programs::XDP_INGRESS)))?
+fn pin_program(
+    layout: &PinLayout,
+    role: Role,
+    pin: impl FnOnce(&Path) -> std::result::Result<(), aya::pin::PinError>,
+) -> Result<()> {
+    let path = layout.program(role);
+    if path.exists() {
+        fs::remove_file(&path).map_err(|e| Error::io(format!("replace {}", path.display()), e))?;
+    }
+    pin(&path).map_err(|e| bpf_err(format!("pin program at {}", path.display()), e))
+}
+
+fn xdp_program(ebpf: &mut Ebpf, role: Role) -> Result<&mut Xdp> {
+    let name = role.program();
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Bpf(format!("program {name} missing from the eBPF object")))?
+        .try_into()
+        .map_err(|e| bpf_err("program type", e))
+}
+
+fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let name = programs::TC_EGRESS;
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Bpf(format!("program {name} missing from the eBPF object")))?
         .try_into()
         .map_err(|e| bpf_err("program type", e))
 }
@@ -743,32 +1095,33 @@ fn check_pinned_maps(layout: &PinLayout, max_verdicts: u32) -> Result<()> {
 // ---------------------------------------------------------------- allow wins
 
 pub fn range_value(r: &RangeRecord) -> RangeValue {
-    let kind = match r.kind {
-        RangeKind::Deny => range_kind::DENY,
-        RangeKind::Allow => range_kind::ALLOW,
-    };
-    RangeValue { range_id: r.id, kind, origin: r.origin.code() }
+    let flags = if r.action == Some(PoolAction::Reject) { range_flags::REJECT } else { 0 };
+    RangeValue { range_id: r.id, kind: r.kind.code(), flags, origin: r.origin.code() }
 }
 
-/// The datapath entry for `net`, given the allow ranges and the deny range
-/// at exactly `net` (if any). Allow and deny share one longest-prefix trie,
-/// so "allow always wins" holds by leaving out every deny range that an
-/// allow range covers: the longest match of an allowed source is then always
-/// an allow entry.
-pub fn desired_entry(net: IpNet, allows: &[RangeRecord], deny: Option<&RangeRecord>) -> Option<RangeValue> {
-    if let Some(a) = allows.iter().find(|a| a.net == net) {
+/// The datapath entry for `net` in one table, given the table's winning
+/// ranges (allow, exempt, smarthost) and its losing range at exactly `net`
+/// (deny, pool), if any. Both kinds share one longest-prefix table, so
+/// "allow (exempt) always wins" holds by leaving out every losing range
+/// that a winning range covers: the longest match of a covered source is
+/// then always a winning entry.
+pub fn desired_entry(net: IpNet, winners: &[RangeRecord], loser: Option<&RangeRecord>) -> Option<RangeValue> {
+    if let Some(a) = winners.iter().find(|a| a.net == net) {
         return Some(range_value(a));
     }
-    deny.filter(|d| !allows.iter().any(|a| a.net.contains(&d.net))).map(range_value)
+    loser.filter(|d| !winners.iter().any(|a| a.net.contains(&d.net))).map(range_value)
 }
 
-/// Every datapath entry the database calls for.
-pub fn desired_ranges(records: &[RangeRecord]) -> StdMap<IpNet, RangeValue> {
-    let allows: Vec<RangeRecord> = records.iter().filter(|r| r.kind == RangeKind::Allow).cloned().collect();
-    let mut out: StdMap<IpNet, RangeValue> = allows.iter().map(|a| (a.net, range_value(a))).collect();
-    for d in records.iter().filter(|r| r.kind == RangeKind::Deny) {
-        if let Some(v) = desired_entry(d.net, &allows, Some(d)) {
-            out.insert(d.net, v);
+/// Every datapath entry the database calls for, by table.
+pub fn desired_ranges(records: &[RangeRecord]) -> StdMap<(RangeTable, IpNet), RangeValue> {
+    let mut out = StdMap::new();
+    for table in RangeTable::ALL {
+        let winners: Vec<RangeRecord> = records.iter().filter(|r| r.kind == table.winner()).cloned().collect();
+        out.extend(winners.iter().map(|a| ((table, a.net), range_value(a))));
+        for d in records.iter().filter(|r| Some(r.kind) == table.loser()) {
+            if let Some(v) = desired_entry(d.net, &winners, Some(d)) {
+                out.insert((table, d.net), v);
+            }
         }
     }
     out
@@ -789,13 +1142,23 @@ mod tests {
             comment: None,
             created_at: 0,
             expires_at: None,
+            action: (kind == RangeKind::Pool).then_some(PoolAction::Drop),
         }
     }
 
-    /// Longest-prefix match over the desired entries, as the kernel does.
-    fn lookup(entries: &StdMap<IpNet, RangeValue>, ip: &str) -> Option<u16> {
+    /// Longest-prefix match over the desired entries of a table, as the
+    /// kernel does.
+    fn lookup_in(entries: &StdMap<(RangeTable, IpNet), RangeValue>, table: RangeTable, ip: &str) -> Option<u8> {
         let ip: std::net::IpAddr = ip.parse().unwrap();
-        entries.iter().filter(|(n, _)| n.contains(&ip)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| v.kind)
+        entries
+            .iter()
+            .filter(|((t, n), _)| *t == table && n.contains(&ip))
+            .max_by_key(|((_, n), _)| n.prefix_len())
+            .map(|(_, v)| v.kind)
+    }
+
+    fn lookup(entries: &StdMap<(RangeTable, IpNet), RangeValue>, ip: &str) -> Option<u8> {
+        lookup_in(entries, RangeTable::Ingress, ip)
     }
 
     #[test]
@@ -812,14 +1175,45 @@ mod tests {
             rec(7, RangeKind::Allow, "2001:db8:1::/48"),
         ];
         let want = desired_ranges(&records);
-        assert!(!want.contains_key(&"198.51.100.8/30".parse().unwrap()));
-        assert_eq!(want[&"203.0.113.0/24".parse().unwrap()].range_id, 5);
+        let ing = |n: &str| (RangeTable::Ingress, n.parse::<IpNet>().unwrap());
+        assert!(!want.contains_key(&ing("198.51.100.8/30")));
+        assert_eq!(want[&ing("203.0.113.0/24")].range_id, 5);
         assert_eq!(lookup(&want, "198.51.100.9"), Some(range_kind::ALLOW));
         assert_eq!(lookup(&want, "198.51.100.200"), Some(range_kind::DENY));
         assert_eq!(lookup(&want, "203.0.113.7"), Some(range_kind::ALLOW));
         assert_eq!(lookup(&want, "2001:db8:1::25"), Some(range_kind::ALLOW));
         assert_eq!(lookup(&want, "2001:db8:2::25"), Some(range_kind::DENY));
         assert_eq!(lookup(&want, "192.0.2.1"), None);
+    }
+
+    #[test]
+    fn exempt_wins_over_pool_and_tables_stay_apart() {
+        let mut reject = rec(1, RangeKind::Pool, "198.51.100.0/24");
+        reject.action = Some(PoolAction::Reject);
+        let records = vec![
+            reject,
+            rec(2, RangeKind::Exempt, "198.51.100.25/32"),
+            // Inside an exempt range: left out.
+            rec(3, RangeKind::Pool, "203.0.113.0/28"),
+            rec(4, RangeKind::Exempt, "203.0.113.0/24"),
+            rec(5, RangeKind::Smarthost, "192.0.2.25/32"),
+            // The same net as a deny range, in another table: both stay.
+            rec(6, RangeKind::Deny, "198.51.100.0/24"),
+            rec(7, RangeKind::Pool, "2001:db8:100::/40"),
+        ];
+        let want = desired_ranges(&records);
+        let sub = |ip| lookup_in(&want, RangeTable::Subscriber, ip);
+        assert_eq!(sub("198.51.100.7"), Some(range_kind::POOL));
+        assert_eq!(sub("198.51.100.25"), Some(range_kind::EXEMPT));
+        assert_eq!(sub("203.0.113.5"), Some(range_kind::EXEMPT));
+        assert_eq!(sub("2001:db8:100:5::1"), Some(range_kind::POOL));
+        assert_eq!(sub("192.0.2.25"), None);
+        assert_eq!(lookup_in(&want, RangeTable::Smarthost, "192.0.2.25"), Some(range_kind::SMARTHOST));
+        assert_eq!(lookup(&want, "198.51.100.7"), Some(range_kind::DENY));
+        let pool = want[&(RangeTable::Subscriber, "198.51.100.0/24".parse().unwrap())];
+        assert_eq!(pool.flags, range_flags::REJECT);
+        assert_eq!(want[&(RangeTable::Ingress, "198.51.100.0/24".parse().unwrap())].flags, 0);
+        assert_eq!(want.len(), 6);
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum Error {
     /// Invalid guarded-port set.
     #[error("invalid ports: {0}")]
     InvalidPorts(String),
+    /// A request that makes no sense as given (names what is wrong).
+    #[error("{0}")]
+    InvalidInput(String),
     #[error("state database {path}: {source}")]
     Store {
         path: PathBuf,

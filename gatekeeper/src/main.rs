@@ -10,9 +10,10 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use gatekeeper::{
     config::{Config, XdpModeSetting},
+    datapath::Role,
     lists,
     protocol::{call, RangeSpec, Request},
-    store::{Origin, RangeKind},
+    store::{Origin, PoolAction, RangeKind},
 };
 use ipnet::IpNet;
 
@@ -52,6 +53,15 @@ enum Cmd {
     /// Guarded destination ports (default 25).
     #[command(subcommand)]
     Ports(PortsCmd),
+    /// Egress gate: subscriber dynamic pools, blocked from sending to port 25 except to smarthosts.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Egress gate: smarthosts pool subscribers may always reach (e.g. the ISP's relay on 25/587).
+    #[command(subcommand)]
+    Smarthost(EgressCmd),
+    /// Egress gate: subscribers inside pools allowed to run their own mail server.
+    #[command(subcommand)]
+    Exempt(EgressCmd),
     /// Explain a source: live PTR, forward confirmation, class, policy, and what decides in the datapath.
     Check {
         ip: IpAddr,
@@ -97,12 +107,21 @@ enum Cmd {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Interface to guard (repeatable; replaces `interfaces` from the config).
+    /// Interface whose ingress the XDP gate guards (repeatable; replaces the config's ingress interfaces).
     #[arg(long = "iface", value_name = "IFACE")]
     ifaces: Vec<String>,
+    /// Uplink: the egress gate on its TC egress, for forwarded and local traffic (repeatable; replaces the config's).
+    #[arg(long = "uplink", value_name = "IFACE")]
+    uplinks: Vec<String>,
+    /// Subscriber-facing interface: the egress gate as XDP on its ingress (repeatable; replaces the config's).
+    #[arg(long = "subscriber-iface", value_name = "IFACE")]
+    subscriber_ifaces: Vec<String>,
     /// XDP attach mode: auto (native, falling back to skb), native or skb.
     #[arg(long, value_name = "MODE")]
     xdp_mode: Option<XdpModeSetting>,
+    /// Uplink TC attach mode: auto (tcx, else clsact), tcx or clsact.
+    #[arg(long, value_name = "MODE")]
+    tc_mode: Option<gatekeeper::datapath::TcModeSetting>,
     /// Guarded ports, e.g. `25,587` (replaces `ports` from the config).
     #[arg(long, value_name = "PORTS")]
     ports: Option<String>,
@@ -189,6 +208,32 @@ enum AllowCmd {
     /// Remove allow ranges.
     Del(DelArgs),
     /// List allow ranges with their hits.
+    List(ListArgs),
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Add subscriber pools (CIDRs); `--action reject` answers blocked SYNs with a TCP RST.
+    Add {
+        #[command(flatten)]
+        add: AddArgs,
+        /// drop (the client times out) or reject (the client fails at once with a RST).
+        #[arg(long, value_name = "ACTION", default_value = "drop")]
+        action: PoolAction,
+    },
+    /// Remove pools.
+    Del(DelArgs),
+    /// List pools with their blocked-SYN hits.
+    List(ListArgs),
+}
+
+#[derive(Subcommand)]
+enum EgressCmd {
+    /// Add ranges (CIDRs or addresses).
+    Add(AddArgs),
+    /// Remove ranges.
+    Del(DelArgs),
+    /// List ranges with their hits.
     List(ListArgs),
 }
 
@@ -306,6 +351,16 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Allow(cmd) => allow(&target(&cli)?, cmd),
         Cmd::Ban(cmd) => ban(&target(&cli)?, cmd),
         Cmd::Ports(cmd) => ports(&target(&cli)?, cmd),
+        Cmd::Pool(cmd) => {
+            let t = target(&cli)?;
+            match cmd {
+                PoolCmd::Add { add: a, action } => add(&t, RangeKind::Pool, a, Some(*action)),
+                PoolCmd::Del(a) => del(&t, RangeKind::Pool, a),
+                PoolCmd::List(l) => list(&t, RangeKind::Pool, l.json, None),
+            }
+        }
+        Cmd::Smarthost(cmd) => egress(&target(&cli)?, RangeKind::Smarthost, cmd),
+        Cmd::Exempt(cmd) => egress(&target(&cli)?, RangeKind::Exempt, cmd),
         Cmd::Verdict(cmd) => verdict(&target(&cli)?, cmd),
         Cmd::Check { ip, json } => {
             let data = call(&target(&cli)?.socket, &Request::Check { ip: *ip })?;
@@ -328,11 +383,18 @@ fn real_main(cli: Cli) -> Result<()> {
 
 fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     let mut cfg = load_config(cli)?;
-    if !args.ifaces.is_empty() {
-        cfg.interfaces = args.ifaces.clone();
+    for (role, names) in
+        [(Role::Ingress, &args.ifaces), (Role::Uplink, &args.uplinks), (Role::Subscriber, &args.subscriber_ifaces)]
+    {
+        if !names.is_empty() {
+            cfg.set_ifaces(role, names)?;
+        }
     }
     if let Some(m) = args.xdp_mode {
         cfg.xdp_mode = m;
+    }
+    if let Some(m) = args.tc_mode {
+        cfg.tc_mode = m;
     }
     if let Some(p) = &args.ports {
         cfg.ports = Some(gatekeeper::config::parse_ports(p).context("--ports")?);
@@ -361,14 +423,15 @@ fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     rt.block_on(gatekeeper::agent::run(cfg)).context("gatekeeper agent")
 }
 
-fn kind_word(kind: RangeKind) -> &'static str {
-    match kind {
-        RangeKind::Deny => "deny",
-        RangeKind::Allow => "allow",
+fn egress(t: &Target, kind: RangeKind, cmd: &EgressCmd) -> Result<()> {
+    match cmd {
+        EgressCmd::Add(a) => add(t, kind, a, None),
+        EgressCmd::Del(a) => del(t, kind, a),
+        EgressCmd::List(l) => list(t, kind, l.json, None),
     }
 }
 
-fn add(t: &Target, kind: RangeKind, a: &AddArgs) -> Result<()> {
+fn add(t: &Target, kind: RangeKind, a: &AddArgs, action: Option<PoolAction>) -> Result<()> {
     let nets = parse_nets(&a.nets)?;
     let ranges = nets.iter().map(|n| RangeSpec { net: *n, comment: a.comment.clone() }).collect();
     let data = call(
@@ -382,10 +445,15 @@ fn add(t: &Target, kind: RangeKind, a: &AddArgs) -> Result<()> {
             force: a.force,
             skip_existing: false,
             replace: false,
+            action,
         },
     )?;
+    let what = match action {
+        Some(a) => format!("{} ({})", kind.what(), a.as_str()),
+        None => kind.what().to_string(),
+    };
     for n in &nets {
-        println!("added {} range {n}", kind_word(kind));
+        println!("added {what} {n}");
     }
     let _ = data;
     Ok(())
@@ -395,7 +463,7 @@ fn del(t: &Target, kind: RangeKind, a: &DelArgs) -> Result<()> {
     let nets = parse_nets(&a.nets)?;
     call(&t.socket, &Request::RangeDel { kind, nets: nets.clone() })?;
     for n in &nets {
-        println!("removed {} range {n}", kind_word(kind));
+        println!("removed {} {n}", kind.what());
     }
     Ok(())
 }
@@ -417,7 +485,7 @@ fn list(t: &Target, kind: RangeKind, json: bool, origin: Option<Origin>) -> Resu
 
 fn range(t: &Target, cmd: &RangeCmd) -> Result<()> {
     match cmd {
-        RangeCmd::Add(a) => add(t, RangeKind::Deny, a),
+        RangeCmd::Add(a) => add(t, RangeKind::Deny, a, None),
         RangeCmd::Del(a) => del(t, RangeKind::Deny, a),
         RangeCmd::List { json, origin } => list(t, RangeKind::Deny, *json, parse_origin(origin.as_deref())?),
         RangeCmd::Import { file, skip_bad, replace, expire, force, allow_empty } => import(
@@ -498,6 +566,7 @@ fn import(t: &Target, file: &Path, o: ImportOpts) -> Result<()> {
             force,
             skip_existing: true,
             replace,
+            action: None,
         },
     )?;
     println!(
@@ -514,7 +583,7 @@ fn import(t: &Target, file: &Path, o: ImportOpts) -> Result<()> {
 
 fn allow(t: &Target, cmd: &AllowCmd) -> Result<()> {
     match cmd {
-        AllowCmd::Add(a) => add(t, RangeKind::Allow, a),
+        AllowCmd::Add(a) => add(t, RangeKind::Allow, a, None),
         AllowCmd::Del(a) => del(t, RangeKind::Allow, a),
         AllowCmd::List(l) => list(t, RangeKind::Allow, l.json, None),
     }

@@ -11,7 +11,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Origin, RangeKind};
+use crate::store::{Origin, PoolAction, RangeKind};
 
 /// A range to add, as the CLI sends it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,6 +36,9 @@ pub enum Request {
         skip_existing: bool,
         /// Remove ranges of this `source` that are not in `ranges` (imports).
         replace: bool,
+        /// Pools: what a blocked SYN gets (default drop).
+        #[serde(default)]
+        action: Option<PoolAction>,
     },
     RangeDel {
         kind: RangeKind,
@@ -73,6 +76,8 @@ pub enum Request {
         ports: Vec<u16>,
     },
     PortsList,
+    /// The egress gate's port policy and limit classes.
+    EgressPolicy,
     Status,
     /// Detach everything, remove all pins and exit.
     Unload,

@@ -17,22 +17,34 @@ use crate::error::{Error, Result};
 use crate::lists::check_net;
 
 /// `PRAGMA user_version` of the schema below.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-const SCHEMA: &str = "
+/// The ranges table (schema 2: egress kinds and the pool action).
+const RANGES_TABLE: &str = "
 CREATE TABLE ranges (
     id         INTEGER PRIMARY KEY,      -- index into the GK_RANGE_HITS map
-    kind       TEXT    NOT NULL CHECK (kind IN ('deny', 'allow')),
+    kind       TEXT    NOT NULL CHECK (kind IN ('deny', 'allow', 'pool', 'exempt', 'smarthost')),
     net        TEXT    NOT NULL,         -- canonical CIDR, e.g. 192.0.2.0/24
     origin     TEXT    NOT NULL CHECK (origin IN ('manual', 'imported', 'learned')),
     source     TEXT    NOT NULL,         -- who or which list added it
     comment    TEXT,
     created_at INTEGER NOT NULL,         -- unix seconds
     expires_at INTEGER,                  -- unix seconds, NULL = never
+    action     TEXT    CHECK (action IN ('drop', 'reject')),  -- pools only
     UNIQUE (kind, net)
 );
 CREATE INDEX ranges_by_source ON ranges (kind, source);
 CREATE INDEX ranges_by_expiry ON ranges (expires_at) WHERE expires_at IS NOT NULL;
+";
+
+/// Schema 1 -> 2: SQLite cannot widen a CHECK, so the table is rebuilt.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE ranges RENAME TO ranges_v1;
+DROP INDEX ranges_by_source;
+DROP INDEX ranges_by_expiry;
+";
+
+const SCHEMA: &str = "
 CREATE TABLE verdicts (
     key        TEXT    PRIMARY KEY,      -- 192.0.2.1 or 2001:db8:1:2::/64
     action     INTEGER NOT NULL,
@@ -48,33 +60,146 @@ CREATE TABLE settings (
 );
 ";
 
-const RANGE_COLS: &str = "id, kind, net, origin, source, comment, created_at, expires_at";
+const RANGE_COLS: &str = "id, kind, net, origin, source, comment, created_at, expires_at, action";
 const VERDICT_COLS: &str = "key, action, reason, comment, created_at, expires_at";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RangeKind {
+    /// Ingress: guarded SYNs from here are dropped.
     Deny,
+    /// Ingress: always passes; wins over deny.
     Allow,
+    /// Egress: a subscriber dynamic pool, blocked from guarded ports.
+    Pool,
+    /// Egress: subscribers who may send to guarded ports; wins over pool.
+    Exempt,
+    /// Egress: destinations pool subscribers may always reach.
+    Smarthost,
+}
+
+/// The datapath table a kind of range lives in. Each table holds a
+/// "winning" kind and possibly a "losing" one, and a longest-prefix lookup
+/// in it must find the winner wherever the two overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RangeTable {
+    /// Source ranges of the ingress gate: allow over deny.
+    Ingress,
+    /// Source ranges of the egress gate: exempt over pool.
+    Subscriber,
+    /// Destination ranges of the egress gate.
+    Smarthost,
+}
+
+impl RangeTable {
+    pub const ALL: [RangeTable; 3] = [RangeTable::Ingress, RangeTable::Subscriber, RangeTable::Smarthost];
+    /// The kind that wins over the other in this table.
+    pub fn winner(self) -> RangeKind {
+        match self {
+            RangeTable::Ingress => RangeKind::Allow,
+            RangeTable::Subscriber => RangeKind::Exempt,
+            RangeTable::Smarthost => RangeKind::Smarthost,
+        }
+    }
+    /// The kind that an overlapping winner overrides, if any.
+    pub fn loser(self) -> Option<RangeKind> {
+        match self {
+            RangeTable::Ingress => Some(RangeKind::Deny),
+            RangeTable::Subscriber => Some(RangeKind::Pool),
+            RangeTable::Smarthost => None,
+        }
+    }
+    pub fn kinds(self) -> Vec<RangeKind> {
+        std::iter::once(self.winner()).chain(self.loser()).collect()
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RangeTable::Ingress => "ingress",
+            RangeTable::Subscriber => "subscriber",
+            RangeTable::Smarthost => "smarthost",
+        }
+    }
 }
 
 impl RangeKind {
+    pub const ALL: [RangeKind; 5] =
+        [RangeKind::Deny, RangeKind::Allow, RangeKind::Pool, RangeKind::Exempt, RangeKind::Smarthost];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RangeKind::Deny => "deny",
             RangeKind::Allow => "allow",
+            RangeKind::Pool => "pool",
+            RangeKind::Exempt => "exempt",
+            RangeKind::Smarthost => "smarthost",
         }
     }
-    fn other(self) -> RangeKind {
+    pub fn table(self) -> RangeTable {
         match self {
-            RangeKind::Deny => RangeKind::Allow,
-            RangeKind::Allow => RangeKind::Deny,
+            RangeKind::Deny | RangeKind::Allow => RangeTable::Ingress,
+            RangeKind::Pool | RangeKind::Exempt => RangeTable::Subscriber,
+            RangeKind::Smarthost => RangeTable::Smarthost,
         }
     }
-    fn what(self) -> &'static str {
+    /// The kind a range of this kind must not overlap (without `--force`).
+    /// Exempt entries are meant to sit inside pools, so those two may.
+    fn other(self) -> Option<RangeKind> {
+        match self {
+            RangeKind::Deny => Some(RangeKind::Allow),
+            RangeKind::Allow => Some(RangeKind::Deny),
+            RangeKind::Pool | RangeKind::Exempt | RangeKind::Smarthost => None,
+        }
+    }
+    /// "deny range", "pool", ... as errors name it.
+    pub fn what(self) -> &'static str {
         match self {
             RangeKind::Deny => "deny range",
             RangeKind::Allow => "allow range",
+            RangeKind::Pool => "pool",
+            RangeKind::Exempt => "exempt range",
+            RangeKind::Smarthost => "smarthost range",
+        }
+    }
+    /// The datapath code ([`gatekeeper_common::range_kind`]).
+    pub fn code(self) -> u8 {
+        use gatekeeper_common::range_kind::*;
+        match self {
+            RangeKind::Deny => DENY,
+            RangeKind::Allow => ALLOW,
+            RangeKind::Pool => POOL,
+            RangeKind::Exempt => EXEMPT,
+            RangeKind::Smarthost => SMARTHOST,
+        }
+    }
+}
+
+/// What a pool does with a blocked SYN.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolAction {
+    /// Drop it: the subscriber's client times out.
+    #[default]
+    Drop,
+    /// Answer with a TCP RST: the client fails at once.
+    Reject,
+}
+
+impl PoolAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolAction::Drop => "drop",
+            PoolAction::Reject => "reject",
+        }
+    }
+}
+
+impl std::str::FromStr for PoolAction {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "drop" => Ok(PoolAction::Drop),
+            "reject" => Ok(PoolAction::Reject),
+            _ => Err(format!("unknown pool action {s:?} (expected drop or reject)")),
         }
     }
 }
@@ -128,6 +253,9 @@ pub struct RangeRecord {
     pub comment: Option<String>,
     pub created_at: i64,
     pub expires_at: Option<i64>,
+    /// Pools only: what a blocked SYN gets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<PoolAction>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -137,6 +265,8 @@ pub struct NewRange {
     pub source: String,
     pub comment: Option<String>,
     pub expires_at: Option<i64>,
+    /// Pools only (`None` for a pool means drop).
+    pub action: Option<PoolAction>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -191,15 +321,15 @@ fn range_row(row: &Row<'_>) -> rusqlite::Result<RangeRecord> {
         comment: row.get(5)?,
         created_at: row.get(6)?,
         expires_at: row.get(7)?,
+        action: match row.get::<_, Option<String>>(8)? {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|e: String| bad_value(8, format!("range id {id}: {e}")))?),
+        },
     })
 }
 
 fn parse_kind(s: &str) -> Option<RangeKind> {
-    match s {
-        "deny" => Some(RangeKind::Deny),
-        "allow" => Some(RangeKind::Allow),
-        _ => None,
-    }
+    RangeKind::ALL.into_iter().find(|k| k.as_str() == s)
 }
 
 fn verdict_row(row: &Row<'_>) -> rusqlite::Result<VerdictRecord> {
@@ -287,7 +417,19 @@ impl Store {
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(&e)?;
         match version {
             0 => {
+                tx.execute_batch(RANGES_TABLE).map_err(&e)?;
                 tx.execute_batch(SCHEMA).map_err(&e)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
+            }
+            1 => {
+                tx.execute_batch(MIGRATE_1_TO_2).map_err(&e)?;
+                tx.execute_batch(RANGES_TABLE).map_err(&e)?;
+                tx.execute_batch(
+                    "INSERT INTO ranges (id, kind, net, origin, source, comment, created_at, expires_at)
+                     SELECT id, kind, net, origin, source, comment, created_at, expires_at FROM ranges_v1;
+                     DROP TABLE ranges_v1;",
+                )
+                .map_err(&e)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
             }
             SCHEMA_VERSION => {}
@@ -361,11 +503,11 @@ impl Store {
             }
         }
 
-        if !force {
+        if let (false, Some(other_kind)) = (force, kind.other()) {
             let mut other: Vec<IpNet> = tx
                 .prepare("SELECT net FROM ranges WHERE kind = ?1")
                 .and_then(|mut s| {
-                    let rows = s.query_map([kind.other().as_str()], |r| {
+                    let rows = s.query_map([other_kind.as_str()], |r| {
                         let net: String = r.get(0)?;
                         net.parse().map_err(|_| bad_value(0, format!("invalid net {net:?}")))
                     })?;
@@ -375,7 +517,7 @@ impl Store {
             let overlap = |net: IpNet, other_net: IpNet| Error::Overlap {
                 kind: kind.as_str(),
                 net: net.to_string(),
-                other_kind: kind.other().as_str(),
+                other_kind: other_kind.as_str(),
                 other: other_net.to_string(),
             };
             // New nets inside (or equal to) an existing one of the other kind…
@@ -391,23 +533,28 @@ impl Store {
             }
         }
 
-        // Capacity per family (IPv6 CIDR text contains ':', IPv4 never does).
+        // Capacity per datapath table and family (IPv6 CIDR text contains
+        // ':', IPv4 never does).
+        let table = kind.table();
+        let kinds = table.kinds();
         let (have_v4, have_v6): (i64, i64) = tx
             .query_row(
                 "SELECT count(*) FILTER (WHERE instr(net, ':') = 0), count(*) FILTER (WHERE instr(net, ':') > 0)
-                 FROM ranges WHERE kind = ?1",
-                [kind.as_str()],
+                 FROM ranges WHERE kind = ?1 OR kind = ?2",
+                params![kinds[0].as_str(), kinds.last().copied().unwrap_or(kind).as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(&e)?;
         for (v4, have) in [(true, have_v4), (false, have_v6)] {
             let adding = todo.iter().filter(|n| n.net.addr().is_ipv4() == v4).count();
-            if usize::try_from(have).unwrap_or(usize::MAX).saturating_add(adding) > MAX_RANGES as usize {
-                let what = match (kind, v4) {
-                    (RangeKind::Deny, true) => "IPv4 deny ranges",
-                    (RangeKind::Deny, false) => "IPv6 deny ranges",
-                    (RangeKind::Allow, true) => "IPv4 allow ranges",
-                    (RangeKind::Allow, false) => "IPv6 allow ranges",
+            if adding > 0 && usize::try_from(have).unwrap_or(usize::MAX).saturating_add(adding) > MAX_RANGES as usize {
+                let what = match (table, v4) {
+                    (RangeTable::Ingress, true) => "IPv4 allow and deny ranges",
+                    (RangeTable::Ingress, false) => "IPv6 allow and deny ranges",
+                    (RangeTable::Subscriber, true) => "IPv4 pool and exempt ranges",
+                    (RangeTable::Subscriber, false) => "IPv6 pool and exempt ranges",
+                    (RangeTable::Smarthost, true) => "IPv4 smarthost ranges",
+                    (RangeTable::Smarthost, false) => "IPv6 smarthost ranges",
                 };
                 return Err(Error::Full { what, capacity: MAX_RANGES.into() });
             }
@@ -440,8 +587,8 @@ impl Store {
         {
             let mut insert = tx
                 .prepare(
-                    "INSERT INTO ranges (id, kind, net, origin, source, comment, created_at, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO ranges (id, kind, net, origin, source, comment, created_at, expires_at, action)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(&e)?;
             for (n, id) in todo.into_iter().zip(ids) {
@@ -454,6 +601,7 @@ impl Store {
                     comment: n.comment.clone(),
                     created_at: now,
                     expires_at: n.expires_at,
+                    action: if kind == RangeKind::Pool { Some(n.action.unwrap_or_default()) } else { None },
                 };
                 insert
                     .execute(params![
@@ -464,7 +612,8 @@ impl Store {
                         rec.source,
                         rec.comment,
                         rec.created_at,
-                        rec.expires_at
+                        rec.expires_at,
+                        rec.action.map(PoolAction::as_str)
                     ])
                     .map_err(&e)?;
                 added.push(rec);
@@ -649,7 +798,7 @@ impl Store {
 }
 
 fn sort_ranges(r: &mut [RangeRecord]) {
-    r.sort_by_key(|r| (r.kind == RangeKind::Allow, r.net));
+    r.sort_by_key(|r| (r.kind, r.net));
 }
 
 #[cfg(test)]
@@ -662,7 +811,14 @@ mod tests {
     }
 
     fn nr(s: &str) -> NewRange {
-        NewRange { net: net(s), origin: Origin::Manual, source: "manual".into(), comment: None, expires_at: None }
+        NewRange {
+            net: net(s),
+            origin: Origin::Manual,
+            source: "manual".into(),
+            comment: None,
+            expires_at: None,
+            action: None,
+        }
     }
 
     fn nets(store: &Store, kind: RangeKind) -> Vec<String> {
@@ -718,6 +874,50 @@ mod tests {
         assert_eq!(RangeKind::Allow.to_string(), "allow");
         let json = serde_json::to_string(&all[4]).unwrap();
         assert!(json.contains(r#""kind":"allow""#) && json.contains(r#""net":"203.0.113.5/32""#), "{json}");
+    }
+
+    #[test]
+    fn schema_1_database_is_migrated_with_its_ranges() {
+        let dir = std::env::temp_dir().join(format!("gk-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gatekeeper.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE ranges (id INTEGER PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('deny', 'allow')),
+                   net TEXT NOT NULL, origin TEXT NOT NULL, source TEXT NOT NULL, comment TEXT,
+                   created_at INTEGER NOT NULL, expires_at INTEGER, UNIQUE (kind, net));
+                 CREATE INDEX ranges_by_source ON ranges (kind, source);
+                 CREATE INDEX ranges_by_expiry ON ranges (expires_at) WHERE expires_at IS NOT NULL;
+                 CREATE TABLE verdicts (key TEXT PRIMARY KEY, action INTEGER NOT NULL, reason INTEGER NOT NULL,
+                   comment TEXT, created_at INTEGER NOT NULL, expires_at INTEGER);
+                 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO ranges VALUES (7, 'deny', '192.0.2.0/24', 'manual', 'cli', 'old', 5, NULL);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        let all = s.list_ranges(None).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (all[0].id, all[0].kind, all[0].comment.as_deref(), all[0].action),
+            (7, RangeKind::Deny, Some("old"), None)
+        );
+        let mut pool = nr("198.51.100.0/24");
+        pool.action = Some(PoolAction::Reject);
+        let added = s.add_ranges(RangeKind::Pool, &[pool], false, false, 0).unwrap();
+        assert_eq!(added[0].action, Some(PoolAction::Reject));
+        // Exempt inside a pool is the point of exempt entries: no --force.
+        s.add_ranges(RangeKind::Exempt, &[nr("198.51.100.25/32")], false, false, 0).unwrap();
+        s.add_ranges(RangeKind::Smarthost, &[nr("192.0.2.25/32")], false, false, 0).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        let pools = s.list_ranges(Some(RangeKind::Pool)).unwrap();
+        assert_eq!(pools[0].action, Some(PoolAction::Reject));
+        assert_eq!(s.list_ranges(None).unwrap().len(), 4);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -818,7 +1018,7 @@ mod tests {
             (0..=MAX_RANGES).map(|i| nr(&format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + i)))).collect();
         match s.add_ranges(RangeKind::Deny, &batch, false, false, 0) {
             Err(Error::Full { what, capacity }) => {
-                assert_eq!(what, "IPv4 deny ranges");
+                assert_eq!(what, "IPv4 allow and deny ranges");
                 assert_eq!(capacity, u64::from(MAX_RANGES));
             }
             r => panic!("expected Full, got {:?}", r.map(|v| v.len())),
@@ -829,12 +1029,12 @@ mod tests {
     #[test]
     fn id_space_exhaustion() {
         let mut s = Store::open_in_memory().unwrap();
-        // Fill every id: 131072 deny and 131072 allow IPv4 /32s.
+        // Fill every id: 131072 deny and 131072 pool IPv4 /32s.
         s.conn
             .execute(
                 "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i + 1 < ?1)
-                 INSERT INTO ranges SELECT i, CASE WHEN i < ?2 THEN 'deny' ELSE 'allow' END,
-                   printf('10.%d.%d.%d/32', (i >> 16) & 255, (i >> 8) & 255, i & 255), 'manual', 'test', NULL, 0, NULL FROM c",
+                 INSERT INTO ranges SELECT i, CASE WHEN i < ?2 THEN 'deny' ELSE 'pool' END,
+                   printf('10.%d.%d.%d/32', (i >> 16) & 255, (i >> 8) & 255, i & 255), 'manual', 'test', NULL, 0, NULL, NULL FROM c",
                 [MAX_RANGE_IDS, MAX_RANGES],
             )
             .unwrap();
@@ -842,7 +1042,7 @@ mod tests {
             Err(Error::Full { what: "range id space", capacity }) => assert_eq!(capacity, u64::from(MAX_RANGE_IDS)),
             r => panic!("expected Full, got {r:?}"),
         }
-        s.del_range(RangeKind::Allow, net("10.3.255.255/32")).unwrap();
+        s.del_range(RangeKind::Pool, net("10.3.255.255/32")).unwrap();
         let added = s.add_ranges(RangeKind::Deny, &[nr("2001:db8::/32")], true, false, 0).unwrap();
         assert_eq!(added[0].id, MAX_RANGE_IDS - 1);
     }
@@ -976,7 +1176,9 @@ mod tests {
     #[test]
     fn corrupt_rows_are_errors_not_panics() {
         let s = Store::open_in_memory().unwrap();
-        s.conn.execute("INSERT INTO ranges VALUES (0, 'deny', 'nonsense', 'manual', 'x', NULL, 0, NULL)", []).unwrap();
+        s.conn
+            .execute("INSERT INTO ranges VALUES (0, 'deny', 'nonsense', 'manual', 'x', NULL, 0, NULL, NULL)", [])
+            .unwrap();
         let err = s.list_ranges(None).unwrap_err().to_string();
         assert!(err.contains(":memory:") && err.contains("nonsense"), "{err}");
     }

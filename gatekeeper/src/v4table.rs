@@ -138,7 +138,7 @@ mod tests {
     use super::*;
 
     fn v(id: u32) -> RangeValue {
-        RangeValue { range_id: id, kind: 0, origin: 0 }
+        RangeValue { range_id: id, kind: 0, flags: 0, origin: 0 }
     }
 
     /// Longest-prefix match the slow, obvious way.

@@ -145,6 +145,7 @@ impl Gk {
             comment: None,
             created_at: 0,
             expires_at: None,
+            action: None,
         });
         self.sync_ranges();
     }
@@ -170,13 +171,13 @@ impl Gk {
     /// does: `desired_ranges` decides, `RangeMaps` writes.
     fn sync_ranges(&mut self) {
         let want = desired_ranges(&self.ranges);
-        for (net, _) in self.range_maps.ranges() {
-            if !want.contains_key(&net) {
-                self.range_maps.del_range(net).unwrap();
+        for (table, net, _) in self.range_maps.ranges() {
+            if !want.contains_key(&(table, net)) {
+                self.range_maps.del_range(table, net).unwrap();
             }
         }
-        for (net, v) in want {
-            if self.range_maps.range(net) != Some(v) {
+        for ((table, net), v) in want {
+            if self.range_maps.range(table, net) != Some(v) {
                 self.range_maps.set_range(net, v).unwrap();
             }
         }

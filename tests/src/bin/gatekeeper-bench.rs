@@ -202,9 +202,9 @@ impl Bench {
         // Allow and deny share one table per family; the random deny ranges
         // stay clear of the allow ranges (TEST-NET), so none is shadowed.
         let value = if allow {
-            RangeValue { range_id, kind: range_kind::ALLOW, origin: range_origin::MANUAL }
+            RangeValue { range_id, kind: range_kind::ALLOW, flags: 0, origin: range_origin::MANUAL }
         } else {
-            RangeValue { range_id, kind: range_kind::DENY, origin: range_origin::IMPORTED }
+            RangeValue { range_id, kind: range_kind::DENY, flags: 0, origin: range_origin::IMPORTED }
         };
         let (ipnet, label) = match (net, allow) {
             (Net::V4(n, len), _) => {
@@ -235,9 +235,9 @@ impl Bench {
         self.ranges
             .ranges()
             .into_iter()
-            .filter(|(n, _)| n.contains(&ip))
-            .max_by_key(|(n, _)| n.prefix_len())
-            .map(|(_, v)| v)
+            .filter(|(_, n, _)| n.contains(&ip))
+            .max_by_key(|(_, n, _)| n.prefix_len())
+            .map(|(_, _, v)| v)
             .filter(|v| v.kind == kind)
     }
 
