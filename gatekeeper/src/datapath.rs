@@ -290,8 +290,15 @@ impl PinLayout {
     pub fn unload(&self) -> Result<Vec<String>> {
         let mut removed = Vec::new();
         for link in self.links()? {
+            let gone = link.mode != AttachMode::Clsact || ifindex(&link.ifname).is_some();
             remove_link(&link)?;
             removed.push(format!("link {} ({} {})", link.ifname, link.role, link.mode));
+            if !gone {
+                removed.push(format!(
+                    "WARNING: interface {} is not in this network namespace: if it still exists elsewhere, remove its filter there with `tc filter del dev {} egress pref {CLSACT_PRIORITY} handle {CLSACT_HANDLE:#x} bpf`",
+                    link.ifname, link.ifname
+                ));
+            }
         }
         for role in [Role::Ingress, Role::Subscriber, Role::Uplink] {
             let prog = self.program(role);

@@ -38,6 +38,9 @@ struct State {
     allows: Value,
     ports: Value,
     bans: Value,
+    pools: Value,
+    smarthosts: Value,
+    exempt: Value,
 }
 
 impl Gk {
@@ -126,6 +129,9 @@ impl Gk {
             allows: self.json(&["allow", "list", "--json"]),
             ports: self.json(&["ports", "list", "--json"]),
             bans: self.json(&["ban", "list", "--json"]),
+            pools: self.json(&["pool", "list", "--json"]),
+            smarthosts: self.json(&["smarthost", "list", "--json"]),
+            exempt: self.json(&["exempt", "list", "--json"]),
         }
     }
 
@@ -472,4 +478,72 @@ fn bad_expire() {
         }
     }
     assert_eq!(gk.nets("range"), strs(&["198.51.100.0/24"]));
+}
+
+#[test]
+fn egress_entries_bad_input() {
+    let gk = Gk::new();
+    gk.ok(&["pool", "add", "198.51.100.0/24", "--action", "reject", "--comment", "dsl"]);
+    gk.ok(&["pool", "add", "2001:db8:100::/40"]);
+    gk.ok(&["smarthost", "add", "192.0.2.25"]);
+    // An exempt host inside a pool is what exempt entries are for.
+    gk.ok(&["exempt", "add", "198.51.100.77"]);
+    let pools = gk.json(&["pool", "list", "--json"]);
+    let actions: Vec<(&str, &str)> =
+        pools.as_array().unwrap().iter().map(|r| (r["net"].as_str().unwrap(), r["action"].as_str().unwrap())).collect();
+    assert_eq!(actions, [("198.51.100.0/24", "reject"), ("2001:db8:100::/40", "drop")]);
+    assert_eq!(gk.nets("smarthost"), strs(&["192.0.2.25/32"]));
+    assert_eq!(gk.nets("exempt"), strs(&["198.51.100.77/32"]));
+
+    gk.refused(&["pool", "add", "198.51.100.0/33"], &["198.51.100.0/33"]);
+    gk.refused(&["pool", "add", "203.0.113.0/24", "--action", "maybe"], &["maybe", "drop or reject"]);
+    gk.refused(&["pool", "add", "198.51.100.0/24"], &["pool 198.51.100.0/24 already exists"]);
+    gk.refused(&["pool", "add", "203.0.113.0/24", "198.51.100.0/24"], &["already exists"]);
+    gk.refused(&["pool", "del", "203.0.113.0/24"], &["pool 203.0.113.0/24 not found"]);
+    gk.refused(&["smarthost", "add", "mail.example.net"], &["mail.example.net"]);
+    gk.refused(&["smarthost", "del", "192.0.2.26"], &["smarthost range 192.0.2.26/32 not found"]);
+    gk.refused(&["exempt", "del", "198.51.100.78"], &["exempt range 198.51.100.78/32 not found"]);
+    // A pool is not a deny range, and the other way round.
+    gk.refused(&["range", "del", "198.51.100.0/24"], &["not found"]);
+    gk.ok(&["range", "add", "198.51.100.0/24"]);
+    gk.refused(&["pool", "del", "198.51.100.0/25"], &["not found"]);
+    gk.ok(&["pool", "del", "198.51.100.0/24"]);
+    assert_eq!(gk.nets("pool"), strs(&["2001:db8:100::/40"]));
+    assert_eq!(gk.nets("range"), strs(&["198.51.100.0/24"]));
+}
+
+#[test]
+fn egress_roles_refused_before_anything_changes() {
+    let gk = Gk::new();
+    let before = gk.state();
+    for (extra, needles) in [
+        (vec!["--uplink", "nosuchif0"], vec!["nosuchif0", "not found", "nothing was changed"]),
+        (vec!["--subscriber-iface", "nosuchif1"], vec!["nosuchif1", "not found"]),
+        (vec!["--iface", IF_SPARE, "--subscriber-iface", IF_SPARE], vec!["cannot be both"]),
+        (vec!["--uplink", IF_SPARE, "--tc-mode", "fast"], vec!["fast", "tcx or clsact"]),
+    ] {
+        let pins = PinDirGuard::new().unwrap();
+        let mut args: Vec<String> = [
+            "--config",
+            &gk.path("agent.toml"),
+            "--socket",
+            &gk.path("other.sock"),
+            "--pin-dir",
+            &pins.path().display().to_string(),
+            "run",
+            "--state-dir",
+            &gk.path("other-state"),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = nsenter_output(&gk.ns, &gk.bin, &args, CLI_TIMEOUT).unwrap();
+        assert!(!out.success(), "{extra:?} should be refused: {out}");
+        for n in &needles {
+            assert!(out.stderr.contains(n), "{extra:?}: stderr does not mention {n:?}: {out}");
+        }
+        assert!(!pins.path().join("links").exists(), "{extra:?} attached something: {out}");
+        assert!(!std::path::Path::new(&gk.path("other.sock")).exists(), "{extra:?} bound a socket");
+    }
+    assert_eq!(gk.read_state(), before, "the running agent was disturbed");
 }
