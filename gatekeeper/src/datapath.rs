@@ -382,6 +382,9 @@ pub struct Maps {
     pub eg_stats: PerCpuArray<MapData, u64>,
 }
 
+/// A rate-limit class as the datapath holds it: (class, its ports, limit).
+pub type LimitClassState = (u32, Vec<u16>, RateLimit);
+
 /// One range table: IPv4 slots and long entries, the IPv6 trie, and an
 /// in-memory mirror of its entries.
 pub struct TableMaps {
@@ -529,7 +532,7 @@ impl Maps {
     }
 
     /// The egress port policy: (guarded ports, ports of each class 1..).
-    pub fn egress_policy(&self) -> Result<(Vec<u16>, Vec<(u32, Vec<u16>, RateLimit)>)> {
+    pub fn egress_policy(&self) -> Result<(Vec<u16>, Vec<LimitClassState>)> {
         let mut guarded = Vec::new();
         let mut classes: BTreeMap<u32, Vec<u16>> = BTreeMap::new();
         for (port, w) in self.eg_ports.iter().enumerate() {
