@@ -8,13 +8,18 @@
 //! attempts (IPv4 and IPv6), lets the agent judge every source by reverse
 //! DNS, changes rules through the CLI while traffic runs, shows a range
 //! being learned, kills and restarts the agent, and prints what connected
-//! and what was dropped with the counters from `gatekeeper stats`. Every
-//! expectation is checked: the lab exits non-zero if the gate did not do
-//! what the table says. Everything is torn down at the end, on failure and
+//! and what was dropped with the counters from `gatekeeper stats`. A last
+//! scene builds an ISP router of its own (subscribers, router, internet
+//! with an outside MTA and the ISP's smarthost) and runs a second agent
+//! instance there with `--uplink`: the egress gate keeps dynamic pools off
+//! port 25 except towards the smarthost, lets an exempt business line
+//! through and answers a reject pool with a RST. Every expectation is
+//! checked: the lab exits non-zero if the gate did not do what the table
+//! says. Everything is torn down at the end, on failure and
 //! on Ctrl-C.
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -264,40 +269,12 @@ impl Lab {
 
     /// Runs the CLI inside the mail host's namespace, showing the command.
     fn gk(&self, args: &[&str]) -> Result<String> {
-        let shown: Vec<String> =
-            args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { a.to_string() }).collect();
-        println!("  $ gatekeeper {}", shown.join(" "));
-        self.run_cli(args, true)
+        run_gk(&self.mx, &self.bin, &self.socket, self.pins.path(), args, true)
     }
 
     /// Runs the CLI without showing it.
     fn gk_quiet(&self, args: &[&str]) -> Result<String> {
-        self.run_cli(args, false)
-    }
-
-    fn run_cli(&self, args: &[&str], show: bool) -> Result<String> {
-        check_interrupt()?;
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.mx.path().display()))
-            .arg("--")
-            .arg(&self.bin)
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--pin-dir")
-            .arg(self.pins.path())
-            .args(args)
-            .output()
-            .context("run gatekeeper CLI")?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if show || !out.status.success() {
-            for line in stdout.lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
-                println!("    {line}");
-            }
-        }
-        if !out.status.success() {
-            bail!("gatekeeper {} failed", args.join(" "));
-        }
-        Ok(stdout)
+        run_gk(&self.mx, &self.bin, &self.socket, self.pins.path(), args, false)
     }
 
     fn attempt(&self, c: &Client, port: u16) -> Result<ConnectOutcome> {
@@ -349,6 +326,365 @@ impl Drop for Lab {
     }
 }
 
+// ------------------------------------------------------------- router scene
+//
+// An ISP's router between its subscribers and the internet, with its own
+// agent (own socket and pin dir) guarding the uplink's TC egress:
+//
+//   labsub: sub0 ---- rtr-sub :labrtr: rtr-up ---- net0 :labnet
+//   subscribers       gatekeeper run --uplink rtr-up     outside MTA, ISP smarthost
+
+const R_SUB_IF: &str = "sub0";
+const R_RTR_SUB_IF: &str = "rtr-sub";
+const R_RTR_UP_IF: &str = "rtr-up";
+const R_NET_IF: &str = "net0";
+const R_MTA4: &str = "203.0.113.25";
+const R_MTA6: &str = "2001:db8:113::25";
+const R_SMH4: &str = "192.0.2.25";
+const R_SMH6: &str = "2001:db8:2::25";
+/// DSL pool (drop), mobile pool (reject), the business line inside the DSL pool.
+const R_POOL4: &str = "198.51.100.0/25";
+const R_POOL6: &str = "2001:db8:51::/48";
+const R_REJECT_POOL4: &str = "198.51.100.128/26";
+const R_EXEMPT4: &str = "198.51.100.25/32";
+
+/// One subscriber connection in the router scene.
+struct Flow {
+    label: &'static str,
+    src: &'static str,
+    dst: &'static str,
+    dst_label: &'static str,
+    port: u16,
+    /// What the connection should see once the pools are in.
+    after: &'static str,
+    /// The egress counter that attempt raises, if any.
+    counter: Option<&'static str>,
+    why: &'static str,
+}
+
+const FLOWS: &[Flow] = &[
+    Flow {
+        label: "DSL pool host",
+        src: "198.51.100.10",
+        dst: R_MTA4,
+        dst_label: "outside MTA",
+        port: 25,
+        after: "DROPPED",
+        counter: Some("pool-blocked"),
+        why: "pool: port 25 only via the smarthost",
+    },
+    Flow {
+        label: "DSL pool host",
+        src: "198.51.100.10",
+        dst: R_SMH4,
+        dst_label: "ISP smarthost",
+        port: 25,
+        after: "connected",
+        counter: Some("smarthost-allowed"),
+        why: "smarthost",
+    },
+    Flow {
+        label: "DSL pool host",
+        src: "198.51.100.10",
+        dst: R_SMH4,
+        dst_label: "ISP smarthost",
+        port: 587,
+        after: "connected",
+        counter: None,
+        why: "smarthost, submission",
+    },
+    Flow {
+        label: "DSL pool host",
+        src: "198.51.100.10",
+        dst: R_MTA4,
+        dst_label: "outside MTA",
+        port: 587,
+        after: "connected",
+        counter: None,
+        why: "587 is not blocked",
+    },
+    Flow {
+        label: "DSL pool host v6",
+        src: "2001:db8:51::10",
+        dst: R_MTA6,
+        dst_label: "outside MTA",
+        port: 25,
+        after: "DROPPED",
+        counter: Some("pool-blocked"),
+        why: "pool",
+    },
+    Flow {
+        label: "DSL pool host v6",
+        src: "2001:db8:51::10",
+        dst: R_SMH6,
+        dst_label: "ISP smarthost",
+        port: 25,
+        after: "connected",
+        counter: Some("smarthost-allowed"),
+        why: "smarthost",
+    },
+    Flow {
+        label: "business line (exempt)",
+        src: "198.51.100.25",
+        dst: R_MTA4,
+        dst_label: "outside MTA",
+        port: 25,
+        after: "connected",
+        counter: Some("exempt"),
+        why: "exempt inside the DSL pool",
+    },
+    Flow {
+        label: "mobile pool host",
+        src: "198.51.100.130",
+        dst: R_MTA4,
+        dst_label: "outside MTA",
+        port: 25,
+        after: "refused",
+        counter: Some("pool-rejected"),
+        why: "reject pool: RST at once, no timeout",
+    },
+    Flow {
+        label: "static host",
+        src: "198.51.100.200",
+        dst: R_MTA4,
+        dst_label: "outside MTA",
+        port: 25,
+        after: "connected",
+        counter: None,
+        why: "not in a pool",
+    },
+];
+
+/// The router scene's namespaces, listeners and agent. Dropping it unloads
+/// the router's datapath and kills its agent; the guards then remove
+/// listeners, pins, state and namespaces.
+struct Router {
+    agent: Option<AgentProcess>,
+    _listeners: Vec<TcpListenerGuard>,
+    pins: PinDirGuard,
+    state: tempfile::TempDir,
+    socket: PathBuf,
+    bin: PathBuf,
+    sub: Netns,
+    rtr: Netns,
+    _net: Netns,
+}
+
+impl Router {
+    fn build(bin: PathBuf) -> Result<Router> {
+        let sub = Netns::new("labsub")?;
+        let rtr = Netns::new("labrtr")?;
+        let net = Netns::new("labnet")?;
+        veth_pair(&sub, R_SUB_IF, &rtr, R_RTR_SUB_IF)?;
+        veth_pair(&rtr, R_RTR_UP_IF, &net, R_NET_IF)?;
+        let mut srcs: Vec<&str> = FLOWS.iter().map(|f| f.src).collect();
+        srcs.sort();
+        srcs.dedup();
+        for src in srcs {
+            sub.addr_add(R_SUB_IF, &format!("{src}/{}", if src.contains(':') { 64 } else { 24 }))?;
+        }
+        for a in ["198.51.100.1/24", "2001:db8:51::1/64"] {
+            rtr.addr_add(R_RTR_SUB_IF, a)?;
+        }
+        rtr.addr_add(R_RTR_UP_IF, "203.0.113.1/30")?;
+        rtr.addr_add(R_RTR_UP_IF, "2001:db8:ff::1/64")?;
+        net.addr_add(R_NET_IF, "203.0.113.2/30")?;
+        net.addr_add(R_NET_IF, "2001:db8:ff::2/64")?;
+        for a in [R_MTA4, R_SMH4] {
+            net.addr_add("lo", &format!("{a}/32"))?;
+        }
+        for a in [R_MTA6, R_SMH6] {
+            net.addr_add("lo", &format!("{a}/128"))?;
+        }
+        rtr.sysctl(&[("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1")])?;
+        for r in [
+            "203.0.113.0/24 via 198.51.100.1",
+            "192.0.2.0/24 via 198.51.100.1",
+            "2001:db8:113::/48 via 2001:db8:51::1",
+            "2001:db8:2::/48 via 2001:db8:51::1",
+        ] {
+            sub.route_add(r)?;
+        }
+        for r in [
+            "203.0.113.0/24 via 203.0.113.2",
+            "192.0.2.0/24 via 203.0.113.2",
+            "2001:db8:113::/48 via 2001:db8:ff::2",
+            "2001:db8:2::/48 via 2001:db8:ff::2",
+        ] {
+            rtr.route_add(r)?;
+        }
+        net.route_add("198.51.100.0/24 via 203.0.113.1")?;
+        net.route_add("2001:db8:51::/48 via 2001:db8:ff::1")?;
+        let mut listeners = Vec::new();
+        for host in [R_MTA4, R_MTA6, R_SMH4, R_SMH6] {
+            for port in [25, 587] {
+                listeners.push(TcpListenerGuard::spawn(&net, SocketAddr::new(host.parse()?, port))?);
+            }
+        }
+        let state = tempfile::Builder::new().prefix("gk-lab-router-").tempdir()?;
+        let socket = state.path().join("gatekeeper.sock");
+        // No reverse DNS on the router: the egress gate does not use it.
+        std::fs::write(state.path().join("gatekeeper.toml"), "# The router's agent config\n[dns]\nenabled = false\n")?;
+        Ok(Router {
+            agent: None,
+            _listeners: listeners,
+            pins: PinDirGuard::new()?,
+            state,
+            socket,
+            bin,
+            sub,
+            rtr,
+            _net: net,
+        })
+    }
+
+    fn start_agent(&mut self) -> Result<()> {
+        let state = self.state.path();
+        let args: Vec<String> = [
+            "--socket",
+            &self.socket.display().to_string(),
+            "--pin-dir",
+            &self.pins.path().display().to_string(),
+            "--config",
+            &state.join("gatekeeper.toml").display().to_string(),
+            "run",
+            "--uplink",
+            R_RTR_UP_IF,
+            "--state-dir",
+            &state.join("state").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut agent = AgentProcess::spawn(&self.rtr, &self.bin, &args)?;
+        agent
+            .wait_for_log("gatekeeper agent running", Duration::from_secs(30))
+            .context("router agent did not start")?;
+        self.agent = Some(agent);
+        // The socket is bound right after that line: wait (bounded) for it.
+        for _ in 0..100 {
+            if self.gk_quiet(&["pool", "list", "--json"]).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the router agent does not answer on {}", self.socket.display())
+    }
+
+    fn gk(&self, args: &[&str]) -> Result<String> {
+        run_gk(&self.rtr, &self.bin, &self.socket, self.pins.path(), args, true)
+    }
+
+    fn gk_quiet(&self, args: &[&str]) -> Result<String> {
+        run_gk(&self.rtr, &self.bin, &self.socket, self.pins.path(), args, false)
+    }
+
+    fn attempt(&self, f: &Flow) -> Result<ConnectOutcome> {
+        check_interrupt()?;
+        Ok(tcp_connect(&self.sub, f.src.parse()?, SocketAddr::new(f.dst.parse()?, f.port), CONNECT_TIMEOUT))
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(self.pins.path())
+            .arg("unload")
+            .output();
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+        }
+    }
+}
+
+/// The router scene; returns the expectations it saw unmet.
+fn router_scene(bin: PathBuf) -> Result<Vec<String>> {
+    banner("7. router: an ISP keeps its dynamic pools off port 25, on the uplink's egress");
+    println!("  subscribers (198.51.100.0/24, 2001:db8:51::/48) -> router (second agent, --uplink {R_RTR_UP_IF})");
+    println!("  -> internet: outside MTA {R_MTA4} / {R_MTA6}, ISP smarthost {R_SMH4} / {R_SMH6}, both on 25 and 587");
+    let mut r = Router::build(bin)?;
+    r.start_agent()?;
+    let mut failures = Vec::new();
+    println!("  the router's agent runs on {R_RTR_UP_IF} with no pools yet: every connection passes (BEFORE)");
+    let before: Vec<ConnectOutcome> = FLOWS.iter().map(|f| r.attempt(f)).collect::<Result<_>>()?;
+    println!("  the ISP adds its pools, its smarthost and a business line's exemption (AFTER):");
+    r.gk(&["pool", "add", R_POOL4, R_POOL6, "--comment", "DSL dynamic pool"])?;
+    r.gk(&["pool", "add", R_REJECT_POOL4, "--action", "reject", "--comment", "mobile pool"])?;
+    r.gk(&["smarthost", "add", R_SMH4, R_SMH6, "--comment", "ISP relay"])?;
+    r.gk(&["exempt", "add", R_EXEMPT4, "--comment", "business line with its own MTA"])?;
+    let after: Vec<ConnectOutcome> = FLOWS.iter().map(|f| r.attempt(f)).collect::<Result<_>>()?;
+    println!("\n{:<24} {:<16} {:<36} {:<10} {:<10} WHY", "SUBSCRIBER", "SOURCE", "DESTINATION", "BEFORE", "AFTER");
+    for (i, f) in FLOWS.iter().enumerate() {
+        let dst = if f.dst.contains(':') { format!("[{}]:{}", f.dst, f.port) } else { format!("{}:{}", f.dst, f.port) };
+        println!(
+            "{:<24} {:<16} {:<36} {:<10} {:<10} {}",
+            f.label,
+            f.src,
+            format!("{} {dst}", f.dst_label),
+            word(&before[i]),
+            word(&after[i]),
+            f.why
+        );
+        let what = format!("router: {} -> {dst}", f.src);
+        if word(&before[i]) != "connected" {
+            failures.push(format!("{what} before the pools: expected connected, got {}", word(&before[i])));
+        }
+        if word(&after[i]) != f.after {
+            failures.push(format!("{what}: expected {}, got {}", f.after, word(&after[i])));
+        }
+    }
+    println!();
+    r.gk(&["pool", "list"])?;
+    r.gk(&["stats"])?;
+    let stats: serde_json::Value = serde_json::from_str(&r.gk_quiet(&["stats", "--json"])?)?;
+    for counter in ["pool-blocked", "pool-rejected", "smarthost-allowed", "exempt"] {
+        // At least once per attempt (a dropped SYN may be retried within the timeout).
+        let at_least = FLOWS.iter().filter(|f| f.counter == Some(counter)).count();
+        let got = stats["egress"]["totals"][counter].as_u64().unwrap_or(0);
+        println!("  egress {counter}: {got} (expected at least {at_least})");
+        if got < at_least as u64 {
+            failures.push(format!("router: egress counter {counter} is {got}, expected at least {at_least}"));
+        }
+    }
+    Ok(failures)
+}
+
+/// Runs `gatekeeper --socket SOCKET --pin-dir PINS ARGS` inside `ns` (with
+/// nsenter, so bpffs stays visible). With `show`, prints the command and its
+/// output; the output is printed on failure either way.
+fn run_gk(ns: &Netns, bin: &Path, socket: &Path, pins: &Path, args: &[&str], show: bool) -> Result<String> {
+    check_interrupt()?;
+    if show {
+        let shown: Vec<String> =
+            args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { a.to_string() }).collect();
+        println!("  $ gatekeeper {}", shown.join(" "));
+    }
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg("--")
+        .arg(bin)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--pin-dir")
+        .arg(pins)
+        .args(args)
+        .output()
+        .context("run gatekeeper CLI")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if show || !out.status.success() {
+        for line in stdout.lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
+            println!("    {line}");
+        }
+    }
+    if !out.status.success() {
+        bail!("gatekeeper {} failed", args.join(" "));
+    }
+    Ok(stdout)
+}
+
 fn word(o: &ConnectOutcome) -> String {
     match o {
         ConnectOutcome::Connected => "connected".into(),
@@ -381,7 +717,8 @@ fn main() {
 fn run() -> Result<()> {
     println!("gatekeeper lab: a mail host (192.0.2.25, 2001:db8:25::25) guarded by gatekeeper on two interfaces,");
     println!("an ISP access network (198.51.100.0/24, 2001:db8:100::/48) and a peer network (203.0.113.0/24,");
-    println!("2001:db8:113::/48), and an nsd server with their reverse and forward zones.");
+    println!("2001:db8:113::/48), and an nsd server with their reverse and forward zones; then an ISP router");
+    println!("with its own agent guarding its uplink against its subscribers' dynamic pools.");
     let mut lab = Lab::build()?;
     lab.start_agent()?;
     let mut failures = Vec::new();
@@ -475,6 +812,8 @@ fn run() -> Result<()> {
     banner("6. counters");
     lab.gk(&["stats"])?;
     lab.gk(&["range", "list"])?;
+
+    failures.extend(router_scene(lab.bin.clone())?);
 
     banner("result");
     if failures.is_empty() {
