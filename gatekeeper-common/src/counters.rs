@@ -64,9 +64,11 @@ pub fn counter_name(slot: u32) -> &'static str {
 
 /// Egress-gate decision counters, stored per interface in
 /// [`maps::EG_STATS`](crate::maps::EG_STATS) with the same layout as the
-/// ingress counters. Every SYN to a guarded or rate-limited port from a
-/// subscriber source bumps at most one decision counter, plus
-/// [`EgressCounter::DryRun`] when a drop was suppressed.
+/// ingress counters. A SYN to a guarded port from a subscriber source bumps
+/// one guard counter (pool-blocked, pool-rejected, smarthost-allowed or
+/// exempt); one the guard let through may then also bump
+/// [`EgressCounter::RateLimited`] when its class's limit drops it; and
+/// [`EgressCounter::DryRun`] counts every drop dry-run suppressed.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EgressCounter {
@@ -74,9 +76,11 @@ pub enum EgressCounter {
     PoolBlocked = 0,
     /// As above, answered with a TCP RST (pool action `reject`).
     PoolRejected = 1,
-    /// Pool source to a smarthost: passed.
+    /// Pool source to a smarthost: passed the guard (the rate limit may
+    /// still drop it).
     SmarthostAllowed = 2,
-    /// Exempt source to a guarded port: passed.
+    /// Exempt source to a guarded port: passed the guard (the rate limit
+    /// may still drop it).
     Exempt = 3,
     /// Over the source's connection rate for the port's class: dropped.
     RateLimited = 4,

@@ -595,7 +595,16 @@ fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     match limit.admit(tat, now) {
         Some(next) => {
-            let _ = GK_EG_BUCKETS.insert(&bucket, &next, 0);
+            // Update in place when the bucket exists: an LRU-hash update
+            // allocates a new element, several times the cost of a store.
+            match GK_EG_BUCKETS.get_ptr_mut(&bucket) {
+                // SAFETY: a u64 in a map value; a racing CPU's update can at
+                // worst be lost, which errs toward the subscriber.
+                Some(p) if tat != 0 => unsafe { *p = next },
+                _ => {
+                    let _ = GK_EG_BUCKETS.insert(&bucket, &next, 0);
+                }
+            }
             Ok(Egress::Pass)
         }
         None => {

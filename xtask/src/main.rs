@@ -9,7 +9,7 @@
 //!   behind. Tests run with libtest's default `--test-threads` (one per core):
 //!   every netlab namespace/pin name is unique per process and counter, so
 //!   root tests may run in parallel; pass `-- --test-threads=1` to serialise.
-//! * `cargo xtask bench xdp|all [-- ARGS]` — setup, then the release
+//! * `cargo xtask bench xdp|egress|classify|all [-- ARGS]` — setup, then the release
 //!   `gatekeeper-bench` binary; JSON results land in `target/bench/`.
 //! * `cargo xtask lab` — setup, build, then the `gatekeeper-lab` binary: a
 //!   throwaway namespace lab running the real agent, torn down at the end.
@@ -61,6 +61,8 @@ enum Cmd {
 enum Bench {
     /// XDP ns/packet through BPF_PROG_TEST_RUN beside a pass-only baseline.
     Xdp,
+    /// Egress gate (XDP subscriber and TC uplink programs) ns/packet beside pass-only baselines.
+    Egress,
     /// Hostname classifications per second on one core.
     Classify,
     All,
@@ -74,6 +76,7 @@ fn main() {
         Cmd::Bench { which, args } => {
             let which = match which {
                 Bench::Xdp => "xdp",
+                Bench::Egress => "egress",
                 Bench::Classify => "classify",
                 Bench::All => "all",
             };

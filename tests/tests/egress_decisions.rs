@@ -1,0 +1,1445 @@
+//! In-kernel unit tests of the egress gate through BPF_PROG_TEST_RUN.
+//!
+//! Every test loads its own, unpinned instance of the object and runs
+//! hand-built frames through both egress programs: `gatekeeper_subscriber`
+//! (XDP, a subscriber-facing interface's ingress) and `gatekeeper_egress`
+//! (TC, an uplink's egress). Both share the maps, so the same fixture drives
+//! both; the tests assert the return value, the exact set of egress counters
+//! that moved (and by how much), range hits, token buckets and, for rejected
+//! SYNs, the RST|ACK the program wrote (checked with an independent
+//! ones'-complement implementation, not the packet builder's).
+//!
+//! The XDP runs claim the loopback as their ingress interface (`xdp_md`
+//! context); the TC runs have no context, so the kernel's test skb sits on
+//! the loopback as well. Both count under the loopback's interface slot.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN): `cargo xtask test` runs it as root.
+//! Without root every test fails with a message saying so.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use gatekeeper::{
+    datapath::{desired_ranges, RangeMaps},
+    store::{Origin, PoolAction, RangeKind, RangeRecord},
+};
+use gatekeeper_common::{
+    addr, config_flags, counters::egress_counter_name, maps, port_policy, programs, stat_index, Config, EgressCounter,
+    LimitKey, RateLimit, StatKey, EG_PORT_ENTRIES, MAX_IPV6_EXT_HEADERS, STAT_STRIDE,
+};
+use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Ip, Packet, L4};
+use gatekeeper_tests::rng::Rng;
+use ipnet::IpNet;
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+/// TC_ACT_UNSPEC (-1) as the test run reports it.
+const TC_UNSPEC: u32 = u32::MAX;
+const TC_SHOT: u32 = 2;
+const TC_REDIRECT: u32 = 7;
+
+const SMTP: u16 = 25;
+const SUBMISSION: u16 = 587;
+const SUBMISSIONS: u16 = 465;
+const SPORT: u16 = 40000;
+/// A long GCRA interval: no token comes back during a test.
+const HOUR_NS: u64 = 3_600_000_000_000;
+
+// The address plan (TEST-NETs only).
+/// Pool (drop) 198.51.100.0/24, id 10; 2001:db8:100::/48, id 11.
+const POOL4: &str = "198.51.100.0/24";
+const POOL6: &str = "2001:db8:100::/48";
+/// Pool (reject) 203.0.113.0/25, id 12; 2001:db8:200::/48, id 13.
+const REJECT4: &str = "203.0.113.0/25";
+const REJECT6: &str = "2001:db8:200::/48";
+/// Smarthosts 192.0.2.25/32, id 20; 2001:db8:25::25/128, id 21.
+const SMARTHOST4: &str = "192.0.2.25";
+const SMARTHOST6: &str = "2001:db8:25::25";
+/// Exempt inside the drop pools: 198.51.100.25/32, id 30; 2001:db8:100:25::/64, id 31.
+const EXEMPT4: &str = "198.51.100.25/32";
+const EXEMPT6: &str = "2001:db8:100:25::/64";
+/// Mail servers that are not smarthosts.
+const MX4: &str = "192.0.2.80";
+const MX6: &str = "2001:db8:80::80";
+/// Sources in no subscriber range.
+const OUTSIDE4: &str = "203.0.113.200";
+const OUTSIDE6: &str = "2001:db8:900::1";
+
+// ---------------------------------------------------------------- programs
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prog {
+    Xdp,
+    Tc,
+}
+const PROGS: [Prog; 2] = [Prog::Xdp, Prog::Tc];
+
+/// What a program should do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Pass,
+    Drop,
+    /// Answer with a RST|ACK: XDP_TX, or TC redirect to the ingress.
+    Reject,
+}
+
+impl Prog {
+    fn code(self, want: Want) -> u32 {
+        match (self, want) {
+            (Prog::Xdp, Want::Pass) => XDP_PASS,
+            (Prog::Xdp, Want::Drop) => XDP_DROP,
+            (Prog::Xdp, Want::Reject) => XDP_TX,
+            (Prog::Tc, Want::Pass) => TC_UNSPEC,
+            (Prog::Tc, Want::Drop) => TC_SHOT,
+            (Prog::Tc, Want::Reject) => TC_REDIRECT,
+        }
+    }
+
+    fn want(self, code: u32) -> Option<Want> {
+        [Want::Pass, Want::Drop, Want::Reject].into_iter().find(|&w| self.code(w) == code)
+    }
+}
+
+// ---------------------------------------------------------------- fixture
+
+/// One loaded, unpinned gatekeeper instance with both egress programs.
+struct Gk {
+    bpf: Ebpf,
+    /// The loopback: where both programs' test runs happen.
+    ifindex: u32,
+    /// Counter totals (slot -> total) on `ifindex` at the last [`Gk::delta`].
+    seen: BTreeMap<u32, u64>,
+    /// The ranges as the agent's database would hold them.
+    ranges: Vec<RangeRecord>,
+    range_maps: RangeMaps,
+}
+
+fn require_root() {
+    assert!(
+        // SAFETY: geteuid cannot fail.
+        unsafe { libc::geteuid() } == 0,
+        "egress_decisions loads eBPF programs and needs root (CAP_BPF, CAP_NET_ADMIN); \
+         run it through `cargo xtask test` or with sudo"
+    );
+}
+
+fn loopback() -> u32 {
+    // SAFETY: a NUL-terminated interface name.
+    let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    assert_ne!(lo, 0, "no lo");
+    lo
+}
+
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("clock_gettime");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+impl Gk {
+    /// Loads the object with small preallocated LRU maps; port 25 guarded,
+    /// no limits, no ranges.
+    fn new() -> Self {
+        require_root();
+        let mut bpf = EbpfLoader::new()
+            .map_max_entries(maps::VERDICTS, 4096)
+            .map_max_entries(maps::SEEN, 4096)
+            .map_max_entries(maps::EG_BUCKETS, 4096)
+            .load(gatekeeper::EBPF_OBJECT)
+            .expect("loading the gatekeeper object");
+        let xdp: &mut Xdp = bpf.program_mut(programs::XDP_SUBSCRIBER).expect("subscriber program").try_into().unwrap();
+        xdp.load().expect("verifier accepts gatekeeper_subscriber");
+        let tc: &mut SchedClassifier =
+            bpf.program_mut(programs::TC_EGRESS).expect("egress program").try_into().unwrap();
+        tc.load().expect("verifier accepts gatekeeper_egress");
+        let range_maps = RangeMaps::take(&mut bpf).expect("range maps");
+        let mut gk = Gk { bpf, ifindex: loopback(), seen: BTreeMap::new(), ranges: Vec::new(), range_maps };
+        gk.policy(SMTP, true, 0);
+        gk
+    }
+
+    /// The standard address plan: drop and reject pools, exempt entries
+    /// inside the drop pools, smarthosts.
+    fn standard() -> Self {
+        let mut gk = Gk::new();
+        gk.pool(POOL4, 10);
+        gk.pool(POOL6, 11);
+        gk.reject_pool(REJECT4, 12);
+        gk.reject_pool(REJECT6, 13);
+        gk.smarthost(&format!("{SMARTHOST4}/32"), 20);
+        gk.smarthost(&format!("{SMARTHOST6}/128"), 21);
+        gk.exempt(EXEMPT4, 30);
+        gk.exempt(EXEMPT6, 31);
+        gk
+    }
+
+    /// Runs `frame` once through `prog`; returns the return value and the
+    /// frame as the program left it.
+    fn run(&self, prog: Prog, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(prog, frame)
+            .unwrap_or_else(|e| panic!("{prog:?} test run of {} bytes: {e:?}: {}", frame.len(), hex(frame)))
+    }
+
+    fn try_run(&self, prog: Prog, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex }: data_end must equal the size.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, self.ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: (prog == Prog::Xdp).then_some(&ctx[..]),
+            ..TestRunOptions::new()
+        };
+        let r = match prog {
+            Prog::Xdp => {
+                let p: &Xdp = self.bpf.program(programs::XDP_SUBSCRIBER).unwrap().try_into().unwrap();
+                p.test_run(opts)
+            }
+            Prog::Tc => {
+                let p: &SchedClassifier = self.bpf.program(programs::TC_EGRESS).unwrap().try_into().unwrap();
+                p.test_run(opts)
+            }
+        }?;
+        assert_ne!((prog, r.return_value), (Prog::Xdp, XDP_ABORTED), "XDP_ABORTED for {}", hex(frame));
+        assert!(prog.want(r.return_value).is_some(), "{prog:?} returned {} for {}", r.return_value as i32, hex(frame));
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    /// Runs a frame that may be too short for the kernel's test skb (see
+    /// [`skb_refuses`]): `None` when the TC test run refused it.
+    fn run_maybe_short(&self, prog: Prog, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+        if prog == Prog::Tc && skb_refuses(frame) {
+            self.assert_skb_refuses(frame);
+            return None;
+        }
+        Some(self.run(prog, frame))
+    }
+
+    #[track_caller]
+    fn assert_skb_refuses(&self, frame: &[u8]) {
+        match self.try_run(Prog::Tc, frame) {
+            Err(aya::programs::ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => {}
+            other => panic!("expected the skb test run to refuse {}: {other:?}", hex(frame)),
+        }
+    }
+
+    // ------------------------------------------------------------ policy
+
+    fn set_policy_word(&mut self, port: u16, word: u32) {
+        let mut ports: Array<_, u32> = Array::try_from(self.bpf.map_mut(maps::EG_PORTS).unwrap()).unwrap();
+        ports.set(u32::from(port), word, 0).unwrap();
+    }
+
+    /// The policy of `port`: guarded from pools, rate-limit class.
+    fn policy(&mut self, port: u16, guard: bool, class: u32) {
+        self.set_policy_word(port, port_policy::word(guard, class));
+    }
+
+    fn guard_all_ports(&mut self) {
+        let mut ports: Array<_, u32> = Array::try_from(self.bpf.map_mut(maps::EG_PORTS).unwrap()).unwrap();
+        for p in 0..EG_PORT_ENTRIES {
+            ports.set(p, port_policy::GUARD, 0).unwrap();
+        }
+    }
+
+    /// Rate-limit class `class`: a burst of `burst`, then one per `interval_ns`.
+    fn limit(&mut self, class: u32, interval_ns: u64, burst: u64) {
+        let mut limits: Array<_, RateLimit> = Array::try_from(self.bpf.map_mut(maps::EG_LIMITS).unwrap()).unwrap();
+        limits.set(class, RateLimit { interval_ns, burst_ns: burst * interval_ns }, 0).unwrap();
+    }
+
+    fn dry_run(&mut self, on: bool) {
+        let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
+        let flags = if on { config_flags::DRY_RUN } else { 0 };
+        cfg.set(0, Config { event_interval_ns: 0, flags, hold_ms: 0 }, 0).unwrap();
+    }
+
+    /// Token buckets: (source key, class) -> GCRA arrival time.
+    fn buckets(&self) -> Vec<(LimitKey, u64)> {
+        let b: HashMap<_, LimitKey, u64> = HashMap::try_from(self.bpf.map(maps::EG_BUCKETS).unwrap()).unwrap();
+        let mut v: Vec<_> = b.iter().map(|r| r.unwrap()).collect();
+        v.sort_by_key(|(k, _)| (k.addr, k.class));
+        v
+    }
+
+    // ------------------------------------------------------------ ranges
+
+    fn range(&mut self, kind: RangeKind, net: &str, id: u32, action: Option<PoolAction>) {
+        self.ranges.push(RangeRecord {
+            id,
+            kind,
+            net: net.parse().unwrap(),
+            origin: Origin::Manual,
+            source: "test".into(),
+            comment: None,
+            created_at: 0,
+            expires_at: None,
+            action,
+        });
+        self.sync_ranges();
+    }
+
+    fn pool(&mut self, net: &str, id: u32) {
+        self.range(RangeKind::Pool, net, id, Some(PoolAction::Drop));
+    }
+
+    fn reject_pool(&mut self, net: &str, id: u32) {
+        self.range(RangeKind::Pool, net, id, Some(PoolAction::Reject));
+    }
+
+    fn exempt(&mut self, net: &str, id: u32) {
+        self.range(RangeKind::Exempt, net, id, None);
+    }
+
+    fn smarthost(&mut self, net: &str, id: u32) {
+        self.range(RangeKind::Smarthost, net, id, None);
+    }
+
+    fn unrange(&mut self, kind: RangeKind, net: &str) {
+        let net: IpNet = net.parse().unwrap();
+        let before = self.ranges.len();
+        self.ranges.retain(|r| !(r.kind == kind && r.net == net));
+        assert_eq!(self.ranges.len() + 1, before, "no {kind} range {net} to remove");
+        self.sync_ranges();
+    }
+
+    /// Brings the range tables in line with the records, the way the agent
+    /// does: `desired_ranges` decides, `RangeMaps` writes.
+    fn sync_ranges(&mut self) {
+        let want = desired_ranges(&self.ranges);
+        for (table, net, _) in self.range_maps.ranges() {
+            if !want.contains_key(&(table, net)) {
+                self.range_maps.del_range(table, net).unwrap();
+            }
+        }
+        for ((table, net), v) in want {
+            if self.range_maps.range(table, net) != Some(v) {
+                self.range_maps.set_range(net, v).unwrap();
+            }
+        }
+    }
+
+    fn range_hits(&self, range_id: u32) -> u64 {
+        let hits: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::RANGE_HITS).unwrap()).unwrap();
+        hits.get(&range_id, 0).unwrap().iter().sum()
+    }
+
+    fn hits(&self, ids: &[u32]) -> Vec<u64> {
+        ids.iter().map(|&id| self.range_hits(id)).collect()
+    }
+
+    // ------------------------------------------------------------ counters
+
+    /// The egress counters of the loopback's slot, summed over CPUs.
+    fn counters(&self) -> BTreeMap<u32, u64> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::EG_STATS).unwrap()).unwrap();
+        (0..STAT_STRIDE)
+            .map(|slot| (slot, stats.get(&stat_index(self.ifindex, slot), 0).unwrap().iter().sum::<u64>()))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+
+    /// Counters that moved since the last call, by name.
+    fn delta(&mut self) -> BTreeMap<&'static str, u64> {
+        let now = self.counters();
+        let mut out = BTreeMap::new();
+        for (k, v) in &now {
+            let d = v - self.seen.get(k).copied().unwrap_or(0);
+            if d != 0 {
+                out.insert(egress_counter_name(*k), d);
+            }
+        }
+        self.seen = now;
+        out
+    }
+
+    /// Asserts that exactly `expected` counters moved since the last check.
+    #[track_caller]
+    fn expect(&mut self, expected: &[(EgressCounter, u64)], what: &str) {
+        let want: BTreeMap<_, _> = expected.iter().map(|&(c, n)| (egress_counter_name(c as u32), n)).collect();
+        assert_eq!(self.delta(), want, "counters after {what}");
+    }
+
+    /// Runs `frame` through `prog`, asserts the outcome and the counters
+    /// that moved; returns the frame as the program left it.
+    #[track_caller]
+    fn check(
+        &mut self,
+        prog: Prog,
+        frame: &[u8],
+        want: Want,
+        counters: &[(EgressCounter, u64)],
+        what: &str,
+    ) -> Vec<u8> {
+        let (ret, out) = self.run(prog, frame);
+        assert_eq!(prog.want(ret), Some(want), "{prog:?}: outcome of {what} (returned {})", ret as i32);
+        self.expect(counters, &format!("{prog:?}: {what}"));
+        if want != Want::Reject {
+            assert_eq!(hex(&out), hex(frame), "{prog:?}: {what}: a frame that is not rejected is not rewritten");
+        }
+        out
+    }
+
+    /// Every egress counter anywhere moved only in the loopback's slot, and
+    /// the ingress gate's counters never moved.
+    #[track_caller]
+    fn done(&self) {
+        let per_slot = |name: &str| -> BTreeMap<StatKey, u64> {
+            let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(name).unwrap()).unwrap();
+            stats
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (StatKey::from_index(i as u32), v.unwrap().iter().sum::<u64>()))
+                .filter(|(_, v)| *v > 0)
+                .collect()
+        };
+        let eg = per_slot(maps::EG_STATS);
+        let slot = self.ifindex % gatekeeper_common::STAT_IF_SLOTS;
+        assert!(eg.keys().all(|k| k.ifindex == slot), "egress counters outside slot {slot}: {eg:?}");
+        assert!(per_slot(maps::STATS).is_empty(), "the egress programs moved ingress counters");
+    }
+}
+
+/// The kernel's skb test run refuses (EINVAL, before any program runs) a
+/// frame whose ethertype is IPv4 (IPv6) without a whole IPv4 (IPv6) header
+/// after it. Such a frame never reaches a TC program as an skb either, so
+/// there is nothing to test; the XDP program still gets them.
+fn skb_refuses(frame: &[u8]) -> bool {
+    let et = u16::from_be_bytes([frame[12], frame[13]]);
+    (et == ethertype::IPV4 && frame.len() < 14 + 20) || (et == ethertype::IPV6 && frame.len() < 14 + 40)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// A SYN from `src` to `dst`:`dport` with an MSS option.
+fn syn_to(src: &str, dst: &str, dport: u16) -> Packet {
+    match (src.parse::<IpAddr>().unwrap(), dst.parse::<IpAddr>().unwrap()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            Packet::tcp_v4(s, d, SPORT, dport, tcp_flags::SYN).tcp_options(&mss_option(1460))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            Packet::tcp_v6(s, d, SPORT, dport, tcp_flags::SYN).tcp_options(&mss_option(1440))
+        }
+        _ => panic!("mixed families {src} -> {dst}"),
+    }
+}
+
+/// A SYN from `src` to a mail server that is not a smarthost, port 25.
+fn syn(src: &str) -> Packet {
+    syn_to(src, if src.contains(':') { MX6 } else { MX4 }, SMTP)
+}
+
+/// The same segment with other flags.
+fn segment(src: &str, flags: u8) -> Packet {
+    let mut p = syn(src);
+    if let L4::Tcp { flags: f, ack, .. } = &mut p.l4 {
+        *f = flags;
+        *ack = if flags & tcp_flags::ACK != 0 { 0x0200_0000 } else { 0 };
+    }
+    p
+}
+
+fn with_seq(mut p: Packet, seq: u32) -> Packet {
+    if let L4::Tcp { seq: s, .. } = &mut p.l4 {
+        *s = seq;
+    }
+    p
+}
+
+fn with_ports(mut p: Packet, sport: u16, dport: u16) -> Packet {
+    if let L4::Tcp { src_port, dst_port, .. } = &mut p.l4 {
+        (*src_port, *dst_port) = (sport, dport);
+    }
+    p
+}
+
+fn without_options(mut p: Packet) -> Packet {
+    if let L4::Tcp { options, .. } = &mut p.l4 {
+        options.clear();
+    }
+    p
+}
+
+fn with_ttl(mut p: Packet, hops: u8) -> Packet {
+    match &mut p.ip {
+        Ip::V4 { ttl, .. } => *ttl = hops,
+        Ip::V6 { hop_limit, .. } => *hop_limit = hops,
+    }
+    p
+}
+
+fn with_vlans(p: Packet, tags: &[(u16, u16)]) -> Packet {
+    tags.iter().fold(p, |p, &(tpid, vid)| p.vlan(tpid, vid))
+}
+
+use EgressCounter::{DryRun, Exempt, ParseSkipped, PoolBlocked, PoolRejected, RateLimited, SmarthostAllowed};
+
+// ---------------------------------------------------------------- checksums
+
+/// The RFC 1071 ones'-complement sum of `bytes` (an odd last byte padded
+/// with zero), folded to 16 bits. Written here rather than taken from the
+/// packet builder so the datapath's checksums are checked independently.
+fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut acc: u64 = 0;
+    for pair in bytes.chunks(2) {
+        let hi = u64::from(pair[0]) << 8;
+        let lo = pair.get(1).copied().map_or(0, u64::from);
+        acc += hi | lo;
+    }
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// A header (or header plus pseudo-header) whose checksum field is right
+/// sums to 0xffff.
+fn sums_to_ffff(bytes: &[u8]) -> bool {
+    ones_sum(bytes) == 0xffff
+}
+
+/// Where the IP header starts and which family: walks the VLAN tags.
+fn l3_of(frame: &[u8]) -> (usize, u16) {
+    let mut off = 12;
+    loop {
+        let et = u16::from_be_bytes([frame[off], frame[off + 1]]);
+        if et != ethertype::VLAN && et != ethertype::QINQ {
+            return (off + 2, et);
+        }
+        off += 4;
+    }
+}
+
+/// The IPv4 header checksum is right.
+fn ipv4_header_ok(frame: &[u8], l3: usize) -> bool {
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    sums_to_ffff(&frame[l3..l3 + ihl])
+}
+
+/// The TCP checksum over the pseudo-header is right. The segment length is
+/// what the IP header says (Ethernet padding is not part of it).
+fn tcp_checksum_ok(frame: &[u8], l3: usize, l4: usize, v6: bool) -> bool {
+    let mut buf = Vec::new();
+    let end = if v6 {
+        buf.extend_from_slice(&frame[l3 + 8..l3 + 40]);
+        let len = usize::from(u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]])) - (l4 - l3 - 40);
+        buf.extend_from_slice(&(len as u32).to_be_bytes());
+        buf.extend_from_slice(&[0, 0, 0, ipproto::TCP]);
+        l4 + len
+    } else {
+        buf.extend_from_slice(&frame[l3 + 12..l3 + 20]);
+        let total = usize::from(u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]));
+        let len = total - (l4 - l3);
+        buf.extend_from_slice(&[0, ipproto::TCP]);
+        buf.extend_from_slice(&(len as u16).to_be_bytes());
+        l4 + len
+    };
+    buf.extend_from_slice(&frame[l4..end]);
+    sums_to_ffff(&buf)
+}
+
+#[test]
+fn own_checksum_agrees_with_known_values() {
+    // RFC 1071's example words 0001 f203 f4f5 f6f7 sum to ddf2.
+    assert_eq!(ones_sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0xddf2);
+    // A well-known IPv4 header (checksum b861) and one bit off.
+    let mut hdr = [
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+        0x00, 0xc7,
+    ];
+    assert!(sums_to_ffff(&hdr));
+    hdr[19] ^= 1;
+    assert!(!sums_to_ffff(&hdr));
+    // Odd length pads with a zero byte.
+    assert_eq!(ones_sum(&[0x12]), 0x1200);
+    // The builder's SYNs check out under this implementation.
+    for p in [syn("198.51.100.7"), syn("2001:db8:100::7")] {
+        let f = p.build();
+        let (l3, et) = l3_of(&f);
+        let v6 = et == ethertype::IPV6;
+        if !v6 {
+            assert!(ipv4_header_ok(&f, l3));
+        }
+        assert!(tcp_checksum_ok(&f, l3, l3 + if v6 { 40 } else { 20 }, v6));
+    }
+}
+
+/// Asserts that `out` is the RST|ACK answering the SYN `syn` as `prog`
+/// writes it: MACs, addresses and ports swapped, seq 0, ack = seq + 1,
+/// flags RST|ACK, window and urgent pointer 0, options turned into NOPs,
+/// TTL/hop limit 64 (XDP) or as it was (TC), checksums right, nothing else
+/// changed.
+#[track_caller]
+fn assert_rst(prog: Prog, syn: &[u8], out: &[u8], what: &str) {
+    let ctx = format!("{prog:?}: {what}\n  syn {}\n  out {}", hex(syn), hex(out));
+    assert_eq!(out.len(), syn.len(), "{ctx}: length");
+    assert_eq!(&out[0..6], &syn[6..12], "{ctx}: destination MAC");
+    assert_eq!(&out[6..12], &syn[0..6], "{ctx}: source MAC");
+    let (l3, et) = l3_of(syn);
+    assert_eq!(&out[12..l3], &syn[12..l3], "{ctx}: VLAN tags and ethertype");
+    let v6 = et == ethertype::IPV6;
+    let l4 = if v6 {
+        assert_eq!(&out[l3..l3 + 7], &syn[l3..l3 + 7], "{ctx}: version, flow, payload length, next header");
+        let hops = if prog == Prog::Xdp { 64 } else { syn[l3 + 7] };
+        assert_eq!(out[l3 + 7], hops, "{ctx}: hop limit");
+        assert_eq!(&out[l3 + 8..l3 + 24], &syn[l3 + 24..l3 + 40], "{ctx}: source = SYN's destination");
+        assert_eq!(&out[l3 + 24..l3 + 40], &syn[l3 + 8..l3 + 24], "{ctx}: destination = SYN's source");
+        l3 + 40
+    } else {
+        assert_eq!(&out[l3..l3 + 8], &syn[l3..l3 + 8], "{ctx}: version, IHL, length, id, fragment");
+        let ttl = if prog == Prog::Xdp { 64 } else { syn[l3 + 8] };
+        assert_eq!(out[l3 + 8], ttl, "{ctx}: TTL");
+        assert_eq!(out[l3 + 9], ipproto::TCP, "{ctx}: protocol");
+        assert_eq!(&out[l3 + 12..l3 + 16], &syn[l3 + 16..l3 + 20], "{ctx}: source = SYN's destination");
+        assert_eq!(&out[l3 + 16..l3 + 20], &syn[l3 + 12..l3 + 16], "{ctx}: destination = SYN's source");
+        assert!(ipv4_header_ok(out, l3), "{ctx}: IPv4 header checksum");
+        l3 + 20
+    };
+    let t = &out[l4..];
+    let s = &syn[l4..];
+    assert_eq!(&t[0..2], &s[2..4], "{ctx}: source port = SYN's destination port");
+    assert_eq!(&t[2..4], &s[0..2], "{ctx}: destination port = SYN's source port");
+    assert_eq!(&t[4..8], &[0, 0, 0, 0], "{ctx}: sequence number");
+    let ack = u32::from_be_bytes([s[4], s[5], s[6], s[7]]).wrapping_add(1);
+    assert_eq!(u32::from_be_bytes([t[8], t[9], t[10], t[11]]), ack, "{ctx}: ack = SYN's seq + 1");
+    assert_eq!(t[12] >> 4, s[12] >> 4, "{ctx}: data offset");
+    assert_eq!(t[13], tcp_flags::RST | tcp_flags::ACK, "{ctx}: flags");
+    assert_eq!(&t[14..16], &[0, 0], "{ctx}: window");
+    assert_eq!(&t[18..20], &[0, 0], "{ctx}: urgent pointer");
+    let doff = usize::from(s[12] >> 4) * 4;
+    assert!(t[20..doff].iter().all(|&b| b == 1), "{ctx}: options are NOPs");
+    assert_eq!(&out[l4 + doff..], &syn[l4 + doff..], "{ctx}: bytes after the TCP header");
+    assert!(tcp_checksum_ok(out, l3, l4, v6), "{ctx}: TCP checksum");
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn rst_checker_refuses_broken_answers() {
+    let gk = Gk::standard();
+    for src in ["203.0.113.7", "2001:db8:200::7"] {
+        let syn = syn(src).build();
+        for prog in PROGS {
+            let (ret, out) = gk.run(prog, &syn);
+            assert_eq!(prog.want(ret), Some(Want::Reject));
+            assert_rst(prog, &syn, &out, "as written");
+            let (l3, et) = l3_of(&syn);
+            let l4 = l3 + if et == ethertype::IPV6 { 40 } else { 20 };
+            // Each byte a wrong answer would get wrong: a MAC, the TTL or
+            // hop limit, an address, a port, seq, ack, flags, window, an
+            // option byte, the TCP checksum, and (IPv4) the header checksum.
+            let ttl = if et == ethertype::IPV6 { l3 + 7 } else { l3 + 8 };
+            let mut spots = vec![0, 11, ttl, l3 + 12, l4, l4 + 3, l4 + 7, l4 + 11, l4 + 13, l4 + 14, l4 + 21, l4 + 16];
+            if et == ethertype::IPV4 {
+                spots.push(l3 + 10);
+            }
+            for at in spots {
+                let mut bad = out.clone();
+                bad[at] ^= 0x40;
+                let r = std::panic::catch_unwind(|| assert_rst(prog, &syn, &bad, "broken"));
+                assert!(r.is_err(), "{prog:?} {src}: byte {at} flipped went unnoticed");
+            }
+        }
+    }
+}
+
+#[test]
+fn both_programs_count_under_the_loopback() {
+    let mut gk = Gk::standard();
+    assert_eq!(gk.ifindex, loopback());
+    for prog in PROGS {
+        gk.check(prog, &syn("198.51.100.7").build(), Want::Drop, &[(PoolBlocked, 1)], "pool SYN");
+    }
+    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(gk.bpf.map(maps::EG_STATS).unwrap()).unwrap();
+    let at = stats.get(&stat_index(loopback(), PoolBlocked as u32), 0).unwrap().iter().sum::<u64>();
+    assert_eq!(at, 2, "one pool-blocked per program under lo's slot");
+    gk.done();
+}
+
+#[test]
+fn pool_to_a_guarded_port_is_dropped() {
+    let mut gk = Gk::standard();
+    for prog in PROGS {
+        for (src, id) in [
+            ("198.51.100.7", 10),
+            ("198.51.100.0", 10),
+            ("198.51.100.255", 10),
+            ("2001:db8:100::7", 11),
+            ("2001:db8:100:ffff:ffff:ffff:ffff:ffff", 11),
+        ] {
+            let before = gk.range_hits(id);
+            let frame = syn(src).build();
+            gk.check(prog, &frame, Want::Drop, &[(PoolBlocked, 1)], &format!("pool {src} -> 25"));
+            assert_eq!(gk.range_hits(id), before + 1, "{prog:?}: pool {id} hit by {src}");
+        }
+        // The neighbours just outside the pools are no subscribers.
+        for src in ["198.51.99.255", "198.51.101.0", "2001:db8:101::1", "2001:db8:ff:ffff::1"] {
+            gk.check(prog, &syn(src).build(), Want::Pass, &[], &format!("{src} outside the pools"));
+        }
+    }
+    assert_eq!(gk.hits(&[10, 11, 20, 21, 30, 31]), [6, 4, 0, 0, 0, 0]);
+    gk.done();
+}
+
+#[test]
+fn pool_to_a_smarthost_passes() {
+    let mut gk = Gk::standard();
+    gk.smarthost("192.0.2.128/25", 22);
+    for prog in PROGS {
+        for (src, dst, smh) in [
+            ("198.51.100.7", SMARTHOST4, 20),
+            ("198.51.100.7", "192.0.2.200", 22),
+            ("203.0.113.7", SMARTHOST4, 20), // a reject pool too
+            ("2001:db8:100::7", SMARTHOST6, 21),
+            ("2001:db8:200::7", SMARTHOST6, 21),
+        ] {
+            let pool = if src.contains(':') { [11, 13] } else { [10, 12] };
+            let before = (gk.range_hits(smh), gk.hits(&pool));
+            let frame = syn_to(src, dst, SMTP).build();
+            gk.check(prog, &frame, Want::Pass, &[(SmarthostAllowed, 1)], &format!("{src} -> smarthost {dst}"));
+            assert_eq!((gk.range_hits(smh), gk.hits(&pool)), (before.0 + 1, before.1), "{prog:?}: hits {src} -> {dst}");
+        }
+        // Next to a smarthost is not a smarthost.
+        for (src, dst) in
+            [("198.51.100.7", "192.0.2.24"), ("198.51.100.7", "192.0.2.26"), ("2001:db8:100::7", "2001:db8:25::26")]
+        {
+            gk.check(
+                prog,
+                &syn_to(src, dst, SMTP).build(),
+                Want::Drop,
+                &[(PoolBlocked, 1)],
+                &format!("{src} -> {dst}"),
+            );
+        }
+    }
+    // The smarthost table answers for destinations only: a smarthost
+    // address as a source is no subscriber.
+    for prog in PROGS {
+        gk.check(prog, &syn_to(SMARTHOST4, MX4, SMTP).build(), Want::Pass, &[], "smarthost as a source");
+    }
+    gk.done();
+}
+
+#[test]
+fn exempt_sources_inside_pools_pass() {
+    let mut gk = Gk::standard();
+    // An exempt range covering a whole pool: the pool entry is left out.
+    gk.pool("192.0.2.64/28", 40);
+    gk.exempt("192.0.2.64/26", 41);
+    // The same net as pool and exempt: exempt wins.
+    gk.pool("2001:db8:300::/48", 42);
+    gk.exempt("2001:db8:300::/48", 43);
+    for prog in PROGS {
+        for (src, id) in [
+            ("198.51.100.25", 30),
+            ("192.0.2.65", 41),
+            ("192.0.2.127", 41),
+            ("2001:db8:100:25::1", 31),
+            ("2001:db8:100:25:ffff::1", 31),
+            ("2001:db8:300:1::1", 43),
+        ] {
+            let before = gk.range_hits(id);
+            gk.check(prog, &syn(src).build(), Want::Pass, &[(Exempt, 1)], &format!("exempt {src}"));
+            assert_eq!(gk.range_hits(id), before + 1, "{prog:?}: exempt {id} hit by {src}");
+        }
+        // Their neighbours in the pool are blocked.
+        for src in ["198.51.100.24", "198.51.100.26", "2001:db8:100:24::1", "2001:db8:100:26::1"] {
+            gk.check(prog, &syn(src).build(), Want::Drop, &[(PoolBlocked, 1)], &format!("pool {src}"));
+        }
+        // Exempt to an unguarded port: nothing to count.
+        gk.check(prog, &syn_to("198.51.100.25", MX4, 80).build(), Want::Pass, &[], "exempt -> 80");
+    }
+    assert_eq!(gk.hits(&[40, 42]), [0, 0], "covered pools are not in the table");
+    // Removing the exempt entry exposes the pool again.
+    gk.unrange(RangeKind::Exempt, "192.0.2.64/26");
+    gk.unrange(RangeKind::Exempt, EXEMPT6);
+    for prog in PROGS {
+        gk.check(prog, &syn("192.0.2.65").build(), Want::Drop, &[(PoolBlocked, 1)], "pool after unexempt");
+        gk.check(prog, &syn("2001:db8:100:25::1").build(), Want::Drop, &[(PoolBlocked, 1)], "v6 after unexempt");
+    }
+    assert_eq!(gk.hits(&[40, 11]), [2, 6]);
+    gk.done();
+}
+
+#[test]
+fn non_subscriber_sources_pass_uncounted() {
+    let mut gk = Gk::standard();
+    // Ingress ranges are another table: they mean nothing here.
+    gk.range(RangeKind::Deny, "0.0.0.0/0", 50, None);
+    gk.range(RangeKind::Allow, "203.0.113.128/25", 51, None);
+    gk.range(RangeKind::Deny, "::/0", 52, None);
+    gk.policy(SMTP, true, 1);
+    gk.policy(SUBMISSION, false, 1);
+    gk.limit(1, HOUR_NS, 1);
+    for prog in PROGS {
+        for src in [OUTSIDE4, "192.0.2.1", SMARTHOST4, OUTSIDE6, "2001:db8:101::1", "2001:db8:ff:ffff::1"] {
+            for port in [SMTP, SUBMISSION] {
+                let frame = syn_to(src, if src.contains(':') { MX6 } else { MX4 }, port).build();
+                for i in 0..5 {
+                    gk.check(prog, &frame, Want::Pass, &[], &format!("outsider {src} -> {port} #{i}"));
+                }
+            }
+        }
+    }
+    assert!(gk.buckets().is_empty(), "outsiders got buckets: {:?}", gk.buckets());
+    assert_eq!(gk.hits(&[50, 51, 52]), [0, 0, 0]);
+    // The limit is live: a subscriber gets one, then is limited.
+    let frame = syn_to("198.51.100.7", MX4, SUBMISSION).build();
+    gk.check(Prog::Xdp, &frame, Want::Pass, &[], "subscriber within the burst");
+    gk.check(Prog::Tc, &frame, Want::Drop, &[(RateLimited, 1)], "subscriber over the limit");
+    assert_eq!(gk.buckets().len(), 1);
+    gk.done();
+}
+
+#[test]
+fn unguarded_ports_pass_and_policy_changes_apply() {
+    let mut gk = Gk::standard();
+    for prog in PROGS {
+        for src in ["198.51.100.7", "203.0.113.7", "2001:db8:100::7", "2001:db8:200::7"] {
+            for port in [0, 24, 26, 80, 443, SUBMISSIONS, SUBMISSION, 2525, 65535] {
+                let frame = syn_to(src, if src.contains(':') { MX6 } else { MX4 }, port).build();
+                gk.check(prog, &frame, Want::Pass, &[], &format!("{src} -> unguarded {port}"));
+            }
+        }
+    }
+    assert_eq!(gk.hits(&[10, 11, 12, 13]), [0, 0, 0, 0]);
+    for port in [SUBMISSION, 0, 65535] {
+        gk.policy(port, true, 0);
+        for prog in PROGS {
+            for src in ["198.51.100.7", "2001:db8:100::7"] {
+                let frame = syn_to(src, if src.contains(':') { MX6 } else { MX4 }, port).build();
+                gk.check(prog, &frame, Want::Drop, &[(PoolBlocked, 1)], &format!("{src} -> newly guarded {port}"));
+            }
+        }
+    }
+    gk.policy(SMTP, false, 0);
+    for prog in PROGS {
+        gk.check(prog, &syn("198.51.100.7").build(), Want::Pass, &[], "25 after unguarding");
+        gk.check(prog, &syn("2001:db8:100::7").build(), Want::Pass, &[], "v6 25 after unguarding");
+    }
+    gk.done();
+}
+
+#[test]
+fn only_a_pure_syn_is_decided() {
+    let mut gk = Gk::standard();
+    use tcp_flags::*;
+    for prog in PROGS {
+        for src in ["198.51.100.7", "203.0.113.7", "2001:db8:100::7", "2001:db8:200::7"] {
+            for (flags, name) in [
+                (SYN | ACK, "SYN+ACK"),
+                (RST, "RST"),
+                (SYN | RST, "SYN+RST"),
+                (ACK, "ACK"),
+                (ACK | PSH, "ACK+PSH"),
+                (FIN | ACK, "FIN+ACK"),
+                (RST | ACK, "RST+ACK"),
+                (SYN | ACK | RST, "SYN+ACK+RST"),
+                (0, "no flags"),
+            ] {
+                gk.check(prog, &segment(src, flags).build(), Want::Pass, &[], &format!("{name} from pool {src}"));
+            }
+            // UDP to 25, and "TCP" bytes under another protocol number.
+            let udp = match src.parse::<IpAddr>().unwrap() {
+                IpAddr::V4(s) => Packet::udp_v4(s, v4(MX4), 1, SMTP),
+                IpAddr::V6(s) => Packet::udp_v6(s, v6(MX6), 1, SMTP),
+            };
+            gk.check(prog, &udp.payload(&[0x02; 32]).build(), Want::Pass, &[], &format!("UDP from {src}"));
+            let f = syn(src).build();
+            let (l3, et) = l3_of(&f);
+            let l4 = l3 + if et == ethertype::IPV6 { 40 } else { 20 };
+            let raw = syn(src).raw_l4(ipproto::UDP, &f[l4..]).build();
+            gk.check(prog, &raw, Want::Pass, &[], &format!("SYN bytes as UDP from {src}"));
+        }
+        // A SYN with other bits (ECN setup, FIN, PSH, URG) is still a connection attempt.
+        for flags in [SYN | 0x40 | 0x80, SYN | FIN, SYN | PSH, SYN | URG] {
+            gk.check(prog, &segment("198.51.100.7", flags).build(), Want::Drop, &[(PoolBlocked, 1)], "SYN+bits");
+        }
+    }
+    assert_eq!(gk.hits(&[10, 11, 12, 13]), [8, 0, 0, 0]);
+    gk.done();
+}
+
+#[test]
+fn reject_pools_answer_with_a_valid_rst() {
+    let mut gk = Gk::standard();
+    let full_options: Vec<u8> = [
+        &mss_option(1460)[..],
+        &[4, 2],                                 // SACK permitted
+        &[8, 10, 1, 2, 3, 4, 0, 0, 0, 0],        // timestamps
+        &[1, 3, 3, 7],                           // NOP, window scale
+        &[30, 20, 0xde, 0xad, 0xbe, 0xef, 0xaa], // something unknown
+        &[0xbb; 12],
+        &[0],
+    ]
+    .concat();
+    assert_eq!(full_options.len(), 40);
+    gk.policy(1, true, 0);
+    for prog in PROGS {
+        for (src, id) in [("203.0.113.7", 12), ("2001:db8:200::7", 13)] {
+            let base = || with_ttl(syn(src), 9);
+            let cases: Vec<(&str, Vec<u8>)> = vec![
+                ("MSS", base().build()),
+                ("no options", without_options(with_ttl(syn(src), 200)).build()),
+                ("40 option bytes", base().tcp_options(&full_options).build()),
+                ("seq 0xffffffff", with_seq(base(), u32::MAX).build()),
+                ("seq 0x12345678", with_seq(base(), 0x1234_5678).build()),
+                ("802.1Q", with_vlans(base(), &[(ethertype::VLAN, 10)]).build()),
+                ("QinQ", base().qinq(100, 10).build()),
+                ("Ethernet padding", [base().build(), vec![0; 6]].concat()),
+                ("port 1 from port 65535", with_ports(base(), 65535, 1).build()),
+            ];
+            for (name, frame) in cases {
+                let what = format!("{src} {name}");
+                let before = gk.range_hits(id);
+                let out = gk.check(prog, &frame, Want::Reject, &[(PoolRejected, 1)], &what);
+                assert_eq!(gk.range_hits(id), before + 1, "{prog:?}: {what}: pool hit");
+                assert_rst(prog, &frame, &out, &what);
+            }
+        }
+    }
+    gk.done();
+}
+
+#[test]
+fn reject_falls_back_to_drop_when_the_syn_cannot_be_answered() {
+    let mut gk = Gk::standard();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("IPv4 options", syn("203.0.113.7").ipv4_options(&[1, 1, 1, 1]).build()),
+        ("IPv4 40 option bytes", syn("203.0.113.7").ipv4_options(&[1; 40]).build()),
+        ("IPv4 SYN with data", syn("203.0.113.7").payload(b"EHLO").build()),
+        ("IPv4 first fragment", syn("203.0.113.7").ipv4_fragment(0, true).payload(&[0; 8]).build()),
+        ("IPv6 hop-by-hop", syn("2001:db8:200::7").ext(ExtHeader::hop_by_hop()).build()),
+        ("IPv6 dst-opts", syn("2001:db8:200::7").ext(ExtHeader::dest_opts()).build()),
+        ("IPv6 fragment", syn("2001:db8:200::7").ext(ExtHeader::fragment(0, false)).build()),
+        (
+            "IPv6 routing + dst-opts",
+            syn("2001:db8:200::7").ext(ExtHeader::routing(&[v6(MX6)])).ext(ExtHeader::dest_opts()).build(),
+        ),
+        ("IPv6 SYN with data", syn("2001:db8:200::7").payload(b"EHLO").build()),
+        ("802.1Q IPv4 options", syn("203.0.113.7").vlan(ethertype::VLAN, 5).ipv4_options(&[1; 8]).build()),
+    ];
+    for prog in PROGS {
+        for (name, frame) in &cases {
+            let id = if name.starts_with("IPv6") { 13 } else { 12 };
+            let before = gk.range_hits(id);
+            gk.check(prog, frame, Want::Drop, &[(PoolBlocked, 1)], name);
+            assert_eq!(gk.range_hits(id), before + 1, "{prog:?}: {name}: pool hit");
+        }
+    }
+    gk.done();
+}
+
+#[test]
+fn vlan_tagged_pool_syns_are_decided() {
+    let mut gk = Gk::standard();
+    let tags: [(&str, &[(u16, u16)]); 4] = [
+        ("802.1Q", &[(ethertype::VLAN, 10)]),
+        ("QinQ 802.1ad+802.1Q", &[(ethertype::QINQ, 100), (ethertype::VLAN, 10)]),
+        ("double 802.1Q", &[(ethertype::VLAN, 100), (ethertype::VLAN, 10)]),
+        ("802.1ad only", &[(ethertype::QINQ, 100)]),
+    ];
+    for prog in PROGS {
+        for (name, tags) in tags {
+            let tag = |p: Packet| with_vlans(p, tags).build();
+            gk.check(prog, &tag(syn("198.51.100.7")), Want::Drop, &[(PoolBlocked, 1)], name);
+            gk.check(prog, &tag(syn("2001:db8:100::7")), Want::Drop, &[(PoolBlocked, 1)], name);
+            gk.check(prog, &tag(syn("198.51.100.25")), Want::Pass, &[(Exempt, 1)], name);
+            let smh = syn_to("2001:db8:100::7", SMARTHOST6, SMTP);
+            gk.check(prog, &tag(smh), Want::Pass, &[(SmarthostAllowed, 1)], name);
+            gk.check(prog, &tag(syn(OUTSIDE4)), Want::Pass, &[], name);
+            gk.check(prog, &tag(segment("198.51.100.7", tcp_flags::ACK)), Want::Pass, &[], name);
+            for src in ["203.0.113.7", "2001:db8:200::7"] {
+                let frame = tag(syn(src));
+                let out = gk.check(prog, &frame, Want::Reject, &[(PoolRejected, 1)], name);
+                assert_rst(prog, &frame, &out, &format!("{name} {src}"));
+            }
+        }
+        // A third tag is beyond the parser's bound: passed without a decision.
+        let frame =
+            with_vlans(syn("198.51.100.7"), &[(ethertype::QINQ, 1), (ethertype::VLAN, 2), (ethertype::VLAN, 3)]);
+        gk.check(prog, &frame.build(), Want::Pass, &[], "three tags");
+    }
+    gk.done();
+}
+
+#[test]
+fn dry_run_passes_and_counts() {
+    let mut gk = Gk::standard();
+    gk.dry_run(true);
+    gk.policy(SUBMISSION, false, 1);
+    gk.limit(1, HOUR_NS, 1);
+    for prog in PROGS {
+        for (src, id) in [("198.51.100.7", 10), ("2001:db8:100::7", 11)] {
+            let before = gk.range_hits(id);
+            gk.check(prog, &syn(src).build(), Want::Pass, &[(PoolBlocked, 1), (DryRun, 1)], &format!("dry {src}"));
+            assert_eq!(gk.range_hits(id), before + 1);
+        }
+        for src in ["203.0.113.7", "2001:db8:200::7"] {
+            // Passed unchanged: no RST in dry-run.
+            gk.check(prog, &syn(src).build(), Want::Pass, &[(PoolRejected, 1), (DryRun, 1)], &format!("dry {src}"));
+        }
+        // Passing decisions are not "would drop".
+        gk.check(prog, &syn("198.51.100.25").build(), Want::Pass, &[(Exempt, 1)], "dry exempt");
+        let smh = syn_to("198.51.100.7", SMARTHOST4, SMTP).build();
+        gk.check(prog, &smh, Want::Pass, &[(SmarthostAllowed, 1)], "dry smarthost");
+        gk.check(prog, &syn(OUTSIDE4).build(), Want::Pass, &[], "dry outsider");
+        // Rate limits: the first is within the burst, the rest would drop.
+        let src = if prog == Prog::Xdp { "198.51.100.50" } else { "198.51.100.51" };
+        let frame = syn_to(src, MX4, SUBMISSION).build();
+        gk.check(prog, &frame, Want::Pass, &[], "dry within the burst");
+        for i in 0..3 {
+            gk.check(prog, &frame, Want::Pass, &[(RateLimited, 1), (DryRun, 1)], &format!("dry over the limit #{i}"));
+        }
+    }
+    // Leaving dry-run drops, rejects and limits again.
+    gk.dry_run(false);
+    for prog in PROGS {
+        gk.check(prog, &syn("198.51.100.7").build(), Want::Drop, &[(PoolBlocked, 1)], "after dry-run");
+        let frame = syn("2001:db8:200::7").build();
+        let out = gk.check(prog, &frame, Want::Reject, &[(PoolRejected, 1)], "reject after dry-run");
+        assert_rst(prog, &frame, &out, "reject after dry-run");
+        let frame = syn_to("198.51.100.50", MX4, SUBMISSION).build();
+        gk.check(prog, &frame, Want::Drop, &[(RateLimited, 1)], "limit after dry-run");
+    }
+    gk.done();
+}
+
+#[test]
+fn rate_limit_lets_a_burst_through_per_source_then_drops() {
+    for prog in PROGS {
+        let mut gk = Gk::standard();
+        gk.policy(SUBMISSION, false, 3);
+        gk.limit(3, HOUR_NS, 3);
+        let to = |src: &str| syn_to(src, if src.contains(':') { MX6 } else { MX4 }, SUBMISSION).build();
+        let burst = |gk: &mut Gk, src: &str, n: usize| {
+            for i in 0..n {
+                gk.check(prog, &to(src), Want::Pass, &[], &format!("{src} #{i} within the burst"));
+            }
+        };
+        let over = |gk: &mut Gk, src: &str| {
+            gk.check(prog, &to(src), Want::Drop, &[(RateLimited, 1)], &format!("{src} over the limit"));
+        };
+        // Exactly three, then drops; drops use no tokens.
+        burst(&mut gk, "198.51.100.7", 3);
+        over(&mut gk, "198.51.100.7");
+        over(&mut gk, "198.51.100.7");
+        // Another source has its own bucket; so do exempt sources.
+        burst(&mut gk, "198.51.100.8", 3);
+        over(&mut gk, "198.51.100.8");
+        burst(&mut gk, "198.51.100.25", 3);
+        over(&mut gk, "198.51.100.25");
+        over(&mut gk, "198.51.100.7");
+        // IPv6: the bucket is the /64.
+        burst(&mut gk, "2001:db8:100:1::1", 2);
+        burst(&mut gk, "2001:db8:100:1:ffff::2", 1);
+        over(&mut gk, "2001:db8:100:1::3");
+        burst(&mut gk, "2001:db8:100:2::1", 3);
+        over(&mut gk, "2001:db8:100:2::1");
+        // Outsiders are never limited.
+        for i in 0..6 {
+            gk.check(prog, &to(OUTSIDE4), Want::Pass, &[], &format!("outsider #{i}"));
+        }
+        let keys: Vec<LimitKey> = gk.buckets().into_iter().map(|(k, _)| k).collect();
+        let want: Vec<LimitKey> = {
+            let mut w: Vec<LimitKey> = ["198.51.100.7", "198.51.100.8", "198.51.100.25"]
+                .into_iter()
+                .map(|s| LimitKey { addr: addr::key_v4(v4(s).octets()).addr, class: 3 })
+                .chain(
+                    ["2001:db8:100:1::", "2001:db8:100:2::"]
+                        .into_iter()
+                        .map(|s| LimitKey { addr: addr::key_v6(v6(s).octets()).addr, class: 3 }),
+                )
+                .collect();
+            w.sort_by_key(|k| (k.addr, k.class));
+            w
+        };
+        assert_eq!(keys, want, "{prog:?}: one bucket per /32 and /64");
+        // Each stored arrival time is within three hours of now.
+        let now = monotonic_ns();
+        for (k, tat) in gk.buckets() {
+            assert!(tat > now && tat <= now + 3 * HOUR_NS + 1_000_000_000, "{prog:?}: {k:?} tat {tat} now {now}");
+        }
+        gk.done();
+    }
+}
+
+#[test]
+fn rate_limits_apply_after_the_guard_and_per_class() {
+    for prog in PROGS {
+        let mut gk = Gk::standard();
+        gk.policy(SMTP, true, 1);
+        gk.limit(1, HOUR_NS, 2);
+        gk.policy(SUBMISSION, false, 2);
+        gk.policy(SUBMISSIONS, false, 2);
+        gk.limit(2, HOUR_NS, 1);
+        // Pool to a smarthost: counted as allowed by the guard, then
+        // limited; an over-limit SYN moves both counters (as exempt below).
+        // That is the datapath as written; `EgressCounter`'s doc promises
+        // "at most one decision counter" per SYN.
+        let smh = syn_to("198.51.100.7", SMARTHOST4, SMTP).build();
+        for _ in 0..2 {
+            gk.check(prog, &smh, Want::Pass, &[(SmarthostAllowed, 1)], "pool -> smarthost within the burst");
+        }
+        gk.check(prog, &smh, Want::Drop, &[(SmarthostAllowed, 1), (RateLimited, 1)], "pool -> smarthost over");
+        // Blocked SYNs from that source neither pass nor use tokens of
+        // another class; the blocked decision comes first.
+        gk.check(prog, &syn("198.51.100.7").build(), Want::Drop, &[(PoolBlocked, 1)], "pool -> mx");
+        // Class 2 is shared by 587 and 465: one bucket.
+        let sub = syn_to("198.51.100.7", MX4, SUBMISSION).build();
+        let subs = syn_to("198.51.100.7", MX4, SUBMISSIONS).build();
+        gk.check(prog, &sub, Want::Pass, &[], "587 within class 2");
+        gk.check(prog, &subs, Want::Drop, &[(RateLimited, 1)], "465 shares class 2");
+        // Exempt to a guarded, limited port.
+        let ex = syn("198.51.100.25").build();
+        for _ in 0..2 {
+            gk.check(prog, &ex, Want::Pass, &[(Exempt, 1)], "exempt within the burst");
+        }
+        gk.check(prog, &ex, Want::Drop, &[(Exempt, 1), (RateLimited, 1)], "exempt over");
+        // Reject pools to a smarthost are limited too (and dropped, not answered).
+        let rsmh = syn_to("2001:db8:200::7", SMARTHOST6, SMTP).build();
+        for _ in 0..2 {
+            gk.check(prog, &rsmh, Want::Pass, &[(SmarthostAllowed, 1)], "reject pool -> smarthost");
+        }
+        gk.check(prog, &rsmh, Want::Drop, &[(SmarthostAllowed, 1), (RateLimited, 1)], "reject pool -> smarthost over");
+        // A class whose limit is unset (interval 0) does not limit, nor does
+        // a class number beyond the table.
+        gk.policy(2525, false, 5);
+        gk.set_policy_word(2526, 9 << port_policy::CLASS_SHIFT);
+        gk.limit(5, 0, 0);
+        for port in [2525, 2526] {
+            let f = syn_to("198.51.100.7", MX4, port).build();
+            for i in 0..5 {
+                gk.check(prog, &f, Want::Pass, &[], &format!("port {port} #{i}"));
+            }
+        }
+        let classes: Vec<u32> = gk.buckets().into_iter().map(|(k, _)| k.class).collect();
+        assert_eq!(classes.iter().filter(|&&c| c == 5 || c == 9).count(), 0, "{prog:?}: {classes:?}");
+        gk.done();
+    }
+}
+
+#[test]
+fn rate_limit_tokens_come_back_with_time() {
+    let mut gk = Gk::standard();
+    gk.policy(SUBMISSION, false, 1);
+    // Two at once, then one per 500 ms (generous: the clock is the coarse
+    // one, and a busy machine may pause the test between two runs).
+    gk.limit(1, 500_000_000, 2);
+    let frame = |prog: Prog| {
+        let src = if prog == Prog::Xdp { "198.51.100.7" } else { "2001:db8:100::7" };
+        syn_to(src, if prog == Prog::Xdp { MX4 } else { MX6 }, SUBMISSION).build()
+    };
+    for prog in PROGS {
+        gk.check(prog, &frame(prog), Want::Pass, &[], "first");
+        gk.check(prog, &frame(prog), Want::Pass, &[], "second");
+        gk.check(prog, &frame(prog), Want::Drop, &[(RateLimited, 1)], "third at once");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The whole burst is back, no more.
+    for prog in PROGS {
+        gk.check(prog, &frame(prog), Want::Pass, &[], "after a pause");
+        gk.check(prog, &frame(prog), Want::Pass, &[], "after a pause, second");
+        gk.check(prog, &frame(prog), Want::Drop, &[(RateLimited, 1)], "after a pause, third");
+    }
+    gk.done();
+}
+
+#[test]
+fn truncated_pool_syns_pass_and_never_abort() {
+    let mut gk = Gk::standard();
+    let frames: Vec<(&str, Want, Vec<u8>)> = vec![
+        ("v4", Want::Drop, syn("198.51.100.7").build()),
+        ("v4 reject", Want::Reject, syn("203.0.113.7").build()),
+        (
+            "v4 reject no options",
+            Want::Reject,
+            Packet::tcp_v4(v4("203.0.113.7"), v4(MX4), 1, SMTP, tcp_flags::SYN).build(),
+        ),
+        ("v4 options", Want::Drop, syn("198.51.100.7").ipv4_options(&[1; 12]).build()),
+        ("v4 802.1Q reject", Want::Reject, syn("203.0.113.7").vlan(ethertype::VLAN, 5).build()),
+        ("v4 QinQ", Want::Drop, syn("198.51.100.7").qinq(6, 7).build()),
+        ("v6", Want::Drop, syn("2001:db8:100::7").build()),
+        ("v6 reject", Want::Reject, syn("2001:db8:200::7").build()),
+        (
+            "v6 reject hbh+routing+fragment+dst-opts",
+            Want::Drop,
+            syn("2001:db8:200::7")
+                .ext(ExtHeader::hop_by_hop())
+                .ext(ExtHeader::routing(&[v6(MX6)]))
+                .ext(ExtHeader::fragment(0, true))
+                .ext(ExtHeader::dest_opts())
+                .build(),
+        ),
+        ("v6 QinQ reject", Want::Reject, syn("2001:db8:200::7").qinq(6, 7).build()),
+    ];
+    for prog in PROGS {
+        for (name, want, full) in &frames {
+            let mut skipped = 0;
+            for len in 14..full.len() {
+                let Some((ret, out)) = gk.run_maybe_short(prog, &full[..len]) else { continue };
+                assert_eq!(prog.want(ret), Some(Want::Pass), "{prog:?}: {name} truncated to {len} of {}", full.len());
+                assert_eq!(out, &full[..len], "{prog:?}: {name} truncated to {len}: rewritten");
+                let d = gk.delta();
+                // Either the parser gave up (counted) or stopped before it
+                // knew enough to count anything (an Ethernet header only).
+                assert!(
+                    d.is_empty() || d == BTreeMap::from([("parse-skipped", 1)]),
+                    "{prog:?}: {name} truncated to {len}: {d:?}"
+                );
+                skipped += d.len();
+            }
+            assert!(skipped > 0, "{prog:?}: {name}: truncations are counted as parse-skipped");
+            let c = match want {
+                Want::Reject => PoolRejected,
+                _ => PoolBlocked,
+            };
+            let out = gk.check(prog, full, *want, &[(c, 1)], name);
+            if *want == Want::Reject {
+                assert_rst(prog, full, &out, name);
+            }
+        }
+    }
+    gk.done();
+}
+
+#[test]
+fn malformed_headers_pass_and_are_counted() {
+    let mut gk = Gk::standard();
+    let skipped = [(ParseSkipped, 1)];
+    for prog in PROGS {
+        for (src, l3) in [("198.51.100.7", 14), ("203.0.113.7", 14)] {
+            let good = syn(src).build();
+            for ihl in 0..5u8 {
+                let mut f = good.clone();
+                f[l3] = 0x40 | ihl;
+                gk.check(prog, &f, Want::Pass, &skipped, &format!("{src} IHL {ihl}"));
+            }
+            for version in [0u8, 5, 6, 15] {
+                let mut f = good.clone();
+                f[l3] = (version << 4) | 5;
+                gk.check(prog, &f, Want::Pass, &skipped, &format!("{src} IPv4 ethertype, version {version}"));
+            }
+            let mut f = good.clone();
+            f[l3] = 0x4f;
+            gk.check(prog, &f, Want::Pass, &skipped, &format!("{src} IHL 15 without options"));
+            for doff in 0..5u8 {
+                let mut f = good.clone();
+                f[l3 + 20 + 12] = doff << 4;
+                gk.check(prog, &f, Want::Pass, &skipped, &format!("{src} TCP data offset {doff}"));
+            }
+            let mut f = good.clone();
+            f[l3 + 20 + 12] = 0xf0;
+            gk.check(prog, &f, Want::Pass, &skipped, &format!("{src} TCP data offset 15 without options"));
+        }
+        for src in ["2001:db8:100::7", "2001:db8:200::7"] {
+            let good = syn(src).build();
+            for version in [0u8, 4, 7] {
+                let mut f = good.clone();
+                f[14] = version << 4;
+                gk.check(prog, &f, Want::Pass, &skipped, &format!("{src} IPv6 ethertype, version {version}"));
+            }
+            gk.check(prog, &syn(src).ext(ExtHeader::ah()).build(), Want::Pass, &skipped, &format!("{src} AH"));
+            let many = vec![ExtHeader::dest_opts(); MAX_IPV6_EXT_HEADERS + 1];
+            let f = many.into_iter().fold(syn(src), Packet::ext).build();
+            gk.check(prog, &f, Want::Pass, &skipped, &format!("{src} too many extension headers"));
+        }
+    }
+    assert_eq!(gk.hits(&[10, 11, 12, 13]), [0, 0, 0, 0]);
+    gk.done();
+}
+
+/// What the egress gate should do with a frame when every port is guarded
+/// and every source is in a reject pool: an independent reading of the
+/// parsing and answering rules.
+#[derive(Debug, PartialEq, Eq, Clone, Copy, PartialOrd, Ord)]
+enum Expect {
+    /// Not a first-fragment TCP SYN: pass, no counter.
+    Pass,
+    /// The parser cannot read it: pass, parse-skipped.
+    Skip,
+    /// A plain SYN (IPv4 without options, IPv6 without extension headers,
+    /// no payload): answered with a RST.
+    Reject,
+    /// Any other SYN: dropped, counted as blocked.
+    Drop,
+}
+
+fn model(f: &[u8]) -> Expect {
+    // Every read must lie in the frame and start below 4 KiB.
+    let get = |off: usize, n: usize| if off <= 0xfff && off + n <= f.len() { Some(&f[off..off + n]) } else { None };
+    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let Some(b) = get(12, 2) else { return Expect::Skip };
+    let mut et = be16(b);
+    let mut off = 14;
+    for _ in 0..2 {
+        if et != 0x8100 && et != 0x88a8 {
+            break;
+        }
+        let Some(b) = get(off + 2, 2) else { return Expect::Skip };
+        et = be16(b);
+        off += 4;
+    }
+    let l3 = off;
+    // (TCP offset, the length the IP header gives the TCP segment or None
+    // when the segment is not plain)
+    let (tcp, seg_len) = match et {
+        0x0800 => {
+            let Some(ip) = get(off, 20) else { return Expect::Skip };
+            let ihl = (ip[0] & 0x0f) as usize * 4;
+            if ip[0] >> 4 != 4 || ihl < 20 {
+                return Expect::Skip;
+            }
+            if be16(&ip[6..8]) & 0x1fff != 0 || ip[9] != 6 {
+                return Expect::Pass;
+            }
+            let total = be16(&ip[2..4]) as usize;
+            (off + ihl, (ihl == 20).then(|| total.wrapping_sub(20)))
+        }
+        0x86dd => {
+            let Some(ip) = get(off, 8) else { return Expect::Skip };
+            if ip[0] >> 4 != 6 {
+                return Expect::Skip;
+            }
+            let payload = be16(&ip[4..6]) as usize;
+            let mut next = ip[6];
+            if get(off + 8, 16).is_none() {
+                return Expect::Skip;
+            }
+            off += 40;
+            let mut walked = 0;
+            let tcp = loop {
+                match next {
+                    6 => break off,
+                    _ if walked == MAX_IPV6_EXT_HEADERS => return Expect::Skip,
+                    0 | 43 | 60 => {
+                        let Some(h) = get(off, 2) else { return Expect::Skip };
+                        next = h[0];
+                        off += (h[1] as usize + 1) * 8;
+                    }
+                    44 => {
+                        let Some(h) = get(off, 4) else { return Expect::Skip };
+                        if be16(&h[2..4]) & 0xfff8 != 0 {
+                            return Expect::Pass;
+                        }
+                        next = h[0];
+                        off += 8;
+                    }
+                    51 => return Expect::Skip,
+                    _ => return Expect::Pass,
+                }
+                walked += 1;
+            };
+            (tcp, (tcp == l3 + 40).then_some(payload))
+        }
+        _ => return Expect::Pass,
+    };
+    let Some(h) = get(tcp, 14) else { return Expect::Skip };
+    let doff = (h[12] >> 4) as usize * 4;
+    if doff < 20 || tcp + doff > f.len() {
+        return Expect::Skip;
+    }
+    if h[13] & 0x16 != 0x02 {
+        return Expect::Pass;
+    }
+    if seg_len == Some(doff) {
+        Expect::Reject
+    } else {
+        Expect::Drop
+    }
+}
+
+#[test]
+fn mutated_pool_syns_match_the_decision_model() {
+    for prog in PROGS {
+        let mut gk = Gk::new();
+        gk.guard_all_ports();
+        gk.reject_pool("0.0.0.0/0", 1);
+        gk.reject_pool("::/0", 2);
+        let seeds: Vec<Vec<u8>> = vec![
+            syn("198.51.100.1").build(),
+            syn("198.51.100.1").build(),
+            Packet::tcp_v4(v4("198.51.100.1"), v4(MX4), 1, SMTP, tcp_flags::SYN).build(),
+            syn("198.51.100.1").ipv4_options(&[1; 8]).vlan(ethertype::VLAN, 3).build(),
+            syn("198.51.100.1").qinq(1, 2).build(),
+            syn("2001:db8::1").build(),
+            syn("2001:db8::1").build(),
+            syn("2001:db8::1").vlan(ethertype::VLAN, 9).build(),
+            syn("2001:db8::1").ext(ExtHeader::hop_by_hop()).ext(ExtHeader::fragment(0, true)).build(),
+            Packet::udp_v4(v4("198.51.100.1"), v4(MX4), 1, SMTP).payload(&[0x02; 24]).build(),
+        ];
+        let mut rng = Rng(0x00e9_7e55_5eed_0001 ^ (prog as u64 * 0x9e37_79b9));
+        let mut outcomes: BTreeMap<Expect, usize> = BTreeMap::new();
+        for i in 0..3000 {
+            let mut frame = seeds[i % seeds.len()].clone();
+            // Flip a few bytes, mostly in the headers; sometimes truncate or extend.
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(frame.len().min(100) as u64) as usize;
+                frame[at] = match rng.below(4) {
+                    0 => rng.next() as u8,
+                    1 => frame[at] ^ (1 << rng.below(8)),
+                    2 => [0, 6, 0x02, 0x12, 44, 60, 0xff, 0x45, 0x50][rng.below(9) as usize],
+                    _ => frame[at].wrapping_add(1),
+                };
+            }
+            match rng.below(8) {
+                0 => frame.truncate(14 + rng.below(frame.len() as u64 - 13) as usize),
+                1 => {
+                    let n = rng.below(24) as usize;
+                    frame.extend(rng.bytes(n));
+                }
+                _ => {}
+            }
+            let want = model(&frame);
+            let what = format!("mutation {i} ({want:?}): {}", hex(&frame));
+            let (w, counters): (Want, &[(EgressCounter, u64)]) = match want {
+                Expect::Pass => (Want::Pass, &[]),
+                Expect::Skip => (Want::Pass, &[(ParseSkipped, 1)]),
+                Expect::Reject => (Want::Reject, &[(PoolRejected, 1)]),
+                Expect::Drop => (Want::Drop, &[(PoolBlocked, 1)]),
+            };
+            if prog == Prog::Tc && skb_refuses(&frame) {
+                gk.assert_skb_refuses(&frame);
+                continue;
+            }
+            *outcomes.entry(want).or_insert(0) += 1;
+            let out = gk.check(prog, &frame, w, counters, &what);
+            if want == Expect::Reject {
+                let (l3, et) = l3_of(&frame);
+                let v6 = et == ethertype::IPV6;
+                let l4 = l3 + if v6 { 40 } else { 20 };
+                let t = &out[l4..];
+                assert_eq!(t[13], tcp_flags::RST | tcp_flags::ACK, "{prog:?}: {what}");
+                assert_eq!((&t[0..2], &t[2..4]), (&frame[l4 + 2..l4 + 4], &frame[l4..l4 + 2]), "{prog:?}: {what}");
+                // XDP computes the checksums afresh: always right. TC
+                // updates them incrementally: right when they were.
+                let sums = |f: &[u8]| (v6 || ipv4_header_ok(f, l3), tcp_checksum_ok(f, l3, l4, v6));
+                let want_sums = if prog == Prog::Xdp { (true, true) } else { sums(&frame) };
+                assert_eq!(sums(&out), want_sums, "{prog:?}: checksums of the RST for {what}\n  out {}", hex(&out));
+            }
+        }
+        // The mutations must exercise every outcome.
+        assert_eq!(outcomes.len(), 4, "{prog:?}: {outcomes:?}");
+        eprintln!("{prog:?} mutation outcomes: {outcomes:?}");
+        gk.done();
+    }
+}
