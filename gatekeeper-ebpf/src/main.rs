@@ -217,9 +217,9 @@ pub fn gatekeeper_tc_baseline(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// Reads a `T` at `offset` bytes into the packet, bounds-checked.
+/// The address of a `T` at `offset` bytes into the packet, bounds-checked.
 #[inline(always)]
-fn load<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Result<T, Skip> {
+fn ptr_at<T, P: Packet>(ctx: &P, offset: usize) -> Result<usize, Skip> {
     // An offset past the mask (IPv6 extension headers can claim up to 2 KiB
     // each) must fail, not wrap around to an earlier part of the frame.
     if offset > MAX_OFFSET {
@@ -230,23 +230,23 @@ fn load<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Result<T, Skip> {
     if start + offset + size_of::<T>() > ctx.end() {
         return Err(Skip);
     }
-    // SAFETY: bounds checked above; packet data may be unaligned.
-    Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    Ok(start + offset)
+}
+
+/// Reads a `T` at `offset` bytes into the packet, bounds-checked.
+#[inline(always)]
+fn load<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Result<T, Skip> {
+    let p = ptr_at::<T, P>(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at; packet data may be unaligned.
+    Ok(unsafe { core::ptr::read_unaligned(p as *const T) })
 }
 
 /// Writes a `T` at `offset` bytes into the packet (XDP), bounds-checked.
 #[inline(always)]
 fn store<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> Result<(), Skip> {
-    if offset > MAX_OFFSET {
-        return Err(Skip);
-    }
-    let offset = offset & MAX_OFFSET;
-    let start = ctx.data();
-    if start + offset + size_of::<T>() > ctx.data_end() {
-        return Err(Skip);
-    }
-    // SAFETY: bounds checked above.
-    unsafe { core::ptr::write_unaligned((start + offset) as *mut T, v) };
+    let p = ptr_at::<T, _>(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { core::ptr::write_unaligned(p as *mut T, v) };
     Ok(())
 }
 
@@ -659,6 +659,16 @@ fn plan_rst<P: Packet>(ctx: &P, syn: &Syn) -> Result<RstPlan, Skip> {
     Ok(RstPlan { addrs, seq: [tcp[4], tcp[5], tcp[6], tcp[7]] })
 }
 
+/// The frame's destination and source MAC, swapped.
+#[inline(always)]
+fn swapped_macs<P: Packet>(ctx: &P) -> Result<[u8; 12], Skip> {
+    let eth = load::<[u8; 12], P>(ctx, 0)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&eth[6..12]);
+    swapped[6..].copy_from_slice(&eth[..6]);
+    Ok(swapped)
+}
+
 const TCP_RST_ACK: u8 = TCP_RST | TCP_ACK;
 /// The options of an answered SYN become NOPs: same length, no meaning.
 const NOP4: [u8; 4] = [1, 1, 1, 1];
@@ -688,10 +698,7 @@ fn fold(mut sum: u32) -> u16 {
 #[inline(always)]
 fn reject_xdp(ctx: &XdpContext, syn: &Syn) -> Result<(), Skip> {
     let plan = plan_rst(ctx, syn)?;
-    let eth = load::<[u8; 12], _>(ctx, 0)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&eth[6..12]);
-    swapped[6..].copy_from_slice(&eth[..6]);
+    let swapped = swapped_macs(ctx)?;
     store(ctx, 0, swapped)?;
     let a = &plan.addrs;
     let pseudo = if syn.v6 {
@@ -749,10 +756,7 @@ fn reject_xdp(ctx: &XdpContext, syn: &Syn) -> Result<(), Skip> {
 #[inline(always)]
 fn reject_tc(ctx: &TcContext, syn: &Syn) -> Result<(), Skip> {
     let plan = plan_rst(ctx, syn)?;
-    let eth = load::<[u8; 12], _>(ctx, 0)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&eth[6..12]);
-    swapped[6..].copy_from_slice(&eth[..6]);
+    let swapped = swapped_macs(ctx)?;
     let put = |offset: usize, bytes: &[u8]| -> Result<(), Skip> {
         if offset > MAX_OFFSET {
             return Err(Skip);

@@ -253,9 +253,9 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
         dp.maps.ranges.del_range(*table, *net)?;
         removed += 1;
     }
-    for ((_, net), v) in &want {
-        if have.get(&(v_table(v), *net)) != Some(v) {
-            dp.maps.ranges.set_range(*net, *v)?;
+    for (key, v) in &want {
+        if have.get(key) != Some(v) {
+            dp.maps.ranges.set_range(key.1, *v)?;
             added += 1;
         }
     }
@@ -275,10 +275,6 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
         added += 1;
     }
     Ok((added, removed))
-}
-
-fn v_table(v: &RangeValue) -> RangeTable {
-    crate::datapath::table_of(v.kind)
 }
 
 fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
