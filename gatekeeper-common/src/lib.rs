@@ -8,22 +8,25 @@
 
 pub mod addr;
 pub mod counters;
+pub mod sourcetab;
+pub mod trie;
 
 pub use counters::{Counter, EgressCounter};
+pub use sourcetab::{KeyWords, SeenSlot, VerdictBucket, VerdictSlot, SEEN_SLOTS};
 
 /// Map names (as in the ELF object and as pinned under `<pin-dir>/maps/`).
 pub mod maps {
-    /// IPv4 ranges: one [`V4Slot`](crate::V4Slot) per /16 (entries up to /16
-    /// and which longer lengths exist inside it) ...
-    pub const V4_SLOTS: &str = "GK_V4_SLOTS";
-    /// ... and the entries longer than /16, by (length, network).
-    pub const V4_LONG: &str = "GK_V4_LONG";
-    /// IPv6 ranges: an LPM trie.
-    pub const RANGES_V6: &str = "GK_RANGES_V6";
+    /// Ingress ranges (allow and deny), IPv4 and IPv6: the nodes of a
+    /// multibit trie (see [`trie`](crate::trie)), an mmap-able array.
+    pub const RANGES: &str = "GK_RANGES";
     /// Every range entry by range id, for userspace readers only (`status`,
     /// `stats` and restarts read the ranges back from here).
     pub const RANGE_INDEX: &str = "GK_RANGE_INDEX";
+    /// Per-source verdicts: an array of [`VerdictBucket`](crate::VerdictBucket)s
+    /// (see [`sourcetab`](crate::sourcetab)).
     pub const VERDICTS: &str = "GK_VERDICTS";
+    /// Recently reported unknown sources: an array of
+    /// [`SeenSlot`](crate::SeenSlot)s.
     pub const SEEN: &str = "GK_SEEN";
     pub const PORTS: &str = "GK_PORTS";
     pub const CONFIG: &str = "GK_CONFIG";
@@ -33,13 +36,9 @@ pub mod maps {
 
     /// Egress gate: subscriber source ranges (pool and exempt entries share
     /// one table, as allow and deny do), laid out like the ingress table.
-    pub const SUB_SLOTS: &str = "GK_SUB_SLOTS";
-    pub const SUB_LONG: &str = "GK_SUB_LONG";
-    pub const SUB_V6: &str = "GK_SUB_V6";
+    pub const SUB_RANGES: &str = "GK_SUB_RANGES";
     /// Egress gate: smarthost destination ranges.
-    pub const SMH_SLOTS: &str = "GK_SMH_SLOTS";
-    pub const SMH_LONG: &str = "GK_SMH_LONG";
-    pub const SMH_V6: &str = "GK_SMH_V6";
+    pub const SMH_RANGES: &str = "GK_SMH_RANGES";
     /// Egress port policy: one u32 per destination port (see [`port_policy`](crate::port_policy)).
     pub const EG_PORTS: &str = "GK_EG_PORTS";
     /// Rate-limit classes ([`RateLimit`](crate::RateLimit)), index = class.
@@ -50,10 +49,8 @@ pub mod maps {
     pub const EG_STATS: &str = "GK_EG_STATS";
 
     /// Every map, for pinning and unloading.
-    pub const ALL: [&str; 21] = [
-        V4_SLOTS,
-        V4_LONG,
-        RANGES_V6,
+    pub const ALL: [&str; 15] = [
+        RANGES,
         RANGE_INDEX,
         VERDICTS,
         SEEN,
@@ -62,12 +59,8 @@ pub mod maps {
         STATS,
         RANGE_HITS,
         EVENTS,
-        SUB_SLOTS,
-        SUB_LONG,
-        SUB_V6,
-        SMH_SLOTS,
-        SMH_LONG,
-        SMH_V6,
+        SUB_RANGES,
+        SMH_RANGES,
         EG_PORTS,
         EG_LIMITS,
         EG_BUCKETS,
@@ -81,6 +74,8 @@ pub mod programs {
     pub const XDP_INGRESS: &str = "gatekeeper_ingress";
     /// A program that only returns XDP_PASS: the benchmark baseline.
     pub const XDP_BASELINE: &str = "gatekeeper_baseline_pass";
+    /// The clock probe (test-run only; see `Config::clock_ns`).
+    pub const XDP_CLOCK: &str = "gatekeeper_clock";
     /// The egress gate on subscriber-facing interfaces (XDP, their ingress).
     pub const XDP_SUBSCRIBER: &str = "gatekeeper_subscriber";
     /// The egress gate on uplinks (TC egress: forwarded and local traffic).
@@ -92,17 +87,23 @@ pub mod programs {
 /// Capacity of each range table, per family (allow and deny entries
 /// together; pool and exempt entries together; smarthosts).
 pub const MAX_RANGES: u32 = 131_072;
-/// IPv4 slots: one per /16.
-pub const V4_SLOT_COUNT: u32 = 65_536;
-/// IPv4 entries up to this prefix length live in the slots.
-pub const V4_SHORT_MAX: u8 = 16;
+/// Default nodes of the ingress range table (1 KiB each; the 512 root
+/// nodes included). How many a set of ranges needs depends on how they
+/// spread: about one per /16 holding ranges longer than /16, one per /24
+/// holding ranges longer than /24, and so on.
+pub const RANGE_NODES: u32 = 32_768;
+/// Default nodes of the subscriber-pool and smarthost tables.
+pub const SUB_RANGE_NODES: u32 = 8_192;
+pub const SMH_RANGE_NODES: u32 = 2_048;
 /// Range ids index [`maps::RANGE_HITS`]; every kind of range shares the id
 /// space.
 pub const MAX_RANGE_IDS: u32 = 2 * MAX_RANGES;
-/// Capacity of the per-source verdict LRU map.
+/// Default capacity of the per-source verdict table (verdicts; the table
+/// has [`sourcetab::verdict_buckets`] buckets for it).
 pub const MAX_VERDICTS: u32 = 1_048_576;
-/// Capacity of the "recently reported unknown source" LRU map.
-pub const MAX_SEEN: u32 = 65_536;
+/// The read-only global holding the verdict table's bucket mask (buckets
+/// - 1), set when the object is loaded.
+pub const VERDICT_MASK_GLOBAL: &str = "GK_VERDICT_MASK";
 /// How many guarded ports the operator may configure.
 pub const MAX_GUARDED_PORTS: usize = 64;
 /// Guarded ports are a 65536-bit bitmap stored as this many u64 words.
@@ -213,12 +214,12 @@ pub mod config_flags {
     pub const HOLD: u32 = 2;
 }
 
-/// Key of the LPM tries: aya's `Key<[u8; 4]>` / `Key<[u8; 16]>` carries the
-/// prefix length, the data is the address in network byte order.
+/// Addresses in network byte order.
 pub type Ipv4Bytes = [u8; 4];
 pub type Ipv6Bytes = [u8; 16];
 
-/// Value of the range tries. Allow and deny share one trie so a guarded SYN
+/// A range entry as the agent keeps it (the trie's leaves pack all but
+/// `origin`, see [`trie`]). Allow and deny share one table so a guarded SYN
 /// costs one longest-prefix lookup; "allow always wins" holds because the
 /// agent leaves out deny entries that an allow range covers, so the longest
 /// match of an allowed source is always an allow entry.
@@ -235,44 +236,6 @@ pub struct RangeValue {
     pub origin: u16,
 }
 const _: () = assert!(core::mem::size_of::<RangeValue>() == 8);
-
-/// One /16 of the IPv4 range table. A lookup probes, longest first, only the
-/// lengths in `long_mask` in the long-entry hash, then falls back to
-/// `short`: the longest entry of length <= /16 covering this /16.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct V4Slot {
-    /// Bit `len - 17` set: some entry of length `len` (17..=32) lies here.
-    pub long_mask: u32,
-    /// Non-zero when `short` holds an entry.
-    pub has_short: u32,
-    pub short: RangeValue,
-}
-const _: () = assert!(core::mem::size_of::<V4Slot>() == 16);
-
-/// Key of the IPv4 long-entry hash: the network, masked, network order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct V4LongKey {
-    pub prefix_len: u32,
-    pub addr: [u8; 4],
-}
-const _: () = assert!(core::mem::size_of::<V4LongKey>() == 8);
-
-impl V4LongKey {
-    /// The key of `addr`'s network of length `prefix_len` (17..=32).
-    #[inline(always)]
-    pub const fn of(addr: u32, prefix_len: u32) -> V4LongKey {
-        let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - prefix_len) };
-        V4LongKey { prefix_len, addr: (addr & mask).to_be_bytes() }
-    }
-}
-
-/// Bit of `long_mask` for prefix length `len` (17..=32).
-#[inline(always)]
-pub const fn v4_long_bit(len: u32) -> u32 {
-    1 << (len - V4_SHORT_MAX as u32 - 1)
-}
 
 /// An entry of the range index (userspace only).
 #[repr(C)]
@@ -322,8 +285,53 @@ pub struct Config {
     /// With [`config_flags::HOLD`]: how long after its first report an
     /// unknown source is held.
     pub hold_ms: u32,
+    /// The datapath clock (see [`Config::clock_ns`]): ns per jiffy, 0 when
+    /// not calibrated.
+    pub tick_ns: u64,
+    /// ... and CLOCK_MONOTONIC_COARSE - jiffies * tick_ns (wrapping).
+    pub clock_offset_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
+
+impl Config {
+    /// CLOCK_MONOTONIC_COARSE in ns from the jiffies counter, which the
+    /// verifier inlines (`bpf_ktime_get_coarse_ns` is a helper call that
+    /// costs more than the rest of a guarded SYN's decision). Both clocks
+    /// advance together from the timekeeping tick, so one calibration holds
+    /// while the system runs; `None` when not calibrated.
+    #[inline(always)]
+    pub const fn clock_ns(&self, jiffies: u64) -> Option<u64> {
+        if self.tick_ns == 0 {
+            return None;
+        }
+        Some(jiffies.wrapping_mul(self.tick_ns).wrapping_add(self.clock_offset_ns))
+    }
+
+    /// The calibration from two simultaneous (jiffies, CLOCK_MONOTONIC_COARSE)
+    /// samples taken apart: (tick_ns, clock_offset_ns). The tick is the
+    /// kernel's TICK_NSEC of the nearest usual HZ (100, 250, 300, 1000);
+    /// `None` when the samples fit none of them within 5 %.
+    pub const fn calibrate(a: (u64, u64), b: (u64, u64)) -> Option<(u64, u64)> {
+        let (dj, dns) = (b.0.wrapping_sub(a.0), b.1.wrapping_sub(a.1));
+        if dj == 0 || dns == 0 || dj > dns {
+            return None;
+        }
+        let hz_x1000 = (dj as u128 * 1_000_000_000_000 / dns as u128) as u64;
+        let candidates = [100u64, 250, 300, 1000];
+        let mut i = 0;
+        while i < candidates.len() {
+            let hz = candidates[i];
+            let lo = hz * 1000 * 95 / 100;
+            let hi = hz * 1000 * 105 / 100;
+            if hz_x1000 >= lo && hz_x1000 <= hi {
+                let tick = (1_000_000_000 + hz / 2) / hz;
+                return Some((tick, b.1.wrapping_sub(b.0.wrapping_mul(tick))));
+            }
+            i += 1;
+        }
+        None
+    }
+}
 
 /// A counter of an interface slot, as userspace reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -410,8 +418,7 @@ const _: () = assert!(core::mem::size_of::<LimitKey>() == 20);
 mod pod {
     use super::*;
     unsafe impl aya::Pod for RangeValue {}
-    unsafe impl aya::Pod for V4Slot {}
-    unsafe impl aya::Pod for V4LongKey {}
+    unsafe impl aya::Pod for trie::TrieNode {}
     unsafe impl aya::Pod for RangeEntry {}
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for Verdict {}
@@ -419,6 +426,10 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for RateLimit {}
     unsafe impl aya::Pod for LimitKey {}
+    unsafe impl aya::Pod for KeyWords {}
+    unsafe impl aya::Pod for VerdictSlot {}
+    unsafe impl aya::Pod for VerdictBucket {}
+    unsafe impl aya::Pod for SeenSlot {}
 }
 
 #[cfg(test)]
@@ -458,6 +469,24 @@ mod tests {
         assert!(one.admit(t, 1_100).is_some());
         // No overflow near the end of the clock.
         let _ = one.admit(u64::MAX - 10, u64::MAX - 5);
+    }
+
+    #[test]
+    fn clock_calibration_snaps_to_the_kernel_tick() {
+        // HZ=250, jiffies starting near 2^32 - 300 * HZ as the kernel's do.
+        let j0 = (1u64 << 32) - 300 * 250 + 12_345;
+        let ns0 = 5_000_000_000;
+        let (tick, off) = Config::calibrate((j0, ns0), (j0 + 26, ns0 + 104_000_000)).unwrap();
+        assert_eq!(tick, 4_000_000);
+        let c = Config { tick_ns: tick, clock_offset_ns: off, ..Config::default() };
+        assert_eq!(c.clock_ns(j0 + 26), Some(ns0 + 104_000_000));
+        assert_eq!(c.clock_ns(j0 + 26 + 250), Some(ns0 + 1_104_000_000));
+        // HZ=300 and 1000 are told apart from 250; nonsense is refused.
+        assert_eq!(Config::calibrate((0, 0), (30, 100_000_000)).unwrap().0, 3_333_333);
+        assert_eq!(Config::calibrate((0, 0), (101, 100_000_000)).unwrap().0, 1_000_000);
+        assert_eq!(Config::calibrate((0, 0), (50, 100_000_000)), None);
+        assert_eq!(Config::calibrate((7, 0), (7, 100_000_000)), None);
+        assert_eq!(Config::default().clock_ns(123), None);
     }
 
     #[test]

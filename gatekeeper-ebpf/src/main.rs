@@ -10,34 +10,37 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_INGRESS, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
+    bindings::{xdp_action, BPF_F_INGRESS, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::{classifier, map, xdp},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use gatekeeper_common::{
-    action, addr, config_flags, family, port_policy, range_flags, range_kind, stat_index, v4_long_bit, verdict_reason,
-    Config, Counter, EgressCounter, Event, Ipv4Bytes, Ipv6Bytes, LimitKey, RangeEntry, RangeValue, RateLimit,
-    SourceKey, V4LongKey, V4Slot, Verdict, EG_PORT_ENTRIES, EVENTS_BYTES, MAX_BUCKETS, MAX_IPV6_EXT_HEADERS,
-    MAX_LIMIT_CLASSES, MAX_RANGES, MAX_RANGE_IDS, MAX_SEEN, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, STAT_ENTRIES,
-    V4_SHORT_MAX, V4_SLOT_COUNT,
+    action, addr, config_flags, family, port_policy, range_flags, range_kind, sourcetab, stat_index, trie,
+    trie::TrieNode, verdict_reason, Config, Counter, EgressCounter, Event, Ipv4Bytes, Ipv6Bytes, KeyWords, LimitKey,
+    RangeEntry, RangeValue, RateLimit, SeenSlot, Verdict, VerdictBucket, EG_PORT_ENTRIES, EVENTS_BYTES, MAX_BUCKETS,
+    MAX_IPV6_EXT_HEADERS, MAX_LIMIT_CLASSES, MAX_RANGE_IDS, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, RANGE_NODES,
+    SEEN_SLOTS, SMH_RANGE_NODES, STAT_ENTRIES, SUB_RANGE_NODES,
 };
 
-#[map(name = "GK_V4_SLOTS")]
-static GK_V4_SLOTS: Array<V4Slot> = Array::with_max_entries(V4_SLOT_COUNT, 0);
-#[map(name = "GK_V4_LONG")]
-static GK_V4_LONG: HashMap<V4LongKey, RangeValue> = HashMap::with_max_entries(MAX_RANGES, BPF_F_NO_PREALLOC);
-#[map(name = "GK_RANGES_V6")]
-static GK_RANGES_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+/// Ingress ranges: trie nodes (see `gatekeeper_common::trie`), written by
+/// the agent through a shared mapping.
+#[map(name = "GK_RANGES")]
+static GK_RANGES: Array<TrieNode> = Array::with_max_entries(RANGE_NODES, BPF_F_MMAPABLE);
 /// Range entries by id, for userspace readers; never read here.
 #[map(name = "GK_RANGE_INDEX")]
 static GK_RANGE_INDEX: HashMap<u32, RangeEntry> = HashMap::with_max_entries(MAX_RANGE_IDS, BPF_F_NO_PREALLOC);
+/// Per-source verdicts (see `gatekeeper_common::sourcetab`); the loader sizes
+/// the array and sets [`GK_VERDICT_MASK`] to match.
 #[map(name = "GK_VERDICTS")]
-static GK_VERDICTS: LruHashMap<SourceKey, Verdict> = LruHashMap::with_max_entries(MAX_VERDICTS, 0);
+static GK_VERDICTS: Array<VerdictBucket> = Array::with_max_entries(sourcetab::verdict_buckets(MAX_VERDICTS), 0);
+/// Buckets of `GK_VERDICTS` - 1 (a read-only global set at load).
+#[no_mangle]
+static GK_VERDICT_MASK: u32 = sourcetab::verdict_buckets(MAX_VERDICTS) - 1;
 /// Unknown sources recently reported to the agent, with the report time.
 #[map(name = "GK_SEEN")]
-static GK_SEEN: LruHashMap<SourceKey, u64> = LruHashMap::with_max_entries(MAX_SEEN, 0);
+static GK_SEEN: Array<SeenSlot> = Array::with_max_entries(SEEN_SLOTS, 0);
 #[map(name = "GK_PORTS")]
 static GK_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 #[map(name = "GK_CONFIG")]
@@ -52,18 +55,10 @@ static GK_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 // The egress gate's tables: subscriber sources (pool and exempt entries,
 // exempt winning as allow does) and smarthost destinations, each laid out
 // like the ingress range table.
-#[map(name = "GK_SUB_SLOTS")]
-static GK_SUB_SLOTS: Array<V4Slot> = Array::with_max_entries(V4_SLOT_COUNT, 0);
-#[map(name = "GK_SUB_LONG")]
-static GK_SUB_LONG: HashMap<V4LongKey, RangeValue> = HashMap::with_max_entries(MAX_RANGES, BPF_F_NO_PREALLOC);
-#[map(name = "GK_SUB_V6")]
-static GK_SUB_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
-#[map(name = "GK_SMH_SLOTS")]
-static GK_SMH_SLOTS: Array<V4Slot> = Array::with_max_entries(V4_SLOT_COUNT, 0);
-#[map(name = "GK_SMH_LONG")]
-static GK_SMH_LONG: HashMap<V4LongKey, RangeValue> = HashMap::with_max_entries(MAX_RANGES, BPF_F_NO_PREALLOC);
-#[map(name = "GK_SMH_V6")]
-static GK_SMH_V6: LpmTrie<Ipv6Bytes, RangeValue> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+#[map(name = "GK_SUB_RANGES")]
+static GK_SUB_RANGES: Array<TrieNode> = Array::with_max_entries(SUB_RANGE_NODES, BPF_F_MMAPABLE);
+#[map(name = "GK_SMH_RANGES")]
+static GK_SMH_RANGES: Array<TrieNode> = Array::with_max_entries(SMH_RANGE_NODES, BPF_F_MMAPABLE);
 /// Policy word per destination port (see `port_policy`).
 #[map(name = "GK_EG_PORTS")]
 static GK_EG_PORTS: Array<u32> = Array::with_max_entries(EG_PORT_ENTRIES, 0);
@@ -159,6 +154,21 @@ pub fn gatekeeper_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// The clock probe the agent calibrates the datapath clock with (see
+/// `Config::clock_ns`): writes the jiffies counter and
+/// CLOCK_MONOTONIC_COARSE, read at one instant, into the first 16 bytes of
+/// the (test-run) frame. Never attached.
+#[xdp]
+pub fn gatekeeper_clock(ctx: XdpContext) -> u32 {
+    // SAFETY: plain helper calls.
+    let (j, ns) = unsafe { (bpf_jiffies64(), bpf_ktime_get_coarse_ns()) };
+    if store(&ctx, 0, [j, ns]).is_ok() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_ABORTED
+    }
+}
+
 /// The egress gate on a subscriber-facing interface: subscribers' SYNs as
 /// they arrive, before routing. A rejected SYN goes back out as a RST.
 #[xdp]
@@ -241,6 +251,17 @@ fn load<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Result<T, Skip> {
     Ok(unsafe { core::ptr::read_unaligned(p as *const T) })
 }
 
+/// Reads a `T` at `offset` bytes into the packet with one load per word.
+/// `load` compiles to byte loads on BPF (LLVM assumes no unaligned access);
+/// packet data is only 2-byte aligned, but the verifier lets wide packet
+/// loads through where the CPU handles unaligned access (x86-64, arm64).
+#[inline(always)]
+fn load_wide<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Result<T, Skip> {
+    let p = ptr_at::<T, P>(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at; see above for the alignment.
+    Ok(unsafe { core::ptr::read(p as *const T) })
+}
+
 /// Writes a `T` at `offset` bytes into the packet (XDP), bounds-checked.
 #[inline(always)]
 fn store<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> Result<(), Skip> {
@@ -254,13 +275,13 @@ fn store<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> Result<(), Skip> {
 /// fragment of a TCP segment, or not a plain SYN).
 #[inline(always)]
 fn parse_syn<P: Packet>(ctx: &P) -> Result<Option<Syn>, Skip> {
-    let mut ether_type = u16::from_be(load::<u16, P>(ctx, 12)?);
+    let mut ether_type = u16::from_be(load_wide::<u16, P>(ctx, 12)?);
     let mut offset = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
-        ether_type = u16::from_be(load::<u16, P>(ctx, offset + 2)?);
+        ether_type = u16::from_be(load_wide::<u16, P>(ctx, offset + 2)?);
         offset += 4;
     }
     let (tcp_offset, v6) = match ether_type {
@@ -278,14 +299,15 @@ fn parse_syn<P: Packet>(ctx: &P) -> Result<Option<Syn>, Skip> {
     // Destination port (bytes 2..4) and flags (byte 13) of the TCP header.
     // Whole-chunk loads: a 1-byte bounds check compiles to a form the
     // verifier cannot use.
-    let tcp = load::<[u8; 14], P>(ctx, tcp_offset)?;
+    // SAFETY: same sizes, any bits valid, packet order kept.
+    let tcp: [u8; 16] = unsafe { core::mem::transmute(load_wide::<[u32; 4], P>(ctx, tcp_offset)?) };
     // The whole TCP header, options included, must be in the frame: a
     // truncated or malformed header is skipped, never decided.
     let tcp_len = ((tcp[12] >> 4) as usize) * 4;
     if tcp_len < 20 {
         return Err(Skip);
     }
-    load::<[u8; 2], P>(ctx, tcp_offset + tcp_len - 2)?;
+    ptr_at::<[u8; 2], P>(ctx, tcp_offset + tcp_len - 2)?;
     if tcp[13] & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
         return Ok(None);
     }
@@ -302,9 +324,10 @@ fn try_gatekeeper_ingress(ctx: &XdpContext) -> Result<u32, Skip> {
         _ => return Ok(xdp_action::XDP_PASS),
     }
     let source = if syn.v6 {
-        Source::V6(load::<Ipv6Bytes, _>(ctx, syn.l3 + 8)?)
+        // SAFETY: two u64s and 16 bytes have the same size, any bits valid.
+        Source::V6(unsafe { core::mem::transmute::<[u64; 2], Ipv6Bytes>(load_wide(ctx, syn.l3 + 8)?) })
     } else {
-        Source::V4(load::<Ipv4Bytes, _>(ctx, syn.l3 + 12)?)
+        Source::V4(load_wide::<u32, _>(ctx, syn.l3 + 12)?.to_ne_bytes())
     };
     Ok(decide(ctx.ingress_ifindex() as u32, source, syn.dport))
 }
@@ -313,7 +336,8 @@ fn try_gatekeeper_ingress(ctx: &XdpContext) -> Result<u32, Skip> {
 /// fragment of a TCP segment.
 #[inline(always)]
 fn parse_ipv4<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> {
-    let ip = load::<[u8; 20], P>(ctx, offset)?;
+    // SAFETY: same sizes, any bits valid; the bytes keep their packet order.
+    let ip: [u8; 20] = unsafe { core::mem::transmute(load_wide::<[u32; 5], P>(ctx, offset)?) };
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
     if ip[0] >> 4 != 4 || ihl < 20 {
         return Err(Skip);
@@ -328,25 +352,25 @@ fn parse_ipv4<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> 
 /// IPv6: walks up to [`MAX_IPV6_EXT_HEADERS`] extension headers.
 #[inline(always)]
 fn parse_ipv6<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> {
-    let ip = load::<[u8; 8], P>(ctx, offset)?;
+    let ip = load_wide::<u64, P>(ctx, offset)?.to_ne_bytes();
     if ip[0] >> 4 != 6 {
         return Err(Skip);
     }
     let mut next = ip[6];
     // The source address must be there too (the destination is read when
     // needed).
-    load::<Ipv6Bytes, P>(ctx, offset + 8)?;
+    ptr_at::<Ipv6Bytes, P>(ctx, offset + 8)?;
     let mut offset = offset + 40;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_TCP => return Ok(Some(offset)),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let hdr = load::<[u8; 2], P>(ctx, offset)?;
+                let hdr = load_wide::<u16, P>(ctx, offset)?.to_ne_bytes();
                 next = hdr[0];
                 offset += (hdr[1] as usize + 1) * 8;
             }
             IPPROTO_FRAGMENT => {
-                let hdr = load::<[u8; 4], P>(ctx, offset)?;
+                let hdr = load_wide::<u32, P>(ctx, offset)?.to_ne_bytes();
                 if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
                     return Ok(None); // non-first fragment
                 }
@@ -365,13 +389,13 @@ fn parse_ipv6<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> 
 
 /// The decision for a guarded SYN: range (allow passes, deny drops), then
 /// live verdict, else unknown (pass and report). One longest-prefix lookup
-/// serves both kinds of range (see `RangeValue`); IPv4 searches the slot
-/// table (`lookup_v4`), IPv6 the LPM trie.
+/// serves both kinds of range (see `RangeValue`), in the range trie.
 #[inline(always)]
 fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
+    let cfg = config();
     let (range, key) = match &source {
-        Source::V4(a) => (lookup_v4(&GK_V4_SLOTS, &GK_V4_LONG, u32::from_be_bytes(*a)), addr::key_v4(*a)),
-        Source::V6(a) => (GK_RANGES_V6.get(Key::new(128, *a)).copied(), addr::key_v6(*a)),
+        Source::V4(a) => (lookup(&GK_RANGES, a), KeyWords::v4(*a)),
+        Source::V6(a) => (lookup(&GK_RANGES, a), KeyWords::v6(a)),
     };
     if let Some(range) = range {
         hit(range.range_id);
@@ -379,49 +403,52 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
             count(ifindex, Counter::Allowed as u32);
             return xdp_action::XDP_PASS;
         }
-        return drop_or_dry_run(ifindex, Counter::DenyRange as u32);
+        return drop_or_dry_run(ifindex, Counter::DenyRange as u32, &cfg);
     }
-    // SAFETY: the value is copied out at once; a concurrent update can at
-    // worst give a torn read of a verdict that is being replaced.
-    let verdict = unsafe { GK_VERDICTS.get(&key) }.copied();
-    // The coarse clock (CLOCK_MONOTONIC at the last tick) is plenty for
-    // expiries and report intervals measured in seconds, and much cheaper.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let h = sourcetab::source_hash(&key);
+    let verdict = verdict_of(&key, h);
+    let now = now_ns(&cfg);
     if let Some(v) = verdict {
         if v.expires_ns > now {
             if v.action == action::DROP {
-                return drop_or_dry_run(ifindex, Counter::verdict_drop(v.reason));
+                return drop_or_dry_run(ifindex, Counter::verdict_drop(v.reason), &cfg);
             }
             count(ifindex, Counter::VerdictPass as u32);
             return xdp_action::XDP_PASS;
         }
     }
-    unknown(ifindex, &source, key, port, now)
+    unknown(ifindex, &source, &key, h, port, now, &cfg)
 }
 
-/// Longest-prefix match in an IPv4 table: the lengths present in the
-/// address's /16, longest first, then the slot's own entry (<= /16).
+/// CLOCK_MONOTONIC_COARSE: from jiffies (inlined) once the agent has
+/// calibrated the clock, else from the helper. The tick's resolution is
+/// plenty for expiries and report intervals measured in seconds.
 #[inline(always)]
-fn lookup_v4(slots: &Array<V4Slot>, long: &HashMap<V4LongKey, RangeValue>, addr: u32) -> Option<RangeValue> {
-    let slot = slots.get(addr >> 16)?;
-    let mask = slot.long_mask;
-    if mask != 0 {
-        let mut len = 32;
-        while len > V4_SHORT_MAX as u32 {
-            if mask & v4_long_bit(len) != 0 {
-                // SAFETY: the value is copied out at once.
-                if let Some(v) = unsafe { long.get(&V4LongKey::of(addr, len)) } {
-                    return Some(*v);
-                }
-            }
-            len -= 1;
-        }
+fn now_ns(cfg: &Config) -> u64 {
+    // SAFETY: plain helper calls.
+    match cfg.clock_ns(unsafe { bpf_jiffies64() }) {
+        Some(ns) => ns,
+        None => unsafe { bpf_ktime_get_coarse_ns() },
     }
-    if slot.has_short != 0 {
-        Some(slot.short)
-    } else {
-        None
+}
+
+/// The verdict of a source: its first bucket, then its second. A bucket
+/// being rewritten by the agent can at worst give one stale or expired read.
+#[inline(always)]
+fn verdict_of(key: &KeyWords, h: u64) -> Option<Verdict> {
+    // SAFETY: a read-only global the loader sets.
+    let mask = unsafe { core::ptr::read_volatile(&GK_VERDICT_MASK) };
+    let (first, second) = sourcetab::verdict_bucket_pair(h, mask);
+    if let Some(v) = GK_VERDICTS.get(first).and_then(|b| b.find(key)) {
+        return Some(v);
     }
+    GK_VERDICTS.get(second).and_then(|b| b.find(key))
+}
+
+/// Longest-prefix match of `a` in a range table.
+#[inline(always)]
+fn lookup<const N: usize>(table: &Array<TrieNode>, a: &[u8; N]) -> Option<RangeValue> {
+    trie::lookup(|i| table.get(i), a)
 }
 
 #[inline(always)]
@@ -430,9 +457,9 @@ fn config() -> Config {
 }
 
 #[inline(always)]
-fn drop_or_dry_run(ifindex: u32, counter: u32) -> u32 {
+fn drop_or_dry_run(ifindex: u32, counter: u32, cfg: &Config) -> u32 {
     count(ifindex, counter);
-    if config().flags & config_flags::DRY_RUN != 0 {
+    if cfg.flags & config_flags::DRY_RUN != 0 {
         count(ifindex, Counter::DryRun as u32);
         return xdp_action::XDP_PASS;
     }
@@ -458,24 +485,33 @@ fn hit(range_id: u32) {
 /// An unknown source: report it (at most once per interval) and pass, or
 /// with hold, drop while its first report is younger than `hold_ms`.
 #[inline(always)]
-fn unknown(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) -> u32 {
-    let cfg = config();
+fn unknown(ifindex: u32, source: &Source, key: &KeyWords, h: u64, port: u16, now: u64, cfg: &Config) -> u32 {
     // When the source was last reported; 0 = never (the clock is never 0).
-    // A plain u64, not an Option of a map pointer: the verifier refuses
-    // the pointer arithmetic the compiler makes of the latter.
-    // SAFETY: u64 copied out at once.
-    let last: u64 = match unsafe { GK_SEEN.get(&key) } {
-        Some(t) => *t,
-        None => 0,
+    // The slot is shared by every source hashing to it: another source's
+    // report only costs this one an extra event.
+    let seen = GK_SEEN.get_ptr_mut(sourcetab::seen_slot(h));
+    let last: u64 = match seen {
+        // SAFETY: a slot of an array map; torn reads are harmless here.
+        Some(p) if unsafe { (*p).key.lo == key.lo && (*p).key.hi == key.hi } => unsafe { (*p).reported_ns },
+        _ => 0,
     };
     let due = last == 0 || now.wrapping_sub(last) >= cfg.event_interval_ns;
-    let reported = due && report(ifindex, source, key, port, now);
+    let reported = due && report(ifindex, source, port, now);
+    if reported {
+        if let Some(p) = seen {
+            // SAFETY: as above; only a delivered report silences the source.
+            unsafe {
+                (*p).key = *key;
+                (*p).reported_ns = now;
+            }
+        }
+    }
     if cfg.flags & config_flags::HOLD != 0 {
         let since = if reported { now } else { last };
         // Not reported (ring full) and never before: hold; the next SYN retries.
         let held = since == 0 || now.wrapping_sub(since) < cfg.hold_ms as u64 * 1_000_000;
         if held {
-            return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD));
+            return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD), cfg);
         }
     }
     count(ifindex, Counter::Unknown as u32);
@@ -484,7 +520,7 @@ fn unknown(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) -
 
 /// Queues an event for the agent; true when it was queued.
 #[inline(always)]
-fn report(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) -> bool {
+fn report(ifindex: u32, source: &Source, port: u16, now: u64) -> bool {
     let (addr, fam) = match source {
         Source::V4(a) => (addr::mapped_v4(*a), family::V4),
         Source::V6(a) => (*a, family::V6),
@@ -493,8 +529,6 @@ fn report(ifindex: u32, source: &Source, key: SourceKey, port: u16, now: u64) ->
         Some(mut entry) => {
             entry.write(Event { ts_ns: now, addr, ifindex, port, family: fam });
             entry.submit(0);
-            // Only a delivered report silences the source for an interval.
-            let _ = GK_SEEN.insert(&key, &now, 0);
             true
         }
         None => {
@@ -532,20 +566,18 @@ fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
     }
     let (range, key) = if syn.v6 {
         let src = load::<Ipv6Bytes, P>(ctx, syn.l3 + 8)?;
-        (GK_SUB_V6.get(Key::new(128, src)).copied(), addr::key_v6(src))
+        (lookup(&GK_SUB_RANGES, &src), addr::key_v6(src))
     } else {
         let src = load::<Ipv4Bytes, P>(ctx, syn.l3 + 12)?;
-        (lookup_v4(&GK_SUB_SLOTS, &GK_SUB_LONG, u32::from_be_bytes(src)), addr::key_v4(src))
+        (lookup(&GK_SUB_RANGES, &src), addr::key_v4(src))
     };
     let Some(range) = range else { return Ok(Egress::Pass) };
     if policy & port_policy::GUARD != 0 {
         if range.kind == range_kind::POOL {
             let smarthost = if syn.v6 {
-                let dst = load::<Ipv6Bytes, P>(ctx, syn.l3 + 24)?;
-                GK_SMH_V6.get(Key::new(128, dst)).copied()
+                lookup(&GK_SMH_RANGES, &load::<Ipv6Bytes, P>(ctx, syn.l3 + 24)?)
             } else {
-                let dst = load::<Ipv4Bytes, P>(ctx, syn.l3 + 16)?;
-                lookup_v4(&GK_SMH_SLOTS, &GK_SMH_LONG, u32::from_be_bytes(dst))
+                lookup(&GK_SMH_RANGES, &load::<Ipv4Bytes, P>(ctx, syn.l3 + 16)?)
             };
             match smarthost {
                 Some(s) => {
@@ -591,8 +623,7 @@ fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
         Some(t) => *t,
         None => 0,
     };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns(&config());
     match limit.admit(tat, now) {
         Some(next) => {
             // Update in place when the bucket exists: an LRU-hash update

@@ -144,12 +144,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
 
     let adopting = layout.is_loaded();
-    let mut dp = Datapath::load(&layout, cfg.max_verdicts)?;
+    let mut dp = Datapath::load(&layout, cfg.max_verdicts, cfg.max_range_nodes)?;
     dp.maps.set_config(gatekeeper_common::Config {
         event_interval_ns: cfg.event_interval.as_nanos() as u64,
         flags: if cfg.dry_run { config_flags::DRY_RUN } else { 0 }
             | if cfg.policy.first_syn == FirstSyn::Hold { config_flags::HOLD } else { 0 },
         hold_ms: cfg.policy.hold_time.as_millis() as u32,
+        tick_ns: dp.clock.map_or(0, |c| c.0),
+        clock_offset_ns: dp.clock.map_or(0, |c| c.1),
     })?;
     dp.maps.set_ports(&ports)?;
     let classes: Vec<(Vec<u16>, gatekeeper_common::RateLimit)> =
@@ -260,7 +262,7 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
         }
     }
     // Repairs whatever an agent that died mid-update left half-written.
-    added += dp.maps.ranges.rebuild_v4()?;
+    added += dp.maps.ranges.rebuild()?;
     let mono = monotonic_ns();
     let want: StdHashMap<SourceKey, Verdict> =
         store.list_verdicts(None)?.iter().map(|v| (v.key, verdict_value(v, now, mono))).collect();
@@ -558,6 +560,7 @@ impl State {
                     "capacity": {
                         "ranges_per_table": gatekeeper_common::MAX_RANGES,
                         "verdicts": self.cfg.max_verdicts,
+                        "range_nodes": self.cfg.max_range_nodes,
                     },
                     "events_received": self.events,
                     "lookups": self.outcomes,
@@ -871,7 +874,7 @@ impl State {
             None => None,
         };
         let mono = monotonic_ns();
-        let verdict = self.dp.maps.verdicts.get(&key, 0).ok().map(|v| {
+        let verdict = self.dp.maps.verdicts.get(key).ok().flatten().map(|v| {
             serde_json::json!({
                 "action": if v.action == action::DROP { "drop" } else { "pass" },
                 "reason": gatekeeper_common::counters::counter_name(gatekeeper_common::Counter::verdict_drop(v.reason)),

@@ -11,7 +11,7 @@ use gatekeeper::{
     datapath::{ifindex, Maps, PinLayout},
     lists::format_duration_short,
     protocol::{call, ClientError, Request},
-    store::RangeKind,
+    store::{RangeKind, RangeTable},
 };
 
 use gatekeeper::datapath::{kind_of, Role};
@@ -162,6 +162,10 @@ fn pinned_status(layout: &PinLayout) -> Result<Value> {
     let ranges = maps.ranges.ranges();
     let count =
         |kind: u8, v6: bool| ranges.iter().filter(|(_, n, v)| v.kind == kind && n.addr().is_ipv6() == v6).count();
+    let nodes = |t: RangeTable| {
+        let (used, capacity) = maps.ranges.usage(t);
+        json!({ "used": used, "capacity": capacity })
+    };
     let program = |role: Role| {
         aya::programs::ProgramInfo::from_pin(layout.program(role))
             .map(|p| json!({ "id": p.id(), "tag": format!("{:016x}", p.tag()) }))
@@ -200,6 +204,12 @@ fn pinned_status(layout: &PinLayout) -> Result<Value> {
             "smarthost_v6": count(range_kind::SMARTHOST, true),
             "verdicts": maps.verdicts()?.len(),
         },
+        "range_nodes": {
+            "ingress": nodes(RangeTable::Ingress),
+            "subscriber": nodes(RangeTable::Subscriber),
+            "smarthost": nodes(RangeTable::Smarthost),
+        },
+        "verdict_capacity": maps.verdicts.buckets() as usize * gatekeeper_common::sourcetab::VERDICT_WAYS / 2,
     }))
 }
 
@@ -276,17 +286,22 @@ pub fn status(socket: &Path, pin_dir: &Path, as_json: bool) -> Result<()> {
         e["deny_v4"], e["deny_v6"]
     );
     println!(
-        "allow:      {} v4, {} v6 (capacity {cap} entries per family, allow and deny together)",
+        "allow:      {} v4, {} v6 (at most {cap} entries per family, allow and deny together)",
         e["allow_v4"], e["allow_v6"]
+    );
+    let n = &datapath["range_nodes"];
+    let nodes = |t: &str| format!("{}/{}", n[t]["used"], n[t]["capacity"]);
+    println!(
+        "trie nodes: ingress {}, pools {}, smarthosts {} (used/capacity, 1 KiB each)",
+        nodes("ingress"),
+        nodes("subscriber"),
+        nodes("smarthost")
     );
     println!(
         "pools:      {} v4, {} v6; exempt {} v4, {} v6; smarthosts {} v4, {} v6",
         e["pool_v4"], e["pool_v6"], e["exempt_v4"], e["exempt_v6"], e["smarthost_v4"], e["smarthost_v6"]
     );
-    match agent["capacity"]["verdicts"].as_u64() {
-        Some(c) => println!("verdicts:   {} (capacity {c})", e["verdicts"]),
-        None => println!("verdicts:   {}", e["verdicts"]),
-    }
+    println!("verdicts:   {} (capacity {})", e["verdicts"], datapath["verdict_capacity"]);
     if running {
         println!("events:     {} unknown-source reports received", agent["events_received"]);
     }

@@ -13,6 +13,8 @@ use crate::lists::parse_duration;
 
 /// Bounds of `max_verdicts`.
 pub const MAX_VERDICTS_RANGE: std::ops::RangeInclusive<u32> = 1024..=16_777_216;
+/// Bounds of `max_range_nodes` (1 KiB each).
+pub const MAX_RANGE_NODES_RANGE: std::ops::RangeInclusive<u32> = 1024..=1_048_576;
 
 /// How to attach the XDP program.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -78,6 +80,9 @@ pub struct Config {
     pub event_interval: Duration,
     #[serde(deserialize_with = "de_max_verdicts")]
     pub max_verdicts: u32,
+    /// Trie nodes of the ingress range table.
+    #[serde(deserialize_with = "de_max_range_nodes")]
+    pub max_range_nodes: u32,
     #[serde(deserialize_with = "de_log_level")]
     pub log_level: String,
     /// What each reverse-DNS outcome does.
@@ -364,6 +369,7 @@ impl Default for Config {
             pin_dir: "/sys/fs/bpf/gatekeeper".into(),
             event_interval: Duration::from_secs(30),
             max_verdicts: 262_144,
+            max_range_nodes: gatekeeper_common::RANGE_NODES,
             log_level: "info".into(),
             policy: PolicyConfig::default(),
             learning: LearningConfig::default(),
@@ -540,16 +546,24 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration,
     parse_duration(&String::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
-fn de_max_verdicts<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+fn bounded<'de, D: Deserializer<'de>>(
+    d: D,
+    key: &str,
+    range: std::ops::RangeInclusive<u32>,
+) -> std::result::Result<u32, D::Error> {
     let n = u32::deserialize(d)?;
-    if !MAX_VERDICTS_RANGE.contains(&n) {
-        return Err(serde::de::Error::custom(format!(
-            "max_verdicts {n} out of range ({}..={})",
-            MAX_VERDICTS_RANGE.start(),
-            MAX_VERDICTS_RANGE.end()
-        )));
+    if !range.contains(&n) {
+        return Err(serde::de::Error::custom(format!("{key} {n} out of range ({}..={})", range.start(), range.end())));
     }
     Ok(n)
+}
+
+fn de_max_verdicts<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    bounded(d, "max_verdicts", MAX_VERDICTS_RANGE)
+}
+
+fn de_max_range_nodes<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    bounded(d, "max_range_nodes", MAX_RANGE_NODES_RANGE)
 }
 
 fn de_abs_path<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<PathBuf, D::Error> {
@@ -773,6 +787,7 @@ socket = "/run/gk.sock"
 pin_dir = "/sys/fs/bpf/gk"
 event_interval = "1m30s"
 max_verdicts = 1024
+max_range_nodes = 4096
 log_level = "info,gatekeeper=debug"
 "#,
         )
@@ -784,6 +799,7 @@ log_level = "info,gatekeeper=debug"
         assert_eq!(c.state_dir, Path::new("/srv/gk"));
         assert_eq!(c.event_interval, Duration::from_secs(90));
         assert_eq!(c.max_verdicts, 1024);
+        assert_eq!(c.max_range_nodes, 4096);
     }
 
     #[test]
@@ -801,6 +817,8 @@ log_level = "info,gatekeeper=debug"
         let m = message("max_verdicts = 10\n");
         assert!(m.starts_with("line 1, column 16: key `max_verdicts`: max_verdicts 10 out of range"), "{m}");
         assert!(message("max_verdicts = 16777217").contains("out of range"));
+        let m = message("max_range_nodes = 100\n");
+        assert!(m.starts_with("line 1, column 19: key `max_range_nodes`: max_range_nodes 100 out of range"), "{m}");
         let m = message("\nevent_interval = \"0s\"\n");
         assert!(m.starts_with("line 2, column 18: key `event_interval`: invalid duration \"0s\""), "{m}");
         let m = message("xdp_mode = \"fast\"\n");

@@ -18,30 +18,29 @@ use std::{
 };
 
 use aya::{
-    maps::{
-        lpm_trie::{Key, LpmTrie},
-        Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf,
-    },
+    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         links::FdLink,
         links::PinnedLink,
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    family, maps as names, port_policy, programs, range_flags, range_kind, Config, Ipv6Bytes, RangeEntry, RangeValue,
-    RateLimit, SourceKey, StatKey, V4LongKey, V4Slot, Verdict, EG_PORT_ENTRIES, MAX_LIMIT_CLASSES, PORT_WORDS,
+    family, maps as names, port_policy, programs, range_flags, range_kind, sourcetab::verdict_buckets, trie::TrieNode,
+    Config, RangeEntry, RangeValue, RateLimit, SeenSlot, SourceKey, StatKey, Verdict, VerdictBucket, EG_PORT_ENTRIES,
+    MAX_LIMIT_CLASSES, PORT_WORDS, VERDICT_MASK_GLOBAL,
 };
 use ipnet::IpNet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::XdpModeSetting,
     store::{PoolAction, RangeKind, RangeRecord, RangeTable},
-    v4table::{V4Table, V4Writes},
+    trie::{MmapStore, Trie},
+    verdict_table::VerdictTable,
     Error, Result,
 };
 
@@ -49,7 +48,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS_ROOT: &str = "/sys/fs/bpf";
 
 /// An aya error with its whole source chain (the errno is at the end).
-fn bpf_err(what: impl std::fmt::Display, e: impl std::error::Error) -> Error {
+pub(crate) fn bpf_err(what: impl std::fmt::Display, e: impl std::error::Error) -> Error {
     let mut msg = format!("{what}: {e}");
     let mut src = e.source();
     while let Some(s) = src {
@@ -372,7 +371,7 @@ pub fn expiry_ns(expires_at: Option<i64>, unix_now: i64, mono_now: u64) -> u64 {
 /// Typed handles on every map but the ring buffer and the token buckets.
 pub struct Maps {
     pub ranges: RangeMaps,
-    pub verdicts: HashMap<MapData, SourceKey, Verdict>,
+    pub verdicts: VerdictTable<MapData>,
     pub ports: Array<MapData, u64>,
     pub config: Array<MapData, Config>,
     pub stats: PerCpuArray<MapData, u64>,
@@ -385,16 +384,11 @@ pub struct Maps {
 /// A rate-limit class as the datapath holds it: (class, its ports, limit).
 pub type LimitClassState = (u32, Vec<u16>, RateLimit);
 
-/// One range table: IPv4 slots and long entries, the IPv6 trie, and an
-/// in-memory mirror of its entries.
+/// One range table: its trie (nodes in the kernel map) and every entry it
+/// holds, as the index has it.
 pub struct TableMaps {
-    pub v4_slots: Array<MapData, V4Slot>,
-    pub v4_long: HashMap<MapData, V4LongKey, RangeValue>,
-    pub v6: LpmTrie<MapData, Ipv6Bytes, RangeValue>,
-    /// Every entry of this table, as the index holds it (loaded on open).
+    trie: Trie<MmapStore>,
     entries: StdMap<IpNet, RangeValue>,
-    /// The IPv4 entries, organised as the datapath searches them.
-    v4: V4Table,
 }
 
 /// The three range tables (ingress, subscriber, smarthost) and the shared
@@ -404,12 +398,12 @@ pub struct RangeMaps {
     pub range_index: HashMap<MapData, u32, RangeEntry>,
 }
 
-/// Map names of a table: (IPv4 slots, IPv4 long entries, IPv6 trie).
-fn table_names(t: RangeTable) -> (&'static str, &'static str, &'static str) {
+/// The map of a table's trie nodes.
+pub fn table_map(t: RangeTable) -> &'static str {
     match t {
-        RangeTable::Ingress => (names::V4_SLOTS, names::V4_LONG, names::RANGES_V6),
-        RangeTable::Subscriber => (names::SUB_SLOTS, names::SUB_LONG, names::SUB_V6),
-        RangeTable::Smarthost => (names::SMH_SLOTS, names::SMH_LONG, names::SMH_V6),
+        RangeTable::Ingress => names::RANGES,
+        RangeTable::Subscriber => names::SUB_RANGES,
+        RangeTable::Smarthost => names::SMH_RANGES,
     }
 }
 
@@ -437,19 +431,15 @@ pub fn kind_of(code: u8) -> RangeKind {
 /// maps left by an incompatible gatekeeper build.
 fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     use core::mem::size_of;
-    let lpm6 = (4 + size_of::<Ipv6Bytes>()) as u32;
-    let range = size_of::<RangeValue>() as u32;
     Some(match name {
-        names::V4_SLOTS | names::SUB_SLOTS | names::SMH_SLOTS => (4, size_of::<V4Slot>() as u32),
-        names::V4_LONG | names::SUB_LONG | names::SMH_LONG => (size_of::<V4LongKey>() as u32, range),
-        names::RANGES_V6 | names::SUB_V6 | names::SMH_V6 => (lpm6, range),
+        names::RANGES | names::SUB_RANGES | names::SMH_RANGES => (4, size_of::<TrieNode>() as u32),
         names::EG_PORTS => (4, 4),
         names::EG_LIMITS => (4, size_of::<RateLimit>() as u32),
         names::EG_BUCKETS => (size_of::<gatekeeper_common::LimitKey>() as u32, 8),
         names::EG_STATS => (4, 8),
         names::RANGE_INDEX => (4, size_of::<RangeEntry>() as u32),
-        names::VERDICTS => (size_of::<SourceKey>() as u32, size_of::<Verdict>() as u32),
-        names::SEEN => (size_of::<SourceKey>() as u32, 8),
+        names::VERDICTS => (4, size_of::<VerdictBucket>() as u32),
+        names::SEEN => (4, size_of::<SeenSlot>() as u32),
         names::PORTS => (4, 8),
         names::CONFIG => (4, size_of::<Config>() as u32),
         names::STATS => (4, 8),
@@ -489,7 +479,7 @@ impl Maps {
     fn build(get: &mut dyn FnMut(&str) -> Result<Option<Map>>) -> Result<Maps> {
         Ok(Maps {
             ranges: RangeMaps::build(get)?,
-            verdicts: typed(get(names::VERDICTS)?, names::VERDICTS)?,
+            verdicts: VerdictTable::new(typed(get(names::VERDICTS)?, names::VERDICTS)?)?,
             ports: typed(get(names::PORTS)?, names::PORTS)?,
             config: typed(get(names::CONFIG)?, names::CONFIG)?,
             stats: typed(get(names::STATS)?, names::STATS)?,
@@ -554,15 +544,22 @@ impl Maps {
     }
 
     pub fn set_verdict(&mut self, key: SourceKey, v: Verdict) -> Result<()> {
-        self.verdicts.insert(key, v, 0).map_err(|e| bpf_err(format!("insert verdict {}", key.display()), e))
+        if let Some(evicted) = self.verdicts.insert(key, v)? {
+            debug!(
+                source = %key.display(),
+                evicted = %evicted.display(),
+                "verdict table: both buckets full, replaced the verdict expiring first"
+            );
+        }
+        Ok(())
     }
 
     pub fn del_verdict(&mut self, key: SourceKey) -> Result<()> {
-        ignore_missing(self.verdicts.remove(&key)).map_err(|e| bpf_err(format!("remove verdict {}", key.display()), e))
+        self.verdicts.remove(key).map(|_| ())
     }
 
     pub fn verdicts(&self) -> Result<Vec<(SourceKey, Verdict)>> {
-        self.verdicts.iter().collect::<std::result::Result<_, _>>().map_err(|e| bpf_err("read verdicts", e))
+        self.verdicts.all()
     }
 
     /// Writes the guarded-port bitmap. Words are written one at a time, each
@@ -662,20 +659,39 @@ impl RangeMaps {
         RangeMaps::build(&mut |name: &str| Ok(ebpf.take_map(name)))
     }
 
+    /// Opens the tables with the entries the index holds.
     fn build(get: &mut dyn FnMut(&str) -> Result<Option<Map>>) -> Result<RangeMaps> {
-        let mut table = |t: RangeTable| -> Result<TableMaps> {
-            let (slots, long, v6) = table_names(t);
-            Ok(TableMaps {
-                v4_slots: typed(get(slots)?, slots)?,
-                v4_long: typed(get(long)?, long)?,
-                v6: typed(get(v6)?, v6)?,
-                entries: StdMap::new(),
-                v4: V4Table::default(),
-            })
+        let range_index: HashMap<MapData, u32, RangeEntry> = typed(get(names::RANGE_INDEX)?, names::RANGE_INDEX)?;
+        let mut entries: [StdMap<IpNet, RangeValue>; 3] = Default::default();
+        for item in range_index.iter() {
+            let (_, e) = item.map_err(|e| bpf_err("read range index", e))?;
+            let net = match e.family {
+                family::V4 => {
+                    ipnet::Ipv4Net::new([e.addr[0], e.addr[1], e.addr[2], e.addr[3]].into(), e.prefix_len as u8)
+                        .map(IpNet::V4)
+                }
+                _ => ipnet::Ipv6Net::new(e.addr.into(), e.prefix_len as u8).map(IpNet::V6),
+            }
+            .map_err(|err| bpf_err("bad range index entry", err))?;
+            entries[table_of(e.value.kind) as usize].insert(net, e.value);
+        }
+        let mut table = |t: RangeTable, entries: StdMap<IpNet, RangeValue>| -> Result<TableMaps> {
+            let name = table_map(t);
+            let data = match get(name)? {
+                Some(Map::Array(d)) => d,
+                Some(_) => return Err(Error::Bpf(format!("map {name} is not an array"))),
+                None => return Err(Error::Bpf(format!("map {name} missing from the eBPF object"))),
+            };
+            let trie = Trie::open(MmapStore::new(data, name)?, entries.iter().map(|(n, v)| (*n, *v)));
+            Ok(TableMaps { trie, entries })
         };
-        let tables = [table(RangeTable::Ingress)?, table(RangeTable::Subscriber)?, table(RangeTable::Smarthost)?];
-        let range_index = typed(get(names::RANGE_INDEX)?, names::RANGE_INDEX)?;
-        RangeMaps::new(RangeMaps { tables, range_index })
+        let [ingress, sub, smh] = entries;
+        let tables = [
+            table(RangeTable::Ingress, ingress)?,
+            table(RangeTable::Subscriber, sub)?,
+            table(RangeTable::Smarthost, smh)?,
+        ];
+        Ok(RangeMaps { tables, range_index })
     }
 
     fn table(&self, t: RangeTable) -> &TableMaps {
@@ -686,48 +702,13 @@ impl RangeMaps {
         &mut self.tables[t as usize]
     }
 
-    /// Loads the range mirrors from the index.
-    fn new(mut maps: RangeMaps) -> Result<RangeMaps> {
-        let mut loaded = Vec::new();
-        for item in maps.range_index.iter() {
-            let (_, e) = item.map_err(|e| bpf_err("read range index", e))?;
-            let net = match e.family {
-                family::V4 => {
-                    ipnet::Ipv4Net::new([e.addr[0], e.addr[1], e.addr[2], e.addr[3]].into(), e.prefix_len as u8)
-                        .map(IpNet::V4)
-                }
-                _ => ipnet::Ipv6Net::new(e.addr.into(), e.prefix_len as u8).map(IpNet::V6),
-            }
-            .map_err(|err| bpf_err("bad range index entry", err))?;
-            loaded.push((net, e.value));
-        }
-        for (net, value) in loaded {
-            maps.table_mut(table_of(value.kind)).entries.insert(net, value);
-        }
-        for t in &mut maps.tables {
-            t.v4 = V4Table::from_entries(t.entries.iter().filter_map(|(n, v)| match n {
-                IpNet::V4(n) => Some((*n, *v)),
-                IpNet::V6(_) => None,
-            }));
-        }
-        Ok(maps)
-    }
-
     /// Writes the range entry for `net` in the table of `value.kind`.
     pub fn set_range(&mut self, net: IpNet, value: RangeValue) -> Result<()> {
         let err = |e| bpf_err(format!("insert range {net}"), e);
         let t = self.table_mut(table_of(value.kind));
         let old = t.entries.get(&net).copied();
-        match net {
-            IpNet::V4(n) => {
-                let w = t.v4.set(n, value);
-                t.apply_v4(w).map_err(err)?;
-            }
-            IpNet::V6(n) => {
-                t.v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), value, 0).map_err(err)?;
-            }
-        }
         t.entries.insert(net, value);
+        t.trie.insert(net, value)?;
         if let Some(old) = old.filter(|o| o.range_id != value.range_id) {
             ignore_missing(self.range_index.remove(&old.range_id)).map_err(err)?;
         }
@@ -748,26 +729,23 @@ impl RangeMaps {
         let err = |e| bpf_err(format!("remove range {net}"), e);
         let t = self.table_mut(table);
         let Some(old) = t.entries.remove(&net) else { return Ok(()) };
-        match net {
-            IpNet::V4(n) => {
-                let w = t.v4.del(n);
-                t.apply_v4(w).map_err(err)?;
-            }
-            IpNet::V6(n) => {
-                ignore_missing(t.v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))).map_err(err)?;
-            }
-        }
+        t.trie.remove(net)?;
         ignore_missing(self.range_index.remove(&old.range_id)).map_err(err)
     }
 
-    /// Rewrites the IPv4 slots and long entries that differ from the
-    /// mirrors (the agent does this on start, after reconciling).
-    pub fn rebuild_v4(&mut self) -> Result<usize> {
+    /// Rewrites the trie entries that differ from what the entries call for
+    /// (the agent does this on start, after reconciling); returns how many.
+    pub fn rebuild(&mut self) -> Result<usize> {
         let mut writes = 0;
         for t in &mut self.tables {
-            writes += t.rebuild_v4()?;
+            writes += t.trie.rebuild()?;
         }
         Ok(writes)
+    }
+
+    /// Trie nodes (used, capacity) of a table.
+    pub fn usage(&self, table: RangeTable) -> (u32, u32) {
+        self.table(table).trie.usage()
     }
 
     /// The entry stored for exactly `net` in `table`.
@@ -778,62 +756,6 @@ impl RangeMaps {
     /// Every range entry in the datapath, with its table.
     pub fn ranges(&self) -> Vec<(RangeTable, IpNet, RangeValue)> {
         RangeTable::ALL.into_iter().flat_map(|t| self.table(t).entries.iter().map(move |(n, v)| (t, *n, *v))).collect()
-    }
-}
-
-impl TableMaps {
-    /// Writes what an IPv4 change needs: a new long entry before the slot
-    /// that points at it, a removed one after.
-    fn apply_v4(&mut self, w: V4Writes) -> std::result::Result<(), aya::maps::MapError> {
-        if let Some((k, v)) = w.long_set {
-            self.v4_long.insert(k, v, 0)?;
-        }
-        if let Some((first, count)) = w.slots {
-            for slot in first..first + count {
-                self.v4_slots.set(slot, self.v4.slot(slot), 0)?;
-            }
-        }
-        if let Some(k) = w.long_del {
-            ignore_missing(self.v4_long.remove(&k))?;
-        }
-        Ok(())
-    }
-
-    /// Rewrites the IPv4 slots and long entries that differ from the
-    /// mirror.
-    fn rebuild_v4(&mut self) -> Result<usize> {
-        let err = |e| bpf_err("rebuild IPv4 range table", e);
-        let mut writes = 0;
-        let want: StdMap<V4LongKey, RangeValue> = self
-            .entries
-            .iter()
-            .filter_map(|(n, v)| match n {
-                IpNet::V4(n) if n.prefix_len() > gatekeeper_common::V4_SHORT_MAX => {
-                    Some((V4LongKey::of(u32::from(n.network()), n.prefix_len() as u32), *v))
-                }
-                _ => None,
-            })
-            .collect();
-        let have: Vec<(V4LongKey, RangeValue)> =
-            self.v4_long.iter().collect::<std::result::Result<_, _>>().map_err(err)?;
-        for (k, v) in &want {
-            if !have.iter().any(|(hk, hv)| hk == k && hv == v) {
-                self.v4_long.insert(*k, *v, 0).map_err(err)?;
-                writes += 1;
-            }
-        }
-        for slot in 0..gatekeeper_common::V4_SLOT_COUNT {
-            let want = self.v4.slot(slot);
-            if self.v4_slots.get(&slot, 0).map_err(err)? != want {
-                self.v4_slots.set(slot, want, 0).map_err(err)?;
-                writes += 1;
-            }
-        }
-        for (k, _) in have.iter().filter(|(k, _)| !want.contains_key(k)) {
-            ignore_missing(self.v4_long.remove(k)).map_err(err)?;
-            writes += 1;
-        }
-        Ok(writes)
     }
 }
 
@@ -862,23 +784,26 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
     events: Option<RingBuf<MapData>>,
+    /// The datapath clock's calibration (`Config::tick_ns`,
+    /// `Config::clock_offset_ns`); `None`: the datapath reads the helper.
+    pub clock: Option<(u64, u64)>,
 }
 
 impl Datapath {
     /// Loads the programs, reusing maps already pinned under `layout` (a
     /// previous agent's state and counters) or creating and pinning them.
-    pub fn load(layout: &PinLayout, max_verdicts: u32) -> Result<Datapath> {
+    pub fn load(layout: &PinLayout, max_verdicts: u32, max_range_nodes: u32) -> Result<Datapath> {
         ensure_bpffs(&layout.root)?;
         for dir in [layout.root.join("maps"), layout.links_dir()] {
             fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
-        check_pinned_maps(layout, max_verdicts)?;
-        let mut loader = EbpfLoader::new();
-        for name in names::ALL {
-            loader.map_pin_path(name, layout.map(name));
-        }
-        loader.map_max_entries(names::VERDICTS, max_verdicts);
-        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(|e| bpf_err("load eBPF object", e))?;
+        let (buckets, range_nodes) = check_pinned_maps(layout, max_verdicts, max_range_nodes)?;
+        let mut ebpf = load_object(buckets, |loader| {
+            loader.map_max_entries(names::RANGES, range_nodes);
+            for name in names::ALL {
+                loader.map_pin_path(name, layout.map(name));
+            }
+        })?;
         for role in [Role::Ingress, Role::Subscriber] {
             let prog = xdp_program(&mut ebpf, role)?;
             prog.load().map_err(|e| bpf_err(format!("load XDP program {} (verifier)", role.program()), e))?;
@@ -887,9 +812,10 @@ impl Datapath {
         let prog = tc_program(&mut ebpf)?;
         prog.load().map_err(|e| bpf_err(format!("load TC program {} (verifier)", programs::TC_EGRESS), e))?;
         pin_program(layout, Role::Uplink, |p| prog.pin(p))?;
+        let clock = calibrate_clock(&mut ebpf)?;
         let maps = Maps::take(&mut ebpf)?;
         let events = typed(ebpf.take_map(names::EVENTS), names::EVENTS)?;
-        Ok(Datapath { layout: layout.clone(), ebpf, maps, events: Some(events) })
+        Ok(Datapath { layout: layout.clone(), ebpf, maps, events: Some(events), clock })
     }
 
     /// The ring buffer of unknown-source events (once).
@@ -1075,8 +1001,67 @@ fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         .map_err(|e| bpf_err("program type", e))
 }
 
-/// Refuses to adopt pinned maps whose layout differs from this build's.
-fn check_pinned_maps(layout: &PinLayout, max_verdicts: u32) -> Result<()> {
+/// Loads the eBPF object with a verdict table of `buckets` buckets (a power
+/// of two) and the datapath's bucket mask to match; `setup` adds pin paths
+/// or other map sizes. Everything that loads the object goes through here.
+pub fn load_object(buckets: u32, setup: impl FnOnce(&mut EbpfLoader<'_>)) -> Result<Ebpf> {
+    if !buckets.is_power_of_two() {
+        return Err(Error::Bpf(format!("verdict table of {buckets} buckets: not a power of two")));
+    }
+    let mask = buckets - 1;
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(names::VERDICTS, buckets).override_global(VERDICT_MASK_GLOBAL, &mask, true);
+    setup(&mut loader);
+    loader.load(crate::EBPF_OBJECT).map_err(|e| bpf_err("load eBPF object", e))
+}
+
+/// One reading of the clock probe: (jiffies, CLOCK_MONOTONIC_COARSE ns).
+fn clock_sample(prog: &Xdp) -> Result<(u64, u64)> {
+    let frame = [0u8; 64];
+    let mut out = [0u8; 64];
+    let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..TestRunOptions::new() };
+    let r = prog.test_run(opts).map_err(|e| bpf_err(format!("run {}", programs::XDP_CLOCK), e))?;
+    const XDP_PASS: u32 = 2;
+    if r.return_value != XDP_PASS {
+        return Err(Error::Bpf(format!("{} returned {}", programs::XDP_CLOCK, r.return_value)));
+    }
+    let word = |i: usize| u64::from_ne_bytes(out[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Ok((word(0), word(1)))
+}
+
+/// Calibrates the datapath clock (`Config::clock_ns`) with two probe
+/// readings 120 ms apart. `None`, with a warning, when the kernel's tick is
+/// not one gatekeeper knows: the datapath then reads the clock helper, which
+/// is correct but slower.
+pub fn calibrate_clock(ebpf: &mut Ebpf) -> Result<Option<(u64, u64)>> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(programs::XDP_CLOCK)
+        .ok_or_else(|| Error::Bpf(format!("program {} missing from the eBPF object", programs::XDP_CLOCK)))?
+        .try_into()
+        .map_err(|e| bpf_err("program type", e))?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| bpf_err(format!("load {} (verifier)", programs::XDP_CLOCK), e))?;
+    }
+    let a = clock_sample(prog)?;
+    std::thread::sleep(Duration::from_millis(120));
+    let b = clock_sample(prog)?;
+    let c = Config::calibrate(a, b);
+    if c.is_none() {
+        warn!(
+            ?a,
+            ?b,
+            "could not tell the kernel's tick from two clock readings; the datapath reads the clock helper (slower)"
+        );
+    }
+    Ok(c)
+}
+
+/// Refuses to adopt pinned maps whose layout differs from this build's;
+/// returns the verdict table's buckets and the ingress trie's nodes (the
+/// pinned sizes, if any).
+fn check_pinned_maps(layout: &PinLayout, max_verdicts: u32, max_range_nodes: u32) -> Result<(u32, u32)> {
+    let mut buckets = verdict_buckets(max_verdicts);
+    let mut range_nodes = max_range_nodes;
     for name in names::ALL {
         let path = layout.map(name);
         if !path.exists() {
@@ -1091,15 +1076,25 @@ fn check_pinned_maps(layout: &PinLayout, max_verdicts: u32) -> Result<()> {
                 )));
             }
         }
-        if name == names::VERDICTS && info.max_entries() != max_verdicts {
+        if name == names::VERDICTS && info.max_entries() != buckets {
+            warn!(
+                pinned_buckets = info.max_entries(),
+                configured_buckets = buckets,
+                max_verdicts,
+                "max_verdicts differs from the pinned verdict table; keeping the pinned size (run `gatekeeper unload` to resize)"
+            );
+            buckets = info.max_entries();
+        }
+        if name == names::RANGES && info.max_entries() != max_range_nodes {
             warn!(
                 pinned = info.max_entries(),
-                configured = max_verdicts,
-                "max_verdicts differs from the pinned verdict map; keeping the pinned size (run `gatekeeper unload` to resize)"
+                configured = max_range_nodes,
+                "max_range_nodes differs from the pinned range table; keeping the pinned size (run `gatekeeper unload` to resize)"
             );
+            range_nodes = info.max_entries();
         }
     }
-    Ok(())
+    Ok((buckets, range_nodes))
 }
 
 // ---------------------------------------------------------------- allow wins

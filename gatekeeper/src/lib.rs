@@ -10,7 +10,8 @@ pub mod lists;
 pub mod pipeline;
 pub mod protocol;
 pub mod store;
-pub mod v4table;
+pub mod trie;
+pub mod verdict_table;
 
 pub use error::{Error, Result};
 

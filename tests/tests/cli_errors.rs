@@ -45,6 +45,11 @@ struct State {
 
 impl Gk {
     fn new() -> Self {
+        Gk::with_config("")
+    }
+
+    /// An agent whose config adds `extra` (top-level keys) to the defaults.
+    fn with_config(extra: &str) -> Self {
         netlab::require_root();
         let ns = Netns::new("clierr").unwrap();
         ns.ip(&["link", "add", IF_AGENT, "type", "veth", "peer", "name", IF_SPARE]).unwrap();
@@ -55,7 +60,7 @@ impl Gk {
         let bin = netlab::bin_path("gatekeeper").unwrap();
         // Our own config, so the host's /etc/gatekeeper/gatekeeper.toml cannot
         // leak in; no reverse-DNS lookups.
-        std::fs::write(dir.path().join("agent.toml"), "[dns]\nenabled = false\n").unwrap();
+        std::fs::write(dir.path().join("agent.toml"), format!("{extra}[dns]\nenabled = false\n")).unwrap();
         let mut gk = Self { agent: None, pins, dir, ns, bin, known: Default::default() };
         let args: Vec<String> = [
             "--config",
@@ -281,6 +286,27 @@ fn import_with_a_bad_line_imports_nothing_unless_skip_bad() {
     let row = rows.as_array().unwrap().iter().find(|r| r["net"] == "203.0.113.0/25").unwrap();
     assert_eq!(row["origin"], "imported", "{rows:#}");
     assert_eq!(row["comment"], "ok", "{rows:#}");
+}
+
+/// A list that needs more trie nodes than the range table has is refused
+/// whole: the database, the datapath's entries and its node use stay as
+/// they were, and the table keeps working.
+#[test]
+fn range_table_full_refuses_the_whole_import() {
+    let gk = Gk::with_config("max_range_nodes = 1024\n");
+    gk.ok(&["range", "add", "198.51.100.0/24"]);
+    let nodes = || gk.json(&["status", "--json"])["datapath"]["range_nodes"]["ingress"].clone();
+    let before = nodes();
+    assert_eq!(before["capacity"], 1024, "{before}");
+    // 256 /64s in distinct /40s of 2001:db8::/32 need 3 nodes each: more
+    // than the 1024 - 512 roots.
+    let list: String = (0..256).map(|i| format!("2001:db8:{i:02x}00::/64\n")).collect();
+    let f = gk.file("big.txt", &list);
+    gk.refused(&["range", "import", &f], &["range table (trie nodes) is full", "1024"]);
+    assert_eq!(nodes(), before, "node use after the refused import");
+    // Smaller changes still work.
+    gk.ok(&["range", "add", "2001:db8:ff00::/64"]);
+    assert_eq!(nodes()["used"].as_u64(), before["used"].as_u64().map(|u| u + 6), "a /64 in a new /40: 6 nodes");
 }
 
 #[test]

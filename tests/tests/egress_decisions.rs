@@ -22,10 +22,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::{
     maps::{Array, HashMap, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use gatekeeper::{
-    datapath::{desired_ranges, RangeMaps},
+    datapath::{desired_ranges, load_object, RangeMaps},
     store::{Origin, PoolAction, RangeKind, RangeRecord},
 };
 use gatekeeper_common::{
@@ -143,16 +143,14 @@ fn monotonic_ns() -> u64 {
 }
 
 impl Gk {
-    /// Loads the object with small preallocated LRU maps; port 25 guarded,
+    /// Loads the object with a small verdict table and token-bucket LRU; port 25 guarded,
     /// no limits, no ranges.
     fn new() -> Self {
         require_root();
-        let mut bpf = EbpfLoader::new()
-            .map_max_entries(maps::VERDICTS, 4096)
-            .map_max_entries(maps::SEEN, 4096)
-            .map_max_entries(maps::EG_BUCKETS, 4096)
-            .load(gatekeeper::EBPF_OBJECT)
-            .expect("loading the gatekeeper object");
+        let mut bpf = load_object(64, |l| {
+            l.map_max_entries(maps::EG_BUCKETS, 4096);
+        })
+        .expect("loading the gatekeeper object");
         let xdp: &mut Xdp = bpf.program_mut(programs::XDP_SUBSCRIBER).expect("subscriber program").try_into().unwrap();
         xdp.load().expect("verifier accepts gatekeeper_subscriber");
         let tc: &mut SchedClassifier =
@@ -260,7 +258,7 @@ impl Gk {
     fn dry_run(&mut self, on: bool) {
         let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
         let flags = if on { config_flags::DRY_RUN } else { 0 };
-        cfg.set(0, Config { event_interval_ns: 0, flags, hold_ms: 0 }, 0).unwrap();
+        cfg.set(0, Config { flags, ..Config::default() }, 0).unwrap();
     }
 
     /// Token buckets: (source key, class) -> GCRA arrival time.

@@ -34,9 +34,10 @@ use std::{
 
 use aya::{
     programs::{tc::TcAttachType, SchedClassifier, Xdp, XdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
-use gatekeeper_common::{maps, programs};
+use gatekeeper::datapath::load_object;
+use gatekeeper_common::programs;
 use gatekeeper_tests::netlab::{
     self, in_netns, nsenter_output, tcp_connect, veth_pair, AgentProcess, CmdOutput, ConnectOutcome, Netns,
     PinDirGuard, TcpListenerGuard,
@@ -434,10 +435,7 @@ impl EgressStats {
 /// XDP program itself: GRO alone (`ethtool -K IF gro on`) is not enough,
 /// the RST would sit in the ring until other traffic woke it.
 fn attach_xdp_pass(ns: &Netns, ifname: &str) -> Ebpf {
-    let mut bpf = EbpfLoader::new()
-        .map_max_entries(maps::VERDICTS, 1024)
-        .load(gatekeeper::EBPF_OBJECT)
-        .expect("load the gatekeeper object");
+    let mut bpf = load_object(64, |_| {}).expect("load the gatekeeper object");
     let prog: &mut Xdp = bpf.program_mut(programs::XDP_BASELINE).expect("baseline program").try_into().unwrap();
     prog.load().expect("load the baseline program");
     in_netns(ns, || prog.attach(ifname, XdpMode::Driver).map(drop))

@@ -13,17 +13,18 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use gatekeeper::{
-    datapath::{desired_ranges, RangeMaps},
+    datapath::{calibrate_clock, desired_ranges, load_object, RangeMaps},
     store::{Origin, RangeKind, RangeRecord},
+    verdict_table::VerdictTable,
 };
 use gatekeeper_common::{
-    action, addr, config_flags, counters::counter_name, family, maps, programs, verdict_reason, Config, Counter, Event,
-    SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
+    action, addr, config_flags, counters::counter_name, family, maps, programs, sourcetab, verdict_reason, Config,
+    Counter, Event, KeyWords, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
 };
 use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Packet};
 use gatekeeper_tests::rng::Rng;
@@ -35,6 +36,8 @@ const XDP_PASS: u32 = 2;
 /// The interface the test runs claim (`xdp_md.ingress_ifindex`): loopback.
 const IFINDEX: u32 = 1;
 const SMTP: u16 = 25;
+/// Verdict-table buckets of [`Gk::new`] (room for 4,096 verdicts).
+const VERDICT_BUCKETS: u32 = 2048;
 
 // ---------------------------------------------------------------- fixture
 
@@ -47,6 +50,8 @@ struct Gk {
     /// The ranges as the agent's database would hold them.
     ranges: Vec<RangeRecord>,
     range_maps: RangeMaps,
+    /// The datapath clock's calibration, written with every config.
+    clock: Option<(u64, u64)>,
 }
 
 fn require_root() {
@@ -71,18 +76,22 @@ fn c(counter: Counter) -> u32 {
 impl Gk {
     /// Loads the object with small preallocated maps and guards port 25.
     fn new() -> Self {
+        Gk::with_buckets(VERDICT_BUCKETS)
+    }
+
+    /// As [`Gk::new`], with a verdict table of `buckets` buckets.
+    fn with_buckets(buckets: u32) -> Self {
         require_root();
-        let mut bpf = EbpfLoader::new()
-            .map_max_entries(maps::VERDICTS, 4096)
-            .map_max_entries(maps::SEEN, 4096)
-            .load(gatekeeper::EBPF_OBJECT)
-            .expect("loading the gatekeeper object");
+        let mut bpf = load_object(buckets, |_| {}).expect("loading the gatekeeper object");
         let prog: &mut Xdp = bpf.program_mut(programs::XDP_INGRESS).expect("ingress program").try_into().unwrap();
         prog.load().expect("verifier accepts gatekeeper_ingress");
         let events = RingBuf::try_from(bpf.take_map(maps::EVENTS).expect("events map")).unwrap();
         let range_maps = RangeMaps::take(&mut bpf).expect("range maps");
-        let mut gk = Gk { bpf, events, seen: BTreeMap::new(), ranges: Vec::new(), range_maps };
+        let clock = calibrate_clock(&mut bpf).expect("clock probe");
+        assert!(clock.is_some(), "the clock calibrates on this kernel");
+        let mut gk = Gk { bpf, events, seen: BTreeMap::new(), ranges: Vec::new(), range_maps, clock };
         gk.set_port(SMTP, true);
+        gk.config(0, 0);
         gk
     }
 
@@ -120,13 +129,26 @@ impl Gk {
         }
     }
 
+    /// Writes the config with the calibrated clock (or none, see
+    /// [`Gk::uncalibrated`]).
     fn config(&mut self, event_interval_ns: u64, flags: u32) {
+        let (tick_ns, clock_offset_ns) = self.clock.unwrap_or_default();
         let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
-        cfg.set(0, Config { event_interval_ns, flags, hold_ms: 0 }, 0).unwrap();
+        cfg.set(0, Config { event_interval_ns, flags, hold_ms: 0, tick_ns, clock_offset_ns }, 0).unwrap();
     }
 
-    /// Adds a range the way the agent does: the trie gets what
-    /// `desired_ranges` calls for (deny ranges inside allow ranges left out).
+    /// From now on the datapath reads the clock helper, as with a kernel
+    /// tick the agent could not calibrate.
+    fn uncalibrated(&mut self) {
+        self.clock = None;
+        self.config(0, 0);
+    }
+
+    /// How far the datapath clock may be from CLOCK_MONOTONIC_COARSE.
+    fn clock_slack_ns(&self) -> u64 {
+        self.clock.map_or(0, |(tick, _)| 2 * tick)
+    }
+
     /// Sets `hold_ms` in the config, keeping the rest.
     fn hold_ms(&mut self, ms: u32) {
         let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
@@ -134,6 +156,8 @@ impl Gk {
         cfg.set(0, Config { hold_ms: ms, ..c }, 0).unwrap();
     }
 
+    /// Adds a range the way the agent does: the trie gets what
+    /// `desired_ranges` calls for (deny ranges inside allow ranges left out).
     fn range(&mut self, allow: bool, net: &str, range_id: u32) {
         let kind = if allow { RangeKind::Allow } else { RangeKind::Deny };
         self.ranges.push(RangeRecord {
@@ -183,18 +207,19 @@ impl Gk {
         }
     }
 
-    fn verdict(&mut self, ip: &str, action: u32, reason: u32, expires_ns: u64) {
+    fn verdicts(&mut self) -> VerdictTable<&mut MapData> {
+        VerdictTable::new(Array::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap()).unwrap()
+    }
+
+    /// Sets a verdict as the agent does; returns the source it evicted.
+    fn verdict(&mut self, ip: &str, action: u32, reason: u32, expires_ns: u64) -> Option<SourceKey> {
         let key = SourceKey::from_ip(ip.parse().unwrap());
-        let mut v: HashMap<_, SourceKey, Verdict> =
-            HashMap::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap();
-        v.insert(key, Verdict { expires_ns, action, reason }, 0).unwrap();
+        self.verdicts().insert(key, Verdict { expires_ns, action, reason }).unwrap()
     }
 
     fn unverdict(&mut self, ip: &str) {
         let key = SourceKey::from_ip(ip.parse().unwrap());
-        let mut v: HashMap<_, SourceKey, Verdict> =
-            HashMap::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap();
-        v.remove(&key).unwrap();
+        assert!(self.verdicts().remove(key).unwrap(), "{ip} had no verdict");
     }
 
     /// Counter totals summed over CPUs.
@@ -384,19 +409,70 @@ fn verdict_drop_counts_per_reason_and_verdict_pass() {
     assert!(gk.events().is_empty(), "decided sources are not reported");
 }
 
+/// Two buckets of four: every source shares them, so the table fills and
+/// evicts, and the datapath must agree with the agent's placement.
+#[test]
+fn verdict_table_fills_both_buckets_then_evicts_the_soonest_expiry() {
+    let mut gk = Gk::with_buckets(2);
+    let far = monotonic_ns() + 3_600_000_000_000;
+    let srcs: Vec<String> = (1..=8).map(|i| format!("203.0.113.{i}")).collect();
+    for (i, src) in srcs.iter().enumerate() {
+        let evicted = gk.verdict(src, action::DROP, verdict_reason::NO_PTR, far + i as u64 * 1_000_000_000);
+        assert_eq!(evicted, None, "{src}: the table has room for eight");
+    }
+    for src in &srcs {
+        gk.check(&syn(src).build(), XDP_DROP, &[(drop_reason(verdict_reason::NO_PTR), 1)], src);
+    }
+    // A ninth replaces the verdict that expires first (203.0.113.1).
+    let evicted = gk.verdict("2001:db8:9::1", action::DROP, verdict_reason::DYNAMIC, u64::MAX);
+    assert_eq!(evicted, Some(SourceKey::from_ip("203.0.113.1".parse().unwrap())));
+    gk.check(&syn("2001:db8:9::1").build(), XDP_DROP, &[(drop_reason(verdict_reason::DYNAMIC), 1)], "ninth");
+    gk.check(&syn("203.0.113.1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "evicted");
+    for src in &srcs[1..] {
+        gk.check(&syn(src).build(), XDP_DROP, &[(drop_reason(verdict_reason::NO_PTR), 1)], src);
+    }
+    // Updating a present source keeps its slot; removing frees it.
+    assert_eq!(gk.verdict("203.0.113.5", action::PASS, verdict_reason::OK, u64::MAX), None);
+    gk.check(&syn("203.0.113.5").build(), XDP_PASS, &[(c(Counter::VerdictPass), 1)], "updated");
+    gk.unverdict("203.0.113.6");
+    gk.check(&syn("203.0.113.6").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "removed");
+    assert_eq!(gk.verdict("203.0.113.1", action::DROP, verdict_reason::NO_PTR, u64::MAX), None, "freed slot reused");
+    gk.check(&syn("203.0.113.1").build(), XDP_DROP, &[(drop_reason(verdict_reason::NO_PTR), 1)], "back");
+    // ::/64 is the empty-slot key: it can hold no verdict and is unknown.
+    let empty = SourceKey::from_ip("::1".parse().unwrap());
+    assert!(gk.verdicts().insert(empty, Verdict { expires_ns: u64::MAX, action: action::DROP, reason: 0 }).is_err());
+    gk.check(&syn("::1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "::1");
+    let all = gk.verdicts().all().unwrap();
+    assert_eq!(all.len(), 8, "{all:?}");
+}
+
+/// Expiry with the calibrated (jiffies) clock and with the helper.
 #[test]
 fn expired_verdict_is_unknown() {
-    let mut gk = Gk::new();
-    let now = monotonic_ns();
-    gk.verdict("203.0.113.1", action::DROP, verdict_reason::NO_PTR, now - 1);
-    gk.verdict("203.0.113.2", action::PASS, verdict_reason::OK, now - 1);
-    gk.verdict("2001:db8:1::1", action::DROP, verdict_reason::DYNAMIC, 1);
-    gk.verdict("203.0.113.3", action::DROP, verdict_reason::NO_PTR, now + 3_600_000_000_000);
-    for src in ["203.0.113.1", "203.0.113.2", "2001:db8:1::1"] {
-        gk.check(&syn(src).build(), XDP_PASS, &[(c(Counter::Unknown), 1)], &format!("expired verdict {src}"));
+    for calibrated in [true, false] {
+        let mut gk = Gk::new();
+        if !calibrated {
+            gk.uncalibrated();
+        }
+        let now = monotonic_ns();
+        let past = now - gk.clock_slack_ns() - 1;
+        gk.verdict("203.0.113.1", action::DROP, verdict_reason::NO_PTR, past);
+        gk.verdict("203.0.113.2", action::PASS, verdict_reason::OK, past);
+        gk.verdict("2001:db8:1::1", action::DROP, verdict_reason::DYNAMIC, 1);
+        gk.verdict("203.0.113.3", action::DROP, verdict_reason::NO_PTR, now + 3_600_000_000_000);
+        // Expiring shortly: live now, expired half a second later.
+        gk.verdict("203.0.113.4", action::DROP, verdict_reason::NO_PTR, now + 250_000_000);
+        gk.check(&syn("203.0.113.4").build(), XDP_DROP, &[(drop_reason(verdict_reason::NO_PTR), 1)], "live");
+        for src in ["203.0.113.1", "203.0.113.2", "2001:db8:1::1"] {
+            gk.check(&syn(src).build(), XDP_PASS, &[(c(Counter::Unknown), 1)], &format!("expired verdict {src}"));
+        }
+        assert_eq!(gk.events().len(), 3);
+        gk.check(&syn("203.0.113.3").build(), XDP_DROP, &[(drop_reason(verdict_reason::NO_PTR), 1)], "live verdict");
+        while monotonic_ns() < now + 250_000_000 + gk.clock_slack_ns() + 1 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        gk.check(&syn("203.0.113.4").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "expired in the meantime");
     }
-    assert_eq!(gk.events().len(), 3);
-    gk.check(&syn("203.0.113.3").build(), XDP_DROP, &[(drop_reason(verdict_reason::NO_PTR), 1)], "live verdict");
 }
 
 #[test]
@@ -412,7 +488,12 @@ fn unknown_source_is_reported_once_per_interval() {
     let e = ev[0];
     assert_eq!((e.addr, e.port, e.family, e.ifindex), (addr::mapped_v4([203, 0, 113, 77]), SMTP, family::V4, IFINDEX));
     assert_eq!(addr::event_ip(e.addr, e.family), "203.0.113.77".parse::<IpAddr>().unwrap());
-    assert!((before..=after).contains(&e.ts_ns), "event time {} in [{before}, {after}]", e.ts_ns);
+    let slack = gk.clock_slack_ns();
+    assert!(
+        (before - slack..=after + slack).contains(&e.ts_ns),
+        "event time {} in [{before}, {after}] +- {slack}",
+        e.ts_ns
+    );
 
     gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "second SYN");
     assert!(gk.events().is_empty(), "no second event within the interval");
@@ -433,6 +514,24 @@ fn unknown_source_is_reported_once_per_interval() {
     assert!(gk.events().is_empty(), "same /64 within the interval");
     gk.check(&syn6("2001:db8:77:2::1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "other /64");
     assert_eq!(gk.events().len(), 1);
+
+    // Sources sharing a reported-sources slot: the later report takes the
+    // slot, so the earlier source is reported again (an extra event, never
+    // a missed one).
+    let slot_of = |ip: Ipv6Addr| sourcetab::seen_slot(sourcetab::source_hash(&KeyWords::v6(&ip.octets())));
+    let a = v6("2001:db8:90::1");
+    let b = (1..=u32::MAX)
+        .map(|i| Ipv6Addr::from(0x2001_0db8_0091_0000_0000_0000_0000_0001u128 | (u128::from(i) << 64)))
+        .find(|&x| slot_of(x) == slot_of(a))
+        .expect("a colliding source");
+    let syn_from = |ip: Ipv6Addr| Packet::tcp_v6(ip, v6(DST6), 41000, SMTP, tcp_flags::SYN).build();
+    gk.check(&syn_from(a), XDP_PASS, &[(c(Counter::Unknown), 1)], "a");
+    gk.check(&syn_from(a), XDP_PASS, &[(c(Counter::Unknown), 1)], "a again");
+    assert_eq!(gk.events().len(), 1, "a reported once");
+    gk.check(&syn_from(b), XDP_PASS, &[(c(Counter::Unknown), 1)], "b");
+    gk.check(&syn_from(a), XDP_PASS, &[(c(Counter::Unknown), 1)], "a after b");
+    let ev: Vec<IpAddr> = gk.events().iter().map(|e| addr::event_ip(e.addr, e.family)).collect();
+    assert_eq!(ev, [IpAddr::from(b), IpAddr::from(a)]);
 
     // A zero interval reports every SYN.
     gk.config(0, 0);
