@@ -6,11 +6,12 @@
 //! call chain and a jhash per lookup, which is most of a guarded SYN's
 //! budget).
 //!
-//! * Verdicts: two-choice hashing over buckets of [`VERDICT_WAYS`] slots.
-//!   A key lives in one of its two buckets; the agent puts it in the
-//!   emptier one and, when both are full, replaces the slot that expires
-//!   first. [`verdict_buckets`] sizes the table at two slots per verdict,
-//!   where overflow is practically absent.
+//! * Verdicts: buckets of [`VERDICT_WAYS`] slots, two per key. A key lives
+//!   in its first bucket, or in its second only while its first is full
+//!   (the agent moves it back when a slot frees up), so a search of a first
+//!   bucket with a free slot ends there ([`verdict_lookup`]). When both are
+//!   full the agent replaces the slot that expires first.
+//!   [`verdict_buckets`] sizes the table at two slots per verdict.
 //! * Reported sources: direct-mapped, one slot per hash; a collision only
 //!   means an extra event, which the agent deduplicates.
 //!
@@ -72,6 +73,16 @@ impl KeyWords {
     #[inline(always)]
     pub const fn is_empty(&self) -> bool {
         self.lo == 0 && self.hi == 0
+    }
+
+    /// A slot being rewritten: matches no source (IPv4 keys have `lo` 0,
+    /// IPv6 keys `hi` 0) but keeps the bucket full.
+    pub const TOMBSTONE: KeyWords = KeyWords { lo: u64::MAX, hi: u64::MAX };
+
+    /// A real key: neither empty nor [`KeyWords::TOMBSTONE`].
+    pub const fn is_key(&self) -> bool {
+        let tombstone = self.lo == u64::MAX && self.hi == u64::MAX;
+        !self.is_empty() && !tombstone
     }
 }
 
@@ -140,18 +151,21 @@ pub struct VerdictBucket {
 const _: () = assert!(core::mem::size_of::<VerdictBucket>() == 32 * VERDICT_WAYS);
 
 impl VerdictBucket {
-    /// The verdict of `key` in this bucket.
+    /// The verdict of `key` in this bucket: `Ok`, or `Err(full)` with
+    /// whether every slot is taken.
     #[inline(always)]
-    pub fn find(&self, key: &KeyWords) -> Option<Verdict> {
+    pub fn find(&self, key: &KeyWords) -> Result<Verdict, bool> {
+        let mut full = true;
         let mut i = 0;
         while i < VERDICT_WAYS {
             let s = &self.slots[i];
             if s.key.lo == key.lo && s.key.hi == key.hi {
-                return Some(s.verdict);
+                return Ok(s.verdict);
             }
+            full &= s.key.lo != 0 || s.key.hi != 0;
             i += 1;
         }
-        None
+        Err(full)
     }
 
     pub fn position(&self, key: &KeyWords) -> Option<usize> {
@@ -160,6 +174,24 @@ impl VerdictBucket {
 
     pub fn occupied(&self) -> usize {
         self.slots.iter().filter(|s| !s.key.is_empty()).count()
+    }
+}
+
+/// The verdict of `key` (hash `h`) in a table of `mask + 1` buckets, with
+/// `bucket(i)` giving bucket `i`: its first bucket, and its second only if
+/// the first is full. The datapath calls this with its map.
+#[inline(always)]
+pub fn verdict_lookup<'a, F: Fn(u32) -> Option<&'a VerdictBucket>>(
+    bucket: F,
+    key: &KeyWords,
+    h: u64,
+    mask: u32,
+) -> Option<Verdict> {
+    let (first, second) = verdict_bucket_pair(h, mask);
+    match bucket(first)?.find(key) {
+        Ok(v) => Some(v),
+        Err(false) => None,
+        Err(true) => bucket(second)?.find(key).ok(),
     }
 }
 
@@ -257,10 +289,16 @@ mod tests {
     fn bucket_find() {
         let k = KeyWords::of(&key_v4([198, 51, 100, 1]));
         let mut b = VerdictBucket::default();
-        assert_eq!(b.find(&k), None);
+        assert_eq!(b.find(&k), Err(false));
         b.slots[2] = VerdictSlot { key: k, verdict: Verdict { expires_ns: 9, action: 1, reason: 2 } };
         assert_eq!(b.find(&k).unwrap().expires_ns, 9);
+        let other = KeyWords::of(&key_v4([198, 51, 100, 2]));
+        assert_eq!(b.find(&other), Err(false), "a free slot: not full");
+        for s in [0, 1, 3] {
+            b.slots[s].key = KeyWords::of(&key_v4([203, 0, 113, s as u8]));
+        }
+        assert_eq!(b.find(&other), Err(true), "every slot taken");
         assert_eq!(b.position(&k), Some(2));
-        assert_eq!(b.occupied(), 1);
+        assert_eq!(b.occupied(), 4);
     }
 }

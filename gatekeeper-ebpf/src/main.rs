@@ -432,17 +432,13 @@ fn now_ns(cfg: &Config) -> u64 {
     }
 }
 
-/// The verdict of a source: its first bucket, then its second. A bucket
-/// being rewritten by the agent can at worst give one stale or expired read.
+/// The verdict of a source (see `sourcetab::verdict_lookup`). A bucket
+/// being rewritten by the agent can at worst give one stale or missed read.
 #[inline(always)]
 fn verdict_of(key: &KeyWords, h: u64) -> Option<Verdict> {
     // SAFETY: a read-only global the loader sets.
     let mask = unsafe { core::ptr::read_volatile(&GK_VERDICT_MASK) };
-    let (first, second) = sourcetab::verdict_bucket_pair(h, mask);
-    if let Some(v) = GK_VERDICTS.get(first).and_then(|b| b.find(key)) {
-        return Some(v);
-    }
-    GK_VERDICTS.get(second).and_then(|b| b.find(key))
+    sourcetab::verdict_lookup(|i| GK_VERDICTS.get(i), key, h, mask)
 }
 
 /// Longest-prefix match of `a` in a range table.

@@ -778,6 +778,12 @@ impl State {
         let d = decide(lookup, &self.classifier, &self.cfg.policy);
         *self.outcomes.entry(d.outcome).or_default() += 1;
         let key = SourceKey::from_ip(lookup.ip);
+        if !gatekeeper_common::KeyWords::of(&key).is_key() {
+            // ::/64 (unspecified or loopback, so spoofed) has the verdict
+            // table's empty key: it can hold no verdict and stays unknown.
+            debug!(source = %lookup.ip, "no verdict for a source in ::/64");
+            return Ok(());
+        }
         if self.store.verdict(key)?.is_some_and(|v| v.reason == verdict_reason::MANUAL_BAN) {
             return Ok(());
         }

@@ -707,8 +707,8 @@ impl RangeMaps {
         let err = |e| bpf_err(format!("insert range {net}"), e);
         let t = self.table_mut(table_of(value.kind));
         let old = t.entries.get(&net).copied();
-        t.entries.insert(net, value);
         t.trie.insert(net, value)?;
+        t.entries.insert(net, value);
         if let Some(old) = old.filter(|o| o.range_id != value.range_id) {
             ignore_missing(self.range_index.remove(&old.range_id)).map_err(err)?;
         }

@@ -13,10 +13,11 @@
 //! * a child that is no longer needed is unlinked before it is freed, and
 //!   freed nodes are reused only by a later change.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashSet, VecDeque},
     os::fd::AsFd,
     ptr::NonNull,
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
 use aya::maps::MapData;
@@ -158,6 +159,9 @@ const fn span_end(a: u128, len: u8) -> u128 {
     }
 }
 
+/// How long an unlinked node stays unused.
+const REUSE_AFTER: Duration = Duration::from_millis(50);
+
 /// Which entries of a node an update must recompute.
 #[derive(Clone, Copy)]
 enum Scope {
@@ -173,6 +177,8 @@ pub struct Trie<S> {
     prefixes: BTreeMap<PKey, u32>,
     /// Free nodes (taken from the end).
     free: Vec<u32>,
+    /// Nodes unlinked by earlier changes, oldest first, not yet reusable.
+    cooling: VecDeque<(Instant, u32)>,
     /// Nodes unlinked by the change in progress: free after it.
     unlinked: Vec<u32>,
     /// Nodes in use (the roots included).
@@ -201,7 +207,7 @@ impl<S: NodeStore> Trie<S> {
         let free: Vec<u32> = (ROOT_NODES..n).rev().filter(|&i| !reachable[i as usize]).collect();
         let used = n - free.len() as u32;
         let prefixes = entries.into_iter().map(|(net, v)| (pkey(net), leaf(&v))).collect();
-        Trie { store, prefixes, free, unlinked: Vec::new(), used }
+        Trie { store, prefixes, free, cooling: VecDeque::new(), unlinked: Vec::new(), used }
     }
 
     pub fn store(&self) -> &S {
@@ -213,14 +219,26 @@ impl<S: NodeStore> Trie<S> {
         (self.used, self.store.nodes())
     }
 
-    /// Sets the entry for `net`.
+    /// Sets the entry for `net`. On error (the table is full) nothing
+    /// changes: the entries written so far are put back.
     pub fn insert(&mut self, net: IpNet, v: RangeValue) -> Result<()> {
         let k = pkey(net);
         let lf = leaf(&v);
-        if self.prefixes.insert(k, lf) == Some(lf) {
+        let old = self.prefixes.insert(k, lf);
+        if old == Some(lf) {
             return Ok(());
         }
-        self.update(k)
+        if let Err(e) = self.update(k) {
+            match old {
+                Some(o) => self.prefixes.insert(k, o),
+                None => self.prefixes.remove(&k),
+            };
+            // The previous state fitted, and the failed change freed what it
+            // took, so this needs no more nodes than there are.
+            self.update(k)?;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Removes the entry for `net` (nothing if absent).
@@ -267,9 +285,11 @@ impl<S: NodeStore> Trie<S> {
                 break;
             }
         }
-        // What this change unlinked may be reused by the next one.
+        // What this change unlinked may be reused once no lookup can still
+        // be inside it.
         self.used -= self.unlinked.len() as u32;
-        self.free.append(&mut self.unlinked);
+        let now = Instant::now();
+        self.cooling.extend(self.unlinked.drain(..).map(|n| (now, n)));
         result.map(|_| writes)
     }
 
@@ -283,7 +303,22 @@ impl<S: NodeStore> Trie<S> {
         self.prefixes.range((fam, q, len + 1)..=(fam, span_end(q, len), u8::MAX)).next().is_some()
     }
 
+    /// A free node. Nodes unlinked by earlier changes are reused only after
+    /// [`REUSE_AFTER`] (a datapath lookup takes nanoseconds, but its CPU may
+    /// be a vCPU the hypervisor stops for a while); if only such nodes are
+    /// left, this waits for the oldest.
     fn alloc(&mut self) -> Result<u32> {
+        while let Some(&(at, n)) = self.cooling.front() {
+            let age = at.elapsed();
+            if age < REUSE_AFTER {
+                if !self.free.is_empty() {
+                    break;
+                }
+                std::thread::sleep(REUSE_AFTER - age);
+            }
+            self.cooling.pop_front();
+            self.free.push(n);
+        }
         let n = self
             .free
             .pop()
@@ -357,13 +392,21 @@ impl<S: NodeStore> Trie<S> {
                     (Some(c), _) => (c, Scope::All),
                     (None, _) => (self.alloc()?, Scope::All),
                 };
+                let fresh = old_child.is_none();
                 if old_child.is_none() {
                     // A fresh node: whatever a previous use left is rewritten.
                     for j in 0..FANOUT {
                         self.store.set(child, j, 0);
                     }
                 }
-                self.node(fam, child, elen, q, leaves[i], child_scope, writes)?;
+                if let Err(e) = self.node(fam, child, elen, q, leaves[i], child_scope, writes) {
+                    if fresh {
+                        // Never linked: it and what was linked under it
+                        // go back.
+                        self.unlink(child);
+                    }
+                    return Err(e);
+                }
                 CHILD | child
             } else {
                 leaves[i]
@@ -532,19 +575,29 @@ mod tests {
 
     #[test]
     fn full_table_is_an_error_and_keeps_answers_right() {
-        // Roots plus 3 nodes: the fourth /32 in a new /24 does not fit.
-        let mut t = empty(ROOT_NODES as usize + 3);
+        // Roots plus 4 nodes; two /32s in 198.51.100/24 and .101/24 take 3.
+        let mut t = empty(ROOT_NODES as usize + 4);
         t.insert("198.51.100.1/32".parse().unwrap(), value(1)).unwrap();
         t.insert("198.51.101.1/32".parse().unwrap(), value(2)).unwrap();
-        let err = t.insert("198.51.102.1/32".parse().unwrap(), value(3)).unwrap_err();
+        let before = t.usage();
+        // A /32 in a new /16 needs 2: its /16 node fits, its /24 node does
+        // not; the /16 node must come back and nothing change.
+        let err = t.insert("203.0.113.1/32".parse().unwrap(), value(4)).unwrap_err();
         assert!(err.to_string().contains("trie nodes"), "{err}");
-        // The caller rolls back by removing what it added.
-        t.remove("198.51.102.1/32".parse().unwrap()).unwrap();
-        assert_eq!(look(&t, "198.51.100.1".parse().unwrap()), Some(value(1)));
-        assert_eq!(look(&t, "198.51.101.1".parse().unwrap()), Some(value(2)));
-        assert_eq!(look(&t, "198.51.102.1".parse().unwrap()), None);
-        t.remove("198.51.101.1/32".parse().unwrap()).unwrap();
+        assert_eq!(t.usage(), before, "nodes of the failed insert released");
+        assert_eq!(look(&t, "203.0.113.1".parse().unwrap()), None);
+        // The freed node is reused (after the reuse delay).
         t.insert("198.51.102.1/32".parse().unwrap(), value(3)).unwrap();
-        assert_eq!(look(&t, "198.51.102.1".parse().unwrap()), Some(value(3)));
+        let err = t.insert("198.51.103.1/32".parse().unwrap(), value(5)).unwrap_err();
+        assert!(err.to_string().contains("trie nodes"), "{err}");
+        for (ip, v) in [("198.51.100.1", Some(1)), ("198.51.101.1", Some(2)), ("198.51.102.1", Some(3))] {
+            assert_eq!(look(&t, ip.parse().unwrap()), v.map(value), "{ip}");
+        }
+        assert_eq!(look(&t, "198.51.103.1".parse().unwrap()), None);
+        // Room made by a removal is used again.
+        t.remove("198.51.101.1/32".parse().unwrap()).unwrap();
+        t.insert("198.51.103.1/32".parse().unwrap(), value(5)).unwrap();
+        assert_eq!(look(&t, "198.51.103.1".parse().unwrap()), Some(value(5)));
+        assert_eq!(look(&t, "198.51.101.1".parse().unwrap()), None);
     }
 }

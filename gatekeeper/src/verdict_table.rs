@@ -1,8 +1,12 @@
 //! The agent's side of the datapath's verdict table (layout and lookup in
-//! `gatekeeper_common::sourcetab`): where a verdict goes, and writing it so
-//! that a concurrent datapath read never pairs one source's key with
-//! another's verdict.
-use std::borrow::{Borrow, BorrowMut};
+//! `gatekeeper_common::sourcetab`): where a verdict goes, keeping keys in
+//! their first bucket whenever it has room, and writing so that a
+//! concurrent datapath read never pairs one source's key with another's
+//! verdict.
+use std::{
+    borrow::{Borrow, BorrowMut},
+    collections::HashMap,
+};
 
 use aya::maps::{Array, MapData};
 use gatekeeper_common::{
@@ -12,29 +16,25 @@ use gatekeeper_common::{
 
 use crate::{datapath::bpf_err, Error, Result};
 
-/// Where a verdict for a key goes, given the key's two buckets.
+/// Where a new verdict goes, given its key's two buckets.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Placement {
     /// 0: the first bucket, 1: the second.
     pub bucket: usize,
     pub slot: usize,
-    /// The key already there: the same key (an update), another key (an
-    /// eviction: both buckets were full), or `None` (a free slot).
+    /// The key evicted (both buckets were full), if any.
     pub replaces: Option<KeyWords>,
 }
 
-/// The slot for `key`: its own slot if present; else a free slot in the
-/// emptier bucket (the first on a tie); else, both full, the slot whose
-/// verdict expires first.
+/// The slot for a key in neither of its buckets: a free slot of the first
+/// bucket, else of the second (the datapath searches the second only when
+/// the first is full); else, both full, the slot that expires first.
 pub fn place(buckets: [&VerdictBucket; 2], key: &KeyWords) -> Placement {
+    debug_assert!(buckets.iter().all(|b| b.position(key).is_none()));
     for (bucket, b) in buckets.iter().enumerate() {
-        if let Some(slot) = b.position(key) {
-            return Placement { bucket, slot, replaces: Some(*key) };
+        if let Some(slot) = b.slots.iter().position(|s| s.key.is_empty()) {
+            return Placement { bucket, slot, replaces: None };
         }
-    }
-    let bucket = if buckets[1].occupied() < buckets[0].occupied() { 1 } else { 0 };
-    if let Some(slot) = buckets[bucket].slots.iter().position(|s| s.key.is_empty()) {
-        return Placement { bucket, slot, replaces: None };
     }
     let (bucket, slot, s) = buckets
         .iter()
@@ -45,10 +45,22 @@ pub fn place(buckets: [&VerdictBucket; 2], key: &KeyWords) -> Placement {
     Placement { bucket, slot, replaces: Some(s.key) }
 }
 
-/// Typed access to the verdict array.
+/// Typed access to the verdict array. It keeps the layout rule of
+/// `sourcetab` (a key is in its second bucket only while its first is
+/// full) at every write the datapath can see:
+/// * a slot that gets another key is first given the new verdict under
+///   [`KeyWords::TOMBSTONE`], then the key, so no read pairs a key with
+///   another source's verdict, and the bucket never looks less full;
+/// * a freed slot of a bucket that keys wait on (in their second bucket) is
+///   given one of them instead of being emptied, then that key's old slot is
+///   freed the same way, and so on: each move takes a key out of a second
+///   bucket, so the chain ends.
 pub struct VerdictTable<T> {
     buckets: Array<T, VerdictBucket>,
     mask: u32,
+    /// Keys held in their second bucket, by their first bucket (built when
+    /// first needed, by reading the whole table).
+    overflow: Option<HashMap<u32, Vec<KeyWords>>>,
 }
 
 impl<T: Borrow<MapData>> VerdictTable<T> {
@@ -57,7 +69,7 @@ impl<T: Borrow<MapData>> VerdictTable<T> {
         if !n.is_power_of_two() || n < 2 {
             return Err(Error::Bpf(format!("verdict table has {n} buckets, expected a power of two")));
         }
-        Ok(VerdictTable { buckets, mask: n - 1 })
+        Ok(VerdictTable { buckets, mask: n - 1, overflow: None })
     }
 
     /// Number of buckets.
@@ -77,12 +89,12 @@ impl<T: Borrow<MapData>> VerdictTable<T> {
     /// The verdict the datapath would find for `key`.
     pub fn get(&self, key: SourceKey) -> Result<Option<Verdict>> {
         let k = KeyWords::of(&key);
-        for i in self.pair(&k) {
-            if let Some(v) = self.bucket(i)?.find(&k) {
-                return Ok(Some(v));
-            }
-        }
-        Ok(None)
+        let [first, second] = self.pair(&k);
+        Ok(match self.bucket(first)?.find(&k) {
+            Ok(v) => Some(v),
+            Err(false) => None,
+            Err(true) => self.bucket(second)?.find(&k).ok(),
+        })
     }
 
     /// Every verdict in the table.
@@ -90,18 +102,73 @@ impl<T: Borrow<MapData>> VerdictTable<T> {
         let mut out = Vec::new();
         for b in self.buckets.iter() {
             let b = b.map_err(|e| bpf_err("read verdict table", e))?;
-            out.extend(b.slots.iter().filter(|s| !s.key.is_empty()).map(|s| (s.key.key(), s.verdict)));
+            out.extend(b.slots.iter().filter(|s| s.key.is_key()).map(|s| (s.key.key(), s.verdict)));
         }
         Ok(out)
     }
 }
 
 impl<T: BorrowMut<MapData>> VerdictTable<T> {
-    /// Writes `slot` of bucket `i` and leaves the rest of the bucket as read.
-    fn write(&mut self, i: u32, mut b: VerdictBucket, slot: usize, s: VerdictSlot) -> Result<VerdictBucket> {
+    fn write(&mut self, i: u32, b: &VerdictBucket) -> Result<()> {
+        self.buckets.set(i, b, 0).map_err(|e| bpf_err("write verdict table", e))
+    }
+
+    /// Writes `s` into `slot` of bucket `i` (as read in `b`): the same key's
+    /// verdict at once, another key in two steps (see above).
+    fn put(&mut self, i: u32, b: &mut VerdictBucket, slot: usize, s: VerdictSlot) -> Result<()> {
+        if b.slots[slot].key != s.key {
+            b.slots[slot] = VerdictSlot { key: KeyWords::TOMBSTONE, verdict: s.verdict };
+            self.write(i, b)?;
+        }
         b.slots[slot] = s;
-        self.buckets.set(i, b, 0).map_err(|e| bpf_err("write verdict table", e))?;
-        Ok(b)
+        self.write(i, b)
+    }
+
+    /// Frees `slot` of bucket `i` (as read in `b`): gives it to a key waiting
+    /// in its second bucket if there is one, then frees that key's old slot
+    /// likewise.
+    fn free_slot(&mut self, i: u32, b: VerdictBucket, slot: usize) -> Result<()> {
+        let (mut i, mut b, mut slot) = (i, b, slot);
+        loop {
+            let waiting = self.overflow()?.get_mut(&i).and_then(|v| v.pop());
+            let Some(k) = waiting else {
+                b.slots[slot] = VerdictSlot::default();
+                return self.write(i, &b);
+            };
+            let second = self.pair(&k)[1];
+            let s = self.bucket(second)?;
+            let Some(at) = s.position(&k) else { continue };
+            self.put(i, &mut b, slot, s.slots[at])?;
+            (i, b, slot) = (second, s, at);
+        }
+    }
+
+    fn overflow(&mut self) -> Result<&mut HashMap<u32, Vec<KeyWords>>> {
+        if self.overflow.is_none() {
+            let mut ix: HashMap<u32, Vec<KeyWords>> = HashMap::new();
+            for i in 0..=self.mask {
+                for s in self.bucket(i)?.slots.iter().filter(|s| s.key.is_key()) {
+                    let [first, second] = self.pair(&s.key);
+                    if i == second && i != first {
+                        ix.entry(first).or_default().push(s.key);
+                    }
+                }
+            }
+            self.overflow = Some(ix);
+        }
+        Ok(self.overflow.as_mut().expect("built above"))
+    }
+
+    /// Records that `key` (first bucket `first`) left or entered its second
+    /// bucket, if the index exists (it is built complete when needed).
+    fn note(&mut self, first: u32, key: KeyWords, held: bool) {
+        if let Some(ix) = self.overflow.as_mut() {
+            let v = ix.entry(first).or_default();
+            v.retain(|k| *k != key);
+            if held {
+                v.push(key);
+            }
+        }
     }
 
     /// Sets the verdict of `key`; returns the source evicted to make room,
@@ -111,31 +178,57 @@ impl<T: BorrowMut<MapData>> VerdictTable<T> {
         if k.is_empty() {
             return Err(Error::InvalidInput(format!("no verdict can be held for {}", key.display())));
         }
-        let idx = self.pair(&k);
-        let bs = [self.bucket(idx[0])?, self.bucket(idx[1])?];
-        let p = place([&bs[0], &bs[1]], &k);
-        let (i, b) = (idx[p.bucket], bs[p.bucket]);
-        if p.replaces == Some(k) {
-            self.write(i, b, p.slot, VerdictSlot { key: k, verdict: v })?;
+        let slot = VerdictSlot { key: k, verdict: v };
+        let [first, second] = self.pair(&k);
+        let mut bf = self.bucket(first)?;
+        if let Some(at) = bf.position(&k) {
+            self.put(first, &mut bf, at, slot)?;
             return Ok(None);
         }
-        // Two writes: the verdict under an empty key, then the key, so no
-        // read sees the new key with the old slot's verdict.
-        let b = self.write(i, b, p.slot, VerdictSlot { key: KeyWords::default(), verdict: v })?;
-        self.write(i, b, p.slot, VerdictSlot { key: k, verdict: v })?;
+        let mut bs = self.bucket(second)?;
+        if let Some(at) = bs.position(&k) {
+            match bf.slots.iter().position(|s| s.key.is_empty()) {
+                // Room in the first bucket again (a move cut short by an
+                // earlier error): move there.
+                Some(free) => {
+                    self.put(first, &mut bf, free, slot)?;
+                    self.note(first, k, false);
+                    self.free_slot(second, bs, at)?;
+                }
+                None => self.put(second, &mut bs, at, slot)?,
+            }
+            return Ok(None);
+        }
+        let p = place([&bf, &bs], &k);
+        if let Some(old) = p.replaces {
+            // An evicted key held in its second bucket leaves the index.
+            let [of, os] = self.pair(&old);
+            if os == [first, second][p.bucket] {
+                self.note(of, old, false);
+            }
+        }
+        if p.bucket == 0 {
+            self.put(first, &mut bf, p.slot, slot)?;
+        } else {
+            self.put(second, &mut bs, p.slot, slot)?;
+            self.note(first, k, true);
+        }
         Ok(p.replaces.map(|e| e.key()))
     }
 
     /// Removes the verdict of `key`; false when it had none.
     pub fn remove(&mut self, key: SourceKey) -> Result<bool> {
         let k = KeyWords::of(&key);
-        for i in self.pair(&k) {
-            let b = self.bucket(i)?;
-            if let Some(slot) = b.position(&k) {
-                if k.is_empty() {
-                    return Ok(false);
+        if k.is_empty() {
+            return Ok(false);
+        }
+        let [first, second] = self.pair(&k);
+        for (i, b) in [(first, self.bucket(first)?), (second, self.bucket(second)?)] {
+            if let Some(at) = b.position(&k) {
+                if i == second {
+                    self.note(first, k, false);
                 }
-                self.write(i, b, slot, VerdictSlot::default())?;
+                self.free_slot(i, b, at)?;
                 return Ok(true);
             }
         }
@@ -156,26 +249,18 @@ mod tests {
     }
 
     #[test]
-    fn places_in_the_emptier_bucket_then_the_first() {
+    fn places_in_the_first_bucket_while_it_has_room() {
         let mut a = VerdictBucket::default();
         let b = VerdictBucket::default();
         assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 0, slot: 0, replaces: None });
         a.slots[0] = slot(1, 5);
-        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 1, slot: 0, replaces: None });
+        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 0, slot: 1, replaces: None });
         // A freed slot in the middle is reused.
-        let mut c = VerdictBucket::default();
-        c.slots[0] = slot(2, 5);
-        c.slots[2] = slot(3, 5);
-        assert_eq!(place([&a, &c], &key(9)), Placement { bucket: 0, slot: 1, replaces: None });
-    }
-
-    #[test]
-    fn finds_the_key_in_either_bucket() {
-        let mut a = VerdictBucket::default();
-        let mut b = VerdictBucket::default();
-        a.slots[0] = slot(1, 5);
-        b.slots[3] = slot(9, 5);
-        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 1, slot: 3, replaces: Some(key(9)) });
+        a.slots[2] = slot(2, 5);
+        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 0, slot: 1, replaces: None });
+        a.slots[1] = slot(3, 5);
+        a.slots[3] = slot(4, 5);
+        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 1, slot: 0, replaces: None }, "first full");
     }
 
     #[test]

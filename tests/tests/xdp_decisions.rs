@@ -24,7 +24,7 @@ use gatekeeper::{
 };
 use gatekeeper_common::{
     action, addr, config_flags, counters::counter_name, family, maps, programs, sourcetab, verdict_reason, Config,
-    Counter, Event, KeyWords, SourceKey, StatKey, Verdict, MAX_IPV6_EXT_HEADERS,
+    Counter, Event, KeyWords, SourceKey, StatKey, Verdict, VerdictBucket, MAX_IPV6_EXT_HEADERS,
 };
 use gatekeeper_tests::packet::{ethertype, ipproto, mss_option, tcp_flags, ExtHeader, Packet};
 use gatekeeper_tests::rng::Rng;
@@ -447,6 +447,61 @@ fn verdict_table_fills_both_buckets_then_evicts_the_soonest_expiry() {
 }
 
 /// Expiry with the calibrated (jiffies) clock and with the helper.
+/// Random changes to a small table (8 buckets, 32 slots, 48 sources): after
+/// each, the datapath drops exactly the sources the agent's table holds,
+/// and no key sits in its second bucket while its first has room (the rule
+/// that lets the datapath stop at a first bucket with a free slot).
+#[test]
+fn verdict_table_stays_searchable_through_random_changes() {
+    let mut gk = Gk::with_buckets(8);
+    let srcs: Vec<String> = (0..48)
+        .map(|i| if i % 2 == 0 { format!("203.0.113.{}", i + 1) } else { format!("2001:db8:{i:x}::1") })
+        .collect();
+    let mut rng = Rng(0x0bad_5eed_0fc0_ffee);
+    let mut live: BTreeMap<SourceKey, u64> = BTreeMap::new();
+    let far = monotonic_ns() + 3_600_000_000_000;
+    for step in 0..300 {
+        let src = &srcs[rng.below(srcs.len() as u64) as usize];
+        let key = SourceKey::from_ip(src.parse().unwrap());
+        if rng.below(3) == 0 {
+            let had = gk.verdicts().remove(key).unwrap();
+            assert_eq!(had, live.remove(&key).is_some(), "step {step}: remove {src}");
+        } else {
+            let expires = far + rng.below(1_000_000) * 1_000_000;
+            let evicted = gk.verdict(src, action::DROP, verdict_reason::NO_PTR, expires);
+            if let Some(e) = evicted {
+                let soonest = live.iter().filter(|(k, _)| **k != key).map(|(_, &t)| t).min().unwrap();
+                assert!(live.remove(&e).unwrap() >= soonest, "step {step}: evicted {e:?}");
+            }
+            live.insert(key, expires);
+        }
+        for s in &srcs {
+            let want = if live.contains_key(&SourceKey::from_ip(s.parse().unwrap())) { XDP_DROP } else { XDP_PASS };
+            assert_eq!(gk.run(&syn(s).build()), want, "step {step}: {s}");
+        }
+        let buckets: Vec<VerdictBucket> = {
+            let a: Array<_, VerdictBucket> = Array::try_from(gk.bpf.map(maps::VERDICTS).unwrap()).unwrap();
+            a.iter().map(|b| b.unwrap()).collect()
+        };
+        for (i, b) in buckets.iter().enumerate() {
+            for s in b.slots.iter().filter(|s| !s.key.is_empty()) {
+                let (first, second) = sourcetab::verdict_bucket_pair(sourcetab::source_hash(&s.key), 7);
+                if i as u32 == second {
+                    assert_eq!(
+                        buckets[first as usize].occupied(),
+                        4,
+                        "step {step}: key in its second bucket, first has room"
+                    );
+                } else {
+                    assert_eq!(i as u32, first);
+                }
+            }
+        }
+    }
+    let held: Vec<SourceKey> = gk.verdicts().all().unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(held.len(), live.len());
+}
+
 #[test]
 fn expired_verdict_is_unknown() {
     for calibrated in [true, false] {
