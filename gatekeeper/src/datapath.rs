@@ -286,6 +286,25 @@ impl PinLayout {
     }
 
     /// Detaches everything and removes every pin. Returns what was removed.
+    /// Map pins of ours (`GK_*`) that this build does not use: left by an
+    /// older gatekeeper whose tables had other names.
+    pub fn stale_maps(&self) -> Result<Vec<(String, PathBuf)>> {
+        let dir = self.root.join("maps");
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))? {
+            let e = e.map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("GK_") && !names::ALL.contains(&name.as_str()) {
+                out.push((name, e.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     pub fn unload(&self) -> Result<Vec<String>> {
         let mut removed = Vec::new();
         for link in self.links()? {
@@ -312,6 +331,10 @@ impl PinLayout {
                 fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
                 removed.push(format!("map {name}"));
             }
+        }
+        for (name, p) in self.stale_maps()? {
+            fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
+            removed.push(format!("map {name} (left by an older gatekeeper)"));
         }
         for dir in [self.links_dir(), self.root.join("maps"), self.root.clone()] {
             if dir.exists() {
@@ -1060,6 +1083,12 @@ pub fn calibrate_clock(ebpf: &mut Ebpf) -> Result<Option<(u64, u64)>> {
 /// returns the verdict table's buckets and the ingress trie's nodes (the
 /// pinned sizes, if any).
 fn check_pinned_maps(layout: &PinLayout, max_verdicts: u32, max_range_nodes: u32) -> Result<(u32, u32)> {
+    for (name, path) in layout.stale_maps()? {
+        warn!(
+            map = %path.display(),
+            "map {name} was left by an older gatekeeper and is no longer used; `gatekeeper unload` removes it"
+        );
+    }
     let mut buckets = verdict_buckets(max_verdicts);
     let mut range_nodes = max_range_nodes;
     for name in names::ALL {

@@ -890,8 +890,18 @@ fn unload_without_agent() {
     lab.expect_dropped(DENIED6, SMTP, "before kill");
     lab.gk.kill_agent();
     lab.expect_dropped(DENIED6, SMTP, "after kill");
+    // A map an older gatekeeper pinned under a name this one does not use.
+    let stale = lab.gk.pin_dir().join("maps/GK_V4_SLOTS");
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&stale)
+        .args(["type", "array", "key", "4", "value", "16", "entries", "1", "name", "GK_V4_SLOTS"])
+        .status()
+        .expect("run bpftool");
+    assert!(made.success(), "bpftool map create {}", stale.display());
     let out = lab.gk.ok(&["unload"]);
     assert!(out.contains("removed link"), "{out}");
+    assert!(out.contains("GK_V4_SLOTS (left by an older gatekeeper)"), "{out}");
     assert!(!lab.gk.pin_dir().exists(), "pin dir {} still exists", lab.gk.pin_dir().display());
     assert_eq!(lab.gk.xdp_id(), None, "{}", lab.gk.link_details());
     lab.expect_connect(DENIED6, SMTP, "after unload");
