@@ -502,7 +502,10 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         ("203.0.113.8", action::PASS, verdict_reason::OK),
         ("2001:db8:e:1::", action::DROP, verdict_reason::FCRDNS_FAIL),
     ];
-    let verdicts_v4 = scale.verdicts - scale.verdicts / 4;
+    // Random verdicts until the table holds `scale.verdicts` with the
+    // measured ones (an eviction replaces one, so it does not count).
+    let random = scale.verdicts.saturating_sub(measured.len());
+    let verdicts_v4 = random - random / 4;
     let mut keys_v4 = HashSet::with_capacity(verdicts_v4);
     let mut keys_v6 = HashSet::with_capacity(scale.verdicts / 4);
     let mut inserted = 0;
@@ -512,13 +515,14 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         // them, then written one bucket at a time.
         let n_buckets = verdict_buckets(VERDICT_CAPACITY);
         let mut table = vec![VerdictBucket::default(); n_buckets as usize];
+        // True when the table holds one more (no eviction).
         let mut place_in = |key: SourceKey, verdict: Verdict| {
             let k = KeyWords::of(&key);
             let (i, j) = sourcetab::verdict_bucket_pair(sourcetab::source_hash(&k), n_buckets - 1);
             let p = place([&table[i as usize], &table[j as usize]], &k);
-            evicted += usize::from(p.replaces.is_some_and(|r| r != k));
             let bi = if p.bucket == 0 { i } else { j };
             table[bi as usize].slots[p.slot] = VerdictSlot { key: k, verdict };
+            p.replaces.is_none()
         };
         let random_verdict = |rng: &mut Rng| {
             let x = rng.next();
@@ -536,10 +540,13 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
                 continue;
             }
             let verdict = random_verdict(&mut rng);
-            place_in(addr::key_v4(a.to_be_bytes()), verdict);
-            inserted += 1;
+            if place_in(addr::key_v4(a.to_be_bytes()), verdict) {
+                inserted += 1;
+            } else {
+                evicted += 1;
+            }
         }
-        while inserted < scale.verdicts {
+        while inserted < random {
             let p = (rng.next() & !(7 << 61)) | (1 << 61);
             if overlaps_test_net_v6(u128::from(p) << 64, 64) || !keys_v6.insert(p) {
                 continue;
@@ -547,8 +554,11 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
             let mut a = [0u8; 16];
             a[..8].copy_from_slice(&p.to_be_bytes());
             let verdict = random_verdict(&mut rng);
-            place_in(addr::key_v6(a), verdict);
-            inserted += 1;
+            if place_in(addr::key_v6(a), verdict) {
+                inserted += 1;
+            } else {
+                evicted += 1;
+            }
         }
         let mut v: Array<_, VerdictBucket> = Array::try_from(b.bpf.map_mut(maps::VERDICTS).unwrap())?;
         for (i, bucket) in table.iter().enumerate() {
@@ -558,11 +568,12 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         }
         let mut v = b.verdicts();
         for (ip, act, reason) in measured {
-            v.insert(SourceKey::from_ip(ip.parse()?), Verdict { expires_ns: u64::MAX, action: act, reason })?;
-            inserted += 1;
+            match v.insert(SourceKey::from_ip(ip.parse()?), Verdict { expires_ns: u64::MAX, action: act, reason })? {
+                None => inserted += 1,
+                Some(_) => evicted += 1,
+            }
         }
     }
-    inserted -= evicted;
     b.entries.insert(maps::VERDICTS, inserted);
     eprintln!("verdicts: {inserted} in {:.1?} ({evicted} evicted: both buckets full)", t.elapsed());
     for (ip, ..) in measured {
