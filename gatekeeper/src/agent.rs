@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use gatekeeper_common::{action, config_flags, verdict_reason, Event, RangeValue, SourceKey, Verdict};
+use gatekeeper_common::{action, config_flags, verdict_reason, Event, KeyWords, RangeValue, SourceKey, Verdict};
 use ipnet::IpNet;
 use serde::Serialize;
 use tokio::{
@@ -273,6 +273,10 @@ fn reconcile(store: &mut Store, dp: &mut Datapath) -> Result<(usize, usize)> {
         }
     }
     for (key, v) in want {
+        if !KeyWords::of(&key).is_key() {
+            warn!(source = %key.display(), "the database holds a verdict for ::/64, which the datapath cannot hold; ignored");
+            continue;
+        }
         dp.maps.set_verdict(key, v)?;
         added += 1;
     }
@@ -480,6 +484,12 @@ impl State {
             Request::BanAdd { addrs, comment, expire_secs } => {
                 let expires_at = expire_secs.map(|s| now + s as i64);
                 let mono = monotonic_ns();
+                // All or nothing: refuse before any write.
+                if let Some(bad) = addrs.iter().find(|a| !KeyWords::of(&SourceKey::from_ip(**a)).is_key()) {
+                    return Err(Error::InvalidInput(format!(
+                        "cannot ban {bad}: ::/64 (the unspecified and loopback addresses) is never a real source"
+                    )));
+                }
                 let mut out = Vec::new();
                 for addr in addrs {
                     let rec = VerdictRecord {
@@ -778,7 +788,7 @@ impl State {
         let d = decide(lookup, &self.classifier, &self.cfg.policy);
         *self.outcomes.entry(d.outcome).or_default() += 1;
         let key = SourceKey::from_ip(lookup.ip);
-        if !gatekeeper_common::KeyWords::of(&key).is_key() {
+        if !KeyWords::of(&key).is_key() {
             // ::/64 (unspecified or loopback, so spoofed) has the verdict
             // table's empty key: it can hold no verdict and stays unknown.
             debug!(source = %lookup.ip, "no verdict for a source in ::/64");

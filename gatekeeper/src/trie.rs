@@ -37,7 +37,7 @@ pub trait NodeStore {
     fn set(&mut self, node: u32, i: usize, v: u32);
 }
 
-/// Nodes in memory (tests, and building a table before loading it).
+/// Nodes in memory (tests).
 pub struct VecStore(pub Vec<TrieNode>);
 
 impl NodeStore for VecStore {

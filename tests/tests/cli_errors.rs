@@ -452,6 +452,8 @@ fn ban_add_not_an_ip() {
     assert_eq!(out.code(), Some(2), "clap usage errors exit 2: {out}");
     let out = gk.refused(&["ban", "add", "203.0.113.8", "203.0.113.0/24"], &["203.0.113.0/24"]);
     assert_eq!(out.code(), Some(2), "{out}");
+    // ::/64 can hold no verdict: refused before anything is written.
+    gk.refused(&["ban", "add", "203.0.113.8", "::1"], &["cannot ban ::1", "::/64"]);
     gk.refused(&["ban", "del", "203.0.113.9"], &["203.0.113.9", "not found"]);
     // The first of two is not lifted when the second is not banned.
     gk.refused(&["ban", "del", "203.0.113.7", "203.0.113.9"], &["not found"]);
