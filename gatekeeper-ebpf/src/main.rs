@@ -323,18 +323,13 @@ fn try_gatekeeper_ingress(ctx: &XdpContext) -> Result<u32, Skip> {
         Some(w) if *w & bit != 0 => {}
         _ => return Ok(xdp_action::XDP_PASS),
     }
-    Ok(decide(ctx.ingress_ifindex() as u32, source(ctx, &syn)?, syn.dport))
-}
-
-/// The SYN's source address, read with word loads.
-#[inline(always)]
-fn source<P: Packet>(ctx: &P, syn: &Syn) -> Result<Source, Skip> {
-    Ok(if syn.v6 {
+    let source = if syn.v6 {
         // SAFETY: two u64s and 16 bytes have the same size, any bits valid.
         Source::V6(unsafe { core::mem::transmute::<[u64; 2], Ipv6Bytes>(load_wide(ctx, syn.l3 + 8)?) })
     } else {
         Source::V4(load_wide::<u32, _>(ctx, syn.l3 + 12)?.to_ne_bytes())
-    })
+    };
+    Ok(decide(ctx.ingress_ifindex() as u32, source, syn.dport))
 }
 
 /// IPv4: the TCP header offset, or `None` when the packet is not the first
@@ -565,9 +560,12 @@ fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
     if policy == 0 {
         return Ok(Egress::Pass);
     }
-    let (range, key) = match source(ctx, &syn)? {
-        Source::V6(src) => (lookup(&GK_SUB_RANGES, &src), addr::key_v6(src)),
-        Source::V4(src) => (lookup(&GK_SUB_RANGES, &src), addr::key_v4(src)),
+    let (range, key) = if syn.v6 {
+        let src = load::<Ipv6Bytes, P>(ctx, syn.l3 + 8)?;
+        (lookup(&GK_SUB_RANGES, &src), addr::key_v6(src))
+    } else {
+        let src = load::<Ipv4Bytes, P>(ctx, syn.l3 + 12)?;
+        (lookup(&GK_SUB_RANGES, &src), addr::key_v4(src))
     };
     let Some(range) = range else { return Ok(Egress::Pass) };
     if policy & port_policy::GUARD != 0 {
