@@ -39,7 +39,6 @@ impl Counter {
 
 /// Stable, operator-facing name of a counter slot (used by `stats` and JSON).
 pub fn counter_name(slot: u32) -> &'static str {
-    use crate::verdict_reason as vr;
     match slot {
         0 => "allowed",
         1 => "deny-range",
@@ -48,16 +47,9 @@ pub fn counter_name(slot: u32) -> &'static str {
         4 => "parse-skipped",
         5 => "event-lost",
         6 => "verdict-pass",
-        s if s >= Counter::VerdictDropBase as u32 && s < COUNTER_SLOTS => match s - Counter::VerdictDropBase as u32 {
-            vr::MANUAL_BAN => "manual-ban",
-            vr::NO_PTR => "no-ptr",
-            vr::FCRDNS_FAIL => "fcrdns-fail",
-            vr::DYNAMIC => "dynamic",
-            vr::GENERIC => "generic",
-            vr::OK => "ok",
-            vr::TEMPFAIL => "tempfail",
-            _ => "hold",
-        },
+        s if s >= Counter::VerdictDropBase as u32 && s < COUNTER_SLOTS => {
+            crate::verdict_reason::NAMES[(s - Counter::VerdictDropBase as u32) as usize]
+        }
         _ => "invalid",
     }
 }

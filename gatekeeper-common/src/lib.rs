@@ -175,6 +175,10 @@ pub mod verdict_reason {
     pub const HOLD: u32 = 7;
     /// Number of reasons; counters reserve this many slots.
     pub const COUNT: u32 = 8;
+    /// The operator-facing name of each reason, by code: the one table the
+    /// counters, the CLI and the agent name reasons by.
+    pub const NAMES: [&str; COUNT as usize] =
+        ["manual-ban", "no-ptr", "fcrdns-fail", "dynamic", "generic", "ok", "tempfail", "hold"];
 }
 
 /// What a range entry does ([`RangeValue::kind`]).

@@ -42,8 +42,23 @@ pub enum Error {
     /// A state database written by a newer gatekeeper (schema version too high).
     #[error("state database {path}: schema version {found} is newer than this gatekeeper supports ({supported}); upgrade gatekeeper or move the file away")]
     StoreVersion { path: PathBuf, found: i64, supported: i64 },
-    #[error("bpf: {0}")]
-    Bpf(String),
+    /// A BPF operation (load, pin, attach, map access) that failed; the
+    /// aya error, if any, is kept as the source (its errno is at the end of
+    /// the chain).
+    #[error("bpf: {what}")]
+    Bpf {
+        what: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// An interface to attach to that does not exist (in this network
+    /// namespace); `refused`: found before anything was changed.
+    #[error("interface {name:?}{} not found{}", .role.map(|r| format!(" ({r})")).unwrap_or_default(), if *.refused { "; nothing was changed" } else { "" })]
+    NoSuchInterface { name: String, role: Option<crate::domain::Role>, refused: bool },
+    /// Another agent holds this socket or pin directory (the message says
+    /// which, and whether anything was changed).
+    #[error("{0} (stop it first, or give this one its own --pin-dir and --socket)")]
+    AlreadyRunning(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -74,8 +89,50 @@ pub struct LineError {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A boxed source error (aya's error types, kept whole).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { context: context.into(), source }
+    }
+
+    /// A BPF failure with its aya error as the source.
+    pub fn bpf(what: impl std::fmt::Display, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Bpf { what: what.to_string(), source: Some(Box::new(source)) }
+    }
+
+    /// A BPF-side failure that has no underlying error.
+    pub fn bpf_msg(what: impl std::fmt::Display) -> Self {
+        Error::Bpf { what: what.to_string(), source: None }
+    }
+
+    /// The message with every source appended (`a: b: c`), for replies to
+    /// the CLI and log lines, which carry one string.
+    pub fn report(&self) -> String {
+        let mut msg = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        msg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bpf_errors_keep_their_source_chain() {
+        let io = std::io::Error::from_raw_os_error(libc::EPERM);
+        let e = Error::bpf("attach XDP (native) to veth0", io);
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(e.report().starts_with("bpf: attach XDP (native) to veth0: "), "{}", e.report());
+        assert!(e.report().contains("not permitted"), "{}", e.report());
+        let e = Error::NoSuchInterface { name: "eth9".into(), role: Some(crate::domain::Role::Uplink), refused: true };
+        assert_eq!(e.to_string(), "interface \"eth9\" (uplink) not found; nothing was changed");
     }
 }

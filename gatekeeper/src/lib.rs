@@ -5,11 +5,14 @@ pub mod classify;
 pub mod config;
 pub mod datapath;
 pub mod dns;
+pub mod domain;
 pub mod error;
 pub mod lists;
 pub mod pipeline;
 pub mod protocol;
+pub mod status;
 pub mod store;
+pub mod time;
 pub mod trie;
 pub mod verdict_table;
 

@@ -8,40 +8,59 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gatekeeper_common::{action, verdict_reason, SourceKey};
+use gatekeeper_common::SourceKey;
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     classify::{Class, Classifier},
-    config::{Action, LearningConfig, PolicyConfig},
+    config::{LearningConfig, PolicyConfig},
     dns::{DnsOutcome, Lookup},
+    domain::{Action, VerdictReason},
 };
 
-/// What the policy made of a lookup.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// What the policy made of a lookup: the outcome (a verdict reason) and
+/// what the datapath does about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "DecisionWire", from = "DecisionWire")]
 pub struct Decision {
     /// `no-ptr`, `fcrdns-fail`, `dynamic`, `generic`, `ok` or `tempfail`.
-    pub outcome: &'static str,
-    /// One of [`gatekeeper_common::action`].
-    pub action: u32,
-    /// One of [`gatekeeper_common::verdict_reason`].
-    pub reason: u32,
+    pub outcome: VerdictReason,
+    pub action: Action,
     /// How long the verdict lives.
-    #[serde(serialize_with = "secs")]
     pub ttl: Duration,
     /// The classifier's reasons, for a confirmed name.
     pub reasons: Vec<String>,
 }
 
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_secs())
+/// A decision as `check --json` shows it: the outcome by name and again as
+/// the verdict's numeric reason, the action's code, the TTL in seconds.
+#[derive(Serialize, Deserialize)]
+struct DecisionWire {
+    outcome: VerdictReason,
+    #[serde(with = "crate::domain::by_code")]
+    action: Action,
+    #[serde(with = "crate::domain::by_code")]
+    reason: VerdictReason,
+    ttl: u64,
+    reasons: Vec<String>,
 }
 
-fn act(a: Action) -> u32 {
-    match a {
-        Action::Drop => action::DROP,
-        Action::Pass => action::PASS,
+impl From<Decision> for DecisionWire {
+    fn from(d: Decision) -> Self {
+        DecisionWire {
+            outcome: d.outcome,
+            action: d.action,
+            reason: d.outcome,
+            ttl: d.ttl.as_secs(),
+            reasons: d.reasons,
+        }
+    }
+}
+
+impl From<DecisionWire> for Decision {
+    fn from(w: DecisionWire) -> Self {
+        Decision { outcome: w.outcome, action: w.action, ttl: Duration::from_secs(w.ttl), reasons: w.reasons }
     }
 }
 
@@ -49,25 +68,24 @@ fn act(a: Action) -> u32 {
 /// with the short retry TTL: a DNS outage never blocks anyone.
 pub fn decide(lookup: &Lookup, classifier: &Classifier, policy: &PolicyConfig) -> Decision {
     let ttl = lookup.ttl.unwrap_or(policy.ttl_min).clamp(policy.ttl_min, policy.ttl_max);
-    let d = |outcome, a: Action, reason, reasons| Decision { outcome, action: act(a), reason, ttl, reasons };
+    let d = |outcome, action, reasons| Decision { outcome, action, ttl, reasons };
     match lookup.outcome {
         DnsOutcome::TempFail => Decision {
-            outcome: "tempfail",
-            action: action::PASS,
-            reason: verdict_reason::TEMPFAIL,
+            outcome: VerdictReason::TempFail,
+            action: Action::Pass,
             ttl: policy.tempfail_ttl,
             reasons: Vec::new(),
         },
-        DnsOutcome::NoPtr => d("no-ptr", policy.no_ptr, verdict_reason::NO_PTR, Vec::new()),
-        DnsOutcome::FcrdnsFail => d("fcrdns-fail", policy.fcrdns_fail, verdict_reason::FCRDNS_FAIL, Vec::new()),
+        DnsOutcome::NoPtr => d(VerdictReason::NoPtr, policy.no_ptr, Vec::new()),
+        DnsOutcome::FcrdnsFail => d(VerdictReason::FcrdnsFail, policy.fcrdns_fail, Vec::new()),
         DnsOutcome::Confirmed => {
             let name = lookup.confirmed.as_deref().unwrap_or_default();
             let c = classifier.classify(lookup.ip, name);
             let reasons = c.reasons.iter().map(|r| r.to_string()).collect();
             match c.class {
-                Class::Dynamic => d("dynamic", policy.dynamic, verdict_reason::DYNAMIC, reasons),
-                Class::Generic => d("generic", policy.generic, verdict_reason::GENERIC, reasons),
-                Class::Named => d("ok", policy.ok, verdict_reason::OK, reasons),
+                Class::Dynamic => d(VerdictReason::Dynamic, policy.dynamic, reasons),
+                Class::Generic => d(VerdictReason::Generic, policy.generic, reasons),
+                Class::Named => d(VerdictReason::Ok, policy.ok, reasons),
             }
         }
     }
@@ -244,16 +262,19 @@ mod tests {
         let c = Classifier::default();
         let p = PolicyConfig::default();
         let d = decide(&lookup(DnsOutcome::NoPtr, None, Some(60)), &c, &p);
-        assert_eq!((d.outcome, d.action, d.reason), ("no-ptr", action::DROP, verdict_reason::NO_PTR));
+        assert_eq!(
+            (d.outcome, d.action, d.outcome.code()),
+            (VerdictReason::NoPtr, Action::Drop, VerdictReason::NoPtr.code())
+        );
         assert_eq!(d.ttl, p.ttl_min, "short TTLs are clamped up");
         let d = decide(&lookup(DnsOutcome::FcrdnsFail, None, Some(1_000_000)), &c, &p);
-        assert_eq!((d.outcome, d.action), ("fcrdns-fail", action::DROP));
+        assert_eq!((d.outcome, d.action), (VerdictReason::FcrdnsFail, Action::Drop));
         assert_eq!(d.ttl, p.ttl_max, "long TTLs are clamped down");
         let d = decide(&lookup(DnsOutcome::Confirmed, Some("dsl-198-51-100-7.pool.example.net"), Some(3600)), &c, &p);
-        assert_eq!((d.outcome, d.action, d.ttl), ("dynamic", action::DROP, Duration::from_secs(3600)));
+        assert_eq!((d.outcome, d.action, d.ttl), (VerdictReason::Dynamic, Action::Drop, Duration::from_secs(3600)));
         assert!(!d.reasons.is_empty());
         let d = decide(&lookup(DnsOutcome::Confirmed, Some("mail.example.org"), Some(3600)), &c, &p);
-        assert_eq!((d.outcome, d.action), ("ok", action::PASS));
+        assert_eq!((d.outcome, d.action), (VerdictReason::Ok, Action::Pass));
     }
 
     #[test]
@@ -261,7 +282,7 @@ mod tests {
         let c = Classifier::default();
         let p = PolicyConfig { no_ptr: Action::Drop, fcrdns_fail: Action::Drop, ..PolicyConfig::default() };
         let d = decide(&lookup(DnsOutcome::TempFail, None, None), &c, &p);
-        assert_eq!((d.outcome, d.action, d.ttl), ("tempfail", action::PASS, p.tempfail_ttl));
+        assert_eq!((d.outcome, d.action, d.ttl), (VerdictReason::TempFail, Action::Pass, p.tempfail_ttl));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The CLI ⇄ agent protocol: one JSON request line, one JSON response line,
-//! over a Unix stream socket that only root may open.
+//! over a Unix stream socket that only root may open. Each request's reply
+//! is a typed struct here, which the agent sends and the CLI reads back.
 use std::{
     io::{BufRead, BufReader, Write},
     net::IpAddr,
@@ -9,9 +10,14 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::store::{Origin, PoolAction, RangeKind};
+use crate::{
+    dns::Lookup,
+    domain::{Action, Origin, PoolAction, RangeKind, VerdictReason},
+    pipeline::Decision,
+    store::{RangeRecord, VerdictRecord},
+};
 
 /// A range to add, as the CLI sends it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,7 +64,7 @@ pub enum Request {
     BanList,
     /// Per-source verdicts (all reasons, or one).
     VerdictList {
-        reason: Option<u32>,
+        reason: Option<VerdictReason>,
     },
     VerdictDel {
         addrs: Vec<IpAddr>,
@@ -66,7 +72,7 @@ pub enum Request {
     /// Removes every verdict of `reason`, or every automatic one (not
     /// manual bans) when `None`.
     VerdictFlush {
-        reason: Option<u32>,
+        reason: Option<VerdictReason>,
     },
     /// Live explanation of what decides for a source.
     Check {
@@ -83,6 +89,105 @@ pub enum Request {
     Unload,
 }
 
+// ------------------------------------------------------------------ replies
+
+/// `Ping`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pong {
+    pub pong: bool,
+}
+
+/// `RangeAdd`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RangeAdded {
+    pub added: usize,
+    /// Given but already present (imports skip them).
+    pub unchanged: usize,
+    /// Removed by `replace`.
+    pub removed: usize,
+    /// The records added, for interactive adds (`None` past 1,000).
+    pub records: Option<Vec<RangeRecord>>,
+}
+
+/// A range with its datapath hits (`RangeList` replies with a list).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RangeRow {
+    #[serde(flatten)]
+    pub record: RangeRecord,
+    pub hits: u64,
+}
+
+/// `RangeDel`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RangesRemoved {
+    pub removed: Vec<RangeRecord>,
+}
+
+/// `BanDel`, `VerdictDel`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerdictsRemoved {
+    pub removed: Vec<VerdictRecord>,
+}
+
+/// `VerdictFlush`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Flushed {
+    pub removed: usize,
+}
+
+/// `PortsSet`, `PortsList`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Ports {
+    pub ports: Vec<u16>,
+}
+
+/// `Unload`: what was detached and unpinned.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Unloaded {
+    pub removed: Vec<String>,
+}
+
+/// `Check`: the live lookup, the policy's decision, and what decides for
+/// the source in the datapath now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckReply {
+    pub ip: IpAddr,
+    /// The verdict table's key (the address, or its /64).
+    pub source_key: String,
+    pub lookup: Lookup,
+    pub decision: Decision,
+    pub datapath: CheckDatapath,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckDatapath {
+    /// In words: the range, the verdict, or nothing.
+    pub decides: String,
+    /// The ingress range holding the source (longest match), if any.
+    pub range: Option<CheckRange>,
+    /// The source's verdict in the datapath, if any.
+    pub verdict: Option<CheckVerdict>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckRange {
+    pub net: IpNet,
+    pub kind: RangeKind,
+    pub record: Option<RangeRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckVerdict {
+    pub action: Action,
+    pub reason: VerdictReason,
+    /// Not yet expired.
+    pub live: bool,
+    /// `None`: never expires.
+    pub expires_in_secs: Option<u64>,
+    pub record: Option<VerdictRecord>,
+}
+
+/// The envelope of every reply: `data` is one of the reply types above.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
@@ -98,6 +203,17 @@ impl Response {
     }
     pub fn err(e: impl std::fmt::Display) -> Response {
         Response { ok: false, error: Some(e.to_string()), data: serde_json::Value::Null }
+    }
+    /// An error with its whole source chain.
+    pub fn error(e: &crate::Error) -> Response {
+        Response::err(e.report())
+    }
+    /// The reply of a request: its data, or the error.
+    pub fn of<T: Serialize>(r: crate::Result<T>) -> Response {
+        match r {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::error(&e),
+        }
     }
 }
 
@@ -118,9 +234,19 @@ pub enum ClientError {
     Agent(String),
 }
 
-/// Sends one request and waits for its response (imports of 100k ranges
+/// Sends one request and reads its reply as `T` (imports of 100k ranges
 /// take a while, so the read timeout is generous).
-pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
+pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, ClientError> {
+    let shown = socket.display().to_string();
+    let data = call_raw(socket, req)?;
+    serde_json::from_value(data).map_err(|e| ClientError::Io {
+        path: shown,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected reply: {e}")),
+    })
+}
+
+/// Sends one request and returns its reply's data as it came.
+fn call_raw(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
     let shown = socket.display().to_string();
     let io = |source| ClientError::Io { path: shown.clone(), source };
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {

@@ -66,13 +66,13 @@ unsafe impl Send for MmapStore {}
 
 impl MmapStore {
     pub fn new(map: MapData, name: &str) -> Result<MmapStore> {
-        let info = map.info().map_err(|e| crate::datapath::bpf_err(format!("inspect map {name}"), e))?;
+        let info = map.info().map_err(|e| Error::bpf(format!("inspect map {name}"), e))?;
         if info.value_size() as usize != size_of::<TrieNode>() {
-            return Err(Error::Bpf(format!("map {name}: value size {} is not a trie node", info.value_size())));
+            return Err(Error::bpf_msg(format!("map {name}: value size {} is not a trie node", info.value_size())));
         }
         let nodes = info.max_entries();
         if nodes < ROOT_NODES {
-            return Err(Error::Bpf(format!("map {name}: {nodes} nodes, at least {ROOT_NODES} needed")));
+            return Err(Error::bpf_msg(format!("map {name}: {nodes} nodes, at least {ROOT_NODES} needed")));
         }
         let len = nodes as usize * size_of::<TrieNode>();
         // SAFETY: a fresh shared mapping of the map's whole value area.

@@ -14,7 +14,7 @@ use gatekeeper_common::{
     KeyWords, SourceKey, Verdict, VerdictBucket, VerdictSlot,
 };
 
-use crate::{datapath::bpf_err, Error, Result};
+use crate::{Error, Result};
 
 /// Where a new verdict goes, given its key's two buckets.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,7 +67,7 @@ impl<T: Borrow<MapData>> VerdictTable<T> {
     pub fn new(buckets: Array<T, VerdictBucket>) -> Result<Self> {
         let n = buckets.len();
         if !n.is_power_of_two() || n < 2 {
-            return Err(Error::Bpf(format!("verdict table has {n} buckets, expected a power of two")));
+            return Err(Error::bpf_msg(format!("verdict table has {n} buckets, expected a power of two")));
         }
         Ok(VerdictTable { buckets, mask: n - 1, overflow: None })
     }
@@ -83,7 +83,7 @@ impl<T: Borrow<MapData>> VerdictTable<T> {
     }
 
     fn bucket(&self, i: u32) -> Result<VerdictBucket> {
-        self.buckets.get(&i, 0).map_err(|e| bpf_err("read verdict table", e))
+        self.buckets.get(&i, 0).map_err(|e| Error::bpf("read verdict table", e))
     }
 
     /// The verdict the datapath would find for `key`.
@@ -101,7 +101,7 @@ impl<T: Borrow<MapData>> VerdictTable<T> {
     pub fn all(&self) -> Result<Vec<(SourceKey, Verdict)>> {
         let mut out = Vec::new();
         for b in self.buckets.iter() {
-            let b = b.map_err(|e| bpf_err("read verdict table", e))?;
+            let b = b.map_err(|e| Error::bpf("read verdict table", e))?;
             out.extend(b.slots.iter().filter(|s| s.key.is_key()).map(|s| (s.key.key(), s.verdict)));
         }
         Ok(out)
@@ -110,7 +110,7 @@ impl<T: Borrow<MapData>> VerdictTable<T> {
 
 impl<T: BorrowMut<MapData>> VerdictTable<T> {
     fn write(&mut self, i: u32, b: &VerdictBucket) -> Result<()> {
-        self.buckets.set(i, b, 0).map_err(|e| bpf_err("write verdict table", e))
+        self.buckets.set(i, b, 0).map_err(|e| Error::bpf("write verdict table", e))
     }
 
     /// Writes `s` into `slot` of bucket `i` (as read in `b`): the same key's

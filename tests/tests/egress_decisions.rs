@@ -25,8 +25,10 @@ use aya::{
     Ebpf,
 };
 use gatekeeper::{
-    datapath::{desired_ranges, load_object, RangeMaps},
-    store::{Origin, PoolAction, RangeKind, RangeRecord},
+    agent::sync::desired_ranges,
+    datapath::{load_object, RangeMaps},
+    domain::{Origin, PoolAction, RangeKind},
+    store::RangeRecord,
 };
 use gatekeeper_common::{
     addr, config_flags, counters::egress_counter_name, maps, port_policy, programs, stat_index, Config, EgressCounter,

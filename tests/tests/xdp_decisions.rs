@@ -18,8 +18,10 @@ use aya::{
     Ebpf,
 };
 use gatekeeper::{
-    datapath::{calibrate_clock, desired_ranges, load_object, RangeMaps},
-    store::{Origin, RangeKind, RangeRecord},
+    agent::sync::desired_ranges,
+    datapath::{calibrate_clock, load_object, RangeMaps},
+    domain::{Origin, RangeKind},
+    store::RangeRecord,
     verdict_table::VerdictTable,
 };
 use gatekeeper_common::{

@@ -70,7 +70,7 @@ use aya::{
     Ebpf,
 };
 use gatekeeper::datapath::{calibrate_clock, load_object, table_map, RangeMaps};
-use gatekeeper::store::RangeTable;
+use gatekeeper::domain::RangeTable;
 use gatekeeper::verdict_table::{place, VerdictTable};
 use gatekeeper_common::{
     action, addr, counters::counter_name, maps, programs, range_kind, range_origin, sourcetab,

@@ -73,180 +73,24 @@ use hickory_resolver::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::lists::parse_duration;
+
+mod config;
+#[cfg(test)]
+mod tests;
+
+pub use config::*;
 
 /// Longest usable PTR name, in characters without the trailing dot.
 pub const MAX_NAME_LEN: usize = 253;
 /// PTR records read from one answer at most (before duplicates are removed).
 pub const MAX_PTR_NAMES: usize = 64;
-/// Bounds of [`DnsConfig::max_names`].
-pub const MAX_NAMES_RANGE: std::ops::RangeInclusive<usize> = 1..=16;
-/// Bounds of [`DnsConfig::attempts`].
-pub const ATTEMPTS_RANGE: std::ops::RangeInclusive<usize> = 1..=10;
-/// Longest [`DnsConfig::timeout`].
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// CNAME hops followed inside one answer when collecting records.
 const MAX_CNAME_HOPS: usize = 8;
 
-/// The `[dns]` section of the config file.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct DnsConfig {
-    /// Look unknown sources up at all. Off: only ranges and bans decide
-    /// (unknown sources pass and are just counted).
-    pub enabled: bool,
-    /// Resolver addresses (`ip` or `ip:port`, `[v6]:port`; port 53 if none);
-    /// empty means the nameservers of `/etc/resolv.conf`. Recursive
-    /// resolvers: a referral is a temporary failure.
-    #[serde(deserialize_with = "de_servers")]
-    pub servers: Vec<String>,
-    /// Time for one attempt of one query (the config file takes whole
-    /// seconds, e.g. `"2s"`).
-    #[serde(deserialize_with = "de_timeout")]
-    pub timeout: Duration,
-    /// Tries per query (1 = no retry).
-    #[serde(deserialize_with = "de_attempts")]
-    pub attempts: usize,
-    /// PTR names forward-checked at most.
-    #[serde(deserialize_with = "de_max_names")]
-    pub max_names: usize,
-}
-
-impl Default for DnsConfig {
-    fn default() -> Self {
-        DnsConfig { enabled: true, servers: Vec::new(), timeout: Duration::from_secs(2), attempts: 2, max_names: 3 }
-    }
-}
-
-impl DnsConfig {
-    /// Checks every setting (the config file parser does too; this is for
-    /// configs built in code).
-    pub fn validate(&self) -> Result<()> {
-        self.server_addrs()?;
-        check_timeout(self.timeout).map_err(Error::Dns)?;
-        check_attempts(self.attempts).map_err(Error::Dns)?;
-        check_max_names(self.max_names).map_err(Error::Dns)?;
-        Ok(())
-    }
-
-    /// [`DnsConfig::servers`] as socket addresses.
-    pub fn server_addrs(&self) -> Result<Vec<SocketAddr>> {
-        self.servers.iter().map(|s| parse_server(s)).collect()
-    }
-}
-
-/// Parses a resolver address: `192.0.2.53`, `192.0.2.53:5300`,
-/// `2001:db8::53`, `[2001:db8::53]` or `[2001:db8::53]:5300`.
-pub fn parse_server(input: &str) -> Result<SocketAddr> {
-    let err = |reason: &str| Error::InvalidDnsServer { input: input.to_string(), reason: reason.to_string() };
-    let s = input.trim();
-    if s.is_empty() {
-        return Err(err("empty"));
-    }
-    let addr = if let Ok(ip) = s.parse::<IpAddr>() {
-        SocketAddr::new(ip, 53)
-    } else if let Ok(sa) = s.parse::<SocketAddr>() {
-        sa
-    } else if let Some(ip) =
-        s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).and_then(|r| r.parse::<IpAddr>().ok())
-    {
-        SocketAddr::new(ip, 53)
-    } else if s.contains('%') {
-        return Err(err("scoped (link-local) addresses are not supported"));
-    } else {
-        return Err(err("not an IP address or IP:port (host names are not allowed)"));
-    };
-    if addr.port() == 0 {
-        return Err(err("port 0"));
-    }
-    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
-        return Err(err("not a unicast address"));
-    }
-    Ok(addr)
-}
-
-fn check_timeout(d: Duration) -> std::result::Result<(), String> {
-    if d.is_zero() || d > MAX_TIMEOUT {
-        return Err(format!("timeout {d:?} out of range (more than 0, at most {}s)", MAX_TIMEOUT.as_secs()));
-    }
-    Ok(())
-}
-
-fn check_attempts(n: usize) -> std::result::Result<(), String> {
-    if !ATTEMPTS_RANGE.contains(&n) {
-        return Err(format!("attempts {n} out of range ({}..={})", ATTEMPTS_RANGE.start(), ATTEMPTS_RANGE.end()));
-    }
-    Ok(())
-}
-
-fn check_max_names(n: usize) -> std::result::Result<(), String> {
-    if !MAX_NAMES_RANGE.contains(&n) {
-        return Err(format!("max_names {n} out of range ({}..={})", MAX_NAMES_RANGE.start(), MAX_NAMES_RANGE.end()));
-    }
-    Ok(())
-}
-
-fn de_servers<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
-    let servers = Vec::<String>::deserialize(d)?;
-    for s in &servers {
-        parse_server(s).map_err(serde::de::Error::custom)?;
-    }
-    Ok(servers)
-}
-
-fn de_timeout<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
-    let t = parse_duration(&String::deserialize(d)?).map_err(serde::de::Error::custom)?;
-    check_timeout(t).map_err(serde::de::Error::custom)?;
-    Ok(t)
-}
-
-fn de_attempts<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
-    let n = usize::deserialize(d)?;
-    check_attempts(n).map_err(serde::de::Error::custom)?;
-    Ok(n)
-}
-
-fn de_max_names<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
-    let n = usize::deserialize(d)?;
-    check_max_names(n).map_err(serde::de::Error::custom)?;
-    Ok(n)
-}
-
-/// What reverse DNS says about a source.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DnsOutcome {
-    /// NXDOMAIN, or NOERROR without a PTR record.
-    NoPtr,
-    /// PTR names exist, none maps back to the source.
-    FcrdnsFail,
-    /// A PTR name maps back to the source.
-    Confirmed,
-    /// DNS could not tell (error code, timeout, unreachable, ...). Never a
-    /// reason to refuse anyone. (`tempfail`, not kebab-case `temp-fail`.)
-    #[serde(rename = "tempfail")]
-    TempFail,
-}
-
-impl DnsOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DnsOutcome::NoPtr => "no-ptr",
-            DnsOutcome::FcrdnsFail => "fcrdns-fail",
-            DnsOutcome::Confirmed => "confirmed",
-            DnsOutcome::TempFail => "tempfail",
-        }
-    }
-}
-
-impl fmt::Display for DnsOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::domain::DnsOutcome;
 
 /// The result of [`Resolver::lookup`].
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Lookup {
     /// The source looked up (IPv4 for an IPv4-mapped IPv6 source).
     pub ip: IpAddr,
@@ -258,7 +102,7 @@ pub struct Lookup {
     pub confirmed: Option<String>,
     /// How long the answers that decided may be kept (serialized as whole
     /// seconds); `None` if unknown.
-    #[serde(serialize_with = "ser_ttl")]
+    #[serde(serialize_with = "ser_ttl", deserialize_with = "de_ttl")]
     pub ttl: Option<Duration>,
     /// Human-readable account, e.g. `PTR NXDOMAIN`,
     /// `PTR SERVFAIL from 127.0.0.1:5300`,
@@ -268,6 +112,10 @@ pub struct Lookup {
 
 fn ser_ttl<S: Serializer>(ttl: &Option<Duration>, s: S) -> std::result::Result<S::Ok, S::Error> {
     ttl.map(|d| d.as_secs()).serialize(s)
+}
+
+fn de_ttl<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.map(Duration::from_secs))
 }
 
 /// What one query came back with.
@@ -704,167 +552,4 @@ pub fn reverse_name(ip: IpAddr) -> Name {
         }
     };
     Name::from_ascii(&text).expect("a reverse name is a valid name")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use hickory_resolver::proto::rr::rdata::{A, CNAME, PTR};
-    use std::net::Ipv4Addr;
-    use std::str::FromStr;
-
-    fn name(s: &str) -> Name {
-        Name::from_str(s).unwrap()
-    }
-
-    #[test]
-    fn servers_parse() {
-        assert_eq!(parse_server("192.0.2.53").unwrap(), "192.0.2.53:53".parse().unwrap());
-        assert_eq!(parse_server(" 192.0.2.53:5300 ").unwrap(), "192.0.2.53:5300".parse().unwrap());
-        assert_eq!(parse_server("2001:db8::53").unwrap(), "[2001:db8::53]:53".parse().unwrap());
-        assert_eq!(parse_server("[2001:db8::53]").unwrap(), "[2001:db8::53]:53".parse().unwrap());
-        assert_eq!(parse_server("[2001:db8::53]:5300").unwrap(), "[2001:db8::53]:5300".parse().unwrap());
-        for bad in [
-            "",
-            "dns.example",
-            "192.0.2.53:0",
-            "192.0.2.300",
-            "0.0.0.0",
-            "224.0.0.1",
-            "192.0.2.53:99999",
-            "fe80::1%eth0",
-        ] {
-            let e = parse_server(bad).unwrap_err().to_string();
-            assert!(e.contains(&format!("{:?}", bad.trim())), "{bad:?}: {e}");
-        }
-        let cfg = DnsConfig { servers: vec!["192.0.2.53".into(), "nope".into()], ..DnsConfig::default() };
-        let e = Resolver::new(&cfg).unwrap_err().to_string();
-        assert!(e.contains("invalid DNS server \"nope\""), "{e}");
-    }
-
-    #[test]
-    fn config_from_toml() {
-        #[derive(Deserialize)]
-        struct Wrap {
-            dns: DnsConfig,
-        }
-        let parse = |t: &str| toml::from_str::<Wrap>(t).map(|w| w.dns);
-        assert_eq!(parse("[dns]\n").unwrap(), DnsConfig::default());
-        let c = parse("[dns]\nservers = [\"192.0.2.53\", \"[2001:db8::53]:5300\"]\ntimeout = \"3s\"\nattempts = 1\nmax_names = 5\n").unwrap();
-        assert_eq!(c.servers.len(), 2);
-        assert_eq!(c.timeout, Duration::from_secs(3));
-        assert_eq!((c.attempts, c.max_names), (1, 5));
-        for (bad, needle) in [
-            ("servers = [\"ns.example\"]", "ns.example"),
-            ("timeout = \"0s\"", "timeout"),
-            ("timeout = \"2m\"", "out of range"),
-            ("attempts = 0", "attempts 0"),
-            ("max_names = 0", "max_names 0"),
-            ("max_names = 100", "max_names 100"),
-            ("retries = 2", "retries"),
-        ] {
-            let e = parse(&format!("[dns]\n{bad}\n")).unwrap_err().to_string();
-            assert!(e.contains(needle), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn resolver_builds_without_a_runtime_and_rejects_bad_settings() {
-        let cfg = DnsConfig { servers: vec!["127.0.0.1:5300".into()], ..DnsConfig::default() };
-        let r = Resolver::new(&cfg).unwrap();
-        assert_eq!(r.all.desc, "127.0.0.1:5300");
-        assert!(r.singles.is_empty());
-        let two = DnsConfig { servers: vec!["127.0.0.1:5300".into(), "[::1]".into()], ..DnsConfig::default() };
-        let r = Resolver::new(&two).unwrap();
-        assert_eq!(r.all.desc, "127.0.0.1:5300, [::1]:53");
-        assert_eq!(r.singles.len(), 2);
-        for bad in [
-            DnsConfig { attempts: 0, ..cfg.clone() },
-            DnsConfig { max_names: 0, ..cfg.clone() },
-            DnsConfig { timeout: Duration::ZERO, ..cfg.clone() },
-        ] {
-            assert!(matches!(Resolver::new(&bad), Err(Error::Dns(_))), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn reverse_names() {
-        assert_eq!(reverse_name("192.0.2.7".parse().unwrap()).to_ascii(), "7.2.0.192.in-addr.arpa.");
-        assert_eq!(
-            reverse_name("2001:db8::1".parse().unwrap()).to_ascii(),
-            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa."
-        );
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(reverse_name(mapped.to_canonical()).to_ascii(), "7.2.0.192.in-addr.arpa.");
-    }
-
-    #[test]
-    fn names_are_checked() {
-        assert_eq!(usable_name("Mail.Example.").as_deref(), Some("mail.example"));
-        assert_eq!(usable_name("."), None);
-        assert_eq!(usable_name(""), None);
-        let long = format!("{}.example", "a".repeat(250));
-        assert!(long.len() > MAX_NAME_LEN);
-        assert_eq!(usable_name(&long), None);
-        let ok = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61));
-        assert_eq!(ok.len(), MAX_NAME_LEN);
-        assert_eq!(usable_name(&format!("{ok}.")), Some(ok));
-    }
-
-    #[test]
-    fn answers_are_filtered() {
-        let q = name("7.2.0.192.in-addr.arpa.");
-        let answers = vec![
-            Record::from_rdata(q.clone(), 300, RData::CNAME(CNAME(name("7.0-25.2.0.192.in-addr.arpa.")))),
-            Record::from_rdata(name("7.0-25.2.0.192.IN-ADDR.arpa."), 120, RData::PTR(PTR(name("B.Example.")))),
-            Record::from_rdata(name("7.0-25.2.0.192.in-addr.arpa."), 200, RData::PTR(PTR(name("a.example.")))),
-            Record::from_rdata(name("7.0-25.2.0.192.in-addr.arpa."), 200, RData::PTR(PTR(name("b.example.")))),
-            // Not ours: another owner, another type.
-            Record::from_rdata(name("8.2.0.192.in-addr.arpa."), 5, RData::PTR(PTR(name("evil.example.")))),
-            Record::from_rdata(q.clone(), 1, RData::A(A(Ipv4Addr::new(192, 0, 2, 7)))),
-        ];
-        let (records, ttl) = collect_answer(&answers, &q, RecordType::PTR);
-        assert_eq!(records.len(), 3);
-        assert_eq!(ttl, Some(120));
-        let (names, rejected) = ptr_names(&records);
-        assert_eq!(names.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), ["a.example", "b.example"]);
-        assert_eq!(rejected, 0);
-        assert_eq!(names[0].1, name("a.example."));
-        // A root PTR is rejected.
-        let root = vec![Record::from_rdata(q.clone(), 60, RData::PTR(PTR(Name::root())))];
-        assert_eq!(ptr_names(&root), (vec![], 1));
-        // Nothing of the asked type.
-        assert_eq!(collect_answer(&answers[5..], &q, RecordType::PTR), (vec![], None));
-    }
-
-    #[test]
-    fn ttls() {
-        assert_eq!(ttl_duration(60), Duration::from_secs(60));
-        assert_eq!(ttl_duration(u32::MAX), Duration::ZERO);
-        assert_eq!(ttl_duration(i32::MAX as u32), Duration::from_secs(i32::MAX as u64));
-    }
-
-    #[test]
-    fn outcome_names() {
-        for (o, s) in [
-            (DnsOutcome::NoPtr, "no-ptr"),
-            (DnsOutcome::FcrdnsFail, "fcrdns-fail"),
-            (DnsOutcome::Confirmed, "confirmed"),
-            (DnsOutcome::TempFail, "tempfail"),
-        ] {
-            assert_eq!(o.to_string(), s);
-            assert_eq!(serde_json::to_value(o).unwrap(), serde_json::json!(s));
-        }
-        let l = Lookup {
-            ip: "192.0.2.7".parse().unwrap(),
-            outcome: DnsOutcome::Confirmed,
-            ptr_names: vec!["a.example".into()],
-            confirmed: Some("a.example".into()),
-            ttl: Some(Duration::from_secs(120)),
-            detail: String::new(),
-        };
-        let v = serde_json::to_value(&l).unwrap();
-        assert_eq!(v["ttl"], 120);
-        assert_eq!(v["outcome"], "confirmed");
-    }
 }

@@ -1,0 +1,264 @@
+//! The reverse-DNS pipeline: unknown-source events from the ring buffer go
+//! into a bounded, deduplicated queue; lookups run under the DNS rate limit
+//! and the in-flight cap; each result is judged (policy, classifier, range
+//! learner) and written through the state's verbs.
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use gatekeeper_common::{Event, KeyWords, SourceKey};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, Mutex, Semaphore},
+};
+use tracing::{debug, error, info};
+
+use crate::{
+    agent::Core,
+    classify::Classifier,
+    config::{LearningConfig, LimitsConfig, PolicyConfig},
+    dns::{DnsConfig, Lookup, Resolver},
+    domain::VerdictReason,
+    pipeline::{decide, query_cost, Decision, Learner, TokenBucket},
+    status::QueueStats,
+    store::VerdictRecord,
+    time::unix_now,
+    Result,
+};
+
+/// The queue between the event ring and the resolver: bounded, and each
+/// source is in it (or being looked up) at most once.
+pub struct Queue {
+    tx: mpsc::Sender<IpAddr>,
+    /// Sources queued or being looked up at most.
+    max_pending: usize,
+    pending: std::sync::Mutex<HashSet<SourceKey>>,
+    queued: AtomicU64,
+    duplicate: AtomicU64,
+    overflow: AtomicU64,
+    /// Events read from the ring buffer.
+    events: AtomicU64,
+}
+
+impl Queue {
+    pub fn new(max_pending: usize) -> (Arc<Queue>, mpsc::Receiver<IpAddr>) {
+        let (tx, rx) = mpsc::channel(max_pending);
+        let q = Queue {
+            tx,
+            max_pending,
+            pending: Default::default(),
+            queued: AtomicU64::new(0),
+            duplicate: AtomicU64::new(0),
+            overflow: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+        };
+        (Arc::new(q), rx)
+    }
+
+    /// Queues a source for a lookup; false when it was already pending or
+    /// the queue is full (the source stays unknown and passes).
+    fn submit(&self, ip: IpAddr) -> bool {
+        let key = SourceKey::from_ip(ip);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.contains(&key) {
+            self.duplicate.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if pending.len() >= self.max_pending {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match self.tx.try_send(ip) {
+            Ok(()) => {
+                pending.insert(key);
+                self.queued.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.overflow.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn done(&self, ip: IpAddr) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&SourceKey::from_ip(ip));
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        QueueStats {
+            queued: self.queued.load(Ordering::Relaxed),
+            duplicate: self.duplicate.load(Ordering::Relaxed),
+            overflow: self.overflow.load(Ordering::Relaxed),
+            pending: self.pending.lock().map(|p| p.len()).unwrap_or(0),
+        }
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+}
+
+/// Turns lookups into verdicts and learned ranges, and counts outcomes.
+pub struct Judge {
+    classifier: Arc<Classifier>,
+    policy: PolicyConfig,
+    learner: Learner,
+    learn_expire: Duration,
+    /// Lookups finished, by outcome.
+    pub outcomes: BTreeMap<VerdictReason, u64>,
+    /// Ranges learned since start.
+    pub learned: u64,
+}
+
+impl Judge {
+    pub fn new(classifier: Arc<Classifier>, policy: PolicyConfig, learning: LearningConfig) -> Judge {
+        let learn_expire = learning.expire;
+        Judge {
+            classifier,
+            policy,
+            learner: Learner::new(learning),
+            learn_expire,
+            outcomes: BTreeMap::new(),
+            learned: 0,
+        }
+    }
+
+    /// What the policy makes of a lookup (for `check` too).
+    pub fn decide(&self, lookup: &Lookup) -> Decision {
+        decide(lookup, &self.classifier, &self.policy)
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.learner.tracked()
+    }
+
+    /// Writes the verdict a lookup calls for (never over a manual ban) and
+    /// feeds dynamic sources to the range learner.
+    fn apply(&mut self, core: &mut crate::agent::state::State, lookup: &Lookup) -> Result<()> {
+        let d = self.decide(lookup);
+        *self.outcomes.entry(d.outcome).or_default() += 1;
+        let key = SourceKey::from_ip(lookup.ip);
+        if !KeyWords::of(&key).is_key() {
+            // ::/64 (unspecified or loopback, so spoofed) has the verdict
+            // table's empty key: it can hold no verdict and stays unknown.
+            debug!(source = %lookup.ip, "no verdict for a source in ::/64");
+            return Ok(());
+        }
+        let now = unix_now();
+        let name = lookup.confirmed.as_deref().or(lookup.ptr_names.first().map(String::as_str));
+        let comment = match (name, d.reasons.is_empty()) {
+            (Some(n), false) => format!("{}: {n} ({})", d.outcome, d.reasons.join(",")),
+            (Some(n), true) => format!("{}: {n}; {}", d.outcome, lookup.detail),
+            (None, _) => format!("{}: {}", d.outcome, lookup.detail),
+        };
+        let rec = VerdictRecord {
+            key,
+            action: d.action,
+            reason: d.outcome,
+            comment: Some(comment),
+            created_at: now,
+            expires_at: Some(now + d.ttl.as_secs() as i64),
+        };
+        if !core.judged(rec)? {
+            return Ok(());
+        }
+        info!(source = %key.display(), outcome = %d.outcome, action = %d.action, ttl = d.ttl.as_secs(), "verdict");
+        if d.outcome == VerdictReason::Dynamic {
+            if let Some(l) = self.learner.observe(lookup.ip, name.unwrap_or_default()) {
+                if core.learn(&l, now + self.learn_expire.as_secs() as i64)? {
+                    self.learned += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads unknown-source events and queues their lookups; never waits on
+/// the state lock.
+pub async fn read_events(queue: Arc<Queue>, rb: aya::maps::RingBuf<aya::maps::MapData>, lookups_on: bool) {
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
+    // as long as the AsyncFd owns the RingBuf.
+    let mut afd = match unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) } {
+        Ok(a) => a,
+        Err(e) => {
+            error!(error = %std::io::Error::from(e), "cannot poll the event ring buffer; unknown sources will not be reported");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match afd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!(error = %e, "event ring buffer");
+                return;
+            }
+        };
+        let rb = guard.get_inner_mut();
+        while let Some(item) = rb.next() {
+            if item.len() < std::mem::size_of::<Event>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote an `Event`; read it unaligned.
+            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+            let ip = gatekeeper_common::addr::event_ip(ev.addr, ev.family);
+            debug!(source = %ip, port = ev.port, ifindex = ev.ifindex, "unknown source");
+            if lookups_on {
+                queue.submit(ip);
+            }
+            queue.events.fetch_add(1, Ordering::Relaxed);
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Looks sources up at most `dns_rate` queries per second with at most
+/// `max_inflight` lookups at once, and applies each result.
+pub async fn run_lookups(
+    core: Arc<Mutex<Core>>,
+    queue: Arc<Queue>,
+    mut rx: mpsc::Receiver<IpAddr>,
+    resolver: Arc<Resolver>,
+    limits: LimitsConfig,
+    dns: DnsConfig,
+) {
+    let bucket = Arc::new(std::sync::Mutex::new(TokenBucket::new(limits.dns_rate)));
+    let inflight = Arc::new(Semaphore::new(limits.max_inflight));
+    // The most one lookup can send: every query resent to the limit.
+    let reserve = query_cost(dns.max_names, Duration::from_secs(86_400), dns.attempts, dns.timeout);
+    while let Some(ip) = rx.recv().await {
+        loop {
+            let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).take(reserve, Instant::now());
+            match wait {
+                Ok(()) => break,
+                Err(d) => tokio::time::sleep(d).await,
+            }
+        }
+        let Ok(permit) = inflight.clone().acquire_owned().await else { return };
+        let (core, queue, resolver, bucket, dns) =
+            (core.clone(), queue.clone(), resolver.clone(), bucket.clone(), dns.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let lookup = resolver.lookup(ip).await;
+            // Give back what the lookup did not send (resends included).
+            let forward = lookup.ptr_names.len().min(dns.max_names);
+            let cost = query_cost(forward, started.elapsed(), dns.attempts, dns.timeout);
+            bucket.lock().unwrap_or_else(|e| e.into_inner()).refund(reserve - cost, Instant::now());
+            let mut guard = core.lock().await;
+            let Core { state, judge } = &mut *guard;
+            if let Err(e) = tokio::task::block_in_place(|| judge.apply(state, &lookup)) {
+                error!(source = %ip, error = %e.report(), "could not apply a lookup");
+            }
+            drop(guard);
+            queue.done(ip);
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,421 @@
+//! The agent's state and its verbs: the only way to change a range, a ban or
+//! a verdict. Each verb changes the database inside one transaction, then
+//! the maps ([`sync`]); when the maps refuse, the transaction is rolled back
+//! and the maps are brought back in line with the restored database.
+use std::{collections::HashSet, net::IpAddr};
+
+use gatekeeper_common::{KeyWords, SourceKey, MAX_RANGES};
+use ipnet::IpNet;
+use tracing::{debug, error, info};
+
+use crate::{
+    agent::sync::{self, Touched},
+    config::{validate_ports, Config},
+    datapath::{Attached, Datapath},
+    domain::{Action, Origin, PoolAction, RangeKind, RangeTable, VerdictReason},
+    pipeline::Learned,
+    protocol::{CheckDatapath, CheckRange, CheckVerdict, RangeAdded, RangeRow, RangeSpec},
+    status::{AgentInfo, AgentLive, Capacity, EgressPolicy, Entries, QueueStats},
+    store::{NewRange, RangeRecord, Store, VerdictRecord},
+    time::{monotonic_ns, unix_now},
+    Error, Result,
+};
+
+/// Ports guarded when neither the config nor `ports set` chose any.
+pub const DEFAULT_PORTS: &[u16] = &[25];
+/// The settings key of the guarded ports.
+pub const PORTS_SETTING: &str = "ports";
+
+/// A range change as the CLI asks for it (`range add`, `range import`, ...).
+pub struct RangeChange {
+    pub kind: RangeKind,
+    pub ranges: Vec<RangeSpec>,
+    pub origin: Origin,
+    /// Where the ranges came from (`cli`, `import:<file>`, `learned`).
+    pub source: String,
+    pub expires_at: Option<i64>,
+    pub force: bool,
+    /// Skip ranges that already exist instead of failing (imports).
+    pub skip_existing: bool,
+    /// Remove ranges of this `source` that are not in `ranges` (imports).
+    pub replace: bool,
+    pub action: Option<PoolAction>,
+}
+
+/// The database, the datapath and what the agent attached.
+pub struct State {
+    pub cfg: Config,
+    store: Store,
+    pub dp: Datapath,
+    pub attached: Vec<Attached>,
+    started_at: i64,
+}
+
+impl State {
+    pub fn new(cfg: Config, store: Store, dp: Datapath, attached: Vec<Attached>) -> State {
+        State { cfg, store, dp, attached, started_at: unix_now() }
+    }
+
+    /// Runs `f` on the store in one transaction, then brings the maps in
+    /// line with what it touched; commits only when the maps took it.
+    fn change<T>(&mut self, f: impl FnOnce(&mut Store, &mut Touched) -> Result<T>) -> Result<T> {
+        self.store.begin()?;
+        let mut touched = Touched::default();
+        let result = f(&mut self.store, &mut touched)
+            .and_then(|v| sync::sync(&self.store, &mut self.dp.maps, &touched).map(|()| v))
+            .and_then(|v| self.store.commit().map(|()| v));
+        if result.is_err() {
+            if let Err(e) = self.store.rollback() {
+                debug!(error = %e.report(), "rollback (the transaction may have ended already)");
+            }
+            // So the database never claims what the datapath lacks, nor the
+            // other way round.
+            if let Err(e) = sync::sync(&self.store, &mut self.dp.maps, &touched) {
+                error!(error = %e.report(), "could not restore the maps after a failed change; the next start reconciles them");
+            }
+        }
+        result
+    }
+
+    // ------------------------------------------------------------ ranges
+
+    /// Adds ranges (all or nothing), and with `replace` removes the
+    /// source's ranges the list no longer has.
+    pub fn add_ranges(&mut self, c: RangeChange) -> Result<RangeAdded> {
+        if c.action.is_some() && c.kind != RangeKind::Pool {
+            return Err(Error::InvalidInput(format!(
+                "an action (drop or reject) applies to pools, not to {} entries",
+                c.kind.what()
+            )));
+        }
+        let now = unix_now();
+        let new: Vec<NewRange> = c
+            .ranges
+            .iter()
+            .map(|r| NewRange {
+                net: r.net,
+                origin: c.origin,
+                source: c.source.clone(),
+                comment: r.comment.clone(),
+                expires_at: c.expires_at,
+                action: c.action,
+            })
+            .collect();
+        let (added, removed) = self.change(|store, t| {
+            t.added = store.add_ranges(c.kind, &new, c.force, c.skip_existing, now)?;
+            if c.replace {
+                let keep: Vec<IpNet> = c.ranges.iter().map(|r| r.net).collect();
+                t.removed = store.del_ranges_from_source_except(c.kind, &c.source, &keep)?;
+            }
+            Ok((t.added.clone(), t.removed.len()))
+        })?;
+        info!(kind = %c.kind, added = added.len(), removed, source = %c.source, "ranges changed");
+        Ok(RangeAdded {
+            added: added.len(),
+            unchanged: c.ranges.len() - added.len(),
+            removed,
+            // Echo records back for interactive adds, not for 100k-line imports.
+            records: (added.len() <= 1000).then_some(added),
+        })
+    }
+
+    /// Removes ranges: all of them, or none when one is missing.
+    pub fn del_ranges(&mut self, kind: RangeKind, nets: &[IpNet]) -> Result<Vec<RangeRecord>> {
+        let mut seen = HashSet::new();
+        let nets: Vec<IpNet> = nets.iter().copied().filter(|n| seen.insert(*n)).collect();
+        let removed = self.change(|store, t| {
+            for &net in &nets {
+                t.removed.push(store.del_range(kind, net)?);
+            }
+            Ok(t.removed.clone())
+        })?;
+        info!(%kind, removed = removed.len(), "ranges removed");
+        Ok(removed)
+    }
+
+    /// The ranges of `kind` with their datapath hits.
+    pub fn list_ranges(&self, kind: RangeKind) -> Result<Vec<RangeRow>> {
+        let ranges = self.store.list_ranges(Some(kind))?;
+        let hits = self.dp.maps.range_hits(ranges.iter().map(|r| r.id))?;
+        Ok(ranges.into_iter().map(|r| RangeRow { hits: hits.get(&r.id).copied().unwrap_or(0), record: r }).collect())
+    }
+
+    /// Adds a learned deny range, unless a source inside it has a good
+    /// name (a learned range beats per-source verdicts, and must never block
+    /// a known mail server) or an allow range overlaps it. True if added.
+    pub fn learn(&mut self, l: &Learned, expires_at: i64) -> Result<bool> {
+        let good = self.store.list_verdicts(None)?.into_iter().find(|v| {
+            v.action == Action::Pass
+                && matches!(v.reason, VerdictReason::Ok | VerdictReason::Generic)
+                && l.net.contains(&v.key.to_ip())
+        });
+        if let Some(g) = good {
+            info!(range = %l.net, good = %g.key.display(), "not learning a dynamic range that holds a host with a good name");
+            return Ok(false);
+        }
+        let change = RangeChange {
+            kind: RangeKind::Deny,
+            ranges: vec![RangeSpec {
+                net: l.net,
+                comment: Some(format!("{} dynamic hosts named like {}", l.sources, l.shape)),
+            }],
+            origin: Origin::Learned,
+            source: "learned".into(),
+            expires_at: Some(expires_at),
+            force: false,
+            skip_existing: true,
+            replace: false,
+            action: None,
+        };
+        match self.add_ranges(change) {
+            Ok(r) if r.added > 0 => {
+                info!(range = %l.net, shape = %l.shape, sources = l.sources, "learned a dynamic range");
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(Error::Overlap { .. }) => {
+                info!(range = %l.net, "not learning a dynamic range that overlaps an allow range");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    // ------------------------------------------------------------ verdicts
+
+    /// Bans sources (all or nothing).
+    pub fn ban(
+        &mut self,
+        addrs: &[IpAddr],
+        comment: Option<String>,
+        expires_at: Option<i64>,
+    ) -> Result<Vec<VerdictRecord>> {
+        if let Some(bad) = addrs.iter().find(|a| !KeyWords::of(&SourceKey::from_ip(**a)).is_key()) {
+            return Err(Error::InvalidInput(format!(
+                "cannot ban {bad}: ::/64 (the unspecified and loopback addresses) is never a real source"
+            )));
+        }
+        let now = unix_now();
+        let recs = self.change(|store, t| {
+            let mut out = Vec::new();
+            for &addr in addrs {
+                let rec = VerdictRecord {
+                    key: SourceKey::from_ip(addr),
+                    action: Action::Drop,
+                    reason: VerdictReason::ManualBan,
+                    comment: comment.clone(),
+                    created_at: now,
+                    expires_at,
+                };
+                store.upsert_verdict(&rec)?;
+                t.verdicts.push(rec.key);
+                out.push(rec);
+            }
+            Ok(out)
+        })?;
+        for r in &recs {
+            info!(source = %r.key.display(), "manual ban");
+        }
+        Ok(recs)
+    }
+
+    /// Writes a verdict the lookup pipeline reached, unless a manual ban
+    /// holds the source (a ban is never replaced by a lookup). True if
+    /// written.
+    pub fn judged(&mut self, rec: VerdictRecord) -> Result<bool> {
+        if self.store.verdict(rec.key)?.is_some_and(|v| v.reason == VerdictReason::ManualBan) {
+            return Ok(false);
+        }
+        self.change(|store, t| {
+            store.upsert_verdict(&rec)?;
+            t.verdicts.push(rec.key);
+            Ok(())
+        })?;
+        Ok(true)
+    }
+
+    /// Removes the verdicts of `addrs` (of `reason` only, if given): all of
+    /// them, or none when one is missing.
+    pub fn del_verdicts(
+        &mut self,
+        addrs: &[IpAddr],
+        reason: Option<VerdictReason>,
+        what: &'static str,
+    ) -> Result<Vec<VerdictRecord>> {
+        let mut seen = HashSet::new();
+        let keys: Vec<SourceKey> = addrs.iter().map(|a| SourceKey::from_ip(*a)).filter(|k| seen.insert(*k)).collect();
+        for k in &keys {
+            let found = self.store.verdict(*k)?.filter(|v| reason.is_none_or(|r| v.reason == r));
+            if found.is_none() {
+                return Err(Error::NotFound { what, key: k.display() });
+            }
+        }
+        self.change(|store, t| {
+            let mut out = Vec::new();
+            for &key in &keys {
+                out.push(store.del_verdict(key)?);
+                t.verdicts.push(key);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Removes every verdict of `reason`, or every automatic one (manual
+    /// bans stay) when `None`; returns how many.
+    pub fn flush_verdicts(&mut self, reason: Option<VerdictReason>) -> Result<usize> {
+        let doomed: Vec<SourceKey> = self
+            .store
+            .list_verdicts(reason)?
+            .into_iter()
+            .filter(|v| reason.is_some() || v.reason != VerdictReason::ManualBan)
+            .map(|v| v.key)
+            .collect();
+        self.change(|store, t| {
+            for &key in &doomed {
+                store.del_verdict(key)?;
+                t.verdicts.push(key);
+            }
+            Ok(())
+        })?;
+        info!(removed = doomed.len(), "verdicts flushed");
+        Ok(doomed.len())
+    }
+
+    pub fn list_verdicts(&self, reason: Option<VerdictReason>) -> Result<Vec<VerdictRecord>> {
+        self.store.list_verdicts(reason)
+    }
+
+    /// Removes expired ranges and verdicts from the database and the maps.
+    pub fn sweep(&mut self) -> Result<()> {
+        let now = unix_now();
+        let touched = self.change(|store, t| {
+            t.removed = store.expire_ranges(now)?;
+            t.verdicts = store.expire_verdicts(now)?.into_iter().map(|v| v.key).collect();
+            Ok((t.removed.clone(), t.verdicts.len()))
+        })?;
+        for r in &touched.0 {
+            info!(kind = %r.kind, net = %r.net, "range expired");
+        }
+        if touched.1 > 0 {
+            debug!(expired = touched.1, "verdicts expired");
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ ports
+
+    /// The guarded ports: the config's, else those `ports set` stored,
+    /// else [`DEFAULT_PORTS`]. The config's are stored, so they win on the
+    /// next start too.
+    pub fn startup_ports(cfg: &Config, store: &Store) -> Result<Vec<u16>> {
+        match &cfg.ports {
+            Some(p) => validate_ports(p),
+            None => match store.setting(PORTS_SETTING)? {
+                Some(s) => crate::config::parse_ports(&s),
+                None => Ok(DEFAULT_PORTS.to_vec()),
+            },
+        }
+    }
+
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<Vec<u16>> {
+        let ports = validate_ports(ports)?;
+        self.store.set_setting(PORTS_SETTING, &join_ports(&ports))?;
+        self.dp.maps.set_ports(&ports)?;
+        info!(ports = %join_ports(&ports), "guarded ports changed");
+        Ok(ports)
+    }
+
+    pub fn ports(&self) -> Result<Vec<u16>> {
+        self.dp.maps.ports()
+    }
+
+    // ------------------------------------------------------------ reading
+
+    /// The egress gate's policy as the datapath holds it, with the
+    /// configured class names.
+    pub fn egress_policy(&self) -> Result<EgressPolicy> {
+        EgressPolicy::from_maps(&self.dp.maps, |c| {
+            let l = self.cfg.egress.limit.get((c as usize).checked_sub(1)?)?;
+            Some((l.name.clone(), l.rate.to_string(), l.burst))
+        })
+    }
+
+    /// What decides for `ip` in the datapath now (for `check`).
+    pub fn explain(&self, ip: IpAddr) -> Result<CheckDatapath> {
+        let key = SourceKey::from_ip(ip);
+        let range = self
+            .dp
+            .maps
+            .ranges
+            .ranges()
+            .into_iter()
+            .filter(|(t, n, _)| *t == RangeTable::Ingress && n.contains(&ip))
+            .max_by_key(|(_, n, _)| n.prefix_len());
+        let range = match range {
+            Some((_, net, v)) => Some(CheckRange {
+                net,
+                kind: RangeKind::of_code(v.kind),
+                record: self.store.list_ranges(None)?.into_iter().find(|r| r.id == v.range_id),
+            }),
+            None => None,
+        };
+        let mono = monotonic_ns();
+        let verdict = self.dp.maps.verdicts.get(key).ok().flatten().map(|v| CheckVerdict {
+            action: Action::of_code(v.action),
+            reason: VerdictReason::of_code(v.reason).unwrap_or(VerdictReason::Hold),
+            live: v.expires_ns > mono,
+            expires_in_secs: (v.expires_ns != u64::MAX).then(|| v.expires_ns.saturating_sub(mono) / 1_000_000_000),
+            record: self.store.verdict(key).ok().flatten(),
+        });
+        let decides = match (&range, &verdict) {
+            (Some(r), _) => format!("{} range {}", r.kind, r.net),
+            (None, Some(v)) if v.live => format!("verdict: {} ({})", v.action, v.reason),
+            _ => "nothing: the source is unknown, passes, and is looked up".into(),
+        };
+        Ok(CheckDatapath { decides, range, verdict })
+    }
+
+    /// What `status` shows of the running agent; the lookup pipeline adds
+    /// its own counters.
+    pub fn status(&self, queue: QueueStats) -> Result<AgentLive> {
+        let ranges = self.store.list_ranges(None)?;
+        Ok(AgentLive {
+            agent: AgentInfo {
+                running: true,
+                pid: Some(std::process::id()),
+                started_at: Some(self.started_at),
+                version: Some(env!("CARGO_PKG_VERSION").into()),
+            },
+            pin_dir: self.dp.layout.root.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            socket: self.cfg.socket.clone(),
+            dry_run: self.cfg.dry_run,
+            event_interval_secs: self.cfg.event_interval.as_secs(),
+            interfaces: self.attached.clone(),
+            ports: self.dp.maps.ports()?,
+            egress: self.egress_policy()?,
+            entries: Entries::count(ranges.iter().map(|r| (r.kind, r.net)), self.store.verdict_count()? as usize),
+            capacity: Capacity {
+                ranges_per_table: MAX_RANGES,
+                verdicts: self.cfg.max_verdicts,
+                range_nodes: self.cfg.max_range_nodes,
+            },
+            events_received: 0,
+            lookups: Default::default(),
+            learned_ranges: 0,
+            learning_prefixes_tracked: 0,
+            queue,
+        })
+    }
+
+    /// Detaches everything and removes every pin.
+    pub fn unload(&mut self) -> Result<Vec<String>> {
+        let removed = self.dp.layout.unload()?;
+        info!(removed = removed.len(), "unloaded");
+        Ok(removed)
+    }
+}
+
+pub fn join_ports(p: &[u16]) -> String {
+    p.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}

@@ -1,0 +1,274 @@
+//! Keeping the pinned maps in step with the state database: the rule that
+//! decides which datapath entry each range calls for (allow and exempt
+//! always win), the full reconcile at start, and the sync of what one
+//! change touched, which `state` runs after every store change.
+use std::collections::HashMap as StdMap;
+
+use gatekeeper_common::{range_flags, KeyWords, RangeValue, SourceKey, Verdict};
+use ipnet::IpNet;
+use tracing::warn;
+
+use crate::{
+    datapath::Maps,
+    domain::{PoolAction, RangeTable},
+    store::{RangeRecord, Store, VerdictRecord},
+    time::{expiry_ns, monotonic_ns, unix_now},
+    Result,
+};
+
+/// What one change touched in the store: the ranges added or removed and
+/// the verdict keys written or deleted. [`sync`] brings exactly these in
+/// line with the store.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Ranges added (their ids are new: hit counters start at zero).
+    pub added: Vec<RangeRecord>,
+    pub removed: Vec<RangeRecord>,
+    pub verdicts: Vec<SourceKey>,
+}
+
+/// Brings the maps in line with the store for everything `t` touched.
+pub fn sync(store: &Store, maps: &mut Maps, t: &Touched) -> Result<()> {
+    for r in &t.added {
+        maps.reset_range_hits(r.id)?;
+    }
+    let ranges: Vec<&RangeRecord> = t.added.iter().chain(&t.removed).collect();
+    sync_ranges(store, maps, &ranges)?;
+    let (now, mono) = (unix_now(), monotonic_ns());
+    for &key in &t.verdicts {
+        if !KeyWords::of(&key).is_key() {
+            // ::/64 has the verdict table's empty key: it holds no verdict.
+            continue;
+        }
+        match store.verdict(key)? {
+            Some(v) => maps.set_verdict(key, verdict_value(&v, now, mono))?,
+            None => maps.del_verdict(key)?,
+        }
+    }
+    Ok(())
+}
+
+/// For the ranges in `changed` (added or removed): each such net, and for a
+/// changed winning range (allow, exempt) every losing range (deny, pool)
+/// inside it, gets the entry [`desired_entry`] calls for in its table.
+fn sync_ranges(store: &Store, maps: &mut Maps, changed: &[&RangeRecord]) -> Result<()> {
+    for table in RangeTable::ALL {
+        let changed: Vec<&RangeRecord> = changed.iter().copied().filter(|r| r.kind.table() == table).collect();
+        if changed.is_empty() {
+            continue;
+        }
+        let winners = store.list_ranges(Some(table.winner()))?;
+        let mut nets: Vec<IpNet> = changed.iter().map(|r| r.net).collect();
+        // The losing range at each net whose entry may change.
+        let mut losers: StdMap<IpNet, RangeRecord> = StdMap::new();
+        if let Some(loser) = table.loser() {
+            for &net in &nets {
+                if let Some(r) = store.range_at(loser, net)? {
+                    losers.insert(net, r);
+                }
+            }
+            let winner_changed: Vec<IpNet> =
+                changed.iter().filter(|r| r.kind == table.winner()).map(|r| r.net).collect();
+            if !winner_changed.is_empty() {
+                let inside = store
+                    .list_ranges(Some(loser))?
+                    .into_iter()
+                    .filter(|d| winner_changed.iter().any(|a| a.contains(&d.net)));
+                losers.extend(inside.map(|d| (d.net, d)));
+            }
+        }
+        nets.extend(losers.keys().copied());
+        nets.sort();
+        nets.dedup();
+        for net in nets {
+            let want = desired_entry(net, &winners, losers.get(&net));
+            let have = maps.ranges.range(table, net);
+            match want {
+                Some(v) if have != Some(v) => maps.ranges.set_range(net, v)?,
+                None if have.is_some() => maps.ranges.del_range(table, net)?,
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the maps match the database (what the database holds is the
+/// truth), after removing what expired; returns (entries written, removed).
+pub fn reconcile(store: &mut Store, maps: &mut Maps) -> Result<(usize, usize)> {
+    let now = unix_now();
+    store.expire_ranges(now)?;
+    store.expire_verdicts(now)?;
+    let (mut added, mut removed) = (0, 0);
+    let want = desired_ranges(&store.list_ranges(None)?);
+    let have: StdMap<(RangeTable, IpNet), RangeValue> =
+        maps.ranges.ranges().into_iter().map(|(t, n, v)| ((t, n), v)).collect();
+    for (table, net) in have.keys().filter(|k| !want.contains_key(k)) {
+        maps.ranges.del_range(*table, *net)?;
+        removed += 1;
+    }
+    for (key, v) in &want {
+        if have.get(key) != Some(v) {
+            maps.ranges.set_range(key.1, *v)?;
+            added += 1;
+        }
+    }
+    // Repairs whatever an agent that died mid-update left half-written.
+    added += maps.ranges.rebuild()?;
+    let mono = monotonic_ns();
+    let want: StdMap<SourceKey, Verdict> =
+        store.list_verdicts(None)?.iter().map(|v| (v.key, verdict_value(v, now, mono))).collect();
+    for (key, _) in maps.verdicts()? {
+        if !want.contains_key(&key) {
+            maps.del_verdict(key)?;
+            removed += 1;
+        }
+    }
+    for (key, v) in want {
+        if !KeyWords::of(&key).is_key() {
+            warn!(source = %key.display(), "the database holds a verdict for ::/64, which the datapath cannot hold; ignored");
+            continue;
+        }
+        maps.set_verdict(key, v)?;
+        added += 1;
+    }
+    Ok((added, removed))
+}
+
+/// A verdict record as the datapath holds it.
+pub fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
+    Verdict { expires_ns: expiry_ns(v.expires_at, now, mono), action: v.action.code(), reason: v.reason.code() }
+}
+
+pub fn range_value(r: &RangeRecord) -> RangeValue {
+    let flags = if r.action == Some(PoolAction::Reject) { range_flags::REJECT } else { 0 };
+    RangeValue { range_id: r.id, kind: r.kind.code(), flags, origin: r.origin.code() }
+}
+
+/// The datapath entry for `net` in one table, given the table's winning
+/// ranges (allow, exempt, smarthost) and its losing range at exactly `net`
+/// (deny, pool), if any. Both kinds share one longest-prefix table, so
+/// "allow (exempt) always wins" holds by leaving out every losing range
+/// that a winning range covers: the longest match of a covered source is
+/// then always a winning entry.
+pub fn desired_entry(net: IpNet, winners: &[RangeRecord], loser: Option<&RangeRecord>) -> Option<RangeValue> {
+    if let Some(a) = winners.iter().find(|a| a.net == net) {
+        return Some(range_value(a));
+    }
+    loser.filter(|d| !winners.iter().any(|a| a.net.contains(&d.net))).map(range_value)
+}
+
+/// Every datapath entry the database calls for, by table.
+pub fn desired_ranges(records: &[RangeRecord]) -> StdMap<(RangeTable, IpNet), RangeValue> {
+    let mut out = StdMap::new();
+    for table in RangeTable::ALL {
+        let winners: Vec<RangeRecord> = records.iter().filter(|r| r.kind == table.winner()).cloned().collect();
+        out.extend(winners.iter().map(|a| ((table, a.net), range_value(a))));
+        for d in records.iter().filter(|r| Some(r.kind) == table.loser()) {
+            if let Some(v) = desired_entry(d.net, &winners, Some(d)) {
+                out.insert((table, d.net), v);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Origin, RangeKind};
+    use gatekeeper_common::range_kind;
+
+    fn rec(id: u32, kind: RangeKind, net: &str) -> RangeRecord {
+        RangeRecord {
+            id,
+            kind,
+            net: net.parse().unwrap(),
+            origin: Origin::Manual,
+            source: "test".into(),
+            comment: None,
+            created_at: 0,
+            expires_at: None,
+            action: (kind == RangeKind::Pool).then_some(PoolAction::Drop),
+        }
+    }
+
+    /// Longest-prefix match over the desired entries of a table, as the
+    /// kernel does.
+    fn lookup_in(entries: &StdMap<(RangeTable, IpNet), RangeValue>, table: RangeTable, ip: &str) -> Option<u8> {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        entries
+            .iter()
+            .filter(|((t, n), _)| *t == table && n.contains(&ip))
+            .max_by_key(|((_, n), _)| n.prefix_len())
+            .map(|(_, v)| v.kind)
+    }
+
+    fn lookup(entries: &StdMap<(RangeTable, IpNet), RangeValue>, ip: &str) -> Option<u8> {
+        lookup_in(entries, RangeTable::Ingress, ip)
+    }
+
+    #[test]
+    fn allow_always_wins_under_longest_prefix_match() {
+        let records = vec![
+            rec(1, RangeKind::Deny, "198.51.100.0/24"),
+            rec(2, RangeKind::Allow, "198.51.100.0/28"),
+            // Inside the allow range: must be left out, or it would win LPM.
+            rec(3, RangeKind::Deny, "198.51.100.8/30"),
+            // Same net as an allow range (added with --force): allow wins.
+            rec(4, RangeKind::Deny, "203.0.113.0/24"),
+            rec(5, RangeKind::Allow, "203.0.113.0/24"),
+            rec(6, RangeKind::Deny, "2001:db8::/32"),
+            rec(7, RangeKind::Allow, "2001:db8:1::/48"),
+        ];
+        let want = desired_ranges(&records);
+        let ing = |n: &str| (RangeTable::Ingress, n.parse::<IpNet>().unwrap());
+        assert!(!want.contains_key(&ing("198.51.100.8/30")));
+        assert_eq!(want[&ing("203.0.113.0/24")].range_id, 5);
+        assert_eq!(lookup(&want, "198.51.100.9"), Some(range_kind::ALLOW));
+        assert_eq!(lookup(&want, "198.51.100.200"), Some(range_kind::DENY));
+        assert_eq!(lookup(&want, "203.0.113.7"), Some(range_kind::ALLOW));
+        assert_eq!(lookup(&want, "2001:db8:1::25"), Some(range_kind::ALLOW));
+        assert_eq!(lookup(&want, "2001:db8:2::25"), Some(range_kind::DENY));
+        assert_eq!(lookup(&want, "192.0.2.1"), None);
+    }
+
+    #[test]
+    fn exempt_wins_over_pool_and_tables_stay_apart() {
+        let mut reject = rec(1, RangeKind::Pool, "198.51.100.0/24");
+        reject.action = Some(PoolAction::Reject);
+        let records = vec![
+            reject,
+            rec(2, RangeKind::Exempt, "198.51.100.25/32"),
+            // Inside an exempt range: left out.
+            rec(3, RangeKind::Pool, "203.0.113.0/28"),
+            rec(4, RangeKind::Exempt, "203.0.113.0/24"),
+            rec(5, RangeKind::Smarthost, "192.0.2.25/32"),
+            // The same net as a deny range, in another table: both stay.
+            rec(6, RangeKind::Deny, "198.51.100.0/24"),
+            rec(7, RangeKind::Pool, "2001:db8:100::/40"),
+        ];
+        let want = desired_ranges(&records);
+        let sub = |ip| lookup_in(&want, RangeTable::Subscriber, ip);
+        assert_eq!(sub("198.51.100.7"), Some(range_kind::POOL));
+        assert_eq!(sub("198.51.100.25"), Some(range_kind::EXEMPT));
+        assert_eq!(sub("203.0.113.5"), Some(range_kind::EXEMPT));
+        assert_eq!(sub("2001:db8:100:5::1"), Some(range_kind::POOL));
+        assert_eq!(sub("192.0.2.25"), None);
+        assert_eq!(lookup_in(&want, RangeTable::Smarthost, "192.0.2.25"), Some(range_kind::SMARTHOST));
+        assert_eq!(lookup(&want, "198.51.100.7"), Some(range_kind::DENY));
+        let pool = want[&(RangeTable::Subscriber, "198.51.100.0/24".parse().unwrap())];
+        assert_eq!(pool.flags, range_flags::REJECT);
+        assert_eq!(want[&(RangeTable::Ingress, "198.51.100.0/24".parse().unwrap())].flags, 0);
+        assert_eq!(want.len(), 6);
+    }
+
+    #[test]
+    fn removing_the_allow_brings_the_inner_deny_back() {
+        let allows = vec![rec(2, RangeKind::Allow, "198.51.100.0/28")];
+        let inner = rec(3, RangeKind::Deny, "198.51.100.8/30");
+        assert_eq!(desired_entry(inner.net, &allows, Some(&inner)), None);
+        assert_eq!(desired_entry(inner.net, &[], Some(&inner)), Some(range_value(&inner)));
+        assert_eq!(desired_entry(inner.net, &[], None), None);
+    }
+}

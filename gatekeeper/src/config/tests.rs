@@ -1,0 +1,220 @@
+//! Unit tests.
+use super::*;
+
+fn parse(text: &str) -> Result<Config> {
+    Config::parse(text, Path::new("/etc/gatekeeper.toml"))
+}
+
+fn message(text: &str) -> String {
+    match parse(text) {
+        Err(Error::Config { path, message }) => {
+            assert_eq!(path, Path::new("/etc/gatekeeper.toml"));
+            message
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn errors_inside_tables_name_the_table_and_key() {
+    let e = Config::parse("ports = [25]\n[policy]\nno_ptr = 5\n", Path::new("g.toml")).unwrap_err().to_string();
+    assert!(e.contains("g.toml") && e.contains("line 3") && e.contains("policy.no_ptr"), "{e}");
+    let e = Config::parse("[dns]\ntimeout = \"soon\"\n", Path::new("g.toml")).unwrap_err().to_string();
+    assert!(e.contains("line 2") && e.contains("dns.timeout"), "{e}");
+    let e = Config::parse("dry_run = 3\n", Path::new("g.toml")).unwrap_err().to_string();
+    assert!(e.contains("line 1") && e.contains("key `dry_run`"), "{e}");
+}
+
+#[test]
+fn the_documented_example_config_parses() {
+    let text = include_str!("../../../docs/gatekeeper.example.toml");
+    let c = Config::parse(text, Path::new("docs/gatekeeper.example.toml")).unwrap();
+    assert_eq!(c.ifaces(Role::Ingress), vec!["eth1".to_string()]);
+    assert_eq!(c.ifaces(Role::Uplink), vec!["eth2".to_string()]);
+    assert_eq!(c.egress, EgressConfig::default());
+    assert_eq!(c.policy, PolicyConfig::default());
+    assert_eq!(c.limits, LimitsConfig::default());
+    assert!(c.dns.enabled);
+}
+
+#[test]
+fn interface_roles_and_egress_limits() {
+    let c = parse(
+            "interfaces = [\"eth0\", { name = \"eth1\", role = \"uplink\" }, { name = \"eth0\", role = \"uplink\" }, { name = \"sub0\", role = \"subscriber\" }]\n[egress]\nports = [25, 2525]\n[[egress.limit]]\nname = \"all\"\nports = [25]\nrate = \"6/min\"\nburst = 3\n",
+        )
+        .unwrap();
+    assert_eq!(c.ifaces(Role::Ingress), ["eth0"]);
+    assert_eq!(c.ifaces(Role::Uplink), ["eth1", "eth0"]);
+    assert_eq!(c.ifaces(Role::Subscriber), ["sub0"]);
+    assert_eq!(c.egress.ports, [25, 2525]);
+    assert_eq!(c.egress.limit.len(), 1);
+    let lim = c.egress.limit[0].rate_limit();
+    assert_eq!(lim.interval_ns, 10_000_000_000);
+    assert_eq!(lim.burst_ns, 30_000_000_000);
+    assert!(parse("[egress]\nlimit = []\nports = []\n").unwrap().egress.limit.is_empty());
+
+    for (text, want) in [
+            ("interfaces = [{ name = \"eth0\", role = \"router\" }]\n", "line 1"),
+            ("interfaces = [\"eth0\", { name = \"eth0\", role = \"subscriber\" }]\n", "both ingress and subscriber"),
+            ("interfaces = [{ name = \"eth0\", role = \"uplink\" }, { name = \"eth0\", role = \"uplink\" }]\n", "twice"),
+            ("interfaces = [3]\n", "not integer"),
+            ("[egress]\nports = [0]\n", "egress.ports"),
+            ("[[egress.limit]]\nname = \"a\"\nports = [25]\nrate = \"fast\"\nburst = 1\n", "invalid rate"),
+            ("[[egress.limit]]\nname = \"a\"\nports = [25]\nrate = \"0/min\"\nburst = 1\n", "invalid rate"),
+            ("[[egress.limit]]\nname = \"a\"\nports = [25]\nrate = \"1/min\"\nburst = 0\n", "burst"),
+            (
+                "[[egress.limit]]\nname = \"a\"\nports = [25]\nrate = \"1/min\"\nburst = 1\n[[egress.limit]]\nname = \"b\"\nports = [25]\nrate = \"1/min\"\nburst = 1\n",
+                "port 25 is in limit classes",
+            ),
+            ("[egress]\nport = [25]\n", "unknown field `port`"),
+        ] {
+            let m = message(text);
+            assert!(m.contains(want), "{text:?}: {m}");
+        }
+    let mut c = Config::default();
+    c.set_ifaces(Role::Ingress, &["eth0".into()]).unwrap();
+    assert!(c.set_ifaces(Role::Subscriber, &["eth0".into()]).is_err());
+}
+
+#[test]
+fn policy_sections_parse_and_are_checked() {
+    let c = Config::parse(
+        "[policy]\ngeneric = \"drop\"\nfirst_syn = \"hold\"\n[learning]\nenabled = false\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert_eq!(c.policy.generic, Action::Drop);
+    assert_eq!(c.policy.first_syn, FirstSyn::Hold);
+    assert_eq!(c.policy.dynamic, Action::Drop, "defaults stay");
+    assert!(!c.learning.enabled);
+    let e = Config::parse("[policy]\nttl_min = \"2d\"\n", Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("policy.ttl_min") && e.contains("line 2") && e.contains("t.toml"), "{e}");
+    let e = Config::parse("[policy]\nhold_time = \"60s\"\n", Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("policy.hold_time") && e.contains("line 2"), "{e}");
+    let e = Config::parse("[limits]\ndns_rate = 0\n", Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("limits.dns_rate") && e.contains("line 2"), "{e}");
+    let e = Config::parse("[policy]\ntempfail = \"drop\"\n", Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("line 2") && e.contains("tempfail"), "{e}");
+    let e = Config::parse("[policy]\ndynamic = \"reject\"\n", Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("line 2"), "{e}");
+}
+
+#[test]
+fn empty_file_gives_defaults() {
+    let c = parse("").unwrap();
+    assert_eq!(c, Config::default());
+    assert_eq!(c.ports, None);
+    assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+    assert_eq!(c.event_interval, Duration::from_secs(30));
+    assert_eq!(c.max_verdicts, 262_144);
+    assert_eq!(c.state_dir, Path::new("/var/lib/gatekeeper"));
+    assert_eq!(c.socket, Path::new("/run/gatekeeper/gatekeeper.sock"));
+    assert_eq!(c.pin_dir, Path::new("/sys/fs/bpf/gatekeeper"));
+    assert_eq!(c.log_level, "info");
+    assert!(!c.dry_run);
+}
+
+#[test]
+fn full_file() {
+    let c = parse(
+        r#"
+interfaces = ["eth0", "eth1"]
+xdp_mode = "skb"
+ports = [587, 25, 25]
+dry_run = true
+state_dir = "/srv/gk"
+socket = "/run/gk.sock"
+pin_dir = "/sys/fs/bpf/gk"
+event_interval = "1m30s"
+max_verdicts = 1024
+max_range_nodes = 4096
+log_level = "info,gatekeeper=debug"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.ifaces(Role::Ingress), ["eth0", "eth1"]);
+    assert_eq!(c.xdp_mode, XdpModeSetting::Skb);
+    assert_eq!(c.ports, Some(vec![25, 587]));
+    assert!(c.dry_run);
+    assert_eq!(c.state_dir, Path::new("/srv/gk"));
+    assert_eq!(c.event_interval, Duration::from_secs(90));
+    assert_eq!(c.max_verdicts, 1024);
+    assert_eq!(c.max_range_nodes, 4096);
+}
+
+#[test]
+fn unknown_key_names_line_column_and_key() {
+    let m = message("dry_run = true\n\nportz = [25]\n");
+    assert!(m.starts_with("line 3, column 1: unknown field `portz`, expected one of"), "{m}");
+}
+
+#[test]
+fn bad_values_name_line_column_and_key() {
+    let m = message("dry_run = true\nports = [25, 0]\n");
+    assert!(m.starts_with("line 2, column 9: key `ports`: invalid ports: port 0"), "{m}");
+    let m = message("ports = [25, 70000]\n");
+    assert!(m.starts_with("line 1, column ") && m.contains("key `ports`") && m.contains("70000"), "{m}");
+    let m = message("max_verdicts = 10\n");
+    assert!(m.starts_with("line 1, column 16: key `max_verdicts`: max_verdicts 10 out of range"), "{m}");
+    assert!(message("max_verdicts = 16777217").contains("out of range"));
+    let m = message("max_range_nodes = 100\n");
+    assert!(m.starts_with("line 1, column 19: key `max_range_nodes`: max_range_nodes 100 out of range"), "{m}");
+    let m = message("\nevent_interval = \"0s\"\n");
+    assert!(m.starts_with("line 2, column 18: key `event_interval`: invalid duration \"0s\""), "{m}");
+    let m = message("xdp_mode = \"fast\"\n");
+    assert!(m.contains("line 1") && m.contains("key `xdp_mode`") && m.contains("fast"), "{m}");
+    assert!(message("state_dir = \"relative/dir\"").contains("must be absolute"));
+    assert!(message("dry_run = \"yes\"").contains("key `dry_run`"));
+    assert!(message("interfaces = [\"eth0\", \"eth0\"]").contains("listed twice"));
+    assert!(message("interfaces = [\"a-very-long-interface-name\"]").contains("not a valid interface name"));
+    assert!(message("log_level = \"verbose\"").contains("invalid log level"));
+    assert!(message("ports = []").contains("no ports given"));
+}
+
+#[test]
+fn syntax_errors_have_positions() {
+    let m = message("dry_run = true\nports = [25,\n");
+    assert!(m.starts_with("line 2") || m.starts_with("line 3"), "{m}");
+    assert!(!m.contains('\n'), "{m}");
+    let m = message("ports = 25\nports = 587\n");
+    assert!(m.starts_with("line 2"), "{m}");
+}
+
+#[test]
+fn load_missing_and_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gatekeeper.toml");
+    assert_eq!(Config::load(&path, false).unwrap(), Config::default());
+    match Config::load(&path, true) {
+        Err(Error::Config { path: p, message }) => {
+            assert_eq!(p, path);
+            assert!(message.contains("cannot read"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(&path, "ports = [25]\n").unwrap();
+    assert_eq!(Config::load(&path, true).unwrap().ports, Some(vec![25]));
+    std::fs::write(&path, "ports = [0]\n").unwrap();
+    assert!(Config::load(&path, false).unwrap_err().to_string().contains("gatekeeper.toml"));
+}
+
+#[test]
+fn ports() {
+    assert_eq!(parse_ports("25,587").unwrap(), [25, 587]);
+    assert_eq!(parse_ports(" 587 25, 465 25 ").unwrap(), [25, 465, 587]);
+    for bad in ["", " , ", "0", "25,abc", "70000", "-1", "25;587"] {
+        assert!(matches!(parse_ports(bad), Err(Error::InvalidPorts(_))), "{bad:?} accepted");
+    }
+    let many: Vec<u16> = (1..=65).collect();
+    assert!(validate_ports(&many).unwrap_err().to_string().contains("at most 64"));
+    let dup: Vec<u16> = (1..=64).chain(1..=64).collect();
+    assert_eq!(validate_ports(&dup).unwrap().len(), 64);
+}
+
+#[test]
+fn xdp_mode_strings() {
+    for m in [XdpModeSetting::Auto, XdpModeSetting::Native, XdpModeSetting::Skb] {
+        assert_eq!(m.to_string().parse::<XdpModeSetting>().unwrap(), m);
+    }
+    assert!("drv".parse::<XdpModeSetting>().unwrap_err().contains("expected auto, native or skb"));
+}

@@ -1,0 +1,307 @@
+//! Persistent state in SQLite: allow/deny ranges, per-source verdicts and
+//! settings. The agent is the only writer; operators may inspect the file
+//! with the sqlite3 CLI (times are unix seconds, networks are CIDR text).
+//! Every mutating method is one transaction (a savepoint): on error nothing
+//! changes. [`Store::begin`] opens an outer transaction around several of
+//! them, which the agent uses to keep the database and the maps in step
+//! (`agent::state`): commit when the maps took the change, roll back when
+//! they did not.
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gatekeeper_common::SourceKey;
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+
+use crate::domain::{Action, VerdictReason};
+use crate::error::{Error, Result};
+
+mod ranges;
+
+pub use ranges::{NewRange, RangeRecord};
+
+/// `PRAGMA user_version` of the schema below.
+const SCHEMA_VERSION: i64 = 2;
+
+/// The ranges table (schema 2: egress kinds and the pool action).
+const RANGES_TABLE: &str = "
+CREATE TABLE ranges (
+    id         INTEGER PRIMARY KEY,      -- index into the GK_RANGE_HITS map
+    kind       TEXT    NOT NULL CHECK (kind IN ('deny', 'allow', 'pool', 'exempt', 'smarthost')),
+    net        TEXT    NOT NULL,         -- canonical CIDR, e.g. 192.0.2.0/24
+    origin     TEXT    NOT NULL CHECK (origin IN ('manual', 'imported', 'learned')),
+    source     TEXT    NOT NULL,         -- who or which list added it
+    comment    TEXT,
+    created_at INTEGER NOT NULL,         -- unix seconds
+    expires_at INTEGER,                  -- unix seconds, NULL = never
+    action     TEXT    CHECK (action IN ('drop', 'reject')),  -- pools only
+    UNIQUE (kind, net)
+);
+CREATE INDEX ranges_by_source ON ranges (kind, source);
+CREATE INDEX ranges_by_expiry ON ranges (expires_at) WHERE expires_at IS NOT NULL;
+";
+
+/// Schema 1 -> 2: SQLite cannot widen a CHECK, so the table is rebuilt.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE ranges RENAME TO ranges_v1;
+DROP INDEX ranges_by_source;
+DROP INDEX ranges_by_expiry;
+";
+
+const SCHEMA: &str = "
+CREATE TABLE verdicts (
+    key        TEXT    PRIMARY KEY,      -- 192.0.2.1 or 2001:db8:1:2::/64
+    action     INTEGER NOT NULL,
+    reason     INTEGER NOT NULL,
+    comment    TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+CREATE INDEX verdicts_by_expiry ON verdicts (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+const RANGE_COLS: &str = "id, kind, net, origin, source, comment, created_at, expires_at, action";
+const VERDICT_COLS: &str = "key, action, reason, comment, created_at, expires_at";
+
+/// A per-source verdict. On the wire and in the database `action` and
+/// `reason` are the datapath's numeric codes, `key` is the source as text
+/// (`198.51.100.7`, `2001:db8:1:2::/64`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VerdictRecord {
+    #[serde(serialize_with = "serialize_key", deserialize_with = "deserialize_key")]
+    pub key: SourceKey,
+    #[serde(with = "crate::domain::by_code")]
+    pub action: Action,
+    #[serde(with = "crate::domain::by_code")]
+    pub reason: VerdictReason,
+    pub comment: Option<String>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+fn serialize_key<S: serde::Serializer>(key: &SourceKey, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&key.display())
+}
+
+fn deserialize_key<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<SourceKey, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    parse_key(&text).ok_or_else(|| serde::de::Error::custom(format!("invalid source key {text:?}")))
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// Maps a rusqlite error to [`Error::Store`] for `path`.
+fn db(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |source| Error::Store { path: path.to_path_buf(), source }
+}
+
+/// A conversion error for a value in the database that does not parse.
+fn bad_value(col: usize, what: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, Type::Text, what.into())
+}
+
+fn verdict_row(row: &Row<'_>) -> rusqlite::Result<VerdictRecord> {
+    let text: String = row.get(0)?;
+    let key = parse_key(&text).ok_or_else(|| bad_value(0, format!("invalid verdict key {text:?}")))?;
+    let reason: u32 = row.get(2)?;
+    Ok(VerdictRecord {
+        key,
+        action: Action::of_code(row.get(1)?),
+        reason: VerdictReason::of_code(reason)
+            .ok_or_else(|| bad_value(2, format!("verdict {text}: unknown reason code {reason}")))?,
+        comment: row.get(3)?,
+        created_at: row.get(4)?,
+        expires_at: row.get(5)?,
+    })
+}
+
+/// Inverse of `SourceKey::display`; `None` unless `text` is exactly what
+/// `display` would give.
+fn parse_key(text: &str) -> Option<SourceKey> {
+    let ip: IpAddr = match text.strip_suffix("/64") {
+        Some(v6) => IpAddr::V6(v6.parse().ok()?),
+        None => IpAddr::V4(text.parse().ok()?),
+    };
+    let key = SourceKey::from_ip(ip);
+    (key.display() == text).then_some(key)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`; the parent
+    /// directory is created with mode 0700 if missing.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Error::io(format!("creating state directory {}", dir.display()), e))?;
+        }
+        let conn = Connection::open(path).map_err(db(path))?;
+        Store::init(conn, path.to_path_buf())
+    }
+
+    pub fn open_in_memory() -> Result<Store> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory().map_err(db(&path))?;
+        Store::init(conn, path)
+    }
+
+    fn init(mut conn: Connection, path: PathBuf) -> Result<Store> {
+        let e = db(&path);
+        conn.busy_timeout(Duration::from_secs(5)).map_err(&e)?;
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(&e)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(&e)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&e)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(&e)?;
+        match version {
+            0 => {
+                tx.execute_batch(RANGES_TABLE).map_err(&e)?;
+                tx.execute_batch(SCHEMA).map_err(&e)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
+            }
+            1 => {
+                tx.execute_batch(MIGRATE_1_TO_2).map_err(&e)?;
+                tx.execute_batch(RANGES_TABLE).map_err(&e)?;
+                tx.execute_batch(
+                    "INSERT INTO ranges (id, kind, net, origin, source, comment, created_at, expires_at)
+                     SELECT id, kind, net, origin, source, comment, created_at, expires_at FROM ranges_v1;
+                     DROP TABLE ranges_v1;",
+                )
+                .map_err(&e)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
+            }
+            SCHEMA_VERSION => {}
+            found => return Err(Error::StoreVersion { path: path.clone(), found, supported: SCHEMA_VERSION }),
+        }
+        tx.commit().map_err(&e)?;
+        drop(e);
+        Ok(Store { conn, path })
+    }
+
+    /// Opens a transaction that the mutating methods then join: nothing is
+    /// durable until [`Store::commit`]; [`Store::rollback`] undoes it all.
+    pub fn begin(&mut self) -> Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db(&self.path))
+    }
+
+    pub fn commit(&mut self) -> Result<()> {
+        self.conn.execute_batch("COMMIT").map_err(db(&self.path))
+    }
+
+    /// Undoes everything since [`Store::begin`].
+    pub fn rollback(&mut self) -> Result<()> {
+        self.conn.execute_batch("ROLLBACK").map_err(db(&self.path))
+    }
+
+    /// Inserts or replaces the verdict for `v.key`.
+    pub fn upsert_verdict(&mut self, v: &VerdictRecord) -> Result<()> {
+        if SourceKey::from_ip(v.key.to_ip()) != v.key {
+            return Err(Error::InvalidCidr {
+                input: v.key.display(),
+                reason: "not a verdict key: an IPv6 key must be a /64 with its low 64 bits zero".into(),
+            });
+        }
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO verdicts ({VERDICT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (key) DO UPDATE SET action = excluded.action, reason = excluded.reason,
+                       comment = excluded.comment, created_at = excluded.created_at, expires_at = excluded.expires_at"
+                ),
+                params![v.key.display(), v.action.code(), v.reason.code(), v.comment, v.created_at, v.expires_at],
+            )
+            .map_err(db(&self.path))?;
+        Ok(())
+    }
+
+    /// Deletes the verdict for `key`; [`Error::NotFound`] if there is none.
+    pub fn del_verdict(&mut self, key: SourceKey) -> Result<VerdictRecord> {
+        let e = db(&self.path);
+        let tx = self.conn.savepoint().map_err(&e)?;
+        let rec = tx
+            .query_row(
+                &format!("DELETE FROM verdicts WHERE key = ?1 RETURNING {VERDICT_COLS}"),
+                [key.display()],
+                verdict_row,
+            )
+            .optional()
+            .map_err(&e)?
+            .ok_or_else(|| Error::NotFound { what: "verdict", key: key.display() })?;
+        tx.commit().map_err(&e)?;
+        Ok(rec)
+    }
+
+    /// All verdicts (or those with `reason`), ordered by key.
+    pub fn list_verdicts(&self, reason: Option<VerdictReason>) -> Result<Vec<VerdictRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {VERDICT_COLS} FROM verdicts WHERE ?1 IS NULL OR reason = ?1"))
+            .map_err(db(&self.path))?;
+        let mut out = stmt
+            .query_map([reason.map(VerdictReason::code)], verdict_row)
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(db(&self.path))?;
+        out.sort_by_key(|v| v.key);
+        Ok(out)
+    }
+
+    /// How many verdicts there are.
+    pub fn verdict_count(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM verdicts", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(db(&self.path))
+    }
+
+    /// The verdict for `key`, if any.
+    pub fn verdict(&self, key: SourceKey) -> Result<Option<VerdictRecord>> {
+        use rusqlite::OptionalExtension as _;
+        self.conn
+            .query_row(&format!("SELECT {VERDICT_COLS} FROM verdicts WHERE key = ?1"), [key.display()], verdict_row)
+            .optional()
+            .map_err(db(&self.path))
+    }
+
+    /// Deletes and returns the verdicts with `expires_at <= now`.
+    pub fn expire_verdicts(&mut self, now: i64) -> Result<Vec<VerdictRecord>> {
+        let e = db(&self.path);
+        let tx = self.conn.savepoint().map_err(&e)?;
+        let mut gone = tx
+            .prepare(&format!("DELETE FROM verdicts WHERE expires_at <= ?1 RETURNING {VERDICT_COLS}"))
+            .and_then(|mut s| s.query_map([now], verdict_row)?.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        gone.sort_by_key(|v| v.key);
+        Ok(gone)
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(db(&self.path))
+    }
+
+    pub fn set_setting(&mut self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+            .map_err(db(&self.path))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,407 @@
+//! The store's unit tests.
+use std::collections::HashSet;
+
+use gatekeeper_common::{MAX_RANGES, MAX_RANGE_IDS};
+use ipnet::IpNet;
+
+use super::*;
+use crate::domain::VerdictReason as R;
+use crate::domain::{Origin, PoolAction, RangeKind};
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn nr(s: &str) -> NewRange {
+    NewRange {
+        net: net(s),
+        origin: Origin::Manual,
+        source: "manual".into(),
+        comment: None,
+        expires_at: None,
+        action: None,
+    }
+}
+
+fn nets(store: &Store, kind: RangeKind) -> Vec<String> {
+    store.list_ranges(Some(kind)).unwrap().iter().map(|r| r.net.to_string()).collect()
+}
+
+fn verdict(ip: &str, reason: R, expires_at: Option<i64>) -> VerdictRecord {
+    VerdictRecord {
+        key: SourceKey::from_ip(ip.parse().unwrap()),
+        action: Action::Drop,
+        reason,
+        comment: None,
+        created_at: 100,
+        expires_at,
+    }
+}
+
+#[test]
+fn verdict_point_lookup() {
+    let mut s = Store::open_in_memory().unwrap();
+    let key = SourceKey::from_ip("2001:db8:1:2::9".parse().unwrap());
+    assert_eq!(s.verdict(key).unwrap(), None);
+    assert_eq!(s.verdict_count().unwrap(), 0);
+    let v = VerdictRecord {
+        key,
+        action: Action::Drop,
+        reason: R::Dynamic,
+        comment: Some("x".into()),
+        created_at: 5,
+        expires_at: Some(50),
+    };
+    s.upsert_verdict(&v).unwrap();
+    assert_eq!(s.verdict(key).unwrap(), Some(v));
+    assert_eq!(s.verdict_count().unwrap(), 1);
+    assert_eq!(s.verdict(SourceKey::from_ip("192.0.2.1".parse().unwrap())).unwrap(), None);
+}
+
+#[test]
+fn add_list_and_order() {
+    let mut s = Store::open_in_memory().unwrap();
+    let added = s
+        .add_ranges(
+            RangeKind::Deny,
+            &[nr("2001:db8::/32"), nr("198.51.100.0/24"), nr("192.0.2.0/25"), nr("192.0.2.0/24")],
+            false,
+            false,
+            7,
+        )
+        .unwrap();
+    assert_eq!(added.iter().map(|r| r.id).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert!(added.iter().all(|r| r.created_at == 7 && r.kind == RangeKind::Deny));
+    s.add_ranges(RangeKind::Allow, &[nr("203.0.113.5/32")], false, false, 8).unwrap();
+    assert_eq!(nets(&s, RangeKind::Deny), ["192.0.2.0/24", "192.0.2.0/25", "198.51.100.0/24", "2001:db8::/32"]);
+    let all = s.list_ranges(None).unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[4].kind, RangeKind::Allow);
+    assert_eq!(all[4].id, 4);
+    assert_eq!(Origin::Learned.code(), gatekeeper_common::range_origin::LEARNED);
+    assert_eq!(RangeKind::Allow.to_string(), "allow");
+    let json = serde_json::to_string(&all[4]).unwrap();
+    assert!(json.contains(r#""kind":"allow""#) && json.contains(r#""net":"203.0.113.5/32""#), "{json}");
+}
+
+#[test]
+fn schema_1_database_is_migrated_with_its_ranges() {
+    let dir = std::env::temp_dir().join(format!("gk-migrate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gatekeeper.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE ranges (id INTEGER PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('deny', 'allow')),
+               net TEXT NOT NULL, origin TEXT NOT NULL, source TEXT NOT NULL, comment TEXT,
+               created_at INTEGER NOT NULL, expires_at INTEGER, UNIQUE (kind, net));
+             CREATE INDEX ranges_by_source ON ranges (kind, source);
+             CREATE INDEX ranges_by_expiry ON ranges (expires_at) WHERE expires_at IS NOT NULL;
+             CREATE TABLE verdicts (key TEXT PRIMARY KEY, action INTEGER NOT NULL, reason INTEGER NOT NULL,
+               comment TEXT, created_at INTEGER NOT NULL, expires_at INTEGER);
+             CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO ranges VALUES (7, 'deny', '192.0.2.0/24', 'manual', 'cli', 'old', 5, NULL);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let mut s = Store::open(&path).unwrap();
+    let all = s.list_ranges(None).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (all[0].id, all[0].kind, all[0].comment.as_deref(), all[0].action),
+        (7, RangeKind::Deny, Some("old"), None)
+    );
+    let mut pool = nr("198.51.100.0/24");
+    pool.action = Some(PoolAction::Reject);
+    let added = s.add_ranges(RangeKind::Pool, &[pool], false, false, 0).unwrap();
+    assert_eq!(added[0].action, Some(PoolAction::Reject));
+    // Exempt inside a pool is the point of exempt entries: no --force.
+    s.add_ranges(RangeKind::Exempt, &[nr("198.51.100.25/32")], false, false, 0).unwrap();
+    s.add_ranges(RangeKind::Smarthost, &[nr("192.0.2.25/32")], false, false, 0).unwrap();
+    drop(s);
+    let s = Store::open(&path).unwrap();
+    let pools = s.list_ranges(Some(RangeKind::Pool)).unwrap();
+    assert_eq!(pools[0].action, Some(PoolAction::Reject));
+    assert_eq!(s.list_ranges(None).unwrap().len(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn non_canonical_net_rejected() {
+    let mut s = Store::open_in_memory().unwrap();
+    let bad = NewRange { net: IpNet::new("192.0.2.1".parse().unwrap(), 24).unwrap(), ..nr("0.0.0.0/0") };
+    assert!(matches!(
+        s.add_ranges(RangeKind::Deny, &[nr("10.0.0.0/8"), bad], false, false, 0),
+        Err(Error::InvalidCidr { .. })
+    ));
+    assert!(s.list_ranges(None).unwrap().is_empty());
+}
+
+#[test]
+fn duplicate_rejected_and_nothing_added() {
+    let mut s = Store::open_in_memory().unwrap();
+    let first = NewRange { comment: Some("office".into()), ..nr("192.0.2.0/24") };
+    s.add_ranges(RangeKind::Deny, &[first], false, false, 0).unwrap();
+    let err = s.add_ranges(RangeKind::Deny, &[nr("10.0.0.0/8"), nr("192.0.2.0/24")], false, false, 0).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Duplicate { .. }));
+    assert!(msg.contains("192.0.2.0/24") && msg.contains("id 0") && msg.contains("office"), "{msg}");
+    assert_eq!(nets(&s, RangeKind::Deny), ["192.0.2.0/24"]);
+    // Twice in one batch.
+    let err = s.add_ranges(RangeKind::Deny, &[nr("10.0.0.0/8"), nr("10.0.0.0/8")], false, true, 0).unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
+    assert_eq!(nets(&s, RangeKind::Deny), ["192.0.2.0/24"]);
+    // skip_existing: the existing one is skipped and not returned.
+    let added = s.add_ranges(RangeKind::Deny, &[nr("10.0.0.0/8"), nr("192.0.2.0/24")], false, true, 0).unwrap();
+    assert_eq!(added.len(), 1);
+    assert_eq!(added[0].net, net("10.0.0.0/8"));
+    assert_eq!(s.list_ranges(None).unwrap().iter().find(|r| r.id == 0).unwrap().comment.as_deref(), Some("office"));
+    // The same net may be both allow and deny only with force.
+    assert!(matches!(s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], false, false, 0), Err(Error::Overlap { .. })));
+    s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], true, false, 0).unwrap();
+}
+
+#[test]
+fn overlap_both_directions_and_force() {
+    let mut s = Store::open_in_memory().unwrap();
+    s.add_ranges(RangeKind::Allow, &[nr("192.0.2.0/24"), nr("2001:db8:1::/48")], false, false, 0).unwrap();
+    s.add_ranges(RangeKind::Deny, &[nr("198.51.100.0/24")], false, false, 0).unwrap();
+    let cases = [
+        (RangeKind::Deny, "192.0.2.128/25", "192.0.2.0/24"), // deny inside allow
+        (RangeKind::Deny, "192.0.0.0/16", "192.0.2.0/24"),   // deny contains allow
+        (RangeKind::Deny, "2001:db8::/32", "2001:db8:1::/48"),
+        (RangeKind::Allow, "198.51.100.7/32", "198.51.100.0/24"), // allow inside deny
+        (RangeKind::Allow, "0.0.0.0/0", "198.51.100.0/24"),       // allow contains deny
+    ];
+    for (kind, n, other) in cases {
+        match s.add_ranges(kind, &[nr("203.0.113.0/24"), nr(n)], false, false, 0) {
+            Err(Error::Overlap { kind: k, net: got, other: o, .. }) => {
+                assert_eq!((k, got.as_str(), o.as_str()), (kind.as_str(), n, other));
+            }
+            r => panic!("{n}: expected overlap, got {r:?}"),
+        }
+    }
+    assert_eq!(s.list_ranges(None).unwrap().len(), 3);
+    // Neighbours and other families do not overlap.
+    s.add_ranges(RangeKind::Deny, &[nr("192.0.3.0/24"), nr("2001:db8:2::/48"), nr("::/0")], false, false, 0)
+        .unwrap_err();
+    s.add_ranges(RangeKind::Deny, &[nr("192.0.3.0/24"), nr("2001:db8:2::/48")], false, false, 0).unwrap();
+    let added = s.add_ranges(RangeKind::Deny, &[nr("192.0.2.128/25")], true, false, 0).unwrap();
+    assert_eq!(added.len(), 1);
+}
+
+#[test]
+fn ids_reuse_freed_and_never_collide() {
+    let mut s = Store::open_in_memory().unwrap();
+    let batch: Vec<NewRange> = (0..10).map(|i| nr(&format!("10.0.{i}.0/24"))).collect();
+    s.add_ranges(RangeKind::Deny, &batch, false, false, 0).unwrap();
+    s.del_range(RangeKind::Deny, net("10.0.3.0/24")).unwrap();
+    s.del_range(RangeKind::Deny, net("10.0.7.0/24")).unwrap();
+    let added = s
+        .add_ranges(RangeKind::Allow, &[nr("172.16.0.0/16"), nr("172.17.0.0/16"), nr("172.18.0.0/16")], false, false, 0)
+        .unwrap();
+    assert_eq!(added.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 7, 10]);
+    let all = s.list_ranges(None).unwrap();
+    let ids: HashSet<u32> = all.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), all.len());
+    assert_eq!(ids, (0..11).collect());
+}
+
+#[test]
+fn full_family_is_rejected_whole() {
+    let mut s = Store::open_in_memory().unwrap();
+    // MAX_RANGES + 1 IPv4 /32s; nothing may be added.
+    let batch: Vec<NewRange> =
+        (0..=MAX_RANGES).map(|i| nr(&format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + i)))).collect();
+    match s.add_ranges(RangeKind::Deny, &batch, false, false, 0) {
+        Err(Error::Full { what, capacity }) => {
+            assert_eq!(what, "IPv4 allow and deny ranges");
+            assert_eq!(capacity, u64::from(MAX_RANGES));
+        }
+        r => panic!("expected Full, got {:?}", r.map(|v| v.len())),
+    }
+    assert!(s.list_ranges(None).unwrap().is_empty());
+}
+
+#[test]
+fn id_space_exhaustion() {
+    let mut s = Store::open_in_memory().unwrap();
+    // Fill every id: 131072 deny and 131072 pool IPv4 /32s.
+    s.conn
+        .execute(
+            "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i + 1 < ?1)
+             INSERT INTO ranges SELECT i, CASE WHEN i < ?2 THEN 'deny' ELSE 'pool' END,
+               printf('10.%d.%d.%d/32', (i >> 16) & 255, (i >> 8) & 255, i & 255), 'manual', 'test', NULL, 0, NULL, NULL FROM c",
+            [MAX_RANGE_IDS, MAX_RANGES],
+        )
+        .unwrap();
+    match s.add_ranges(RangeKind::Deny, &[nr("2001:db8::/32")], true, false, 0) {
+        Err(Error::Full { what: "range id space", capacity }) => assert_eq!(capacity, u64::from(MAX_RANGE_IDS)),
+        r => panic!("expected Full, got {r:?}"),
+    }
+    s.del_range(RangeKind::Pool, net("10.3.255.255/32")).unwrap();
+    let added = s.add_ranges(RangeKind::Deny, &[nr("2001:db8::/32")], true, false, 0).unwrap();
+    assert_eq!(added[0].id, MAX_RANGE_IDS - 1);
+}
+
+#[test]
+fn delete_and_not_found() {
+    let mut s = Store::open_in_memory().unwrap();
+    s.add_ranges(RangeKind::Deny, &[nr("192.0.2.0/24")], false, false, 0).unwrap();
+    assert!(matches!(
+        s.del_range(RangeKind::Allow, net("192.0.2.0/24")),
+        Err(Error::NotFound { what: "allow range", .. })
+    ));
+    assert_eq!(s.del_range(RangeKind::Deny, net("192.0.2.0/24")).unwrap().net, net("192.0.2.0/24"));
+    let err = s.del_range(RangeKind::Deny, net("192.0.2.0/24")).unwrap_err();
+    assert_eq!(err.to_string(), "deny range 192.0.2.0/24 not found");
+}
+
+#[test]
+fn replace_by_source() {
+    let mut s = Store::open_in_memory().unwrap();
+    let from = |n: &str, src: &str| NewRange { source: src.into(), origin: Origin::Imported, ..nr(n) };
+    s.add_ranges(
+        RangeKind::Deny,
+        &[from("10.0.0.0/8", "drop"), from("11.0.0.0/8", "drop"), from("12.0.0.0/8", "other")],
+        false,
+        false,
+        0,
+    )
+    .unwrap();
+    s.add_ranges(RangeKind::Allow, &[from("13.0.0.0/8", "drop")], false, false, 0).unwrap();
+    let gone = s.del_ranges_from_source_except(RangeKind::Deny, "drop", &[net("11.0.0.0/8")]).unwrap();
+    assert_eq!(gone.iter().map(|r| r.net.to_string()).collect::<Vec<_>>(), ["10.0.0.0/8"]);
+    assert_eq!(nets(&s, RangeKind::Deny), ["11.0.0.0/8", "12.0.0.0/8"]);
+    assert_eq!(nets(&s, RangeKind::Allow), ["13.0.0.0/8"]);
+}
+
+#[test]
+fn range_expiry() {
+    let mut s = Store::open_in_memory().unwrap();
+    let exp = |n: &str, at: Option<i64>| NewRange { expires_at: at, ..nr(n) };
+    s.add_ranges(
+        RangeKind::Deny,
+        &[exp("10.0.0.0/8", Some(100)), exp("11.0.0.0/8", Some(200)), exp("12.0.0.0/8", None)],
+        false,
+        false,
+        0,
+    )
+    .unwrap();
+    assert!(s.expire_ranges(99).unwrap().is_empty());
+    let gone = s.expire_ranges(100).unwrap();
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].expires_at, Some(100));
+    assert_eq!(nets(&s, RangeKind::Deny), ["11.0.0.0/8", "12.0.0.0/8"]);
+    assert_eq!(s.expire_ranges(i64::MAX).unwrap().len(), 1);
+    assert_eq!(nets(&s, RangeKind::Deny), ["12.0.0.0/8"]);
+}
+
+#[test]
+fn verdicts_upsert_list_delete_expire() {
+    let mut s = Store::open_in_memory().unwrap();
+    s.upsert_verdict(&verdict("192.0.2.1", R::NoPtr, Some(500))).unwrap();
+    s.upsert_verdict(&verdict("2001:db8:1:2::99", R::Dynamic, None)).unwrap();
+    let mut replaced = verdict("192.0.2.1", R::ManualBan, Some(900));
+    replaced.comment = Some("spam run".into());
+    s.upsert_verdict(&replaced).unwrap();
+    let all = s.list_verdicts(None).unwrap();
+    assert_eq!(all.len(), 2);
+    // IPv4 keys (::ffff:a.b.c.d) sort before global IPv6 keys.
+    assert_eq!(all[0], replaced);
+    assert_eq!(all[1].key.display(), "2001:db8:1:2::/64");
+    assert_eq!(s.list_verdicts(Some(R::Dynamic)).unwrap().len(), 1);
+    assert!(s.list_verdicts(Some(R::NoPtr)).unwrap().is_empty());
+    let json = serde_json::to_string(&all[0]).unwrap();
+    assert!(json.contains(r#""key":"192.0.2.1""#), "{json}");
+
+    assert_eq!(s.expire_verdicts(899).unwrap().len(), 0);
+    assert_eq!(s.expire_verdicts(900).unwrap(), [replaced]);
+    let k = SourceKey::from_ip("2001:db8:1:2::1".parse().unwrap());
+    assert_eq!(s.del_verdict(k).unwrap().reason, R::Dynamic);
+    assert_eq!(s.del_verdict(k).unwrap_err().to_string(), "verdict 2001:db8:1:2::/64 not found");
+    // A v6 key with host bits is not a valid key.
+    let mut bad = verdict("2001:db8::1", R::ManualBan, None);
+    bad.key.addr[15] = 1;
+    assert!(matches!(s.upsert_verdict(&bad), Err(Error::InvalidCidr { .. })));
+}
+
+#[test]
+fn key_text_round_trips() {
+    for ip in ["192.0.2.1", "0.0.0.0", "2001:db8:1:2::5", "::1"] {
+        let k = SourceKey::from_ip(ip.parse().unwrap());
+        assert_eq!(parse_key(&k.display()), Some(k));
+    }
+    assert_eq!(parse_key("2001:db8::1/64"), None);
+    assert_eq!(parse_key("192.0.2.1/64"), None);
+    assert_eq!(parse_key("garbage"), None);
+}
+
+#[test]
+fn settings() {
+    let mut s = Store::open_in_memory().unwrap();
+    assert_eq!(s.setting("ports").unwrap(), None);
+    s.set_setting("ports", "25").unwrap();
+    s.set_setting("ports", "25,587").unwrap();
+    assert_eq!(s.setting("ports").unwrap().as_deref(), Some("25,587"));
+}
+
+#[test]
+fn reopen_persists_and_checks_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state/sub/gatekeeper.db");
+    {
+        let mut s = Store::open(&path).unwrap();
+        s.add_ranges(RangeKind::Deny, &[nr("192.0.2.0/24")], false, false, 5).unwrap();
+        s.upsert_verdict(&verdict("198.51.100.1", R::Ok, None)).unwrap();
+        s.set_setting("k", "v").unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let s = Store::open(&path).unwrap();
+    assert_eq!(nets(&s, RangeKind::Deny), ["192.0.2.0/24"]);
+    assert_eq!(s.list_verdicts(None).unwrap().len(), 1);
+    assert_eq!(s.setting("k").unwrap().as_deref(), Some("v"));
+    let wal: String = s.conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+    assert_eq!(wal, "wal");
+    s.conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(s);
+    assert!(matches!(Store::open(&path), Err(Error::StoreVersion { found: 99, .. })));
+}
+
+#[test]
+fn corrupt_rows_are_errors_not_panics() {
+    let s = Store::open_in_memory().unwrap();
+    s.conn
+        .execute("INSERT INTO ranges VALUES (0, 'deny', 'nonsense', 'manual', 'x', NULL, 0, NULL, NULL)", [])
+        .unwrap();
+    let err = s.list_ranges(None).unwrap_err().to_string();
+    assert!(err.contains(":memory:") && err.contains("nonsense"), "{err}");
+}
+
+#[test]
+fn bulk_add_110k() {
+    let mut s = Store::open_in_memory().unwrap();
+    s.add_ranges(RangeKind::Allow, &[nr("203.0.113.0/24"), nr("2001:db8:ffff::/48")], false, false, 0).unwrap();
+    let batch: Vec<NewRange> = (0..110_000u32)
+        .map(|i| {
+            let n = if i % 10 == 0 {
+                format!("2001:db8:{:x}::/48", i / 10)
+            } else {
+                format!("{}/{}", std::net::Ipv4Addr::from(0x0a00_0000 + (i << 4)), 28)
+            };
+            NewRange { origin: Origin::Imported, source: "drop".into(), ..nr(&n) }
+        })
+        .collect();
+    let added = s.add_ranges(RangeKind::Deny, &batch, false, false, 0).unwrap();
+    assert_eq!(added.len(), 110_000);
+    assert_eq!(added.last().unwrap().id, 110_001);
+    // Re-import is idempotent with skip_existing.
+    assert!(s.add_ranges(RangeKind::Deny, &batch, false, true, 0).unwrap().is_empty());
+    // An allow covering one of them is refused.
+    assert!(matches!(s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], false, false, 0), Err(Error::Overlap { .. })));
+    assert_eq!(s.list_ranges(Some(RangeKind::Deny)).unwrap().len(), 110_000);
+}
