@@ -9,6 +9,44 @@ use std::fmt;
 
 use gatekeeper_common::{action, range_kind, range_origin, verdict_reason};
 
+/// `FromStr` (trimmed, case-insensitive, over `ALL`), `TryFrom<String>`,
+/// `Display` and serde's `into` for a type with `ALL`, `as_str` and
+/// `expected`.
+macro_rules! impl_names {
+    ($name:ident, $what:literal) => {
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                let t = s.trim();
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str().eq_ignore_ascii_case(t))
+                    .ok_or_else(|| format!("unknown {} {s:?} (expected {})", $what, Self::expected()))
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for &'static str {
+            fn from(v: $name) -> &'static str {
+                v.as_str()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
 /// Declares a fieldless enum with one name per variant and derives from
 /// that table: `ALL`, `as_str`, `FromStr` (trimmed, case-insensitive),
 /// `Display`, serde (by name) and `expected()` ("a, b or c").
@@ -41,36 +79,7 @@ macro_rules! named_enum {
             }
         }
 
-        impl std::str::FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                let t = s.trim();
-                Self::ALL
-                    .iter()
-                    .copied()
-                    .find(|v| v.as_str().eq_ignore_ascii_case(t))
-                    .ok_or_else(|| format!("unknown {} {s:?} (expected {})", $what, Self::expected()))
-            }
-        }
-
-        impl TryFrom<String> for $name {
-            type Error = String;
-            fn try_from(s: String) -> Result<Self, String> {
-                s.parse()
-            }
-        }
-
-        impl From<$name> for &'static str {
-            fn from(v: $name) -> &'static str {
-                v.as_str()
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
+        impl_names!($name, $what);
     };
 }
 
@@ -301,36 +310,7 @@ impl VerdictReason {
     }
 }
 
-impl std::str::FromStr for VerdictReason {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|v| v.as_str().eq_ignore_ascii_case(t))
-            .ok_or_else(|| format!("unknown reason {s:?}: expected {}", Self::expected()))
-    }
-}
-
-impl TryFrom<String> for VerdictReason {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<VerdictReason> for &'static str {
-    fn from(v: VerdictReason) -> &'static str {
-        v.as_str()
-    }
-}
-
-impl fmt::Display for VerdictReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+impl_names!(VerdictReason, "reason");
 
 /// Serde by datapath code, for the fields that keep numbers on the wire
 /// (`action` and `reason` of verdict records and decisions).
@@ -464,7 +444,7 @@ mod tests {
         let e = "x".parse::<VerdictReason>().unwrap_err();
         assert_eq!(
             e,
-            "unknown reason \"x\": expected manual-ban, no-ptr, fcrdns-fail, dynamic, generic, ok or tempfail"
+            "unknown reason \"x\" (expected manual-ban, no-ptr, fcrdns-fail, dynamic, generic, ok or tempfail)"
         );
         assert!(serde_json::from_str::<PoolAction>("\"rst\"").unwrap_err().to_string().contains("drop or reject"));
     }

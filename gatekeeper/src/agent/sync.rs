@@ -176,21 +176,11 @@ pub fn desired_ranges(records: &[RangeRecord]) -> StdMap<(RangeTable, IpNet), Ra
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Origin, RangeKind};
+    use crate::domain::RangeKind;
     use gatekeeper_common::range_kind;
 
     fn rec(id: u32, kind: RangeKind, net: &str) -> RangeRecord {
-        RangeRecord {
-            id,
-            kind,
-            net: net.parse().unwrap(),
-            origin: Origin::Manual,
-            source: "test".into(),
-            comment: None,
-            created_at: 0,
-            expires_at: None,
-            action: (kind == RangeKind::Pool).then_some(PoolAction::Drop),
-        }
+        RangeRecord::manual(id, kind, net.parse().unwrap())
     }
 
     /// Longest-prefix match over the desired entries of a table, as the

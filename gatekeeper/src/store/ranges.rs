@@ -26,6 +26,25 @@ pub struct RangeRecord {
     pub action: Option<PoolAction>,
 }
 
+impl RangeRecord {
+    /// A manual range with no comment, expiry or pool action (a pool
+    /// drops): what code that computes datapath entries without a database
+    /// (tests, benchmarks) starts from.
+    pub fn manual(id: u32, kind: RangeKind, net: IpNet) -> RangeRecord {
+        RangeRecord {
+            id,
+            kind,
+            net,
+            origin: Origin::Manual,
+            source: "manual".into(),
+            comment: None,
+            created_at: 0,
+            expires_at: None,
+            action: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewRange {
     pub net: IpNet,
