@@ -68,6 +68,10 @@ pub struct AgentLive {
     pub learned_ranges: u64,
     pub learning_prefixes_tracked: usize,
     pub queue: QueueStats,
+    /// Entries of the database that did not fit into the maps at start
+    /// (none when everything fits).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unapplied: Vec<String>,
 }
 
 /// The lookup queue's counters.

@@ -22,7 +22,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use gatekeeper_common::config_flags;
 use tokio::sync::{watch, Mutex};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     classify::{load_rules, Classifier},
@@ -93,8 +93,17 @@ pub async fn run(cfg: Config) -> Result<()> {
         // The configured ports win over `ports set`, and are kept as such.
         store.set_setting(PORTS_SETTING, &join_ports(&ports))?;
     }
-    let (added, removed) = sync::reconcile(&mut store, &mut dp.maps)?;
-    info!(written = added, removed, "datapath reconciled with {}", db.display());
+    let rec = sync::reconcile(&mut store, &mut dp.maps)?;
+    info!(written = rec.written, removed = rec.removed, "datapath reconciled with {}", db.display());
+    for (i, what) in rec.unapplied.iter().enumerate().take(20) {
+        warn!("not in the datapath ({} of {}): {what}", i + 1, rec.unapplied.len());
+    }
+    if !rec.unapplied.is_empty() {
+        warn!(
+            left_out = rec.unapplied.len(),
+            "the database holds more than the datapath's tables fit; running with what fits (raise max_range_nodes, then `gatekeeper unload` and restart to resize); `gatekeeper status` lists them"
+        );
+    }
 
     let mut attached = Vec::new();
     for spec in &cfg.interfaces {
@@ -128,7 +137,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let socket_path = cfg.socket.clone();
     let (limits, dns_cfg, lookups_on) = (cfg.limits.clone(), cfg.dns.clone(), cfg.dns.enabled);
     let judge = Judge::new(classifier, cfg.policy.clone(), cfg.learning.clone());
-    let core = Arc::new(Mutex::new(Core { state: State::new(cfg, store, dp, attached), judge }));
+    let core = Arc::new(Mutex::new(Core { state: State::new(cfg, store, dp, attached, rec.unapplied), judge }));
     let (stop, mut stopped) = watch::channel(false);
     let (queue, rx) = Queue::new(limits.max_pending);
 

@@ -49,11 +49,13 @@ pub struct State {
     pub dp: Datapath,
     pub attached: Vec<Attached>,
     started_at: i64,
+    /// What the start-up reconcile could not fit into the maps.
+    unapplied: Vec<String>,
 }
 
 impl State {
-    pub fn new(cfg: Config, store: Store, dp: Datapath, attached: Vec<Attached>) -> State {
-        State { cfg, store, dp, attached, started_at: unix_now() }
+    pub fn new(cfg: Config, store: Store, dp: Datapath, attached: Vec<Attached>, unapplied: Vec<String>) -> State {
+        State { cfg, store, dp, attached, started_at: unix_now(), unapplied }
     }
 
     /// Runs `f` on the store in one transaction, then brings the maps in
@@ -405,6 +407,7 @@ impl State {
             learned_ranges: 0,
             learning_prefixes_tracked: 0,
             queue,
+            unapplied: self.unapplied.clone(),
         })
     }
 

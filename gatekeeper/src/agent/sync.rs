@@ -10,10 +10,10 @@ use tracing::warn;
 
 use crate::{
     datapath::Maps,
-    domain::{PoolAction, RangeTable},
+    domain::{PoolAction, RangeKind, RangeTable},
     store::{RangeRecord, Store, VerdictRecord},
     time::{expiry_ns, monotonic_ns, unix_now},
-    Result,
+    Error, Result,
 };
 
 /// What one change touched in the store: the ranges added or removed and
@@ -93,35 +93,85 @@ fn sync_ranges(store: &Store, maps: &mut Maps, changed: &[&RangeRecord]) -> Resu
     Ok(())
 }
 
+/// What a reconcile did.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// Map entries written or rewritten.
+    pub written: usize,
+    pub removed: usize,
+    /// What the database holds but the maps could not (a full table), in
+    /// words; empty when everything fits.
+    pub unapplied: Vec<String>,
+}
+
 /// Makes the maps match the database (what the database holds is the
-/// truth), after removing what expired; returns (entries written, removed).
-pub fn reconcile(store: &mut Store, maps: &mut Maps) -> Result<(usize, usize)> {
+/// truth), after removing what expired. Never refuses for lack of room:
+/// what does not fit is left out, and always so that nothing is blocked by
+/// it. Winning ranges (allow, exempt, smarthost) go in first; a losing range
+/// (deny, pool) that overlaps a winner that did not fit is left out too,
+/// since without its winner it would block what the winner lets through.
+pub fn reconcile(store: &mut Store, maps: &mut Maps) -> Result<Reconciled> {
     let now = unix_now();
     store.expire_ranges(now)?;
     store.expire_verdicts(now)?;
-    let (mut added, mut removed) = (0, 0);
+    let mut out = Reconciled::default();
     let want = desired_ranges(&store.list_ranges(None)?);
     let have: StdMap<(RangeTable, IpNet), RangeValue> =
         maps.ranges.ranges().into_iter().map(|(t, n, v)| ((t, n), v)).collect();
     for (table, net) in have.keys().filter(|k| !want.contains_key(k)) {
         maps.ranges.del_range(*table, *net)?;
-        removed += 1;
+        out.removed += 1;
     }
-    for (key, v) in &want {
-        if have.get(key) != Some(v) {
-            maps.ranges.set_range(key.1, *v)?;
-            added += 1;
+    let is_loser = |t: RangeTable, v: &RangeValue| t.loser() == Some(RangeKind::of_code(v.kind));
+    let mut todo: Vec<(&(RangeTable, IpNet), &RangeValue)> =
+        want.iter().filter(|(k, v)| have.get(k) != Some(*v)).collect();
+    todo.sort_by_key(|((t, n), v)| (is_loser(*t, v), *t, n.prefix_len(), *n));
+    let mut lost_winners: Vec<(RangeTable, IpNet)> = Vec::new();
+    let overlaps_lost = |lost: &[(RangeTable, IpNet)], t: RangeTable, n: IpNet| {
+        lost.iter().any(|(lt, w)| *lt == t && (n.contains(w) || w.contains(&n)))
+    };
+    for (&(table, net), &v) in todo {
+        let kind = RangeKind::of_code(v.kind);
+        if is_loser(table, &v) && overlaps_lost(&lost_winners, table, net) {
+            out.unapplied.push(format!(
+                "{} {net}: left out, it overlaps a {} that did not fit",
+                kind.what(),
+                table.winner().what()
+            ));
+            continue;
+        }
+        match maps.ranges.set_range(net, v) {
+            Ok(()) => out.written += 1,
+            Err(e @ Error::Full { .. }) => {
+                out.unapplied.push(format!("{} {net}: {e}", kind.what()));
+                if !is_loser(table, &v) {
+                    lost_winners.push((table, net));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Losing ranges applied earlier that overlap a winner that did not fit.
+    for (t, n, v) in maps.ranges.ranges() {
+        if is_loser(t, &v) && overlaps_lost(&lost_winners, t, n) {
+            maps.ranges.del_range(t, n)?;
+            out.removed += 1;
+            out.unapplied.push(format!(
+                "{} {n}: removed, it overlaps a {} that did not fit",
+                RangeKind::of_code(v.kind).what(),
+                t.winner().what()
+            ));
         }
     }
     // Repairs whatever an agent that died mid-update left half-written.
-    added += maps.ranges.rebuild()?;
+    out.written += maps.ranges.rebuild()?;
     let mono = monotonic_ns();
     let want: StdMap<SourceKey, Verdict> =
         store.list_verdicts(None)?.iter().map(|v| (v.key, verdict_value(v, now, mono))).collect();
     for (key, _) in maps.verdicts()? {
         if !want.contains_key(&key) {
             maps.del_verdict(key)?;
-            removed += 1;
+            out.removed += 1;
         }
     }
     for (key, v) in want {
@@ -130,9 +180,9 @@ pub fn reconcile(store: &mut Store, maps: &mut Maps) -> Result<(usize, usize)> {
             continue;
         }
         maps.set_verdict(key, v)?;
-        added += 1;
+        out.written += 1;
     }
-    Ok((added, removed))
+    Ok(out)
 }
 
 /// A verdict record as the datapath holds it.
@@ -176,7 +226,6 @@ pub fn desired_ranges(records: &[RangeRecord]) -> StdMap<(RangeTable, IpNet), Ra
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::RangeKind;
     use gatekeeper_common::range_kind;
 
     fn rec(id: u32, kind: RangeKind, net: &str) -> RangeRecord {

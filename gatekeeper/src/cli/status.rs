@@ -134,6 +134,18 @@ fn print_status(st: &Status) {
     println!("verdicts:   {} (capacity {})", e.verdicts, dp.verdict_capacity);
     if let Some(l) = live {
         println!("events:     {} unknown-source reports received", l.events_received);
+        if !l.unapplied.is_empty() {
+            println!(
+                "NOT APPLIED: {} database entries did not fit into the datapath at start (it runs with what fits; raise max_range_nodes, then `gatekeeper unload` and restart):",
+                l.unapplied.len()
+            );
+            for u in l.unapplied.iter().take(10) {
+                println!("            {u}");
+            }
+            if l.unapplied.len() > 10 {
+                println!("            ... and {} more (`status --json` lists all)", l.unapplied.len() - 10);
+            }
+        }
     }
 }
 

@@ -63,7 +63,7 @@ impl Datapath {
     pub fn load(layout: &PinLayout, max_verdicts: u32, max_range_nodes: u32) -> Result<Datapath> {
         ensure_bpffs(&layout.root)?;
         for dir in [layout.root.join("maps"), layout.links_dir()] {
-            fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            pins::private_dir(&dir)?;
         }
         let (buckets, range_nodes) = load::check_pinned_maps(layout, max_verdicts, max_range_nodes)?;
         let mut ebpf = load_object(buckets, |loader| {

@@ -54,6 +54,35 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates `dir` (and missing parents) with mode 0700, or checks that an
+/// existing one is ours: owned by this user and not writable by group or
+/// others, who could otherwise swap in maps or programs of their own.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !dir.exists() {
+        return fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e));
+    }
+    let md = fs::metadata(dir).map_err(|e| Error::io(format!("inspect {}", dir.display()), e))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_dir() || md.uid() != me || md.mode() & 0o022 != 0 {
+        return Err(Error::InvalidInput(format!(
+            "{} is {} (owner uid {}, mode {:o}); refusing to use it, as others could replace what is pinned there; nothing was changed. Fix: chown {me} {} && chmod 700 {}",
+            dir.display(),
+            if md.is_dir() { "not private" } else { "not a directory" },
+            md.uid(),
+            md.mode() & 0o7777,
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// An exclusive lock on a pin directory, held for an agent's lifetime: a
 /// second agent for the same datapath is refused before it touches it.
 pub struct PinLock(#[allow(dead_code)] fs::File);
@@ -61,7 +90,7 @@ pub struct PinLock(#[allow(dead_code)] fs::File);
 impl PinLock {
     pub fn acquire(layout: &PinLayout) -> Result<PinLock> {
         ensure_bpffs(&layout.root)?;
-        fs::create_dir_all(&layout.root).map_err(|e| Error::io(format!("create {}", layout.root.display()), e))?;
+        private_dir(&layout.root)?;
         let dir = fs::File::open(&layout.root).map_err(|e| Error::io(format!("open {}", layout.root.display()), e))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), libc::LOCK_EX | libc::LOCK_NB) } != 0 {

@@ -98,6 +98,26 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// Creates the database file with mode 0600, or narrows an existing one
+/// (and its WAL files, which SQLite creates with the database's mode) to
+/// 0600: verdicts name sources and hostnames, which are nobody else's
+/// business.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: &str, p: &Path, e| Error::io(format!("{what} {}", p.display()), e);
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| io("create", path, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::metadata(&p) {
+            Ok(md) if md.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(|e| io("chmod", &p, e))?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Maps a rusqlite error to [`Error::Store`] for `path`.
 fn db(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     move |source| Error::Store { path: path.to_path_buf(), source }
@@ -146,6 +166,7 @@ impl Store {
                 .create(dir)
                 .map_err(|e| Error::io(format!("creating state directory {}", dir.display()), e))?;
         }
+        private_file(path)?;
         let conn = Connection::open(path).map_err(db(path))?;
         Store::init(conn, path.to_path_buf())
     }
@@ -160,7 +181,9 @@ impl Store {
         let e = db(&path);
         conn.busy_timeout(Duration::from_secs(5)).map_err(&e)?;
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(&e)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(&e)?;
+        // FULL: a change the CLI was told is done (a ban above all) survives
+        // a power loss, not only a crash of the agent.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(&e)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&e)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(&e)?;
         match version {

@@ -405,3 +405,22 @@ fn bulk_add_110k() {
     assert!(matches!(s.add_ranges(RangeKind::Allow, &[nr("10.0.0.0/8")], false, false, 0), Err(Error::Overlap { .. })));
     assert_eq!(s.list_ranges(Some(RangeKind::Deny)).unwrap().len(), 110_000);
 }
+
+#[test]
+fn database_files_are_private_and_commits_durable() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gatekeeper.db");
+    // An existing world-readable database is narrowed too.
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut s = Store::open(&path).unwrap();
+    s.set_setting("ports", "25").unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", p.display());
+    }
+    let sync: i64 = s.conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap();
+    assert_eq!(sync, 2, "synchronous=FULL");
+}
