@@ -66,10 +66,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{ensure, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use gatekeeper::datapath::{calibrate_clock, load_object, table_map, RangeMaps};
+use gatekeeper::datapath::{calibrate_clock, table_map, RangeMaps};
 use gatekeeper::store::RangeTable;
 use gatekeeper::verdict_table::{place, VerdictTable};
 use gatekeeper_common::{
@@ -77,13 +76,12 @@ use gatekeeper_common::{
     sourcetab::verdict_buckets, stat_index, verdict_reason, Config, Counter, KeyWords, RangeValue, SourceKey, StatKey,
     Verdict, VerdictBucket, VerdictSlot,
 };
-use gatekeeper_tests::packet::{mss_option, tcp_flags, ExtHeader, Packet};
+use gatekeeper_tests::packet::{mss_option, syn_to, tcp_flags, v4 as ip4, v6 as ip6, ExtHeader, Packet};
 use gatekeeper_tests::rng::Rng;
+use gatekeeper_tests::testrun::{self, monotonic_ns, stat_totals, test_run, XDP_DROP, XDP_PASS};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::json;
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 const IFINDEX: u32 = 1;
 const SMTP: u16 = 25;
 const DEFAULT_REPEAT: u32 = 1_000_000;
@@ -216,19 +214,9 @@ struct Bench {
 }
 
 impl Bench {
-    fn prog(&self, name: &str) -> &Xdp {
-        self.bpf.program(name).unwrap().try_into().unwrap()
-    }
-
     /// Runs `frame` `repeat` times; returns (return value, ns per run).
     fn run(&self, prog: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
-        let md: [u32; 6] = [0, frame.len() as u32, 0, IFINDEX, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let opts = TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), repeat, ..TestRunOptions::new() };
-        let r = self.prog(prog).test_run(opts).with_context(|| format!("test run of {prog}"))?;
-        // For repeat > 1 the kernel reports the mean per run (integer ns);
-        // one run's duration is also all we get for repeat == 1.
-        Ok((r.return_value, r.duration.as_nanos() as f64))
+        timed_run(&self.bpf, prog, frame, repeat)
     }
 
     fn range(&mut self, allow: bool, net: Net, range_id: u32) -> Result<()> {
@@ -287,14 +275,8 @@ impl Bench {
         stats.get(&stat_index(IFINDEX, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
-    fn all_counters(&self) -> BTreeMap<StatKey, u64> {
-        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
-        stats
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.ok().map(|v| (StatKey::from_index(i as u32), v.iter().sum::<u64>())))
-            .filter(|(_, v)| *v > 0)
-            .collect()
+    fn all_counters(&self) -> Result<BTreeMap<StatKey, u64>> {
+        stat_totals(&self.bpf, maps::STATS)
     }
 
     fn drain_events(&mut self) -> usize {
@@ -313,17 +295,13 @@ enum Net {
     V6(u128, u8),
 }
 
-fn ip4(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
-
-fn ip6(s: &str) -> Ipv6Addr {
-    s.parse().unwrap()
-}
-
-fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("clock_gettime");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+/// Runs `frame` `repeat` times through `prog` (as received on [`IFINDEX`]
+/// if it is an XDP program); returns (return value, ns per run).
+fn timed_run(bpf: &Ebpf, prog: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+    let r = test_run(bpf, prog, frame, Some(IFINDEX), repeat, None).with_context(|| format!("test run of {prog}"))?;
+    // For repeat > 1 the kernel reports the mean per run (integer ns);
+    // one run's duration is also all we get for repeat == 1.
+    Ok((r.return_value, r.duration.as_nanos() as f64))
 }
 
 // ------------------------------------------------------------ cases
@@ -370,11 +348,11 @@ const NON_SYN: Target = Target::Ratio(1.5);
 const DECISION: Target = Target::Ns(60.0);
 
 fn syn4(src: &str) -> Packet {
-    Packet::tcp_v4(ip4(src), [192, 0, 2, 25], 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1460))
+    syn_to(src, "192.0.2.25", SMTP)
 }
 
 fn syn6(src: &str) -> Packet {
-    Packet::tcp_v6(ip6(src), ip6("2001:db8:25::25"), 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1440))
+    syn_to(src, "2001:db8:25::25", SMTP)
 }
 
 fn case(name: &str, frame: Vec<u8>, ret: u32, counter: Option<u32>, target: Target) -> Case {
@@ -443,14 +421,13 @@ fn mib(bytes: u64) -> String {
 
 fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
     let started = Instant::now();
-    let mut bpf = load_object(verdict_buckets(VERDICT_CAPACITY), |l| {
-        l.map_max_entries(maps::RANGES, TRIE_NODES);
-    })
-    .context("loading the gatekeeper object")?;
-    for name in [programs::XDP_INGRESS, programs::XDP_BASELINE] {
-        let p: &mut Xdp = bpf.program_mut(name).with_context(|| format!("program {name}"))?.try_into()?;
-        p.load().with_context(|| format!("loading {name}"))?;
-    }
+    let mut bpf = testrun::load(
+        verdict_buckets(VERDICT_CAPACITY),
+        |l| {
+            l.map_max_entries(maps::RANGES, TRIE_NODES);
+        },
+        &[programs::XDP_INGRESS, programs::XDP_BASELINE],
+    )?;
     let ranges = RangeMaps::take(&mut bpf)?;
     let clock = calibrate_clock(&mut bpf)?;
     ensure!(clock.is_some(), "the datapath clock did not calibrate: the bench would measure the slow helper");
@@ -662,10 +639,9 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         case("syn unknown v6 (seen, no event)", syn6(unknown6).build(), XDP_PASS, dc(Counter::Unknown), DECISION),
     ];
     if let Some((src, len)) = deep4 {
-        let frame = Packet::tcp_v4(src, [192, 0, 2, 25], 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1460));
         let c = case(
             &format!("syn deny-range v4 (random /{len})"),
-            frame.build(),
+            syn4(&src.to_string()).build(),
             XDP_DROP,
             dc(Counter::DenyRange),
             DECISION,
@@ -673,11 +649,9 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         cases.insert(7, c);
     }
     if let Some((src, len)) = deep6 {
-        let frame =
-            Packet::tcp_v6(src, ip6("2001:db8:25::25"), 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1440));
         let c = case(
             &format!("syn deny-range v6 (random /{len})"),
-            frame.build(),
+            syn6(&src.to_string()).build(),
             XDP_DROP,
             dc(Counter::DenyRange),
             DECISION,
@@ -707,12 +681,12 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         ensure!(b.verdicts().get(SourceKey::from_ip(ip.parse()?))?.is_none(), "unknown source {ip} has a verdict");
     }
     for c in &cases {
-        let before = b.all_counters();
+        let before = b.all_counters()?;
         let (base, _) = b.run(programs::XDP_BASELINE, &c.frame, 1)?;
         ensure!(base == XDP_PASS, "{}: baseline returned {base}", c.name);
         let (ret, _) = b.run(programs::XDP_INGRESS, &c.frame, 1)?;
         ensure!(ret == c.ret, "{}: returned {ret}, expected {}", c.name, c.ret);
-        let after = b.all_counters();
+        let after = b.all_counters()?;
         let moved: Vec<_> = after
             .iter()
             .filter(|(k, v)| before.get(k).copied().unwrap_or(0) != **v)
@@ -896,19 +870,14 @@ fn utc_now() -> String {
 /// BPF_PROG_TEST_RUN beside their pass-only baselines.
 mod egress_bench {
     use super::*;
-    use aya::programs::SchedClassifier;
     use gatekeeper_common::{
         counters::egress_counter_name, port_policy, range_flags, EgressCounter, LimitKey, RateLimit,
     };
+    use gatekeeper_tests::testrun::{Hook, Outcome};
 
     const DEFAULT_POOLS_V4: usize = 100_000;
     const DEFAULT_POOLS_V6: usize = 10_000;
     const DEFAULT_BUCKETS: usize = 100_000;
-    const XDP_TX: u32 = 3;
-    /// TC_ACT_UNSPEC (-1) as the test run reports it.
-    const TC_UNSPEC: u32 = u32::MAX;
-    const TC_SHOT: u32 = 2;
-    const TC_REDIRECT: u32 = 7;
     const SUBMISSION: u16 = 587;
     const SUBMISSIONS: u16 = 465;
     /// Classes 1 (port 25) and 2 (587, 465): one token per microsecond and
@@ -931,54 +900,6 @@ mod egress_bench {
         maps::CONFIG,
     ];
 
-    /// Which attach type a case runs as.
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    enum Hook {
-        /// `gatekeeper_subscriber` beside `gatekeeper_baseline_pass`.
-        Xdp,
-        /// `gatekeeper_egress` beside `gatekeeper_tc_baseline`.
-        Tc,
-    }
-
-    impl Hook {
-        fn program(self) -> &'static str {
-            match self {
-                Hook::Xdp => programs::XDP_SUBSCRIBER,
-                Hook::Tc => programs::TC_EGRESS,
-            }
-        }
-        fn baseline(self) -> &'static str {
-            match self {
-                Hook::Xdp => programs::XDP_BASELINE,
-                Hook::Tc => programs::TC_BASELINE,
-            }
-        }
-        fn pass(self) -> u32 {
-            match self {
-                Hook::Xdp => XDP_PASS,
-                Hook::Tc => TC_UNSPEC,
-            }
-        }
-        fn drop(self) -> u32 {
-            match self {
-                Hook::Xdp => XDP_DROP,
-                Hook::Tc => TC_SHOT,
-            }
-        }
-        fn reject(self) -> u32 {
-            match self {
-                Hook::Xdp => XDP_TX,
-                Hook::Tc => TC_REDIRECT,
-            }
-        }
-        fn label(self) -> &'static str {
-            match self {
-                Hook::Xdp => "xdp",
-                Hook::Tc => "tc",
-            }
-        }
-    }
-
     struct ECase {
         name: String,
         hook: Hook,
@@ -991,13 +912,6 @@ mod egress_bench {
         /// every repeat on the same buffer, so after the first run the frame
         /// is no longer a SYN. Timed as single runs instead.
         rewrites: bool,
-    }
-
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    enum Outcome {
-        Pass,
-        Drop,
-        Reject,
     }
 
     /// A case before it is given a hook: (name, frame, outcome, the one
@@ -1013,34 +927,17 @@ mod egress_bench {
 
     impl Eg {
         /// Runs `frame` `repeat` times; returns (return value, ns per run).
-        fn run(&self, hook: Hook, prog: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
-            let md: [u32; 6] = [0, frame.len() as u32, 0, IFINDEX, 0, 0];
-            let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-            let r = match hook {
-                Hook::Xdp => {
-                    let p: &Xdp = self.bpf.program(prog).unwrap().try_into()?;
-                    p.test_run(TestRunOptions {
-                        data_in: Some(frame),
-                        ctx_in: Some(&ctx),
-                        repeat,
-                        ..TestRunOptions::new()
-                    })
-                }
-                // No context: the test skb sits on the loopback (ifindex 1).
-                Hook::Tc => {
-                    let p: &SchedClassifier = self.bpf.program(prog).unwrap().try_into()?;
-                    p.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() })
-                }
-            }
-            .with_context(|| format!("test run of {prog}"))?;
-            Ok((r.return_value, r.duration.as_nanos() as f64))
+        /// A TC program gets no context: the test skb sits on the loopback
+        /// (ifindex 1).
+        fn run(&self, prog: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+            timed_run(&self.bpf, prog, frame, repeat)
         }
 
         /// Mean ns per run over `n` single runs (each its own test run).
-        fn run_singly(&self, hook: Hook, prog: &str, frame: &[u8], n: u32, want: u32) -> Result<f64> {
+        fn run_singly(&self, prog: &str, frame: &[u8], n: u32, want: u32) -> Result<f64> {
             let mut total = 0.0;
             for _ in 0..n {
-                let (r, t) = self.run(hook, prog, frame, 1)?;
+                let (r, t) = self.run(prog, frame, 1)?;
                 ensure!(r == want, "{prog}: returned {r} in a single run, expected {want}");
                 total += t;
             }
@@ -1071,14 +968,8 @@ mod egress_bench {
             stats.get(&stat_index(IFINDEX, c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
         }
 
-        fn all_stats(&self) -> BTreeMap<StatKey, u64> {
-            let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::EG_STATS).unwrap()).unwrap();
-            stats
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| r.ok().map(|v| (StatKey::from_index(i as u32), v.iter().sum::<u64>())))
-                .filter(|(_, v)| *v > 0)
-                .collect()
+        fn all_stats(&self) -> Result<BTreeMap<StatKey, u64>> {
+            stat_totals(&self.bpf, maps::EG_STATS)
         }
     }
 
@@ -1088,14 +979,6 @@ mod egress_bench {
 
     fn net6(s: &str) -> IpNet {
         IpNet::V6(s.parse().unwrap())
-    }
-
-    fn syn4_to(src: &str, dst: &str, port: u16) -> Packet {
-        Packet::tcp_v4(ip4(src), ip4(dst), 40000, port, tcp_flags::SYN).tcp_options(&mss_option(1460))
-    }
-
-    fn syn6_to(src: &str, dst: &str, port: u16) -> Packet {
-        Packet::tcp_v6(ip6(src), ip6(dst), 40000, port, tcp_flags::SYN).tcp_options(&mss_option(1440))
     }
 
     fn usage() -> ! {
@@ -1135,19 +1018,13 @@ mod egress_bench {
         let started = Instant::now();
         // The ingress gate's verdict table is preallocated and unused here:
         // keep it small.
-        let mut bpf = load_object(64, |l| {
-            l.map_max_entries(maps::SUB_RANGES, TRIE_NODES);
-        })
-        .context("loading the gatekeeper object")?;
-        for name in [programs::XDP_SUBSCRIBER, programs::XDP_BASELINE] {
-            let p: &mut Xdp = bpf.program_mut(name).with_context(|| format!("program {name}"))?.try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-        }
-        for name in [programs::TC_EGRESS, programs::TC_BASELINE] {
-            let p: &mut SchedClassifier =
-                bpf.program_mut(name).with_context(|| format!("program {name}"))?.try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-        }
+        let mut bpf = testrun::load(
+            64,
+            |l| {
+                l.map_max_entries(maps::SUB_RANGES, TRIE_NODES);
+            },
+            &[programs::XDP_SUBSCRIBER, programs::XDP_BASELINE, programs::TC_EGRESS, programs::TC_BASELINE],
+        )?;
         let clock = calibrate_clock(&mut bpf)?;
         ensure!(clock.is_some(), "the datapath clock did not calibrate: the bench would measure the slow helper");
         write_config(&mut bpf, 0, clock)?;
@@ -1273,63 +1150,63 @@ mod egress_bench {
                 ),
                 Template(
                     "syn unguarded port v4 (pool -> 8080)".into(),
-                    syn4_to("198.51.100.7", mx, 8080).build(),
+                    syn_to("198.51.100.7", mx, 8080).build(),
                     Outcome::Pass,
                     None,
                     NON_SYN,
                 ),
                 Template(
                     "syn non-subscriber v4 -> 25".into(),
-                    syn4_to("203.0.113.200", mx, SMTP).build(),
+                    syn_to("203.0.113.200", mx, SMTP).build(),
                     Outcome::Pass,
                     None,
                     DECISION,
                 ),
                 Template(
                     "syn pool blocked v4 (drop)".into(),
-                    syn4_to("198.51.100.7", mx, SMTP).build(),
+                    syn_to("198.51.100.7", mx, SMTP).build(),
                     Outcome::Drop,
                     Some(PoolBlocked),
                     DECISION,
                 ),
                 Template(
                     "syn pool -> smarthost v4".into(),
-                    syn4_to("198.51.100.7", "192.0.2.25", SMTP).build(),
+                    syn_to("198.51.100.7", "192.0.2.25", SMTP).build(),
                     Outcome::Pass,
                     Some(SmarthostAllowed),
                     DECISION,
                 ),
                 Template(
                     "syn exempt v4 -> 25".into(),
-                    syn4_to("198.51.100.25", mx, SMTP).build(),
+                    syn_to("198.51.100.25", mx, SMTP).build(),
                     Outcome::Pass,
                     Some(Exempt),
                     DECISION,
                 ),
                 Template(
                     "syn pool -> 587 v4 (rate-checked pass)".into(),
-                    syn4_to("198.51.100.7", mx, SUBMISSION).build(),
+                    syn_to("198.51.100.7", mx, SUBMISSION).build(),
                     Outcome::Pass,
                     None,
                     DECISION,
                 ),
                 Template(
                     "syn rate-limited v4 -> 587 (drop)".into(),
-                    syn4_to(exhausted, mx, SUBMISSION).build(),
+                    syn_to(exhausted, mx, SUBMISSION).build(),
                     Outcome::Drop,
                     Some(RateLimited),
                     DECISION,
                 ),
                 Template(
                     "syn pool reject v4 (RST rewrite)".into(),
-                    syn4_to("203.0.113.7", mx, SMTP).build(),
+                    syn_to("203.0.113.7", mx, SMTP).build(),
                     Outcome::Reject,
                     Some(PoolRejected),
                     Target::None,
                 ),
                 Template(
                     "syn pool blocked v6 (drop)".into(),
-                    syn6_to("2001:db8:100::7", "2001:db8:80::80", SMTP).build(),
+                    syn_to("2001:db8:100::7", "2001:db8:80::80", SMTP).build(),
                     Outcome::Drop,
                     Some(PoolBlocked),
                     DECISION,
@@ -1338,7 +1215,7 @@ mod egress_bench {
             if let Some((src, len)) = deep4 {
                 let c = Template(
                     format!("syn pool blocked v4 (random /{len})"),
-                    syn4_to(&src.to_string(), mx, SMTP).build(),
+                    syn_to(&src.to_string(), mx, SMTP).build(),
                     Outcome::Drop,
                     Some(PoolBlocked),
                     DECISION,
@@ -1350,11 +1227,7 @@ mod egress_bench {
         let mut cases = Vec::new();
         for hook in [Hook::Xdp, Hook::Tc] {
             for Template(name, frame, outcome, counter, target) in &frames {
-                let ret = match outcome {
-                    Outcome::Pass => hook.pass(),
-                    Outcome::Drop => hook.drop(),
-                    Outcome::Reject => hook.reject(),
-                };
+                let ret = hook.code(*outcome);
                 cases.push(ECase {
                     name: name.clone(),
                     hook,
@@ -1369,12 +1242,12 @@ mod egress_bench {
 
         // Check every case once: return value and exactly the expected counter.
         for c in &cases {
-            let before = b.all_stats();
-            let (base, _) = b.run(c.hook, c.hook.baseline(), &c.frame, 1)?;
-            ensure!(base == c.hook.pass(), "{}: baseline returned {base}", c.name);
-            let (ret, _) = b.run(c.hook, c.hook.program(), &c.frame, 1)?;
+            let before = b.all_stats()?;
+            let (base, _) = b.run(c.hook.baseline(), &c.frame, 1)?;
+            ensure!(base == c.hook.code(Outcome::Pass), "{}: baseline returned {base}", c.name);
+            let (ret, _) = b.run(c.hook.egress_program(), &c.frame, 1)?;
             ensure!(ret == c.ret, "{} ({}): returned {ret}, expected {}", c.name, c.hook.label(), c.ret);
-            let after = b.all_stats();
+            let after = b.all_stats()?;
             let moved: Vec<_> = after
                 .iter()
                 .filter(|(k, v)| before.get(k).copied().unwrap_or(0) != **v)
@@ -1399,20 +1272,20 @@ mod egress_bench {
         );
         let mut results = Vec::new();
         for hook in [Hook::Xdp, Hook::Tc] {
-            println!("{} vs {}", hook.program(), hook.baseline());
+            println!("{} vs {}", hook.egress_program(), hook.baseline());
             println!("{:<40} {:>7} {:>9} {:>7} {:>7}  target", "case", "ns/pkt", "baseline", "net", "ratio");
             for c in cases.iter().filter(|c| c.hook == hook) {
                 let counter_before = c.counter.map(|s| b.stat(s));
                 let (mut base, mut ns) = (Vec::new(), Vec::new());
                 for _ in 0..ROUNDS {
                     if c.rewrites {
-                        base.push(b.run_singly(hook, hook.baseline(), &c.frame, repeat, hook.pass())?);
-                        ns.push(b.run_singly(hook, hook.program(), &c.frame, repeat, c.ret)?);
+                        base.push(b.run_singly(hook.baseline(), &c.frame, repeat, hook.code(Outcome::Pass))?);
+                        ns.push(b.run_singly(hook.egress_program(), &c.frame, repeat, c.ret)?);
                     } else {
-                        let (r, t) = b.run(hook, hook.baseline(), &c.frame, repeat)?;
-                        ensure!(r == hook.pass());
+                        let (r, t) = b.run(hook.baseline(), &c.frame, repeat)?;
+                        ensure!(r == hook.code(Outcome::Pass));
                         base.push(t);
-                        let (r, t) = b.run(hook, hook.program(), &c.frame, repeat)?;
+                        let (r, t) = b.run(hook.egress_program(), &c.frame, repeat)?;
                         ensure!(r == c.ret, "{} ({}): returned {r} in the timed run", c.name, hook.label());
                         ns.push(t);
                     }
@@ -1448,7 +1321,7 @@ mod egress_bench {
                 );
                 results.push(json!({
                     "hook": hook.label(),
-                    "program": hook.program(),
+                    "program": hook.egress_program(),
                     "baseline_program": hook.baseline(),
                     "case": c.name,
                     "ns": ns_med,
