@@ -60,6 +60,15 @@ impl Gk {
         Gk::with_buckets(VERDICT_BUCKETS)
     }
 
+    /// As [`Gk::new`], with every source in a deny range: 0.0.0.0/0 (range
+    /// 1) and ::/0 (range 2).
+    fn denying_all() -> Self {
+        let mut gk = Gk::new();
+        gk.deny("0.0.0.0/0", 1);
+        gk.deny("::/0", 2);
+        gk
+    }
+
     /// As [`Gk::new`], with a verdict table of `buckets` buckets.
     fn with_buckets(buckets: u32) -> Self {
         testrun::require_root("xdp_decisions");
@@ -529,9 +538,7 @@ fn dry_run_passes_every_drop_and_counts_it() {
 
 #[test]
 fn unguarded_ports_pass_uncounted_and_bitmap_changes_apply() {
-    let mut gk = Gk::new();
-    gk.deny("0.0.0.0/0", 1);
-    gk.deny("::/0", 2);
+    let mut gk = Gk::denying_all();
     let to = |port: u16| Packet::tcp_v4(v4("198.51.100.1"), v4(DST4), 40000, port, tcp_flags::SYN).build();
     let to6 = |port: u16| Packet::tcp_v6(v6("2001:db8::1"), v6(DST6), 40000, port, tcp_flags::SYN).build();
     for port in [0, 24, 26, 80, 443, 587, 65535] {
@@ -673,9 +680,7 @@ fn vlan_and_qinq_are_decided() {
 
 #[test]
 fn non_first_fragments_pass_without_a_decision() {
-    let mut gk = Gk::new();
-    gk.deny("0.0.0.0/0", 1);
-    gk.deny("::/0", 2);
+    let mut gk = Gk::denying_all();
     for (offset, more) in [(1, true), (1, false), (185, true), (0x1fff, false)] {
         let frame = syn("198.51.100.1").ipv4_fragment(offset, more).build();
         gk.check(&frame, XDP_PASS, &[], &format!("v4 fragment offset {offset} MF {more}"));
@@ -693,9 +698,7 @@ fn non_first_fragments_pass_without_a_decision() {
 
 #[test]
 fn only_a_pure_syn_is_decided() {
-    let mut gk = Gk::new();
-    gk.deny("0.0.0.0/0", 1);
-    gk.deny("::/0", 2);
+    let mut gk = Gk::denying_all();
     use tcp_flags::*;
     for (flags, name) in NOT_SYN {
         let frame = Packet::tcp_v4(v4("198.51.100.1"), v4(DST4), 1, SMTP, flags).build();
@@ -721,9 +724,7 @@ fn only_a_pure_syn_is_decided() {
 
 #[test]
 fn truncated_frames_always_pass() {
-    let mut gk = Gk::new();
-    gk.deny("0.0.0.0/0", 1);
-    gk.deny("::/0", 2);
+    let mut gk = Gk::denying_all();
     let frames: Vec<(&str, Vec<u8>)> = vec![
         ("v4", syn("198.51.100.1").build()),
         ("v4 options", syn("198.51.100.1").ipv4_options(&[1; 12]).build()),
@@ -763,9 +764,7 @@ fn truncated_frames_always_pass() {
 
 #[test]
 fn malformed_ip_headers_pass_and_are_counted() {
-    let mut gk = Gk::new();
-    gk.deny("0.0.0.0/0", 1);
-    gk.deny("::/0", 2);
+    let mut gk = Gk::denying_all();
     let skipped = [(c(Counter::ParseSkipped), 1)];
     let good = syn("198.51.100.1").build();
     for ihl in 0..5u8 {
@@ -901,16 +900,22 @@ fn mutated_packets_match_the_parsing_rules() {
 
 // ---------------------------------------------------------------- hold
 
+/// An instance with `first_syn = hold` (reports every 60 s) and a hold
+/// window of `ms`, and the counter a held SYN moves.
+fn holding(ms: u32) -> (Gk, u32) {
+    let mut gk = Gk::new();
+    gk.config(60_000_000_000, config_flags::HOLD);
+    // hold_ms = 0 in `config`: set the window.
+    gk.hold_ms(ms);
+    (gk, c(Counter::VerdictDropBase) + verdict_reason::HOLD)
+}
+
 /// `first_syn = hold`: an unknown source is dropped from its first SYN
 /// while its report is younger than hold_ms, then passes (fail-open); a
 /// verdict that lands in between decides as usual.
 #[test]
 fn hold_drops_unknown_sources_for_a_bounded_time() {
-    let mut gk = Gk::new();
-    let hold = c(Counter::VerdictDropBase) + verdict_reason::HOLD;
-    gk.config(60_000_000_000, config_flags::HOLD);
-    // hold_ms = 0 in `config`: set a real window.
-    gk.hold_ms(60_000);
+    let (mut gk, hold) = holding(60_000);
     let first = syn("203.0.113.90").build();
     gk.check(&first, XDP_DROP, &[(hold, 1)], "first SYN is held");
     assert_eq!(gk.events().len(), 1, "and reported");
@@ -929,10 +934,7 @@ fn hold_drops_unknown_sources_for_a_bounded_time() {
 
 #[test]
 fn hold_fails_open_once_the_window_is_over() {
-    let mut gk = Gk::new();
-    let hold = c(Counter::VerdictDropBase) + verdict_reason::HOLD;
-    gk.config(60_000_000_000, config_flags::HOLD);
-    gk.hold_ms(1);
+    let (mut gk, hold) = holding(1);
     let frame = syn("203.0.113.92").build();
     gk.check(&frame, XDP_DROP, &[(hold, 1)], "first SYN is held");
     // No verdict ever comes (agent or DNS dead): after the window it passes.

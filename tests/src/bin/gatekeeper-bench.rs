@@ -686,12 +686,8 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         ensure!(base == XDP_PASS, "{}: baseline returned {base}", c.name);
         let (ret, _) = b.run(programs::XDP_INGRESS, &c.frame, 1)?;
         ensure!(ret == c.ret, "{}: returned {ret}, expected {}", c.name, c.ret);
-        let after = b.all_counters()?;
-        let moved: Vec<_> = after
-            .iter()
-            .filter(|(k, v)| before.get(k).copied().unwrap_or(0) != **v)
-            .map(|(k, v)| (k.ifindex, counter_name(k.counter), v - before.get(k).copied().unwrap_or(0)))
-            .collect();
+        let moved: Vec<_> =
+            moved(&before, &b.all_counters()?).map(|(ifindex, slot, n)| (ifindex, counter_name(slot), n)).collect();
         let want: Vec<_> = c.counter.iter().map(|&s| (IFINDEX, counter_name(s), 1)).collect();
         ensure!(moved == want, "{}: counters moved {moved:?}, expected {want:?}", c.name);
     }
@@ -740,33 +736,15 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
             let moved = b.counter(slot) - before;
             ensure!(moved == u64::from(n) * ROUNDS as u64, "{}: {} moved {moved} times", c.name, counter_name(slot));
         }
-        let (ns_med, base_med) = (median(&mut ns), median(&mut base));
-        let ratio = if base_med > 0.0 { ns_med / base_med } else { f64::INFINITY };
-        let met = c.target.met(ns_med, ratio);
-        println!(
-            "{:<36} {:>7.0} {:>9.0} {:>7.0} {:>6.2}x  {:<14} {}",
-            c.name,
-            ns_med,
-            base_med,
-            ns_med - base_med,
-            ratio,
-            c.target.describe(),
-            if met { "ok" } else { "MISSED" }
-        );
-        results.push(json!({
+        let t = Timing::of(&mut ns, &mut base, c.target);
+        println!("{:<36} {}", c.name, t.row(if t.met { "ok" } else { "MISSED" }));
+        results.push(t.json(json!({
             "case": c.name,
-            "ns": ns_med,
-            "ns_min": ns.iter().cloned().fold(f64::INFINITY, f64::min),
-            "baseline_ns": base_med,
-            "net_ns": ns_med - base_med,
-            "ratio": ratio,
-            "target": c.target.describe(),
-            "met": met,
+            "met": t.met,
             "repeat": n,
-            "rounds": ROUNDS,
             "return_value": c.ret,
             "counter": c.counter.map(counter_name),
-        }));
+        })));
     }
     println!(
         "\nnotes: durations are the kernel's integer ns mean per run; the baseline runs the same frame;\n\
@@ -782,12 +760,97 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         repeat.min(EVENT_REPEAT)
     );
 
+    let memory = memory_table(&mem, |name| b.entries.get(name).copied());
+    let report = Report { benchmark: "xdp", repeat, map_entries: &b.entries, memory, cases: results, started };
+    write_report(
+        json_path,
+        &report.json(json!({ "baseline_program": programs::XDP_BASELINE, "program": programs::XDP_INGRESS })),
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The counters that moved between two snapshots: (ifindex, slot, by how
+/// much).
+fn moved<'a>(
+    before: &'a BTreeMap<StatKey, u64>,
+    after: &'a BTreeMap<StatKey, u64>,
+) -> impl Iterator<Item = (u32, u32, u64)> + 'a {
+    after
+        .iter()
+        .filter(|(k, v)| before.get(k).copied().unwrap_or(0) != **v)
+        .map(|(k, v)| (k.ifindex, k.counter, v - before.get(k).copied().unwrap_or(0)))
+}
+
+/// A case's timed rounds: medians of the program's and the baseline's ns
+/// per run.
+struct Timing {
+    ns: f64,
+    ns_min: f64,
+    base: f64,
+    ratio: f64,
+    target: Target,
+    met: bool,
+}
+
+impl Timing {
+    fn of(ns: &mut [f64], base: &mut [f64], target: Target) -> Timing {
+        let ns_min = ns.iter().cloned().fold(f64::INFINITY, f64::min);
+        let (ns, base) = (median(ns), median(base));
+        let ratio = if base > 0.0 { ns / base } else { f64::INFINITY };
+        Timing { ns, ns_min, base, ratio, target, met: target.met(ns, ratio) }
+    }
+
+    /// The table row after the case name, ending in `verdict`.
+    fn row(&self, verdict: &str) -> String {
+        format!(
+            "{:>7.0} {:>9.0} {:>7.0} {:>6.2}x  {:<14} {verdict}",
+            self.ns,
+            self.base,
+            self.ns - self.base,
+            self.ratio,
+            self.target.describe()
+        )
+    }
+
+    /// The case's JSON: its own `fields` and the timing.
+    fn json(&self, fields: serde_json::Value) -> serde_json::Value {
+        let timing = json!({
+            "ns": self.ns,
+            "ns_min": self.ns_min,
+            "baseline_ns": self.base,
+            "net_ns": self.ns - self.base,
+            "ratio": self.ratio,
+            "target": self.target.describe(),
+            "rounds": ROUNDS,
+        });
+        merge(fields, timing)
+    }
+}
+
+/// `a` with the fields of `b` added (both JSON objects).
+fn merge(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    if let (Some(a), serde_json::Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// Prints the table of the memory `mem` takes (with `entries` of each map,
+/// if known); returns the total and the table as JSON.
+fn memory_table<'a>(
+    mem: impl IntoIterator<Item = &'a MapMem>,
+    entries: impl Fn(&str) -> Option<usize>,
+) -> (u64, serde_json::Map<String, serde_json::Value>) {
     println!("\n{:<16} {:<13} {:>11} {:>10} {:>12}", "map", "type", "max_entries", "entries", "memlock");
     let mut total = 0;
     let mut mem_json = serde_json::Map::new();
-    for m in &mem {
+    for m in mem {
         total += m.memlock;
-        let entries = b.entries.get(m.name).copied();
+        let entries = entries(m.name);
         println!(
             "{:<16} {:<13} {:>11} {:>10} {:>12}",
             m.name,
@@ -802,36 +865,52 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         );
     }
     println!("{:<16} {:<13} {:>11} {:>10} {:>12}", "total", "", "", "", mib(total));
-
-    let report = json!({
-        "benchmark": "xdp",
-        "method": "BPF_PROG_TEST_RUN",
-        "kernel": kernel_release(),
-        "cpu": cpu_model(),
-        "nr_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "date": utc_now(),
-        "repeat": repeat,
-        "rounds": ROUNDS,
-        "baseline_program": programs::XDP_BASELINE,
-        "program": programs::XDP_INGRESS,
-        "map_entries": b.entries,
-        "maps": mem_json,
-        "memlock_total_bytes": total,
-        "cases": results,
-        "setup_seconds": started.elapsed().as_secs_f64(),
-    });
-    if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(json_path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    println!("\nwrote {}", json_path.display());
-    Ok(())
+    (total, mem_json)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// What every BPF_PROG_TEST_RUN benchmark reports: what ran where and when,
+/// the maps and the cases.
+struct Report<'a> {
+    benchmark: &'static str,
+    repeat: u32,
+    map_entries: &'a BTreeMap<&'static str, usize>,
+    /// Total and table, from [`memory_table`].
+    memory: (u64, serde_json::Map<String, serde_json::Value>),
+    cases: Vec<serde_json::Value>,
+    started: Instant,
+}
+
+impl Report<'_> {
+    /// The report as JSON, with the benchmark's own `fields`.
+    fn json(self, fields: serde_json::Value) -> serde_json::Value {
+        let common = json!({
+            "benchmark": self.benchmark,
+            "method": "BPF_PROG_TEST_RUN",
+            "kernel": kernel_release(),
+            "cpu": cpu_model(),
+            "nr_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "date": utc_now(),
+            "repeat": self.repeat,
+            "rounds": ROUNDS,
+            "map_entries": self.map_entries,
+            "maps": self.memory.1,
+            "memlock_total_bytes": self.memory.0,
+            "cases": self.cases,
+            "setup_seconds": self.started.elapsed().as_secs_f64(),
+        });
+        merge(common, fields)
+    }
+}
+
+/// Writes `report` to `path` (making its directory) and says so.
+fn write_report(path: &std::path::Path, report: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
 }
 
 fn kernel_release() -> String {
@@ -1247,11 +1326,8 @@ mod egress_bench {
             ensure!(base == c.hook.code(Outcome::Pass), "{}: baseline returned {base}", c.name);
             let (ret, _) = b.run(c.hook.egress_program(), &c.frame, 1)?;
             ensure!(ret == c.ret, "{} ({}): returned {ret}, expected {}", c.name, c.hook.label(), c.ret);
-            let after = b.all_stats()?;
-            let moved: Vec<_> = after
-                .iter()
-                .filter(|(k, v)| before.get(k).copied().unwrap_or(0) != **v)
-                .map(|(k, v)| (k.ifindex, egress_counter_name(k.counter), v - before.get(k).copied().unwrap_or(0)))
+            let moved: Vec<_> = moved(&before, &b.all_stats()?)
+                .map(|(ifindex, slot, n)| (ifindex, egress_counter_name(slot), n))
                 .collect();
             let want: Vec<_> = c.counter.iter().map(|&s| (IFINDEX, egress_counter_name(s as u32), 1)).collect();
             ensure!(moved == want, "{} ({}): counters moved {moved:?}, expected {want:?}", c.name, c.hook.label());
@@ -1300,43 +1376,27 @@ mod egress_bench {
                         egress_counter_name(slot as u32)
                     );
                 }
-                let (ns_med, base_med) = (median(&mut ns), median(&mut base));
-                let ratio = if base_med > 0.0 { ns_med / base_med } else { f64::INFINITY };
-                let met = c.target.met(ns_med, ratio);
-                println!(
-                    "{:<40} {:>7.0} {:>9.0} {:>7.0} {:>6.2}x  {:<14} {}",
-                    if c.rewrites { format!("{} *", c.name) } else { c.name.clone() },
-                    ns_med,
-                    base_med,
-                    ns_med - base_med,
-                    ratio,
-                    c.target.describe(),
-                    if c.target == Target::None {
-                        ""
-                    } else if met {
-                        "ok"
-                    } else {
-                        "MISSED"
-                    }
-                );
-                results.push(json!({
+                let t = Timing::of(&mut ns, &mut base, c.target);
+                let verdict = if c.target == Target::None {
+                    ""
+                } else if t.met {
+                    "ok"
+                } else {
+                    "MISSED"
+                };
+                let name = if c.rewrites { format!("{} *", c.name) } else { c.name.clone() };
+                println!("{name:<40} {}", t.row(verdict));
+                results.push(t.json(json!({
                     "hook": hook.label(),
                     "program": hook.egress_program(),
                     "baseline_program": hook.baseline(),
                     "case": c.name,
-                    "ns": ns_med,
-                    "ns_min": ns.iter().cloned().fold(f64::INFINITY, f64::min),
-                    "baseline_ns": base_med,
-                    "net_ns": ns_med - base_med,
-                    "ratio": ratio,
-                    "target": c.target.describe(),
-                    "met": (c.target != Target::None).then_some(met),
+                    "met": (c.target != Target::None).then_some(t.met),
                     "repeat": repeat,
                     "single_runs": c.rewrites,
-                    "rounds": ROUNDS,
                     "return_value": c.ret,
                     "counter": c.counter.map(|s| egress_counter_name(s as u32)),
-                }));
+                })));
             }
             println!();
         }
@@ -1352,42 +1412,16 @@ mod egress_bench {
              timed the same way."
         );
 
-        println!("\n{:<16} {:<13} {:>11} {:>10} {:>12}", "map", "type", "max_entries", "entries", "memlock");
-        let mut total = 0;
-        let mut mem_json = serde_json::Map::new();
         let mut counts: BTreeMap<&str, usize> =
             [(maps::EG_BUCKETS, b.entries[maps::EG_BUCKETS]), (maps::EG_PORTS, 3), (maps::EG_LIMITS, 2)].into();
         // Trie maps: nodes in use.
         for table in [RangeTable::Subscriber, RangeTable::Smarthost] {
             counts.insert(table_map(table), b.ranges.usage(table).0 as usize);
         }
-        for m in mem.iter().filter(|m| EGRESS_MAPS.contains(&m.name)) {
-            total += m.memlock;
-            let entries = counts.get(m.name).copied();
-            println!(
-                "{:<16} {:<13} {:>11} {:>10} {:>12}",
-                m.name,
-                m.kind,
-                m.max_entries,
-                entries.map_or("-".into(), |e| e.to_string()),
-                mib(m.memlock)
-            );
-            mem_json.insert(
-                m.name.to_string(),
-                json!({ "type": m.kind, "max_entries": m.max_entries, "entries": entries, "memlock_bytes": m.memlock }),
-            );
-        }
-        println!("{:<16} {:<13} {:>11} {:>10} {:>12}", "total", "", "", "", mib(total));
-
-        let report = json!({
-            "benchmark": "egress",
-            "method": "BPF_PROG_TEST_RUN",
-            "kernel": kernel_release(),
-            "cpu": cpu_model(),
-            "nr_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "date": utc_now(),
-            "repeat": repeat,
-            "rounds": ROUNDS,
+        let egress_maps = mem.iter().filter(|m| EGRESS_MAPS.contains(&m.name));
+        let memory = memory_table(egress_maps, |name| counts.get(name).copied());
+        let report = Report { benchmark: "egress", repeat, map_entries: &b.entries, memory, cases: results, started };
+        let report = report.json(json!({
             "programs": {
                 "xdp": { "program": programs::XDP_SUBSCRIBER, "baseline": programs::XDP_BASELINE },
                 "tc": { "program": programs::TC_EGRESS, "baseline": programs::TC_BASELINE },
@@ -1399,19 +1433,8 @@ mod egress_bench {
                     { "class": 2, "ports": [SUBMISSION, SUBMISSIONS], "interval_ns": LIMIT.interval_ns, "burst_ns": LIMIT.burst_ns },
                 ],
             },
-            "map_entries": b.entries,
-            "maps": mem_json,
-            "memlock_total_bytes": total,
-            "cases": results,
-            "setup_seconds": started.elapsed().as_secs_f64(),
-        });
-        if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        std::fs::write(json_path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", json_path.display()))?;
-        println!("\nwrote {}", json_path.display());
-        Ok(())
+        }));
+        write_report(json_path, &report)
     }
 }
 
@@ -1545,12 +1568,6 @@ mod classify_bench {
             "classify_into": { "names": n_reuse, "seconds": s_reuse, "names_per_sec": rate_reuse, "ns_per_name": 1e9 / rate_reuse,
                                "met": rate_reuse >= TARGET_NAMES_PER_SEC },
         });
-        if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", json_path.display()))?;
-        println!("\nwrote {}", json_path.display());
-        Ok(())
+        super::write_report(&json_path, &report)
     }
 }
