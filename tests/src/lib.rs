@@ -1,7 +1,13 @@
 //! Test support for gatekeeper's root integration tests, the lab and the
-//! benchmarks: packet builders, network-namespace scaffolding and DNS servers.
+//! benchmarks: packet builders, network-namespace scaffolding, DNS servers,
+//! the BPF_PROG_TEST_RUN harness and the host reference model of the
+//! datapath's parser, and a gatekeeper instance driven through its CLI.
 
+pub mod agentlab;
 pub mod dnslab;
+pub mod model;
 pub mod netlab;
 pub mod packet;
+pub mod ranges;
 pub mod rng;
+pub mod testrun;

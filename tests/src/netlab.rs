@@ -373,6 +373,20 @@ pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     Ok(())
 }
 
+/// Two fresh namespaces joined by one veth pair: each end given as
+/// (namespace prefix, interface name, addresses of that interface).
+pub fn joined<A: AsRef<str>, B: AsRef<str>>(a: (&str, &str, &[A]), b: (&str, &str, &[B])) -> Result<(Netns, Netns)> {
+    let (a_ns, b_ns) = (Netns::new(a.0)?, Netns::new(b.0)?);
+    veth_pair(&a_ns, a.1, &b_ns, b.1)?;
+    for addr in a.2 {
+        a_ns.addr_add(a.1, addr.as_ref())?;
+    }
+    for addr in b.2 {
+        b_ns.addr_add(b.1, addr.as_ref())?;
+    }
+    Ok((a_ns, b_ns))
+}
+
 /// Run `f` on a fresh thread that first joins `ns`'s network namespace
 /// (`setns(CLONE_NEWNET)`), and return its result. Sockets made in `f` stay
 /// in the namespace after `f` returns. Panics in `f` propagate.

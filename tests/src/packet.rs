@@ -17,7 +17,7 @@
 //! (e.g. [`Packet::ipv4_options`] on an IPv6 packet) panic: that is a bug in
 //! the test.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// EtherType values.
 pub mod ethertype {
@@ -50,12 +50,69 @@ pub mod tcp_flags {
     pub const PSH: u8 = 0x08;
     pub const ACK: u8 = 0x10;
     pub const URG: u8 = 0x20;
+
+    /// Segments that are no connection attempt (no SYN, or a SYN with ACK
+    /// or RST), by name: a gate passes them undecided.
+    pub const NOT_SYN: [(u8, &str); 9] = [
+        (SYN | ACK, "SYN+ACK"),
+        (RST, "RST"),
+        (SYN | RST, "SYN+RST"),
+        (ACK, "ACK"),
+        (ACK | PSH, "ACK+PSH"),
+        (FIN | ACK, "FIN+ACK"),
+        (RST | ACK, "RST+ACK"),
+        (SYN | ACK | RST, "SYN+ACK+RST"),
+        (0, "no flags"),
+    ];
+
+    /// SYNs with other bits (ECN setup, FIN, PSH, URG): still connection
+    /// attempts.
+    pub const SYN_WITH_BITS: [u8; 4] = [SYN | 0x40 | 0x80, SYN | FIN, SYN | PSH, SYN | URG];
 }
+
+/// VLAN tag stacks (TPID, VLAN id; outermost first) a gate must see
+/// through, by name.
+pub const VLAN_STACKS: [(&str, &[(u16, u16)]); 4] = [
+    ("802.1Q", &[(ethertype::VLAN, 10)]),
+    ("QinQ 802.1ad+802.1Q", &[(ethertype::QINQ, 100), (ethertype::VLAN, 10)]),
+    ("double 802.1Q", &[(ethertype::VLAN, 100), (ethertype::VLAN, 10)]),
+    ("802.1ad only", &[(ethertype::QINQ, 100)]),
+];
 
 /// The MSS option (kind 2, length 4) of a typical SYN.
 pub fn mss_option(mss: u16) -> Vec<u8> {
     let m = mss.to_be_bytes();
     vec![2, 4, m[0], m[1]]
+}
+
+/// A SYN from `src`:40000 to `dst`:`dport` with the MSS option of a typical
+/// connection attempt (1460, or 1440 over IPv6). Both addresses are text of
+/// the same family.
+pub fn syn_to(src: &str, dst: &str, dport: u16) -> Packet {
+    match (src.parse::<IpAddr>().unwrap(), dst.parse::<IpAddr>().unwrap()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            Packet::tcp_v4(s, d, 40000, dport, tcp_flags::SYN).tcp_options(&mss_option(1460))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            Packet::tcp_v6(s, d, 40000, dport, tcp_flags::SYN).tcp_options(&mss_option(1440))
+        }
+        _ => panic!("mixed families {src} -> {dst}"),
+    }
+}
+
+/// An IPv4 address from text (panics on bad text: a bug in the test).
+pub fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// An IPv6 address from text (panics on bad text: a bug in the test).
+pub fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// A frame as one hex string, for failure messages.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// An IPv6 extension header. Lengths, padding and the next-header field are
@@ -275,6 +332,11 @@ impl Packet {
     pub fn vlan(mut self, tpid: u16, vid: u16) -> Self {
         self.vlans.push((tpid, vid & 0x0fff));
         self
+    }
+
+    /// Appends the VLAN tags `tags` (TPID, VLAN id), outermost first.
+    pub fn vlans(self, tags: &[(u16, u16)]) -> Self {
+        tags.iter().fold(self, |p, &(tpid, vid)| p.vlan(tpid, vid))
     }
 
     /// QinQ: an 802.1ad outer tag and an 802.1Q inner tag.

@@ -13,7 +13,6 @@ use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -22,11 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use gatekeeper_tests::agentlab::{run_args, Instance, CLI_TIMEOUT};
 use gatekeeper_tests::netlab::{
-    self, in_netns, nsenter_output, tcp_connect, tcp_connect_stream, veth_pair, AgentProcess, CmdOutput,
-    ConnectOutcome, Netns, PinDirGuard,
+    self, in_netns, nsenter_output, tcp_connect, tcp_connect_stream, veth_pair, ConnectOutcome, Netns,
 };
-use serde_json::Value;
 
 // ----------------------------------------------------------------- addresses
 
@@ -90,8 +88,6 @@ const TEST_CONFIG: &str = "[dns]\nenabled = false\n";
 const CONNECT_OK: Duration = Duration::from_secs(5);
 /// A connect whose SYNs are dropped times out after this long.
 const CONNECT_DROP: Duration = Duration::from_millis(1500);
-/// Any one CLI invocation.
-const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
@@ -192,200 +188,16 @@ fn roundtrip(s: &mut TcpStream, byte: u8, what: &str) {
 
 // --------------------------------------------------------- gatekeeper instance
 
-/// One gatekeeper instance: its namespace, pin dir, socket, state dir and
-/// agent. Fields drop in order: agent, pins, dir, namespace.
-struct Instance {
-    agent: Option<AgentProcess>,
-    pins: PinDirGuard,
-    dir: tempfile::TempDir,
-    mx: Netns,
-    ifname: String,
-    bin: PathBuf,
+/// A gatekeeper instance guarding `ifname` in `mx`, with the test config
+/// (no reverse-DNS lookups: these tests are about ranges and bans; unknown
+/// sources just pass and are counted).
+fn instance(mx: Netns, ifname: &str) -> Instance {
+    Instance::new(mx, Some(ifname), "gk-agent-ns-", TEST_CONFIG)
 }
 
-impl Instance {
-    fn new(mx: Netns, ifname: &str) -> Self {
-        let pins = PinDirGuard::new().expect("pin dir");
-        let dir = tempfile::Builder::new().prefix("gk-agent-ns-").tempdir().expect("tempdir");
-        // Our own config, so /etc/gatekeeper/gatekeeper.toml on the host cannot
-        // leak in; no reverse-DNS lookups (these tests are about ranges and
-        // bans; unknown sources just pass and are counted).
-        std::fs::write(dir.path().join("gatekeeper.toml"), TEST_CONFIG).unwrap();
-        let bin = netlab::bin_path("gatekeeper").expect("gatekeeper binary");
-        Self { agent: None, pins, dir, mx, ifname: ifname.into(), bin }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("gk.sock")
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn pin_dir(&self) -> &Path {
-        self.pins.path()
-    }
-
-    fn global_args(&self) -> Vec<String> {
-        vec![
-            "--socket".into(),
-            self.socket().display().to_string(),
-            "--pin-dir".into(),
-            self.pin_dir().display().to_string(),
-        ]
-    }
-
-    fn run_args(&self, extra: &[&str]) -> Vec<String> {
-        let mut a = self.global_args();
-        a.push("--config".into());
-        a.push(self.dir.path().join("gatekeeper.toml").display().to_string());
-        a.extend(["run", "--iface", &self.ifname, "--state-dir"].map(String::from));
-        a.push(self.state_dir().display().to_string());
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    }
-
-    /// Starts the agent and waits (bounded) until it answers on its socket.
-    fn start(&mut self, extra: &[&str]) {
-        assert!(self.agent.is_none(), "agent already started");
-        let args = self.run_args(extra);
-        let agent = AgentProcess::spawn_with_env(&self.mx, &self.bin, &args, &[("NO_COLOR", "1")])
-            .expect("spawn gatekeeper run");
-        self.agent = Some(agent);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let agent = self.agent.as_mut().unwrap();
-            if let Some(st) = agent.try_wait().unwrap() {
-                panic!("gatekeeper run exited ({st}) before serving its socket; log:\n{}", agent.log());
-            }
-            let out = self.cli(&["ports", "list", "--json"]);
-            if out.success() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "agent not answering after 30 s: {out}\nlog:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
-    }
-
-    /// SIGKILL the agent (no chance to clean up anything).
-    fn kill_agent(&mut self) {
-        let mut agent = self.agent.take().expect("no agent to kill");
-        let st = agent.kill().expect("kill agent");
-        assert!(!st.success(), "agent exited by itself before SIGKILL: {st}\n{}", agent.log());
-    }
-
-    /// `gatekeeper --socket S --pin-dir P ARGS` inside the mx namespace.
-    fn cli(&self, args: &[&str]) -> CmdOutput {
-        let mut all = self.global_args();
-        all.extend(args.iter().map(|s| s.to_string()));
-        nsenter_output(&self.mx, &self.bin, &all, CLI_TIMEOUT).expect("run gatekeeper CLI")
-    }
-
-    /// Runs the CLI and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(out.success(), "expected success: {out}\nagent log:\n{}", self.log());
-        out.stdout
-    }
-
-    /// Runs the CLI and expects failure; returns the output.
-    fn fails(&self, args: &[&str]) -> CmdOutput {
-        let out = self.cli(args);
-        assert!(!out.success(), "expected failure: {out}");
-        out
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
-    }
-
-    fn stats(&self) -> Stats {
-        Stats { v: self.json(&["stats", "--json"]), ifname: self.ifname.clone() }
-    }
-
-    fn status(&self) -> Value {
-        self.json(&["status", "--json"])
-    }
-
-    /// Hits of `net` in `range list --json` (or `allow list --json`).
-    fn hits(&self, kind: &str, net: &str) -> u64 {
-        let rows = self.json(&[kind, "list", "--json"]);
-        let row = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["net"] == net)
-            .unwrap_or_else(|| panic!("{net} not in `{kind} list`: {rows:#}"));
-        row["hits"].as_u64().unwrap()
-    }
-
-    fn range_nets(&self) -> BTreeSet<String> {
-        self.json(&["range", "list", "--json"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["net"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    fn xdp_id(&self) -> Option<u32> {
-        self.mx.xdp_prog_id(&self.ifname).expect("ip -d link show")
-    }
-
-    fn link_details(&self) -> String {
-        self.mx.ip(&["-d", "link", "show", "dev", &self.ifname]).unwrap()
-    }
-}
-
-/// A `stats --json` snapshot.
-struct Stats {
-    v: Value,
-    ifname: String,
-}
-
-impl Stats {
-    fn total(&self, counter: &str) -> u64 {
-        self.v["totals"][counter].as_u64().unwrap_or_else(|| panic!("no total {counter:?} in {:#}", self.v))
-    }
-
-    /// The counter on our interface (0 if the interface has no counters yet).
-    fn on_iface(&self, counter: &str) -> u64 {
-        self.v["interfaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["name"] == self.ifname.as_str())
-            .map(|i| i["counters"][counter].as_u64().unwrap())
-            .unwrap_or(0)
-    }
-
-    /// Asserts `counter` rose (in the totals and on the interface) since
-    /// `before`.
-    fn assert_rose(&self, before: &Stats, counter: &str, what: &str) {
-        assert!(
-            self.total(counter) > before.total(counter) && self.on_iface(counter) > before.on_iface(counter),
-            "{what}: `{counter}` did not rise: before {:#}\nafter {:#}",
-            before.v,
-            self.v
-        );
-    }
-
-    /// Asserts `counter` did not move since `before`.
-    fn assert_same(&self, before: &Stats, counter: &str, what: &str) {
-        assert_eq!(
-            self.total(counter),
-            before.total(counter),
-            "{what}: `{counter}` moved: before {:#}\nafter {:#}",
-            before.v,
-            self.v
-        );
-    }
+/// Nets of `range list --json`.
+fn range_nets(gk: &Instance) -> BTreeSet<String> {
+    gk.nets("range").into_iter().collect()
 }
 
 // ------------------------------------------------------------------- the lab
@@ -401,20 +213,12 @@ struct Lab {
 impl Lab {
     fn new() -> Self {
         netlab::require_root();
-        let mx = Netns::new("mx").unwrap();
-        let client = Netns::new("client").unwrap();
-        veth_pair(&mx, MX_IF, &client, CLIENT_IF).unwrap();
-        for a in MX_ADDRS {
-            mx.addr_add(MX_IF, a).unwrap();
-        }
-        for a in CLIENT_ADDRS {
-            client.addr_add(CLIENT_IF, a).unwrap();
-        }
+        let (mx, client) = netlab::joined(("mx", MX_IF, &MX_ADDRS), ("client", CLIENT_IF, &CLIENT_ADDRS)).unwrap();
         let listeners = [SRV4, SRV6]
             .iter()
             .flat_map(|s| [SMTP, UNGUARDED].map(|p| EchoServer::spawn(&mx, SocketAddr::new(ip(s), p))))
             .collect();
-        let lab = Self { _listeners: listeners, gk: Instance::new(mx, MX_IF), client };
+        let lab = Self { _listeners: listeners, gk: instance(mx, MX_IF), client };
         // Before any agent: everything connects (the lab itself works).
         for src in ["192.0.2.2", "2001:db8:1::2", DENIED4, DENIED6] {
             lab.expect_connect(src, SMTP, "lab check before the agent runs");
@@ -486,18 +290,18 @@ fn assert_xdp_mode(gk: &Instance, mode: &str) {
     let st = gk.status();
     let ifs = st["detail"]["interfaces"].as_array().unwrap_or_else(|| panic!("no interfaces: {st:#}"));
     assert_eq!(ifs.len(), 1, "{st:#}");
-    assert_eq!(ifs[0]["ifname"], gk.ifname.as_str(), "{st:#}");
+    assert_eq!(ifs[0]["ifname"], gk.iface(), "{st:#}");
     assert_eq!(ifs[0]["mode"], mode, "{st:#}");
-    assert_eq!(ifs[0]["ifindex"], gk.mx.if_index(&gk.ifname).unwrap(), "{st:#}");
+    assert_eq!(ifs[0]["ifindex"], gk.ns.if_index(gk.iface()).unwrap(), "{st:#}");
     let links = st["datapath"]["links"].as_array().unwrap();
     assert_eq!(links.len(), 1, "{st:#}");
-    assert_eq!(links[0]["ifname"], gk.ifname.as_str(), "{st:#}");
+    assert_eq!(links[0]["ifname"], gk.iface(), "{st:#}");
     assert_eq!(links[0]["mode"], mode, "{st:#}");
     assert_eq!(st["agent"]["running"], true, "{st:#}");
     // The kernel agrees: `xdp` is native (driver) mode, `xdpgeneric` skb mode.
     let link = gk.link_details();
     let flag = if mode == "native" { " xdp " } else { " xdpgeneric " };
-    assert!(link.contains(flag), "{} not attached in {mode} mode: {link}", gk.ifname);
+    assert!(link.contains(flag), "{} not attached in {mode} mode: {link}", gk.iface());
     assert!(gk.xdp_id().is_some(), "{link}");
 }
 
@@ -589,7 +393,7 @@ fn cli_changes_apply_while_connected() {
         gk.ok(&["range", "del", net]);
         lab.expect_connect(src, SMTP, "after range del");
         roundtrip(&mut est, b'd', "established connection after range del");
-        assert!(!gk.range_nets().contains(net));
+        assert!(!range_nets(gk).contains(net));
         // Added again, it is a new range: its hits start from zero.
         gk.ok(&["range", "add", net]);
         assert_eq!(gk.hits("range", net), 0, "{net}: re-added range inherited old hits");
@@ -707,7 +511,7 @@ fn fail_static_and_adopt() {
     lab.gk.ok(&["ports", "set", "25,587"]);
     lab.expect_dropped(DENIED4, SMTP, "agent up");
     let xdp_before = lab.gk.xdp_id().expect("xdp attached");
-    let ifindex = lab.gk.mx.if_index(MX_IF).unwrap();
+    let ifindex = lab.gk.ns.if_index(MX_IF).unwrap();
 
     lab.gk.kill_agent();
 
@@ -744,7 +548,7 @@ fn fail_static_and_adopt() {
     // Restart while watching the interface: XDP must never be missing.
     let gaps = Mutex::new(Vec::<String>::new());
     let stop = AtomicBool::new(false);
-    let ns_name = lab.gk.mx.name().to_owned();
+    let ns_name = lab.gk.ns.name().to_owned();
     std::thread::scope(|s| {
         let watcher = s.spawn(|| {
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -857,7 +661,7 @@ fn unload_with_agent() {
     // ... and the next `gatekeeper run` restores the same state.
     lab.gk.agent = None;
     lab.gk.start(&[]);
-    assert!(lab.gk.range_nets().contains(DENY4_NET));
+    assert!(range_nets(&lab.gk).contains(DENY4_NET));
     assert!(lab.gk.xdp_id().is_some(), "{}", lab.gk.link_details());
     lab.expect_dropped(DENIED4, SMTP, "agent started again after unload");
 }
@@ -942,7 +746,7 @@ fn concurrent_cli_updates_are_not_lost() {
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{} of 100 adds failed: {failures:#?}", failures.len());
     let want: BTreeSet<String> = (100..200).map(|n| format!("203.0.113.{n}/32")).collect();
-    assert_eq!(gk.range_nets(), want);
+    assert_eq!(range_nets(gk), want);
     let st = gk.status();
     assert_eq!(st["datapath"]["entries"]["deny_v4"], 100, "{st:#}");
     let s0 = gk.stats();
@@ -979,7 +783,7 @@ fn restart_drops_ranges_expired_while_down() {
         std::thread::sleep(Duration::from_millis(100));
     }
     lab.gk.start(&[]);
-    let nets = lab.gk.range_nets();
+    let nets = range_nets(&lab.gk);
     assert!(!nets.contains(DENY4_NET), "expired range still listed: {nets:?}");
     assert!(nets.contains(DENY6_NET), "unexpired range lost: {nets:?}");
     let st = lab.gk.status();
@@ -1014,16 +818,16 @@ fn two_instances_side_by_side() {
     let dst2 = SocketAddr::new(ip("198.51.100.1"), SMTP);
     let l1 = EchoServer::spawn(&mx1, dst1);
     let l2 = EchoServer::spawn(&mx2, dst2);
-    let mut gk1 = Instance::new(mx1, MX_IF);
-    let mut gk2 = Instance::new(mx2, MX_IF);
+    let mut gk1 = instance(mx1, MX_IF);
+    let mut gk2 = instance(mx2, MX_IF);
     gk1.start(&[]);
     gk2.start(&[]);
     let connect = |src: &str, dst: SocketAddr, t: Duration| tcp_connect(&client, ip(src), dst, t);
 
     gk1.ok(&["range", "add", &format!("{src_a}/32")]);
     gk2.ok(&["range", "add", &format!("{src_b}/32")]);
-    assert_eq!(gk1.range_nets(), BTreeSet::from([format!("{src_a}/32")]));
-    assert_eq!(gk2.range_nets(), BTreeSet::from([format!("{src_b}/32")]));
+    assert_eq!(range_nets(&gk1), BTreeSet::from([format!("{src_a}/32")]));
+    assert_eq!(range_nets(&gk2), BTreeSet::from([format!("{src_b}/32")]));
 
     let (s1, s2) = (gk1.stats(), gk2.stats());
     assert_eq!(connect(src_a, dst1, CONNECT_DROP), ConnectOutcome::TimedOut, "a -> instance 1 (listed there)");
@@ -1077,21 +881,8 @@ fn run_refuses_pin_dir_outside_bpffs() {
             std::fs::create_dir(&pin_dir).unwrap();
         }
         let sock = tmp.path().join("gk.sock");
-        let args: Vec<String> = [
-            "--config",
-            &tmp.path().join("gatekeeper.toml").display().to_string(),
-            "--socket",
-            &sock.display().to_string(),
-            "--pin-dir",
-            &pin_dir.display().to_string(),
-            "run",
-            "--iface",
-            MX_IF,
-            "--state-dir",
-            &tmp.path().join("state").display().to_string(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let (config, state) = (tmp.path().join("gatekeeper.toml"), tmp.path().join("state"));
+        let args = run_args(&sock, &pin_dir, &config, &state, &["--iface", MX_IF]);
         let out = nsenter_output(&mx, &bin, &args, CLI_TIMEOUT).unwrap();
         assert!(!out.success(), "{out}");
         assert!(out.stderr.contains(&pin_dir.display().to_string()), "error does not name the pin dir: {out}");
@@ -1117,12 +908,12 @@ fn second_agent_on_the_same_pins_changes_nothing() {
     lab.expect_dropped(DENIED4, SMTP, "first agent");
     let before = lab.gk.status();
     let xdp_before = lab.gk.xdp_id();
-    let other_state = lab.gk.dir.path().join("other-state");
+    let other_state = lab.gk.dir().join("other-state");
     let mut args = lab.gk.run_args(&["--dry-run", "--ports", "2525"]);
     // Same socket and pin dir, another (empty) state dir.
     let i = args.iter().position(|a| a == "--state-dir").unwrap();
     args[i + 1] = other_state.display().to_string();
-    let out = nsenter_output(&lab.gk.mx, &lab.gk.bin, &args, CLI_TIMEOUT).unwrap();
+    let out = lab.gk.exec(&args);
     assert!(!out.success(), "second agent should be refused: {out}");
     assert!(out.stderr.contains("already"), "{out}");
 

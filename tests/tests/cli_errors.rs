@@ -7,25 +7,19 @@
 //! Each test runs its own agent in its own namespace (on one end of a veth
 //! pair inside it), with its own pin dir, socket and state dir.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::path::Path;
 
-use gatekeeper_tests::netlab::{self, nsenter_output, AgentProcess, CmdOutput, Netns, PinDirGuard};
+use gatekeeper_tests::agentlab::{run_args, Instance};
+use gatekeeper_tests::netlab::{self, CmdOutput, Netns, PinDirGuard};
 use serde_json::Value;
 
 const IF_AGENT: &str = "gkv0";
 const IF_SPARE: &str = "gkv1";
-const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One namespace with an agent on `gkv0`. Drops the agent first.
+/// One namespace with an agent on `gkv0`, and what it last saw of the
+/// agent's state.
 struct Gk {
-    agent: Option<AgentProcess>,
-    pins: PinDirGuard,
-    dir: tempfile::TempDir,
-    ns: Netns,
-    bin: PathBuf,
+    gk: Instance,
     /// The state as last read, until the next successful change (`range
     /// list` costs the agent ~0.5 s of CPU: it reads every range-hit slot).
     known: std::cell::RefCell<Option<State>>,
@@ -55,77 +49,42 @@ impl Gk {
         ns.ip(&["link", "add", IF_AGENT, "type", "veth", "peer", "name", IF_SPARE]).unwrap();
         ns.link_up(IF_AGENT).unwrap();
         ns.link_up(IF_SPARE).unwrap();
-        let pins = PinDirGuard::new().unwrap();
-        let dir = tempfile::Builder::new().prefix("gk-cli-errors-").tempdir().unwrap();
-        let bin = netlab::bin_path("gatekeeper").unwrap();
-        // Our own config, so the host's /etc/gatekeeper/gatekeeper.toml cannot
-        // leak in; no reverse-DNS lookups.
-        std::fs::write(dir.path().join("agent.toml"), format!("{extra}[dns]\nenabled = false\n")).unwrap();
-        let mut gk = Self { agent: None, pins, dir, ns, bin, known: Default::default() };
-        let args: Vec<String> = [
-            "--config",
-            &gk.path("agent.toml"),
-            "--socket",
-            &gk.path("gk.sock"),
-            "--pin-dir",
-            &gk.pins.path().display().to_string(),
-            "run",
-            "--iface",
-            IF_AGENT,
-            "--state-dir",
-            &gk.path("state"),
-        ]
-        .map(String::from)
-        .to_vec();
-        gk.agent = Some(AgentProcess::spawn_with_env(&gk.ns, &gk.bin, &args, &[("NO_COLOR", "1")]).unwrap());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            {
-                let agent = gk.agent.as_mut().unwrap();
-                if let Some(st) = agent.try_wait().unwrap() {
-                    panic!("gatekeeper run exited ({st}); log:\n{}", agent.log());
-                }
-            }
-            if gk.cli(&["ports", "list", "--json"]).success() {
-                break;
-            }
-            let log = gk.agent.as_ref().unwrap().log();
-            assert!(Instant::now() < deadline, "agent not answering after 30 s; log:\n{log}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        gk
+        // No reverse-DNS lookups.
+        let mut gk = Instance::new(ns, Some(IF_AGENT), "gk-cli-errors-", &format!("{extra}[dns]\nenabled = false\n"));
+        gk.start(&[]);
+        Self { gk, known: Default::default() }
     }
 
     /// A path in the test's temporary directory, as a string.
     fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
+        self.gk.path(name)
+    }
+
+    /// The agent's namespace.
+    fn ns(&self) -> &Netns {
+        &self.gk.ns
+    }
+
+    /// `gatekeeper ARGS` in the agent's namespace.
+    fn exec(&self, args: &[String]) -> CmdOutput {
+        self.gk.exec(args)
     }
 
     /// Writes `text` to a file of that name in the temporary directory.
     fn file(&self, name: &str, text: &str) -> String {
-        std::fs::write(self.dir.path().join(name), text).unwrap();
+        std::fs::write(self.gk.dir().join(name), text).unwrap();
         self.path(name)
     }
 
-    fn cli(&self, args: &[&str]) -> CmdOutput {
-        let mut all: Vec<String> =
-            vec!["--socket".into(), self.path("gk.sock"), "--pin-dir".into(), self.pins.path().display().to_string()];
-        all.extend(args.iter().map(|s| s.to_string()));
-        nsenter_output(&self.ns, &self.bin, &all, CLI_TIMEOUT).unwrap()
-    }
-
+    /// A command that changes the state: expects success.
     fn ok(&self, args: &[&str]) -> CmdOutput {
         self.known.take();
-        let out = self.cli(args);
-        assert!(out.success(), "expected success: {out}");
-        out
+        self.gk.ok_output(args)
     }
 
     /// A read-only command's JSON output.
     fn json(&self, args: &[&str]) -> Value {
-        let out = self.cli(args);
-        assert!(out.success(), "expected success: {out}");
-        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+        self.gk.json(args)
     }
 
     fn read_state(&self) -> State {
@@ -152,7 +111,7 @@ impl Gk {
     /// stderr, no panic, and the state exactly as before.
     fn refused(&self, args: &[&str], needles: &[&str]) -> CmdOutput {
         let before = self.state();
-        let out = self.cli(args);
+        let out = self.gk.cli(args);
         assert!(!out.success(), "expected failure: {out}");
         assert!(matches!(out.code(), Some(c) if c != 0), "{out}");
         for n in needles {
@@ -166,15 +125,7 @@ impl Gk {
     }
 
     fn nets(&self, kind: &str) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .json(&[kind, "list", "--json"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["net"].as_str().unwrap().to_owned())
-            .collect();
-        v.sort();
-        v
+        self.gk.nets(kind)
     }
 
     /// (net, comment) of every deny range, sorted.
@@ -391,21 +342,9 @@ fn config_errors_name_file_line_and_key() {
         let state_dir = gk.path(&format!("state-{name}"));
         let sock = gk.path(&format!("{name}.sock"));
         let before = gk.state();
-        let args = [
-            "--config",
-            &cfg,
-            "--socket",
-            &sock,
-            "--pin-dir",
-            &pins.path().display().to_string(),
-            "run",
-            "--iface",
-            IF_SPARE,
-            "--state-dir",
-            &state_dir,
-        ]
-        .map(String::from);
-        let out = nsenter_output(&gk.ns, &gk.bin, &args, CLI_TIMEOUT).unwrap();
+        let args =
+            run_args(Path::new(&sock), pins.path(), Path::new(&cfg), Path::new(&state_dir), &["--iface", IF_SPARE]);
+        let out = gk.exec(&args);
         assert!(!out.success(), "{name}: {out}");
         assert!(out.stderr.contains(&cfg), "{name}: error does not name the file: {out}");
         for n in needles {
@@ -413,13 +352,13 @@ fn config_errors_name_file_line_and_key() {
         }
         let pinned: Vec<_> = std::fs::read_dir(pins.path()).unwrap().flatten().map(|e| e.path()).collect();
         assert!(pinned.is_empty(), "{name}: pinned despite the config error: {pinned:?}");
-        assert_eq!(gk.ns.xdp_prog_id(IF_SPARE).unwrap(), None, "{name}: XDP attached despite the config error");
+        assert_eq!(gk.ns().xdp_prog_id(IF_SPARE).unwrap(), None, "{name}: XDP attached despite the config error");
         assert!(!Path::new(&sock).exists(), "{name}: socket created");
         assert!(!Path::new(&state_dir).exists(), "{name}: state dir created");
         assert_eq!(gk.state(), before, "{name}: the running agent's state changed");
     }
     // The running agent's interface is untouched by all that.
-    assert!(gk.ns.xdp_prog_id(IF_AGENT).unwrap().is_some());
+    assert!(gk.ns().xdp_prog_id(IF_AGENT).unwrap().is_some());
 }
 
 #[test]
@@ -551,21 +490,9 @@ fn egress_roles_refused_before_anything_changes() {
         (vec!["--uplink", IF_SPARE, "--tc-mode", "fast"], vec!["fast", "tcx or clsact"]),
     ] {
         let pins = PinDirGuard::new().unwrap();
-        let mut args: Vec<String> = [
-            "--config",
-            &gk.path("agent.toml"),
-            "--socket",
-            &gk.path("other.sock"),
-            "--pin-dir",
-            &pins.path().display().to_string(),
-            "run",
-            "--state-dir",
-            &gk.path("other-state"),
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let out = nsenter_output(&gk.ns, &gk.bin, &args, CLI_TIMEOUT).unwrap();
+        let (sock, state_dir) = (gk.path("other.sock"), gk.path("other-state"));
+        let args = run_args(Path::new(&sock), pins.path(), &gk.gk.config_path(), Path::new(&state_dir), &extra);
+        let out = gk.exec(&args);
         assert!(!out.success(), "{extra:?} should be refused: {out}");
         for n in &needles {
             assert!(out.stderr.contains(n), "{extra:?}: stderr does not mention {n:?}: {out}");

@@ -28,7 +28,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -38,10 +37,8 @@ use aya::{
 };
 use gatekeeper::datapath::load_object;
 use gatekeeper_common::programs;
-use gatekeeper_tests::netlab::{
-    self, in_netns, nsenter_output, tcp_connect, veth_pair, AgentProcess, CmdOutput, ConnectOutcome, Netns,
-    PinDirGuard, TcpListenerGuard,
-};
+use gatekeeper_tests::agentlab::{Instance, Stats};
+use gatekeeper_tests::netlab::{self, in_netns, tcp_connect, veth_pair, ConnectOutcome, Netns, TcpListenerGuard};
 use serde_json::Value;
 
 // ----------------------------------------------------------------- addresses
@@ -96,8 +93,6 @@ const CONNECT_OK: Duration = Duration::from_secs(5);
 const CONNECT_DROP: Duration = Duration::from_secs(1);
 /// A rejected connect must end with "refused" before this (far less in practice).
 const CONNECT_REJECT: Duration = Duration::from_secs(5);
-/// Any one CLI invocation.
-const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Every agent here: no DNS at all (the system resolver points outside).
 const BASE_CONFIG: &str = "[dns]\nenabled = false\n";
@@ -146,17 +141,14 @@ const V6: Fam = Fam {
 // ------------------------------------------------------------------ topology
 
 /// sub -- rtr (agent) -- net, with listeners in net. Fields drop in order:
-/// listeners, agent, pins (unpinning detaches the links), state dir, then
-/// the namespaces.
+/// listeners, the instance (agent, pins: unpinning detaches the links,
+/// state dir, rtr), then the other namespaces.
 struct Topo {
     _listeners: Vec<TcpListenerGuard>,
-    agent: Option<AgentProcess>,
-    pins: PinDirGuard,
-    dir: tempfile::TempDir,
+    /// The agent in the router namespace.
+    gk: Instance,
     sub: Netns,
-    rtr: Netns,
     _net: Netns,
-    bin: PathBuf,
 }
 
 impl Topo {
@@ -165,7 +157,6 @@ impl Topo {
     /// agent's config file.
     fn new(tag: &str, extra_config: &str) -> Topo {
         netlab::require_root();
-        let bin = netlab::bin_path("gatekeeper").expect("gatekeeper binary");
         let sub = Netns::new(&format!("{tag}s")).unwrap();
         let rtr = Netns::new(&format!("{tag}r")).unwrap();
         let net = Netns::new(&format!("{tag}n")).unwrap();
@@ -215,10 +206,9 @@ impl Topo {
                 listeners.push(TcpListenerGuard::spawn(&net, sa(host, port)).unwrap());
             }
         }
-        let pins = PinDirGuard::new().expect("pin dir");
-        let dir = tempfile::Builder::new().prefix("gk-egress-ns-").tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("gatekeeper.toml"), format!("{BASE_CONFIG}{extra_config}")).unwrap();
-        let t = Topo { _listeners: listeners, agent: None, pins, dir, sub, rtr, _net: net, bin };
+        let gk = Instance::new(rtr, None, "gk-egress-ns-", &format!("{BASE_CONFIG}{extra_config}"))
+            .ready_when(&["status", "--json"], "\"running\": true");
+        let t = Topo { _listeners: listeners, gk, sub, _net: net };
         // Before any agent: every path works (the lab itself is sound).
         for (src, dst) in [(POOLED4, MTA4), (POOLED6, MTA6), (OTHER4, SMH4), (OTHER6, SMH6)] {
             t.expect(src, dst, SMTP, ConnectOutcome::Connected, "lab check before the agent runs");
@@ -226,89 +216,13 @@ impl Topo {
         t
     }
 
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("gk.sock")
+    /// The router's namespace.
+    fn rtr(&self) -> &Netns {
+        &self.gk.ns
     }
 
-    fn pin_dir(&self) -> &Path {
-        self.pins.path()
-    }
-
-    fn global_args(&self) -> Vec<String> {
-        vec![
-            "--socket".into(),
-            self.socket().display().to_string(),
-            "--pin-dir".into(),
-            self.pin_dir().display().to_string(),
-        ]
-    }
-
-    /// Starts `gatekeeper run EXTRA` in the router namespace and waits
-    /// (bounded) until it answers on its socket.
-    fn start(&mut self, extra: &[&str]) {
-        assert!(self.agent.is_none(), "agent already started");
-        let mut args = self.global_args();
-        args.push("--config".into());
-        args.push(self.dir.path().join("gatekeeper.toml").display().to_string());
-        args.extend(["run", "--state-dir"].map(String::from));
-        args.push(self.dir.path().join("state").display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let agent = AgentProcess::spawn_with_env(&self.rtr, &self.bin, &args, &[("NO_COLOR", "1")])
-            .expect("spawn gatekeeper run");
-        self.agent = Some(agent);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let agent = self.agent.as_mut().unwrap();
-            if let Some(st) = agent.try_wait().unwrap() {
-                panic!("gatekeeper run exited ({st}) before serving its socket; log:\n{}", agent.log());
-            }
-            let out = self.cli(&["status", "--json"]);
-            if out.success() && out.stdout.contains("\"running\": true") {
-                return;
-            }
-            assert!(Instant::now() < deadline, "agent not answering after 30 s: {out}\nlog:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
-    }
-
-    /// `gatekeeper --socket S --pin-dir P ARGS` inside the router namespace.
-    fn cli(&self, args: &[&str]) -> CmdOutput {
-        let mut all = self.global_args();
-        all.extend(args.iter().map(|s| s.to_string()));
-        nsenter_output(&self.rtr, &self.bin, &all, CLI_TIMEOUT).expect("run gatekeeper CLI")
-    }
-
-    /// Runs the CLI and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(out.success(), "expected success: {out}\nagent log:\n{}", self.log());
-        out.stdout
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
-    }
-
-    fn stats(&self, iface: &str) -> EgressStats {
-        let v = self.json(&["stats", "--json"]);
-        EgressStats { v, iface: iface.into() }
-    }
-
-    /// Hits of `net` in `KIND list --json` (pool, smarthost, exempt).
-    fn hits(&self, kind: &str, net: &str) -> u64 {
-        let rows = self.json(&[kind, "list", "--json"]);
-        let row = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["net"] == net)
-            .unwrap_or_else(|| panic!("{net} not in `{kind} list`: {rows:#}"));
-        row["hits"].as_u64().unwrap_or_else(|| panic!("no hits for {net}: {row:#}"))
+    fn stats(&self, iface: &str) -> Stats {
+        self.gk.egress_stats(iface)
     }
 
     fn connect(&self, src: &str, dst: &str, port: u16, timeout: Duration) -> ConnectOutcome {
@@ -324,7 +238,7 @@ impl Topo {
             _ => CONNECT_DROP,
         };
         let got = self.connect(src, dst, port, timeout);
-        assert_eq!(got, want, "{what}: {src} -> {dst} port {port}\nagent log:\n{}", self.log());
+        assert_eq!(got, want, "{what}: {src} -> {dst} port {port}\nagent log:\n{}", self.gk.log());
     }
 
     /// Polls (bounded by `limit`) until a connect from `src` gets `want`.
@@ -346,7 +260,7 @@ impl Topo {
     /// Asserts the agent and the pins show `ifname` attached with `role`
     /// and `mode`, and the pin `links/<pin>` exists.
     fn assert_attached(&self, ifname: &str, role: &str, mode: &str, pin: &str) {
-        let st = self.json(&["status", "--json"]);
+        let st = self.gk.status();
         let find = |list: &Value| -> Option<Value> {
             list.as_array()?.iter().find(|l| l["ifname"] == ifname && l["role"] == role).cloned()
         };
@@ -354,75 +268,29 @@ impl Topo {
         assert_eq!(a["mode"], mode, "{st:#}");
         let l = find(&st["datapath"]["links"]).unwrap_or_else(|| panic!("{ifname} ({role}) not pinned: {st:#}"));
         assert_eq!(l["mode"], mode, "{st:#}");
-        let p = self.pin_dir().join("links").join(pin);
+        let p = self.gk.pin_dir().join("links").join(pin);
         assert!(p.exists(), "{} missing; status {st:#}", p.display());
     }
 
     /// Names of the tcx programs on the uplink's egress, as the kernel has them.
     fn tcx_egress_progs(&self) -> Vec<String> {
-        in_netns(&self.rtr, || {
+        in_netns(self.rtr(), || {
             let (_, progs) = SchedClassifier::query_tcx(RTR_UP_IF, TcAttachType::Egress).expect("query tcx egress");
             progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect()
         })
     }
 
     fn tc_egress_filters(&self) -> String {
-        self.rtr.run(&["tc", "filter", "show", "dev", RTR_UP_IF, "egress"]).expect("tc filter show")
+        self.rtr().run(&["tc", "filter", "show", "dev", RTR_UP_IF, "egress"]).expect("tc filter show")
     }
 
     /// `gatekeeper unload` with the agent running: the agent exits cleanly.
     fn unload(&mut self) {
-        let out = self.ok(&["unload"]);
+        let out = self.gk.ok(&["unload"]);
         assert!(out.contains("unloaded"), "{out}");
-        let mut agent = self.agent.take().expect("agent");
+        let mut agent = self.gk.agent.take().expect("agent");
         let st = agent.wait_timeout(Duration::from_secs(20)).unwrap();
         assert!(st.is_some_and(|s| s.success()), "agent after unload: {st:?}\n{}", agent.log());
-    }
-}
-
-/// The `"egress"` part of a `stats --json` snapshot.
-struct EgressStats {
-    v: Value,
-    iface: String,
-}
-
-impl EgressStats {
-    fn total(&self, counter: &str) -> u64 {
-        self.v["egress"]["totals"][counter]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no egress total {counter:?} in {:#}", self.v))
-    }
-
-    /// The counter on our interface (0 if it has no counters yet).
-    fn on_iface(&self, counter: &str) -> u64 {
-        self.v["egress"]["interfaces"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no egress interfaces in {:#}", self.v))
-            .iter()
-            .find(|i| i["name"] == self.iface.as_str())
-            .map(|i| i["counters"][counter].as_u64().unwrap())
-            .unwrap_or(0)
-    }
-
-    /// Asserts `counter` rose since `before`, in the totals and on the interface.
-    fn assert_rose(&self, before: &EgressStats, counter: &str, what: &str) {
-        assert!(
-            self.total(counter) > before.total(counter) && self.on_iface(counter) > before.on_iface(counter),
-            "{what}: egress `{counter}` did not rise on {}: before {:#}\nafter {:#}",
-            self.iface,
-            before.v["egress"],
-            self.v["egress"]
-        );
-    }
-
-    fn assert_same(&self, before: &EgressStats, counter: &str, what: &str) {
-        assert_eq!(
-            self.total(counter),
-            before.total(counter),
-            "{what}: egress `{counter}` moved: before {:#}\nafter {:#}",
-            before.v["egress"],
-            self.v["egress"]
-        );
     }
 }
 
@@ -449,9 +317,9 @@ fn attach_xdp_pass(ns: &Netns, ifname: &str) -> Ebpf {
 
 /// Pools, smarthosts and exempt entries as an ISP sets them up.
 fn add_policy(t: &Topo, action: &str) {
-    t.ok(&["pool", "add", POOL4, POOL6, "--action", action, "--comment", "dynamic DSL"]);
-    t.ok(&["smarthost", "add", V4.smh_net, V6.smh_net, "--comment", "ISP relay"]);
-    t.ok(&["exempt", "add", V4.exempt_net, V6.exempt_net, "--comment", "business line with own MTA"]);
+    t.gk.ok(&["pool", "add", POOL4, POOL6, "--action", action, "--comment", "dynamic DSL"]);
+    t.gk.ok(&["smarthost", "add", V4.smh_net, V6.smh_net, "--comment", "ISP relay"]);
+    t.gk.ok(&["exempt", "add", V4.exempt_net, V6.exempt_net, "--comment", "business line with own MTA"]);
 }
 
 /// The core policy, IPv4 and IPv6, with the counters on `iface`: pooled
@@ -462,7 +330,7 @@ fn core_policy(t: &Topo, iface: &str, what: &str) {
     add_policy(t, "drop");
     for f in [&V4, &V6] {
         let what = format!("{what}, {}", f.pooled);
-        let hits0 = t.hits("pool", f.pool);
+        let hits0 = t.gk.hits("pool", f.pool);
         let s0 = t.stats(iface);
         t.expect(f.pooled, f.mta, SMTP, ConnectOutcome::TimedOut, &format!("{what}: pooled to outside MTA:25"));
         let s1 = t.stats(iface);
@@ -470,23 +338,23 @@ fn core_policy(t: &Topo, iface: &str, what: &str) {
         for c in ["pool-rejected", "smarthost-allowed", "exempt", "rate-limited", "dry-run-would-drop"] {
             s1.assert_same(&s0, c, &what);
         }
-        assert!(t.hits("pool", f.pool) > hits0, "{what}: pool {} hits did not rise", f.pool);
+        assert!(t.gk.hits("pool", f.pool) > hits0, "{what}: pool {} hits did not rise", f.pool);
 
-        let smh0 = t.hits("smarthost", f.smh_net);
+        let smh0 = t.gk.hits("smarthost", f.smh_net);
         t.expect(f.pooled, f.smh, SMTP, ConnectOutcome::Connected, &format!("{what}: pooled to smarthost:25"));
         t.expect(f.pooled, f.smh, SUBMISSION, ConnectOutcome::Connected, &format!("{what}: pooled to smarthost:587"));
         t.expect(f.pooled, f.mta, SUBMISSION, ConnectOutcome::Connected, &format!("{what}: pooled to MTA:587"));
         let s2 = t.stats(iface);
         s2.assert_rose(&s1, "smarthost-allowed", &what);
         s2.assert_same(&s1, "pool-blocked", &what);
-        assert!(t.hits("smarthost", f.smh_net) > smh0, "{what}: smarthost {} hits did not rise", f.smh_net);
+        assert!(t.gk.hits("smarthost", f.smh_net) > smh0, "{what}: smarthost {} hits did not rise", f.smh_net);
 
-        let ex0 = t.hits("exempt", f.exempt_net);
+        let ex0 = t.gk.hits("exempt", f.exempt_net);
         t.expect(f.exempt, f.mta, SMTP, ConnectOutcome::Connected, &format!("{what}: exempt to MTA:25"));
         let s3 = t.stats(iface);
         s3.assert_rose(&s2, "exempt", &what);
         s3.assert_same(&s2, "pool-blocked", &what);
-        assert!(t.hits("exempt", f.exempt_net) > ex0, "{what}: exempt {} hits did not rise", f.exempt_net);
+        assert!(t.gk.hits("exempt", f.exempt_net) > ex0, "{what}: exempt {} hits did not rise", f.exempt_net);
 
         t.expect(f.other, f.mta, SMTP, ConnectOutcome::Connected, &format!("{what}: non-pooled to MTA:25"));
         let s4 = t.stats(iface);
@@ -495,7 +363,7 @@ fn core_policy(t: &Topo, iface: &str, what: &str) {
         }
     }
     // The pools show among the top ranges, by kind.
-    let st = t.json(&["stats", "--json"]);
+    let st = t.gk.json(&["stats", "--json"]);
     let top = st["top_ranges"].as_array().unwrap_or_else(|| panic!("no top_ranges: {st:#}"));
     for pool in [POOL4, POOL6] {
         assert!(
@@ -511,7 +379,7 @@ fn core_policy(t: &Topo, iface: &str, what: &str) {
 #[test]
 fn uplink_tcx_blocks_pools_but_not_smarthosts_exempt_or_others() {
     let mut t = Topo::new("egtcx", "");
-    t.start(&["--uplink", RTR_UP_IF, "--tc-mode", "tcx"]);
+    t.gk.start(&["--uplink", RTR_UP_IF, "--tc-mode", "tcx"]);
     t.assert_attached(RTR_UP_IF, "uplink", "tcx", &format!("tcx@{RTR_UP_IF}"));
     assert_eq!(t.tcx_egress_progs().len(), 1, "one tcx program on {RTR_UP_IF} egress");
     core_policy(&t, RTR_UP_IF, "uplink tcx");
@@ -520,9 +388,9 @@ fn uplink_tcx_blocks_pools_but_not_smarthosts_exempt_or_others() {
 /// Test 2: the egress gate as XDP on the router's subscriber-facing side.
 fn subscriber_xdp(tag: &str, mode: &str) {
     let mut t = Topo::new(tag, "");
-    t.start(&["--subscriber-iface", RTR_SUB_IF, "--xdp-mode", mode]);
+    t.gk.start(&["--subscriber-iface", RTR_SUB_IF, "--xdp-mode", mode]);
     t.assert_attached(RTR_SUB_IF, "subscriber", mode, &format!("sub-{mode}@{RTR_SUB_IF}"));
-    let link = t.rtr.ip(&["-d", "link", "show", "dev", RTR_SUB_IF]).unwrap();
+    let link = t.rtr().ip(&["-d", "link", "show", "dev", RTR_SUB_IF]).unwrap();
     let flag = if mode == "native" { " xdp " } else { " xdpgeneric " };
     assert!(link.contains(flag), "{RTR_SUB_IF} not attached in {mode} mode: {link}");
     core_policy(&t, RTR_SUB_IF, &format!("subscriber XDP {mode}"));
@@ -542,7 +410,7 @@ fn subscriber_xdp_skb_blocks_pools() {
 /// RST, so the subscriber's connect fails at once with "refused".
 fn reject(t: &Topo, iface: &str, what: &str) {
     add_policy(t, "reject");
-    let rows = t.json(&["pool", "list", "--json"]);
+    let rows = t.gk.json(&["pool", "list", "--json"]);
     assert!(
         rows.as_array().unwrap().iter().all(|r| r["action"] == "reject"),
         "{what}: pools not marked reject: {rows:#}"
@@ -565,7 +433,7 @@ fn reject(t: &Topo, iface: &str, what: &str) {
 #[test]
 fn reject_pool_on_uplink_tcx_refuses_at_once() {
     let mut t = Topo::new("egrjt", "");
-    t.start(&["--uplink", RTR_UP_IF, "--tc-mode", "tcx"]);
+    t.gk.start(&["--uplink", RTR_UP_IF, "--tc-mode", "tcx"]);
     reject(&t, RTR_UP_IF, "reject, uplink tcx");
 }
 
@@ -575,14 +443,14 @@ fn reject_pool_on_subscriber_xdp_native_refuses_at_once() {
     // XDP_TX out of the router's veth reaches the subscriber only if the
     // subscriber's veth end has an XDP program of its own.
     let _pass = attach_xdp_pass(&t.sub, SUB_IF);
-    t.start(&["--subscriber-iface", RTR_SUB_IF, "--xdp-mode", "native"]);
+    t.gk.start(&["--subscriber-iface", RTR_SUB_IF, "--xdp-mode", "native"]);
     reject(&t, RTR_SUB_IF, "reject, subscriber XDP native");
 }
 
 #[test]
 fn reject_pool_on_subscriber_xdp_skb_refuses_at_once() {
     let mut t = Topo::new("egrjs", "");
-    t.start(&["--subscriber-iface", RTR_SUB_IF, "--xdp-mode", "skb"]);
+    t.gk.start(&["--subscriber-iface", RTR_SUB_IF, "--xdp-mode", "skb"]);
     reject(&t, RTR_SUB_IF, "reject, subscriber XDP skb");
 }
 
@@ -593,8 +461,8 @@ fn reject_pool_on_subscriber_xdp_skb_refuses_at_once() {
 fn rate_limit_per_subscriber_source() {
     let limit = "\n[[egress.limit]]\nname = \"submission\"\nports = [587]\nrate = \"1/h\"\nburst = 3\n";
     let mut t = Topo::new("egrl", limit);
-    t.start(&["--uplink", RTR_UP_IF]);
-    let st = t.json(&["status", "--json"]);
+    t.gk.start(&["--uplink", RTR_UP_IF]);
+    let st = t.gk.json(&["status", "--json"]);
     let classes = st["datapath"]["egress"]["limits"].as_array().unwrap_or_else(|| panic!("no limits: {st:#}"));
     assert_eq!(classes.len(), 1, "only the configured class (it replaces the defaults): {st:#}");
     assert_eq!(classes[0]["ports"], serde_json::json!([587]), "{st:#}");
@@ -639,44 +507,44 @@ fn rate_limit_per_subscriber_source() {
 #[test]
 fn changes_apply_live_and_unload_removes_everything() {
     let mut t = Topo::new("eglive", "");
-    t.start(&["--uplink", RTR_UP_IF, "--subscriber-iface", RTR_SUB_IF, "--xdp-mode", "skb"]);
+    t.gk.start(&["--uplink", RTR_UP_IF, "--subscriber-iface", RTR_SUB_IF, "--xdp-mode", "skb"]);
     t.assert_attached(RTR_UP_IF, "uplink", "tcx", &format!("tcx@{RTR_UP_IF}"));
     t.assert_attached(RTR_SUB_IF, "subscriber", "skb", &format!("sub-skb@{RTR_SUB_IF}"));
     let limit = Duration::from_secs(3);
 
     // Nothing configured yet: nothing blocked.
     t.expect(POOLED4, MTA4, SMTP, ConnectOutcome::Connected, "no pools yet");
-    t.ok(&["pool", "add", POOL4]);
+    t.gk.ok(&["pool", "add", POOL4]);
     t.wait_for(POOLED4, MTA4, SMTP, ConnectOutcome::TimedOut, limit, "after pool add");
-    t.ok(&["pool", "del", POOL4]);
+    t.gk.ok(&["pool", "del", POOL4]);
     t.wait_for(POOLED4, MTA4, SMTP, ConnectOutcome::Connected, limit, "after pool del");
-    let rows = t.json(&["pool", "list", "--json"]);
+    let rows = t.gk.json(&["pool", "list", "--json"]);
     assert_eq!(rows, serde_json::json!([]), "pool list after del");
 
-    t.ok(&["pool", "add", POOL4, POOL6]);
+    t.gk.ok(&["pool", "add", POOL4, POOL6]);
     t.wait_for(POOLED6, MTA6, SMTP, ConnectOutcome::TimedOut, limit, "v6 after pool add");
-    t.ok(&["smarthost", "add", SMH4]);
+    t.gk.ok(&["smarthost", "add", SMH4]);
     t.wait_for(POOLED4, SMH4, SMTP, ConnectOutcome::Connected, limit, "after smarthost add");
-    t.ok(&["smarthost", "del", SMH4]);
+    t.gk.ok(&["smarthost", "del", SMH4]);
     t.wait_for(POOLED4, SMH4, SMTP, ConnectOutcome::TimedOut, limit, "after smarthost del");
-    t.ok(&["exempt", "add", POOLED4]);
+    t.gk.ok(&["exempt", "add", POOLED4]);
     t.wait_for(POOLED4, MTA4, SMTP, ConnectOutcome::Connected, limit, "after exempt add");
-    t.ok(&["exempt", "del", POOLED4]);
+    t.gk.ok(&["exempt", "del", POOLED4]);
     t.wait_for(POOLED4, MTA4, SMTP, ConnectOutcome::TimedOut, limit, "after exempt del");
 
     // Both attachments are in the kernel before unload.
-    assert!(t.rtr.xdp_prog_id(RTR_SUB_IF).unwrap().is_some(), "no XDP on {RTR_SUB_IF}");
+    assert!(t.rtr().xdp_prog_id(RTR_SUB_IF).unwrap().is_some(), "no XDP on {RTR_SUB_IF}");
     assert_eq!(t.tcx_egress_progs().len(), 1, "tcx on {RTR_UP_IF}");
-    let net = t.rtr.run(&["bpftool", "net", "show"]).unwrap();
+    let net = t.rtr().run(&["bpftool", "net", "show"]).unwrap();
     assert!(net.contains(&format!("{RTR_SUB_IF}(")), "bpftool net show before unload: {net}");
 
     t.unload();
-    assert!(!t.pin_dir().join("links").exists(), "links/ still pinned after unload");
-    assert!(!t.pin_dir().join("maps").exists(), "maps/ still pinned after unload");
-    let link = t.rtr.ip(&["-d", "link", "show", "dev", RTR_SUB_IF]).unwrap();
+    assert!(!t.gk.pin_dir().join("links").exists(), "links/ still pinned after unload");
+    assert!(!t.gk.pin_dir().join("maps").exists(), "maps/ still pinned after unload");
+    let link = t.rtr().ip(&["-d", "link", "show", "dev", RTR_SUB_IF]).unwrap();
     assert!(!link.contains("prog/xdp"), "XDP still on {RTR_SUB_IF} after unload: {link}");
     assert_eq!(t.tcx_egress_progs(), Vec::<String>::new(), "tcx programs on {RTR_UP_IF} after unload");
-    let net = t.rtr.run(&["bpftool", "net", "show"]).unwrap();
+    let net = t.rtr().run(&["bpftool", "net", "show"]).unwrap();
     assert!(
         !net.contains(RTR_SUB_IF) && !net.contains(RTR_UP_IF) && !net.contains("gatekeeper"),
         "bpftool net show after unload: {net}"
@@ -691,9 +559,9 @@ fn changes_apply_live_and_unload_removes_everything() {
 #[test]
 fn clsact_fallback_blocks_and_unload_removes_the_filter() {
     let mut t = Topo::new("egcls", "");
-    t.start(&["--uplink", RTR_UP_IF, "--tc-mode", "clsact"]);
+    t.gk.start(&["--uplink", RTR_UP_IF, "--tc-mode", "clsact"]);
     t.assert_attached(RTR_UP_IF, "uplink", "clsact", &format!("clsact@{RTR_UP_IF}"));
-    assert!(t.pin_dir().join("links").join(format!("clsact@{RTR_UP_IF}")).is_dir(), "clsact marker is a directory");
+    assert!(t.gk.pin_dir().join("links").join(format!("clsact@{RTR_UP_IF}")).is_dir(), "clsact marker is a directory");
     let filters = t.tc_egress_filters();
     assert!(filters.contains("bpf") && filters.contains("gatekeeper"), "no gatekeeper filter: {filters}");
     assert!(t.tcx_egress_progs().is_empty(), "clsact mode must not attach tcx too");
@@ -711,6 +579,6 @@ fn clsact_fallback_blocks_and_unload_removes_the_filter() {
     t.unload();
     let filters = t.tc_egress_filters();
     assert!(filters.trim().is_empty(), "filters left on {RTR_UP_IF} egress after unload: {filters}");
-    assert!(!t.pin_dir().join("links").exists(), "links/ still pinned after unload");
+    assert!(!t.gk.pin_dir().join("links").exists(), "links/ still pinned after unload");
     t.expect(POOLED4, MTA4, SMTP, ConnectOutcome::Connected, "clsact: after unload");
 }

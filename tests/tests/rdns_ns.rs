@@ -27,18 +27,15 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write as _,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use gatekeeper_common::SourceKey;
 use gatekeeper_tests::{
+    agentlab::{Instance, Stats, CLI_TIMEOUT},
     dnslab::{self, reverse_name, FakeDns, FakeMode, NsdServer, Zone},
-    netlab::{
-        self, nsenter_output, send_frames, tcp_connect, veth_pair, AgentProcess, CmdOutput, ConnectOutcome, Netns,
-        PinDirGuard, TcpListenerGuard,
-    },
+    netlab::{self, send_frames, tcp_connect, ConnectOutcome, Netns, TcpListenerGuard},
     packet::{tcp_flags, Packet},
 };
 use serde_json::{json, Value};
@@ -124,8 +121,6 @@ const CONNECT_REFUSED: Duration = Duration::from_secs(4);
 /// A connect held by hold mode until `hold_time` (2 s here) has passed with
 /// no verdict: the SYN at ~3 s passes (and the one at ~7 s would).
 const CONNECT_HELD: Duration = Duration::from_secs(8);
-/// Any one CLI invocation.
-const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bounded polls for something the agent does on its own.
 const POLL_LIMIT: Duration = Duration::from_secs(30);
 
@@ -244,36 +239,25 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
 // ---------------------------------------------------------------------- lab
 
 /// mx (agent, DNS server, listeners) -- client (sources), one veth pair.
-/// Fields drop in order: agent, listeners, pins, dir, namespaces.
+/// Fields drop in order: the instance (agent, pins, dir, mx), listeners,
+/// client.
 struct Lab {
-    agent: Option<AgentProcess>,
+    /// The agent in the mx namespace (`lab.gk.ns`).
+    gk: Instance,
     _listeners: Vec<TcpListenerGuard>,
-    pins: PinDirGuard,
-    dir: tempfile::TempDir,
-    bin: PathBuf,
     client: Netns,
-    mx: Netns,
 }
 
 impl Lab {
     fn new() -> Lab {
         netlab::require_root();
         dnslab::require_nsd();
-        let mx = Netns::new("mx").unwrap();
-        let client = Netns::new("client").unwrap();
-        veth_pair(&mx, MX_IF, &client, CL_IF).unwrap();
-        for a in MX_ADDRS {
-            mx.addr_add(MX_IF, a).unwrap();
-        }
-        for a in client_addrs() {
-            client.addr_add(CL_IF, &a).unwrap();
-        }
+        let (mx, client) = netlab::joined(("mx", MX_IF, &MX_ADDRS), ("client", CL_IF, &client_addrs())).unwrap();
         let listeners =
             [SRV4, SRV6].iter().map(|s| TcpListenerGuard::spawn(&mx, SocketAddr::new(ip(s), SMTP)).unwrap()).collect();
-        let pins = PinDirGuard::new().unwrap();
-        let dir = tempfile::Builder::new().prefix("gk-rdns-ns-").tempdir().unwrap();
-        let bin = netlab::bin_path("gatekeeper").expect("gatekeeper binary (cargo build -p gatekeeper --bins)");
-        let lab = Lab { agent: None, _listeners: listeners, pins, dir, bin, client, mx };
+        // Each test writes its config before it starts the agent.
+        let gk = Instance::new(mx, Some(MX_IF), "gk-rdns-ns-", "");
+        let lab = Lab { gk, _listeners: listeners, client };
         // The lab itself works before any agent runs.
         for src in ["192.0.2.2", GOOD6] {
             assert_eq!(lab.connect(src, CONNECT_OK), ConnectOutcome::Connected, "lab check: {src}");
@@ -281,89 +265,24 @@ impl Lab {
         lab
     }
 
-    fn config_path(&self) -> PathBuf {
-        self.dir.path().join("gatekeeper.toml")
-    }
-
-    fn global_args(&self) -> Vec<String> {
-        vec![
-            "--socket".into(),
-            self.dir.path().join("gk.sock").display().to_string(),
-            "--pin-dir".into(),
-            self.pins.path().display().to_string(),
-            "--config".into(),
-            self.config_path().display().to_string(),
-        ]
-    }
-
     /// Writes `config` and starts the agent on mx's veth (state dir kept
     /// across restarts); returns once it answers on its socket.
     fn start(&mut self, config: &str) {
-        assert!(self.agent.is_none(), "agent already running");
-        std::fs::write(self.config_path(), config).unwrap();
-        let mut args = self.global_args();
-        args.extend(["run", "--iface", MX_IF, "--state-dir"].map(String::from));
-        args.push(self.dir.path().join("state").display().to_string());
-        let agent =
-            AgentProcess::spawn_with_env(&self.mx, &self.bin, &args, &[("NO_COLOR", "1")]).expect("spawn agent");
-        self.agent = Some(agent);
-        let deadline = Instant::now() + POLL_LIMIT;
-        loop {
-            let agent = self.agent.as_mut().unwrap();
-            if let Some(st) = agent.try_wait().unwrap() {
-                panic!("gatekeeper run exited ({st}) before serving its socket; log:\n{}", agent.log());
-            }
-            let out = self.cli(&["ports", "list", "--json"]);
-            if out.success() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "agent not answering: {out}\nlog:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL: the agent gets no chance to clean up anything.
-    fn kill_agent(&mut self) {
-        let mut agent = self.agent.take().expect("no agent");
-        let st = agent.kill().unwrap();
-        assert!(!st.success(), "agent exited on its own before SIGKILL: {st}\n{}", agent.log());
-    }
-
-    fn log(&self) -> String {
-        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> CmdOutput {
-        let mut all = self.global_args();
-        all.extend(args.iter().map(|s| s.to_string()));
-        nsenter_output(&self.mx, &self.bin, &all, CLI_TIMEOUT).expect("run the gatekeeper CLI")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(out.success(), "expected success: {out}\nagent log:\n{}", self.log());
-        out.stdout
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+        assert!(self.gk.agent.is_none(), "agent already running");
+        self.gk.write_config(config);
+        self.gk.start(&[]);
     }
 
     /// `status --json`'s `detail` (what the agent reports).
     fn status(&self) -> Value {
-        let st = self.json(&["status", "--json"]);
+        let st = self.gk.json(&["status", "--json"]);
         assert_eq!(st["agent"]["running"], true, "{st:#}");
         st["detail"].clone()
     }
 
-    fn stats(&self) -> Stats {
-        Stats(self.json(&["stats", "--json"]))
-    }
-
     /// `verdict list --json`, by key.
     fn verdicts(&self) -> BTreeMap<String, Value> {
-        let v = self.json(&["verdict", "list", "--json"]);
+        let v = self.gk.json(&["verdict", "list", "--json"]);
         v.as_array()
             .unwrap_or_else(|| panic!("verdict list is not an array: {v:#}"))
             .iter()
@@ -388,13 +307,13 @@ impl Lab {
         panic!(
             "verdicts for {srcs:?} not all there within {POLL_LIMIT:?}: {last:#?}\nstatus: {:#}\nagent log:\n{}",
             self.status(),
-            self.log()
+            self.gk.log()
         );
     }
 
     /// Deny ranges of origin `learned`.
     fn learned_ranges(&self) -> Vec<Value> {
-        self.json(&["range", "list", "--json", "--origin", "learned"]).as_array().unwrap().clone()
+        self.gk.json(&["range", "list", "--json", "--origin", "learned"]).as_array().unwrap().clone()
     }
 
     fn connect(&self, src: &str, timeout: Duration) -> ConnectOutcome {
@@ -420,48 +339,14 @@ impl Lab {
             "{what}:\n  {}\nverdicts: {:#?}\nstats: {:#}\nagent log:\n{}",
             bad.join("\n  "),
             self.verdicts(),
-            self.stats().0["totals"],
-            self.log()
+            self.gk.stats().v["totals"],
+            self.gk.log()
         );
     }
 
     fn expect_all(&self, srcs: &[&str], outcome: ConnectOutcome, timeout: Duration, what: &str) {
         let want: Vec<(&str, ConnectOutcome)> = srcs.iter().map(|s| (*s, outcome.clone())).collect();
         self.expect(&want, timeout, what);
-    }
-}
-
-/// A `stats --json` snapshot.
-struct Stats(Value);
-
-impl Stats {
-    fn total(&self, counter: &str) -> u64 {
-        self.0["totals"][counter].as_u64().unwrap_or_else(|| panic!("no counter {counter:?} in {:#}", self.0))
-    }
-
-    /// How much `counter` grew since `before`.
-    fn delta(&self, before: &Stats, counter: &str) -> u64 {
-        self.total(counter) - before.total(counter)
-    }
-
-    fn assert_grew(&self, before: &Stats, counter: &str, at_least: u64, what: &str) {
-        let d = self.delta(before, counter);
-        assert!(
-            d >= at_least,
-            "{what}: `{counter}` grew by {d}, expected at least {at_least}\nbefore {:#}\nafter {:#}",
-            before.0["totals"],
-            self.0["totals"]
-        );
-    }
-
-    fn assert_same(&self, before: &Stats, counter: &str, what: &str) {
-        assert_eq!(
-            self.total(counter),
-            before.total(counter),
-            "{what}: `{counter}` moved\nbefore {:#}\nafter {:#}",
-            before.0["totals"],
-            self.0["totals"]
-        );
     }
 }
 
@@ -520,12 +405,12 @@ fn basic_expectations() -> Vec<(&'static str, ConnectOutcome)> {
 #[test]
 fn pass_mode_refuses_bad_sources_once_their_verdict_is_in() {
     let mut lab = Lab::new();
-    let nsd = NsdServer::start_in(&lab.mx, &zones()).unwrap();
+    let nsd = NsdServer::start_in(&lab.gk.ns, &zones()).unwrap();
     lab.start(&config("", "", &dns_section(nsd.addr(), "2s", 2)));
 
-    let s0 = lab.stats();
+    let s0 = lab.gk.stats();
     lab.expect_all(&BASIC, Connected, CONNECT_OK, "warm-up: unknown sources pass");
-    let s1 = lab.stats();
+    let s1 = lab.gk.stats();
     s1.assert_grew(&s0, "unknown", BASIC.len() as u64, "warm-up");
     for c in ["dynamic", "no-ptr", "fcrdns-fail", "hold", "verdict-pass", "deny-range"] {
         s1.assert_same(&s0, c, "warm-up");
@@ -535,7 +420,7 @@ fn pass_mode_refuses_bad_sources_once_their_verdict_is_in() {
     assert_basic_verdicts(&v);
 
     lab.expect(&basic_expectations(), CONNECT_OK, "with verdicts");
-    let s2 = lab.stats();
+    let s2 = lab.gk.stats();
     // At least one dropped SYN per refused source, one passed per good one.
     s2.assert_grew(&s1, "dynamic", 2, "with verdicts");
     s2.assert_grew(&s1, "no-ptr", 2, "with verdicts");
@@ -559,12 +444,12 @@ fn pass_mode_refuses_bad_sources_once_their_verdict_is_in() {
 #[test]
 fn hold_mode_refuses_bad_sources_from_their_first_syn() {
     let mut lab = Lab::new();
-    let nsd = NsdServer::start_in(&lab.mx, &zones()).unwrap();
+    let nsd = NsdServer::start_in(&lab.gk.ns, &zones()).unwrap();
     lab.start(&config("", "[policy]\nfirst_syn = \"hold\"\nhold_time = \"3s\"\n", &dns_section(nsd.addr(), "2s", 2)));
 
-    let s0 = lab.stats();
+    let s0 = lab.gk.stats();
     lab.expect(&basic_expectations(), CONNECT_OK, "hold: very first connections");
-    let s1 = lab.stats();
+    let s1 = lab.gk.stats();
     s1.assert_grew(&s0, "hold", BASIC.len() as u64, "every source's first SYN is held");
     s1.assert_grew(&s0, "dynamic", 2, "hold");
     s1.assert_grew(&s0, "no-ptr", 2, "hold");
@@ -578,7 +463,7 @@ fn hold_mode_refuses_bad_sources_from_their_first_syn() {
 
     // Known sources are not held again.
     lab.expect(&basic_expectations(), CONNECT_OK, "hold: with verdicts");
-    let s2 = lab.stats();
+    let s2 = lab.gk.stats();
     s2.assert_same(&s1, "hold", "known sources");
 }
 
@@ -587,7 +472,7 @@ fn hold_mode_refuses_bad_sources_from_their_first_syn() {
 #[test]
 fn servfail_never_blocks() {
     let mut lab = Lab::new();
-    let dns = FakeDns::start_in(&lab.mx, FakeMode::ServFail).unwrap();
+    let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::ServFail).unwrap();
     lab.start(&config("", "[policy]\ntempfail_ttl = \"5m\"\n", &dns_section(dns.addr(), "2s", 1)));
 
     lab.expect_all(&BASIC, Connected, CONNECT_OK, "SERVFAIL: warm-up");
@@ -595,12 +480,12 @@ fn servfail_never_blocks() {
     for src in BASIC {
         assert_verdict(&v[src], PASS, reason::TEMPFAIL, 300, "tempfail", "SERVFAIL");
     }
-    let s0 = lab.stats();
+    let s0 = lab.gk.stats();
     lab.expect_all(&BASIC, Connected, CONNECT_OK, "SERVFAIL: with tempfail verdicts");
-    let s1 = lab.stats();
+    let s1 = lab.gk.stats();
     s1.assert_grew(&s0, "verdict-pass", BASIC.len() as u64, "tempfail verdicts pass");
     for c in ["dynamic", "no-ptr", "fcrdns-fail", "tempfail", "hold", "unknown"] {
-        assert_eq!(s1.total(c), if c == "unknown" { s0.total(c) } else { 0 }, "{c}: {:#}", s1.0["totals"]);
+        assert_eq!(s1.total(c), if c == "unknown" { s0.total(c) } else { 0 }, "{c}: {:#}", s1.v["totals"]);
     }
     let st = lab.status();
     assert_eq!(lookups(&st), counts(&[("tempfail", 8)]), "{st:#}");
@@ -612,7 +497,7 @@ fn servfail_never_blocks() {
 #[test]
 fn dead_dns_server_never_blocks() {
     let mut lab = Lab::new();
-    let mut nsd = NsdServer::start_in(&lab.mx, &zones()).unwrap();
+    let mut nsd = NsdServer::start_in(&lab.gk.ns, &zones()).unwrap();
     lab.start(&config("", "[policy]\ntempfail_ttl = \"5m\"\n", &dns_section(nsd.addr(), "1s", 1)));
     nsd.stop().unwrap();
 
@@ -624,9 +509,9 @@ fn dead_dns_server_never_blocks() {
     lab.expect_all(&BASIC, Connected, CONNECT_OK, "DNS down: with tempfail verdicts");
     let st = lab.status();
     assert_eq!(lookups(&st), counts(&[("tempfail", 8)]), "{st:#}");
-    let s = lab.stats();
+    let s = lab.gk.stats();
     for c in ["dynamic", "no-ptr", "fcrdns-fail", "tempfail", "hold"] {
-        assert_eq!(s.total(c), 0, "{c}: {:#}", s.0["totals"]);
+        assert_eq!(s.total(c), 0, "{c}: {:#}", s.v["totals"]);
     }
 }
 
@@ -635,16 +520,16 @@ fn dead_dns_server_never_blocks() {
 #[test]
 fn hold_with_silent_dns_passes_after_hold_time() {
     let mut lab = Lab::new();
-    let dns = FakeDns::start_in(&lab.mx, FakeMode::Silent).unwrap();
+    let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::Silent).unwrap();
     lab.start(&config(
         "",
         "[policy]\nfirst_syn = \"hold\"\nhold_time = \"2s\"\ntempfail_ttl = \"5m\"\n",
         &dns_section(dns.addr(), "5s", 1),
     ));
 
-    let s0 = lab.stats();
+    let s0 = lab.gk.stats();
     lab.expect_all(&BASIC, Connected, CONNECT_HELD, "hold, DNS silent: first connections");
-    let s1 = lab.stats();
+    let s1 = lab.gk.stats();
     s1.assert_grew(&s0, "hold", BASIC.len() as u64, "held first");
     // No verdict can be in before the 5 s DNS timeout: they passed unknown.
     s1.assert_grew(&s0, "unknown", BASIC.len() as u64, "then passed");
@@ -652,9 +537,9 @@ fn hold_with_silent_dns_passes_after_hold_time() {
     for src in BASIC {
         assert_verdict(&v[src], PASS, reason::TEMPFAIL, 300, "tempfail", "timed out");
     }
-    let s = lab.stats();
+    let s = lab.gk.stats();
     for c in ["dynamic", "no-ptr", "fcrdns-fail", "tempfail"] {
-        assert_eq!(s.total(c), 0, "{c}: {:#}", s.0["totals"]);
+        assert_eq!(s.total(c), 0, "{c}: {:#}", s.v["totals"]);
     }
 }
 
@@ -663,7 +548,7 @@ fn hold_with_silent_dns_passes_after_hold_time() {
 #[test]
 fn hold_with_dead_dns_server_never_blocks() {
     let mut lab = Lab::new();
-    let mut nsd = NsdServer::start_in(&lab.mx, &zones()).unwrap();
+    let mut nsd = NsdServer::start_in(&lab.gk.ns, &zones()).unwrap();
     lab.start(&config(
         "",
         "[policy]\nfirst_syn = \"hold\"\nhold_time = \"2s\"\ntempfail_ttl = \"5m\"\n",
@@ -671,9 +556,9 @@ fn hold_with_dead_dns_server_never_blocks() {
     ));
     nsd.stop().unwrap();
 
-    let s0 = lab.stats();
+    let s0 = lab.gk.stats();
     lab.expect_all(&BASIC, Connected, CONNECT_HELD, "hold, DNS down: first connections");
-    let s1 = lab.stats();
+    let s1 = lab.gk.stats();
     s1.assert_grew(&s0, "hold", BASIC.len() as u64, "held first");
     let v = lab.wait_verdicts(&BASIC);
     for src in BASIC {
@@ -695,7 +580,7 @@ fn learn_srcs() -> Vec<&'static str> {
 fn dynamic_ranges_are_learned_and_refuse_new_sources_without_dns() {
     let mut lab = Lab::new();
     // The fake server, for its query log; it serves the lab's records.
-    let dns = FakeDns::start_in(&lab.mx, FakeMode::table(&ptr_records(), &addr_records(), 3600)).unwrap();
+    let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::table(&ptr_records(), &addr_records(), 3600)).unwrap();
     lab.start(&config("", LEARNING, &dns_section(dns.addr(), "2s", 2)));
     let srcs = learn_srcs();
 
@@ -725,11 +610,11 @@ fn dynamic_ranges_are_learned_and_refuse_new_sources_without_dns() {
     assert_eq!(st0["learned_ranges"], 2, "{st0:#}");
     assert_eq!(lookups(&st0), counts(&[("dynamic", 6)]), "{st0:#}");
     let queries0 = dns.queries();
-    let s0 = lab.stats();
+    let s0 = lab.gk.stats();
 
     // Never looked up, with a good name: refused at the first SYN by the range.
     lab.expect_all(&[NEW4, NEW6], TimedOut, CONNECT_OK, "new sources in learned ranges");
-    let s1 = lab.stats();
+    let s1 = lab.gk.stats();
     s1.assert_grew(&s0, "deny-range", 2, "new sources in learned ranges");
     for c in ["unknown", "hold", "verdict-pass"] {
         s1.assert_same(&s0, c, "new sources in learned ranges");
@@ -750,7 +635,7 @@ fn dynamic_ranges_are_learned_and_refuse_new_sources_without_dns() {
     }
 
     // `check` explains it: the name is fine, the learned range decides.
-    let c = lab.json(&["check", NEW4, "--json"]);
+    let c = lab.gk.json(&["check", NEW4, "--json"]);
     assert_eq!(c["decision"]["outcome"], "ok", "{c:#}");
     assert_eq!(c["datapath"]["decides"], format!("deny range {LEARNED4_NET}"), "{c:#}");
     assert_eq!(c["datapath"]["range"]["record"]["origin"], "learned", "{c:#}");
@@ -761,7 +646,7 @@ fn dynamic_ranges_are_learned_and_refuse_new_sources_without_dns() {
 #[test]
 fn learning_can_be_switched_off() {
     let mut lab = Lab::new();
-    let dns = FakeDns::start_in(&lab.mx, FakeMode::table(&ptr_records(), &addr_records(), 3600)).unwrap();
+    let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::table(&ptr_records(), &addr_records(), 3600)).unwrap();
     lab.start(&config("", "[learning]\nenabled = false\nmin_sources = 3\n", &dns_section(dns.addr(), "2s", 2)));
     let srcs = learn_srcs();
 
@@ -774,7 +659,7 @@ fn learning_can_be_switched_off() {
     assert_eq!(st["learned_ranges"], 0, "{st:#}");
     assert_eq!(st["learning_prefixes_tracked"], 0, "{st:#}");
     assert!(lab.learned_ranges().is_empty());
-    assert_eq!(lab.json(&["range", "list", "--json"]), json!([]));
+    assert_eq!(lab.gk.json(&["range", "list", "--json"]), json!([]));
 
     // New sources are unknown: they pass and are looked up (good name: ok).
     lab.expect_all(&[NEW4, NEW6], Connected, CONNECT_OK, "no learning: new sources");
@@ -796,7 +681,7 @@ fn learning_can_be_switched_off() {
 #[test]
 fn verdicts_survive_an_agent_restart_without_dns() {
     let mut lab = Lab::new();
-    let mut nsd = NsdServer::start_in(&lab.mx, &zones()).unwrap();
+    let mut nsd = NsdServer::start_in(&lab.gk.ns, &zones()).unwrap();
     let cfg = config("", "", &dns_section(nsd.addr(), "1s", 1));
     lab.start(&cfg);
     let srcs = [DYN4, DYN6, GOOD4, NOPTR4];
@@ -806,25 +691,25 @@ fn verdicts_survive_an_agent_restart_without_dns() {
     let before = lab.verdicts();
     assert_eq!(before.len(), srcs.len(), "{before:#?}");
 
-    lab.kill_agent();
+    lab.gk.kill_agent();
     // Fail-static: the pinned datapath goes on enforcing without an agent.
     lab.expect(&[(DYN4, TimedOut), (GOOD4, Connected)], CONNECT_OK, "agent dead");
     // Unload the pins so the next agent must rebuild everything from its
     // database, and take DNS away so it cannot look anything up again.
-    lab.ok(&["unload"]);
-    assert_eq!(lab.mx.xdp_prog_id(MX_IF).unwrap(), None, "unload detached the gate");
+    lab.gk.ok(&["unload"]);
+    assert_eq!(lab.gk.ns.xdp_prog_id(MX_IF).unwrap(), None, "unload detached the gate");
     nsd.stop().unwrap();
 
     lab.start(&cfg);
     let after = lab.verdicts();
     assert_eq!(after, before, "verdicts after the restart");
-    let s0 = lab.stats();
+    let s0 = lab.gk.stats();
     lab.expect(
         &[(DYN4, TimedOut), (DYN6, TimedOut), (NOPTR4, TimedOut), (GOOD4, Connected)],
         CONNECT_OK,
         "restarted agent, DNS down",
     );
-    let s1 = lab.stats();
+    let s1 = lab.gk.stats();
     s1.assert_grew(&s0, "dynamic", 2, "restarted");
     s1.assert_grew(&s0, "no-ptr", 1, "restarted");
     s1.assert_grew(&s0, "verdict-pass", 1, "restarted");
@@ -841,13 +726,13 @@ fn verdicts_survive_an_agent_restart_without_dns() {
 #[test]
 fn check_explains_and_verdicts_can_be_removed() {
     let mut lab = Lab::new();
-    let nsd = NsdServer::start_in(&lab.mx, &zones()).unwrap();
+    let nsd = NsdServer::start_in(&lab.gk.ns, &zones()).unwrap();
     // Reports every second, so a forgotten source is looked up again soon.
     lab.start(&config("event_interval = \"1s\"", "", &dns_section(nsd.addr(), "2s", 2)));
 
     // Before any traffic: the live lookup and the policy; nothing decides yet.
     for (src, name, reason) in [(DYN4, DYN4_NAME, "ip-embedded:dashed"), (DYN6, DYN6_NAME, "ip-embedded:v6-prefix")] {
-        let c = lab.json(&["check", src, "--json"]);
+        let c = lab.gk.json(&["check", src, "--json"]);
         assert_eq!(c["ip"], src, "{c:#}");
         assert_eq!(c["source_key"], key(src), "{c:#}");
         assert_eq!(c["lookup"]["ptr_names"], json!([name]), "{c:#}");
@@ -873,7 +758,7 @@ fn check_explains_and_verdicts_can_be_removed() {
     // The verdict lands and decides.
     lab.expect_all(&[DYN4, GOOD4], Connected, CONNECT_OK, "warm-up");
     lab.wait_verdicts(&[DYN4, GOOD4]);
-    let c = lab.json(&["check", DYN4, "--json"]);
+    let c = lab.gk.json(&["check", DYN4, "--json"]);
     assert_eq!(c["datapath"]["decides"], "verdict: drop (dynamic)", "{c:#}");
     assert_eq!(c["datapath"]["verdict"]["action"], "drop", "{c:#}");
     assert_eq!(c["datapath"]["verdict"]["reason"], "dynamic", "{c:#}");
@@ -882,19 +767,19 @@ fn check_explains_and_verdicts_can_be_removed() {
     let left = c["datapath"]["verdict"]["expires_in_secs"].as_u64().unwrap();
     assert!(left > 0 && left <= 3600, "{c:#}");
     // The human form says the same.
-    let text = lab.ok(&["check", DYN4]);
+    let text = lab.gk.ok(&["check", DYN4]);
     for needle in [DYN4_NAME, "dynamic", "verdict: drop (dynamic)"] {
         assert!(text.contains(needle), "{needle:?} missing:\n{text}");
     }
 
-    lab.ok(&["ban", "add", BAN4, "--comment", "by hand"]);
+    lab.gk.ok(&["ban", "add", BAN4, "--comment", "by hand"]);
     lab.expect(&[(DYN4, TimedOut), (BAN4, TimedOut), (GOOD4, Connected)], CONNECT_OK, "verdicts and a ban");
 
     // `verdict del`: unknown again.
-    let out = lab.ok(&["verdict", "del", DYN4]);
+    let out = lab.gk.ok(&["verdict", "del", DYN4]);
     assert!(out.contains(&format!("forgot the verdict for {DYN4}")), "{out}");
     assert!(!lab.verdicts().contains_key(DYN4));
-    let c = lab.json(&["check", DYN4, "--json"]);
+    let c = lab.gk.json(&["check", DYN4, "--json"]);
     assert!(c["datapath"]["decides"].as_str().unwrap().starts_with("nothing"), "{c:#}");
     assert_eq!(c["datapath"]["verdict"], Value::Null, "{c:#}");
     assert_eq!(lab.connect(DYN4, CONNECT_OK), Connected, "forgotten: passes as unknown");
@@ -912,21 +797,21 @@ fn check_explains_and_verdicts_can_be_removed() {
     assert!(lookups(&st)["dynamic"] >= 2, "looked up again: {st:#}");
 
     // Removing a verdict that is not there fails and names it.
-    let out = lab.cli(&["verdict", "del", NOPTR4]);
+    let out = lab.gk.cli(&["verdict", "del", NOPTR4]);
     assert!(!out.success() && out.stderr.contains(NOPTR4), "{out}");
 
     // `verdict flush`: the automatic verdicts go, the manual ban stays.
-    let out = lab.ok(&["verdict", "flush"]);
+    let out = lab.gk.ok(&["verdict", "flush"]);
     assert!(out.contains("removed 2 verdict(s)"), "{out}");
     let left = lab.verdicts();
     assert_eq!(left.keys().collect::<Vec<_>>(), [BAN4], "{left:#?}");
     assert_eq!(left[BAN4]["reason"], reason::MANUAL_BAN, "{left:#?}");
     assert_eq!(left[BAN4]["comment"], "by hand", "{left:#?}");
-    let bans = lab.json(&["ban", "list", "--json"]);
+    let bans = lab.gk.json(&["ban", "list", "--json"]);
     assert_eq!(bans.as_array().unwrap().len(), 1, "{bans:#}");
-    let s0 = lab.stats();
+    let s0 = lab.gk.stats();
     lab.expect(&[(BAN4, TimedOut), (DYN4, Connected), (GOOD4, Connected)], CONNECT_OK, "after flush");
-    let s1 = lab.stats();
+    let s1 = lab.gk.stats();
     s1.assert_grew(&s0, "manual-ban", 1, "the ban still holds");
     s1.assert_same(&s0, "dynamic", "the dynamic verdict is gone");
 }
@@ -940,7 +825,7 @@ const MAX_INFLIGHT: u64 = 64;
 /// `count` SYN frames to port 25 from 2001:db8:8000:i::1 (one source per
 /// /64), client veth -> mx veth.
 fn flood_frames(lab: &Lab, count: usize) -> Vec<Vec<u8>> {
-    let dst_mac = lab.mx.mac(MX_IF).unwrap();
+    let dst_mac = lab.gk.ns.mac(MX_IF).unwrap();
     let src_mac = lab.client.mac(CL_IF).unwrap();
     let dst: Ipv6Addr = FLOOD_DST.parse().unwrap();
     (0..count)
@@ -967,7 +852,7 @@ fn flood_config(dns: SocketAddr, timeout: &str) -> String {
 fn wait_reports_read(lab: &Lab, max_pending: &mut u64) -> (Value, Stats) {
     wait_for("the agent read the flood's reports", POLL_LIMIT, || {
         let st = lab.status();
-        let stats = lab.stats();
+        let stats = lab.gk.stats();
         *max_pending = (*max_pending).max(st["queue"]["pending"].as_u64().unwrap());
         let reported = stats.total("unknown") - stats.total("event-lost");
         (st["events_received"].as_u64().unwrap() >= reported).then_some((st, stats))
@@ -1002,7 +887,7 @@ fn assert_flood_aftermath(lab: &Lab, dns: &FakeDns, st: &Value, started: Instant
     let bound = (DNS_RATE as f64 * elapsed) as u64 + 20;
     assert!(queries <= bound, "{queries} DNS queries in {elapsed:.1} s exceed {DNS_RATE}/s (+20)");
     assert!(queries >= queued, "each lookup asked at least once: {queries} < {queued}");
-    lab.ok(&["ports", "list", "--json"]);
+    lab.gk.ok(&["ports", "list", "--json"]);
     assert_eq!(lab.connect(GOOD4, CONNECT_OK), Connected);
     assert_eq!(lab.connect(GOOD6, CONNECT_OK), Connected);
 }
@@ -1017,7 +902,7 @@ fn assert_flood_aftermath(lab: &Lab, dns: &FakeDns, st: &Value, started: Instant
 #[test]
 fn flood_of_spoofed_sources_stays_bounded() {
     let mut lab = Lab::new();
-    let dns = FakeDns::start_in(&lab.mx, FakeMode::ServFail).unwrap();
+    let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::ServFail).unwrap();
     lab.start(&flood_config(dns.addr(), "1s"));
     let frames = flood_frames(&lab, FLOOD);
 
@@ -1026,7 +911,7 @@ fn flood_of_spoofed_sources_stays_bounded() {
     let mut max_pending = 0;
     let (st, stats) = wait_reports_read(&lab, &mut max_pending);
     eprintln!("flood: {} SYNs seen; {:#}", stats.total("unknown"), st["queue"]);
-    assert!(stats.total("unknown") >= FLOOD as u64 * 9 / 10, "most SYNs reached the gate: {:#}", stats.0["totals"]);
+    assert!(stats.total("unknown") >= FLOOD as u64 * 9 / 10, "most SYNs reached the gate: {:#}", stats.v["totals"]);
     assert!(st["queue"]["overflow"].as_u64().unwrap() > 0, "the queue overflowed: {st:#}");
     let st = wait_drained(&lab, &mut max_pending);
     assert!(
@@ -1057,7 +942,7 @@ fn paced_flood(lab: &Lab) {
 #[test]
 fn flood_with_slow_dns_keeps_pending_within_max_pending() {
     let mut lab = Lab::new();
-    let dns = FakeDns::start_in(&lab.mx, FakeMode::Silent).unwrap();
+    let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::Silent).unwrap();
     lab.start(&flood_config(dns.addr(), "5s"));
     paced_flood(&lab);
     let mut max_pending = 0;
@@ -1074,7 +959,7 @@ fn flood_with_slow_dns_keeps_pending_within_max_pending() {
         "slow flood: max pending {max_pending}; samples right after the flood {samples:?}; at the end {:#}",
         st["queue"]
     );
-    lab.ok(&["ports", "list", "--json"]);
+    lab.gk.ok(&["ports", "list", "--json"]);
     assert_eq!(lab.connect(GOOD4, CONNECT_OK), Connected);
     assert!(
         max_pending <= MAX_PENDING,
@@ -1094,7 +979,7 @@ fn flood_with_slow_dns_keeps_pending_within_max_pending() {
 #[test]
 fn flood_with_silent_dns_keeps_the_query_rate() {
     let mut lab = Lab::new();
-    let dns = FakeDns::start_in(&lab.mx, FakeMode::Silent).unwrap();
+    let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::Silent).unwrap();
     lab.start(&flood_config(dns.addr(), "5s"));
     let started = Instant::now();
     paced_flood(&lab);
@@ -1109,7 +994,7 @@ fn flood_with_silent_dns_keeps_the_query_rate() {
         early.0, early.1, late.0, late.1, st["queue"]
     );
     assert_eq!(lookups(&st), counts(&[("tempfail", queued)]), "{st:#}");
-    lab.ok(&["ports", "list", "--json"]);
+    lab.gk.ok(&["ports", "list", "--json"]);
     let per_name: BTreeMap<String, usize> = dns.queries().into_iter().fold(BTreeMap::new(), |mut m, q| {
         *m.entry(q.name).or_default() += 1;
         m

@@ -66,10 +66,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{ensure, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use gatekeeper::datapath::{calibrate_clock, load_object, table_map, RangeMaps};
+use gatekeeper::datapath::{calibrate_clock, table_map, RangeMaps};
 use gatekeeper::domain::RangeTable;
 use gatekeeper::verdict_table::{place, VerdictTable};
 use gatekeeper_common::{
@@ -77,13 +76,12 @@ use gatekeeper_common::{
     sourcetab::verdict_buckets, stat_index, verdict_reason, Config, Counter, KeyWords, RangeValue, SourceKey, StatKey,
     Verdict, VerdictBucket, VerdictSlot,
 };
-use gatekeeper_tests::packet::{mss_option, tcp_flags, ExtHeader, Packet};
+use gatekeeper_tests::packet::{mss_option, syn_to, tcp_flags, v4 as ip4, v6 as ip6, ExtHeader, Packet};
 use gatekeeper_tests::rng::Rng;
+use gatekeeper_tests::testrun::{self, monotonic_ns, stat_totals, test_run, XDP_DROP, XDP_PASS};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::json;
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 const IFINDEX: u32 = 1;
 const SMTP: u16 = 25;
 const DEFAULT_REPEAT: u32 = 1_000_000;
@@ -216,19 +214,9 @@ struct Bench {
 }
 
 impl Bench {
-    fn prog(&self, name: &str) -> &Xdp {
-        self.bpf.program(name).unwrap().try_into().unwrap()
-    }
-
     /// Runs `frame` `repeat` times; returns (return value, ns per run).
     fn run(&self, prog: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
-        let md: [u32; 6] = [0, frame.len() as u32, 0, IFINDEX, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let opts = TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), repeat, ..TestRunOptions::new() };
-        let r = self.prog(prog).test_run(opts).with_context(|| format!("test run of {prog}"))?;
-        // For repeat > 1 the kernel reports the mean per run (integer ns);
-        // one run's duration is also all we get for repeat == 1.
-        Ok((r.return_value, r.duration.as_nanos() as f64))
+        timed_run(&self.bpf, prog, frame, repeat)
     }
 
     fn range(&mut self, allow: bool, net: Net, range_id: u32) -> Result<()> {
@@ -287,14 +275,8 @@ impl Bench {
         stats.get(&stat_index(IFINDEX, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
-    fn all_counters(&self) -> BTreeMap<StatKey, u64> {
-        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::STATS).unwrap()).unwrap();
-        stats
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.ok().map(|v| (StatKey::from_index(i as u32), v.iter().sum::<u64>())))
-            .filter(|(_, v)| *v > 0)
-            .collect()
+    fn all_counters(&self) -> Result<BTreeMap<StatKey, u64>> {
+        stat_totals(&self.bpf, maps::STATS)
     }
 
     fn drain_events(&mut self) -> usize {
@@ -313,17 +295,13 @@ enum Net {
     V6(u128, u8),
 }
 
-fn ip4(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
-
-fn ip6(s: &str) -> Ipv6Addr {
-    s.parse().unwrap()
-}
-
-fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("clock_gettime");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+/// Runs `frame` `repeat` times through `prog` (as received on [`IFINDEX`]
+/// if it is an XDP program); returns (return value, ns per run).
+fn timed_run(bpf: &Ebpf, prog: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+    let r = test_run(bpf, prog, frame, Some(IFINDEX), repeat, None).with_context(|| format!("test run of {prog}"))?;
+    // For repeat > 1 the kernel reports the mean per run (integer ns);
+    // one run's duration is also all we get for repeat == 1.
+    Ok((r.return_value, r.duration.as_nanos() as f64))
 }
 
 // ------------------------------------------------------------ cases
@@ -370,11 +348,11 @@ const NON_SYN: Target = Target::Ratio(1.5);
 const DECISION: Target = Target::Ns(60.0);
 
 fn syn4(src: &str) -> Packet {
-    Packet::tcp_v4(ip4(src), [192, 0, 2, 25], 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1460))
+    syn_to(src, "192.0.2.25", SMTP)
 }
 
 fn syn6(src: &str) -> Packet {
-    Packet::tcp_v6(ip6(src), ip6("2001:db8:25::25"), 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1440))
+    syn_to(src, "2001:db8:25::25", SMTP)
 }
 
 fn case(name: &str, frame: Vec<u8>, ret: u32, counter: Option<u32>, target: Target) -> Case {
@@ -443,14 +421,13 @@ fn mib(bytes: u64) -> String {
 
 fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
     let started = Instant::now();
-    let mut bpf = load_object(verdict_buckets(VERDICT_CAPACITY), |l| {
-        l.map_max_entries(maps::RANGES, TRIE_NODES);
-    })
-    .context("loading the gatekeeper object")?;
-    for name in [programs::XDP_INGRESS, programs::XDP_BASELINE] {
-        let p: &mut Xdp = bpf.program_mut(name).with_context(|| format!("program {name}"))?.try_into()?;
-        p.load().with_context(|| format!("loading {name}"))?;
-    }
+    let mut bpf = testrun::load(
+        verdict_buckets(VERDICT_CAPACITY),
+        |l| {
+            l.map_max_entries(maps::RANGES, TRIE_NODES);
+        },
+        &[programs::XDP_INGRESS, programs::XDP_BASELINE],
+    )?;
     let ranges = RangeMaps::take(&mut bpf)?;
     let clock = calibrate_clock(&mut bpf)?;
     ensure!(clock.is_some(), "the datapath clock did not calibrate: the bench would measure the slow helper");
@@ -662,10 +639,9 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         case("syn unknown v6 (seen, no event)", syn6(unknown6).build(), XDP_PASS, dc(Counter::Unknown), DECISION),
     ];
     if let Some((src, len)) = deep4 {
-        let frame = Packet::tcp_v4(src, [192, 0, 2, 25], 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1460));
         let c = case(
             &format!("syn deny-range v4 (random /{len})"),
-            frame.build(),
+            syn4(&src.to_string()).build(),
             XDP_DROP,
             dc(Counter::DenyRange),
             DECISION,
@@ -673,11 +649,9 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         cases.insert(7, c);
     }
     if let Some((src, len)) = deep6 {
-        let frame =
-            Packet::tcp_v6(src, ip6("2001:db8:25::25"), 40000, SMTP, tcp_flags::SYN).tcp_options(&mss_option(1440));
         let c = case(
             &format!("syn deny-range v6 (random /{len})"),
-            frame.build(),
+            syn6(&src.to_string()).build(),
             XDP_DROP,
             dc(Counter::DenyRange),
             DECISION,
@@ -707,17 +681,13 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         ensure!(b.verdicts().get(SourceKey::from_ip(ip.parse()?))?.is_none(), "unknown source {ip} has a verdict");
     }
     for c in &cases {
-        let before = b.all_counters();
+        let before = b.all_counters()?;
         let (base, _) = b.run(programs::XDP_BASELINE, &c.frame, 1)?;
         ensure!(base == XDP_PASS, "{}: baseline returned {base}", c.name);
         let (ret, _) = b.run(programs::XDP_INGRESS, &c.frame, 1)?;
         ensure!(ret == c.ret, "{}: returned {ret}, expected {}", c.name, c.ret);
-        let after = b.all_counters();
-        let moved: Vec<_> = after
-            .iter()
-            .filter(|(k, v)| before.get(k).copied().unwrap_or(0) != **v)
-            .map(|(k, v)| (k.ifindex, counter_name(k.counter), v - before.get(k).copied().unwrap_or(0)))
-            .collect();
+        let moved: Vec<_> =
+            moved(&before, &b.all_counters()?).map(|(ifindex, slot, n)| (ifindex, counter_name(slot), n)).collect();
         let want: Vec<_> = c.counter.iter().map(|&s| (IFINDEX, counter_name(s), 1)).collect();
         ensure!(moved == want, "{}: counters moved {moved:?}, expected {want:?}", c.name);
     }
@@ -766,33 +736,15 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
             let moved = b.counter(slot) - before;
             ensure!(moved == u64::from(n) * ROUNDS as u64, "{}: {} moved {moved} times", c.name, counter_name(slot));
         }
-        let (ns_med, base_med) = (median(&mut ns), median(&mut base));
-        let ratio = if base_med > 0.0 { ns_med / base_med } else { f64::INFINITY };
-        let met = c.target.met(ns_med, ratio);
-        println!(
-            "{:<36} {:>7.0} {:>9.0} {:>7.0} {:>6.2}x  {:<14} {}",
-            c.name,
-            ns_med,
-            base_med,
-            ns_med - base_med,
-            ratio,
-            c.target.describe(),
-            if met { "ok" } else { "MISSED" }
-        );
-        results.push(json!({
+        let t = Timing::of(&mut ns, &mut base, c.target);
+        println!("{:<36} {}", c.name, t.row(if t.met { "ok" } else { "MISSED" }));
+        results.push(t.json(json!({
             "case": c.name,
-            "ns": ns_med,
-            "ns_min": ns.iter().cloned().fold(f64::INFINITY, f64::min),
-            "baseline_ns": base_med,
-            "net_ns": ns_med - base_med,
-            "ratio": ratio,
-            "target": c.target.describe(),
-            "met": met,
+            "met": t.met,
             "repeat": n,
-            "rounds": ROUNDS,
             "return_value": c.ret,
             "counter": c.counter.map(counter_name),
-        }));
+        })));
     }
     println!(
         "\nnotes: durations are the kernel's integer ns mean per run; the baseline runs the same frame;\n\
@@ -808,12 +760,97 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         repeat.min(EVENT_REPEAT)
     );
 
+    let memory = memory_table(&mem, |name| b.entries.get(name).copied());
+    let report = Report { benchmark: "xdp", repeat, map_entries: &b.entries, memory, cases: results, started };
+    write_report(
+        json_path,
+        &report.json(json!({ "baseline_program": programs::XDP_BASELINE, "program": programs::XDP_INGRESS })),
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The counters that moved between two snapshots: (ifindex, slot, by how
+/// much).
+fn moved<'a>(
+    before: &'a BTreeMap<StatKey, u64>,
+    after: &'a BTreeMap<StatKey, u64>,
+) -> impl Iterator<Item = (u32, u32, u64)> + 'a {
+    after
+        .iter()
+        .filter(|(k, v)| before.get(k).copied().unwrap_or(0) != **v)
+        .map(|(k, v)| (k.ifindex, k.counter, v - before.get(k).copied().unwrap_or(0)))
+}
+
+/// A case's timed rounds: medians of the program's and the baseline's ns
+/// per run.
+struct Timing {
+    ns: f64,
+    ns_min: f64,
+    base: f64,
+    ratio: f64,
+    target: Target,
+    met: bool,
+}
+
+impl Timing {
+    fn of(ns: &mut [f64], base: &mut [f64], target: Target) -> Timing {
+        let ns_min = ns.iter().cloned().fold(f64::INFINITY, f64::min);
+        let (ns, base) = (median(ns), median(base));
+        let ratio = if base > 0.0 { ns / base } else { f64::INFINITY };
+        Timing { ns, ns_min, base, ratio, target, met: target.met(ns, ratio) }
+    }
+
+    /// The table row after the case name, ending in `verdict`.
+    fn row(&self, verdict: &str) -> String {
+        format!(
+            "{:>7.0} {:>9.0} {:>7.0} {:>6.2}x  {:<14} {verdict}",
+            self.ns,
+            self.base,
+            self.ns - self.base,
+            self.ratio,
+            self.target.describe()
+        )
+    }
+
+    /// The case's JSON: its own `fields` and the timing.
+    fn json(&self, fields: serde_json::Value) -> serde_json::Value {
+        let timing = json!({
+            "ns": self.ns,
+            "ns_min": self.ns_min,
+            "baseline_ns": self.base,
+            "net_ns": self.ns - self.base,
+            "ratio": self.ratio,
+            "target": self.target.describe(),
+            "rounds": ROUNDS,
+        });
+        merge(fields, timing)
+    }
+}
+
+/// `a` with the fields of `b` added (both JSON objects).
+fn merge(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    if let (Some(a), serde_json::Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// Prints the table of the memory `mem` takes (with `entries` of each map,
+/// if known); returns the total and the table as JSON.
+fn memory_table<'a>(
+    mem: impl IntoIterator<Item = &'a MapMem>,
+    entries: impl Fn(&str) -> Option<usize>,
+) -> (u64, serde_json::Map<String, serde_json::Value>) {
     println!("\n{:<16} {:<13} {:>11} {:>10} {:>12}", "map", "type", "max_entries", "entries", "memlock");
     let mut total = 0;
     let mut mem_json = serde_json::Map::new();
-    for m in &mem {
+    for m in mem {
         total += m.memlock;
-        let entries = b.entries.get(m.name).copied();
+        let entries = entries(m.name);
         println!(
             "{:<16} {:<13} {:>11} {:>10} {:>12}",
             m.name,
@@ -828,36 +865,52 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         );
     }
     println!("{:<16} {:<13} {:>11} {:>10} {:>12}", "total", "", "", "", mib(total));
-
-    let report = json!({
-        "benchmark": "xdp",
-        "method": "BPF_PROG_TEST_RUN",
-        "kernel": kernel_release(),
-        "cpu": cpu_model(),
-        "nr_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "date": utc_now(),
-        "repeat": repeat,
-        "rounds": ROUNDS,
-        "baseline_program": programs::XDP_BASELINE,
-        "program": programs::XDP_INGRESS,
-        "map_entries": b.entries,
-        "maps": mem_json,
-        "memlock_total_bytes": total,
-        "cases": results,
-        "setup_seconds": started.elapsed().as_secs_f64(),
-    });
-    if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(json_path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    println!("\nwrote {}", json_path.display());
-    Ok(())
+    (total, mem_json)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// What every BPF_PROG_TEST_RUN benchmark reports: what ran where and when,
+/// the maps and the cases.
+struct Report<'a> {
+    benchmark: &'static str,
+    repeat: u32,
+    map_entries: &'a BTreeMap<&'static str, usize>,
+    /// Total and table, from [`memory_table`].
+    memory: (u64, serde_json::Map<String, serde_json::Value>),
+    cases: Vec<serde_json::Value>,
+    started: Instant,
+}
+
+impl Report<'_> {
+    /// The report as JSON, with the benchmark's own `fields`.
+    fn json(self, fields: serde_json::Value) -> serde_json::Value {
+        let common = json!({
+            "benchmark": self.benchmark,
+            "method": "BPF_PROG_TEST_RUN",
+            "kernel": kernel_release(),
+            "cpu": cpu_model(),
+            "nr_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "date": utc_now(),
+            "repeat": self.repeat,
+            "rounds": ROUNDS,
+            "map_entries": self.map_entries,
+            "maps": self.memory.1,
+            "memlock_total_bytes": self.memory.0,
+            "cases": self.cases,
+            "setup_seconds": self.started.elapsed().as_secs_f64(),
+        });
+        merge(common, fields)
+    }
+}
+
+/// Writes `report` to `path` (making its directory) and says so.
+fn write_report(path: &std::path::Path, report: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
 }
 
 fn kernel_release() -> String {
@@ -896,19 +949,14 @@ fn utc_now() -> String {
 /// BPF_PROG_TEST_RUN beside their pass-only baselines.
 mod egress_bench {
     use super::*;
-    use aya::programs::SchedClassifier;
     use gatekeeper_common::{
         counters::egress_counter_name, port_policy, range_flags, EgressCounter, LimitKey, RateLimit,
     };
+    use gatekeeper_tests::testrun::{Hook, Outcome};
 
     const DEFAULT_POOLS_V4: usize = 100_000;
     const DEFAULT_POOLS_V6: usize = 10_000;
     const DEFAULT_BUCKETS: usize = 100_000;
-    const XDP_TX: u32 = 3;
-    /// TC_ACT_UNSPEC (-1) as the test run reports it.
-    const TC_UNSPEC: u32 = u32::MAX;
-    const TC_SHOT: u32 = 2;
-    const TC_REDIRECT: u32 = 7;
     const SUBMISSION: u16 = 587;
     const SUBMISSIONS: u16 = 465;
     /// Classes 1 (port 25) and 2 (587, 465): one token per microsecond and
@@ -931,54 +979,6 @@ mod egress_bench {
         maps::CONFIG,
     ];
 
-    /// Which attach type a case runs as.
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    enum Hook {
-        /// `gatekeeper_subscriber` beside `gatekeeper_baseline_pass`.
-        Xdp,
-        /// `gatekeeper_egress` beside `gatekeeper_tc_baseline`.
-        Tc,
-    }
-
-    impl Hook {
-        fn program(self) -> &'static str {
-            match self {
-                Hook::Xdp => programs::XDP_SUBSCRIBER,
-                Hook::Tc => programs::TC_EGRESS,
-            }
-        }
-        fn baseline(self) -> &'static str {
-            match self {
-                Hook::Xdp => programs::XDP_BASELINE,
-                Hook::Tc => programs::TC_BASELINE,
-            }
-        }
-        fn pass(self) -> u32 {
-            match self {
-                Hook::Xdp => XDP_PASS,
-                Hook::Tc => TC_UNSPEC,
-            }
-        }
-        fn drop(self) -> u32 {
-            match self {
-                Hook::Xdp => XDP_DROP,
-                Hook::Tc => TC_SHOT,
-            }
-        }
-        fn reject(self) -> u32 {
-            match self {
-                Hook::Xdp => XDP_TX,
-                Hook::Tc => TC_REDIRECT,
-            }
-        }
-        fn label(self) -> &'static str {
-            match self {
-                Hook::Xdp => "xdp",
-                Hook::Tc => "tc",
-            }
-        }
-    }
-
     struct ECase {
         name: String,
         hook: Hook,
@@ -991,13 +991,6 @@ mod egress_bench {
         /// every repeat on the same buffer, so after the first run the frame
         /// is no longer a SYN. Timed as single runs instead.
         rewrites: bool,
-    }
-
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    enum Outcome {
-        Pass,
-        Drop,
-        Reject,
     }
 
     /// A case before it is given a hook: (name, frame, outcome, the one
@@ -1013,34 +1006,17 @@ mod egress_bench {
 
     impl Eg {
         /// Runs `frame` `repeat` times; returns (return value, ns per run).
-        fn run(&self, hook: Hook, prog: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
-            let md: [u32; 6] = [0, frame.len() as u32, 0, IFINDEX, 0, 0];
-            let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-            let r = match hook {
-                Hook::Xdp => {
-                    let p: &Xdp = self.bpf.program(prog).unwrap().try_into()?;
-                    p.test_run(TestRunOptions {
-                        data_in: Some(frame),
-                        ctx_in: Some(&ctx),
-                        repeat,
-                        ..TestRunOptions::new()
-                    })
-                }
-                // No context: the test skb sits on the loopback (ifindex 1).
-                Hook::Tc => {
-                    let p: &SchedClassifier = self.bpf.program(prog).unwrap().try_into()?;
-                    p.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() })
-                }
-            }
-            .with_context(|| format!("test run of {prog}"))?;
-            Ok((r.return_value, r.duration.as_nanos() as f64))
+        /// A TC program gets no context: the test skb sits on the loopback
+        /// (ifindex 1).
+        fn run(&self, prog: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+            timed_run(&self.bpf, prog, frame, repeat)
         }
 
         /// Mean ns per run over `n` single runs (each its own test run).
-        fn run_singly(&self, hook: Hook, prog: &str, frame: &[u8], n: u32, want: u32) -> Result<f64> {
+        fn run_singly(&self, prog: &str, frame: &[u8], n: u32, want: u32) -> Result<f64> {
             let mut total = 0.0;
             for _ in 0..n {
-                let (r, t) = self.run(hook, prog, frame, 1)?;
+                let (r, t) = self.run(prog, frame, 1)?;
                 ensure!(r == want, "{prog}: returned {r} in a single run, expected {want}");
                 total += t;
             }
@@ -1071,14 +1047,8 @@ mod egress_bench {
             stats.get(&stat_index(IFINDEX, c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
         }
 
-        fn all_stats(&self) -> BTreeMap<StatKey, u64> {
-            let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::EG_STATS).unwrap()).unwrap();
-            stats
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| r.ok().map(|v| (StatKey::from_index(i as u32), v.iter().sum::<u64>())))
-                .filter(|(_, v)| *v > 0)
-                .collect()
+        fn all_stats(&self) -> Result<BTreeMap<StatKey, u64>> {
+            stat_totals(&self.bpf, maps::EG_STATS)
         }
     }
 
@@ -1088,14 +1058,6 @@ mod egress_bench {
 
     fn net6(s: &str) -> IpNet {
         IpNet::V6(s.parse().unwrap())
-    }
-
-    fn syn4_to(src: &str, dst: &str, port: u16) -> Packet {
-        Packet::tcp_v4(ip4(src), ip4(dst), 40000, port, tcp_flags::SYN).tcp_options(&mss_option(1460))
-    }
-
-    fn syn6_to(src: &str, dst: &str, port: u16) -> Packet {
-        Packet::tcp_v6(ip6(src), ip6(dst), 40000, port, tcp_flags::SYN).tcp_options(&mss_option(1440))
     }
 
     fn usage() -> ! {
@@ -1135,19 +1097,13 @@ mod egress_bench {
         let started = Instant::now();
         // The ingress gate's verdict table is preallocated and unused here:
         // keep it small.
-        let mut bpf = load_object(64, |l| {
-            l.map_max_entries(maps::SUB_RANGES, TRIE_NODES);
-        })
-        .context("loading the gatekeeper object")?;
-        for name in [programs::XDP_SUBSCRIBER, programs::XDP_BASELINE] {
-            let p: &mut Xdp = bpf.program_mut(name).with_context(|| format!("program {name}"))?.try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-        }
-        for name in [programs::TC_EGRESS, programs::TC_BASELINE] {
-            let p: &mut SchedClassifier =
-                bpf.program_mut(name).with_context(|| format!("program {name}"))?.try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-        }
+        let mut bpf = testrun::load(
+            64,
+            |l| {
+                l.map_max_entries(maps::SUB_RANGES, TRIE_NODES);
+            },
+            &[programs::XDP_SUBSCRIBER, programs::XDP_BASELINE, programs::TC_EGRESS, programs::TC_BASELINE],
+        )?;
         let clock = calibrate_clock(&mut bpf)?;
         ensure!(clock.is_some(), "the datapath clock did not calibrate: the bench would measure the slow helper");
         write_config(&mut bpf, 0, clock)?;
@@ -1273,63 +1229,63 @@ mod egress_bench {
                 ),
                 Template(
                     "syn unguarded port v4 (pool -> 8080)".into(),
-                    syn4_to("198.51.100.7", mx, 8080).build(),
+                    syn_to("198.51.100.7", mx, 8080).build(),
                     Outcome::Pass,
                     None,
                     NON_SYN,
                 ),
                 Template(
                     "syn non-subscriber v4 -> 25".into(),
-                    syn4_to("203.0.113.200", mx, SMTP).build(),
+                    syn_to("203.0.113.200", mx, SMTP).build(),
                     Outcome::Pass,
                     None,
                     DECISION,
                 ),
                 Template(
                     "syn pool blocked v4 (drop)".into(),
-                    syn4_to("198.51.100.7", mx, SMTP).build(),
+                    syn_to("198.51.100.7", mx, SMTP).build(),
                     Outcome::Drop,
                     Some(PoolBlocked),
                     DECISION,
                 ),
                 Template(
                     "syn pool -> smarthost v4".into(),
-                    syn4_to("198.51.100.7", "192.0.2.25", SMTP).build(),
+                    syn_to("198.51.100.7", "192.0.2.25", SMTP).build(),
                     Outcome::Pass,
                     Some(SmarthostAllowed),
                     DECISION,
                 ),
                 Template(
                     "syn exempt v4 -> 25".into(),
-                    syn4_to("198.51.100.25", mx, SMTP).build(),
+                    syn_to("198.51.100.25", mx, SMTP).build(),
                     Outcome::Pass,
                     Some(Exempt),
                     DECISION,
                 ),
                 Template(
                     "syn pool -> 587 v4 (rate-checked pass)".into(),
-                    syn4_to("198.51.100.7", mx, SUBMISSION).build(),
+                    syn_to("198.51.100.7", mx, SUBMISSION).build(),
                     Outcome::Pass,
                     None,
                     DECISION,
                 ),
                 Template(
                     "syn rate-limited v4 -> 587 (drop)".into(),
-                    syn4_to(exhausted, mx, SUBMISSION).build(),
+                    syn_to(exhausted, mx, SUBMISSION).build(),
                     Outcome::Drop,
                     Some(RateLimited),
                     DECISION,
                 ),
                 Template(
                     "syn pool reject v4 (RST rewrite)".into(),
-                    syn4_to("203.0.113.7", mx, SMTP).build(),
+                    syn_to("203.0.113.7", mx, SMTP).build(),
                     Outcome::Reject,
                     Some(PoolRejected),
                     Target::None,
                 ),
                 Template(
                     "syn pool blocked v6 (drop)".into(),
-                    syn6_to("2001:db8:100::7", "2001:db8:80::80", SMTP).build(),
+                    syn_to("2001:db8:100::7", "2001:db8:80::80", SMTP).build(),
                     Outcome::Drop,
                     Some(PoolBlocked),
                     DECISION,
@@ -1338,7 +1294,7 @@ mod egress_bench {
             if let Some((src, len)) = deep4 {
                 let c = Template(
                     format!("syn pool blocked v4 (random /{len})"),
-                    syn4_to(&src.to_string(), mx, SMTP).build(),
+                    syn_to(&src.to_string(), mx, SMTP).build(),
                     Outcome::Drop,
                     Some(PoolBlocked),
                     DECISION,
@@ -1350,11 +1306,7 @@ mod egress_bench {
         let mut cases = Vec::new();
         for hook in [Hook::Xdp, Hook::Tc] {
             for Template(name, frame, outcome, counter, target) in &frames {
-                let ret = match outcome {
-                    Outcome::Pass => hook.pass(),
-                    Outcome::Drop => hook.drop(),
-                    Outcome::Reject => hook.reject(),
-                };
+                let ret = hook.code(*outcome);
                 cases.push(ECase {
                     name: name.clone(),
                     hook,
@@ -1369,16 +1321,13 @@ mod egress_bench {
 
         // Check every case once: return value and exactly the expected counter.
         for c in &cases {
-            let before = b.all_stats();
-            let (base, _) = b.run(c.hook, c.hook.baseline(), &c.frame, 1)?;
-            ensure!(base == c.hook.pass(), "{}: baseline returned {base}", c.name);
-            let (ret, _) = b.run(c.hook, c.hook.program(), &c.frame, 1)?;
+            let before = b.all_stats()?;
+            let (base, _) = b.run(c.hook.baseline(), &c.frame, 1)?;
+            ensure!(base == c.hook.code(Outcome::Pass), "{}: baseline returned {base}", c.name);
+            let (ret, _) = b.run(c.hook.egress_program(), &c.frame, 1)?;
             ensure!(ret == c.ret, "{} ({}): returned {ret}, expected {}", c.name, c.hook.label(), c.ret);
-            let after = b.all_stats();
-            let moved: Vec<_> = after
-                .iter()
-                .filter(|(k, v)| before.get(k).copied().unwrap_or(0) != **v)
-                .map(|(k, v)| (k.ifindex, egress_counter_name(k.counter), v - before.get(k).copied().unwrap_or(0)))
+            let moved: Vec<_> = moved(&before, &b.all_stats()?)
+                .map(|(ifindex, slot, n)| (ifindex, egress_counter_name(slot), n))
                 .collect();
             let want: Vec<_> = c.counter.iter().map(|&s| (IFINDEX, egress_counter_name(s as u32), 1)).collect();
             ensure!(moved == want, "{} ({}): counters moved {moved:?}, expected {want:?}", c.name, c.hook.label());
@@ -1399,20 +1348,20 @@ mod egress_bench {
         );
         let mut results = Vec::new();
         for hook in [Hook::Xdp, Hook::Tc] {
-            println!("{} vs {}", hook.program(), hook.baseline());
+            println!("{} vs {}", hook.egress_program(), hook.baseline());
             println!("{:<40} {:>7} {:>9} {:>7} {:>7}  target", "case", "ns/pkt", "baseline", "net", "ratio");
             for c in cases.iter().filter(|c| c.hook == hook) {
                 let counter_before = c.counter.map(|s| b.stat(s));
                 let (mut base, mut ns) = (Vec::new(), Vec::new());
                 for _ in 0..ROUNDS {
                     if c.rewrites {
-                        base.push(b.run_singly(hook, hook.baseline(), &c.frame, repeat, hook.pass())?);
-                        ns.push(b.run_singly(hook, hook.program(), &c.frame, repeat, c.ret)?);
+                        base.push(b.run_singly(hook.baseline(), &c.frame, repeat, hook.code(Outcome::Pass))?);
+                        ns.push(b.run_singly(hook.egress_program(), &c.frame, repeat, c.ret)?);
                     } else {
-                        let (r, t) = b.run(hook, hook.baseline(), &c.frame, repeat)?;
-                        ensure!(r == hook.pass());
+                        let (r, t) = b.run(hook.baseline(), &c.frame, repeat)?;
+                        ensure!(r == hook.code(Outcome::Pass));
                         base.push(t);
-                        let (r, t) = b.run(hook, hook.program(), &c.frame, repeat)?;
+                        let (r, t) = b.run(hook.egress_program(), &c.frame, repeat)?;
                         ensure!(r == c.ret, "{} ({}): returned {r} in the timed run", c.name, hook.label());
                         ns.push(t);
                     }
@@ -1427,43 +1376,27 @@ mod egress_bench {
                         egress_counter_name(slot as u32)
                     );
                 }
-                let (ns_med, base_med) = (median(&mut ns), median(&mut base));
-                let ratio = if base_med > 0.0 { ns_med / base_med } else { f64::INFINITY };
-                let met = c.target.met(ns_med, ratio);
-                println!(
-                    "{:<40} {:>7.0} {:>9.0} {:>7.0} {:>6.2}x  {:<14} {}",
-                    if c.rewrites { format!("{} *", c.name) } else { c.name.clone() },
-                    ns_med,
-                    base_med,
-                    ns_med - base_med,
-                    ratio,
-                    c.target.describe(),
-                    if c.target == Target::None {
-                        ""
-                    } else if met {
-                        "ok"
-                    } else {
-                        "MISSED"
-                    }
-                );
-                results.push(json!({
+                let t = Timing::of(&mut ns, &mut base, c.target);
+                let verdict = if c.target == Target::None {
+                    ""
+                } else if t.met {
+                    "ok"
+                } else {
+                    "MISSED"
+                };
+                let name = if c.rewrites { format!("{} *", c.name) } else { c.name.clone() };
+                println!("{name:<40} {}", t.row(verdict));
+                results.push(t.json(json!({
                     "hook": hook.label(),
-                    "program": hook.program(),
+                    "program": hook.egress_program(),
                     "baseline_program": hook.baseline(),
                     "case": c.name,
-                    "ns": ns_med,
-                    "ns_min": ns.iter().cloned().fold(f64::INFINITY, f64::min),
-                    "baseline_ns": base_med,
-                    "net_ns": ns_med - base_med,
-                    "ratio": ratio,
-                    "target": c.target.describe(),
-                    "met": (c.target != Target::None).then_some(met),
+                    "met": (c.target != Target::None).then_some(t.met),
                     "repeat": repeat,
                     "single_runs": c.rewrites,
-                    "rounds": ROUNDS,
                     "return_value": c.ret,
                     "counter": c.counter.map(|s| egress_counter_name(s as u32)),
-                }));
+                })));
             }
             println!();
         }
@@ -1479,42 +1412,16 @@ mod egress_bench {
              timed the same way."
         );
 
-        println!("\n{:<16} {:<13} {:>11} {:>10} {:>12}", "map", "type", "max_entries", "entries", "memlock");
-        let mut total = 0;
-        let mut mem_json = serde_json::Map::new();
         let mut counts: BTreeMap<&str, usize> =
             [(maps::EG_BUCKETS, b.entries[maps::EG_BUCKETS]), (maps::EG_PORTS, 3), (maps::EG_LIMITS, 2)].into();
         // Trie maps: nodes in use.
         for table in [RangeTable::Subscriber, RangeTable::Smarthost] {
             counts.insert(table_map(table), b.ranges.usage(table).0 as usize);
         }
-        for m in mem.iter().filter(|m| EGRESS_MAPS.contains(&m.name)) {
-            total += m.memlock;
-            let entries = counts.get(m.name).copied();
-            println!(
-                "{:<16} {:<13} {:>11} {:>10} {:>12}",
-                m.name,
-                m.kind,
-                m.max_entries,
-                entries.map_or("-".into(), |e| e.to_string()),
-                mib(m.memlock)
-            );
-            mem_json.insert(
-                m.name.to_string(),
-                json!({ "type": m.kind, "max_entries": m.max_entries, "entries": entries, "memlock_bytes": m.memlock }),
-            );
-        }
-        println!("{:<16} {:<13} {:>11} {:>10} {:>12}", "total", "", "", "", mib(total));
-
-        let report = json!({
-            "benchmark": "egress",
-            "method": "BPF_PROG_TEST_RUN",
-            "kernel": kernel_release(),
-            "cpu": cpu_model(),
-            "nr_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "date": utc_now(),
-            "repeat": repeat,
-            "rounds": ROUNDS,
+        let egress_maps = mem.iter().filter(|m| EGRESS_MAPS.contains(&m.name));
+        let memory = memory_table(egress_maps, |name| counts.get(name).copied());
+        let report = Report { benchmark: "egress", repeat, map_entries: &b.entries, memory, cases: results, started };
+        let report = report.json(json!({
             "programs": {
                 "xdp": { "program": programs::XDP_SUBSCRIBER, "baseline": programs::XDP_BASELINE },
                 "tc": { "program": programs::TC_EGRESS, "baseline": programs::TC_BASELINE },
@@ -1526,19 +1433,8 @@ mod egress_bench {
                     { "class": 2, "ports": [SUBMISSION, SUBMISSIONS], "interval_ns": LIMIT.interval_ns, "burst_ns": LIMIT.burst_ns },
                 ],
             },
-            "map_entries": b.entries,
-            "maps": mem_json,
-            "memlock_total_bytes": total,
-            "cases": results,
-            "setup_seconds": started.elapsed().as_secs_f64(),
-        });
-        if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        std::fs::write(json_path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", json_path.display()))?;
-        println!("\nwrote {}", json_path.display());
-        Ok(())
+        }));
+        write_report(json_path, &report)
     }
 }
 
@@ -1672,12 +1568,6 @@ mod classify_bench {
             "classify_into": { "names": n_reuse, "seconds": s_reuse, "names_per_sec": rate_reuse, "ns_per_name": 1e9 / rate_reuse,
                                "met": rate_reuse >= TARGET_NAMES_PER_SEC },
         });
-        if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", json_path.display()))?;
-        println!("\nwrote {}", json_path.display());
-        Ok(())
+        super::write_report(&json_path, &report)
     }
 }

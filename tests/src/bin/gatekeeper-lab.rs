@@ -19,7 +19,7 @@
 //! on Ctrl-C.
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -167,15 +167,109 @@ fn zones() -> Vec<Zone> {
     ]
 }
 
+/// One agent of the lab with its own socket, pin dir, config and state, in
+/// a namespace its scene owns. Dropping it unloads its datapath (through the
+/// agent if it is up, else from the pins) and kills the agent; then its
+/// pins and files go.
+struct LabAgent {
+    process: Option<AgentProcess>,
+    pins: PinDirGuard,
+    /// Holds the config file, the socket and the state dir.
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl LabAgent {
+    /// An agent (not started yet) whose config file holds `config`.
+    fn new(bin: PathBuf, tmp_prefix: &str, config: &str) -> Result<LabAgent> {
+        let dir = tempfile::Builder::new().prefix(tmp_prefix).tempdir()?;
+        std::fs::write(dir.path().join("gatekeeper.toml"), config)?;
+        Ok(LabAgent { process: None, pins: PinDirGuard::new()?, dir, bin })
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("gatekeeper.sock")
+    }
+
+    /// Starts `gatekeeper run ROLES` in `ns` and waits (bounded) until it
+    /// says it runs.
+    fn start(&mut self, ns: &Netns, roles: &[&str], what: &str) -> Result<()> {
+        let dir = self.dir.path();
+        let mut args: Vec<String> = [
+            "--socket",
+            &self.socket().display().to_string(),
+            "--pin-dir",
+            &self.pins.path().display().to_string(),
+            "--config",
+            &dir.join("gatekeeper.toml").display().to_string(),
+            "run",
+        ]
+        .iter()
+        .chain(roles)
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["--state-dir".to_string(), dir.join("state").display().to_string()]);
+        let mut agent = AgentProcess::spawn(ns, &self.bin, &args)?;
+        agent.wait_for_log("gatekeeper agent running", Duration::from_secs(30)).with_context(|| what.to_string())?;
+        self.process = Some(agent);
+        Ok(())
+    }
+
+    /// Runs `gatekeeper --socket SOCKET --pin-dir PINS ARGS` inside `ns`
+    /// (with nsenter, so bpffs stays visible). With `show`, prints the
+    /// command and its output; the output is printed on failure either way.
+    fn gk(&self, ns: &Netns, args: &[&str], show: bool) -> Result<String> {
+        check_interrupt()?;
+        if show {
+            let shown: Vec<String> =
+                args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { a.to_string() }).collect();
+            println!("  $ gatekeeper {}", shown.join(" "));
+        }
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg("--")
+            .arg(&self.bin)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pin-dir")
+            .arg(self.pins.path())
+            .args(args)
+            .output()
+            .context("run gatekeeper CLI")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if show || !out.status.success() {
+            for line in stdout.lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
+                println!("    {line}");
+            }
+        }
+        if !out.status.success() {
+            bail!("gatekeeper {} failed", args.join(" "));
+        }
+        Ok(stdout)
+    }
+}
+
+impl Drop for LabAgent {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pin-dir")
+            .arg(self.pins.path())
+            .arg("unload")
+            .output();
+        if let Some(mut a) = self.process.take() {
+            let _ = a.kill();
+        }
+    }
+}
+
+/// The mail host scene. Fields drop in order: the agent (unloaded first),
+/// the namespaces, the DNS server, the listeners.
 struct Lab {
+    agent: LabAgent,
     mx: Netns,
     clients: [Netns; 2],
-    bin: PathBuf,
-    socket: PathBuf,
-    pins: PinDirGuard,
-    state: tempfile::TempDir,
-    agent: Option<AgentProcess>,
-    config: PathBuf,
     _dns: NsdServer,
     _listeners: Vec<TcpListenerGuard>,
 }
@@ -218,63 +312,26 @@ impl Lab {
             listeners.push(TcpListenerGuard::spawn(&mx, addr.parse()?)?);
         }
         let dns = NsdServer::start_in(&mx, &zones())?;
-        let state = tempfile::Builder::new().prefix("gk-lab-state-").tempdir()?;
-        let socket = state.path().join("gatekeeper.sock");
-        let config = state.path().join("gatekeeper.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "# The lab's agent config\n[dns]\nservers = [\"{}\"]\ntimeout = \"1s\"\n\n[learning]\nmin_sources = 3\n",
-                dns.addr()
-            ),
-        )?;
-        Ok(Lab {
-            mx,
-            clients: [isp, peer],
-            bin,
-            socket,
-            pins: PinDirGuard::new()?,
-            state,
-            agent: None,
-            config,
-            _dns: dns,
-            _listeners: listeners,
-        })
+        let config = format!(
+            "# The lab's agent config\n[dns]\nservers = [\"{}\"]\ntimeout = \"1s\"\n\n[learning]\nmin_sources = 3\n",
+            dns.addr()
+        );
+        let agent = LabAgent::new(bin, "gk-lab-state-", &config)?;
+        Ok(Lab { agent, mx, clients: [isp, peer], _dns: dns, _listeners: listeners })
     }
 
     fn start_agent(&mut self) -> Result<()> {
-        let args: Vec<String> = [
-            "--socket",
-            &self.socket.display().to_string(),
-            "--pin-dir",
-            &self.pins.path().display().to_string(),
-            "--config",
-            &self.config.display().to_string(),
-            "run",
-            "--iface",
-            "mx-isp",
-            "--iface",
-            "mx-peer",
-            "--state-dir",
-            &self.state.path().display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut agent = AgentProcess::spawn(&self.mx, &self.bin, &args)?;
-        agent.wait_for_log("gatekeeper agent running", Duration::from_secs(30)).context("agent did not start")?;
-        self.agent = Some(agent);
-        Ok(())
+        self.agent.start(&self.mx, &["--iface", "mx-isp", "--iface", "mx-peer"], "agent did not start")
     }
 
     /// Runs the CLI inside the mail host's namespace, showing the command.
     fn gk(&self, args: &[&str]) -> Result<String> {
-        run_gk(&self.mx, &self.bin, &self.socket, self.pins.path(), args, true)
+        self.agent.gk(&self.mx, args, true)
     }
 
     /// Runs the CLI without showing it.
     fn gk_quiet(&self, args: &[&str]) -> Result<String> {
-        run_gk(&self.mx, &self.bin, &self.socket, self.pins.path(), args, false)
+        self.agent.gk(&self.mx, args, false)
     }
 
     fn attempt(&self, c: &Client, port: u16) -> Result<ConnectOutcome> {
@@ -306,23 +363,6 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("the agent did not judge {srcs:?} within 10 s")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        // Unload first (through the agent if it is up, else from the pins),
-        // then the guards remove namespaces, pin dir and state.
-        let _ = Command::new(&self.bin)
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--pin-dir")
-            .arg(self.pins.path())
-            .arg("unload")
-            .output();
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-        }
     }
 }
 
@@ -457,14 +497,10 @@ const FLOWS: &[Flow] = &[
 
 /// The router scene's namespaces, listeners and agent. Dropping it unloads
 /// the router's datapath and kills its agent; the guards then remove
-/// listeners, pins, state and namespaces.
+/// pins, state, listeners and namespaces.
 struct Router {
-    agent: Option<AgentProcess>,
+    agent: LabAgent,
     _listeners: Vec<TcpListenerGuard>,
-    pins: PinDirGuard,
-    state: tempfile::TempDir,
-    socket: PathBuf,
-    bin: PathBuf,
     sub: Netns,
     rtr: Netns,
     _net: Netns,
@@ -521,46 +557,13 @@ impl Router {
                 listeners.push(TcpListenerGuard::spawn(&net, SocketAddr::new(host.parse()?, port))?);
             }
         }
-        let state = tempfile::Builder::new().prefix("gk-lab-router-").tempdir()?;
-        let socket = state.path().join("gatekeeper.sock");
         // No reverse DNS on the router: the egress gate does not use it.
-        std::fs::write(state.path().join("gatekeeper.toml"), "# The router's agent config\n[dns]\nenabled = false\n")?;
-        Ok(Router {
-            agent: None,
-            _listeners: listeners,
-            pins: PinDirGuard::new()?,
-            state,
-            socket,
-            bin,
-            sub,
-            rtr,
-            _net: net,
-        })
+        let agent = LabAgent::new(bin, "gk-lab-router-", "# The router's agent config\n[dns]\nenabled = false\n")?;
+        Ok(Router { agent, _listeners: listeners, sub, rtr, _net: net })
     }
 
     fn start_agent(&mut self) -> Result<()> {
-        let state = self.state.path();
-        let args: Vec<String> = [
-            "--socket",
-            &self.socket.display().to_string(),
-            "--pin-dir",
-            &self.pins.path().display().to_string(),
-            "--config",
-            &state.join("gatekeeper.toml").display().to_string(),
-            "run",
-            "--uplink",
-            R_RTR_UP_IF,
-            "--state-dir",
-            &state.join("state").display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut agent = AgentProcess::spawn(&self.rtr, &self.bin, &args)?;
-        agent
-            .wait_for_log("gatekeeper agent running", Duration::from_secs(30))
-            .context("router agent did not start")?;
-        self.agent = Some(agent);
+        self.agent.start(&self.rtr, &["--uplink", R_RTR_UP_IF], "router agent did not start")?;
         // The socket is bound right after that line: wait (bounded) for it.
         for _ in 0..100 {
             if self.gk_quiet(&["pool", "list", "--json"]).is_ok() {
@@ -568,35 +571,20 @@ impl Router {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("the router agent does not answer on {}", self.socket.display())
+        bail!("the router agent does not answer on {}", self.agent.socket().display())
     }
 
     fn gk(&self, args: &[&str]) -> Result<String> {
-        run_gk(&self.rtr, &self.bin, &self.socket, self.pins.path(), args, true)
+        self.agent.gk(&self.rtr, args, true)
     }
 
     fn gk_quiet(&self, args: &[&str]) -> Result<String> {
-        run_gk(&self.rtr, &self.bin, &self.socket, self.pins.path(), args, false)
+        self.agent.gk(&self.rtr, args, false)
     }
 
     fn attempt(&self, f: &Flow) -> Result<ConnectOutcome> {
         check_interrupt()?;
         Ok(tcp_connect(&self.sub, f.src.parse()?, SocketAddr::new(f.dst.parse()?, f.port), CONNECT_TIMEOUT))
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.bin)
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--pin-dir")
-            .arg(self.pins.path())
-            .arg("unload")
-            .output();
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-        }
     }
 }
 
@@ -650,39 +638,6 @@ fn router_scene(bin: PathBuf) -> Result<Vec<String>> {
         }
     }
     Ok(failures)
-}
-
-/// Runs `gatekeeper --socket SOCKET --pin-dir PINS ARGS` inside `ns` (with
-/// nsenter, so bpffs stays visible). With `show`, prints the command and its
-/// output; the output is printed on failure either way.
-fn run_gk(ns: &Netns, bin: &Path, socket: &Path, pins: &Path, args: &[&str], show: bool) -> Result<String> {
-    check_interrupt()?;
-    if show {
-        let shown: Vec<String> =
-            args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { a.to_string() }).collect();
-        println!("  $ gatekeeper {}", shown.join(" "));
-    }
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .arg("--")
-        .arg(bin)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--pin-dir")
-        .arg(pins)
-        .args(args)
-        .output()
-        .context("run gatekeeper CLI")?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if show || !out.status.success() {
-        for line in stdout.lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
-            println!("    {line}");
-        }
-    }
-    if !out.status.success() {
-        bail!("gatekeeper {} failed", args.join(" "));
-    }
-    Ok(stdout)
 }
 
 fn word(o: &ConnectOutcome) -> String {
@@ -779,7 +734,7 @@ fn run() -> Result<()> {
     let o = lab.attempt(abuser, 25)?;
     println!("  {} after `ban add`: {}", abuser.src, word(&o));
     expect(format!("{} banned", abuser.src), &o, "DROPPED");
-    let list = lab.state.path().join("drop.txt");
+    let list = lab.agent.dir.path().join("drop.txt");
     std::fs::write(&list, "; Spamhaus DROP format, as an operator would fetch it\n2001:db8:dead::/48 ; SBL000100\n198.51.100.128/25 ; SBL000200\n")?;
     println!("  (drop.txt: two ranges in Spamhaus DROP format)");
     lab.gk(&["range", "import", &list.display().to_string()])?;
@@ -796,8 +751,8 @@ fn run() -> Result<()> {
     expect(format!("{POOL6_NEW} inside the learned range"), &o, "DROPPED");
 
     banner("5. fail-static: the agent is killed, enforcement goes on");
-    let pid = lab.agent.as_ref().map(|a| a.pid()).unwrap_or(0);
-    lab.agent.take().map(|mut a| a.kill()).transpose()?;
+    let pid = lab.agent.process.as_ref().map(|a| a.pid()).unwrap_or(0);
+    lab.agent.process.take().map(|mut a| a.kill()).transpose()?;
     println!("  agent (pid {pid}) killed with SIGKILL");
     for c in [&CLIENTS[0], abuser] {
         let o = lab.attempt(c, 25)?;
@@ -813,7 +768,7 @@ fn run() -> Result<()> {
     lab.gk(&["stats"])?;
     lab.gk(&["range", "list"])?;
 
-    failures.extend(router_scene(lab.bin.clone())?);
+    failures.extend(router_scene(lab.agent.bin.clone())?);
 
     banner("result");
     if failures.is_empty() {

@@ -1,0 +1,172 @@
+//! BPF_PROG_TEST_RUN harness for the in-kernel tests and the benchmarks:
+//! loads the gatekeeper object unpinned with the programs a caller needs,
+//! runs frames through its XDP and TC programs, and reads the counters and
+//! range hits they leave in the per-CPU maps.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::PerCpuArray,
+    programs::{Program, ProgramError, TestRun, TestRunOptions, TestRunResult},
+    Ebpf, EbpfLoader,
+};
+use gatekeeper::datapath::load_object;
+use gatekeeper_common::{maps, programs, StatKey};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+/// TC_ACT_UNSPEC (-1) as the test run reports it.
+pub const TC_UNSPEC: u32 = u32::MAX;
+pub const TC_SHOT: u32 = 2;
+pub const TC_REDIRECT: u32 = 7;
+
+/// What a gate program does with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    Drop,
+    /// Answer with a RST|ACK: XDP_TX, or TC redirect to the ingress.
+    Reject,
+}
+
+/// Where an egress gate program runs. (The order is part of the tests'
+/// random seeds: `hook as u64`.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `gatekeeper_subscriber`: XDP on a subscriber-facing interface.
+    Xdp,
+    /// `gatekeeper_egress`: TC on an uplink's egress.
+    Tc,
+}
+
+impl Hook {
+    /// The egress gate's program for this hook.
+    pub fn egress_program(self) -> &'static str {
+        match self {
+            Hook::Xdp => programs::XDP_SUBSCRIBER,
+            Hook::Tc => programs::TC_EGRESS,
+        }
+    }
+
+    /// The pass-only program of this hook (the benchmarks' baseline).
+    pub fn baseline(self) -> &'static str {
+        match self {
+            Hook::Xdp => programs::XDP_BASELINE,
+            Hook::Tc => programs::TC_BASELINE,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+
+    /// The return code that means `outcome` here.
+    pub fn code(self, outcome: Outcome) -> u32 {
+        match (self, outcome) {
+            (Hook::Xdp, Outcome::Pass) => XDP_PASS,
+            (Hook::Xdp, Outcome::Drop) => XDP_DROP,
+            (Hook::Xdp, Outcome::Reject) => XDP_TX,
+            (Hook::Tc, Outcome::Pass) => TC_UNSPEC,
+            (Hook::Tc, Outcome::Drop) => TC_SHOT,
+            (Hook::Tc, Outcome::Reject) => TC_REDIRECT,
+        }
+    }
+
+    /// What a return code means here (None: none a gate returns).
+    pub fn outcome(self, code: u32) -> Option<Outcome> {
+        [Outcome::Pass, Outcome::Drop, Outcome::Reject].into_iter().find(|&o| self.code(o) == code)
+    }
+}
+
+/// Panics unless running as root; `what` names the test file.
+pub fn require_root(what: &str) {
+    assert!(
+        // SAFETY: geteuid cannot fail.
+        unsafe { libc::geteuid() } == 0,
+        "{what} loads eBPF programs and needs root (CAP_BPF, CAP_NET_ADMIN); \
+         run it through `cargo xtask test` or with sudo"
+    );
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the clock verdict expiry is measured on.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("clock_gettime");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// The loopback's interface index.
+pub fn loopback() -> u32 {
+    // SAFETY: a NUL-terminated interface name.
+    let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    assert_ne!(lo, 0, "no lo");
+    lo
+}
+
+/// Loads the gatekeeper object unpinned with a verdict table of
+/// `verdict_buckets` buckets (`setup` may change other map sizes), then
+/// loads (verifies) each of `progs`, XDP or TC.
+pub fn load(verdict_buckets: u32, setup: impl FnOnce(&mut EbpfLoader<'_>), progs: &[&str]) -> Result<Ebpf> {
+    let mut bpf = load_object(verdict_buckets, setup).context("loading the gatekeeper object")?;
+    for &name in progs {
+        match bpf.program_mut(name).with_context(|| format!("program {name}"))? {
+            Program::Xdp(p) => p.load(),
+            Program::SchedClassifier(p) => p.load(),
+            _ => bail!("{name} is neither an XDP nor a TC program"),
+        }
+        .with_context(|| format!("the verifier refuses {name}"))?;
+    }
+    Ok(bpf)
+}
+
+/// Runs `frame` `repeat` times through program `prog` (XDP or TC). An XDP
+/// program gets an `xdp_md` context naming `ifindex` as its ingress
+/// interface if one is given (without, the kernel uses its loopback's rx
+/// queue); a TC program gets no context (the test skb sits on the
+/// loopback). With `out`, the frame as the program left it is written there
+/// (`data_size_out` long). For `repeat > 1` the duration is the kernel's
+/// integer mean per run.
+pub fn test_run(
+    bpf: &Ebpf,
+    prog: &str,
+    frame: &[u8],
+    ifindex: Option<u32>,
+    repeat: u32,
+    out: Option<&mut [u8]>,
+) -> Result<TestRunResult, ProgramError> {
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex }: data_end must equal the size.
+    let ctx: Option<Vec<u8>> =
+        ifindex.map(|i| [0, frame.len() as u32, 0, i, 0, 0].iter().flat_map(|w: &u32| w.to_ne_bytes()).collect());
+    let opts = TestRunOptions { data_in: Some(frame), data_out: out, repeat, ..TestRunOptions::new() };
+    match bpf.program(prog).unwrap_or_else(|| panic!("no program {prog}")) {
+        Program::Xdp(p) => p.test_run(TestRunOptions { ctx_in: ctx.as_deref(), ..opts }),
+        Program::SchedClassifier(p) => p.test_run(opts),
+        _ => panic!("{prog} is neither an XDP nor a TC program"),
+    }
+}
+
+/// Every nonzero slot of the per-CPU counter map `map` (STATS or
+/// EG_STATS), summed over CPUs.
+pub fn stat_totals(bpf: &Ebpf, map: &str) -> Result<BTreeMap<StatKey, u64>> {
+    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(bpf.map(map).with_context(|| format!("map {map}"))?)?;
+    let mut out = BTreeMap::new();
+    for (i, v) in stats.iter().enumerate() {
+        let total = v?.iter().sum::<u64>();
+        if total > 0 {
+            out.insert(StatKey::from_index(i as u32), total);
+        }
+    }
+    Ok(out)
+}
+
+/// The hits of range `range_id`, summed over CPUs.
+pub fn range_hits(bpf: &Ebpf, range_id: u32) -> u64 {
+    let hits: PerCpuArray<_, u64> = PerCpuArray::try_from(bpf.map(maps::RANGE_HITS).unwrap()).unwrap();
+    hits.get(&range_id, 0).unwrap().iter().sum()
+}
