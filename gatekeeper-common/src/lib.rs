@@ -199,6 +199,9 @@ pub mod range_kind {
 pub mod range_flags {
     /// Pool: answer a blocked SYN with a TCP RST instead of dropping it.
     pub const REJECT: u8 = 1;
+    /// Deny range the agent learned: a presumption, over which a live
+    /// per-source verdict decides (the trie leaf keeps flags, not origins).
+    pub const LEARNED: u8 = 2;
 }
 
 /// Where a range came from ([`RangeValue::origin`]).

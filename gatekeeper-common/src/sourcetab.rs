@@ -195,20 +195,48 @@ pub fn verdict_lookup<'a, F: Fn(u32) -> Option<&'a VerdictBucket>>(
     }
 }
 
-/// A slot of the reported-sources cache: which source it holds and when it
-/// was last reported (`bpf_ktime_get_coarse_ns`).
+/// A slot of the reported-sources cache: which source holds it, when it
+/// was last reported (0: its report is still owed) and when its first SYN
+/// claimed the slot (the start of its `first_syn = hold` window), both in
+/// the datapath clock. A source takes a slot only when it is free or its
+/// holder has been quiet for an `event_interval`; see [`seen_free`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SeenSlot {
     pub key: KeyWords,
     pub reported_ns: u64,
-    pub _pad: u64,
+    /// 0 in slots written by gatekeeper before 0.1 round 2 (never held).
+    pub first_ns: u64,
+}
+
+/// Whether another source may take `slot` at `now`: it is empty, or its
+/// holder was neither first seen nor reported within `interval_ns`. A slot
+/// whose holder is fresh is left alone, so a flood of sources colliding
+/// with a real sender can never make its retransmits look new (and be held
+/// again).
+#[inline(always)]
+pub const fn seen_free(slot: &SeenSlot, now: u64, interval_ns: u64) -> bool {
+    let last = if slot.first_ns > slot.reported_ns { slot.first_ns } else { slot.reported_ns };
+    last == 0 || now.wrapping_sub(last) >= interval_ns
 }
 const _: () = assert!(core::mem::size_of::<SeenSlot>() == 32);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seen_slot_is_free_only_when_empty_or_quiet() {
+        let interval = 30_000_000_000;
+        let empty = SeenSlot::default();
+        assert!(seen_free(&empty, 5, interval));
+        let fresh = SeenSlot { key: KeyWords::v4([192, 0, 2, 1]), reported_ns: 0, first_ns: 1_000 };
+        assert!(!seen_free(&fresh, 1_000 + interval - 1, interval), "a held, unreported source keeps its slot");
+        assert!(seen_free(&fresh, 1_000 + interval, interval));
+        let reported = SeenSlot { reported_ns: 90_000_000_000, ..fresh };
+        assert!(!seen_free(&reported, 100_000_000_000, interval), "a recent report keeps it too");
+        assert!(seen_free(&reported, 120_000_000_000, interval));
+    }
     use crate::addr::{key_v4, key_v6};
     use std::collections::HashSet;
 

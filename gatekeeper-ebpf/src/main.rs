@@ -397,13 +397,20 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
         Source::V4(a) => (lookup(&GK_RANGES, a), KeyWords::v4(*a)),
         Source::V6(a) => (lookup(&GK_RANGES, a), KeyWords::v6(a)),
     };
+    // A learned range is a presumption about the hosts in it: a live
+    // per-source verdict decides over it, and its sources are still
+    // reported (once per interval) so that a good one earns its verdict.
+    let mut presumed = false;
     if let Some(range) = range {
         hit(range.range_id);
         if range.kind == range_kind::ALLOW {
             count(ifindex, Counter::Allowed as u32);
             return xdp_action::XDP_PASS;
         }
-        return drop_or_dry_run(ifindex, Counter::DenyRange as u32, &cfg);
+        if range.flags & range_flags::LEARNED == 0 {
+            return drop_or_dry_run(ifindex, Counter::DenyRange as u32, &cfg);
+        }
+        presumed = true;
     }
     let h = sourcetab::source_hash(&key);
     let verdict = verdict_of(&key, h);
@@ -417,7 +424,7 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
             return xdp_action::XDP_PASS;
         }
     }
-    unknown(ifindex, &source, &key, h, port, now, &cfg)
+    unknown(ifindex, &source, &key, h, port, now, &cfg, presumed)
 }
 
 /// CLOCK_MONOTONIC_COARSE: from jiffies (inlined) once the agent has
@@ -478,44 +485,80 @@ fn hit(range_id: u32) {
     }
 }
 
-/// An unknown source: report it (at most once per interval) and pass, or
-/// with hold, drop while its first report is younger than `hold_ms`.
+/// A source without a live verdict: report it (at most once per interval);
+/// drop it if `presumed` (a learned range holds it), else pass it, or with
+/// hold drop it while its first SYN is younger than `hold_ms`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn unknown(ifindex: u32, source: &Source, key: &KeyWords, h: u64, port: u16, now: u64, cfg: &Config) -> u32 {
-    // When the source was last reported; 0 = never (the clock is never 0).
-    // The slot is shared by every source hashing to it: another source's
-    // report only costs this one an extra event.
-    let seen = GK_SEEN.get_ptr_mut(sourcetab::seen_slot(h));
-    let last: u64 = match seen {
-        // SAFETY: a slot of an array map; torn reads are harmless here.
-        Some(p) if unsafe { (*p).key.lo == key.lo && (*p).key.hi == key.hi } => unsafe { (*p).reported_ns },
-        _ => 0,
-    };
-    let due = last == 0 || now.wrapping_sub(last) >= cfg.event_interval_ns;
-    let reported = due && report(ifindex, source, port, now);
-    if reported {
-        if let Some(p) = seen {
-            // SAFETY: as above; only a delivered report silences the source.
-            unsafe {
-                (*p).key = *key;
-                (*p).reported_ns = now;
-            }
-        }
+fn unknown(
+    ifindex: u32,
+    source: &Source,
+    key: &KeyWords,
+    h: u64,
+    port: u16,
+    now: u64,
+    cfg: &Config,
+    presumed: bool,
+) -> u32 {
+    let since = note(ifindex, source, key, h, port, now, cfg);
+    if presumed {
+        return drop_or_dry_run(ifindex, Counter::DenyRange as u32, cfg);
     }
-    if cfg.flags & config_flags::HOLD != 0 {
-        let since = if reported { now } else { last };
-        // Not reported (ring full) and never before: hold; the next SYN retries.
-        let held = since == 0 || now.wrapping_sub(since) < cfg.hold_ms as u64 * 1_000_000;
-        if held {
-            return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD), cfg);
-        }
+    if cfg.flags & config_flags::HOLD != 0 && since != 0 && now.wrapping_sub(since) < cfg.hold_ms as u64 * 1_000_000 {
+        return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD), cfg);
     }
     count(ifindex, Counter::Unknown as u32);
     xdp_action::XDP_PASS
 }
 
-/// Queues an event for the agent; true when it was queued.
+/// Reports a source the agent should look up, at most once per
+/// `event_interval`, and keeps its reported-sources slot. Returns when its
+/// first SYN took the slot (the start of its hold window), or 0 when
+/// another, fresh source holds the slot: it is then never held, so a flood
+/// of colliding sources can never make a real sender's retransmits look
+/// new. The window is kept whether or not the report got through, so a
+/// dead agent (a full ring) holds nobody for longer than `hold_ms`.
 #[inline(always)]
+fn note(ifindex: u32, source: &Source, key: &KeyWords, h: u64, port: u16, now: u64, cfg: &Config) -> u64 {
+    // The index is masked to the map's size: the lookup cannot fail.
+    let Some(p) = GK_SEEN.get_ptr_mut(sourcetab::seen_slot(h)) else { return 0 };
+    // SAFETY (every access below): a slot of an array map; torn reads and
+    // racing writes are harmless here (at worst one extra event, or one SYN
+    // passed instead of held). The clock is never 0.
+    let ours = unsafe { (*p).key.lo == key.lo && (*p).key.hi == key.hi };
+    if ours {
+        let last = unsafe { (*p).reported_ns };
+        if last != 0 && now.wrapping_sub(last) < cfg.event_interval_ns {
+            // Its own slot, reported within the interval: the common case.
+            return unsafe { (*p).first_ns };
+        }
+    }
+    let free = !ours && unsafe { sourcetab::seen_free(&*p, now, cfg.event_interval_ns) };
+    let reported = report(ifindex, source, port, now);
+    if ours {
+        // Only a delivered report silences the source.
+        if reported {
+            unsafe { (*p).reported_ns = now };
+        }
+        return unsafe { (*p).first_ns };
+    }
+    if !free {
+        // A fresh other source holds the slot: reported, never held.
+        return 0;
+    }
+    unsafe {
+        (*p).key = *key;
+        (*p).first_ns = now;
+        (*p).reported_ns = if reported { now } else { 0 };
+    }
+    now
+}
+
+/// Queues an event for the agent; true when it was queued. A BPF function
+/// of its own (a call on the rare reporting path): inlined, the optimizer
+/// copies it into each branch of [`note`], which makes the whole program a
+/// quarter longer and slows unrelated paths by several ns.
+#[inline(never)]
 fn report(ifindex: u32, source: &Source, port: u16, now: u64) -> bool {
     let (addr, fam) = match source {
         Source::V4(a) => (addr::mapped_v4(*a), family::V4),

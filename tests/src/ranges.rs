@@ -7,7 +7,7 @@ use aya::Ebpf;
 use gatekeeper::{
     agent::sync::desired_ranges,
     datapath::RangeMaps,
-    domain::{PoolAction, RangeKind},
+    domain::{Origin, PoolAction, RangeKind},
     store::RangeRecord,
 };
 use ipnet::IpNet;
@@ -32,6 +32,13 @@ impl AgentRanges {
     /// Adds a range (`net` as text) and writes the maps.
     pub fn add(&mut self, kind: RangeKind, net: &str, id: u32, action: Option<PoolAction>) {
         self.records.push(record(id, kind, net.parse().unwrap(), action));
+        self.sync();
+    }
+
+    /// Adds a deny range the agent learned (`origin = learned`).
+    pub fn add_learned(&mut self, net: &str, id: u32) {
+        let r = record(id, RangeKind::Deny, net.parse().unwrap(), None);
+        self.records.push(RangeRecord { origin: Origin::Learned, ..r });
         self.sync();
     }
 

@@ -87,7 +87,8 @@ const LEARNED4_NET: &str = "203.0.113.0/24";
 const LEARNED6_NET: &str = "2001:db8:20::/48";
 const LEARNED_SHAPE: &str = "dsl-#-#-#-#.pool.example.net";
 /// New sources inside the learned ranges, with a perfectly good name: a
-/// learned range refuses them without asking DNS.
+/// learned range refuses their first SYN and reports them, and their good
+/// verdict lets them in from then on.
 const NEW4: &str = "203.0.113.50";
 const NEW6: &str = "2001:db8:20:99::10";
 const NEW_NAME: &str = "smtp.example.org";
@@ -574,10 +575,12 @@ fn learn_srcs() -> Vec<&'static str> {
 }
 
 /// 4a. Three dynamic sources named alike in one /24 (and one /48): the
-///    network is learned as a deny range, and a new source in it is refused at
-///    its first SYN without any DNS query.
+///    network is learned as a deny range. A learned range is a presumption:
+///    a new source in it is refused at its first SYN without waiting for
+///    DNS, and reported; a good name then earns it a verdict that decides
+///    over the range, while the dynamic hosts stay refused.
 #[test]
-fn dynamic_ranges_are_learned_and_refuse_new_sources_without_dns() {
+fn dynamic_ranges_are_learned_and_good_hosts_in_them_earn_their_way_in() {
     let mut lab = Lab::new();
     // The fake server, for its query log; it serves the lab's records.
     let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::table(&ptr_records(), &addr_records(), 3600)).unwrap();
@@ -612,32 +615,38 @@ fn dynamic_ranges_are_learned_and_refuse_new_sources_without_dns() {
     let queries0 = dns.queries();
     let s0 = lab.gk.stats();
 
-    // Never looked up, with a good name: refused at the first SYN by the range.
-    lab.expect_all(&[NEW4, NEW6], TimedOut, CONNECT_OK, "new sources in learned ranges");
+    // Never looked up, with a good name: the range refuses the first SYN
+    // and reports the source; its good verdict lets the retransmit in.
+    lab.expect_all(&[NEW4, NEW6], Connected, CONNECT_OK, "new, well-named sources in learned ranges");
     let s1 = lab.gk.stats();
-    s1.assert_grew(&s0, "deny-range", 2, "new sources in learned ranges");
-    for c in ["unknown", "hold", "verdict-pass"] {
+    s1.assert_grew(&s0, "deny-range", 2, "their first SYNs");
+    s1.assert_grew(&s0, "verdict-pass", 2, "their retransmits");
+    for c in ["unknown", "hold"] {
         s1.assert_same(&s0, c, "new sources in learned ranges");
     }
-    let st1 = lab.status();
-    assert_eq!(st1["events_received"], st0["events_received"], "nothing reported: {st1:#}");
-    assert_eq!(st1["queue"]["queued"], st0["queue"]["queued"], "nothing queued: {st1:#}");
+    let v = lab.wait_verdicts(&[NEW4, NEW6]);
+    for src in [NEW4, NEW6] {
+        assert_verdict(&v[src], PASS, reason::OK, 3600, "ok", NEW_NAME);
+    }
     let queries1 = dns.queries();
-    assert_eq!(queries1, queries0, "no DNS query for the new sources");
+    assert!(queries1.len() > queries0.len(), "the new sources were looked up");
     for new in [NEW4, NEW6] {
         let rname = reverse_name(ip(new));
-        assert!(!queries1.iter().any(|q| format!("{}.", q.name) == rname), "{new} was looked up: {queries1:?}");
+        assert!(queries1.iter().any(|q| format!("{}.", q.name) == rname), "{new} was not looked up: {queries1:?}");
     }
+    // The dynamic hosts of the ranges stay refused (their own verdicts).
+    lab.expect_all(&[LEARN4[0].0, LEARN6[0].0], TimedOut, CONNECT_REFUSED, "dynamic hosts in learned ranges");
     // The ranges count hits.
     let ranges = lab.learned_ranges();
     for r in &ranges {
         assert!(r["hits"].as_u64().unwrap() >= 1, "hits: {r:#}");
     }
 
-    // `check` explains it: the name is fine, the learned range decides.
+    // `check` explains it: the name is fine, and its verdict decides over
+    // the learned range.
     let c = lab.gk.json(&["check", NEW4, "--json"]);
     assert_eq!(c["decision"]["outcome"], "ok", "{c:#}");
-    assert_eq!(c["datapath"]["decides"], format!("deny range {LEARNED4_NET}"), "{c:#}");
+    assert_eq!(c["datapath"]["decides"], format!("verdict: pass (ok), over the learned range {LEARNED4_NET}"), "{c:#}");
     assert_eq!(c["datapath"]["range"]["record"]["origin"], "learned", "{c:#}");
 }
 

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 
 use aya::{
-    maps::{Array, MapData, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     Ebpf,
 };
 use gatekeeper::{datapath::calibrate_clock, domain::RangeKind, verdict_table::VerdictTable};
@@ -483,9 +483,11 @@ fn unknown_source_is_reported_once_per_interval() {
     gk.check(&syn("2001:db8:77:2::1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "other /64");
     assert_eq!(gk.events().len(), 1);
 
-    // Sources sharing a reported-sources slot: the later report takes the
-    // slot, so the earlier source is reported again (an extra event, never
-    // a missed one).
+    // Sources sharing a reported-sources slot: a fresh slot is never taken
+    // (a flood must not make a real sender look new), so the earlier source
+    // keeps it and is not reported again within its interval, and the later
+    // one, which cannot take it, is reported at each SYN (an extra event,
+    // never a missed one).
     let slot_of = |ip: Ipv6Addr| sourcetab::seen_slot(sourcetab::source_hash(&KeyWords::v6(&ip.octets())));
     let a = v6("2001:db8:90::1");
     let b = (1..=u32::MAX)
@@ -498,8 +500,9 @@ fn unknown_source_is_reported_once_per_interval() {
     assert_eq!(gk.events().len(), 1, "a reported once");
     gk.check(&syn_from(b), XDP_PASS, &[(c(Counter::Unknown), 1)], "b");
     gk.check(&syn_from(a), XDP_PASS, &[(c(Counter::Unknown), 1)], "a after b");
+    gk.check(&syn_from(b), XDP_PASS, &[(c(Counter::Unknown), 1)], "b again");
     let ev: Vec<IpAddr> = gk.events().iter().map(|e| addr::event_ip(e.addr, e.family)).collect();
-    assert_eq!(ev, [IpAddr::from(b), IpAddr::from(a)]);
+    assert_eq!(ev, [IpAddr::from(b), IpAddr::from(b)]);
 
     // A zero interval reports every SYN.
     gk.config(0, 0);
@@ -898,6 +901,56 @@ fn mutated_packets_match_the_parsing_rules() {
     eprintln!("mutation outcomes: {outcomes:?}");
 }
 
+/// A learned range is a presumption about its hosts: a live per-source
+/// verdict decides over it (a good mail server inside a learned dynamic /24
+/// passes), its other sources are dropped and still reported, once per
+/// interval, so a good one can earn its verdict. An operator's deny range
+/// stays absolute.
+#[test]
+fn learned_ranges_yield_to_per_source_verdicts() {
+    let mut gk = Gk::new();
+    gk.config(60_000_000_000, 0);
+    gk.ranges.add_learned("198.51.100.0/24", 7);
+    gk.deny("203.0.113.0/24", 8);
+    gk.verdict("198.51.100.25", action::PASS, verdict_reason::OK, u64::MAX);
+    gk.verdict("198.51.100.26", action::DROP, verdict_reason::DYNAMIC, u64::MAX);
+    gk.verdict("203.0.113.25", action::PASS, verdict_reason::OK, u64::MAX);
+    gk.events();
+    gk.delta();
+
+    gk.check(
+        &syn("198.51.100.25").build(),
+        XDP_PASS,
+        &[(c(Counter::VerdictPass), 1)],
+        "a good verdict in a learned range",
+    );
+    gk.check(
+        &syn("198.51.100.26").build(),
+        XDP_DROP,
+        &[(drop_reason(verdict_reason::DYNAMIC), 1)],
+        "a drop verdict in a learned range",
+    );
+    assert!(gk.events().is_empty(), "sources with a verdict are not reported");
+    let other = syn("198.51.100.9").build();
+    gk.check(&other, XDP_DROP, &[(c(Counter::DenyRange), 1)], "a source of the learned range without a verdict");
+    let ev = gk.events();
+    assert_eq!(ev.len(), 1, "and reported");
+    assert_eq!(addr::event_ip(ev[0].addr, ev[0].family), "198.51.100.9".parse::<IpAddr>().unwrap());
+    gk.check(&other, XDP_DROP, &[(c(Counter::DenyRange), 1)], "its retransmit");
+    assert!(gk.events().is_empty(), "reported once per interval");
+    // Hold does not apply inside a range: those SYNs are dropped anyway.
+    gk.config(60_000_000_000, config_flags::HOLD);
+    gk.hold_ms(60_000);
+    gk.check(&syn("198.51.100.10").build(), XDP_DROP, &[(c(Counter::DenyRange), 1)], "learned range under hold");
+    // An expired verdict no longer decides.
+    gk.verdict("198.51.100.25", action::PASS, verdict_reason::OK, 1);
+    gk.check(&syn("198.51.100.25").build(), XDP_DROP, &[(c(Counter::DenyRange), 1)], "an expired good verdict");
+    // The operator's own deny range decides over any verdict.
+    gk.check(&syn("203.0.113.25").build(), XDP_DROP, &[(c(Counter::DenyRange), 1)], "a good verdict in a manual range");
+    assert_eq!(gk.range_hits(7), 6);
+    assert_eq!(gk.range_hits(8), 1);
+}
+
 // ---------------------------------------------------------------- hold
 
 /// An instance with `first_syn = hold` (reports every 60 s) and a hold
@@ -930,6 +983,100 @@ fn hold_drops_unknown_sources_for_a_bounded_time() {
     gk.config(60_000_000_000, config_flags::HOLD | config_flags::DRY_RUN);
     gk.hold_ms(60_000);
     gk.check(&syn("203.0.113.91").build(), XDP_PASS, &[(hold, 1), (c(Counter::DryRun), 1)], "dry-run hold");
+}
+
+/// The reported-sources slot of `src`, as the datapath picks it.
+fn seen_slot_of(src: &str) -> u32 {
+    let key = KeyWords::of(&SourceKey::from_ip(src.parse().unwrap()));
+    sourcetab::seen_slot(sourcetab::source_hash(&key))
+}
+
+/// Waits until `ms` milliseconds of the datapath clock have passed.
+fn sleep_ms(ms: u64) {
+    let start = monotonic_ns();
+    while monotonic_ns() < start + ms * 1_000_000 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A dead agent reads no events: once the ring is full no report gets
+/// through. A new source is still held only for `hold_ms` from its first
+/// SYN, then passes (it used to be held again at every SYN, for ever).
+#[test]
+fn hold_is_bounded_when_the_agent_is_dead_and_the_ring_full() {
+    // Reading the counters between two SYNs takes tens of ms: a window of 1 s.
+    let (mut gk, hold) = holding(1000);
+    let probe = "203.0.113.200";
+    // Nobody drains the ring: fill it with reports of other sources
+    // (bounded: the ring holds a few thousand events).
+    {
+        let lost_slot = gatekeeper_common::stat_index(IFINDEX, c(Counter::EventLost));
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(gk.bpf.map(maps::STATS).unwrap()).unwrap();
+        let lost = || stats.get(&lost_slot, 0).unwrap().iter().sum::<u64>();
+        let mut fill = 0u32;
+        while lost() == 0 {
+            assert!(fill < 50_000, "the ring never filled");
+            let src = format!("2001:db8:f0:{fill:x}::1");
+            fill += 1;
+            if seen_slot_of(&src) != seen_slot_of(probe) {
+                gk.run(&syn(&src).build());
+            }
+        }
+    }
+    gk.delta();
+    let frame = syn(probe).build();
+    gk.check(&frame, XDP_DROP, &[(hold, 1), (c(Counter::EventLost), 1)], "first SYN held, its report lost");
+    gk.check(&frame, XDP_DROP, &[(hold, 1), (c(Counter::EventLost), 1)], "retransmit within hold_ms held");
+    sleep_ms(1100);
+    gk.check(
+        &frame,
+        XDP_PASS,
+        &[(c(Counter::Unknown), 1), (c(Counter::EventLost), 1)],
+        "after hold_ms it passes, never reported",
+    );
+}
+
+/// A flood of sources colliding with a real sender's slot cannot make its
+/// retransmit look new: the sender is held at most `hold_ms` in all, and
+/// the colliding sources pass rather than take its slot.
+#[test]
+fn hold_is_bounded_under_a_colliding_flood() {
+    let (mut gk, hold) = holding(20);
+    let real = "192.0.2.77";
+    let frame = syn(real).build();
+    gk.check(&frame, XDP_DROP, &[(hold, 1)], "the real sender's first SYN is held");
+    assert_eq!(gk.events().len(), 1);
+    // 20,000 spoofed sources, among them every one that shares the real
+    // sender's slot; the agent drains the ring as it runs.
+    let mut colliders = 0;
+    let mut rng = Rng(0xf100d);
+    for i in 0..20_000u32 {
+        let src = if i % 1000 == 0 {
+            // Search a colliding source (the slot hash is public).
+            loop {
+                let cand = format!("2001:db8:{:x}:{:x}::1", rng.next() as u16, rng.next() as u16);
+                if seen_slot_of(&cand) == seen_slot_of(real) {
+                    break cand;
+                }
+            }
+        } else {
+            format!("2001:db8:{:x}:{:x}::1", rng.next() as u16, rng.next() as u16)
+        };
+        if seen_slot_of(&src) == seen_slot_of(real) {
+            colliders += 1;
+            assert_eq!(gk.run(&syn(&src).build()), XDP_PASS, "a source colliding with a fresh slot passes");
+        } else {
+            gk.run(&syn(&src).build());
+        }
+        if i % 500 == 0 {
+            gk.events();
+        }
+    }
+    assert!(colliders >= 20, "{colliders}");
+    gk.events();
+    gk.delta();
+    sleep_ms(50);
+    gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "the real sender's retransmit after hold_ms passes");
 }
 
 #[test]

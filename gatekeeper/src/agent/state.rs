@@ -353,6 +353,8 @@ impl State {
             .into_iter()
             .filter(|(t, n, _)| *t == RangeTable::Ingress && n.contains(&ip))
             .max_by_key(|(_, n, _)| n.prefix_len());
+        // A learned deny range yields to a live per-source verdict.
+        let learned = range.as_ref().is_some_and(|(_, _, v)| v.flags & gatekeeper_common::range_flags::LEARNED != 0);
         let range = match range {
             Some((_, net, v)) => Some(CheckRange {
                 net,
@@ -370,6 +372,10 @@ impl State {
             record: self.store.verdict(key).ok().flatten(),
         });
         let decides = match (&range, &verdict) {
+            (Some(r), Some(v)) if learned && v.live => {
+                format!("verdict: {} ({}), over the learned range {}", v.action, v.reason, r.net)
+            }
+            (Some(r), _) if learned => format!("learned range {} (a good verdict of the source would pass it)", r.net),
             (Some(r), _) => format!("{} range {}", r.kind, r.net),
             (None, Some(v)) if v.live => format!("verdict: {} ({})", v.action, v.reason),
             _ => "nothing: the source is unknown, passes, and is looked up".into(),

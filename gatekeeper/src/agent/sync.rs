@@ -10,7 +10,7 @@ use tracing::warn;
 
 use crate::{
     datapath::Maps,
-    domain::{PoolAction, RangeKind, RangeTable},
+    domain::{Origin, PoolAction, RangeKind, RangeTable},
     store::{RangeRecord, Store, VerdictRecord},
     time::{expiry_ns, monotonic_ns, unix_now},
     Error, Result,
@@ -191,7 +191,10 @@ pub fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
 }
 
 pub fn range_value(r: &RangeRecord) -> RangeValue {
-    let flags = if r.action == Some(PoolAction::Reject) { range_flags::REJECT } else { 0 };
+    let mut flags = if r.action == Some(PoolAction::Reject) { range_flags::REJECT } else { 0 };
+    if r.kind == RangeKind::Deny && r.origin == Origin::Learned {
+        flags |= range_flags::LEARNED;
+    }
     RangeValue { range_id: r.id, kind: r.kind.code(), flags, origin: r.origin.code() }
 }
 
