@@ -91,6 +91,17 @@ impl Datapath {
         self.events.take()
     }
 
+    /// The index of `ifname`, and the link a previous agent pinned there for
+    /// `role`, if any.
+    fn pinned_link(&self, role: Role, ifname: &str) -> Result<(u32, Option<LinkPin>)> {
+        let idx = ifindex(ifname).ok_or_else(|| Error::NoSuchInterface {
+            name: ifname.into(),
+            role: Some(role),
+            refused: false,
+        })?;
+        Ok((idx, self.layout.links()?.into_iter().find(|l| l.ifname == ifname && l.role == role)))
+    }
+
     /// Attaches an XDP role (ingress gate or subscriber side) to `ifname`,
     /// or adopts the link a previous agent pinned there by swapping in this
     /// agent's program atomically (no gap).
@@ -98,12 +109,7 @@ impl Datapath {
         if role == Role::Uplink {
             return Err(Error::bpf_msg("uplinks are attached with attach_uplink"));
         }
-        let ifindex = ifindex(ifname).ok_or_else(|| Error::NoSuchInterface {
-            name: ifname.into(),
-            role: Some(role),
-            refused: false,
-        })?;
-        let existing = self.layout.links()?.into_iter().find(|l| l.ifname == ifname && l.role == role);
+        let (ifindex, existing) = self.pinned_link(role, ifname)?;
         let prog = xdp_program(&mut self.ebpf, role)?;
         if let Some(pin) = existing {
             let compatible = match want {
@@ -162,12 +168,7 @@ impl Datapath {
     /// by replacing its program in place.
     pub fn attach_uplink(&mut self, ifname: &str, want: TcModeSetting) -> Result<Attached> {
         let role = Role::Uplink;
-        let ifindex = ifindex(ifname).ok_or_else(|| Error::NoSuchInterface {
-            name: ifname.into(),
-            role: Some(role),
-            refused: false,
-        })?;
-        let existing = self.layout.links()?.into_iter().find(|l| l.ifname == ifname && l.role == role);
+        let (ifindex, existing) = self.pinned_link(role, ifname)?;
         let prog = tc_program(&mut self.ebpf)?;
         if let Some(pin) = existing {
             let compatible = match want {
