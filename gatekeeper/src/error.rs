@@ -27,6 +27,10 @@ pub enum Error {
     /// A map or id space is full.
     #[error("{what} is full ({capacity} entries)")]
     Full { what: &'static str, capacity: u64 },
+    /// Both verdict buckets of a source hold only bans and pass verdicts,
+    /// which are never evicted.
+    #[error("the verdict table has no room for {key}: both of its buckets hold only bans and pass verdicts, which are never evicted; nothing was changed (raise max_verdicts, then `gatekeeper unload` and restart)")]
+    VerdictsFull { key: String },
     /// Invalid guarded-port set.
     #[error("invalid ports: {0}")]
     InvalidPorts(String),

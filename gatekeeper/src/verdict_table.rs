@@ -10,8 +10,9 @@ use std::{
 
 use aya::maps::{Array, MapData};
 use gatekeeper_common::{
+    action,
     sourcetab::{source_hash, verdict_bucket_pair},
-    KeyWords, SourceKey, Verdict, VerdictBucket, VerdictSlot,
+    verdict_reason, KeyWords, SourceKey, Verdict, VerdictBucket, VerdictSlot,
 };
 
 use crate::{Error, Result};
@@ -26,23 +27,32 @@ pub struct Placement {
     pub replaces: Option<KeyWords>,
 }
 
+/// Whether a verdict may be evicted to make room for another: automatic
+/// drop verdicts may. Manual bans never (an evicted ban lets its source in),
+/// nor pass verdicts (an evicted one could leave a good host inside a
+/// learned range to the range).
+pub fn evictable(v: &Verdict) -> bool {
+    v.reason != verdict_reason::MANUAL_BAN && v.action != action::PASS
+}
+
 /// The slot for a key in neither of its buckets: a free slot of the first
 /// bucket, else of the second (the datapath searches the second only when
-/// the first is full); else, both full, the slot that expires first.
-pub fn place(buckets: [&VerdictBucket; 2], key: &KeyWords) -> Placement {
+/// the first is full); else, both full, the [`evictable`] slot that expires
+/// first; `None` when every slot of both holds a ban or a pass verdict.
+pub fn place(buckets: [&VerdictBucket; 2], key: &KeyWords) -> Option<Placement> {
     debug_assert!(buckets.iter().all(|b| b.position(key).is_none()));
     for (bucket, b) in buckets.iter().enumerate() {
         if let Some(slot) = b.slots.iter().position(|s| s.key.is_empty()) {
-            return Placement { bucket, slot, replaces: None };
+            return Some(Placement { bucket, slot, replaces: None });
         }
     }
     let (bucket, slot, s) = buckets
         .iter()
         .enumerate()
         .flat_map(|(bi, b)| b.slots.iter().enumerate().map(move |(si, s)| (bi, si, s)))
-        .min_by_key(|(_, _, s)| s.verdict.expires_ns)
-        .expect("buckets have slots");
-    Placement { bucket, slot, replaces: Some(s.key) }
+        .filter(|(_, _, s)| evictable(&s.verdict))
+        .min_by_key(|(_, _, s)| s.verdict.expires_ns)?;
+    Some(Placement { bucket, slot, replaces: Some(s.key) })
 }
 
 /// Typed access to the verdict array. It keeps the layout rule of
@@ -172,7 +182,8 @@ impl<T: BorrowMut<MapData>> VerdictTable<T> {
     }
 
     /// Sets the verdict of `key`; returns the source evicted to make room,
-    /// if both of the key's buckets were full.
+    /// if both of the key's buckets were full. [`Error::VerdictsFull`] when
+    /// they hold nothing [`evictable`] (nothing is written).
     pub fn insert(&mut self, key: SourceKey, v: Verdict) -> Result<Option<SourceKey>> {
         let k = KeyWords::of(&key);
         if k.is_empty() {
@@ -199,7 +210,9 @@ impl<T: BorrowMut<MapData>> VerdictTable<T> {
             }
             return Ok(None);
         }
-        let p = place([&bf, &bs], &k);
+        let Some(p) = place([&bf, &bs], &k) else {
+            return Err(Error::VerdictsFull { key: key.display() });
+        };
         if let Some(old) = p.replaces {
             // An evicted key held in its second bucket leaves the index.
             let [of, os] = self.pair(&old);
@@ -245,22 +258,25 @@ mod tests {
     }
 
     fn slot(i: u32, expires_ns: u64) -> VerdictSlot {
-        VerdictSlot { key: key(i), verdict: Verdict { expires_ns, action: 1, reason: 0 } }
+        VerdictSlot {
+            key: key(i),
+            verdict: Verdict { expires_ns, action: action::DROP, reason: verdict_reason::NO_PTR },
+        }
     }
 
     #[test]
     fn places_in_the_first_bucket_while_it_has_room() {
         let mut a = VerdictBucket::default();
         let b = VerdictBucket::default();
-        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 0, slot: 0, replaces: None });
+        assert_eq!(place([&a, &b], &key(9)).unwrap(), Placement { bucket: 0, slot: 0, replaces: None });
         a.slots[0] = slot(1, 5);
-        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 0, slot: 1, replaces: None });
+        assert_eq!(place([&a, &b], &key(9)).unwrap(), Placement { bucket: 0, slot: 1, replaces: None });
         // A freed slot in the middle is reused.
         a.slots[2] = slot(2, 5);
-        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 0, slot: 1, replaces: None });
+        assert_eq!(place([&a, &b], &key(9)).unwrap(), Placement { bucket: 0, slot: 1, replaces: None });
         a.slots[1] = slot(3, 5);
         a.slots[3] = slot(4, 5);
-        assert_eq!(place([&a, &b], &key(9)), Placement { bucket: 1, slot: 0, replaces: None }, "first full");
+        assert_eq!(place([&a, &b], &key(9)).unwrap(), Placement { bucket: 1, slot: 0, replaces: None }, "first full");
     }
 
     #[test]
@@ -272,6 +288,26 @@ mod tests {
             b.slots[s] = slot(s as u32 + 11, 50 + s as u64 * 100);
         }
         a.slots[2].verdict.expires_ns = u64::MAX;
-        assert_eq!(place([&a, &b], &key(99)), Placement { bucket: 1, slot: 0, replaces: Some(key(11)) });
+        assert_eq!(place([&a, &b], &key(99)).unwrap(), Placement { bucket: 1, slot: 0, replaces: Some(key(11)) });
+    }
+
+    #[test]
+    fn bans_and_pass_verdicts_are_never_evicted() {
+        let mut a = VerdictBucket::default();
+        let mut b = VerdictBucket::default();
+        for s in 0..4 {
+            a.slots[s] = slot(s as u32 + 1, 100 + s as u64);
+            b.slots[s] = slot(s as u32 + 11, 200 + s as u64);
+        }
+        // The soonest-expiring slots hold a ban and a pass verdict.
+        a.slots[0].verdict.reason = verdict_reason::MANUAL_BAN;
+        a.slots[1].verdict.action = action::PASS;
+        assert_eq!(place([&a, &b], &key(99)).unwrap(), Placement { bucket: 0, slot: 2, replaces: Some(key(3)) });
+        // Nothing evictable left: no place, nothing replaced.
+        for s in 0..4 {
+            a.slots[s].verdict.reason = verdict_reason::MANUAL_BAN;
+            b.slots[s].verdict.action = action::PASS;
+        }
+        assert_eq!(place([&a, &b], &key(99)), None);
     }
 }

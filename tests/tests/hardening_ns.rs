@@ -8,6 +8,7 @@
 //! socket and state dir.
 use std::os::unix::fs::PermissionsExt;
 
+use gatekeeper_common::{sourcetab, KeyWords, SourceKey};
 use gatekeeper_tests::agentlab::Instance;
 use gatekeeper_tests::netlab::{self, Netns};
 use gatekeeper_tests::rng::Rng;
@@ -134,4 +135,45 @@ fn the_state_database_is_private() {
     assert_eq!(mode, 0o600, "{}", db.display());
     let dir_mode = std::fs::metadata(gk.state_dir()).unwrap().permissions().mode() & 0o777;
     assert_eq!(dir_mode, 0o700);
+}
+
+/// A ban is never evicted from the verdict table, whatever fills the
+/// source's buckets, and a ban the table cannot hold is refused at
+/// `ban add` (it used to replace the ban expiring first, silently).
+#[test]
+fn a_ban_the_verdict_table_cannot_hold_is_refused_not_lost() {
+    // 1024 verdicts: 512 buckets of 4 slots. Sources whose two buckets are
+    // the same two (the hash is public) fill them.
+    let buckets = sourcetab::verdict_buckets(1024);
+    let pair = |ip: std::net::Ipv6Addr| {
+        let k = KeyWords::of(&SourceKey::from_ip(ip.into()));
+        sourcetab::verdict_bucket_pair(sourcetab::source_hash(&k), buckets - 1)
+    };
+    let target = pair("2001:db8::1".parse().unwrap());
+    let same: Vec<String> = (1u128..1 << 24)
+        .map(|i| std::net::Ipv6Addr::from(0x2001_0db8_0000_0000_0000_0000_0000_0001u128 | (i << 64)))
+        .filter(|ip| pair(*ip) == target)
+        .take(8)
+        .map(|ip| ip.to_string())
+        .collect();
+    assert_eq!(same.len(), 8, "enough sources sharing one bucket pair");
+
+    let mut gk = instance("hbans", "max_verdicts = 1024\n");
+    gk.start(&[]);
+    let mut args = vec!["ban", "add", "2001:db8::1"];
+    args.extend(same[..7].iter().map(String::as_str));
+    gk.ok(&args);
+    let bans = gk.json(&["ban", "list", "--json"]);
+    assert_eq!(bans.as_array().unwrap().len(), 8, "{bans:#}");
+    assert_eq!(gk.status()["datapath"]["entries"]["verdicts"], 8);
+
+    // Both buckets hold bans: the ninth is refused, and nothing changes.
+    let out = gk.fails(&["ban", "add", &same[7]]);
+    assert!(out.stderr.contains("no room") && out.stderr.contains("nothing was changed"), "{out}");
+    assert_eq!(gk.json(&["ban", "list", "--json"]), bans, "no ban lost, none added");
+    let st = gk.status();
+    assert_eq!(st["datapath"]["entries"]["verdicts"], 8, "{st:#}");
+    // Every ban is still in the datapath.
+    let c = gk.json(&["check", "2001:db8::1", "--json"]);
+    assert_eq!(c["datapath"]["verdict"]["reason"], "manual-ban", "{c:#}");
 }

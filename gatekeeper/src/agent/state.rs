@@ -6,7 +6,7 @@ use std::{collections::HashSet, net::IpAddr};
 
 use gatekeeper_common::{KeyWords, SourceKey, MAX_RANGES};
 use ipnet::IpNet;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     agent::sync::{self, Touched},
@@ -228,12 +228,21 @@ impl State {
         if self.store.verdict(rec.key)?.is_some_and(|v| v.reason == VerdictReason::ManualBan) {
             return Ok(false);
         }
-        self.change(|store, t| {
+        let key = rec.key;
+        match self.change(|store, t| {
             store.upsert_verdict(&rec)?;
             t.verdicts.push(rec.key);
             Ok(())
-        })?;
-        Ok(true)
+        }) {
+            Ok(()) => Ok(true),
+            // Bans and pass verdicts fill both buckets: the source stays
+            // unknown (and passes), which is what a lost verdict may do.
+            Err(Error::VerdictsFull { .. }) => {
+                warn!(source = %key.display(), "no room for this verdict among bans and pass verdicts; the source stays unknown");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes the verdicts of `addrs` (of `reason` only, if given): all of

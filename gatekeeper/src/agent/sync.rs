@@ -4,7 +4,7 @@
 //! change touched, which `state` runs after every store change.
 use std::collections::HashMap as StdMap;
 
-use gatekeeper_common::{range_flags, KeyWords, RangeValue, SourceKey, Verdict};
+use gatekeeper_common::{action, range_flags, verdict_reason, KeyWords, RangeValue, SourceKey, Verdict};
 use ipnet::IpNet;
 use tracing::warn;
 
@@ -166,21 +166,28 @@ pub fn reconcile(store: &mut Store, maps: &mut Maps) -> Result<Reconciled> {
     // Repairs whatever an agent that died mid-update left half-written.
     out.written += maps.ranges.rebuild()?;
     let mono = monotonic_ns();
-    let want: StdMap<SourceKey, Verdict> =
-        store.list_verdicts(None)?.iter().map(|v| (v.key, verdict_value(v, now, mono))).collect();
+    let records = store.list_verdicts(None)?;
+    let want: StdMap<SourceKey, Verdict> = records.iter().map(|v| (v.key, verdict_value(v, now, mono))).collect();
     for (key, _) in maps.verdicts()? {
         if !want.contains_key(&key) {
             maps.del_verdict(key)?;
             out.removed += 1;
         }
     }
-    for (key, v) in want {
+    // Bans first, then pass verdicts (neither is ever evicted), then the
+    // drop verdicts, which may make room for nothing but each other.
+    let mut order: Vec<(SourceKey, Verdict)> = want.into_iter().collect();
+    order.sort_by_key(|(k, v)| (v.reason != verdict_reason::MANUAL_BAN, v.action != action::PASS, *k));
+    for (key, v) in order {
         if !KeyWords::of(&key).is_key() {
             warn!(source = %key.display(), "the database holds a verdict for ::/64, which the datapath cannot hold; ignored");
             continue;
         }
-        maps.set_verdict(key, v)?;
-        out.written += 1;
+        match maps.set_verdict(key, v) {
+            Ok(()) => out.written += 1,
+            Err(e @ Error::VerdictsFull { .. }) => out.unapplied.push(format!("verdict for {}: {e}", key.display())),
+            Err(e) => return Err(e),
+        }
     }
     Ok(out)
 }

@@ -496,7 +496,9 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         let mut place_in = |key: SourceKey, verdict: Verdict| {
             let k = KeyWords::of(&key);
             let (i, j) = sourcetab::verdict_bucket_pair(sourcetab::source_hash(&k), n_buckets - 1);
-            let p = place([&table[i as usize], &table[j as usize]], &k);
+            // No room (both buckets hold only bans and pass verdicts): the
+            // agent refuses it too; the fill goes on with other keys.
+            let Some(p) = place([&table[i as usize], &table[j as usize]], &k) else { return false };
             let bi = if p.bucket == 0 { i } else { j };
             table[bi as usize].slots[p.slot] = VerdictSlot { key: k, verdict };
             p.replaces.is_none()
@@ -552,7 +554,7 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         }
     }
     b.entries.insert(maps::VERDICTS, inserted);
-    eprintln!("verdicts: {inserted} in {:.1?} ({evicted} evicted: both buckets full)", t.elapsed());
+    eprintln!("verdicts: {inserted} in {:.1?} ({evicted} evicted or refused: both buckets full)", t.elapsed());
     for (ip, ..) in measured {
         ensure!(b.verdicts().get(SourceKey::from_ip(ip.parse()?))?.is_some(), "verdict for {ip} missing");
     }
