@@ -59,9 +59,17 @@ impl State {
     }
 
     /// Runs `f` on the store in one transaction, then brings the maps in
-    /// line with what it touched; commits only when the maps took it.
+    /// line with what it touched; commits only when the maps took it, and
+    /// then durably (surviving a power loss): it is an operator's change.
     fn change<T>(&mut self, f: impl FnOnce(&mut Store, &mut Touched) -> Result<T>) -> Result<T> {
-        self.store.begin()?;
+        self.change_with(true, f)
+    }
+
+    /// As [`State::change`]; `durable: false` for what the agent derives
+    /// again by itself (lookup verdicts, expiry), which a crash of the
+    /// agent never loses but a power loss may.
+    fn change_with<T>(&mut self, durable: bool, f: impl FnOnce(&mut Store, &mut Touched) -> Result<T>) -> Result<T> {
+        self.store.begin(durable)?;
         let mut touched = Touched::default();
         let result = f(&mut self.store, &mut touched)
             .and_then(|v| sync::sync(&self.store, &mut self.dp.maps, &touched).map(|()| v))
@@ -229,7 +237,7 @@ impl State {
             return Ok(false);
         }
         let key = rec.key;
-        match self.change(|store, t| {
+        match self.change_with(false, |store, t| {
             store.upsert_verdict(&rec)?;
             t.verdicts.push(rec.key);
             Ok(())
@@ -299,7 +307,7 @@ impl State {
     /// Removes expired ranges and verdicts from the database and the maps.
     pub fn sweep(&mut self) -> Result<()> {
         let now = unix_now();
-        let touched = self.change(|store, t| {
+        let touched = self.change_with(false, |store, t| {
             t.removed = store.expire_ranges(now)?;
             t.verdicts = store.expire_verdicts(now)?.into_iter().map(|v| v.key).collect();
             Ok((t.removed.clone(), t.verdicts.len()))

@@ -48,6 +48,10 @@ pub fn sync(store: &Store, maps: &mut Maps, t: &Touched) -> Result<()> {
     Ok(())
 }
 
+/// Up to this many touched nets, the losing range at each is read with one
+/// query per net; past it, all ranges of the losing kind are read once.
+const POINT_QUERIES: usize = 256;
+
 /// For the ranges in `changed` (added or removed): each such net, and for a
 /// changed winning range (allow, exempt) every losing range (deny, pool)
 /// inside it, gets the entry [`desired_entry`] calls for in its table.
@@ -62,9 +66,16 @@ fn sync_ranges(store: &Store, maps: &mut Maps, changed: &[&RangeRecord]) -> Resu
         // The losing range at each net whose entry may change.
         let mut losers: StdMap<IpNet, RangeRecord> = StdMap::new();
         if let Some(loser) = table.loser() {
-            for &net in &nets {
-                if let Some(r) = store.range_at(loser, net)? {
-                    losers.insert(net, r);
+            if nets.len() > POINT_QUERIES {
+                // A big change (an import): one read of the losing kind.
+                let all: StdMap<IpNet, RangeRecord> =
+                    store.list_ranges(Some(loser))?.into_iter().map(|r| (r.net, r)).collect();
+                losers.extend(nets.iter().filter_map(|n| all.get(n).map(|r| (*n, r.clone()))));
+            } else {
+                for &net in &nets {
+                    if let Some(r) = store.range_at(loser, net)? {
+                        losers.insert(net, r);
+                    }
                 }
             }
             let winner_changed: Vec<IpNet> =

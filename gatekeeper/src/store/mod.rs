@@ -181,8 +181,8 @@ impl Store {
         let e = db(&path);
         conn.busy_timeout(Duration::from_secs(5)).map_err(&e)?;
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(&e)?;
-        // FULL: a change the CLI was told is done (a ban above all) survives
-        // a power loss, not only a crash of the agent.
+        // FULL unless a change says otherwise (see `begin`): a change the
+        // CLI was told is done (a ban above all) survives a power loss.
         conn.pragma_update(None, "synchronous", "FULL").map_err(&e)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&e)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(&e)?;
@@ -213,8 +213,15 @@ impl Store {
 
     /// Opens a transaction that the mutating methods then join: nothing is
     /// durable until [`Store::commit`]; [`Store::rollback`] undoes it all.
-    pub fn begin(&mut self) -> Result<()> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db(&self.path))
+    ///
+    /// `durable`: the commit survives a power loss (`synchronous=FULL`), as
+    /// every change the CLI is told is done must; otherwise a crash of the
+    /// agent, not of the machine (`NORMAL`), which is enough for what the
+    /// agent derives again by itself (lookup verdicts, expiry).
+    pub fn begin(&mut self, durable: bool) -> Result<()> {
+        let e = db(&self.path);
+        self.conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" }).map_err(&e)?;
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(&e)
     }
 
     pub fn commit(&mut self) -> Result<()> {

@@ -421,6 +421,12 @@ fn database_files_are_private_and_commits_durable() {
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", p.display());
     }
-    let sync: i64 = s.conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap();
-    assert_eq!(sync, 2, "synchronous=FULL");
+    let sync = |s: &Store| -> i64 { s.conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap() };
+    assert_eq!(sync(&s), 2, "synchronous=FULL by default");
+    s.begin(false).unwrap();
+    assert_eq!(sync(&s), 1, "NORMAL for what the agent derives itself");
+    s.rollback().unwrap();
+    s.begin(true).unwrap();
+    assert_eq!(sync(&s), 2, "FULL for an operator's change");
+    s.commit().unwrap();
 }
