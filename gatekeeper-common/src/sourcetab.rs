@@ -210,14 +210,28 @@ pub struct SeenSlot {
 }
 
 /// Whether another source may take `slot` at `now`: it is empty, or its
-/// holder was neither first seen nor reported within `interval_ns`. A slot
-/// whose holder is fresh is left alone, so a flood of sources colliding
-/// with a real sender can never make its retransmits look new (and be held
-/// again).
+/// holder was neither first seen nor reported within `window_ns` (the
+/// longer of the event interval and the hold window, see
+/// [`seen_window`]). A slot whose holder is fresh is left alone, so a
+/// flood of sources colliding with a real sender can never make its
+/// retransmits look new (and be held again).
 #[inline(always)]
-pub const fn seen_free(slot: &SeenSlot, now: u64, interval_ns: u64) -> bool {
+pub const fn seen_free(slot: &SeenSlot, now: u64, window_ns: u64) -> bool {
     let last = if slot.first_ns > slot.reported_ns { slot.first_ns } else { slot.reported_ns };
-    last == 0 || now.wrapping_sub(last) >= interval_ns
+    last == 0 || now.wrapping_sub(last) >= window_ns
+}
+
+/// How long a slot's holder keeps it: its report interval, and at least
+/// its whole hold window (an event interval shorter than `hold_time` must
+/// not let a colliding source restart a real sender's window).
+#[inline(always)]
+pub const fn seen_window(event_interval_ns: u64, hold_ms: u32) -> u64 {
+    let hold = hold_ms as u64 * 1_000_000;
+    if hold > event_interval_ns {
+        hold
+    } else {
+        event_interval_ns
+    }
 }
 const _: () = assert!(core::mem::size_of::<SeenSlot>() == 32);
 
@@ -236,6 +250,8 @@ mod tests {
         let reported = SeenSlot { reported_ns: 90_000_000_000, ..fresh };
         assert!(!seen_free(&reported, 100_000_000_000, interval), "a recent report keeps it too");
         assert!(seen_free(&reported, 120_000_000_000, interval));
+        assert_eq!(seen_window(1_000_000_000, 3_000), 3_000_000_000, "the hold window when it is longer");
+        assert_eq!(seen_window(30_000_000_000, 3_000), 30_000_000_000);
     }
     use crate::addr::{key_v4, key_v6};
     use std::collections::HashSet;

@@ -533,7 +533,8 @@ fn note(ifindex: u32, source: &Source, key: &KeyWords, h: u64, port: u16, now: u
             return unsafe { (*p).first_ns };
         }
     }
-    let free = !ours && unsafe { sourcetab::seen_free(&*p, now, cfg.event_interval_ns) };
+    let free =
+        !ours && unsafe { sourcetab::seen_free(&*p, now, sourcetab::seen_window(cfg.event_interval_ns, cfg.hold_ms)) };
     let reported = report(ifindex, source, port, now);
     if ours {
         // Only a delivered report silences the source.

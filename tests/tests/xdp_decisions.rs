@@ -1079,6 +1079,37 @@ fn hold_is_bounded_under_a_colliding_flood() {
     gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "the real sender's retransmit after hold_ms passes");
 }
 
+/// An event interval shorter than the hold window: a colliding source
+/// still cannot take the real sender's slot before its window is over (and
+/// so restart it); the sender passes once its window has run out.
+#[test]
+fn hold_window_outlasts_a_short_event_interval() {
+    let (mut gk, hold) = holding(1000);
+    gk.config(1_000_000, config_flags::HOLD);
+    gk.hold_ms(1000);
+    let real = "192.0.2.78";
+    let mut rng = Rng(0x5107);
+    let collider = loop {
+        let cand = format!("2001:db8:{:x}:{:x}::1", rng.next() as u16, rng.next() as u16);
+        if seen_slot_of(&cand) == seen_slot_of(real) {
+            break cand;
+        }
+    };
+    let frame = syn(real).build();
+    gk.check(&frame, XDP_DROP, &[(hold, 1)], "the real sender's first SYN is held");
+    sleep_ms(50);
+    gk.check(
+        &syn(&collider).build(),
+        XDP_PASS,
+        &[(c(Counter::Unknown), 1)],
+        "a collider after the event interval passes",
+    );
+    gk.check(&frame, XDP_DROP, &[(hold, 1)], "the real sender is still within its window");
+    sleep_ms(1100);
+    gk.check(&frame, XDP_PASS, &[(c(Counter::Unknown), 1)], "and passes once it is over");
+    gk.events();
+}
+
 #[test]
 fn hold_fails_open_once_the_window_is_over() {
     let (mut gk, hold) = holding(1);

@@ -12,7 +12,7 @@ use gatekeeper::{
     datapath::{ifindex, Maps, PinLayout},
     domain::{RangeKind, RangeTable},
     protocol::{call, ClientError, Ports, Request, Unloaded},
-    status::{AgentInfo, AgentStatus, DatapathStatus, Status},
+    status::{AgentInfo, AgentLive, AgentStatus, DatapathStatus, Status},
 };
 use gatekeeper_common::{
     counters::{counter_name, egress_counter_name, COUNTER_SLOTS, EGRESS_COUNTER_SLOTS},
@@ -28,8 +28,10 @@ use super::{
 
 /// The agent's view (if it runs) and the pins' view.
 pub fn read_status(t: &Target) -> Result<Status> {
-    let detail = match call(&t.socket, &Request::Status) {
-        Ok(s) => s,
+    // A running agent's reply is read as such: a reply that does not parse
+    // is an error, never taken for "not running".
+    let detail = match call::<AgentLive>(&t.socket, &Request::Status) {
+        Ok(live) => AgentStatus::Running(Box::new(live)),
         Err(ClientError::NotRunning(_)) => AgentStatus::Down { agent: AgentInfo::default() },
         Err(e) => return Err(e.into()),
     };
@@ -218,7 +220,7 @@ struct Names(BTreeMap<u32, String>);
 impl Names {
     fn new(socket: &Path, layout: &PinLayout) -> Names {
         let mut m = BTreeMap::new();
-        if let Ok(AgentStatus::Running(live)) = call(socket, &Request::Status) {
+        if let Ok(live) = call::<AgentLive>(socket, &Request::Status) {
             for i in &live.interfaces {
                 m.insert(i.ifindex % gatekeeper_common::STAT_IF_SLOTS, i.ifname.clone());
             }
