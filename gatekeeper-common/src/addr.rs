@@ -1,5 +1,6 @@
 //! Address helpers both sides use: the verdict-map key derivation (IPv4 as
-//! a mapped /32, IPv6 masked to /64) and the guarded-port bitmap layout.
+//! a mapped /32, IPv6 as its /64 or as the address) and the guarded-port
+//! bitmap layout.
 use crate::SourceKey;
 
 /// Verdict key of an IPv4 source (network-order octets).
@@ -27,6 +28,21 @@ pub const fn key_v6(octets: [u8; 16]) -> SourceKey {
     SourceKey { addr }
 }
 
+/// Address key of an IPv6 source (a /128), for the drop verdict of its own
+/// failed lookup; `None` when its interface id cannot key one (see
+/// [`host_iid`](crate::sourcetab::host_iid)).
+#[inline(always)]
+pub const fn key_v6_host(octets: [u8; 16]) -> Option<SourceKey> {
+    let iid = u64::from_ne_bytes([
+        octets[8], octets[9], octets[10], octets[11], octets[12], octets[13], octets[14], octets[15],
+    ]);
+    if crate::sourcetab::host_iid(iid) {
+        Some(SourceKey { addr: octets })
+    } else {
+        None
+    }
+}
+
 /// `::ffff:0:0/96` mapped address of an IPv4 source, as in events.
 #[inline(always)]
 pub const fn mapped_v4(octets: [u8; 4]) -> [u8; 16] {
@@ -45,7 +61,8 @@ mod user {
     use std::net::{IpAddr, Ipv6Addr};
 
     impl SourceKey {
-        /// The key for a source address (IPv4 /32, IPv6 /64).
+        /// The key for a source address (IPv4 /32, IPv6 /64): bans and
+        /// pass verdicts.
         pub fn from_ip(ip: IpAddr) -> Self {
             match ip {
                 IpAddr::V4(v4) => key_v4(v4.octets()),
@@ -56,7 +73,29 @@ mod user {
             }
         }
 
-        /// The network the key stands for: `a.b.c.d` or `x:x:x:x::/64`.
+        /// The narrowest key of a source address: an IPv6 address's own
+        /// key (the drop verdict of its failed lookup) where it can have
+        /// one, else [`SourceKey::from_ip`].
+        pub fn host(ip: IpAddr) -> Self {
+            match ip {
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+                    key_v6_host(v6.octets()).unwrap_or_else(|| key_v6(v6.octets()))
+                }
+                _ => SourceKey::from_ip(ip),
+            }
+        }
+
+        /// An IPv6 address key (a /128), not an IPv4 or /64 key.
+        pub fn is_host_v6(&self) -> bool {
+            crate::KeyWords::of(self).is_host_v6()
+        }
+
+        /// The IPv6 /64 of an address key; other keys unchanged.
+        pub fn net(&self) -> SourceKey {
+            crate::KeyWords::of(self).bucket_key().key()
+        }
+
+        /// The address (or network's first address) the key stands for.
         pub fn to_ip(&self) -> IpAddr {
             let v6 = Ipv6Addr::from(self.addr);
             match v6.to_ipv4_mapped() {
@@ -65,12 +104,27 @@ mod user {
             }
         }
 
-        /// Operator-facing form: `192.0.2.1` or `2001:db8:1:2::/64`.
+        /// Operator-facing form: `192.0.2.1`, `2001:db8:1:2::/64` or, for
+        /// an address key, `2001:db8:1:2::25`.
         pub fn display(&self) -> String {
             match self.to_ip() {
                 IpAddr::V4(v4) => v4.to_string(),
+                IpAddr::V6(v6) if self.is_host_v6() => v6.to_string(),
                 IpAddr::V6(v6) => format!("{v6}/64"),
             }
+        }
+
+        /// Inverse of [`SourceKey::display`]; `None` unless `text` is
+        /// exactly what `display` gives for some key.
+        pub fn parse_display(text: &str) -> Option<SourceKey> {
+            let key = match text.strip_suffix("/64") {
+                Some(v6) => key_v6(v6.parse::<Ipv6Addr>().ok()?.octets()),
+                None => match text.parse::<IpAddr>().ok()? {
+                    IpAddr::V4(v4) => key_v4(v4.octets()),
+                    IpAddr::V6(v6) => key_v6_host(v6.octets())?,
+                },
+            };
+            (key.display() == text).then_some(key)
         }
     }
 
@@ -109,6 +163,29 @@ mod tests {
         assert_eq!(a.display(), "2001:db8:1:2::/64");
         // A v6 key never collides with a v4 key.
         assert_ne!(SourceKey::from_ip("::".parse().unwrap()), SourceKey::from_ip("0.0.0.0".parse().unwrap()));
+    }
+
+    #[test]
+    fn v6_address_keys_are_the_address() {
+        let a = SourceKey::host("2001:db8:1:2::25".parse().unwrap());
+        let b = SourceKey::host("2001:db8:1:2::26".parse().unwrap());
+        assert_ne!(a, b);
+        assert!(a.is_host_v6());
+        assert_eq!(a.display(), "2001:db8:1:2::25");
+        assert_eq!(a.net(), SourceKey::from_ip("2001:db8:1:2::26".parse().unwrap()));
+        // No address key for interface ids 0 and all-ones, nor for IPv4.
+        let z = SourceKey::host("2001:db8:1:2::".parse().unwrap());
+        assert_eq!(z.display(), "2001:db8:1:2::/64");
+        let f = SourceKey::host("2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap());
+        assert!(!f.is_host_v6());
+        let v4 = SourceKey::host("192.0.2.9".parse().unwrap());
+        assert_eq!(v4, SourceKey::from_ip("192.0.2.9".parse().unwrap()));
+        for k in [a, z, v4] {
+            assert_eq!(SourceKey::parse_display(&k.display()), Some(k));
+        }
+        for bad in ["2001:db8:1:2::", "2001:db8:1:2::1/64", "2001:db8::/48", "192.0.2.1/32", "::ffff:192.0.2.1", "x"] {
+            assert_eq!(SourceKey::parse_display(bad), None, "{bad}");
+        }
     }
 
     #[test]

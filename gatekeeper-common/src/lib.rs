@@ -101,9 +101,9 @@ pub const MAX_RANGE_IDS: u32 = 2 * MAX_RANGES;
 /// Default capacity of the per-source verdict table (verdicts; the table
 /// has [`sourcetab::verdict_buckets`] buckets for it).
 pub const MAX_VERDICTS: u32 = 1_048_576;
-/// The read-only global holding the verdict table's bucket mask (buckets
-/// - 1), set when the object is loaded.
-pub const VERDICT_MASK_GLOBAL: &str = "GK_VERDICT_MASK";
+/// The read-only global holding the verdict table's
+/// [`sourcetab::verdict_shift`], set when the object is loaded.
+pub const VERDICT_SHIFT_GLOBAL: &str = "GK_VERDICT_SHIFT";
 /// How many guarded ports the operator may configure.
 pub const MAX_GUARDED_PORTS: usize = 64;
 /// Guarded ports are a 65536-bit bitmap stored as this many u64 words.
@@ -160,6 +160,11 @@ pub const MAX_VLAN_TAGS: usize = 2;
 pub mod action {
     pub const PASS: u32 = 0;
     pub const DROP: u32 = 1;
+    /// Drop, and report the source (once per interval) so that a good one
+    /// earns a verdict of its own: an IPv6 /64 dropped because several of
+    /// its addresses failed is a presumption about the others. Any other
+    /// value passes.
+    pub const PRESUMED_DROP: u32 = 2;
 }
 
 /// Why a verdict exists ([`Verdict::reason`]). The classifier issue adds its
@@ -259,7 +264,7 @@ pub struct RangeEntry {
 const _: () = assert!(core::mem::size_of::<RangeEntry>() == 32);
 
 /// Key of the verdict and seen maps: IPv4 as `::ffff:a.b.c.d` (a /32), IPv6
-/// masked to its /64 (see [`addr`]).
+/// as its /64 (low 64 bits zero) or as the address itself (see [`addr`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct SourceKey {
@@ -297,8 +302,11 @@ pub struct Config {
     pub tick_ns: u64,
     /// ... and CLOCK_MONOTONIC_COARSE - jiffies * tick_ns (wrapping).
     pub clock_offset_ns: u64,
+    /// The per-source tables' secret (see [`sourcetab::source_slots`]):
+    /// set once when the maps are created, then kept.
+    pub hash: sourcetab::HashKey,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 
 impl Config {
     /// CLOCK_MONOTONIC_COARSE in ns from the jiffies counter, which the

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use gatekeeper_common::{
     action, addr, config_flags, family, port_policy, range_flags, range_kind, sourcetab, stat_index, trie,
     trie::TrieNode, verdict_reason, Config, Counter, EgressCounter, Event, Ipv4Bytes, Ipv6Bytes, KeyWords, LimitKey,
-    RangeEntry, RangeValue, RateLimit, SeenSlot, Verdict, VerdictBucket, EG_PORT_ENTRIES, EVENTS_BYTES, MAX_BUCKETS,
+    RangeEntry, RangeValue, RateLimit, SeenSlot, VerdictBucket, EG_PORT_ENTRIES, EVENTS_BYTES, MAX_BUCKETS,
     MAX_IPV6_EXT_HEADERS, MAX_LIMIT_CLASSES, MAX_RANGE_IDS, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, RANGE_NODES,
     SEEN_SLOTS, SMH_RANGE_NODES, STAT_ENTRIES, SUB_RANGE_NODES,
 };
@@ -32,12 +32,13 @@ static GK_RANGES: Array<TrieNode> = Array::with_max_entries(RANGE_NODES, BPF_F_M
 #[map(name = "GK_RANGE_INDEX")]
 static GK_RANGE_INDEX: HashMap<u32, RangeEntry> = HashMap::with_max_entries(MAX_RANGE_IDS, BPF_F_NO_PREALLOC);
 /// Per-source verdicts (see `gatekeeper_common::sourcetab`); the loader sizes
-/// the array and sets [`GK_VERDICT_MASK`] to match.
+/// the array and sets [`GK_VERDICT_SHIFT`] to match.
 #[map(name = "GK_VERDICTS")]
 static GK_VERDICTS: Array<VerdictBucket> = Array::with_max_entries(sourcetab::verdict_buckets(MAX_VERDICTS), 0);
-/// Buckets of `GK_VERDICTS` - 1 (a read-only global set at load).
+/// `sourcetab::verdict_shift` of `GK_VERDICTS` (a read-only global set at
+/// load).
 #[no_mangle]
-static GK_VERDICT_MASK: u32 = sourcetab::verdict_buckets(MAX_VERDICTS) - 1;
+static GK_VERDICT_SHIFT: u32 = sourcetab::verdict_shift(sourcetab::verdict_buckets(MAX_VERDICTS));
 /// Unknown sources recently reported to the agent, with the report time.
 #[map(name = "GK_SEEN")]
 static GK_SEEN: Array<SeenSlot> = Array::with_max_entries(SEEN_SLOTS, 0);
@@ -393,9 +394,9 @@ fn parse_ipv6<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> 
 #[inline(always)]
 fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
     let cfg = config();
-    let (range, key) = match &source {
-        Source::V4(a) => (lookup(&GK_RANGES, a), KeyWords::v4(*a)),
-        Source::V6(a) => (lookup(&GK_RANGES, a), KeyWords::v6(a)),
+    let range = match &source {
+        Source::V4(a) => lookup(&GK_RANGES, a),
+        Source::V6(a) => lookup(&GK_RANGES, a),
     };
     // A learned range is a presumption about the hosts in it: a live
     // per-source verdict decides over it, and its sources are still
@@ -412,19 +413,44 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
         }
         presumed = true;
     }
-    let h = sourcetab::source_hash(&key);
-    let verdict = verdict_of(&key, h);
+    // SAFETY: a read-only global the loader sets.
+    let shift = unsafe { core::ptr::read_volatile(&GK_VERDICT_SHIFT) };
     let now = now_ns(&cfg);
+    // IPv4: one key. IPv6: the address's own key (the drop verdict of its
+    // own failed lookup) decides while live, else the /64's (bans, pass
+    // verdicts, a /64 several of whose addresses failed); both share one
+    // bucket pair. The address has a reported-sources slot of its own.
+    let (key, at, verdict) = match &source {
+        Source::V4(a) => {
+            let key = KeyWords::v4(*a);
+            let at = sourcetab::source_slots(&key, &cfg.hash, shift);
+            (key, at, sourcetab::verdict_lookup(|i| GK_VERDICTS.get(i), &key, &at))
+        }
+        Source::V6(a) => {
+            let net = KeyWords::v6(a);
+            let host = KeyWords::v6_host(a);
+            let at = sourcetab::source_slots(&net, &cfg.hash, shift);
+            let (hv, nv) = sourcetab::verdict_lookup_v6(|i| GK_VERDICTS.get(i), &host, &net, &at);
+            let at = sourcetab::Slots { seen: sourcetab::seen_slot(&host, &cfg.hash), ..at };
+            (host, at, Some(if hv.expires_ns > now { hv } else { nv }))
+        }
+    };
     if let Some(v) = verdict {
         if v.expires_ns > now {
             if v.action == action::DROP {
+                return drop_or_dry_run(ifindex, Counter::verdict_drop(v.reason), &cfg);
+            }
+            if v.action == action::PRESUMED_DROP {
+                // A /64 several of whose addresses failed: this one may be
+                // good, so it is reported too (once per interval).
+                note(ifindex, &source, &key, at.seen, port, now, &cfg);
                 return drop_or_dry_run(ifindex, Counter::verdict_drop(v.reason), &cfg);
             }
             count(ifindex, Counter::VerdictPass as u32);
             return xdp_action::XDP_PASS;
         }
     }
-    unknown(ifindex, &source, &key, h, port, now, &cfg, presumed)
+    unknown(ifindex, &source, &key, at.seen, port, now, &cfg, presumed)
 }
 
 /// CLOCK_MONOTONIC_COARSE: from jiffies (inlined) once the agent has
@@ -437,15 +463,6 @@ fn now_ns(cfg: &Config) -> u64 {
         Some(ns) => ns,
         None => unsafe { bpf_ktime_get_coarse_ns() },
     }
-}
-
-/// The verdict of a source (see `sourcetab::verdict_lookup`). A bucket
-/// being rewritten by the agent can at worst give one stale or missed read.
-#[inline(always)]
-fn verdict_of(key: &KeyWords, h: u64) -> Option<Verdict> {
-    // SAFETY: a read-only global the loader sets.
-    let mask = unsafe { core::ptr::read_volatile(&GK_VERDICT_MASK) };
-    sourcetab::verdict_lookup(|i| GK_VERDICTS.get(i), key, h, mask)
 }
 
 /// Longest-prefix match of `a` in a range table.
@@ -494,13 +511,13 @@ fn unknown(
     ifindex: u32,
     source: &Source,
     key: &KeyWords,
-    h: u64,
+    seen: u32,
     port: u16,
     now: u64,
     cfg: &Config,
     presumed: bool,
 ) -> u32 {
-    let since = note(ifindex, source, key, h, port, now, cfg);
+    let since = note(ifindex, source, key, seen, port, now, cfg);
     if presumed {
         return drop_or_dry_run(ifindex, Counter::DenyRange as u32, cfg);
     }
@@ -519,9 +536,9 @@ fn unknown(
 /// new. The window is kept whether or not the report got through, so a
 /// dead agent (a full ring) holds nobody for longer than `hold_ms`.
 #[inline(always)]
-fn note(ifindex: u32, source: &Source, key: &KeyWords, h: u64, port: u16, now: u64, cfg: &Config) -> u64 {
-    // The index is masked to the map's size: the lookup cannot fail.
-    let Some(p) = GK_SEEN.get_ptr_mut(sourcetab::seen_slot(h)) else { return 0 };
+fn note(ifindex: u32, source: &Source, key: &KeyWords, seen: u32, port: u16, now: u64, cfg: &Config) -> u64 {
+    // The index is within the map's size: the lookup cannot fail.
+    let Some(p) = GK_SEEN.get_ptr_mut(seen) else { return 0 };
     // SAFETY (every access below): a slot of an array map; torn reads and
     // racing writes are harmless here (at worst one extra event, or one SYN
     // passed instead of held). The clock is never 0.

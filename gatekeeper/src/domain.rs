@@ -247,9 +247,9 @@ impl Action {
             Action::Pass => action::PASS,
         }
     }
-    /// The action of a datapath code (anything but drop passes).
+    /// The action of a datapath code (anything but the drops passes).
     pub fn of_code(code: u32) -> Action {
-        if code == action::DROP {
+        if code == action::DROP || code == action::PRESUMED_DROP {
             Action::Drop
         } else {
             Action::Pass

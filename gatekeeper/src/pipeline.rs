@@ -33,6 +33,18 @@ pub struct Decision {
     pub reasons: Vec<String>,
 }
 
+impl Decision {
+    /// The key its verdict for `ip` is written under: a drop reaches only
+    /// the address (an IPv6 address's own key; one spoofed SYN must not
+    /// block the rest of its /64), a pass the source's /64.
+    pub fn key(&self, ip: std::net::IpAddr) -> SourceKey {
+        match self.action {
+            Action::Drop => SourceKey::host(ip),
+            Action::Pass => SourceKey::from_ip(ip),
+        }
+    }
+}
+
 /// A decision as `check --json` shows it: the outcome by name and again as
 /// the verdict's numeric reason, the action's code, the TTL in seconds.
 #[derive(Serialize, Deserialize)]

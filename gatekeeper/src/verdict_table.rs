@@ -11,7 +11,7 @@ use std::{
 use aya::maps::{Array, MapData};
 use gatekeeper_common::{
     action,
-    sourcetab::{source_hash, verdict_bucket_pair},
+    sourcetab::{source_slots, verdict_shift, HashKey},
     verdict_reason, KeyWords, SourceKey, Verdict, VerdictBucket, VerdictSlot,
 };
 
@@ -67,29 +67,40 @@ pub fn place(buckets: [&VerdictBucket; 2], key: &KeyWords) -> Option<Placement> 
 ///   bucket, so the chain ends.
 pub struct VerdictTable<T> {
     buckets: Array<T, VerdictBucket>,
-    mask: u32,
+    n: u32,
+    /// The datapath's hash secret and shift (see `sourcetab::source_slots`).
+    hash: HashKey,
+    shift: u32,
     /// Keys held in their second bucket, by their first bucket (built when
     /// first needed, by reading the whole table).
     overflow: Option<HashMap<u32, Vec<KeyWords>>>,
 }
 
 impl<T: Borrow<MapData>> VerdictTable<T> {
-    pub fn new(buckets: Array<T, VerdictBucket>) -> Result<Self> {
+    /// The table in `buckets`, placed with the hash secret `hash` (the one
+    /// in the datapath's config).
+    pub fn new(buckets: Array<T, VerdictBucket>, hash: HashKey) -> Result<Self> {
         let n = buckets.len();
         if !n.is_power_of_two() || n < 2 {
             return Err(Error::bpf_msg(format!("verdict table has {n} buckets, expected a power of two")));
         }
-        Ok(VerdictTable { buckets, mask: n - 1, overflow: None })
+        Ok(VerdictTable { buckets, n, hash, shift: verdict_shift(n), overflow: None })
     }
 
     /// Number of buckets.
     pub fn buckets(&self) -> u32 {
-        self.mask + 1
+        self.n
     }
 
-    fn pair(&self, key: &KeyWords) -> [u32; 2] {
-        let (a, b) = verdict_bucket_pair(source_hash(key), self.mask);
-        [a, b]
+    /// The hash secret the table is placed with.
+    pub fn hash_key(&self) -> HashKey {
+        self.hash
+    }
+
+    /// A key's two buckets (an IPv6 address key's are its /64's).
+    pub fn pair(&self, key: &KeyWords) -> [u32; 2] {
+        let at = source_slots(&key.bucket_key(), &self.hash, self.shift);
+        [at.first, at.second]
     }
 
     fn bucket(&self, i: u32) -> Result<VerdictBucket> {
@@ -119,6 +130,17 @@ impl<T: Borrow<MapData>> VerdictTable<T> {
 }
 
 impl<T: BorrowMut<MapData>> VerdictTable<T> {
+    /// Empties the table and places from now on with `hash` (for maps just
+    /// created, before the datapath reads them).
+    pub fn reset(&mut self, hash: HashKey) -> Result<()> {
+        for i in 0..self.n {
+            self.write(i, &VerdictBucket::default())?;
+        }
+        self.hash = hash;
+        self.overflow = None;
+        Ok(())
+    }
+
     fn write(&mut self, i: u32, b: &VerdictBucket) -> Result<()> {
         self.buckets.set(i, b, 0).map_err(|e| Error::bpf("write verdict table", e))
     }
@@ -156,7 +178,7 @@ impl<T: BorrowMut<MapData>> VerdictTable<T> {
     fn overflow(&mut self) -> Result<&mut HashMap<u32, Vec<KeyWords>>> {
         if self.overflow.is_none() {
             let mut ix: HashMap<u32, Vec<KeyWords>> = HashMap::new();
-            for i in 0..=self.mask {
+            for i in 0..self.n {
                 for s in self.bucket(i)?.slots.iter().filter(|s| s.key.is_key()) {
                     let [first, second] = self.pair(&s.key);
                     if i == second && i != first {

@@ -266,6 +266,22 @@ impl Instance {
     }
 
     /// `ip -d link show` of [`Instance::iface`].
+    /// Where the running agent's verdict table puts a source: a function
+    /// giving the two buckets of an address's /64 key (the hash secret is
+    /// read from the agent's pinned config).
+    pub fn verdict_pair(&self) -> impl Fn(std::net::IpAddr) -> [u32; 2] {
+        use gatekeeper::datapath::{Maps, PinLayout};
+        use gatekeeper_common::sourcetab::{source_slots, verdict_shift};
+        let maps = Maps::open_pinned(&PinLayout::new(self.pin_dir())).expect("pinned maps");
+        let (hash, shift) = (maps.verdicts.hash_key(), verdict_shift(maps.verdicts.buckets()));
+        assert!(hash.is_set(), "the agent set a hash secret");
+        move |ip| {
+            let k = gatekeeper_common::KeyWords::of(&gatekeeper_common::SourceKey::from_ip(ip));
+            let at = source_slots(&k.bucket_key(), &hash, shift);
+            [at.first, at.second]
+        }
+    }
+
     pub fn link_details(&self) -> String {
         self.ns.ip(&["-d", "link", "show", "dev", self.iface()]).unwrap()
     }

@@ -14,6 +14,20 @@ use aya::{
 use gatekeeper::datapath::load_object;
 use gatekeeper_common::{maps, programs, StatKey};
 
+/// The hash secret tests write into the config of the instances they load
+/// (the agent makes a random one; tests need to know which sources share a
+/// bucket pair).
+pub const HASH: gatekeeper_common::sourcetab::HashKey =
+    gatekeeper_common::sourcetab::HashKey { m1: 0x9e37_79b9_7f4a_7c15, m2: 0xc2b2_ae3d_27d4_eb4f };
+
+/// The verdict buckets of `key` in a table of `buckets` buckets placed
+/// with [`HASH`], and its reported-sources slot.
+pub fn slots_of(key: &gatekeeper_common::KeyWords, buckets: u32) -> gatekeeper_common::sourcetab::Slots {
+    use gatekeeper_common::sourcetab::{seen_slot, source_slots, verdict_shift};
+    let at = source_slots(&key.bucket_key(), &HASH, verdict_shift(buckets));
+    gatekeeper_common::sourcetab::Slots { seen: seen_slot(key, &HASH), ..at }
+}
+
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;

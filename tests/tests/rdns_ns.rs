@@ -93,6 +93,17 @@ const NEW4: &str = "203.0.113.50";
 const NEW6: &str = "2001:db8:20:99::10";
 const NEW_NAME: &str = "smtp.example.org";
 
+/// A mail server (PTR and AAAA) whose /64 also holds addresses without a
+/// PTR (spoofed, or just unassigned), and a /64 of no-PTR addresses only.
+const MX6: &str = "2001:db8:30::25";
+const MX6_NAME: &str = "mx6.example.org";
+const MX6_NEIGHBOUR: &str = "2001:db8:30::a1";
+const BAD64: [&str; 4] = ["2001:db8:31::b1", "2001:db8:31::b2", "2001:db8:31::b3", "2001:db8:31::b4"];
+const BAD64_NET: &str = "2001:db8:31::/64";
+/// A good mail server in that /64.
+const BAD64_MX: &str = "2001:db8:31::c5";
+const BAD64_MX_NAME: &str = "mx31.example.org";
+
 /// The first four kinds of client, IPv4 and IPv6.
 const BASIC: [&str; 8] = [DYN4, GOOD4, NOPTR4, FCR4, DYN6, GOOD6, NOPTR6, FCR6];
 
@@ -100,7 +111,12 @@ const BASIC: [&str; 8] = [DYN4, GOOD4, NOPTR4, FCR4, DYN6, GOOD6, NOPTR6, FCR6];
 /// the sources (prefix lengths match mx's subnets).
 fn client_addrs() -> Vec<String> {
     let mut v: Vec<String> = vec!["192.0.2.2/24".into()];
-    let srcs = BASIC.iter().copied().chain([BAN4, NEW4, NEW6]).chain(LEARN4.iter().chain(&LEARN6).map(|(a, _)| *a));
+    let srcs = BASIC
+        .iter()
+        .copied()
+        .chain([BAN4, NEW4, NEW6, MX6, MX6_NEIGHBOUR, BAD64_MX])
+        .chain(BAD64)
+        .chain(LEARN4.iter().chain(&LEARN6).map(|(a, _)| *a));
     for s in srcs {
         v.push(format!("{s}/{}", if ip(s).is_ipv4() { 24 } else { 32 }));
     }
@@ -131,9 +147,13 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"))
 }
 
-/// How `verdict list` names a source: `192.0.2.1` or `2001:db8:1:2::/64`.
+/// How `verdict list` names a source's verdict: `192.0.2.1`; for IPv6 a
+/// drop is the address's own (`2001:db8:1:2::30`), a pass its /64's
+/// (`2001:db8:1:2::/64`).
 fn key(src: &str) -> String {
-    SourceKey::from_ip(ip(src)).display()
+    let a = ip(src);
+    let good = [GOOD4, GOOD6, NEW4, NEW6, MX6, BAD64_MX].contains(&src);
+    if good { SourceKey::from_ip(a) } else { SourceKey::host(a) }.display()
 }
 
 fn srv(src: &str) -> SocketAddr {
@@ -163,6 +183,8 @@ fn ptr_records() -> Vec<(IpAddr, &'static str)> {
         (ip(FCR6), FCR_NAME),
         (ip(NEW4), NEW_NAME),
         (ip(NEW6), NEW_NAME),
+        (ip(MX6), MX6_NAME),
+        (ip(BAD64_MX), BAD64_MX_NAME),
     ];
     v.extend(LEARN4.iter().chain(&LEARN6).map(|(a, n)| (ip(a), *n)));
     v
@@ -179,6 +201,8 @@ fn addr_records() -> Vec<(&'static str, IpAddr)> {
         (FCR_NAME, ip(FCR_ELSEWHERE6)),
         (NEW_NAME, ip(NEW4)),
         (NEW_NAME, ip(NEW6)),
+        (MX6_NAME, ip(MX6)),
+        (BAD64_MX_NAME, ip(BAD64_MX)),
     ];
     v.extend(LEARN4.iter().chain(&LEARN6).map(|(a, n)| (*n, ip(a))));
     v
@@ -727,6 +751,80 @@ fn verdicts_survive_an_agent_restart_without_dns() {
     assert_eq!(lookups(&st), BTreeMap::new(), "no lookup after the restart: {st:#}");
     assert_eq!(st["events_received"], 0, "{st:#}");
     assert_eq!(st["entries"]["verdicts"], srcs.len(), "{st:#}");
+}
+
+/// IPv6 /64 poisoning (issue 10, item 1): a failed lookup used to drop
+/// the whole /64 of the address looked up, so one spoofed SYN from a
+/// no-PTR address next to a mail server refused the mail server until the
+/// verdict expired. Now the drop is the address's own; a /64 is dropped as
+/// a whole only when several of its addresses failed and none passed.
+#[test]
+fn a_no_ptr_neighbour_does_not_block_its_v6_mail_server() {
+    let mut lab = Lab::new();
+    let nsd = NsdServer::start_in(&lab.gk.ns, &zones()).unwrap();
+    lab.start(&config("", "", &dns_section(nsd.addr(), "2s", 2)));
+
+    // The neighbour without a PTR shows up first and is judged.
+    let n1 = MX6_NEIGHBOUR;
+    assert_eq!(lab.connect(n1, CONNECT_OK), Connected, "warm-up: unknown");
+    let v = lab.wait_verdicts(&[n1]);
+    assert_eq!(v[n1]["key"], n1, "the drop is the address's own: {v:#?}");
+    assert_eq!(v[n1]["reason"], reason::NO_PTR);
+    assert!(!lab.verdicts().contains_key("2001:db8:30::/64"), "{:#?}", lab.verdicts());
+    assert_eq!(lab.connect(n1, CONNECT_REFUSED), TimedOut, "the neighbour itself is refused");
+
+    // The mail server in the same /64 is unknown, passes, and earns a pass
+    // for the /64.
+    assert_eq!(lab.connect(MX6, CONNECT_OK), Connected, "the mail server is not refused for its neighbour");
+    let v = lab.wait_verdicts(&[MX6]);
+    assert_eq!(v[MX6]["key"], "2001:db8:30::/64", "{v:#?}");
+    assert_eq!(v[MX6]["reason"], reason::OK);
+    assert_eq!(lab.connect(MX6, CONNECT_OK), Connected, "on its verdict");
+    assert_eq!(lab.connect(n1, CONNECT_REFUSED), TimedOut, "the failed address stays refused under the /64's pass");
+
+    // Three failed addresses of a /64 nobody of which passed: the /64 is
+    // presumed bad, so a fourth address of it is refused from its first
+    // SYN, but still looked up.
+    let (first3, fourth) = (&BAD64[..3], BAD64[3]);
+    lab.expect_all(first3, Connected, CONNECT_OK, "warm-up: unknown");
+    let v = lab.wait_verdicts(first3);
+    for b in first3 {
+        assert_eq!(v[*b]["key"], *b, "{v:#?}");
+    }
+    let net = wait_for("the /64's verdict", POLL_LIMIT, || lab.verdicts().remove(BAD64_NET));
+    assert_eq!(net["action"], DROP, "{net:#}");
+    assert_eq!(net["reason"], reason::NO_PTR, "{net:#}");
+    assert!(net["comment"].as_str().unwrap().starts_with("3 addresses of this /64 failed"), "{net:#}");
+    let s0 = lab.gk.stats();
+    assert_eq!(lab.connect(fourth, CONNECT_REFUSED), TimedOut, "a new address of a dropped /64");
+    let s1 = lab.gk.stats();
+    s1.assert_grew(&s0, "no-ptr", 1, "refused on the /64's verdict");
+    s1.assert_same(&s0, "unknown", "refused on the /64's verdict");
+    let v = lab.wait_verdicts(&[fourth]);
+    assert_eq!(v[fourth]["reason"], reason::NO_PTR, "looked up all the same: {v:#?}");
+    let c = lab.gk.json(&["check", BAD64_MX, "--json"]);
+    assert!(c["datapath"]["decides"].as_str().unwrap().contains("a presumption"), "{c:#}");
+
+    // A good mail server in that /64: its first SYN is refused, it is
+    // looked up, and its pass lifts the /64's drop; a retransmission gets in.
+    assert_eq!(lab.connect(BAD64_MX, CONNECT_OK), Connected, "a good host in a presumed-bad /64");
+    let all = lab.verdicts();
+    assert_eq!(all[BAD64_NET]["action"], PASS, "{all:#?}");
+    assert_eq!(all[BAD64_NET]["reason"], reason::OK, "{all:#?}");
+    lab.expect_all(&BAD64, TimedOut, CONNECT_REFUSED, "each failed address keeps its own drop");
+
+    // `check` names the key that decides; `verdict del` of an address
+    // forgets what applies to it (its own verdict and its /64's).
+    let c = lab.gk.json(&["check", n1, "--json"]);
+    assert_eq!(c["source_key"], n1, "{c:#}");
+    assert_eq!(c["datapath"]["decides"], "verdict: drop (no-ptr)", "{c:#}");
+    let c = lab.gk.json(&["check", MX6, "--json"]);
+    assert_eq!(c["source_key"], "2001:db8:30::/64", "{c:#}");
+    assert_eq!(c["datapath"]["decides"], "verdict: pass (ok)", "{c:#}");
+    lab.gk.ok(&["verdict", "del", n1]);
+    let all = lab.verdicts();
+    assert!(!all.contains_key(n1) && !all.contains_key("2001:db8:30::/64"), "{all:#?}");
+    assert!(all.contains_key(BAD64[1]), "other sources keep theirs: {all:#?}");
 }
 
 /// 6. `check --json` explains a source; `verdict del` forgets a verdict (the

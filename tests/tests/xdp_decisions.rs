@@ -18,8 +18,8 @@ use aya::{
 };
 use gatekeeper::{datapath::calibrate_clock, domain::RangeKind, verdict_table::VerdictTable};
 use gatekeeper_common::{
-    action, addr, config_flags, counters::counter_name, family, maps, programs, sourcetab, verdict_reason, Config,
-    Counter, Event, KeyWords, SourceKey, StatKey, Verdict, VerdictBucket, MAX_IPV6_EXT_HEADERS,
+    action, addr, config_flags, counters::counter_name, family, maps, programs, verdict_reason, Config, Counter, Event,
+    KeyWords, SourceKey, StatKey, Verdict, VerdictBucket, MAX_IPV6_EXT_HEADERS,
 };
 use gatekeeper_tests::model::{self, mutate, Mutation, Parse};
 use gatekeeper_tests::packet::{ethertype, hex, ipproto, syn_to, tcp_flags, v4, v6, ExtHeader, Packet, VLAN_STACKS};
@@ -116,7 +116,8 @@ impl Gk {
     fn config(&mut self, event_interval_ns: u64, flags: u32) {
         let (tick_ns, clock_offset_ns) = self.clock.unwrap_or_default();
         let mut cfg: Array<_, Config> = Array::try_from(self.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
-        cfg.set(0, Config { event_interval_ns, flags, hold_ms: 0, tick_ns, clock_offset_ns }, 0).unwrap();
+        cfg.set(0, Config { event_interval_ns, flags, hold_ms: 0, tick_ns, clock_offset_ns, hash: testrun::HASH }, 0)
+            .unwrap();
     }
 
     /// From now on the datapath reads the clock helper, as with a kernel
@@ -158,13 +159,18 @@ impl Gk {
     }
 
     fn verdicts(&mut self) -> VerdictTable<&mut MapData> {
-        VerdictTable::new(Array::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap()).unwrap()
+        VerdictTable::new(Array::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap(), testrun::HASH).unwrap()
     }
 
     /// Sets a verdict as the agent does; returns the source it evicted.
     fn verdict(&mut self, ip: &str, action: u32, reason: u32, expires_ns: u64) -> Option<SourceKey> {
         let key = SourceKey::from_ip(ip.parse().unwrap());
         self.verdicts().insert(key, Verdict { expires_ns, action, reason }).unwrap()
+    }
+
+    /// A verdict under `key` itself (e.g. an IPv6 address's own key).
+    fn verdict_key(&mut self, key: SourceKey, action: u32, reason: u32, expires_ns: u64) {
+        assert_eq!(self.verdicts().insert(key, Verdict { expires_ns, action, reason }).unwrap(), None);
     }
 
     fn unverdict(&mut self, ip: &str) {
@@ -398,7 +404,8 @@ fn verdict_table_stays_searchable_through_random_changes() {
         };
         for (i, b) in buckets.iter().enumerate() {
             for s in b.slots.iter().filter(|s| !s.key.is_empty()) {
-                let (first, second) = sourcetab::verdict_bucket_pair(sourcetab::source_hash(&s.key), 7);
+                let at = testrun::slots_of(&s.key, 8);
+                let (first, second) = (at.first, at.second);
                 if i as u32 == second {
                     assert_eq!(
                         buckets[first as usize].occupied(),
@@ -413,6 +420,114 @@ fn verdict_table_stays_searchable_through_random_changes() {
     }
     let held: Vec<SourceKey> = gk.verdicts().all().unwrap().into_iter().map(|(k, _)| k).collect();
     assert_eq!(held.len(), live.len());
+}
+
+/// IPv6 (issue 10, item 1): a drop verdict under an address's own key
+/// reaches that address only; the /64's verdict (pass, ban, a /64 several
+/// of whose addresses failed) covers the rest, and a live address verdict
+/// decides over it. Both keys share a bucket pair, also when the first
+/// bucket is full.
+#[test]
+fn a_v6_address_verdict_reaches_that_address_only() {
+    let mut gk = Gk::new();
+    let far = monotonic_ns() + 3_600_000_000_000;
+    let past = monotonic_ns().saturating_sub(1_000_000_000);
+    let (bad, mx) = ("2001:db8:5:6::bad", "2001:db8:5:6::25");
+    let host = |ip: &str| SourceKey::host(ip.parse().unwrap());
+    let net = |ip: &str| SourceKey::from_ip(ip.parse().unwrap());
+    let (unknown, pass) = (c(Counter::Unknown), c(Counter::VerdictPass));
+    let no_ptr = drop_reason(verdict_reason::NO_PTR);
+
+    // Fill the first bucket of the /64's pair, so both keys go to the
+    // second (the lookup must read it for either).
+    let first = gk.verdicts().pair(&KeyWords::of(&net(mx)))[0];
+    let fillers: Vec<String> = (0..u32::MAX)
+        .map(|i| std::net::Ipv4Addr::from(0xcb00_7100u32.wrapping_add(i)).to_string())
+        .filter(|s| gk.verdicts().pair(&KeyWords::of(&net(s)))[0] == first)
+        .take(4)
+        .collect();
+    for f in &fillers {
+        gk.verdict(f, action::DROP, verdict_reason::GENERIC, far);
+    }
+
+    gk.verdict_key(host(bad), action::DROP, verdict_reason::NO_PTR, far);
+    gk.check(&syn(bad).build(), XDP_DROP, &[(no_ptr, 1)], "the address's own drop");
+    gk.check(&syn(mx).build(), XDP_PASS, &[(unknown, 1)], "the rest of the /64 is unknown");
+    assert_eq!(gk.events().len(), 1, "and reported");
+
+    // The /64's pass covers the others; the failed address stays dropped.
+    gk.verdict_key(net(mx), action::PASS, verdict_reason::OK, far);
+    gk.check(&syn(mx).build(), XDP_PASS, &[(pass, 1)], "the /64's pass");
+    gk.check(&syn("2001:db8:5:6::26").build(), XDP_PASS, &[(pass, 1)], "another address of the /64");
+    gk.check(&syn(bad).build(), XDP_DROP, &[(no_ptr, 1)], "a live own verdict decides over the /64's");
+
+    // An expired own verdict yields to the /64's.
+    gk.verdicts()
+        .insert(host(bad), Verdict { expires_ns: past, action: action::DROP, reason: verdict_reason::NO_PTR })
+        .unwrap();
+    gk.check(&syn(bad).build(), XDP_PASS, &[(pass, 1)], "expired own verdict");
+
+    gk.config(60_000_000_000, 0);
+    // A /64 presumed bad: every address is dropped and reported (a good
+    // one earns a pass of its own); an own pass is never written, so the
+    // whole /64's pass lifts it.
+    gk.verdicts()
+        .insert(net(mx), Verdict { expires_ns: far, action: action::PRESUMED_DROP, reason: verdict_reason::NO_PTR })
+        .unwrap();
+    gk.events();
+    let fresh = "2001:db8:5:6::31";
+    gk.check(&syn(fresh).build(), XDP_DROP, &[(no_ptr, 1)], "a presumed-bad /64");
+    let ev = gk.events();
+    assert_eq!(ev.len(), 1, "reported: {ev:?}");
+    assert_eq!(Ipv6Addr::from(ev[0].addr), fresh.parse::<Ipv6Addr>().unwrap(), "the address itself");
+    gk.check(&syn(fresh).build(), XDP_DROP, &[(no_ptr, 1)], "still presumed");
+    assert!(gk.events().is_empty(), "reported once per interval");
+    // A plain /64 drop (a ban) is not reported.
+    gk.verdicts()
+        .insert(net(mx), Verdict { expires_ns: far, action: action::DROP, reason: verdict_reason::MANUAL_BAN })
+        .unwrap();
+    gk.check(&syn("2001:db8:5:6::77").build(), XDP_DROP, &[(drop_reason(verdict_reason::MANUAL_BAN), 1)], "banned /64");
+    assert!(gk.events().is_empty(), "a ban reports nobody");
+
+    // Interface ids 0 and all ones have no key of their own: the /64's
+    // verdict decides.
+    for ip in ["2001:db8:5:6::", "2001:db8:5:6:ffff:ffff:ffff:ffff"] {
+        assert_eq!(host(ip), net(ip), "{ip}");
+        gk.check(&syn(ip).build(), XDP_DROP, &[(drop_reason(verdict_reason::MANUAL_BAN), 1)], ip);
+    }
+    // The fillers were never disturbed.
+    for f in &fillers {
+        gk.check(&syn(f).build(), XDP_DROP, &[(drop_reason(verdict_reason::GENERIC), 1)], f);
+    }
+}
+
+/// The verdict table's hash takes the secret in the config (issue 10, item
+/// 5): a verdict placed under one secret is not where a datapath with
+/// another secret looks, so without the secret nobody can pick sources
+/// that share a bucket pair.
+#[test]
+fn the_datapath_hashes_with_the_configs_secret() {
+    let mut gk = Gk::new();
+    let far = monotonic_ns() + 3_600_000_000_000;
+    gk.verdict("198.51.100.77", action::DROP, verdict_reason::NO_PTR, far);
+    gk.check(&syn("198.51.100.77").build(), XDP_DROP, &[(drop_reason(verdict_reason::NO_PTR), 1)], "placed and found");
+    let mut cfg: Array<_, Config> = Array::try_from(gk.bpf.map_mut(maps::CONFIG).unwrap()).unwrap();
+    let c0 = cfg.get(&0, 0).unwrap();
+    let other = gatekeeper_common::sourcetab::HashKey::from_random([0x1234_5678_9abc_def1, 0x0fed_cba9_8765_4321]);
+    cfg.set(0, Config { hash: other, ..c0 }, 0).unwrap();
+    let table = gk.verdicts();
+    let k = KeyWords::of(&SourceKey::from_ip("198.51.100.77".parse().unwrap()));
+    let mine = table.pair(&k);
+    drop(table);
+    let theirs =
+        VerdictTable::new(Array::try_from(gk.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap(), other).unwrap().pair(&k);
+    assert!(mine.iter().all(|b| !theirs.contains(b)), "the secrets give other buckets: {mine:?} {theirs:?}");
+    gk.check(
+        &syn("198.51.100.77").build(),
+        XDP_PASS,
+        &[(c(Counter::Unknown), 1)],
+        "another secret: looked for elsewhere",
+    );
 }
 
 #[test]
@@ -472,14 +587,19 @@ fn unknown_source_is_reported_once_per_interval() {
     gk.check(&sub, XDP_PASS, &[(c(Counter::Unknown), 1)], "SYN to 587");
     assert!(gk.events().is_empty());
 
-    // IPv6: the event carries the full address; the interval is per /64.
+    // IPv6: the event carries the full address, and the interval is the
+    // address's own (each address is judged on its own).
     let src6 = v6("2001:db8:77:1::abcd");
     gk.check(&syn("2001:db8:77:1::abcd").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "v6 SYN");
     let ev = gk.events();
     assert_eq!(ev.len(), 1);
     assert_eq!((ev[0].addr, ev[0].port, ev[0].family), (src6.octets(), SMTP, family::V6));
+    gk.check(&syn("2001:db8:77:1::abcd").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "again");
+    assert!(gk.events().is_empty(), "the same address within the interval");
     gk.check(&syn("2001:db8:77:1::1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "same /64");
-    assert!(gk.events().is_empty(), "same /64 within the interval");
+    assert_eq!(gk.events().len(), 1, "another address of the /64 is reported");
+    gk.check(&syn("2001:db8:77:1::1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "same /64 again");
+    assert!(gk.events().is_empty(), "once per interval");
     gk.check(&syn("2001:db8:77:2::1").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "other /64");
     assert_eq!(gk.events().len(), 1);
 
@@ -987,8 +1107,8 @@ fn hold_drops_unknown_sources_for_a_bounded_time() {
 
 /// The reported-sources slot of `src`, as the datapath picks it.
 fn seen_slot_of(src: &str) -> u32 {
-    let key = KeyWords::of(&SourceKey::from_ip(src.parse().unwrap()));
-    sourcetab::seen_slot(sourcetab::source_hash(&key))
+    let key = KeyWords::of(&SourceKey::host(src.parse().unwrap()));
+    testrun::slots_of(&key, VERDICT_BUCKETS).seen
 }
 
 /// Waits until `ms` milliseconds of the datapath clock have passed.

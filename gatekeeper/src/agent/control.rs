@@ -152,10 +152,11 @@ async fn dispatch(req: Request, ctx: &Ctx) -> Response {
                 let lookup = lookup.expect("looked up above");
                 // The looked-up address (IPv4 for an IPv4-mapped source).
                 let ip = lookup.ip;
+                let decision = judge.decide(&lookup);
                 Response::of(st.explain(ip).map(|datapath| CheckReply {
                     ip,
-                    source_key: gatekeeper_common::SourceKey::from_ip(ip).display(),
-                    decision: judge.decide(&lookup),
+                    source_key: decision.key(ip).display(),
+                    decision,
                     lookup,
                     datapath,
                 }))

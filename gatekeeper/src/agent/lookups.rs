@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gatekeeper_common::{Event, KeyWords, SourceKey};
+use gatekeeper_common::{Event, KeyWords};
 use tokio::{
     io::unix::AsyncFd,
     sync::{mpsc, Mutex, Semaphore},
@@ -20,11 +20,11 @@ use tokio::{
 use tracing::{debug, error, info};
 
 use crate::{
-    agent::Core,
+    agent::{state::State, Core},
     classify::Classifier,
     config::{LearningConfig, LimitsConfig, PolicyConfig},
     dns::{DnsConfig, Lookup, Resolver},
-    domain::VerdictReason,
+    domain::{Action, VerdictReason},
     pipeline::{decide, query_cost, Decision, Learner, TokenBucket},
     status::QueueStats,
     store::VerdictRecord,
@@ -38,7 +38,9 @@ pub struct Queue {
     tx: mpsc::Sender<IpAddr>,
     /// Sources queued or being looked up at most.
     max_pending: usize,
-    pending: std::sync::Mutex<HashSet<SourceKey>>,
+    /// By address: an IPv6 address is judged on its own (its /64 shares
+    /// only a pass).
+    pending: std::sync::Mutex<HashSet<IpAddr>>,
     queued: AtomicU64,
     duplicate: AtomicU64,
     overflow: AtomicU64,
@@ -64,9 +66,8 @@ impl Queue {
     /// Queues a source for a lookup; false when it was already pending or
     /// the queue is full (the source stays unknown and passes).
     fn submit(&self, ip: IpAddr) -> bool {
-        let key = SourceKey::from_ip(ip);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.contains(&key) {
+        if pending.contains(&ip) {
             self.duplicate.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -76,7 +77,7 @@ impl Queue {
         }
         match self.tx.try_send(ip) {
             Ok(()) => {
-                pending.insert(key);
+                pending.insert(ip);
                 self.queued.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -88,7 +89,7 @@ impl Queue {
     }
 
     fn done(&self, ip: IpAddr) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&SourceKey::from_ip(ip));
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&ip);
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -140,15 +141,25 @@ impl Judge {
     }
 
     /// Writes the verdict a lookup calls for (never over a manual ban) and
-    /// feeds dynamic sources to the range learner.
-    fn apply(&mut self, core: &mut crate::agent::state::State, lookup: &Lookup) -> Result<()> {
+    /// feeds dynamic sources to the range learner. A drop reaches only the
+    /// address looked up (for IPv6 its own key, see
+    /// [`State::drop_v6_prefix`] for the /64); a pass covers the /64.
+    fn apply(&mut self, core: &mut State, lookup: &Lookup) -> Result<()> {
         let d = self.decide(lookup);
         *self.outcomes.entry(d.outcome).or_default() += 1;
-        let key = SourceKey::from_ip(lookup.ip);
+        let drop = d.action == Action::Drop;
+        let key = d.key(lookup.ip);
         if !KeyWords::of(&key).is_key() {
             // ::/64 (unspecified or loopback, so spoofed) has the verdict
             // table's empty key: it can hold no verdict and stays unknown.
             debug!(source = %lookup.ip, "no verdict for a source in ::/64");
+            return Ok(());
+        }
+        let v6 = matches!(lookup.ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_none());
+        if drop && v6 && !key.is_host_v6() {
+            // Interface id 0 or all ones: no key of its own, and its drop
+            // must not reach the /64.
+            debug!(source = %lookup.ip, "no drop verdict for an IPv6 address with interface id 0 or all ones");
             return Ok(());
         }
         let now = unix_now();
@@ -170,6 +181,11 @@ impl Judge {
             return Ok(());
         }
         info!(source = %key.display(), outcome = %d.outcome, action = %d.action, ttl = d.ttl.as_secs(), "verdict");
+        if key.is_host_v6() {
+            if let Some(net) = core.drop_v6_prefix(key.net(), self.policy.v6_prefix_drop_after, now)? {
+                info!(source = %net.key.display(), outcome = %net.reason, "verdict for the whole /64: {}", net.comment.as_deref().unwrap_or_default());
+            }
+        }
         if d.outcome == VerdictReason::Dynamic {
             if let Some(l) = self.learner.observe(lookup.ip, name.unwrap_or_default()) {
                 if core.learn(&l, now + self.learn_expire.as_secs() as i64)? {

@@ -84,6 +84,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         hold_ms: cfg.policy.hold_time.as_millis() as u32,
         tick_ns: dp.clock.map_or(0, |c| c.0),
         clock_offset_ns: dp.clock.map_or(0, |c| c.1),
+        // Kept by set_config: the secret the verdict table is placed with.
+        hash: Default::default(),
     })?;
     dp.maps.set_ports(&ports)?;
     let classes: Vec<(Vec<u16>, gatekeeper_common::RateLimit)> =

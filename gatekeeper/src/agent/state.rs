@@ -253,8 +253,48 @@ impl State {
         }
     }
 
+    /// After a lookup dropped an IPv6 address of the /64 `net`: drops the
+    /// whole /64 once `after` (0: never) distinct addresses of it have live
+    /// drop verdicts and the /64 has no verdict of its own (none of it
+    /// passed, no ban). The /64's verdict lives as long as `after` of
+    /// them do. Returns it if written.
+    pub fn drop_v6_prefix(&mut self, net: SourceKey, after: u32, now: i64) -> Result<Option<VerdictRecord>> {
+        if after == 0 || self.store.verdict(net)?.is_some() {
+            return Ok(None);
+        }
+        let drops = self.store.address_drops(net, now)?;
+        let Some(nth) = drops.get(after as usize - 1) else { return Ok(None) };
+        let shown: Vec<String> = drops.iter().take(3).map(|d| d.key.display()).collect();
+        let more = if drops.len() > 3 { format!(" and {} more", drops.len() - 3) } else { String::new() };
+        let rec = VerdictRecord {
+            key: net,
+            action: Action::Drop,
+            reason: drops[0].reason,
+            comment: Some(format!(
+                "{} addresses of this /64 failed and none passed: {}{more}",
+                drops.len(),
+                shown.join(", ")
+            )),
+            created_at: now,
+            expires_at: nth.expires_at,
+        };
+        Ok(self.judged(rec.clone())?.then_some(rec))
+    }
+
+    /// The verdict keys of `ip` that `verdicts del` reaches: an IPv6
+    /// address's own key, then its /64's; an IPv4 address's key.
+    fn keys_of(ip: IpAddr) -> Vec<SourceKey> {
+        let (host, net) = (SourceKey::host(ip), SourceKey::from_ip(ip));
+        if host == net {
+            vec![net]
+        } else {
+            vec![host, net]
+        }
+    }
+
     /// Removes the verdicts of `addrs` (of `reason` only, if given): all of
-    /// them, or none when one is missing.
+    /// them, or none when one is missing. An IPv6 address loses the
+    /// verdicts that apply to it: its own and its /64's.
     pub fn del_verdicts(
         &mut self,
         addrs: &[IpAddr],
@@ -262,11 +302,19 @@ impl State {
         what: &'static str,
     ) -> Result<Vec<VerdictRecord>> {
         let mut seen = HashSet::new();
-        let keys: Vec<SourceKey> = addrs.iter().map(|a| SourceKey::from_ip(*a)).filter(|k| seen.insert(*k)).collect();
-        for k in &keys {
-            let found = self.store.verdict(*k)?.filter(|v| reason.is_none_or(|r| v.reason == r));
-            if found.is_none() {
-                return Err(Error::NotFound { what, key: k.display() });
+        let mut keys = Vec::new();
+        for &a in addrs {
+            let mut found = false;
+            for k in Self::keys_of(a) {
+                if self.store.verdict(k)?.is_some_and(|v| reason.is_none_or(|r| v.reason == r)) {
+                    found = true;
+                    if seen.insert(k) {
+                        keys.push(k);
+                    }
+                }
+            }
+            if !found {
+                return Err(Error::NotFound { what, key: SourceKey::from_ip(a).display() });
             }
         }
         self.change(|store, t| {
@@ -381,19 +429,36 @@ impl State {
             None => None,
         };
         let mono = monotonic_ns();
-        let verdict = self.dp.maps.verdicts.get(key).ok().flatten().map(|v| CheckVerdict {
-            action: Action::of_code(v.action),
-            reason: VerdictReason::of_code(v.reason).unwrap_or(VerdictReason::Hold),
-            live: v.expires_ns > mono,
-            expires_in_secs: (v.expires_ns != u64::MAX).then(|| v.expires_ns.saturating_sub(mono) / 1_000_000_000),
-            record: self.store.verdict(key).ok().flatten(),
-        });
+        // As the datapath: the address's own verdict while live, else the
+        // /64's (IPv6); the one key's (IPv4).
+        let of = |key: SourceKey| {
+            self.dp.maps.verdicts.get(key).ok().flatten().map(|v| {
+                let check = CheckVerdict {
+                    action: Action::of_code(v.action),
+                    reason: VerdictReason::of_code(v.reason).unwrap_or(VerdictReason::Hold),
+                    live: v.expires_ns > mono,
+                    expires_in_secs: (v.expires_ns != u64::MAX)
+                        .then(|| v.expires_ns.saturating_sub(mono) / 1_000_000_000),
+                    record: self.store.verdict(key).ok().flatten(),
+                };
+                (check, v.action == gatekeeper_common::action::PRESUMED_DROP)
+            })
+        };
+        let host = SourceKey::host(ip);
+        let (verdict, presumed) = match (host != key).then(|| of(host)).flatten() {
+            Some((v, p)) if v.live => (Some(v), p),
+            _ => of(key).map_or((None, false), |(v, p)| (Some(v), p)),
+        };
         let decides = match (&range, &verdict) {
             (Some(r), Some(v)) if learned && v.live => {
                 format!("verdict: {} ({}), over the learned range {}", v.action, v.reason, r.net)
             }
             (Some(r), _) if learned => format!("learned range {} (a good verdict of the source would pass it)", r.net),
             (Some(r), _) => format!("{} range {}", r.kind, r.net),
+            (None, Some(v)) if v.live && presumed => format!(
+                "verdict: {} ({}) for the /64, several of whose addresses failed; a presumption: the address is still looked up and a good one passes",
+                v.action, v.reason
+            ),
             (None, Some(v)) if v.live => format!("verdict: {} ({})", v.action, v.reason),
             _ => "nothing: the source is unknown, passes, and is looked up".into(),
         };

@@ -10,7 +10,7 @@ use tracing::warn;
 
 use crate::{
     datapath::Maps,
-    domain::{Origin, PoolAction, RangeKind, RangeTable},
+    domain::{Action, Origin, PoolAction, RangeKind, RangeTable, VerdictReason},
     store::{RangeRecord, Store, VerdictRecord},
     time::{expiry_ns, monotonic_ns, unix_now},
     Error, Result,
@@ -203,9 +203,17 @@ pub fn reconcile(store: &mut Store, maps: &mut Maps) -> Result<Reconciled> {
     Ok(out)
 }
 
-/// A verdict record as the datapath holds it.
+/// A verdict record as the datapath holds it. A lookup drop verdict of a
+/// whole IPv6 /64 (several of its addresses failed, see
+/// `State::drop_v6_prefix`) is a presumption: its sources are still
+/// reported, so a good one earns a pass.
 pub fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
-    Verdict { expires_ns: expiry_ns(v.expires_at, now, mono), action: v.action.code(), reason: v.reason.code() }
+    let presumed = v.action == Action::Drop
+        && v.reason != VerdictReason::ManualBan
+        && v.key.to_ip().is_ipv6()
+        && !v.key.is_host_v6();
+    let action = if presumed { action::PRESUMED_DROP } else { v.action.code() };
+    Verdict { expires_ns: expiry_ns(v.expires_at, now, mono), action, reason: v.reason.code() }
 }
 
 pub fn range_value(r: &RangeRecord) -> RangeValue {

@@ -104,6 +104,11 @@ pub struct PolicyConfig {
     /// A temporary DNS failure passes (always) and is retried after this.
     #[serde(deserialize_with = "de_duration")]
     pub tempfail_ttl: Duration,
+    /// A failed lookup drops the IPv6 address it was for, never its /64;
+    /// the whole /64 is dropped once this many distinct addresses of it
+    /// failed while none passed (0: never).
+    #[serde(deserialize_with = "de_v6_prefix_drop_after")]
+    pub v6_prefix_drop_after: u32,
 }
 
 impl Default for PolicyConfig {
@@ -119,6 +124,7 @@ impl Default for PolicyConfig {
             ttl_min: Duration::from_secs(300),
             ttl_max: Duration::from_secs(86_400),
             tempfail_ttl: Duration::from_secs(30),
+            v6_prefix_drop_after: 3,
         }
     }
 }
@@ -284,6 +290,16 @@ fn de_hold_time<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration
         return Err(serde::de::Error::custom("hold_time must be at most 30s: a held source gets no mail at all"));
     }
     Ok(t)
+}
+
+fn de_v6_prefix_drop_after<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n == 1 {
+        return Err(serde::de::Error::custom(
+            "v6_prefix_drop_after must be 0 (never) or at least 2: with 1, one spoofed address would block its whole /64",
+        ));
+    }
+    Ok(n)
 }
 
 fn de_min_sources<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {

@@ -9,8 +9,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use gatekeeper_common::{
-    maps as names, programs, sourcetab::verdict_buckets, trie::TrieNode, Config, RangeEntry, RateLimit, SeenSlot,
-    VerdictBucket, VERDICT_MASK_GLOBAL,
+    maps as names, programs,
+    sourcetab::{verdict_buckets, verdict_shift},
+    trie::TrieNode,
+    Config, RangeEntry, RateLimit, SeenSlot, VerdictBucket, VERDICT_SHIFT_GLOBAL,
 };
 use tracing::warn;
 
@@ -38,15 +40,18 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
 }
 
 /// Loads the eBPF object with a verdict table of `buckets` buckets (a power
-/// of two) and the datapath's bucket mask to match; `setup` adds pin paths
+/// of two) and the datapath's bucket shift to match; `setup` adds pin paths
 /// or other map sizes. Everything that loads the object goes through here.
 pub fn load_object(buckets: u32, setup: impl FnOnce(&mut EbpfLoader<'_>)) -> Result<Ebpf> {
     if !buckets.is_power_of_two() {
         return Err(Error::bpf_msg(format!("verdict table of {buckets} buckets: not a power of two")));
     }
-    let mask = buckets - 1;
+    if buckets < 2 {
+        return Err(Error::bpf_msg(format!("verdict table of {buckets} bucket: at least 2 are needed")));
+    }
+    let shift = verdict_shift(buckets);
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(names::VERDICTS, buckets).override_global(VERDICT_MASK_GLOBAL, &mask, true);
+    loader.map_max_entries(names::VERDICTS, buckets).override_global(VERDICT_SHIFT_GLOBAL, &shift, true);
     setup(&mut loader);
     loader.load(crate::EBPF_OBJECT).map_err(|e| Error::bpf("load eBPF object", e))
 }

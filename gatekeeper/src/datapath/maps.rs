@@ -9,8 +9,8 @@ use aya::{
     Ebpf,
 };
 use gatekeeper_common::{
-    family, maps as names, port_policy, Config, RangeEntry, RangeValue, RateLimit, SourceKey, StatKey, Verdict,
-    EG_PORT_ENTRIES, MAX_LIMIT_CLASSES, PORT_WORDS,
+    family, maps as names, port_policy, sourcetab::HashKey, Config, RangeEntry, RangeValue, RateLimit, SourceKey,
+    StatKey, Verdict, EG_PORT_ENTRIES, MAX_LIMIT_CLASSES, PORT_WORDS,
 };
 use ipnet::IpNet;
 use tracing::debug;
@@ -91,11 +91,13 @@ impl Maps {
     }
 
     fn build(get: &mut dyn FnMut(&str) -> Result<Option<Map>>) -> Result<Maps> {
+        let config: Array<MapData, Config> = typed(get(names::CONFIG)?, names::CONFIG)?;
+        let hash = config.get(&0, 0).map_err(|e| Error::bpf("read config", e))?.hash;
         Ok(Maps {
             ranges: RangeMaps::build(get)?,
-            verdicts: VerdictTable::new(typed(get(names::VERDICTS)?, names::VERDICTS)?)?,
+            verdicts: VerdictTable::new(typed(get(names::VERDICTS)?, names::VERDICTS)?, hash)?,
             ports: typed(get(names::PORTS)?, names::PORTS)?,
-            config: typed(get(names::CONFIG)?, names::CONFIG)?,
+            config,
             stats: typed(get(names::STATS)?, names::STATS)?,
             range_hits: typed(get(names::RANGE_HITS)?, names::RANGE_HITS)?,
             eg_ports: typed(get(names::EG_PORTS)?, names::EG_PORTS)?,
@@ -213,8 +215,34 @@ impl Maps {
         Ok(out)
     }
 
+    /// Writes the config; its hash secret is always the one the verdict
+    /// table is placed with (see [`Maps::ensure_hash_key`]).
     pub fn set_config(&mut self, c: Config) -> Result<()> {
+        let c = Config { hash: self.verdicts.hash_key(), ..c };
         self.config.set(0, c, 0).map_err(|e| Error::bpf("write config", e))
+    }
+
+    /// Gives maps just created their hash secret, random, kept in the
+    /// pinned config for as long as the maps live (a restarted agent finds
+    /// its verdicts where they were placed). Maps without one are emptied
+    /// first: what they held was placed without it (reconcile writes the
+    /// database's verdicts back). True if a new secret was made.
+    pub fn ensure_hash_key(&mut self) -> Result<bool> {
+        let c = self.config()?;
+        if c.hash.is_set() {
+            return Ok(false);
+        }
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| Error::bpf_msg(format!("no random numbers for the hash secret: {e}")))?;
+        let r = [
+            u64::from_ne_bytes(bytes[..8].try_into().expect("8 bytes")),
+            u64::from_ne_bytes(bytes[8..].try_into().expect("8 bytes")),
+        ];
+        let hash = HashKey::from_random(r);
+        self.verdicts.reset(hash)?;
+        self.set_config(c)?;
+        Ok(true)
     }
 
     pub fn config(&self) -> Result<Config> {

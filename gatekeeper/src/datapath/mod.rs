@@ -81,7 +81,10 @@ impl Datapath {
         prog.load().map_err(|e| Error::bpf(format!("load TC program {} (verifier)", programs::TC_EGRESS), e))?;
         pin_program(layout, Role::Uplink, |p| prog.pin(p))?;
         let clock = calibrate_clock(&mut ebpf)?;
-        let maps = Maps::take(&mut ebpf)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        if maps.ensure_hash_key()? {
+            tracing::debug!("new hash secret for the per-source tables");
+        }
         let events = maps::typed(ebpf.take_map(names::EVENTS), names::EVENTS)?;
         Ok(Datapath { layout: layout.clone(), ebpf, maps, events: Some(events), clock })
     }

@@ -6,7 +6,6 @@
 //! them, which the agent uses to keep the database and the maps in step
 //! (`agent::state`): commit when the maps took the change, roll back when
 //! they did not.
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ mod ranges;
 pub use ranges::{NewRange, RangeRecord};
 
 /// `PRAGMA user_version` of the schema below.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The ranges table (schema 2: egress kinds and the pool action).
 const RANGES_TABLE: &str = "
@@ -51,18 +50,29 @@ DROP INDEX ranges_by_expiry;
 
 const SCHEMA: &str = "
 CREATE TABLE verdicts (
-    key        TEXT    PRIMARY KEY,      -- 192.0.2.1 or 2001:db8:1:2::/64
+    key        TEXT    PRIMARY KEY,      -- 192.0.2.1, 2001:db8:1:2::/64 or 2001:db8:1:2::25
     action     INTEGER NOT NULL,
     reason     INTEGER NOT NULL,
     comment    TEXT,
     created_at INTEGER NOT NULL,
-    expires_at INTEGER
+    expires_at INTEGER,
+    net64      TEXT                      -- an IPv6 address key's /64
 );
 CREATE INDEX verdicts_by_expiry ON verdicts (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX verdicts_by_net64 ON verdicts (net64) WHERE net64 IS NOT NULL;
 CREATE TABLE settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+";
+
+/// Schema 2 -> 3: IPv6 address keys. Lookup drop verdicts of whole /64s
+/// (what an older agent wrote for one address) go: the agent judges such
+/// addresses again, one by one.
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE verdicts ADD COLUMN net64 TEXT;
+CREATE INDEX verdicts_by_net64 ON verdicts (net64) WHERE net64 IS NOT NULL;
+DELETE FROM verdicts WHERE key LIKE '%/64' AND action = 1 AND reason <> 0;
 ";
 
 const RANGE_COLS: &str = "id, kind, net, origin, source, comment, created_at, expires_at, action";
@@ -146,12 +156,7 @@ fn verdict_row(row: &Row<'_>) -> rusqlite::Result<VerdictRecord> {
 /// Inverse of `SourceKey::display`; `None` unless `text` is exactly what
 /// `display` would give.
 fn parse_key(text: &str) -> Option<SourceKey> {
-    let ip: IpAddr = match text.strip_suffix("/64") {
-        Some(v6) => IpAddr::V6(v6.parse().ok()?),
-        None => IpAddr::V4(text.parse().ok()?),
-    };
-    let key = SourceKey::from_ip(ip);
-    (key.display() == text).then_some(key)
+    SourceKey::parse_display(text)
 }
 
 impl Store {
@@ -192,15 +197,18 @@ impl Store {
                 tx.execute_batch(SCHEMA).map_err(&e)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
             }
-            1 => {
-                tx.execute_batch(MIGRATE_1_TO_2).map_err(&e)?;
-                tx.execute_batch(RANGES_TABLE).map_err(&e)?;
-                tx.execute_batch(
-                    "INSERT INTO ranges (id, kind, net, origin, source, comment, created_at, expires_at)
-                     SELECT id, kind, net, origin, source, comment, created_at, expires_at FROM ranges_v1;
-                     DROP TABLE ranges_v1;",
-                )
-                .map_err(&e)?;
+            1 | 2 => {
+                if version == 1 {
+                    tx.execute_batch(MIGRATE_1_TO_2).map_err(&e)?;
+                    tx.execute_batch(RANGES_TABLE).map_err(&e)?;
+                    tx.execute_batch(
+                        "INSERT INTO ranges (id, kind, net, origin, source, comment, created_at, expires_at)
+                         SELECT id, kind, net, origin, source, comment, created_at, expires_at FROM ranges_v1;
+                         DROP TABLE ranges_v1;",
+                    )
+                    .map_err(&e)?;
+                }
+                tx.execute_batch(MIGRATE_2_TO_3).map_err(&e)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
             }
             SCHEMA_VERSION => {}
@@ -235,20 +243,29 @@ impl Store {
 
     /// Inserts or replaces the verdict for `v.key`.
     pub fn upsert_verdict(&mut self, v: &VerdictRecord) -> Result<()> {
-        if SourceKey::from_ip(v.key.to_ip()) != v.key {
+        if SourceKey::parse_display(&v.key.display()) != Some(v.key) {
             return Err(Error::InvalidCidr {
                 input: v.key.display(),
-                reason: "not a verdict key: an IPv6 key must be a /64 with its low 64 bits zero".into(),
+                reason: "not a verdict key: an IPv4 address, an IPv6 /64 or an IPv6 address whose interface id is neither 0 nor all ones".into(),
             });
         }
+        let net64 = v.key.is_host_v6().then(|| v.key.net().display());
         self.conn
             .execute(
                 &format!(
-                    "INSERT INTO verdicts ({VERDICT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                    "INSERT INTO verdicts ({VERDICT_COLS}, net64) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (key) DO UPDATE SET action = excluded.action, reason = excluded.reason,
                        comment = excluded.comment, created_at = excluded.created_at, expires_at = excluded.expires_at"
                 ),
-                params![v.key.display(), v.action.code(), v.reason.code(), v.comment, v.created_at, v.expires_at],
+                params![
+                    v.key.display(),
+                    v.action.code(),
+                    v.reason.code(),
+                    v.comment,
+                    v.created_at,
+                    v.expires_at,
+                    net64
+                ],
             )
             .map_err(db(&self.path))?;
         Ok(())
@@ -299,6 +316,22 @@ impl Store {
         self.conn
             .query_row(&format!("SELECT {VERDICT_COLS} FROM verdicts WHERE key = ?1"), [key.display()], verdict_row)
             .optional()
+            .map_err(db(&self.path))
+    }
+
+    /// The live lookup drop verdicts of addresses in the IPv6 /64 `net`
+    /// (bans not included), newest expiry first.
+    pub fn address_drops(&self, net: SourceKey, now: i64) -> Result<Vec<VerdictRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {VERDICT_COLS} FROM verdicts WHERE net64 = ?1 AND action = ?2 AND reason <> ?3
+                   AND (expires_at IS NULL OR expires_at > ?4)
+                 ORDER BY expires_at IS NULL DESC, expires_at DESC"
+            ))
+            .map_err(db(&self.path))?;
+        stmt.query_map(params![net.display(), Action::Drop.code(), VerdictReason::ManualBan.code(), now], verdict_row)
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(db(&self.path))
     }
 

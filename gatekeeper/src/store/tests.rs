@@ -322,10 +322,72 @@ fn verdicts_upsert_list_delete_expire() {
     let k = SourceKey::from_ip("2001:db8:1:2::1".parse().unwrap());
     assert_eq!(s.del_verdict(k).unwrap().reason, R::Dynamic);
     assert_eq!(s.del_verdict(k).unwrap_err().to_string(), "verdict 2001:db8:1:2::/64 not found");
-    // A v6 key with host bits is not a valid key.
+    // An IPv6 address key is a key of its own; interface id all ones is
+    // not a valid key (nor is 0: that is the /64's).
+    let mut host = verdict("2001:db8::1", R::NoPtr, None);
+    host.key = SourceKey::host("2001:db8::1".parse().unwrap());
+    s.upsert_verdict(&host).unwrap();
+    assert_eq!(s.verdict(host.key).unwrap(), Some(host.clone()));
+    assert_eq!(s.verdict(host.key.net()).unwrap(), None);
     let mut bad = verdict("2001:db8::1", R::ManualBan, None);
-    bad.key.addr[15] = 1;
+    bad.key.addr[8..].fill(0xff);
     assert!(matches!(s.upsert_verdict(&bad), Err(Error::InvalidCidr { .. })));
+}
+
+/// The lookup drop verdicts of a /64's addresses, for dropping the /64 as
+/// a whole: live ones, not bans, not the /64's own, newest expiry first.
+#[test]
+fn address_drops_of_a_64() {
+    let mut s = Store::open_in_memory().unwrap();
+    let host = |ip: &str, reason, action, expires_at| VerdictRecord {
+        key: SourceKey::host(ip.parse().unwrap()),
+        action,
+        reason,
+        comment: None,
+        created_at: 100,
+        expires_at,
+    };
+    for v in [
+        host("2001:db8:7:1::1", R::NoPtr, Action::Drop, Some(1000)),
+        host("2001:db8:7:1::2", R::FcrdnsFail, Action::Drop, Some(3000)),
+        host("2001:db8:7:1::3", R::Dynamic, Action::Drop, Some(150)),
+        host("2001:db8:7:1::4", R::ManualBan, Action::Drop, None),
+        host("2001:db8:7:2::5", R::NoPtr, Action::Drop, Some(2000)),
+        verdict("2001:db8:7:1::9", R::NoPtr, Some(5000)),
+    ] {
+        s.upsert_verdict(&v).unwrap();
+    }
+    let net = SourceKey::from_ip("2001:db8:7:1::".parse().unwrap());
+    let got: Vec<String> = s.address_drops(net, 200).unwrap().iter().map(|v| v.key.display()).collect();
+    assert_eq!(got, ["2001:db8:7:1::2", "2001:db8:7:1::1"]);
+}
+
+/// Schema 2 -> 3: a lookup drop of a whole IPv6 /64 (what older agents
+/// wrote for one address) is forgotten; bans, passes and IPv4 stay.
+#[test]
+fn migration_forgets_v6_lookup_drops_of_whole_64s() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gk.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE ranges (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, net TEXT NOT NULL, origin TEXT NOT NULL,
+               source TEXT NOT NULL, comment TEXT, created_at INTEGER NOT NULL, expires_at INTEGER, action TEXT,
+               UNIQUE (kind, net));
+             CREATE TABLE verdicts (key TEXT PRIMARY KEY, action INTEGER NOT NULL, reason INTEGER NOT NULL,
+               comment TEXT, created_at INTEGER NOT NULL, expires_at INTEGER);
+             CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO verdicts VALUES ('2001:db8:1:2::/64', 1, 1, 'no-ptr', 1, 9999999999);
+             INSERT INTO verdicts VALUES ('2001:db8:1:3::/64', 1, 0, 'ban', 1, NULL);
+             INSERT INTO verdicts VALUES ('2001:db8:1:4::/64', 0, 5, 'ok', 1, 9999999999);
+             INSERT INTO verdicts VALUES ('192.0.2.1', 1, 1, 'no-ptr', 1, 9999999999);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    }
+    let s = Store::open(&path).unwrap();
+    let keys: Vec<String> = s.list_verdicts(None).unwrap().iter().map(|v| v.key.display()).collect();
+    assert_eq!(keys, ["192.0.2.1", "2001:db8:1:3::/64", "2001:db8:1:4::/64"]);
 }
 
 #[test]

@@ -72,9 +72,9 @@ use gatekeeper::datapath::{calibrate_clock, table_map, RangeMaps};
 use gatekeeper::domain::RangeTable;
 use gatekeeper::verdict_table::{place, VerdictTable};
 use gatekeeper_common::{
-    action, addr, counters::counter_name, maps, programs, range_kind, range_origin, sourcetab,
-    sourcetab::verdict_buckets, stat_index, verdict_reason, Config, Counter, KeyWords, RangeValue, SourceKey, StatKey,
-    Verdict, VerdictBucket, VerdictSlot,
+    action, addr, counters::counter_name, maps, programs, range_kind, range_origin, sourcetab::verdict_buckets,
+    stat_index, verdict_reason, Config, Counter, KeyWords, RangeValue, SourceKey, StatKey, Verdict, VerdictBucket,
+    VerdictSlot,
 };
 use gatekeeper_tests::packet::{mss_option, syn_to, tcp_flags, v4 as ip4, v6 as ip6, ExtHeader, Packet};
 use gatekeeper_tests::rng::Rng;
@@ -263,7 +263,7 @@ impl Bench {
     }
 
     fn verdicts(&mut self) -> VerdictTable<&mut MapData> {
-        VerdictTable::new(Array::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap()).unwrap()
+        VerdictTable::new(Array::try_from(self.bpf.map_mut(maps::VERDICTS).unwrap()).unwrap(), testrun::HASH).unwrap()
     }
 
     fn config(&mut self, event_interval_ns: u64) -> Result<()> {
@@ -365,7 +365,7 @@ fn case(name: &str, frame: Vec<u8>, ret: u32, counter: Option<u32>, target: Targ
 fn write_config(bpf: &mut Ebpf, event_interval_ns: u64, clock: Option<(u64, u64)>) -> Result<()> {
     let (tick_ns, clock_offset_ns) = clock.unwrap_or_default();
     let mut cfg: Array<_, Config> = Array::try_from(bpf.map_mut(maps::CONFIG).unwrap())?;
-    cfg.set(0, Config { event_interval_ns, flags: 0, hold_ms: 0, tick_ns, clock_offset_ns }, 0)?;
+    cfg.set(0, Config { event_interval_ns, flags: 0, hold_ms: 0, tick_ns, clock_offset_ns, hash: testrun::HASH }, 0)?;
     Ok(())
 }
 
@@ -495,7 +495,8 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
         // True when the table holds one more (no eviction).
         let mut place_in = |key: SourceKey, verdict: Verdict| {
             let k = KeyWords::of(&key);
-            let (i, j) = sourcetab::verdict_bucket_pair(sourcetab::source_hash(&k), n_buckets - 1);
+            let at = testrun::slots_of(&k, n_buckets);
+            let (i, j) = (at.first, at.second);
             // No room (both buckets hold only bans and pass verdicts): the
             // agent refuses it too; the fill goes on with other keys.
             let Some(p) = place([&table[i as usize], &table[j as usize]], &k) else { return false };
