@@ -60,7 +60,11 @@ pub fn counter_name(slot: u32) -> &'static str {
 /// one guard counter (pool-blocked, pool-rejected, smarthost-allowed or
 /// exempt); one the guard let through may then also bump
 /// [`EgressCounter::RateLimited`] when its class's limit drops it; and
-/// [`EgressCounter::DryRun`] counts every drop dry-run suppressed.
+/// [`EgressCounter::DryRun`] counts every drop dry-run suppressed. A frame
+/// from a pool source that hides whether it is such a SYN (a TCP first
+/// fragment, an IPv6 header chain too long to walk) bumps
+/// [`EgressCounter::PoolFragment`] or [`EgressCounter::PoolExtChain`]
+/// instead.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EgressCounter {
@@ -80,10 +84,18 @@ pub enum EgressCounter {
     DryRun = 5,
     /// The parser could not read the packet to the TCP header: passed.
     ParseSkipped = 6,
+    /// Pool source, the first fragment of a TCP segment to a guarded port
+    /// (or one too short to show its port), not to a smarthost: dropped,
+    /// whatever its flags say (a later fragment may rewrite them).
+    PoolFragment = 7,
+    /// Pool source, an IPv6 header chain longer than the parser walks
+    /// (`MAX_IPV6_EXT_HEADERS`), not to a smarthost: dropped, as it cannot
+    /// be judged.
+    PoolExtChain = 8,
 }
 
 /// Number of egress counter slots.
-pub const EGRESS_COUNTER_SLOTS: u32 = EgressCounter::ParseSkipped as u32 + 1;
+pub const EGRESS_COUNTER_SLOTS: u32 = EgressCounter::PoolExtChain as u32 + 1;
 
 /// Stable, operator-facing name of an egress counter slot.
 pub fn egress_counter_name(slot: u32) -> &'static str {
@@ -95,6 +107,8 @@ pub fn egress_counter_name(slot: u32) -> &'static str {
         4 => "rate-limited",
         5 => "dry-run-would-drop",
         6 => "parse-skipped",
+        7 => "pool-fragment",
+        8 => "pool-ext-chain",
         _ => "invalid",
     }
 }

@@ -151,9 +151,10 @@ pub mod port_policy {
 pub const fn stat_index(ifindex: u32, counter: u32) -> u32 {
     (ifindex % STAT_IF_SLOTS) * STAT_STRIDE + counter
 }
-/// IPv6 extension headers walked before giving up (and passing).
+/// IPv6 extension headers walked before giving up: the ingress gate passes
+/// a longer chain, the egress gate drops one from a pool source.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
-/// VLAN tags parsed (802.1Q / 802.1ad).
+/// VLAN tags parsed (802.1Q / 802.1ad), outside a PPPoE session header.
 pub const MAX_VLAN_TAGS: usize = 2;
 
 /// Verdict actions in [`Verdict::action`].

@@ -3,7 +3,12 @@
 //!
 //! Only a TCP SYN (no ACK, no RST) to a guarded destination port reaches a
 //! decision; everything else passes after the header walk. A packet the
-//! parser cannot read is passed and counted, never dropped.
+//! parser cannot read is passed and counted, never dropped, with one
+//! exception at the egress gate: a frame from a pool source that hides
+//! whether it is a SYN to a guarded port (see [`guard_hidden`]).
+//!
+//! Both gates read Ethernet, up to [`MAX_VLAN_TAGS`] VLAN tags, then IPv4,
+//! IPv6 or a PPPoE session carrying either.
 #![no_std]
 #![no_main]
 
@@ -76,6 +81,17 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+/// PPPoE session stage (RFC 2516).
+const ETH_P_PPP_SES: u16 = 0x8864;
+/// The PPPoE session header before the PPP protocol field: version and
+/// type, code, session id, length.
+const PPPOE_HLEN: usize = 6;
+/// PPP protocol numbers for IPv4 and IPv6 (RFC 1332, RFC 5072).
+const PPP_IP: u16 = 0x0021;
+const PPP_IPV6: u16 = 0x0057;
+/// IPv4 flags and fragment offset: more fragments, offset.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
@@ -94,6 +110,34 @@ struct Skip;
 enum Source {
     V4(Ipv4Bytes),
     V6(Ipv6Bytes),
+}
+
+/// What a TCP segment's headers hide from the egress gate (only the egress
+/// gate's parser tells; the ingress gate's always says `NONE`).
+mod hidden {
+    /// Nothing: the segment is read as it is.
+    pub const NONE: u8 = 0;
+    /// The first fragment of a fragmented segment (IPv4: MF set at offset
+    /// 0; IPv6: a fragment header with M set at offset 0). Its flags cannot
+    /// be trusted (a later, overlapping fragment may rewrite them, RFC
+    /// 1858) and its TCP header may not be all there.
+    pub const FRAGMENT: u8 = 1;
+    /// IPv6: the header chain goes on past `MAX_IPV6_EXT_HEADERS`.
+    pub const CHAIN: u8 = 2;
+}
+
+/// Where a TCP segment sits in the frame.
+#[derive(Clone, Copy)]
+struct Segment {
+    /// Offset of the IP header.
+    l3: usize,
+    /// Offset of the TCP header (for `hidden::CHAIN`, of the header the walk
+    /// stopped at; for a first IPv6 fragment whose header chain runs past
+    /// the frame, of the header it could not read).
+    tcp: usize,
+    v6: bool,
+    /// One of [`hidden`].
+    hidden: u8,
 }
 
 /// Where a TCP SYN sits in the frame.
@@ -276,6 +320,20 @@ fn store<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> Result<(), Skip> {
 /// fragment of a TCP segment, or not a plain SYN).
 #[inline(always)]
 fn parse_syn<P: Packet>(ctx: &P) -> Result<Option<Syn>, Skip> {
+    match parse_segment::<P, false>(ctx)? {
+        Some(seg) => parse_tcp(ctx, &seg),
+        None => Ok(None),
+    }
+}
+
+/// Walks Ethernet, VLAN tags, a PPPoE session header and the IP headers to
+/// a TCP segment. `Ok(None)`: no TCP segment whose header this frame holds
+/// (another protocol, or a fragment after the first). With `EGRESS`, the
+/// segment also says what its headers hide (see [`hidden`]); without, first
+/// fragments are read like whole segments and a chain too long to walk is
+/// skipped.
+#[inline(always)]
+fn parse_segment<P: Packet, const EGRESS: bool>(ctx: &P) -> Result<Option<Segment>, Skip> {
     let mut ether_type = u16::from_be(load_wide::<u16, P>(ctx, 12)?);
     let mut offset = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -285,18 +343,48 @@ fn parse_syn<P: Packet>(ctx: &P) -> Result<Option<Syn>, Skip> {
         ether_type = u16::from_be(load_wide::<u16, P>(ctx, offset + 2)?);
         offset += 4;
     }
-    let (tcp_offset, v6) = match ether_type {
-        ETH_P_IP => match parse_ipv4(ctx, offset)? {
-            Some(t) => (t, false),
-            None => return Ok(None),
-        },
-        ETH_P_IPV6 => match parse_ipv6(ctx, offset)? {
-            Some(t) => (t, true),
+    // PPPoE on the branch of the other ethertypes: plain IPv4 and IPv6 pay
+    // nothing for it.
+    let v6 = match ether_type {
+        ETH_P_IP => false,
+        ETH_P_IPV6 => true,
+        ETH_P_PPP_SES => match pppoe(ctx, offset)? {
+            Some((len, v6)) => {
+                offset += len;
+                v6
+            }
             None => return Ok(None),
         },
         _ => return Ok(None),
     };
+    let found = if v6 { parse_ipv6::<P, EGRESS>(ctx, offset)? } else { parse_ipv4::<P, EGRESS>(ctx, offset)? };
+    Ok(found.map(|(tcp, hidden)| Segment { l3: offset, tcp, v6, hidden }))
+}
 
+/// A PPPoE session frame (its header at `offset`): the length of the PPPoE
+/// and PPP headers before the IP header it carries and whether that is
+/// IPv6, or `None` for another PPP protocol (LCP, IPCP, ...).
+/// The PPPoE header's version, code and length are not checked: a frame
+/// the PPPoE peer would refuse is judged all the same, which can only make
+/// the gate decide on frames that reach nobody.
+#[inline(always)]
+fn pppoe<P: Packet>(ctx: &P, offset: usize) -> Result<Option<(usize, bool)>, Skip> {
+    let proto = load_wide::<u16, P>(ctx, offset + PPPOE_HLEN)?.to_ne_bytes();
+    // With protocol-field compression (RFC 1661 6.5) the number takes one
+    // octet; a two-octet number's first octet is always even.
+    let (number, len) =
+        if proto[0] & 1 != 0 { (proto[0] as u16, PPPOE_HLEN + 1) } else { (u16::from_be_bytes(proto), PPPOE_HLEN + 2) };
+    match number {
+        PPP_IP => Ok(Some((len, false))),
+        PPP_IPV6 => Ok(Some((len, true))),
+        _ => Ok(None),
+    }
+}
+
+/// Reads the TCP header of `seg`: `Ok(None)` when it is not a plain SYN.
+#[inline(always)]
+fn parse_tcp<P: Packet>(ctx: &P, seg: &Segment) -> Result<Option<Syn>, Skip> {
+    let tcp_offset = seg.tcp;
     // Destination port (bytes 2..4) and flags (byte 13) of the TCP header.
     // Whole-chunk loads: a 1-byte bounds check compiles to a form the
     // verifier cannot use.
@@ -313,7 +401,7 @@ fn parse_syn<P: Packet>(ctx: &P) -> Result<Option<Syn>, Skip> {
         return Ok(None);
     }
     let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-    Ok(Some(Syn { l3: offset, tcp: tcp_offset, tcp_len, dport, v6 }))
+    Ok(Some(Syn { l3: seg.l3, tcp: tcp_offset, tcp_len, dport, v6: seg.v6 }))
 }
 
 #[inline(always)]
@@ -333,10 +421,10 @@ fn try_gatekeeper_ingress(ctx: &XdpContext) -> Result<u32, Skip> {
     Ok(decide(ctx.ingress_ifindex() as u32, source, syn.dport))
 }
 
-/// IPv4: the TCP header offset, or `None` when the packet is not the first
-/// fragment of a TCP segment.
+/// IPv4: the TCP header offset and what it hides (see [`hidden`]), or
+/// `None` when the packet is not the first fragment of a TCP segment.
 #[inline(always)]
-fn parse_ipv4<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> {
+fn parse_ipv4<P: Packet, const EGRESS: bool>(ctx: &P, offset: usize) -> Result<Option<(usize, u8)>, Skip> {
     // SAFETY: same sizes, any bits valid; the bytes keep their packet order.
     let ip: [u8; 20] = unsafe { core::mem::transmute(load_wide::<[u32; 5], P>(ctx, offset)?) };
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
@@ -344,15 +432,23 @@ fn parse_ipv4<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> 
         return Err(Skip);
     }
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if frag & 0x1fff != 0 || ip[9] != IPPROTO_TCP {
+    // One test on the common path (a whole TCP segment): the egress gate
+    // sorts out first fragments behind it.
+    let mask = if EGRESS { IP_MF | IP_OFFSET } else { IP_OFFSET };
+    if frag & mask != 0 || ip[9] != IPPROTO_TCP {
+        if EGRESS && frag & IP_OFFSET == 0 && ip[9] == IPPROTO_TCP {
+            return Ok(Some((offset + ihl, hidden::FRAGMENT)));
+        }
         return Ok(None);
     }
-    Ok(Some(offset + ihl))
+    Ok(Some((offset + ihl, hidden::NONE)))
 }
 
-/// IPv6: walks up to [`MAX_IPV6_EXT_HEADERS`] extension headers.
+/// IPv6: walks up to [`MAX_IPV6_EXT_HEADERS`] extension headers to the TCP
+/// header; its offset and what it hides (see [`hidden`]), or `None` when
+/// the packet is no TCP segment or not its first fragment.
 #[inline(always)]
-fn parse_ipv6<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> {
+fn parse_ipv6<P: Packet, const EGRESS: bool>(ctx: &P, offset: usize) -> Result<Option<(usize, u8)>, Skip> {
     let ip = load_wide::<u64, P>(ctx, offset)?.to_ne_bytes();
     if ip[0] >> 4 != 6 {
         return Err(Skip);
@@ -362,18 +458,34 @@ fn parse_ipv6<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> 
     // needed).
     ptr_at::<Ipv6Bytes, P>(ctx, offset + 8)?;
     let mut offset = offset + 40;
+    // Egress: a first fragment header was walked. Then a header the frame
+    // does not hold hides what follows (RFC 7112 wants the whole chain in
+    // the first fragment; a sender that cuts it is hiding something).
+    let mut first = hidden::NONE;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return Ok(Some(offset)),
+            IPPROTO_TCP => return Ok(Some((offset, first))),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let hdr = load_wide::<u16, P>(ctx, offset)?.to_ne_bytes();
+                let hdr = match load_wide::<u16, P>(ctx, offset) {
+                    Ok(h) => h.to_ne_bytes(),
+                    Err(_) if EGRESS && first != hidden::NONE => return Ok(Some((offset, first))),
+                    Err(e) => return Err(e),
+                };
                 next = hdr[0];
                 offset += (hdr[1] as usize + 1) * 8;
             }
             IPPROTO_FRAGMENT => {
-                let hdr = load_wide::<u32, P>(ctx, offset)?.to_ne_bytes();
-                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
+                let hdr = match load_wide::<u32, P>(ctx, offset) {
+                    Ok(h) => h.to_ne_bytes(),
+                    Err(_) if EGRESS && first != hidden::NONE => return Ok(Some((offset, first))),
+                    Err(e) => return Err(e),
+                };
+                let field = u16::from_be_bytes([hdr[2], hdr[3]]);
+                if field & 0xfff8 != 0 {
                     return Ok(None); // non-first fragment
+                }
+                if EGRESS && field & 1 != 0 {
+                    first = hidden::FRAGMENT;
                 }
                 next = hdr[0];
                 offset += 8;
@@ -383,7 +495,12 @@ fn parse_ipv6<P: Packet>(ctx: &P, offset: usize) -> Result<Option<usize>, Skip> 
         }
     }
     if next == IPPROTO_TCP {
-        return Ok(Some(offset));
+        return Ok(Some((offset, first)));
+    }
+    if EGRESS {
+        if let IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_FRAGMENT | IPPROTO_AH | IPPROTO_DSTOPTS = next {
+            return Ok(Some((offset, hidden::CHAIN)));
+        }
     }
     Err(Skip)
 }
@@ -613,7 +730,19 @@ enum Egress {
 /// source (pool or exempt).
 #[inline(always)]
 fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
-    let Some(syn) = parse_syn(ctx)? else { return Ok(Egress::Pass) };
+    let Some(seg) = parse_segment::<P, true>(ctx)? else { return Ok(Egress::Pass) };
+    if seg.hidden != hidden::NONE {
+        if let Some(e) = guard_hidden(ctx, ifindex, &seg)? {
+            return Ok(e);
+        }
+        // Not a pool source's, or to a smarthost or an unguarded port: as
+        // before, a first fragment is read as a segment; a chain too long
+        // to walk is skipped.
+        if seg.hidden == hidden::CHAIN {
+            return Err(Skip);
+        }
+    }
+    let Some(syn) = parse_tcp(ctx, &seg)? else { return Ok(Egress::Pass) };
     let policy = match GK_EG_PORTS.get(syn.dport as u32) {
         Some(p) => *p,
         None => 0,
@@ -706,6 +835,71 @@ fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
     }
 }
 
+/// The guard for a segment whose headers hide whether it is a SYN to a
+/// guarded port (see [`hidden`]): from a pool source, not to a smarthost,
+/// it is dropped and counted (`pool-fragment`, `pool-ext-chain`), never
+/// answered. `None`: the guard has nothing to say (another source, a
+/// smarthost, or a first fragment that shows an unguarded port).
+///
+/// - A TCP first fragment to a guarded port is dropped whatever its flags
+///   say, as a later fragment overlapping the TCP header may rewrite them
+///   (RFC 1858); one too short to show its port counts as guarded. Real
+///   stacks set DF on TCP (path MTU discovery) and send whole headers, so a
+///   subscriber's mail to a smarthost, and everything to other ports, is
+///   untouched; only the first fragment is dropped, which is enough: the
+///   rest cannot be reassembled without it.
+/// - An IPv6 chain longer than the walk is dropped whatever it carries:
+///   real stacks do not send seven or more extension headers on a SYN (or,
+///   in practice, on anything), so nothing legitimate is lost.
+///
+/// Other sources are not touched. Nor are headers the receiver would refuse
+/// on its own (an AH- or ESP-protected SYN reaches a mail server only with
+/// a security association it agreed to).
+#[inline(always)]
+fn guard_hidden<P: Packet>(ctx: &P, ifindex: u32, seg: &Segment) -> Result<Option<Egress>, Skip> {
+    let counter = if seg.hidden == hidden::FRAGMENT {
+        // The ports, when the fragment shows them (4 bytes).
+        if let Ok(ports) = load_wide::<[u8; 4], P>(ctx, seg.tcp) {
+            let dport = u16::from_be_bytes([ports[2], ports[3]]);
+            let policy = match GK_EG_PORTS.get(dport as u32) {
+                Some(p) => *p,
+                None => 0,
+            };
+            if policy & port_policy::GUARD == 0 {
+                return Ok(None);
+            }
+        }
+        EgressCounter::PoolFragment
+    } else {
+        EgressCounter::PoolExtChain
+    };
+    let (range, smarthost) = if seg.v6 {
+        let src = load::<Ipv6Bytes, P>(ctx, seg.l3 + 8)?;
+        let Some(range) = lookup(&GK_SUB_RANGES, &src) else { return Ok(None) };
+        if range.kind != range_kind::POOL {
+            return Ok(None);
+        }
+        (range, lookup(&GK_SMH_RANGES, &load::<Ipv6Bytes, P>(ctx, seg.l3 + 24)?))
+    } else {
+        let src = load::<Ipv4Bytes, P>(ctx, seg.l3 + 12)?;
+        let Some(range) = lookup(&GK_SUB_RANGES, &src) else { return Ok(None) };
+        if range.kind != range_kind::POOL {
+            return Ok(None);
+        }
+        (range, lookup(&GK_SMH_RANGES, &load::<Ipv4Bytes, P>(ctx, seg.l3 + 16)?))
+    };
+    if smarthost.is_some() {
+        return Ok(None);
+    }
+    hit(range.range_id);
+    count_egress(ifindex, counter as u32);
+    if config().flags & config_flags::DRY_RUN != 0 {
+        count_egress(ifindex, EgressCounter::DryRun as u32);
+        return Ok(Some(Egress::Pass));
+    }
+    Ok(Some(Egress::Drop))
+}
+
 #[inline(always)]
 fn count_egress(ifindex: u32, counter: u32) {
     if let Some(p) = GK_EG_STATS.get_ptr_mut(stat_index(ifindex, counter)) {
@@ -716,7 +910,8 @@ fn count_egress(ifindex: u32, counter: u32) {
 
 /// The parts of a SYN a RST answer is made from. Only plain segments are
 /// answered: IPv4 without options or IPv6 without extension headers, and
-/// no payload (anything else is dropped instead).
+/// no payload, right after the Ethernet header or VLAN tags (anything else,
+/// a PPPoE session's SYN too, is dropped instead).
 struct RstPlan {
     /// Source and destination address as the SYN had them (v4: first 8
     /// bytes; v6: all 32).
@@ -727,6 +922,12 @@ struct RstPlan {
 
 #[inline(always)]
 fn plan_rst<P: Packet>(ctx: &P, syn: &Syn) -> Result<RstPlan, Skip> {
+    // The ethertype right before the IP header (a PPPoE session has its PPP
+    // protocol number there, never one of these).
+    let ether_type = u16::from_be(load::<u16, P>(ctx, syn.l3 - 2)?);
+    if ether_type != if syn.v6 { ETH_P_IPV6 } else { ETH_P_IP } {
+        return Err(Skip);
+    }
     let mut addrs = [0u8; 32];
     if syn.v6 {
         let ip = load::<[u8; 40], P>(ctx, syn.l3)?;

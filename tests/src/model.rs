@@ -46,6 +46,14 @@ pub fn mutate(rng: &mut Rng, frame: &mut Vec<u8>, m: &Mutation) {
     }
 }
 
+/// Which gate reads the frame: they share the parser, but the egress gate
+/// also sees what a frame hides (first fragments, over-long IPv6 chains).
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Gate {
+    Ingress,
+    Egress,
+}
+
 /// How the datapath's parser reads a frame.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Parse {
@@ -54,14 +62,27 @@ pub enum Parse {
     /// The parser cannot read it: passed, counted as parse-skipped.
     Unreadable,
     /// A SYN (first fragment, any flags but ACK and RST) the gate decides
-    /// on. `plain`: IPv4 without options or IPv6 without extension headers,
-    /// and no payload (the IP header's length is exactly the TCP header's),
-    /// so the egress gate can answer it with a RST.
+    /// on. `plain`: right after the Ethernet header or VLAN tags (no PPPoE),
+    /// IPv4 without options or IPv6 without extension headers, and no
+    /// payload (the IP header's length is exactly the TCP header's), so the
+    /// egress gate can answer it with a RST.
     Syn { plain: bool },
+    /// Egress only: the first fragment of a TCP segment (IPv4 MF set at
+    /// offset 0, IPv6 a fragment header with M set at offset 0), whatever
+    /// its flags, whether or not its TCP header (or, IPv6, the rest of its
+    /// header chain) is all there. From a pool source: dropped, counted as
+    /// pool-fragment.
+    Fragment,
+    /// Egress only: an IPv6 header chain that goes on past
+    /// `MAX_IPV6_EXT_HEADERS` extension headers. From a pool source:
+    /// dropped, counted as pool-ext-chain.
+    LongChain,
 }
 
-/// Reads `f` (an Ethernet frame) the way the datapath's parser must.
-pub fn parse(f: &[u8]) -> Parse {
+/// Reads `f` (an Ethernet frame) the way `gate`'s parser must, with every
+/// port guarded (so a first fragment to any port is one to a guarded port).
+pub fn parse(f: &[u8], gate: Gate) -> Parse {
+    let egress = gate == Gate::Egress;
     // Every read must lie in the frame and start below 4 KiB.
     let get = |off: usize, n: usize| if off <= 0xfff && off + n <= f.len() { Some(&f[off..off + n]) } else { None };
     let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
@@ -76,6 +97,21 @@ pub fn parse(f: &[u8]) -> Parse {
         et = be16(b);
         off += 4;
     }
+    // PPPoE session: 6 header bytes, then the PPP protocol in two octets,
+    // or one (protocol-field compression) when the first is odd. Neither
+    // version, code nor length is checked.
+    let mut pppoe = false;
+    if et == 0x8864 {
+        let Some(b) = get(off + 6, 2) else { return Parse::Unreadable };
+        let (proto, len) = if b[0] % 2 == 1 { (u16::from(b[0]), 7) } else { (be16(b), 8) };
+        et = match proto {
+            0x21 => 0x0800,
+            0x57 => 0x86dd,
+            _ => return Parse::NotSyn,
+        };
+        off += len;
+        pppoe = true;
+    }
     let l3 = off;
     // (TCP offset, the length the IP header gives the TCP segment or None
     // when the segment is not plain)
@@ -86,8 +122,12 @@ pub fn parse(f: &[u8]) -> Parse {
             if ip[0] >> 4 != 4 || ihl < 20 {
                 return Parse::Unreadable;
             }
-            if be16(&ip[6..8]) & 0x1fff != 0 || ip[9] != 6 {
+            let frag = be16(&ip[6..8]);
+            if frag & 0x1fff != 0 || ip[9] != 6 {
                 return Parse::NotSyn;
+            }
+            if egress && frag & 0x2000 != 0 {
+                return Parse::Fragment;
             }
             let total = be16(&ip[2..4]) as usize;
             (off + ihl, (ihl == 20).then(|| total.wrapping_sub(20)))
@@ -104,20 +144,28 @@ pub fn parse(f: &[u8]) -> Parse {
             }
             off += 40;
             let mut walked = 0;
+            // Egress: a fragment header with M set at offset 0 was walked.
+            let mut first = false;
+            // A header the walk cannot read: after a first fragment header,
+            // what follows is hidden.
+            let cut = |first: bool| if first { Parse::Fragment } else { Parse::Unreadable };
             let tcp = loop {
                 match next {
                     6 => break off,
+                    0 | 43 | 44 | 51 | 60 if walked == MAX_IPV6_EXT_HEADERS && egress => return Parse::LongChain,
                     _ if walked == MAX_IPV6_EXT_HEADERS => return Parse::Unreadable,
                     0 | 43 | 60 => {
-                        let Some(h) = get(off, 2) else { return Parse::Unreadable };
+                        let Some(h) = get(off, 2) else { return cut(first) };
                         next = h[0];
                         off += (h[1] as usize + 1) * 8;
                     }
                     44 => {
-                        let Some(h) = get(off, 4) else { return Parse::Unreadable };
-                        if be16(&h[2..4]) & 0xfff8 != 0 {
+                        let Some(h) = get(off, 4) else { return cut(first) };
+                        let field = be16(&h[2..4]);
+                        if field & 0xfff8 != 0 {
                             return Parse::NotSyn;
                         }
+                        first |= egress && field & 1 == 1;
                         next = h[0];
                         off += 8;
                     }
@@ -126,6 +174,9 @@ pub fn parse(f: &[u8]) -> Parse {
                 }
                 walked += 1;
             };
+            if first {
+                return Parse::Fragment;
+            }
             (tcp, (tcp == l3 + 40).then_some(payload))
         }
         _ => return Parse::NotSyn,
@@ -138,5 +189,5 @@ pub fn parse(f: &[u8]) -> Parse {
     if h[13] & 0x16 != 0x02 {
         return Parse::NotSyn;
     }
-    Parse::Syn { plain: seg_len == Some(doff) }
+    Parse::Syn { plain: !pppoe && seg_len == Some(doff) }
 }

@@ -1,7 +1,8 @@
 //! A small packet builder for tests and benchmarks (std only).
 //!
-//! A [`Packet`] is Ethernet, up to two VLAN tags, IPv4 or IPv6 (with options
-//! or a chain of extension headers) and TCP, UDP or raw payload. Lengths and
+//! A [`Packet`] is Ethernet, up to two VLAN tags, optionally a PPPoE session
+//! header, IPv4 or IPv6 (with options or a chain of extension headers) and
+//! TCP, UDP or raw payload. Lengths and
 //! checksums (IPv4 header, TCP/UDP over the pseudo-header) are computed by
 //! [`Packet::build`].
 //!
@@ -27,6 +28,30 @@ pub mod ethertype {
     pub const VLAN: u16 = 0x8100;
     /// 802.1ad service VLAN tag (the outer tag of QinQ).
     pub const QINQ: u16 = 0x88a8;
+    /// PPPoE discovery stage.
+    pub const PPPOE_DISCOVERY: u16 = 0x8863;
+    /// PPPoE session stage.
+    pub const PPPOE_SESSION: u16 = 0x8864;
+}
+
+/// PPP protocol numbers (the field after the PPPoE session header).
+pub mod ppp {
+    pub const IPV4: u16 = 0x0021;
+    pub const IPV6: u16 = 0x0057;
+    /// Link control protocol.
+    pub const LCP: u16 = 0xc021;
+    /// IPv4 control protocol.
+    pub const IPCP: u16 = 0x8021;
+}
+
+/// A PPPoE session header (RFC 2516) and the PPP protocol field after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pppoe {
+    pub session: u16,
+    /// PPP protocol-field compression: the protocol in one octet.
+    pub compressed: bool,
+    /// The PPP protocol number; `None`: the one for the IP version.
+    pub protocol: Option<u16>,
 }
 
 /// IP protocol / IPv6 next-header numbers.
@@ -268,13 +293,22 @@ pub struct Packet {
     pub src_mac: [u8; 6],
     /// VLAN tags, outermost first, as (TPID, VLAN id).
     pub vlans: Vec<(u16, u16)>,
+    /// A PPPoE session header after the tags.
+    pub pppoe: Option<Pppoe>,
     pub ip: Ip,
     pub l4: L4,
 }
 
 impl Packet {
     fn new(ip: Ip, l4: L4) -> Self {
-        Packet { dst_mac: [0x02, 0, 0, 0, 0, 0x02], src_mac: [0x02, 0, 0, 0, 0, 0x01], vlans: Vec::new(), ip, l4 }
+        Packet {
+            dst_mac: [0x02, 0, 0, 0, 0, 0x02],
+            src_mac: [0x02, 0, 0, 0, 0, 0x01],
+            vlans: Vec::new(),
+            pppoe: None,
+            ip,
+            l4,
+        }
     }
 
     fn v4(src: impl Into<Ipv4Addr>, dst: impl Into<Ipv4Addr>, l4: L4) -> Self {
@@ -344,6 +378,28 @@ impl Packet {
         self.vlan(ethertype::QINQ, outer).vlan(ethertype::VLAN, inner)
     }
 
+    /// Carries the packet in PPPoE session `session` (after any VLAN tags),
+    /// with the two-octet PPP protocol number of its IP version.
+    pub fn pppoe(mut self, session: u16) -> Self {
+        self.pppoe = Some(Pppoe { session, compressed: false, protocol: None });
+        self
+    }
+
+    /// As [`Packet::pppoe`] with PPP protocol-field compression (the
+    /// protocol number in one octet).
+    pub fn pppoe_compressed(mut self, session: u16) -> Self {
+        self.pppoe = Some(Pppoe { session, compressed: true, protocol: None });
+        self
+    }
+
+    /// Sets the PPP protocol number of the PPPoE session header (the IP
+    /// packet after it is left as it is).
+    pub fn ppp_protocol(mut self, protocol: u16) -> Self {
+        let p = self.pppoe.as_mut().expect("ppp_protocol without pppoe");
+        p.protocol = Some(protocol);
+        self
+    }
+
     /// IPv4 options (padded to a multiple of 4, so IHL = 5 + len/4).
     pub fn ipv4_options(mut self, bytes: &[u8]) -> Self {
         let Ip::V4 { options, .. } = &mut self.ip else { panic!("ipv4_options on an IPv6 packet") };
@@ -393,7 +449,8 @@ impl Packet {
 
     /// Offset of the IP header in the built frame.
     pub fn l3_offset(&self) -> usize {
-        14 + 4 * self.vlans.len()
+        let ppp = self.pppoe.map_or(0, |p| if p.compressed { 7 } else { 8 });
+        14 + 4 * self.vlans.len() + ppp
     }
 
     /// Serializes the frame.
@@ -410,7 +467,24 @@ impl Packet {
             out.extend_from_slice(&tpid.to_be_bytes());
             out.extend_from_slice(&vid.to_be_bytes());
         }
-        out.extend_from_slice(&ether.to_be_bytes());
+        // The PPPoE header's length is filled in once the IP packet is there.
+        let pppoe_at = self.pppoe.map(|p| {
+            out.extend_from_slice(&ethertype::PPPOE_SESSION.to_be_bytes());
+            out.extend_from_slice(&[0x11, 0x00]); // version 1, type 1; code 0 (session data)
+            out.extend_from_slice(&p.session.to_be_bytes());
+            out.extend_from_slice(&[0, 0]);
+            let at = out.len();
+            let proto = p.protocol.unwrap_or(if ether == ethertype::IPV4 { ppp::IPV4 } else { ppp::IPV6 });
+            if p.compressed {
+                out.push(proto as u8);
+            } else {
+                out.extend_from_slice(&proto.to_be_bytes());
+            }
+            at
+        });
+        if pppoe_at.is_none() {
+            out.extend_from_slice(&ether.to_be_bytes());
+        }
         match &self.ip {
             Ip::V4 { src, dst, ttl, options, frag_offset, more_fragments, dont_fragment } => {
                 let opt_len = options.len().div_ceil(4) * 4;
@@ -445,6 +519,11 @@ impl Packet {
                 out.extend_from_slice(&exts);
                 out.extend_from_slice(&self.l4_with_checksum(l4, proto));
             }
+        }
+        if let Some(at) = pppoe_at {
+            // The PPP payload: protocol field and IP packet.
+            let len = (out.len() - at) as u16;
+            out[at - 2..at].copy_from_slice(&len.to_be_bytes());
         }
         out
     }
@@ -559,6 +638,23 @@ mod tests {
         let p = Packet::udp_v4([10, 0, 0, 1], [10, 0, 0, 2], 1, 2).qinq(100, 200).ipv4_fragment(3, true).build();
         assert_eq!(&p[12..22], &[0x88, 0xa8, 0, 100, 0x81, 0x00, 0, 200, 0x08, 0x00]);
         assert_eq!(u16::from_be_bytes([p[28], p[29]]), (1 << 13) | 3);
+    }
+
+    #[test]
+    fn pppoe_session_header() {
+        let p = Packet::udp_v4([192, 0, 2, 1], [192, 0, 2, 2], 1, 2).vlan(ethertype::VLAN, 7).pppoe(0x1234);
+        let f = p.build();
+        assert_eq!(p.l3_offset(), 26);
+        assert_eq!(&f[12..26], &[0x81, 0x00, 0, 7, 0x88, 0x64, 0x11, 0x00, 0x12, 0x34, 0, 30, 0x00, 0x21]);
+        assert_eq!(f.len(), 26 + 28);
+        assert_eq!(f[26], 0x45);
+        let p = Packet::udp_v6(v6("2001:db8::1"), v6("2001:db8::2"), 1, 2).pppoe_compressed(1);
+        let f = p.build();
+        assert_eq!(p.l3_offset(), 21);
+        assert_eq!(&f[12..21], &[0x88, 0x64, 0x11, 0x00, 0, 1, 0, 49, 0x57]);
+        assert_eq!(f[21], 0x60);
+        let f = Packet::udp_v4([192, 0, 2, 1], [192, 0, 2, 2], 1, 2).pppoe(1).ppp_protocol(ppp::LCP).build();
+        assert_eq!(&f[20..22], &[0xc0, 0x21]);
     }
 
     #[test]

@@ -21,8 +21,10 @@ use gatekeeper_common::{
     action, addr, config_flags, counters::counter_name, family, maps, programs, verdict_reason, Config, Counter, Event,
     KeyWords, SourceKey, StatKey, Verdict, VerdictBucket, MAX_IPV6_EXT_HEADERS,
 };
-use gatekeeper_tests::model::{self, mutate, Mutation, Parse};
-use gatekeeper_tests::packet::{ethertype, hex, ipproto, syn_to, tcp_flags, v4, v6, ExtHeader, Packet, VLAN_STACKS};
+use gatekeeper_tests::model::{self, mutate, Gate, Mutation, Parse};
+use gatekeeper_tests::packet::{
+    ethertype, hex, ipproto, ppp, syn_to, tcp_flags, v4, v6, ExtHeader, Packet, VLAN_STACKS,
+};
 use gatekeeper_tests::ranges::AgentRanges;
 use gatekeeper_tests::rng::Rng;
 use gatekeeper_tests::testrun::{
@@ -817,6 +819,65 @@ fn non_first_fragments_pass_without_a_decision() {
     gk.check(&frame, XDP_DROP, &[(c(Counter::DenyRange), 1)], "v4 first fragment");
     let frame = syn("2001:db8::1").ext(ExtHeader::fragment(0, true)).build();
     gk.check(&frame, XDP_DROP, &[(c(Counter::DenyRange), 1)], "v6 first fragment");
+    // Unlike the egress gate, the ingress gate never drops what it cannot
+    // read: a first fragment too short to show the TCP header passes.
+    let skipped = [(c(Counter::ParseSkipped), 1)];
+    for bytes in [0, 8] {
+        let full = syn("198.51.100.1").build();
+        let frame = syn("198.51.100.1").raw_l4(ipproto::TCP, &full[34..34 + bytes]).ipv4_fragment(0, true).build();
+        gk.check(&frame, XDP_PASS, &skipped, &format!("v4 first fragment with {bytes} bytes of TCP"));
+        let full = syn("2001:db8::1").build();
+        let frame =
+            syn("2001:db8::1").ext(ExtHeader::fragment(0, true)).raw_l4(ipproto::TCP, &full[54..54 + bytes]).build();
+        gk.check(&frame, XDP_PASS, &skipped, &format!("v6 first fragment with {bytes} bytes of TCP"));
+    }
+}
+
+/// PPPoE session frames (behind VLAN tags too, with or without PPP
+/// protocol-field compression) are judged like plain ones.
+#[test]
+fn pppoe_sessions_are_judged_like_plain_frames() {
+    let mut gk = Gk::new();
+    gk.deny("198.51.100.0/24", 1);
+    gk.deny("2001:db8:bad::/48", 2);
+    gk.allow("198.51.100.128/25", 3);
+    let drop = [(c(Counter::DenyRange), 1)];
+    for (name, tags) in [("untagged", &[][..]), VLAN_STACKS[0], VLAN_STACKS[1]] {
+        for compressed in [false, true] {
+            let what = |s: &str| format!("{name} PPPoE (compressed {compressed}) {s}");
+            let carry = |p: Packet| {
+                let p = p.vlans(tags);
+                (if compressed { p.pppoe_compressed(0x1234) } else { p.pppoe(0x1234) }).build()
+            };
+            gk.check(&carry(syn("198.51.100.1")), XDP_DROP, &drop, &what("denied v4"));
+            gk.check(&carry(syn("2001:db8:bad::1")), XDP_DROP, &drop, &what("denied v6"));
+            let hbh = syn("2001:db8:bad::1").ext(ExtHeader::hop_by_hop());
+            gk.check(&carry(hbh), XDP_DROP, &drop, &what("denied v6, hop-by-hop"));
+            gk.check(&carry(syn("198.51.100.200")), XDP_PASS, &[(c(Counter::Allowed), 1)], &what("allowed"));
+            gk.check(&carry(syn("203.0.113.1")), XDP_PASS, &[(c(Counter::Unknown), 1)], &what("unknown v4"));
+            gk.check(&carry(syn("2001:db8:900d::1")), XDP_PASS, &[(c(Counter::Unknown), 1)], &what("unknown v6"));
+            let ack = Packet::tcp_v4(v4("198.51.100.1"), v4(DST4), 1, SMTP, tcp_flags::ACK);
+            gk.check(&carry(ack), XDP_PASS, &[], &what("ACK"));
+            let f = syn("198.51.100.1").ipv4_fragment(3, false);
+            gk.check(&carry(f), XDP_PASS, &[], &what("later fragment"));
+            let udp = Packet::udp_v4(v4("198.51.100.1"), v4(DST4), 1, SMTP).payload(&[0x02; 24]);
+            gk.check(&carry(udp), XDP_PASS, &[], &what("UDP"));
+        }
+        // Other PPP protocols and the discovery stage carry no IP: passed.
+        for proto in [ppp::LCP, ppp::IPCP, 0x0023] {
+            let f = syn("198.51.100.1").vlans(tags).pppoe(1).ppp_protocol(proto).build();
+            gk.check(&f, XDP_PASS, &[], &format!("{name} PPP protocol {proto:#06x}"));
+        }
+        let mut f = syn("198.51.100.1").vlans(tags).pppoe(1).build();
+        let et = 12 + 4 * tags.len();
+        f[et..et + 2].copy_from_slice(&ethertype::PPPOE_DISCOVERY.to_be_bytes());
+        gk.check(&f, XDP_PASS, &[], &format!("{name} PPPoE discovery"));
+        // A malformed IP header inside is skipped, as outside.
+        let mut f = syn("198.51.100.1").vlans(tags).pppoe(1).build();
+        f[et + 10] = 0x44;
+        gk.check(&f, XDP_PASS, &[(c(Counter::ParseSkipped), 1)], &format!("{name} PPPoE, IHL 4"));
+    }
+    assert_eq!(gk.events().len(), 12, "unknown sources are reported");
 }
 
 #[test]
@@ -865,6 +926,9 @@ fn truncated_frames_always_pass() {
         ),
         ("v6 QinQ dst-opts", syn("2001:db8::1").qinq(6, 7).ext(ExtHeader::dest_opts()).build()),
         ("v4 no TCP options", Packet::tcp_v4(v4("198.51.100.1"), v4(DST4), 1, SMTP, tcp_flags::SYN).build()),
+        ("v4 PPPoE", syn("198.51.100.1").pppoe(1).build()),
+        ("v4 802.1Q PPPoE compressed", syn("198.51.100.1").vlan(ethertype::VLAN, 5).pppoe_compressed(1).build()),
+        ("v6 QinQ PPPoE dst-opts", syn("2001:db8::1").qinq(6, 7).pppoe(1).ext(ExtHeader::dest_opts()).build()),
     ];
     for (name, full) in frames {
         let mut skipped = 0;
@@ -978,7 +1042,7 @@ fn random_garbage_is_never_dropped_or_aborted() {
 
 /// How [`mutated_packets_match_the_parsing_rules`] changes its seeds.
 const MUTATION: Mutation =
-    Mutation { span: 110, planted: &[0, 6, 0x02, 0x12, 44, 60, 0xff], resize_one_in: 6, extend_below: 64 };
+    Mutation { span: 110, planted: &[0, 6, 0x02, 0x12, 44, 60, 0xff, 0x21, 0x57], resize_one_in: 6, extend_below: 64 };
 
 #[test]
 fn mutated_packets_match_the_parsing_rules() {
@@ -999,6 +1063,8 @@ fn mutated_packets_match_the_parsing_rules() {
             .ext(ExtHeader::dest_opts())
             .build(),
         Packet::udp_v4(v4("198.51.100.1"), v4(DST4), 1, SMTP).payload(&[0x02; 24]).build(),
+        syn("198.51.100.1").pppoe(7).build(),
+        syn("2001:db8::1").vlan(ethertype::VLAN, 9).pppoe_compressed(7).build(),
     ];
     let mut rng = Rng(0x0123_4567_89ab_cdef);
     let mut outcomes = BTreeMap::new();
@@ -1008,10 +1074,11 @@ fn mutated_packets_match_the_parsing_rules() {
         mutate(&mut rng, &mut frame, &MUTATION);
         // Every source is denied and every port guarded: the reference
         // model's SYNs are dropped, what it cannot read is skipped.
-        let (want, ret, counters): (&str, u32, &[(u32, u64)]) = match model::parse(&frame) {
+        let (want, ret, counters): (&str, u32, &[(u32, u64)]) = match model::parse(&frame, Gate::Ingress) {
             Parse::NotSyn => ("Pass", XDP_PASS, &[]),
             Parse::Unreadable => ("Skip", XDP_PASS, &[(c(Counter::ParseSkipped), 1)]),
             Parse::Syn { .. } => ("Drop", XDP_DROP, &[(c(Counter::DenyRange), 1)]),
+            p @ (Parse::Fragment | Parse::LongChain) => panic!("the ingress reading gave {p:?}"),
         };
         *outcomes.entry(want).or_insert(0) += 1;
         gk.check(&frame, ret, counters, &format!("mutation {i} ({want}): {}", hex(&frame)));
