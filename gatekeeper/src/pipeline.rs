@@ -428,7 +428,8 @@ mod tests {
         // of their own in the same /48.
         l.observe("2001:db8:7:1::1".parse().unwrap(), "dyn-1.pool.example.net");
         for i in 0..100_000u32 {
-            let ip = IpAddr::V6(std::net::Ipv6Addr::from((0x2001_0db8_0007u128 << 80) | (u128::from(i & 0xffff) << 64)));
+            let ip =
+                IpAddr::V6(std::net::Ipv6Addr::from((0x2001_0db8_0007u128 << 80) | (u128::from(i & 0xffff) << 64)));
             assert_eq!(l.observe(ip, &odd_name(i)), None);
             assert!(l.shapes() <= 4, "at {i}: {} shapes", l.shapes());
         }

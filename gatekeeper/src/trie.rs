@@ -789,7 +789,10 @@ mod tests {
             t.remove(*n).unwrap();
         }
         assert_eq!(t.grace_periods(), 1);
-        assert!(t.store().writes.iter().all(|(n, _)| !old.contains(n)), "an unlinked node was written before a grace period");
+        assert!(
+            t.store().writes.iter().all(|(n, _)| !old.contains(n)),
+            "an unlinked node was written before a grace period"
+        );
         // A change that needs four nodes again reuses them after exactly
         // one grace period, begun after the unlink.
         t.insert("203.0.113.0/32".parse().unwrap(), value(2)).unwrap();

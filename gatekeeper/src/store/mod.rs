@@ -312,9 +312,7 @@ impl Store {
         let e = db(&self.path);
         let tx = self.conn.savepoint().map_err(&e)?;
         let mut gone = tx
-            .prepare(&format!(
-                "DELETE FROM verdicts WHERE reason != ?1 AND expires_at <= ?2 RETURNING {VERDICT_COLS}"
-            ))
+            .prepare(&format!("DELETE FROM verdicts WHERE reason != ?1 AND expires_at <= ?2 RETURNING {VERDICT_COLS}"))
             .and_then(|mut s| s.query_map(params![ban_code(), now], verdict_row)?.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(&e)?;
         let left = count - gone.len() as u64;
