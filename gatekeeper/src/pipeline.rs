@@ -3,7 +3,7 @@
 //! ranges. The agent wires these to the event ring, the resolver and the
 //! datapath.
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -204,20 +204,43 @@ pub struct Learned {
     pub sources: usize,
 }
 
+/// What the learner forgot to stay within its bounds, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnerDropped {
+    /// Prefixes forgotten (the one tracked longest) for `max_prefixes`.
+    pub prefixes: u64,
+    /// Shapes forgotten (a prefix's oldest) for `max_shapes`.
+    pub shapes: u64,
+}
+
+/// One tracked prefix: its shapes in the order first seen, each with the
+/// distinct sources seen under it (fewer than `min_sources`: a shape that
+/// reaches it promotes the prefix, which is then forgotten).
+struct Tracked {
+    seq: u64,
+    shapes: VecDeque<(String, Vec<SourceKey>)>,
+}
+
 /// Counts dynamic sources per (prefix, naming shape) and promotes a prefix
-/// once `min_sources` distinct sources share a shape. Memory is bounded by
-/// `max_prefixes` (the oldest prefix is forgotten first).
+/// once `min_sources` distinct sources share a shape.
+///
+/// Memory is bounded, whatever the reverse zones answer: at most
+/// `max_prefixes` prefixes (past it the one tracked longest is forgotten),
+/// at most `max_shapes` shapes per prefix (past it the prefix's oldest shape
+/// is forgotten) and fewer than `min_sources` sources per shape. Forgetting
+/// only delays learning a range, which blocks nothing.
 pub struct Learner {
     cfg: LearningConfig,
-    seen: HashMap<IpNet, HashMap<String, BTreeSet<SourceKey>>>,
-    /// Prefixes in the order they were first tracked (may hold some that
-    /// were promoted since).
-    order: VecDeque<IpNet>,
+    seen: HashMap<IpNet, Tracked>,
+    /// The tracked prefixes by the order they were first tracked in.
+    order: BTreeMap<u64, IpNet>,
+    next_seq: u64,
+    dropped: LearnerDropped,
 }
 
 impl Learner {
     pub fn new(cfg: LearningConfig) -> Learner {
-        Learner { cfg, seen: HashMap::new(), order: VecDeque::new() }
+        Learner { cfg, seen: HashMap::new(), order: BTreeMap::new(), next_seq: 0, dropped: LearnerDropped::default() }
     }
 
     /// Records a source judged `dynamic` under `name`; returns the range to
@@ -230,27 +253,55 @@ impl Learner {
         let shape = shape(name);
         if !self.seen.contains_key(&net) {
             while self.seen.len() >= self.cfg.max_prefixes.max(1) {
-                match self.order.pop_front() {
-                    Some(old) => {
-                        self.seen.remove(&old);
-                    }
-                    None => break,
-                }
+                let Some((_, old)) = self.order.pop_first() else { break };
+                self.seen.remove(&old);
+                self.dropped.prefixes += 1;
             }
-            self.order.push_back(net);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.order.insert(seq, net);
+            self.seen.insert(net, Tracked { seq, shapes: VecDeque::new() });
         }
-        let sources = self.seen.entry(net).or_default().entry(shape.clone()).or_default();
-        sources.insert(SourceKey::from_ip(ip));
+        let t = self.seen.get_mut(&net).expect("tracked above");
+        let at = match t.shapes.iter().position(|(s, _)| *s == shape) {
+            Some(at) => at,
+            None => {
+                while t.shapes.len() >= self.cfg.max_shapes.max(1) {
+                    t.shapes.pop_front();
+                    self.dropped.shapes += 1;
+                }
+                t.shapes.push_back((shape, Vec::new()));
+                t.shapes.len() - 1
+            }
+        };
+        let (shape, sources) = &mut t.shapes[at];
+        let key = SourceKey::from_ip(ip);
+        if !sources.contains(&key) {
+            sources.push(key);
+        }
         if sources.len() >= self.cfg.min_sources as usize {
-            let n = sources.len();
+            let learned = Learned { net, shape: std::mem::take(shape), sources: sources.len() };
+            let seq = t.seq;
             self.seen.remove(&net);
-            return Some(Learned { net, shape, sources: n });
+            self.order.remove(&seq);
+            return Some(learned);
         }
         None
     }
 
+    /// Prefixes tracked now.
     pub fn tracked(&self) -> usize {
         self.seen.len()
+    }
+
+    /// Shapes tracked now, over all prefixes.
+    pub fn shapes(&self) -> usize {
+        self.seen.values().map(|t| t.shapes.len()).sum()
+    }
+
+    /// What was forgotten to stay within the bounds.
+    pub fn dropped(&self) -> LearnerDropped {
+        self.dropped
     }
 }
 
@@ -366,5 +417,69 @@ mod tests {
         let mut off = Learner::new(LearningConfig { enabled: false, min_sources: 2, ..LearningConfig::default() });
         off.observe("198.51.100.1".parse().unwrap(), "dyn-1.example.net");
         assert_eq!(off.observe("198.51.100.2".parse().unwrap(), "dyn-2.example.net"), None);
+    }
+    /// A name of a shape of its own: letters, which `shape` keeps.
+    fn odd_name(i: u32) -> String {
+        let mut s = String::from("h");
+        let mut n = i;
+        loop {
+            s.push((b'a' + (n % 26) as u8) as char);
+            n /= 26;
+            if n == 0 {
+                break;
+            }
+        }
+        s + ".hostile.example"
+    }
+
+    #[test]
+    fn a_hostile_zone_keeps_shapes_per_prefix_at_the_bound() {
+        let cfg = LearningConfig { min_sources: 3, max_shapes: 4, ..LearningConfig::default() };
+        let mut l = Learner::new(cfg);
+        // A real pool's shape, seen once, then a flood of names of shapes
+        // of their own in the same /48.
+        l.observe("2001:db8:7:1::1".parse().unwrap(), "dyn-1.pool.example.net");
+        for i in 0..100_000u32 {
+            let ip =
+                IpAddr::V6(std::net::Ipv6Addr::from((0x2001_0db8_0007u128 << 80) | (u128::from(i & 0xffff) << 64)));
+            assert_eq!(l.observe(ip, &odd_name(i)), None);
+            assert!(l.shapes() <= 4, "at {i}: {} shapes", l.shapes());
+        }
+        assert_eq!((l.tracked(), l.shapes()), (1, 4), "one prefix, at the bound and staying there");
+        assert_eq!(l.dropped(), LearnerDropped { prefixes: 0, shapes: 100_001 - 4 });
+        // The oldest went first: the pool's shape is forgotten, so two more
+        // of its hosts are not enough...
+        l.observe("2001:db8:7:2::1".parse().unwrap(), "dyn-2.pool.example.net");
+        assert_eq!(l.observe("2001:db8:7:3::1".parse().unwrap(), "dyn-3.pool.example.net"), None);
+        // ...while the newest shapes survived: two more hosts of the last
+        // one promote the prefix.
+        l.observe("2001:db8:7:4::1".parse().unwrap(), &odd_name(99_999));
+        let got = l.observe("2001:db8:7:5::1".parse().unwrap(), &odd_name(99_999)).unwrap();
+        assert_eq!((got.net, got.sources), ("2001:db8:7::/48".parse().unwrap(), 3));
+    }
+
+    #[test]
+    fn promoted_prefixes_leave_no_trace_and_eviction_takes_the_oldest() {
+        let mut l = Learner::new(LearningConfig { min_sources: 2, max_prefixes: 2, ..LearningConfig::default() });
+        for i in 0..100_000u32 {
+            let net = 0xc000_0000 + (i << 8);
+            l.observe(IpAddr::V4(net.into()), "dyn-1.example.net");
+            assert!(l.observe(IpAddr::V4((net + 1).into()), "dyn-2.example.net").is_some());
+        }
+        assert_eq!((l.tracked(), l.order.len()), (0, 0), "promoted prefixes are no longer tracked");
+        // P is promoted, then tracked again: it is now newer than Q, so R
+        // pushes Q out, not P.
+        let p = |h: u8| IpAddr::from([198, 51, 100, h]);
+        let q: IpAddr = "203.0.113.1".parse().unwrap();
+        let r: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut l = Learner::new(LearningConfig { min_sources: 2, max_prefixes: 2, ..LearningConfig::default() });
+        l.observe(p(1), "dyn-1.example.net");
+        l.observe(q, "dyn-1.example.org");
+        assert!(l.observe(p(2), "dyn-2.example.net").is_some());
+        l.observe(p(3), "dyn-3.example.net");
+        l.observe(r, "dyn-1.example.com");
+        assert_eq!(l.dropped().prefixes, 1);
+        assert!(l.observe(p(4), "dyn-4.example.net").is_some(), "P's progress was kept");
+        assert_eq!(l.observe("203.0.113.2".parse().unwrap(), "dyn-2.example.org"), None, "Q was forgotten");
     }
 }

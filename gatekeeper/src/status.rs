@@ -67,11 +67,34 @@ pub struct AgentLive {
     /// Ranges learned since start.
     pub learned_ranges: u64,
     pub learning_prefixes_tracked: usize,
+    /// Naming shapes the learner tracks, over all prefixes.
+    #[serde(default)]
+    pub learning_shapes_tracked: usize,
+    /// What was let go to stay within the configured bounds, since start.
+    #[serde(default)]
+    pub dropped: Dropped,
     pub queue: QueueStats,
     /// Entries of the database that did not fit into the maps at start
     /// (none when everything fits).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unapplied: Vec<String>,
+}
+
+/// What the agent let go to stay within its configured bounds, since
+/// start; none of it blocks anyone (a forgotten learner entry delays
+/// learning, a dropped verdict leaves its source unknown, and it passes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    /// Prefixes the learner forgot (`learning.max_prefixes`).
+    pub learning_prefixes: u64,
+    /// Naming shapes the learner forgot (`learning.max_shapes`).
+    pub learning_shapes: u64,
+    /// Drop verdicts of lookups removed for newer ones (`max_verdicts`
+    /// rows in the database, or both buckets full in the verdict table).
+    pub verdicts_evicted: u64,
+    /// Verdicts of lookups not written for lack of room among bans and
+    /// pass verdicts.
+    pub verdicts_refused: u64,
 }
 
 /// The lookup queue's counters.

@@ -11,12 +11,15 @@
 //! for its address:
 //! * a new child node is filled before the entry pointing at it;
 //! * a child that is no longer needed is unlinked before it is freed, and
-//!   freed nodes are reused only by a later change.
+//!   freed nodes are reused only by a later change, and only once every
+//!   datapath program that might still be reading them has finished: after
+//!   an RCU grace period ([`GracePeriod`]) that started after they were
+//!   unlinked.
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashSet},
     os::fd::AsFd,
     ptr::NonNull,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -28,6 +31,94 @@ use gatekeeper_common::{
 use ipnet::IpNet;
 
 use crate::{Error, Result};
+
+/// Waits until no datapath program can still be reading what the agent
+/// unlinked before the wait began.
+pub trait GracePeriod: Send {
+    /// Returns once every datapath program that was running when it was
+    /// called has finished. `unlinked_at`: when the newest node waiting for
+    /// it was unlinked (for a fallback that can only wait a while).
+    fn wait(&mut self, unlinked_at: Instant);
+}
+
+/// `MEMBARRIER_CMD_GLOBAL` of membarrier(2).
+const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+
+/// `membarrier(MEMBARRIER_CMD_GLOBAL, 0)`: the kernel runs
+/// `synchronize_rcu()` (kernel/sched/membarrier.c), and XDP and TC programs
+/// run inside RCU read-side critical sections, so on return every program
+/// run that began before the call has ended. The kernel refuses it (EINVAL)
+/// under `nohz_full`; older kernels lack it (ENOSYS); a seccomp filter may
+/// deny it.
+pub fn membarrier_global() -> std::io::Result<()> {
+    // SAFETY: membarrier takes two integers (and an unused cpu id) and
+    // touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0 as libc::c_uint, 0 as libc::c_int) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Warned once per process that membarrier is unavailable.
+static MEMBARRIER_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// The grace period of the real datapath: [`membarrier_global`], or where
+/// the kernel refuses it, a wait of [`REUSE_AFTER`] since the unlink (with a
+/// one-time warning).
+pub struct Membarrier {
+    call: fn() -> std::io::Result<()>,
+    /// membarrier failed once: it always will (the kernel's contract for
+    /// EINVAL and ENOSYS), so only wait from then on.
+    fallback: bool,
+}
+
+impl Membarrier {
+    pub fn new() -> Membarrier {
+        Membarrier::with_call(membarrier_global)
+    }
+
+    /// With another system call (tests).
+    pub fn with_call(call: fn() -> std::io::Result<()>) -> Membarrier {
+        Membarrier { call, fallback: false }
+    }
+
+    /// Whether it fell back to waiting.
+    pub fn fallen_back(&self) -> bool {
+        self.fallback
+    }
+}
+
+impl Default for Membarrier {
+    fn default() -> Self {
+        Membarrier::new()
+    }
+}
+
+impl GracePeriod for Membarrier {
+    fn wait(&mut self, unlinked_at: Instant) {
+        if !self.fallback {
+            match (self.call)() {
+                Ok(()) => return,
+                Err(e) => {
+                    self.fallback = true;
+                    if !MEMBARRIER_WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            error = %e,
+                            "membarrier(MEMBARRIER_CMD_GLOBAL) is not available (nohz_full, an old kernel or a seccomp filter); trie nodes removed from the range tables are reused {} ms after the change instead of after an RCU grace period",
+                            REUSE_AFTER.as_millis()
+                        );
+                    }
+                }
+            }
+        }
+        let age = unlinked_at.elapsed();
+        if age < REUSE_AFTER {
+            std::thread::sleep(REUSE_AFTER - age);
+        }
+    }
+}
 
 /// Where the nodes are.
 pub trait NodeStore {
@@ -159,8 +250,10 @@ const fn span_end(a: u128, len: u8) -> u128 {
     }
 }
 
-/// How long an unlinked node stays unused.
-const REUSE_AFTER: Duration = Duration::from_millis(50);
+/// How long an unlinked node stays unused when no grace period can be
+/// waited for (a datapath lookup takes nanoseconds, but its CPU may be a
+/// vCPU the hypervisor stops for a while).
+pub const REUSE_AFTER: Duration = Duration::from_millis(50);
 
 /// Which entries of a node an update must recompute.
 #[derive(Clone, Copy)]
@@ -175,20 +268,38 @@ enum Scope {
 pub struct Trie<S> {
     store: S,
     prefixes: BTreeMap<PKey, u32>,
-    /// Free nodes (taken from the end).
+    /// Free nodes (taken from the end): no datapath program can be inside
+    /// them.
     free: Vec<u32>,
-    /// Nodes unlinked by earlier changes, oldest first, not yet reusable.
-    cooling: VecDeque<(Instant, u32)>,
-    /// Nodes unlinked by the change in progress: free after it.
+    /// Nodes unlinked by earlier changes: free after the next grace period.
+    cooling: Vec<u32>,
+    /// When the newest of `cooling` was unlinked.
+    cooled_at: Instant,
+    /// Nodes unlinked by the change in progress: cooling after it.
     unlinked: Vec<u32>,
     /// Nodes in use (the roots included).
     used: u32,
+    grace: Box<dyn GracePeriod>,
+    /// Grace periods waited for.
+    graces: u64,
 }
 
 impl<S: NodeStore> Trie<S> {
     /// Takes over `store` as a previous agent left it, with the entries the
     /// table should hold (call [`Trie::rebuild`] to make the nodes match).
+    /// Nodes are reused after a [`Membarrier`] grace period.
     pub fn open(store: S, entries: impl IntoIterator<Item = (IpNet, RangeValue)>) -> Trie<S> {
+        Trie::open_with(store, entries, Box::new(Membarrier::new()))
+    }
+
+    /// As [`Trie::open`], reusing nodes after `grace`. The nodes no entry
+    /// reaches wait for a grace period too: an agent that died mid-change
+    /// may have unlinked them moments ago.
+    pub fn open_with(
+        store: S,
+        entries: impl IntoIterator<Item = (IpNet, RangeValue)>,
+        grace: Box<dyn GracePeriod>,
+    ) -> Trie<S> {
         let n = store.nodes();
         let mut reachable = vec![false; n as usize];
         let mut stack: Vec<u32> = (0..ROOT_NODES.min(n)).collect();
@@ -204,10 +315,25 @@ impl<S: NodeStore> Trie<S> {
                 }
             }
         }
-        let free: Vec<u32> = (ROOT_NODES..n).rev().filter(|&i| !reachable[i as usize]).collect();
-        let used = n - free.len() as u32;
+        let cooling: Vec<u32> = (ROOT_NODES..n).rev().filter(|&i| !reachable[i as usize]).collect();
+        let used = n - cooling.len() as u32;
         let prefixes = entries.into_iter().map(|(net, v)| (pkey(net), leaf(&v))).collect();
-        Trie { store, prefixes, free, cooling: VecDeque::new(), unlinked: Vec::new(), used }
+        Trie {
+            store,
+            prefixes,
+            free: Vec::new(),
+            cooling,
+            cooled_at: Instant::now(),
+            unlinked: Vec::new(),
+            used,
+            grace,
+            graces: 0,
+        }
+    }
+
+    /// Grace periods waited for so far.
+    pub fn grace_periods(&self) -> u64 {
+        self.graces
     }
 
     pub fn store(&self) -> &S {
@@ -286,10 +412,12 @@ impl<S: NodeStore> Trie<S> {
             }
         }
         // What this change unlinked may be reused once no lookup can still
-        // be inside it.
-        self.used -= self.unlinked.len() as u32;
-        let now = Instant::now();
-        self.cooling.extend(self.unlinked.drain(..).map(|n| (now, n)));
+        // be inside it: after a grace period that starts from now on.
+        if !self.unlinked.is_empty() {
+            self.used -= self.unlinked.len() as u32;
+            self.cooling.append(&mut self.unlinked);
+            self.cooled_at = Instant::now();
+        }
         result.map(|_| writes)
     }
 
@@ -303,21 +431,15 @@ impl<S: NodeStore> Trie<S> {
         self.prefixes.range((fam, q, len + 1)..=(fam, span_end(q, len), u8::MAX)).next().is_some()
     }
 
-    /// A free node. Nodes unlinked by earlier changes are reused only after
-    /// [`REUSE_AFTER`] (a datapath lookup takes nanoseconds, but its CPU may
-    /// be a vCPU the hypervisor stops for a while); if only such nodes are
-    /// left, this waits for the oldest.
+    /// A free node. Nodes unlinked by earlier changes become free only
+    /// after a grace period that began after their unlink: when no free node
+    /// is left, one grace period frees all of them at once (so a change
+    /// waits for at most one, however many nodes it takes).
     fn alloc(&mut self) -> Result<u32> {
-        while let Some(&(at, n)) = self.cooling.front() {
-            let age = at.elapsed();
-            if age < REUSE_AFTER {
-                if !self.free.is_empty() {
-                    break;
-                }
-                std::thread::sleep(REUSE_AFTER - age);
-            }
-            self.cooling.pop_front();
-            self.free.push(n);
+        if self.free.is_empty() && !self.cooling.is_empty() {
+            self.grace.wait(self.cooled_at);
+            self.graces += 1;
+            self.free.append(&mut self.cooling);
         }
         let n = self
             .free
@@ -599,5 +721,126 @@ mod tests {
         t.insert("198.51.103.1/32".parse().unwrap(), value(5)).unwrap();
         assert_eq!(look(&t, "198.51.103.1".parse().unwrap()), Some(value(5)));
         assert_eq!(look(&t, "198.51.101.1".parse().unwrap()), None);
+    }
+    /// A grace period that only counts: each wait ends an epoch.
+    struct Epochs(std::sync::Arc<std::sync::atomic::AtomicU64>);
+    impl GracePeriod for Epochs {
+        fn wait(&mut self, _: Instant) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Nodes in memory, logging each write with the epoch it happened in.
+    struct Watched {
+        nodes: VecStore,
+        epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        writes: Vec<(u32, u64)>,
+    }
+    impl NodeStore for Watched {
+        fn nodes(&self) -> u32 {
+            self.nodes.nodes()
+        }
+        fn get(&self, node: u32, i: usize) -> u32 {
+            self.nodes.get(node, i)
+        }
+        fn set(&mut self, node: u32, i: usize, v: u32) {
+            self.writes.push((node, self.epoch.load(Ordering::SeqCst)));
+            self.nodes.set(node, i, v)
+        }
+    }
+
+    /// Nodes reachable from the roots.
+    fn reachable(t: &Trie<Watched>) -> HashSet<u32> {
+        let mut out = HashSet::new();
+        let mut stack: Vec<u32> = (0..ROOT_NODES).collect();
+        while let Some(n) = stack.pop() {
+            for i in 0..FANOUT {
+                let e = t.store().get(n, i);
+                if e & CHILD != 0 && out.insert(e & INDEX_MASK) {
+                    stack.push(e & INDEX_MASK);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unlinked_nodes_are_reused_only_after_a_grace_period_one_per_change() {
+        let epoch = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Roots and 8 nodes: four /32s in distinct /16s take them all.
+        let store = Watched {
+            nodes: VecStore(vec![TrieNode::default(); ROOT_NODES as usize + 8]),
+            epoch: epoch.clone(),
+            writes: Vec::new(),
+        };
+        let mut t = Trie::open_with(store, [], Box::new(Epochs(epoch.clone())));
+        let first: Vec<IpNet> = (0..4).map(|i| format!("198.{}.100.1/32", 51 + i).parse().unwrap()).collect();
+        for n in &first {
+            t.insert(*n, value(1)).unwrap();
+        }
+        assert_eq!(t.grace_periods(), 1, "the nodes found unused at open wait for one grace period too");
+        let old = reachable(&t);
+        assert_eq!(old.len(), 8);
+        // Removing unlinks them: no grace period yet, nothing written into
+        // them (a lookup may still be inside).
+        let before = epoch.load(Ordering::SeqCst);
+        t.store.writes.clear();
+        for n in &first {
+            t.remove(*n).unwrap();
+        }
+        assert_eq!(t.grace_periods(), 1);
+        assert!(
+            t.store().writes.iter().all(|(n, _)| !old.contains(n)),
+            "an unlinked node was written before a grace period"
+        );
+        // A change that needs four nodes again reuses them after exactly
+        // one grace period, begun after the unlink.
+        t.insert("203.0.113.0/32".parse().unwrap(), value(2)).unwrap();
+        t.insert("203.1.113.0/32".parse().unwrap(), value(2)).unwrap();
+        assert_eq!(t.grace_periods(), 2, "one grace period for all the nodes");
+        let reused: Vec<&(u32, u64)> = t.store().writes.iter().filter(|(n, _)| old.contains(n)).collect();
+        assert!(!reused.is_empty());
+        assert!(reused.iter().all(|(_, e)| *e > before), "a node was reused before its grace period ended");
+        // Nodes already past a grace period are used without another.
+        t.insert("203.2.113.0/32".parse().unwrap(), value(2)).unwrap();
+        t.insert("203.3.113.0/32".parse().unwrap(), value(2)).unwrap();
+        assert_eq!(t.grace_periods(), 2);
+        // Full: what a removal unlinks is reused after one more.
+        t.remove("203.0.113.0/32".parse().unwrap()).unwrap();
+        let before = epoch.load(Ordering::SeqCst);
+        t.store.writes.clear();
+        t.insert("192.0.2.1/32".parse().unwrap(), value(3)).unwrap();
+        assert_eq!(t.grace_periods(), 3);
+        assert!(t.store().writes.iter().all(|(_, e)| *e > before));
+        assert_eq!(look_w(&t, "192.0.2.1"), Some(value(3)));
+        assert_eq!(look_w(&t, "203.1.113.0"), Some(value(2)));
+        assert_eq!(look_w(&t, "203.0.113.0"), None);
+    }
+
+    fn look_w(t: &Trie<Watched>, ip: &str) -> Option<RangeValue> {
+        let nodes = &t.store().nodes.0;
+        let a: Ipv4Addr = ip.parse().unwrap();
+        lookup(|i: u32| nodes.get(i as usize), &a.octets())
+    }
+
+    #[test]
+    fn without_membarrier_nodes_wait_the_fixed_delay() {
+        fn refused() -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+        }
+        let mut g = Membarrier::with_call(refused);
+        let t0 = Instant::now();
+        g.wait(t0);
+        assert!(g.fallen_back());
+        assert!(t0.elapsed() >= REUSE_AFTER, "waited {:?}", t0.elapsed());
+        // Long since unlinked: no wait.
+        let t1 = Instant::now();
+        g.wait(t1 - REUSE_AFTER * 4);
+        assert!(t1.elapsed() < REUSE_AFTER);
+        // The real call works here, or fails as the kernel documents.
+        match membarrier_global() {
+            Ok(()) => {}
+            Err(e) => assert!(matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EPERM)), "{e}"),
+        }
     }
 }

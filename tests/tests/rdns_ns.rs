@@ -1028,6 +1028,42 @@ fn flood_of_spoofed_sources_stays_bounded() {
     assert_flood_aftermath(&lab, &dns, &st, started, "tempfail");
 }
 
+/// 7c. 3000 spoofed sources that all get a drop verdict (no PTR) from a
+///    prompt resolver, against `max_verdicts = 1024`: the database never
+///    holds more than 1024 lookup verdicts (the drop verdicts expiring first
+///    go, counted in `status`), the good host's pass verdict stays, and it
+///    keeps connecting.
+///
+///    Red when written: every lookup verdict stayed in the database (the
+///    verdict table evicted them, the database kept all 3000).
+#[test]
+fn a_flood_of_judged_sources_keeps_the_verdicts_at_max_verdicts() {
+    let mut lab = Lab::new();
+    let dns = FakeDns::start_in(&lab.gk.ns, FakeMode::table(&ptr_records(), &addr_records(), 3600)).unwrap();
+    lab.start(&config(
+        "max_verdicts = 1024",
+        "[limits]\ndns_rate = 5000\nmax_pending = 5000\n",
+        &dns_section(dns.addr(), "2s", 1),
+    ));
+    assert_eq!(lab.connect(GOOD4, CONNECT_OK), Connected);
+    let v = lab.wait_verdicts(&[GOOD4]);
+    assert_eq!(v[GOOD4]["action"], PASS, "{v:#?}");
+    assert_eq!(send_frames(&lab.client, CL_IF, &flood_frames(&lab, FLOOD)).unwrap(), FLOOD);
+    let mut max_pending = 0;
+    wait_reports_read(&lab, &mut max_pending);
+    let st = wait_drained(&lab, &mut max_pending);
+    let no_ptr = lookups(&st).get("no-ptr").copied().unwrap_or(0);
+    assert!(no_ptr > 2000, "most of the flood was judged: {st:#}");
+    let v = lab.verdicts();
+    eprintln!("judged flood: {no_ptr} no-ptr lookups, {} verdicts kept; {:#}", v.len(), st["dropped"]);
+    assert!(v.len() <= 1024, "{} verdicts in the database, max_verdicts is 1024", v.len());
+    assert!(v.len() >= 256, "the bound is used, not emptied: {}", v.len());
+    assert_eq!(v[&key(GOOD4)]["action"], PASS, "the pass verdict stays");
+    let evicted = st["dropped"]["verdicts_evicted"].as_u64().unwrap();
+    assert!(evicted + v.len() as u64 > no_ptr, "what went is counted: {st:#}");
+    assert_eq!(lab.connect(GOOD4, CONNECT_OK), Connected);
+}
+
 /// Sends the flood spread over about 3 s (30 chunks of 100 frames, 100 ms
 /// apart), so that lookups start all along while the queue stays full.
 fn paced_flood(lab: &Lab) {

@@ -169,6 +169,9 @@ async fn dispatch(req: Request, ctx: &Ctx) -> Response {
                 s.lookups = judge.outcomes.clone();
                 s.learned_ranges = judge.learned;
                 s.learning_prefixes_tracked = judge.tracked();
+                s.learning_shapes_tracked = judge.shapes();
+                let l = judge.learner_dropped();
+                (s.dropped.learning_prefixes, s.dropped.learning_shapes) = (l.prefixes, l.shapes);
                 AgentStatus::Running(Box::new(s))
             })),
             Request::Unload => Response::of(st.unload().map(|removed| Unloaded { removed })),

@@ -25,7 +25,7 @@ use crate::{
     config::{LearningConfig, LimitsConfig, PolicyConfig},
     dns::{DnsConfig, Lookup, Resolver},
     domain::{Action, VerdictReason},
-    pipeline::{decide, query_cost, Decision, Learner, TokenBucket},
+    pipeline::{decide, query_cost, Decision, Learner, LearnerDropped, TokenBucket},
     status::QueueStats,
     store::VerdictRecord,
     time::unix_now,
@@ -138,6 +138,16 @@ impl Judge {
 
     pub fn tracked(&self) -> usize {
         self.learner.tracked()
+    }
+
+    /// Naming shapes the learner tracks.
+    pub fn shapes(&self) -> usize {
+        self.learner.shapes()
+    }
+
+    /// What the learner forgot to stay within its bounds.
+    pub fn learner_dropped(&self) -> LearnerDropped {
+        self.learner.dropped()
     }
 
     /// Writes the verdict a lookup calls for (never over a manual ban) and

@@ -95,7 +95,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         // The configured ports win over `ports set`, and are kept as such.
         store.set_setting(PORTS_SETTING, &join_ports(&ports))?;
     }
-    let rec = sync::reconcile(&mut store, &mut dp.maps)?;
+    let rec = sync::reconcile(&mut store, &mut dp.maps, u64::from(cfg.max_verdicts))?;
     info!(written = rec.written, removed = rec.removed, "datapath reconciled with {}", db.display());
     for (i, what) in rec.unapplied.iter().enumerate().take(20) {
         warn!("not in the datapath ({} of {}): {what}", i + 1, rec.unapplied.len());

@@ -2,7 +2,11 @@
 //! a verdict. Each verb changes the database inside one transaction, then
 //! the maps ([`sync`]); when the maps refuse, the transaction is rolled back
 //! and the maps are brought back in line with the restored database.
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use gatekeeper_common::{KeyWords, SourceKey, MAX_RANGES};
 use ipnet::IpNet;
@@ -15,7 +19,7 @@ use crate::{
     domain::{Action, Origin, PoolAction, RangeKind, RangeTable, VerdictReason},
     pipeline::Learned,
     protocol::{CheckDatapath, CheckRange, CheckVerdict, RangeAdded, RangeRow, RangeSpec},
-    status::{AgentInfo, AgentLive, Capacity, EgressPolicy, Entries, QueueStats},
+    status::{AgentInfo, AgentLive, Capacity, Dropped, EgressPolicy, Entries, QueueStats},
     store::{NewRange, RangeRecord, Store, VerdictRecord},
     time::{monotonic_ns, unix_now},
     Error, Result,
@@ -51,11 +55,61 @@ pub struct State {
     started_at: i64,
     /// What the start-up reconcile could not fit into the maps.
     unapplied: Vec<String>,
+    /// Lookup verdicts dropped to stay within `max_verdicts`, since start.
+    pub dropped: VerdictsDropped,
+    /// When the last warning about dropped verdicts was logged, and the
+    /// counts it reported.
+    warned: Option<(Instant, VerdictsDropped)>,
 }
+
+/// Lookup verdicts the agent let go to stay within its bounds (`max_verdicts`
+/// rows in the database, the verdict table's buckets), since start. Each
+/// one leaves its source unknown, and an unknown source passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictsDropped {
+    /// Drop verdicts removed to make room for newer ones (those expiring
+    /// first, after the expired ones).
+    pub evicted: u64,
+    /// Verdicts not written: no room among bans and pass verdicts.
+    pub refused: u64,
+}
+
+/// At most one warning about dropped verdicts per this long.
+const DROP_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl State {
     pub fn new(cfg: Config, store: Store, dp: Datapath, attached: Vec<Attached>, unapplied: Vec<String>) -> State {
-        State { cfg, store, dp, attached, started_at: unix_now(), unapplied }
+        State {
+            cfg,
+            store,
+            dp,
+            attached,
+            started_at: unix_now(),
+            unapplied,
+            dropped: VerdictsDropped::default(),
+            warned: None,
+        }
+    }
+
+    /// Logs what was dropped since the last warning, at most once per
+    /// [`DROP_WARN_EVERY`] (a flood must not become a log flood).
+    fn warn_dropped(&mut self) {
+        let (now, d) = (Instant::now(), self.dropped);
+        let since = match self.warned {
+            Some((at, _)) if now.duration_since(at) < DROP_WARN_EVERY => return,
+            Some((_, before)) => before,
+            None => VerdictsDropped::default(),
+        };
+        if d == since {
+            return;
+        }
+        warn!(
+            evicted = d.evicted - since.evicted,
+            refused = d.refused - since.refused,
+            max_verdicts = self.cfg.max_verdicts,
+            "lookup verdicts dropped to stay within max_verdicts (their sources stay unknown and pass); `gatekeeper status` counts them"
+        );
+        self.warned = Some((now, d));
     }
 
     /// Runs `f` on the store in one transaction, then brings the maps in
@@ -68,12 +122,29 @@ impl State {
     /// As [`State::change`]; `durable: false` for what the agent derives
     /// again by itself (lookup verdicts, expiry), which a crash of the
     /// agent never loses but a power loss may.
+    ///
+    /// A drop verdict the verdict table evicts to make room leaves the
+    /// database in the same transaction (and is counted as dropped).
     fn change_with<T>(&mut self, durable: bool, f: impl FnOnce(&mut Store, &mut Touched) -> Result<T>) -> Result<T> {
         self.store.begin(durable)?;
         let mut touched = Touched::default();
+        let mut evicted = 0;
         let result = f(&mut self.store, &mut touched)
-            .and_then(|v| sync::sync(&self.store, &mut self.dp.maps, &touched).map(|()| v))
+            .and_then(|v| {
+                for key in sync::sync(&self.store, &mut self.dp.maps, &touched)? {
+                    match self.store.del_verdict(key) {
+                        Ok(_) => evicted += 1,
+                        Err(Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(v)
+            })
             .and_then(|v| self.store.commit().map(|()| v));
+        if result.is_ok() && evicted > 0 {
+            self.dropped.evicted += evicted;
+            self.warn_dropped();
+        }
         if result.is_err() {
             if let Err(e) = self.store.rollback() {
                 debug!(error = %e.report(), "rollback (the transaction may have ended already)");
@@ -232,25 +303,44 @@ impl State {
     /// Writes a verdict the lookup pipeline reached, unless a manual ban
     /// holds the source (a ban is never replaced by a lookup). True if
     /// written.
+    ///
+    /// The database keeps at most `max_verdicts` lookup verdicts: when full,
+    /// the expired ones go, then the drop verdicts that expire first (their
+    /// sources become unknown and pass); pass verdicts and bans never do.
+    /// A verdict without room is not written. Both are counted in
+    /// [`State::dropped`] and warned about at most once a minute.
     pub fn judged(&mut self, rec: VerdictRecord) -> Result<bool> {
         if self.store.verdict(rec.key)?.is_some_and(|v| v.reason == VerdictReason::ManualBan) {
             return Ok(false);
         }
-        let key = rec.key;
-        match self.change_with(false, |store, t| {
-            store.upsert_verdict(&rec)?;
-            t.verdicts.push(rec.key);
-            Ok(())
+        let (max, now) = (u64::from(self.cfg.max_verdicts), unix_now());
+        let mut removed = 0;
+        let written = match self.change_with(false, |store, t| {
+            let d = store.put_derived_verdict(&rec, max, now)?;
+            t.verdicts.extend(d.removed.iter().map(|v| v.key));
+            if d.written {
+                t.verdicts.push(rec.key);
+            }
+            Ok((d.written, d.removed.iter().filter(|v| v.expires_at.is_none_or(|e| e > now)).count() as u64))
         }) {
-            Ok(()) => Ok(true),
+            Ok((written, evicted)) => {
+                removed = evicted;
+                written
+            }
             // Bans and pass verdicts fill both buckets: the source stays
             // unknown (and passes), which is what a lost verdict may do.
-            Err(Error::VerdictsFull { .. }) => {
-                warn!(source = %key.display(), "no room for this verdict among bans and pass verdicts; the source stays unknown");
-                Ok(false)
-            }
-            Err(e) => Err(e),
+            Err(Error::VerdictsFull { .. }) => false,
+            Err(e) => return Err(e),
+        };
+        self.dropped.evicted += removed;
+        if !written {
+            debug!(source = %rec.key.display(), "no room for this verdict among bans and pass verdicts; the source stays unknown");
+            self.dropped.refused += 1;
         }
+        if removed > 0 || !written {
+            self.warn_dropped();
+        }
+        Ok(written)
     }
 
     /// After a lookup dropped an IPv6 address of the /64 `net`: drops the
@@ -494,6 +584,12 @@ impl State {
             lookups: Default::default(),
             learned_ranges: 0,
             learning_prefixes_tracked: 0,
+            learning_shapes_tracked: 0,
+            dropped: Dropped {
+                verdicts_evicted: self.dropped.evicted,
+                verdicts_refused: self.dropped.refused,
+                ..Dropped::default()
+            },
             queue,
             unapplied: self.unapplied.clone(),
         })

@@ -28,24 +28,29 @@ pub struct Touched {
 }
 
 /// Brings the maps in line with the store for everything `t` touched.
-pub fn sync(store: &Store, maps: &mut Maps, t: &Touched) -> Result<()> {
+/// Returns the sources whose verdicts the verdict table evicted to make room
+/// (drop verdicts only), which the store still holds.
+pub fn sync(store: &Store, maps: &mut Maps, t: &Touched) -> Result<Vec<SourceKey>> {
     for r in &t.added {
         maps.reset_range_hits(r.id)?;
     }
     let ranges: Vec<&RangeRecord> = t.added.iter().chain(&t.removed).collect();
     sync_ranges(store, maps, &ranges)?;
     let (now, mono) = (unix_now(), monotonic_ns());
+    let mut evicted = Vec::new();
     for &key in &t.verdicts {
         if !KeyWords::of(&key).is_key() {
             // ::/64 has the verdict table's empty key: it holds no verdict.
             continue;
         }
         match store.verdict(key)? {
-            Some(v) => maps.set_verdict(key, verdict_value(&v, now, mono))?,
+            Some(v) => evicted.extend(maps.set_verdict(key, verdict_value(&v, now, mono))?),
             None => maps.del_verdict(key)?,
         }
     }
-    Ok(())
+    // A key evicted and then written again by this change is held.
+    evicted.retain(|k| !t.verdicts.contains(k));
+    Ok(evicted)
 }
 
 /// Up to this many touched nets, the losing range at each is read with one
@@ -121,10 +126,21 @@ pub struct Reconciled {
 /// it. Winning ranges (allow, exempt, smarthost) go in first; a losing range
 /// (deny, pool) that overlaps a winner that did not fit is left out too,
 /// since without its winner it would block what the winner lets through.
-pub fn reconcile(store: &mut Store, maps: &mut Maps) -> Result<Reconciled> {
+///
+/// Lookup verdicts beyond `max_derived` (a database written with a larger
+/// `max_verdicts`) are trimmed first, as [`Store::make_room`] does.
+pub fn reconcile(store: &mut Store, maps: &mut Maps, max_derived: u64) -> Result<Reconciled> {
     let now = unix_now();
     store.expire_ranges(now)?;
     store.expire_verdicts(now)?;
+    let trimmed = store.make_room(max_derived, now)?;
+    if !trimmed.is_empty() {
+        warn!(
+            removed = trimmed.len(),
+            max_verdicts = max_derived,
+            "the database held more lookup verdicts than max_verdicts; removed the drop verdicts that expire first"
+        );
+    }
     let mut out = Reconciled::default();
     let want = desired_ranges(&store.list_ranges(None)?);
     let have: StdMap<(RangeTable, IpNet), RangeValue> =
@@ -189,14 +205,31 @@ pub fn reconcile(store: &mut Store, maps: &mut Maps) -> Result<Reconciled> {
     // drop verdicts, which may make room for nothing but each other.
     let mut order: Vec<(SourceKey, Verdict)> = want.into_iter().collect();
     order.sort_by_key(|(k, v)| (v.reason != verdict_reason::MANUAL_BAN, v.action != action::PASS, *k));
+    // Drop verdicts the table evicted for others: the database lets them go
+    // too (their sources become unknown and pass).
+    let mut lost = Vec::new();
     for (key, v) in order {
         if !KeyWords::of(&key).is_key() {
             warn!(source = %key.display(), "the database holds a verdict for ::/64, which the datapath cannot hold; ignored");
             continue;
         }
         match maps.set_verdict(key, v) {
-            Ok(()) => out.written += 1,
+            Ok(None) => out.written += 1,
+            Ok(Some(evicted)) => {
+                out.written += 1;
+                lost.push(evicted);
+            }
             Err(e @ Error::VerdictsFull { .. }) => out.unapplied.push(format!("verdict for {}: {e}", key.display())),
+            Err(e) => return Err(e),
+        }
+    }
+    // (A key evicted before its own turn came was written again then.)
+    for key in lost {
+        if maps.verdicts.get(key)?.is_some() {
+            continue;
+        }
+        match store.del_verdict(key) {
+            Ok(_) | Err(Error::NotFound { .. }) => out.removed += 1,
             Err(e) => return Err(e),
         }
     }

@@ -136,6 +136,17 @@ fn print_status(st: &Status) {
     println!("verdicts:   {} (capacity {})", e.verdicts, dp.verdict_capacity);
     if let Some(l) = live {
         println!("events:     {} unknown-source reports received", l.events_received);
+        let d = &l.dropped;
+        println!(
+            "bounds:     learner {} prefixes, {} shapes tracked; dropped since start: {} learner prefixes, {} shapes, {} verdicts evicted, {} refused, {} sources over max_pending",
+            l.learning_prefixes_tracked,
+            l.learning_shapes_tracked,
+            d.learning_prefixes,
+            d.learning_shapes,
+            d.verdicts_evicted,
+            d.verdicts_refused,
+            l.queue.overflow
+        );
         if !l.unapplied.is_empty() {
             println!(
                 "NOT APPLIED: {} database entries did not fit into the datapath at start (it runs with what fits; raise max_range_nodes, then `gatekeeper unload` and restart):",

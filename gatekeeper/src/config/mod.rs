@@ -140,13 +140,32 @@ pub struct LearningConfig {
     /// Lifetime of a learned range.
     #[serde(deserialize_with = "de_duration")]
     pub expire: Duration,
-    /// Prefixes tracked at once (memory bound).
+    /// Prefixes tracked at once (memory bound): past it the prefix tracked
+    /// longest is forgotten.
+    #[serde(deserialize_with = "de_positive_usize")]
     pub max_prefixes: usize,
+    /// Naming shapes tracked per prefix (memory bound: a hostile reverse
+    /// zone can give every address a name of its own shape): past it the
+    /// prefix's oldest shape is forgotten.
+    #[serde(deserialize_with = "de_max_shapes")]
+    pub max_shapes: usize,
 }
+
+/// Bounds of `learning.min_sources`: a /24 holds 256 addresses, so more
+/// could never promote an IPv4 prefix.
+pub const MIN_SOURCES_RANGE: std::ops::RangeInclusive<u32> = 2..=256;
+/// Bounds of `learning.max_shapes`.
+pub const MAX_SHAPES_RANGE: std::ops::RangeInclusive<usize> = 1..=256;
 
 impl Default for LearningConfig {
     fn default() -> Self {
-        LearningConfig { enabled: true, min_sources: 3, expire: Duration::from_secs(7 * 86_400), max_prefixes: 65_536 }
+        LearningConfig {
+            enabled: true,
+            min_sources: 3,
+            expire: Duration::from_secs(7 * 86_400),
+            max_prefixes: 65_536,
+            max_shapes: 4,
+        }
     }
 }
 
@@ -303,9 +322,17 @@ fn de_v6_prefix_drop_after<'de, D: Deserializer<'de>>(d: D) -> std::result::Resu
 }
 
 fn de_min_sources<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
-    let n = u32::deserialize(d)?;
-    if n < 2 {
-        return Err(serde::de::Error::custom("min_sources must be at least 2"));
+    bounded(d, "min_sources", MIN_SOURCES_RANGE)
+}
+
+fn de_max_shapes<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if !MAX_SHAPES_RANGE.contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "max_shapes {n} out of range ({}..={})",
+            MAX_SHAPES_RANGE.start(),
+            MAX_SHAPES_RANGE.end()
+        )));
     }
     Ok(n)
 }

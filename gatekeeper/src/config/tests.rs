@@ -218,3 +218,18 @@ fn xdp_mode_strings() {
     }
     assert!("drv".parse::<XdpModeSetting>().unwrap_err().contains("expected auto, native or skb"));
 }
+
+#[test]
+fn learner_bounds_are_checked_and_named() {
+    let c = parse("[learning]\nmax_shapes = 16\nmax_prefixes = 1000\nmin_sources = 256\n").unwrap();
+    assert_eq!((c.learning.max_shapes, c.learning.max_prefixes, c.learning.min_sources), (16, 1000, 256));
+    assert_eq!(parse("").unwrap().learning.max_shapes, 4);
+    let m = message("[learning]\nmax_shapes = 0\n");
+    assert!(m.contains("line 2") && m.contains("key `learning.max_shapes`") && m.contains("out of range"), "{m}");
+    assert!(message("[learning]\nmax_shapes = 100000\n").contains("learning.max_shapes"));
+    let m = message("[learning]\nmax_prefixes = 0\n");
+    assert!(m.contains("key `learning.max_prefixes`") && m.contains("at least 1"), "{m}");
+    let m = message("[learning]\nmin_sources = 1000\n");
+    assert!(m.contains("key `learning.min_sources`") && m.contains("out of range (2..=256)"), "{m}");
+    assert!(message("[learning]\nmin_sources = 1\n").contains("learning.min_sources"));
+}

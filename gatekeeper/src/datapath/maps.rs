@@ -159,15 +159,18 @@ impl Maps {
         Ok((guarded, out))
     }
 
-    pub fn set_verdict(&mut self, key: SourceKey, v: Verdict) -> Result<()> {
-        if let Some(evicted) = self.verdicts.insert(key, v)? {
+    /// Sets the verdict of `key`; returns the source whose (drop) verdict
+    /// was evicted to make room, if any.
+    pub fn set_verdict(&mut self, key: SourceKey, v: Verdict) -> Result<Option<SourceKey>> {
+        let evicted = self.verdicts.insert(key, v)?;
+        if let Some(evicted) = evicted {
             debug!(
                 source = %key.display(),
                 evicted = %evicted.display(),
                 "verdict table: both buckets full, replaced the verdict expiring first"
             );
         }
-        Ok(())
+        Ok(evicted)
     }
 
     pub fn del_verdict(&mut self, key: SourceKey) -> Result<()> {

@@ -106,6 +106,24 @@ fn deserialize_key<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Resul
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// How many lookup verdicts (every verdict but manual bans) the
+    /// database holds, kept up to date once counted; `None`: count again.
+    derived: Option<u64>,
+}
+
+/// What [`Store::put_derived_verdict`] did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Derived {
+    /// The verdict was written (false: no room, nothing changed).
+    pub written: bool,
+    /// Verdicts removed to make room: expired ones, then the drop verdicts
+    /// that expire first.
+    pub removed: Vec<VerdictRecord>,
+}
+
+/// `verdicts.reason` of a manual ban, which is never a derived verdict.
+fn ban_code() -> u32 {
+    VerdictReason::ManualBan.code()
 }
 
 /// Creates the database file with mode 0600, or narrows an existing one
@@ -216,7 +234,7 @@ impl Store {
         }
         tx.commit().map_err(&e)?;
         drop(e);
-        Ok(Store { conn, path })
+        Ok(Store { conn, path, derived: None })
     }
 
     /// Opens a transaction that the mutating methods then join: nothing is
@@ -238,11 +256,96 @@ impl Store {
 
     /// Undoes everything since [`Store::begin`].
     pub fn rollback(&mut self) -> Result<()> {
+        self.derived = None;
         self.conn.execute_batch("ROLLBACK").map_err(db(&self.path))
     }
 
     /// Inserts or replaces the verdict for `v.key`.
     pub fn upsert_verdict(&mut self, v: &VerdictRecord) -> Result<()> {
+        self.derived = None;
+        self.write_verdict(v)
+    }
+
+    /// How many lookup verdicts (all but manual bans) there are.
+    pub fn derived_count(&mut self) -> Result<u64> {
+        if let Some(n) = self.derived {
+            return Ok(n);
+        }
+        let n = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM verdicts WHERE reason != ?1", [ban_code()], |r| r.get::<_, i64>(0))
+            .map_err(db(&self.path))? as u64;
+        self.derived = Some(n);
+        Ok(n)
+    }
+
+    /// Writes a verdict the agent derived (a lookup's; never a manual
+    /// ban), keeping at most `max` of them: when that many are there and
+    /// `v.key` is not one of them, those expired by `now` are purged, and if
+    /// none was, the drop verdict that expires first goes (its source
+    /// becomes unknown and passes, as a lost verdict may). Pass verdicts and
+    /// bans are never removed: when every derived verdict is a pass verdict,
+    /// nothing is written. One savepoint: on error nothing changes.
+    pub fn put_derived_verdict(&mut self, v: &VerdictRecord, max: u64, now: i64) -> Result<Derived> {
+        if v.reason == VerdictReason::ManualBan {
+            return Err(Error::InvalidInput("a manual ban is not a derived verdict".into()));
+        }
+        let replaces = self.verdict(v.key)?;
+        if replaces.as_ref().is_some_and(|r| r.reason == VerdictReason::ManualBan) {
+            return Err(Error::InvalidInput(format!("{} holds a manual ban", v.key.display())));
+        }
+        let mut out = Derived::default();
+        if replaces.is_none() && self.derived_count()? >= max {
+            out.removed = self.make_room(max.saturating_sub(1), now)?;
+            if self.derived_count()? >= max {
+                return Ok(out);
+            }
+        }
+        self.write_verdict(v)?;
+        if replaces.is_none() {
+            self.derived = self.derived.map(|n| n + 1);
+        }
+        out.written = true;
+        Ok(out)
+    }
+
+    /// Removes derived verdicts until at most `keep` are left: the expired
+    /// ones, then drop verdicts that expire first; never a pass verdict or
+    /// a ban. Returns what it removed.
+    pub fn make_room(&mut self, keep: u64, now: i64) -> Result<Vec<VerdictRecord>> {
+        let count = self.derived_count()?;
+        if count <= keep {
+            return Ok(Vec::new());
+        }
+        let e = db(&self.path);
+        let tx = self.conn.savepoint().map_err(&e)?;
+        let mut gone = tx
+            .prepare(&format!("DELETE FROM verdicts WHERE reason != ?1 AND expires_at <= ?2 RETURNING {VERDICT_COLS}"))
+            .and_then(|mut s| s.query_map(params![ban_code(), now], verdict_row)?.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(&e)?;
+        let left = count - gone.len() as u64;
+        if left > keep {
+            let more = tx
+                .prepare(&format!(
+                    "DELETE FROM verdicts WHERE key IN (
+                       SELECT key FROM verdicts WHERE reason != ?1 AND action != ?2
+                       ORDER BY expires_at IS NULL, expires_at, key LIMIT ?3)
+                     RETURNING {VERDICT_COLS}"
+                ))
+                .and_then(|mut s| {
+                    s.query_map(params![ban_code(), Action::Pass.code(), (left - keep) as i64], verdict_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(&e)?;
+            gone.extend(more);
+        }
+        tx.commit().map_err(&e)?;
+        self.derived = Some(count - gone.len() as u64);
+        gone.sort_by_key(|v| v.key);
+        Ok(gone)
+    }
+
+    fn write_verdict(&mut self, v: &VerdictRecord) -> Result<()> {
         if SourceKey::parse_display(&v.key.display()) != Some(v.key) {
             return Err(Error::InvalidCidr {
                 input: v.key.display(),
@@ -285,6 +388,9 @@ impl Store {
             .map_err(&e)?
             .ok_or_else(|| Error::NotFound { what: "verdict", key: key.display() })?;
         tx.commit().map_err(&e)?;
+        if rec.reason != VerdictReason::ManualBan {
+            self.derived = self.derived.map(|n| n.saturating_sub(1));
+        }
         Ok(rec)
     }
 
@@ -344,6 +450,8 @@ impl Store {
             .and_then(|mut s| s.query_map([now], verdict_row)?.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(&e)?;
         tx.commit().map_err(&e)?;
+        let derived = gone.iter().filter(|v| v.reason != VerdictReason::ManualBan).count() as u64;
+        self.derived = self.derived.map(|n| n.saturating_sub(derived));
         gone.sort_by_key(|v| v.key);
         Ok(gone)
     }

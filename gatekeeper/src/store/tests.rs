@@ -1,5 +1,6 @@
 //! The store's unit tests.
 use std::collections::HashSet;
+use std::net::IpAddr;
 
 use gatekeeper_common::{MAX_RANGES, MAX_RANGE_IDS};
 use ipnet::IpNet;
@@ -491,4 +492,77 @@ fn database_files_are_private_and_commits_durable() {
     s.begin(true).unwrap();
     assert_eq!(sync(&s), 2, "FULL for an operator's change");
     s.commit().unwrap();
+}
+
+fn derived(i: u32, action: Action, expires_at: i64) -> VerdictRecord {
+    VerdictRecord {
+        key: SourceKey::from_ip(IpAddr::V4((0xc633_0000 + i).into())),
+        action,
+        reason: if action == Action::Pass { R::Ok } else { R::NoPtr },
+        comment: None,
+        created_at: 0,
+        expires_at: Some(expires_at),
+    }
+}
+
+#[test]
+fn derived_verdicts_stay_at_the_bound_and_the_first_to_expire_goes() {
+    let mut s = Store::open_in_memory().unwrap();
+    // Bans (never counted, never removed) and pass verdicts (never removed).
+    let mut ban = verdict("192.0.2.1", R::ManualBan, None);
+    s.upsert_verdict(&ban).unwrap();
+    ban.key = SourceKey::from_ip("192.0.2.2".parse().unwrap());
+    ban.expires_at = Some(1);
+    s.upsert_verdict(&ban).unwrap();
+    let max = 100u64;
+    for i in 0..10 {
+        assert!(s.put_derived_verdict(&derived(i, Action::Pass, 10), max, 0).unwrap().written);
+    }
+    // A flood of drop verdicts, each expiring later than the one before,
+    // far beyond the bound.
+    let mut removed = 0;
+    for i in 10..20_000u32 {
+        let d = s.put_derived_verdict(&derived(i, Action::Drop, 1000 + i as i64), max, 0).unwrap();
+        assert!(d.written);
+        removed += d.removed.len();
+        assert!(s.derived_count().unwrap() <= max);
+    }
+    assert_eq!(s.derived_count().unwrap(), max, "at the bound, and staying there");
+    assert_eq!(removed, 20_000 - 10 - 90);
+    let all = s.list_verdicts(None).unwrap();
+    assert_eq!(all.len() as u64, max + 2, "both bans kept, even the one that expired");
+    assert_eq!(all.iter().filter(|v| v.action == Action::Pass).count(), 10, "pass verdicts kept");
+    // The drop verdicts that survive are the 90 expiring last.
+    let mut drops: Vec<i64> = all.iter().filter(|v| v.reason == R::NoPtr).map(|v| v.expires_at.unwrap()).collect();
+    drops.sort();
+    assert_eq!(drops, (19_910..20_000).map(|i| 1000 + i).collect::<Vec<i64>>());
+    // Updating a held key takes no room.
+    let d = s.put_derived_verdict(&derived(19_999, Action::Drop, 5), max, 0).unwrap();
+    assert_eq!((d.written, d.removed.len()), (true, 0));
+    // Expired verdicts go before any live one; the count survives a
+    // rollback (it is counted again).
+    s.begin(false).unwrap();
+    let d = s.put_derived_verdict(&derived(30_000, Action::Drop, 50_000), max, 25_000).unwrap();
+    assert!(d.written);
+    assert_eq!(d.removed.len() as u64, max, "every verdict expired by 25000 was purged, pass verdicts too");
+    s.rollback().unwrap();
+    assert_eq!(s.derived_count().unwrap(), max);
+}
+
+#[test]
+fn derived_verdicts_never_push_out_pass_verdicts() {
+    let mut s = Store::open_in_memory().unwrap();
+    for i in 0..50 {
+        s.put_derived_verdict(&derived(i, Action::Pass, 1000), 50, 0).unwrap();
+    }
+    let d = s.put_derived_verdict(&derived(99, Action::Drop, 10), 50, 0).unwrap();
+    assert_eq!(d, Derived { written: false, removed: vec![] }, "no room: nothing written, nothing removed");
+    let d = s.put_derived_verdict(&derived(98, Action::Pass, 10), 50, 0).unwrap();
+    assert!(!d.written);
+    assert_eq!(s.verdict_count().unwrap(), 50);
+    // Trimming to a smaller bound (a lowered max_verdicts) keeps them too.
+    s.put_derived_verdict(&derived(99, Action::Drop, 10), 51, 0).unwrap();
+    assert_eq!(s.make_room(10, 0).unwrap().len(), 1);
+    assert_eq!(s.derived_count().unwrap(), 50);
+    assert!(s.put_derived_verdict(&verdict("192.0.2.9", R::ManualBan, None), 100, 0).is_err());
 }
