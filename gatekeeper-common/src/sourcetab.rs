@@ -235,20 +235,54 @@ const _: () = assert!(core::mem::size_of::<VerdictBucket>() == 32 * VERDICT_WAYS
 
 impl VerdictBucket {
     /// The verdict of `key` in this bucket: `Ok`, or `Err(full)` with
-    /// whether every slot is taken.
+    /// whether every slot is taken. A slot the agent rewrites under the
+    /// read (its key changed between the key's read and its re-read after
+    /// the verdict's) counts as not found, so a read never pairs one
+    /// source's key with another's verdict (see [`Self::verdict_if`]).
     #[inline(always)]
     pub fn find(&self, key: &KeyWords) -> Result<Verdict, bool> {
         let mut full = true;
+        let mut hit = VERDICT_WAYS;
         let mut i = 0;
         while i < VERDICT_WAYS {
             let s = &self.slots[i];
             if s.key.lo == key.lo && s.key.hi == key.hi {
-                return Ok(s.verdict);
+                hit = i;
+                break;
             }
             full &= s.key.lo != 0 || s.key.hi != 0;
             i += 1;
         }
-        Err(full)
+        // One verdict read after the search (not one per slot): the
+        // program stays short.
+        match self.slots.get(hit) {
+            Some(s) => match Self::verdict_if(s, key) {
+                Some(v) => Ok(v),
+                None => Err(false),
+            },
+            None => Err(full),
+        }
+    }
+
+    /// The verdict of slot `s`, whose key was just read as `key`, if the
+    /// key is still `key` after the verdict was read. The agent changes a
+    /// slot's key in three writes (key to [`KeyWords::TOMBSTONE`] keeping
+    /// the old verdict, then the new verdict, then the new key: see the
+    /// agent's `verdict_table`); read in order (x86-64 keeps loads in
+    /// order), a verdict read between the two key reads belongs to the key
+    /// read twice: a new verdict is written only after the tombstone, and
+    /// the new key only after the new verdict.
+    #[inline(always)]
+    fn verdict_if(s: &VerdictSlot, key: &KeyWords) -> Option<Verdict> {
+        // SAFETY: plain reads of a slot we hold a reference to; volatile
+        // so that the key is read again after the verdict.
+        let v = unsafe { core::ptr::read_volatile(&s.verdict) };
+        let again = unsafe { core::ptr::read_volatile(&s.key) };
+        if again.lo == key.lo && again.hi == key.hi {
+            Some(v)
+        } else {
+            None
+        }
     }
 
     /// [`VerdictBucket::find`] for two keys at once: (verdict of `a`,
@@ -256,20 +290,24 @@ impl VerdictBucket {
     /// not there. When `a == b` only `a` is found.
     #[inline(always)]
     pub fn find2(&self, a: &KeyWords, b: &KeyWords) -> (Verdict, Verdict, bool) {
-        let (mut va, mut vb) = (Verdict::default(), Verdict::default());
+        let (mut ia, mut ib) = (VERDICT_WAYS, VERDICT_WAYS);
         let mut full = true;
         let mut i = 0;
         while i < VERDICT_WAYS {
             let s = &self.slots[i];
             if s.key.lo == a.lo && s.key.hi == a.hi {
-                va = s.verdict;
+                ia = i;
             } else if s.key.lo == b.lo && s.key.hi == b.hi {
-                vb = s.verdict;
+                ib = i;
             }
             full &= s.key.lo != 0 || s.key.hi != 0;
             i += 1;
         }
-        (va, vb, full)
+        let of = |i: usize, k: &KeyWords| match self.slots.get(i) {
+            Some(s) => Self::verdict_if(s, k).unwrap_or_default(),
+            None => Verdict::default(),
+        };
+        (of(ia, a), of(ib, b), full)
     }
 
     pub fn position(&self, key: &KeyWords) -> Option<usize> {

@@ -518,7 +518,8 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
     // A learned range is a presumption about the hosts in it: a live
     // per-source verdict decides over it, and its sources are still
     // reported (once per interval) so that a good one earns its verdict.
-    let mut presumed = false;
+    // `presumed`: the counter of such a drop, [`NOT_PRESUMED`] if none.
+    let mut presumed = NOT_PRESUMED;
     if let Some(range) = range {
         hit(range.range_id);
         if range.kind == range_kind::ALLOW {
@@ -528,7 +529,7 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
         if range.flags & range_flags::LEARNED == 0 {
             return drop_or_dry_run(ifindex, Counter::DenyRange as u32, &cfg);
         }
-        presumed = true;
+        presumed = Counter::DenyRange as u32;
     }
     // SAFETY: a read-only global the loader sets.
     let shift = unsafe { core::ptr::read_volatile(&GK_VERDICT_SHIFT) };
@@ -559,16 +560,20 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
             }
             if v.action == action::PRESUMED_DROP {
                 // A /64 several of whose addresses failed: this one may be
-                // good, so it is reported too (once per interval).
-                note(ifindex, &source, &key, at.seen, port, now, &cfg);
-                return drop_or_dry_run(ifindex, Counter::verdict_drop(v.reason), &cfg);
+                // good, so it is reported too (once per interval), as a
+                // learned range's sources are.
+                presumed = Counter::verdict_drop(v.reason);
+            } else {
+                count(ifindex, Counter::VerdictPass as u32);
+                return xdp_action::XDP_PASS;
             }
-            count(ifindex, Counter::VerdictPass as u32);
-            return xdp_action::XDP_PASS;
         }
     }
     unknown(ifindex, &source, &key, at.seen, port, now, &cfg, presumed)
 }
+
+/// No presumption holds the source (see [`unknown`]).
+const NOT_PRESUMED: u32 = u32::MAX;
 
 /// CLOCK_MONOTONIC_COARSE: from jiffies (inlined) once the agent has
 /// calibrated the clock, else from the helper. The tick's resolution is
@@ -620,8 +625,10 @@ fn hit(range_id: u32) {
 }
 
 /// A source without a live verdict: report it (at most once per interval);
-/// drop it if `presumed` (a learned range holds it), else pass it, or with
-/// hold drop it while its first SYN is younger than `hold_ms`.
+/// drop it if `presumed` is a counter (a learned range or a presumed-bad
+/// /64 holds it: that counter counts the drop), else pass it, or with hold
+/// drop it while its first SYN is younger than `hold_ms`. One call site, so
+/// the reporting code is in the program once.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn unknown(
@@ -632,11 +639,11 @@ fn unknown(
     port: u16,
     now: u64,
     cfg: &Config,
-    presumed: bool,
+    presumed: u32,
 ) -> u32 {
     let since = note(ifindex, source, key, seen, port, now, cfg);
-    if presumed {
-        return drop_or_dry_run(ifindex, Counter::DenyRange as u32, cfg);
+    if presumed != NOT_PRESUMED {
+        return drop_or_dry_run(ifindex, presumed, cfg);
     }
     if cfg.flags & config_flags::HOLD != 0 && since != 0 && now.wrapping_sub(since) < cfg.hold_ms as u64 * 1_000_000 {
         return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD), cfg);

@@ -55,12 +55,39 @@ pub fn place(buckets: [&VerdictBucket; 2], key: &KeyWords) -> Option<Placement> 
     Some(Placement { bucket, slot, replaces: Some(s.key) })
 }
 
+/// The writes that take a slot from `old` to `new`, each a whole bucket
+/// write with only this slot changed: the same key's new verdict at once;
+/// otherwise the old key (if any) becomes [`KeyWords::TOMBSTONE`] keeping
+/// its verdict, then the new verdict goes in under the tombstone, then the
+/// new key (or, to free the slot, zeros). A datapath read takes a slot's
+/// verdict only if the slot's key reads the same before and after it
+/// (`VerdictBucket::find`), so no read, at any point of these writes, pairs
+/// a key with a verdict that is not its own (`handover_never_misjudges`).
+/// Keys change only to or from the tombstone: half of a key next to half
+/// of the tombstone, (prefix, all ones) or (all ones, ...), matches no
+/// source, whereas half a key over zeros could be (prefix, 0), an IPv6
+/// address key's /64.
+pub fn slot_writes(old: VerdictSlot, new: VerdictSlot) -> Vec<VerdictSlot> {
+    if old.key == new.key {
+        return vec![new];
+    }
+    let mut steps = Vec::with_capacity(3);
+    if !old.key.is_empty() && old.key != KeyWords::TOMBSTONE {
+        steps.push(VerdictSlot { key: KeyWords::TOMBSTONE, verdict: old.verdict });
+    }
+    if !new.key.is_empty() {
+        steps.push(VerdictSlot { key: KeyWords::TOMBSTONE, verdict: new.verdict });
+    }
+    steps.push(new);
+    steps
+}
+
 /// Typed access to the verdict array. It keeps the layout rule of
 /// `sourcetab` (a key is in its second bucket only while its first is
 /// full) at every write the datapath can see:
-/// * a slot that gets another key is first given the new verdict under
-///   [`KeyWords::TOMBSTONE`], then the key, so no read pairs a key with
-///   another source's verdict, and the bucket never looks less full;
+/// * a slot that gets another key is tombstoned, given the new verdict,
+///   then the key (see `put`), so no read pairs a key with another
+///   source's verdict, and the bucket never looks less full;
 /// * a freed slot of a bucket that keys wait on (in their second bucket) is
 ///   given one of them instead of being emptied, then that key's old slot is
 ///   freed the same way, and so on: each move takes a key out of a second
@@ -145,15 +172,14 @@ impl<T: BorrowMut<MapData>> VerdictTable<T> {
         self.buckets.set(i, b, 0).map_err(|e| Error::bpf("write verdict table", e))
     }
 
-    /// Writes `s` into `slot` of bucket `i` (as read in `b`): the same key's
-    /// verdict at once, another key in two steps (see above).
+    /// Writes `s` into `slot` of bucket `i` (as read in `b`), in the steps
+    /// of [`slot_writes`].
     fn put(&mut self, i: u32, b: &mut VerdictBucket, slot: usize, s: VerdictSlot) -> Result<()> {
-        if b.slots[slot].key != s.key {
-            b.slots[slot] = VerdictSlot { key: KeyWords::TOMBSTONE, verdict: s.verdict };
+        for step in slot_writes(b.slots[slot], s) {
+            b.slots[slot] = step;
             self.write(i, b)?;
         }
-        b.slots[slot] = s;
-        self.write(i, b)
+        Ok(())
     }
 
     /// Frees `slot` of bucket `i` (as read in `b`): gives it to a key waiting
@@ -164,8 +190,8 @@ impl<T: BorrowMut<MapData>> VerdictTable<T> {
         loop {
             let waiting = self.overflow()?.get_mut(&i).and_then(|v| v.pop());
             let Some(k) = waiting else {
-                b.slots[slot] = VerdictSlot::default();
-                return self.write(i, &b);
+                let mut b = b;
+                return self.put(i, &mut b, slot, VerdictSlot::default());
             };
             let second = self.pair(&k)[1];
             let s = self.bucket(second)?;
@@ -283,6 +309,82 @@ mod tests {
         VerdictSlot {
             key: key(i),
             verdict: Verdict { expires_ns, action: action::DROP, reason: verdict_reason::NO_PTR },
+        }
+    }
+
+    /// A reader of the datapath's protocol (key, verdict, key again) run
+    /// against every interleaving with the writes of a handover: each
+    /// write stores the slot's four 8-byte words in some order (forward or
+    /// backward copy), and the reader's five loads (key lo, key hi,
+    /// verdict, key lo, key hi; the verdict as two words) see the words as
+    /// they are at five non-decreasing instants.
+    #[test]
+    fn handover_never_misjudges() {
+        use gatekeeper_common::SourceKey;
+        let host = |s: &str| KeyWords::of(&SourceKey::host(s.parse().unwrap()));
+        let v = |e: u64, a: u32, r: u32| Verdict { expires_ns: e, action: a, reason: r };
+        let (h1, h2) = (host("2001:db8:1:2::25"), host("2001:db8:1:2::26"));
+        let (n, v4) = (host("2001:db8:1:2::").bucket_key(), key(7));
+        let cases = [
+            (VerdictSlot::default(), VerdictSlot { key: h1, verdict: v(9, 1, 1) }),
+            (VerdictSlot { key: h1, verdict: v(9, 1, 1) }, VerdictSlot { key: n, verdict: v(5, 0, 5) }),
+            (VerdictSlot { key: n, verdict: v(5, 0, 5) }, VerdictSlot { key: h2, verdict: v(8, 1, 2) }),
+            (VerdictSlot { key: h2, verdict: v(8, 1, 2) }, VerdictSlot::default()),
+            (VerdictSlot { key: v4, verdict: v(3, 1, 3) }, VerdictSlot { key: h1, verdict: v(4, 1, 1) }),
+            (VerdictSlot { key: h1, verdict: v(4, 1, 1) }, VerdictSlot { key: h1, verdict: v(6, 0, 5) }),
+        ];
+        let words = |s: &VerdictSlot| -> [u64; 4] {
+            let ar = u64::from(s.verdict.action) | u64::from(s.verdict.reason) << 32;
+            [s.key.lo, s.key.hi, s.verdict.expires_ns, ar]
+        };
+        for (old, new) in cases {
+            let steps = slot_writes(old, new);
+            // Every instant's memory, for each choice of copy direction per
+            // write (3 writes at most: 8 choices).
+            for dirs in 0..1u32 << steps.len() {
+                let mut mem = vec![words(&old)];
+                let mut cur = words(&old);
+                for (w, step) in steps.iter().enumerate() {
+                    let target = words(step);
+                    let order: Vec<usize> = if dirs >> w & 1 == 0 { (0..4).collect() } else { (0..4).rev().collect() };
+                    for i in order {
+                        if cur[i] != target[i] {
+                            cur[i] = target[i];
+                            mem.push(cur);
+                        }
+                    }
+                }
+                let t = mem.len();
+                for reader in [old.key, new.key, h1, h2, n, v4] {
+                    if reader.is_empty() {
+                        continue;
+                    }
+                    // Own verdicts the reader may legitimately get.
+                    let own: Vec<Verdict> = [old, new].iter().filter(|s| s.key == reader).map(|s| s.verdict).collect();
+                    // Loads at instants a <= b <= c <= d <= e <= f: key lo,
+                    // key hi, verdict (two words), key lo, key hi.
+                    let mut at = [0usize; 6];
+                    loop {
+                        let (k1, k2) = ((mem[at[0]][0], mem[at[1]][1]), (mem[at[4]][0], mem[at[5]][1]));
+                        if k1 == (reader.lo, reader.hi) && k2 == k1 {
+                            // Each verdict word is one of the reader's own
+                            // (a verdict replaced under the same key may be
+                            // read half old, half new: both are its own).
+                            let got = [mem[at[2]][2], mem[at[3]][3]];
+                            let ok = (0..2).all(|w| {
+                                own.iter().any(|o| words(&VerdictSlot { key: reader, verdict: *o })[2 + w] == got[w])
+                            });
+                            assert!(ok, "{old:?} -> {new:?} (dirs {dirs}): reader {reader:?} got {got:?} at {at:?}");
+                        }
+                        // Next non-decreasing tuple.
+                        let Some(i) = (0..6).rev().find(|&i| at[i] + 1 < t) else { break };
+                        at[i] += 1;
+                        for j in i + 1..6 {
+                            at[j] = at[i];
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -147,9 +147,10 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"))
 }
 
-/// How `verdict list` names a source's verdict: `192.0.2.1`; for IPv6 a
-/// drop is the address's own (`2001:db8:1:2::30`), a pass its /64's
-/// (`2001:db8:1:2::/64`).
+/// How `verdict list` names a lab source's verdict: `192.0.2.1`; for IPv6
+/// a drop is the address's own (`2001:db8:1:2::30`), a pass its /64's
+/// (`2001:db8:1:2::/64`) (the lab's good hosts pass, the others are
+/// dropped when DNS works).
 fn key(src: &str) -> String {
     let a = ip(src);
     let good = [GOOD4, GOOD6, NEW4, NEW6, MX6, BAD64_MX].contains(&src);
@@ -321,8 +322,12 @@ impl Lab {
         let deadline = Instant::now() + POLL_LIMIT;
         let last = loop {
             let all = self.verdicts();
-            if srcs.iter().all(|s| all.contains_key(&key(s))) {
-                return srcs.iter().map(|s| (s.to_string(), all[&key(s)].clone())).collect();
+            // A source's verdict: an IPv6 address's own, else its /64's.
+            let of = |s: &str| {
+                [SourceKey::host(ip(s)), SourceKey::from_ip(ip(s))].into_iter().find_map(|k| all.get(&k.display()))
+            };
+            if srcs.iter().all(|s| of(s).is_some()) {
+                return srcs.iter().map(|s| (s.to_string(), of(s).unwrap().clone())).collect();
             }
             if Instant::now() >= deadline {
                 break all;
