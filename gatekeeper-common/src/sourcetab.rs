@@ -285,29 +285,34 @@ impl VerdictBucket {
         }
     }
 
-    /// [`VerdictBucket::find`] for two keys at once: (verdict of `a`,
-    /// verdict of `b`, every slot taken), `Verdict::default()` for a key
-    /// not there. When `a == b` only `a` is found.
+    /// [`VerdictBucket::find`] for an IPv6 source's two keys at once, its
+    /// address key `host` and its /64 (`host.lo`, 0): (address's verdict,
+    /// /64's verdict, every slot taken), `Verdict::default()` for a key not
+    /// there. When `host` is the /64 (no address key) only the first is
+    /// found.
     #[inline(always)]
-    pub fn find2(&self, a: &KeyWords, b: &KeyWords) -> (Verdict, Verdict, bool) {
+    pub fn find_v6(&self, host: &KeyWords) -> (Verdict, Verdict, bool) {
         let (mut ia, mut ib) = (VERDICT_WAYS, VERDICT_WAYS);
         let mut full = true;
         let mut i = 0;
         while i < VERDICT_WAYS {
-            let s = &self.slots[i];
-            if s.key.lo == a.lo && s.key.hi == a.hi {
-                ia = i;
-            } else if s.key.lo == b.lo && s.key.hi == b.hi {
-                ib = i;
+            let (lo, hi) = (self.slots[i].key.lo, self.slots[i].key.hi);
+            if lo == host.lo {
+                if hi == host.hi {
+                    ia = i;
+                } else if hi == 0 {
+                    ib = i;
+                }
             }
-            full &= s.key.lo != 0 || s.key.hi != 0;
+            full &= (lo | hi) != 0;
             i += 1;
         }
+        let net = KeyWords { lo: host.lo, hi: 0 };
         let of = |i: usize, k: &KeyWords| match self.slots.get(i) {
             Some(s) => Self::verdict_if(s, k).unwrap_or_default(),
             None => Verdict::default(),
         };
-        (of(ia, a), of(ib, b), full)
+        (of(ia, host), of(ib, &net), full)
     }
 
     pub fn position(&self, key: &KeyWords) -> Option<usize> {
@@ -336,7 +341,7 @@ pub fn verdict_lookup<'a, F: Fn(u32) -> Option<&'a VerdictBucket>>(
 }
 
 /// The verdicts of an IPv6 source's two keys, its address (`host`, see
-/// [`KeyWords::v6_host`]) and its /64 (`net`), which share a bucket pair:
+/// [`KeyWords::v6_host`]) and its /64, which share a bucket pair:
 /// (address's, /64's), a missing one as `Verdict::default()` (expired long
 /// ago, which is what the datapath makes of a missing verdict anyway). One
 /// pass over the first bucket, the second only when the first is full and
@@ -346,14 +351,13 @@ pub fn verdict_lookup<'a, F: Fn(u32) -> Option<&'a VerdictBucket>>(
 pub fn verdict_lookup_v6<'a, F: Fn(u32) -> Option<&'a VerdictBucket>>(
     bucket: F,
     host: &KeyWords,
-    net: &KeyWords,
     at: &Slots,
 ) -> (Verdict, Verdict) {
     let Some(b) = bucket(at.first) else { return (Verdict::default(), Verdict::default()) };
-    let (mut h, mut n, full) = b.find2(host, net);
+    let (mut h, mut n, full) = b.find_v6(host);
     if full && (h.expires_ns == 0 || n.expires_ns == 0) {
         if let Some(b) = bucket(at.second) {
-            let (h2, n2, _) = b.find2(host, net);
+            let (h2, n2, _) = b.find_v6(host);
             if h.expires_ns == 0 {
                 h = h2;
             }
@@ -547,16 +551,16 @@ mod tests {
         let at = Slots { first: 0, second: 1, seen: 0 };
         let mut t = [VerdictBucket::default(); 2];
         t[0].slots[1] = VerdictSlot { key: net, verdict: v(1) };
-        assert_eq!(verdict_lookup_v6(|i| t.get(i as usize), &host, &net, &at), (none, v(1)));
+        assert_eq!(verdict_lookup_v6(|i| t.get(i as usize), &host, &at), (none, v(1)));
         // The first bucket full: the address key waits in the second.
         for s in [0, 2, 3] {
             t[0].slots[s].key = KeyWords::v4([203, 0, 113, s as u8]);
         }
         t[1].slots[3] = VerdictSlot { key: host, verdict: v(2) };
-        assert_eq!(verdict_lookup_v6(|i| t.get(i as usize), &host, &net, &at), (v(2), v(1)));
+        assert_eq!(verdict_lookup_v6(|i| t.get(i as usize), &host, &at), (v(2), v(1)));
         // Not full: the second bucket is not read.
         t[0].slots[0].key = KeyWords::default();
-        assert_eq!(verdict_lookup_v6(|i| t.get(i as usize), &host, &net, &at), (none, v(1)));
+        assert_eq!(verdict_lookup_v6(|i| t.get(i as usize), &host, &at), (none, v(1)));
     }
 
     #[test]

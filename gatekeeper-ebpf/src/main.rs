@@ -548,7 +548,7 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
             let net = KeyWords::v6(a);
             let host = KeyWords::v6_host(a);
             let at = sourcetab::source_slots(&net, &cfg.hash, shift);
-            let (hv, nv) = sourcetab::verdict_lookup_v6(|i| GK_VERDICTS.get(i), &host, &net, &at);
+            let (hv, nv) = sourcetab::verdict_lookup_v6(|i| GK_VERDICTS.get(i), &host, &at);
             let at = sourcetab::Slots { seen: sourcetab::seen_slot(&host, &cfg.hash), ..at };
             (host, at, Some(if hv.expires_ns > now { hv } else { nv }))
         }
