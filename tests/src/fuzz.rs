@@ -54,8 +54,9 @@ use gatekeeper::{
     verdict_table::VerdictTable,
 };
 use gatekeeper_common::{
-    action, addr, maps, port_policy, programs, sourcetab::{source_slots, verdict_shift, SeenSlot as BpfSeenSlot}, stat_index, Config, KeyWords,
-    LimitKey, RateLimit, SourceKey, Verdict, MAX_LIMIT_CLASSES, STAT_STRIDE,
+    action, addr, maps, port_policy, programs,
+    sourcetab::{source_slots, verdict_shift, SeenSlot as BpfSeenSlot},
+    stat_index, Config, KeyWords, LimitKey, RateLimit, SourceKey, Verdict, MAX_LIMIT_CLASSES, STAT_STRIDE,
 };
 use ipnet::IpNet;
 use serde::Serialize;
@@ -198,9 +199,7 @@ impl Instance {
     /// The counters of the test runs' interface slot, summed over CPUs.
     fn counters(&self, egress: bool) -> Result<Vec<u64>> {
         let map = if egress { &self.eg_stats } else { &self.stats };
-        (0..STAT_STRIDE)
-            .map(|c| Ok(map.get(&stat_index(self.ifindex, c), 0)?.iter().sum::<u64>()))
-            .collect()
+        (0..STAT_STRIDE).map(|c| Ok(map.get(&stat_index(self.ifindex, c), 0)?.iter().sum::<u64>())).collect()
     }
 
     fn range_hits(&self, id: u32) -> Result<u64> {
@@ -438,7 +437,8 @@ fn new_epoch(rng: &mut Rng, inst: &mut Instance, m: &mut Model, plan: &mut Plan)
         // Not where a source in ::/64 (whose /64 key is the empty key)
         // searches: see `Model`.
         let at = source_slots(&KeyWords::of(&key).bucket_key(), &testrun::HASH, shift);
-        if KeyWords::of(&key).is_empty() || [at.first, at.second].iter().any(|b| [empty.first, empty.second].contains(b))
+        if KeyWords::of(&key).is_empty()
+            || [at.first, at.second].iter().any(|b| [empty.first, empty.second].contains(b))
         {
             continue;
         }
@@ -450,15 +450,12 @@ fn new_epoch(rng: &mut Rng, inst: &mut Instance, m: &mut Model, plan: &mut Plan)
         };
         let action = [action::PASS, action::DROP, action::DROP, action::PRESUMED_DROP, 9][rng.below(5) as usize];
         let v = Verdict { expires_ns, action, reason: rng.below(10) as u32 };
-        match inst.verdicts.insert(key, v) {
-            Ok(evicted) => {
-                if let Some(e) = evicted {
-                    m.verdicts.remove(&e);
-                }
-                m.verdicts.insert(key, v);
+        // An error: both buckets hold nothing evictable, nothing written.
+        if let Ok(evicted) = inst.verdicts.insert(key, v) {
+            if let Some(e) = evicted {
+                m.verdicts.remove(&e);
             }
-            // Both buckets hold nothing evictable: nothing written.
-            Err(_) => {}
+            m.verdicts.insert(key, v);
         }
     }
 
@@ -534,7 +531,10 @@ fn random_packet(rng: &mut Rng, plan: &Plan) -> Packet {
                         ExtHeader::DestOpts(rng.bytes(n))
                     }
                     6 | 7 => ExtHeader::routing(&[pick(rng, &plan.dst6)]),
-                    8 | 9 => ExtHeader::fragment(if rng.below(2) == 0 { 0 } else { rng.below(0x2000) as u16 }, rng.below(2) == 0),
+                    8 | 9 => ExtHeader::fragment(
+                        if rng.below(2) == 0 { 0 } else { rng.below(0x2000) as u16 },
+                        rng.below(2) == 0,
+                    ),
                     10 => ExtHeader::fragment(0, true),
                     _ => ExtHeader::ah(),
                 };
@@ -573,7 +573,9 @@ fn random_packet(rng: &mut Rng, plan: &Plan) -> Packet {
 /// How mutated frames are changed.
 const MUTATION: Mutation = Mutation {
     span: 140,
-    planted: &[0, 1, 4, 5, 6, 0x02, 0x12, 0x20, 0x11, 43, 44, 51, 59, 60, 0xff, 0x45, 0x50, 0x21, 0x57, 0x81, 0x88, 0x86],
+    planted: &[
+        0, 1, 4, 5, 6, 0x02, 0x12, 0x20, 0x11, 43, 44, 51, 59, 60, 0xff, 0x45, 0x50, 0x21, 0x57, 0x81, 0x88, 0x86,
+    ],
     resize_one_in: 5,
     extend_below: 64,
 };
@@ -669,7 +671,10 @@ fn check_run(hook: Option<Hook>, ran: Ran, frame: &[u8], want: &Expect) -> Resul
     };
     let Some(got) = got else { return Err((true, format!("return code {}", code as i32))) };
     if got != want_o {
-        return Err((false, format!("expected {}, got {} (return code {})", outcome_name(want_o), outcome_name(got), code as i32)));
+        return Err((
+            false,
+            format!("expected {}, got {} (return code {})", outcome_name(want_o), outcome_name(got), code as i32),
+        ));
     }
     if got == Outcome::Reject {
         // The answer: a RST|ACK with the ports swapped, in place.
@@ -791,7 +796,8 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report> {
             if i > 0 {
                 events += inst.drain_events();
                 for d in compare(&inst, &before, &tally, events)? {
-                    let text = format!("seed {} epoch {} (frames {epoch_start}..{i}): {d}", opts.seed, report.epochs - 1);
+                    let text =
+                        format!("seed {} epoch {} (frames {epoch_start}..{i}): {d}", opts.seed, report.epochs - 1);
                     fail(&mut report, false, text, log);
                 }
             }

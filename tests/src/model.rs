@@ -263,14 +263,19 @@ pub fn walk(f: &[u8], gate: Gate) -> Walk {
     }
 }
 
-/// Reads the TCP header of `seg`: `Err(())` when it is not all there or
+/// The TCP header of a segment cannot be read: cut off, or a data offset
+/// below 5 words (parse-skipped).
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Unreadable;
+
+/// Reads the TCP header of `seg`: `Err(Unreadable)` when it is not all there or
 /// malformed (parse-skipped), `Ok(None)` when it is no SYN (ACK or RST
 /// set, or SYN clear).
-pub fn syn_header(f: &[u8], seg: &Segment) -> Result<Option<SynHeader>, ()> {
-    let h = get(f, seg.tcp, 16).ok_or(())?;
+pub fn syn_header(f: &[u8], seg: &Segment) -> Result<Option<SynHeader>, Unreadable> {
+    let h = get(f, seg.tcp, 16).ok_or(Unreadable)?;
     let tcp_len = (h[12] >> 4) as usize * 4;
     if tcp_len < 20 || get(f, seg.tcp + tcp_len - 2, 2).is_none() {
-        return Err(());
+        return Err(Unreadable);
     }
     if h[13] & 0x16 != 0x02 {
         return Ok(None);
@@ -290,7 +295,7 @@ pub fn parse(f: &[u8], gate: Gate) -> Parse {
             Hidden::Fragment => Parse::Fragment,
             Hidden::Chain => Parse::LongChain,
             Hidden::None => match syn_header(f, &seg) {
-                Err(()) => Parse::Unreadable,
+                Err(Unreadable) => Parse::Unreadable,
                 Ok(None) => Parse::NotSyn,
                 Ok(Some(s)) => Parse::Syn { plain: s.plain },
             },
@@ -479,7 +484,7 @@ impl Model {
             Walk::Tcp(seg) => seg,
         };
         let syn = match syn_header(f, &seg) {
-            Err(()) => return e.skipped(Counter::ParseSkipped as u32),
+            Err(Unreadable) => return e.skipped(Counter::ParseSkipped as u32),
             Ok(None) => return e,
             Ok(Some(syn)) => syn,
         };
@@ -572,7 +577,7 @@ impl Model {
             }
         }
         let syn = match syn_header(f, &seg) {
-            Err(()) => return e.skipped(skipped),
+            Err(Unreadable) => return e.skipped(skipped),
             Ok(None) => return e,
             Ok(Some(syn)) => syn,
         };

@@ -167,8 +167,12 @@ pub fn fuzz(frames: u64, seed: u64, json: bool) -> Result<()> {
     setup::setup()?;
     run(util::cargo().args(["build", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-fuzz"]))?;
     let mut cmd = util::cargo();
-    cmd.args(["run", "--quiet", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-fuzz", "--"])
-        .args(["--frames", &frames.to_string(), "--seed", &seed.to_string()]);
+    cmd.args(["run", "--quiet", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-fuzz", "--"]).args([
+        "--frames",
+        &frames.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
     if json {
         let dir = target_dir()?.join("bench");
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
