@@ -1,10 +1,12 @@
 //! Test support for gatekeeper's root integration tests, the lab and the
 //! benchmarks: packet builders, network-namespace scaffolding, DNS servers,
-//! the BPF_PROG_TEST_RUN harness and the host reference model of the
-//! datapath's parser, and a gatekeeper instance driven through its CLI.
+//! the BPF_PROG_TEST_RUN harness, the host reference model of the
+//! datapath and the differential fuzzer built on it, and a gatekeeper
+//! instance driven through its CLI.
 
 pub mod agentlab;
 pub mod dnslab;
+pub mod fuzz;
 pub mod model;
 pub mod netlab;
 pub mod packet;

@@ -4,12 +4,26 @@
 //! decide on, a frame their parser gives up on, or neither; and the random
 //! frame mutations the datapath is checked against it on.
 //!
-//! It models the gates with every port guarded; what a gate then does with
-//! a SYN (drop it, answer it) is the test's to say.
+//! [`parse`] reads a frame with every port guarded; [`Model`] goes on to the
+//! whole decision of each gate for given map contents (ranges, ports,
+//! policies, rate limits, verdicts, config flags) and keeps the state the
+//! programs keep, for the in-kernel tests and the differential fuzzer
+//! (`gatekeeper-fuzz`) alike.
 
-use gatekeeper_common::MAX_IPV6_EXT_HEADERS;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use gatekeeper::domain::RangeKind;
+use gatekeeper_common::{
+    action, addr, config_flags, port_policy,
+    sourcetab::{seen_slot, HashKey},
+    verdict_reason, Counter, EgressCounter, KeyWords, LimitKey, RateLimit, SourceKey, Verdict, MAX_IPV6_EXT_HEADERS,
+    MAX_LIMIT_CLASSES,
+};
+use ipnet::IpNet;
 
 use crate::rng::Rng;
+use crate::testrun::Outcome;
 
 /// How [`mutate`] changes a frame.
 pub struct Mutation {
@@ -79,21 +93,87 @@ pub enum Parse {
     LongChain,
 }
 
-/// Reads `f` (an Ethernet frame) the way `gate`'s parser must, with every
-/// port guarded (so a first fragment to any port is one to a guarded port).
-pub fn parse(f: &[u8], gate: Gate) -> Parse {
+/// What the parser's walk to the TCP header finds.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Walk {
+    /// No TCP segment whose header this frame holds (another protocol, a
+    /// fragment after the first, another PPP protocol): passed, uncounted.
+    NotTcp,
+    /// A header the walk needs is cut off or malformed: passed, counted as
+    /// parse-skipped.
+    Unreadable,
+    /// A TCP segment.
+    Tcp(Segment),
+}
+
+/// What a segment's headers hide from the egress gate (the ingress gate's
+/// walk always says `None`).
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Hidden {
+    None,
+    /// A first fragment (IPv4 MF at offset 0, or an IPv6 fragment header
+    /// with M at offset 0): its TCP header may not be all there (for IPv6,
+    /// `tcp` may then point at a header the frame does not hold).
+    Fragment,
+    /// An IPv6 chain that goes on past `MAX_IPV6_EXT_HEADERS` headers
+    /// (`tcp` points where the walk stopped).
+    Chain,
+}
+
+/// Where a TCP segment sits in a frame.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Segment {
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP header.
+    pub tcp: usize,
+    pub v6: bool,
+    /// Carried in a PPPoE session.
+    pub pppoe: bool,
+    pub hidden: Hidden,
+    /// The length the IP header gives the TCP segment when the IP header
+    /// is plain (IPv4 without options, IPv6 without extension headers).
+    pub plain_len: Option<usize>,
+}
+
+/// A TCP SYN as the gates read it.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct SynHeader {
+    pub seg: Segment,
+    /// The TCP header's length, options included.
+    pub tcp_len: usize,
+    pub dport: u16,
+    /// Answerable with a RST in place: no PPPoE, a plain IP header and no
+    /// payload.
+    pub plain: bool,
+}
+
+/// Reads `len` bytes at `off` the way the datapath may: inside the frame
+/// and starting at or below 4 KiB.
+fn get(f: &[u8], off: usize, n: usize) -> Option<&[u8]> {
+    if off <= 0xfff && off + n <= f.len() {
+        Some(&f[off..off + n])
+    } else {
+        None
+    }
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+/// Walks `f` (an Ethernet frame) to its TCP header the way `gate`'s parser
+/// must.
+pub fn walk(f: &[u8], gate: Gate) -> Walk {
     let egress = gate == Gate::Egress;
-    // Every read must lie in the frame and start below 4 KiB.
-    let get = |off: usize, n: usize| if off <= 0xfff && off + n <= f.len() { Some(&f[off..off + n]) } else { None };
-    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    let Some(b) = get(12, 2) else { return Parse::Unreadable };
+    let Some(b) = get(f, 12, 2) else { return Walk::Unreadable };
     let mut et = be16(b);
     let mut off = 14;
     for _ in 0..2 {
         if et != 0x8100 && et != 0x88a8 {
             break;
         }
-        let Some(b) = get(off + 2, 2) else { return Parse::Unreadable };
+        let Some(b) = get(f, off + 2, 2) else { return Walk::Unreadable };
         et = be16(b);
         off += 4;
     }
@@ -102,92 +182,482 @@ pub fn parse(f: &[u8], gate: Gate) -> Parse {
     // version, code nor length is checked.
     let mut pppoe = false;
     if et == 0x8864 {
-        let Some(b) = get(off + 6, 2) else { return Parse::Unreadable };
+        let Some(b) = get(f, off + 6, 2) else { return Walk::Unreadable };
         let (proto, len) = if b[0] % 2 == 1 { (u16::from(b[0]), 7) } else { (be16(b), 8) };
         et = match proto {
             0x21 => 0x0800,
             0x57 => 0x86dd,
-            _ => return Parse::NotSyn,
+            _ => return Walk::NotTcp,
         };
         off += len;
         pppoe = true;
     }
     let l3 = off;
-    // (TCP offset, the length the IP header gives the TCP segment or None
-    // when the segment is not plain)
-    let (tcp, seg_len) = match et {
+    let seg = |tcp, v6, hidden, plain_len| Walk::Tcp(Segment { l3, tcp, v6, pppoe, hidden, plain_len });
+    match et {
         0x0800 => {
-            let Some(ip) = get(off, 20) else { return Parse::Unreadable };
+            let Some(ip) = get(f, off, 20) else { return Walk::Unreadable };
             let ihl = (ip[0] & 0x0f) as usize * 4;
             if ip[0] >> 4 != 4 || ihl < 20 {
-                return Parse::Unreadable;
+                return Walk::Unreadable;
             }
             let frag = be16(&ip[6..8]);
             if frag & 0x1fff != 0 || ip[9] != 6 {
-                return Parse::NotSyn;
+                return Walk::NotTcp;
             }
-            if egress && frag & 0x2000 != 0 {
-                return Parse::Fragment;
-            }
+            let hidden = if egress && frag & 0x2000 != 0 { Hidden::Fragment } else { Hidden::None };
             let total = be16(&ip[2..4]) as usize;
-            (off + ihl, (ihl == 20).then(|| total.wrapping_sub(20)))
+            seg(off + ihl, false, hidden, (ihl == 20).then(|| total.wrapping_sub(20)))
         }
         0x86dd => {
-            let Some(ip) = get(off, 8) else { return Parse::Unreadable };
+            let Some(ip) = get(f, off, 8) else { return Walk::Unreadable };
             if ip[0] >> 4 != 6 {
-                return Parse::Unreadable;
+                return Walk::Unreadable;
             }
             let payload = be16(&ip[4..6]) as usize;
             let mut next = ip[6];
-            if get(off + 8, 16).is_none() {
-                return Parse::Unreadable;
+            if get(f, off + 8, 16).is_none() {
+                return Walk::Unreadable;
             }
             off += 40;
             let mut walked = 0;
             // Egress: a fragment header with M set at offset 0 was walked.
             let mut first = false;
-            // A header the walk cannot read: after a first fragment header,
-            // what follows is hidden.
-            let cut = |first: bool| if first { Parse::Fragment } else { Parse::Unreadable };
-            let tcp = loop {
+            loop {
                 match next {
-                    6 => break off,
-                    0 | 43 | 44 | 51 | 60 if walked == MAX_IPV6_EXT_HEADERS && egress => return Parse::LongChain,
-                    _ if walked == MAX_IPV6_EXT_HEADERS => return Parse::Unreadable,
+                    6 => break,
+                    0 | 43 | 44 | 51 | 60 if walked == MAX_IPV6_EXT_HEADERS && egress => {
+                        return seg(off, true, Hidden::Chain, None)
+                    }
+                    _ if walked == MAX_IPV6_EXT_HEADERS => return Walk::Unreadable,
                     0 | 43 | 60 => {
-                        let Some(h) = get(off, 2) else { return cut(first) };
+                        // A header the walk cannot read: after a first
+                        // fragment header, what follows is hidden.
+                        let Some(h) = get(f, off, 2) else {
+                            return if first { seg(off, true, Hidden::Fragment, None) } else { Walk::Unreadable };
+                        };
                         next = h[0];
                         off += (h[1] as usize + 1) * 8;
                     }
                     44 => {
-                        let Some(h) = get(off, 4) else { return cut(first) };
+                        let Some(h) = get(f, off, 4) else {
+                            return if first { seg(off, true, Hidden::Fragment, None) } else { Walk::Unreadable };
+                        };
                         let field = be16(&h[2..4]);
                         if field & 0xfff8 != 0 {
-                            return Parse::NotSyn;
+                            return Walk::NotTcp;
                         }
                         first |= egress && field & 1 == 1;
                         next = h[0];
                         off += 8;
                     }
-                    51 => return Parse::Unreadable,
-                    _ => return Parse::NotSyn,
+                    51 => return Walk::Unreadable,
+                    _ => return Walk::NotTcp,
                 }
                 walked += 1;
-            };
-            if first {
-                return Parse::Fragment;
             }
-            (tcp, (tcp == l3 + 40).then_some(payload))
+            let hidden = if first { Hidden::Fragment } else { Hidden::None };
+            seg(off, true, hidden, (off == l3 + 40).then_some(payload))
         }
-        _ => return Parse::NotSyn,
-    };
-    let Some(h) = get(tcp, 14) else { return Parse::Unreadable };
-    let doff = (h[12] >> 4) as usize * 4;
-    if doff < 20 || tcp + doff > f.len() {
-        return Parse::Unreadable;
+        _ => Walk::NotTcp,
+    }
+}
+
+/// The TCP header of a segment cannot be read: cut off, or a data offset
+/// below 5 words (parse-skipped).
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Unreadable;
+
+/// Reads the TCP header of `seg`: `Err(Unreadable)` when it is not all there or
+/// malformed (parse-skipped), `Ok(None)` when it is no SYN (ACK or RST
+/// set, or SYN clear).
+pub fn syn_header(f: &[u8], seg: &Segment) -> Result<Option<SynHeader>, Unreadable> {
+    let h = get(f, seg.tcp, 16).ok_or(Unreadable)?;
+    let tcp_len = (h[12] >> 4) as usize * 4;
+    if tcp_len < 20 || get(f, seg.tcp + tcp_len - 2, 2).is_none() {
+        return Err(Unreadable);
     }
     if h[13] & 0x16 != 0x02 {
-        return Parse::NotSyn;
+        return Ok(None);
     }
-    Parse::Syn { plain: !pppoe && seg_len == Some(doff) }
+    let plain = !seg.pppoe && seg.plain_len == Some(tcp_len);
+    Ok(Some(SynHeader { seg: *seg, tcp_len, dport: be16(&h[2..4]), plain }))
+}
+
+/// Reads `f` the way `gate`'s parser must, with every port guarded (so a
+/// first fragment to any port is one to a guarded port) and, at the
+/// egress gate, every source in a pool.
+pub fn parse(f: &[u8], gate: Gate) -> Parse {
+    match walk(f, gate) {
+        Walk::NotTcp => Parse::NotSyn,
+        Walk::Unreadable => Parse::Unreadable,
+        Walk::Tcp(seg) => match seg.hidden {
+            Hidden::Fragment => Parse::Fragment,
+            Hidden::Chain => Parse::LongChain,
+            Hidden::None => match syn_header(f, &seg) {
+                Err(Unreadable) => Parse::Unreadable,
+                Ok(None) => Parse::NotSyn,
+                Ok(Some(s)) => Parse::Syn { plain: s.plain },
+            },
+        },
+    }
+}
+
+// ---------------------------------------------------------------- decisions
+
+/// A range in the model: what the operator (or the learner) asked for, not
+/// what the agent writes to the tries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub kind: RangeKind,
+    pub net: IpNet,
+    pub id: u32,
+    /// A deny range the agent learned (a presumption).
+    pub learned: bool,
+    /// A pool whose SYNs are answered with a RST.
+    pub reject: bool,
+}
+
+/// A reported-sources slot, in the fixed clock situation the model
+/// assumes: every time the datapath compares is within the event interval
+/// and the hold window, so only "set or not" matters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeenSlot {
+    pub key: KeyWords,
+    /// `first_ns` is set (the holder's hold window started).
+    pub first: bool,
+    /// `reported_ns` is set.
+    pub reported: bool,
+}
+
+/// What a gate program must do with a frame.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expect {
+    /// None: pass.
+    pub outcome: Option<Outcome>,
+    /// The counters (ingress `Counter` or `EgressCounter` slots) that move
+    /// by one each.
+    pub counters: Vec<u32>,
+    /// The range ids whose hits move.
+    pub hits: Vec<u32>,
+    /// Events queued for the agent.
+    pub events: u32,
+}
+
+impl Expect {
+    pub fn outcome(&self) -> Outcome {
+        self.outcome.unwrap_or(Outcome::Pass)
+    }
+
+    fn skipped(mut self, counter: u32) -> Expect {
+        self.counters.push(counter);
+        self
+    }
+}
+
+/// The model of one loaded gatekeeper instance: the map contents that
+/// decide (ranges, ports, policies, limits, verdicts, config flags) and the
+/// state the programs keep (reported sources, token buckets), so that, for
+/// any frame, [`Model::ingress`] and [`Model::egress`] say what the programs
+/// must return and which counters and range hits move.
+///
+/// The clock situation is fixed: every live verdict expires long after the
+/// run and every expired one long before it; the event interval and the
+/// hold window outlast the run; a rate-limit class's interval is 0
+/// (unlimited) or outlasts the run, so a source gets exactly `burst`
+/// connections of a class; the event ring never fills (the caller drains
+/// it).
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    pub ranges: Vec<Range>,
+    /// Ingress guarded ports.
+    pub ports: HashSet<u16>,
+    /// Egress policy words by port (absent: 0).
+    pub policy: HashMap<u16, u32>,
+    /// Egress rate-limit classes.
+    pub limits: [RateLimit; MAX_LIMIT_CLASSES as usize],
+    pub verdicts: HashMap<SourceKey, Verdict>,
+    /// The time against which verdicts are live or expired.
+    pub now_ns: u64,
+    /// `config_flags`.
+    pub flags: u32,
+    /// The verdict and reported-sources hash secret.
+    pub hash: HashKey,
+    /// Reported-sources slots by index (absent: empty).
+    pub seen: HashMap<u32, SeenSlot>,
+    /// Connections admitted per token bucket.
+    pub buckets: HashMap<LimitKey, u64>,
+}
+
+/// A source's range in one table, as the operator's rules decide it.
+enum Hit {
+    /// The winning kind (allow, exempt): the longest range of that kind.
+    Winner(u32),
+    /// The losing kind (deny, pool): the longest range of that kind.
+    Loser(Range),
+}
+
+fn ip_at(f: &[u8], off: usize, v6: bool) -> Option<IpAddr> {
+    if v6 {
+        let b: [u8; 16] = get(f, off, 16)?.try_into().ok()?;
+        Some(IpAddr::V6(Ipv6Addr::from(b)))
+    } else {
+        let b: [u8; 4] = get(f, off, 4)?.try_into().ok()?;
+        Some(IpAddr::V4(Ipv4Addr::from(b)))
+    }
+}
+
+/// The source and destination address of a segment.
+fn addrs(f: &[u8], seg: &Segment) -> Option<(IpAddr, IpAddr)> {
+    if seg.v6 {
+        Some((ip_at(f, seg.l3 + 8, true)?, ip_at(f, seg.l3 + 24, true)?))
+    } else {
+        Some((ip_at(f, seg.l3 + 12, false)?, ip_at(f, seg.l3 + 16, false)?))
+    }
+}
+
+impl Model {
+    /// The longest range of `kind` holding `ip`.
+    fn longest(&self, kind: RangeKind, ip: &IpAddr) -> Option<&Range> {
+        self.ranges.iter().filter(|r| r.kind == kind && r.net.contains(ip)).max_by_key(|r| r.net.prefix_len())
+    }
+
+    /// Allow always wins over deny (exempt over pool), whatever the
+    /// prefix lengths.
+    fn table(&self, winner: RangeKind, loser: RangeKind, ip: &IpAddr) -> Option<Hit> {
+        if let Some(w) = self.longest(winner, ip) {
+            return Some(Hit::Winner(w.id));
+        }
+        self.longest(loser, ip).map(|l| Hit::Loser(l.clone()))
+    }
+
+    fn policy_of(&self, port: u16) -> u32 {
+        self.policy.get(&port).copied().unwrap_or(0)
+    }
+
+    fn live(&self, v: &Verdict) -> bool {
+        v.expires_ns > self.now_ns
+    }
+
+    fn dry(&self) -> bool {
+        self.flags & config_flags::DRY_RUN != 0
+    }
+
+    /// Reports `key` at most once (the interval outlasts the run) and keeps
+    /// its slot: true when its hold window runs (it holds the slot and its
+    /// first SYN started the window).
+    fn note(&mut self, key: KeyWords, e: &mut Expect) -> bool {
+        let slot = seen_slot(&key, &self.hash);
+        let s = self.seen.entry(slot).or_default();
+        let ours = s.key == key;
+        if ours && s.reported {
+            return s.first;
+        }
+        let free = !ours && !s.first && !s.reported;
+        e.events += 1;
+        if ours {
+            s.reported = true;
+            return s.first;
+        }
+        if !free {
+            return false;
+        }
+        *s = SeenSlot { key, first: true, reported: true };
+        true
+    }
+
+    fn drop_or_dry(&self, e: &mut Expect, counter: u32, dry_counter: u32) {
+        e.counters.push(counter);
+        if self.dry() {
+            e.counters.push(dry_counter);
+        } else {
+            e.outcome = Some(Outcome::Drop);
+        }
+    }
+
+    /// What `gatekeeper_ingress` must do with `f`.
+    pub fn ingress(&mut self, f: &[u8]) -> Expect {
+        let e = Expect::default();
+        let seg = match walk(f, Gate::Ingress) {
+            Walk::NotTcp => return e,
+            Walk::Unreadable => return e.skipped(Counter::ParseSkipped as u32),
+            Walk::Tcp(seg) => seg,
+        };
+        let syn = match syn_header(f, &seg) {
+            Err(Unreadable) => return e.skipped(Counter::ParseSkipped as u32),
+            Ok(None) => return e,
+            Ok(Some(syn)) => syn,
+        };
+        if !self.ports.contains(&syn.dport) {
+            return e;
+        }
+        let Some((src, _)) = addrs(f, &seg) else { return e.skipped(Counter::ParseSkipped as u32) };
+        self.decide(src, e)
+    }
+
+    /// The ingress decision for a guarded SYN from `src`.
+    fn decide(&mut self, src: IpAddr, mut e: Expect) -> Expect {
+        let dry = Counter::DryRun as u32;
+        let mut presumed = false;
+        match self.table(RangeKind::Allow, RangeKind::Deny, &src) {
+            Some(Hit::Winner(id)) => {
+                e.hits.push(id);
+                e.counters.push(Counter::Allowed as u32);
+                return e;
+            }
+            Some(Hit::Loser(r)) => {
+                e.hits.push(r.id);
+                if !r.learned {
+                    self.drop_or_dry(&mut e, Counter::DenyRange as u32, dry);
+                    return e;
+                }
+                presumed = true;
+            }
+            None => {}
+        }
+        // IPv4: one key. IPv6: the address's own verdict while live, else
+        // its /64's.
+        let (seen_key, verdict) = match src {
+            IpAddr::V4(a) => {
+                let key = KeyWords::v4(a.octets());
+                (key, self.verdicts.get(&key.key()).copied())
+            }
+            // A source in ::/64 (IPv4-mapped, loopback, unspecified: never
+            // a source on the wire) hashes as the empty key: the tables
+            // assume no source does, and the datapath searches the empty
+            // key's buckets, where the fuzzer puts no verdict.
+            IpAddr::V6(a) if KeyWords::v6(&a.octets()).is_empty() => (KeyWords::v6_host(&a.octets()), None),
+            IpAddr::V6(a) => {
+                let host = KeyWords::v6_host(&a.octets());
+                let net = KeyWords::v6(&a.octets());
+                let hv = self.verdicts.get(&host.key()).copied().filter(|v| self.live(v));
+                (host, hv.or_else(|| self.verdicts.get(&net.key()).copied()))
+            }
+        };
+        if let Some(v) = verdict.filter(|v| self.live(v)) {
+            let counter = Counter::verdict_drop(v.reason);
+            match v.action {
+                action::DROP => self.drop_or_dry(&mut e, counter, dry),
+                action::PRESUMED_DROP => {
+                    self.note(seen_key, &mut e);
+                    self.drop_or_dry(&mut e, counter, dry);
+                }
+                _ => e.counters.push(Counter::VerdictPass as u32),
+            }
+            return e;
+        }
+        let held = self.note(seen_key, &mut e);
+        if presumed {
+            self.drop_or_dry(&mut e, Counter::DenyRange as u32, dry);
+        } else if self.flags & config_flags::HOLD != 0 && held {
+            self.drop_or_dry(&mut e, Counter::verdict_drop(verdict_reason::HOLD), dry);
+        } else {
+            e.counters.push(Counter::Unknown as u32);
+        }
+        e
+    }
+
+    /// What the egress gate programs (`gatekeeper_subscriber`,
+    /// `gatekeeper_egress`) must do with `f`.
+    pub fn egress(&mut self, f: &[u8]) -> Expect {
+        let skipped = EgressCounter::ParseSkipped as u32;
+        let mut e = Expect::default();
+        let seg = match walk(f, Gate::Egress) {
+            Walk::NotTcp => return e,
+            Walk::Unreadable => return e.skipped(skipped),
+            Walk::Tcp(seg) => seg,
+        };
+        if seg.hidden != Hidden::None {
+            match self.guard_hidden(f, &seg, e) {
+                Ok(done) => return done,
+                Err(back) => e = back,
+            }
+            if seg.hidden == Hidden::Chain {
+                return e.skipped(skipped);
+            }
+        }
+        let syn = match syn_header(f, &seg) {
+            Err(Unreadable) => return e.skipped(skipped),
+            Ok(None) => return e,
+            Ok(Some(syn)) => syn,
+        };
+        let policy = self.policy_of(syn.dport);
+        if policy == 0 {
+            return e;
+        }
+        let Some((src, dst)) = addrs(f, &seg) else { return e.skipped(skipped) };
+        let Some(hit) = self.table(RangeKind::Exempt, RangeKind::Pool, &src) else { return e };
+        let dry = EgressCounter::DryRun as u32;
+        if policy & port_policy::GUARD != 0 {
+            match hit {
+                Hit::Loser(pool) => {
+                    if let Some(s) = self.longest(RangeKind::Smarthost, &dst) {
+                        e.hits.push(s.id);
+                        e.counters.push(EgressCounter::SmarthostAllowed as u32);
+                    } else {
+                        e.hits.push(pool.id);
+                        if self.dry() {
+                            let c = if pool.reject { EgressCounter::PoolRejected } else { EgressCounter::PoolBlocked };
+                            e.counters.extend([c as u32, dry]);
+                        } else if pool.reject && syn.plain {
+                            e.counters.push(EgressCounter::PoolRejected as u32);
+                            e.outcome = Some(Outcome::Reject);
+                        } else {
+                            e.counters.push(EgressCounter::PoolBlocked as u32);
+                            e.outcome = Some(Outcome::Drop);
+                        }
+                        return e;
+                    }
+                }
+                Hit::Winner(id) => {
+                    e.hits.push(id);
+                    e.counters.push(EgressCounter::Exempt as u32);
+                }
+            }
+        }
+        let class = port_policy::class(policy);
+        if class == 0 || class >= MAX_LIMIT_CLASSES {
+            return e;
+        }
+        let limit = self.limits[class as usize];
+        if limit.interval_ns == 0 {
+            return e;
+        }
+        let addr = match src {
+            IpAddr::V4(a) => addr::key_v4(a.octets()).addr,
+            IpAddr::V6(a) => addr::key_v6(a.octets()).addr,
+        };
+        let used = self.buckets.entry(LimitKey { addr, class }).or_default();
+        if *used < limit.burst_ns / limit.interval_ns {
+            *used += 1;
+            return e;
+        }
+        self.drop_or_dry(&mut e, EgressCounter::RateLimited as u32, dry);
+        e
+    }
+
+    /// The egress guard of a segment whose headers hide whether it is a SYN
+    /// to a guarded port: `Ok` with the decision when it drops it (a pool
+    /// source's, not to a smarthost, to a guarded port or one it cannot
+    /// show), else `Err` to go on.
+    fn guard_hidden(&self, f: &[u8], seg: &Segment, mut e: Expect) -> Result<Expect, Expect> {
+        let counter = if seg.hidden == Hidden::Fragment {
+            if let Some(ports) = get(f, seg.tcp, 4) {
+                if self.policy_of(be16(&ports[2..4])) & port_policy::GUARD == 0 {
+                    return Err(e);
+                }
+            }
+            EgressCounter::PoolFragment
+        } else {
+            EgressCounter::PoolExtChain
+        };
+        let Some((src, dst)) = addrs(f, seg) else { return Ok(e.skipped(EgressCounter::ParseSkipped as u32)) };
+        let Some(Hit::Loser(pool)) = self.table(RangeKind::Exempt, RangeKind::Pool, &src) else { return Err(e) };
+        if self.longest(RangeKind::Smarthost, &dst).is_some() {
+            return Err(e);
+        }
+        e.hits.push(pool.id);
+        self.drop_or_dry(&mut e, counter as u32, EgressCounter::DryRun as u32);
+        Ok(e)
+    }
 }

@@ -42,6 +42,12 @@ impl AgentRanges {
         self.sync();
     }
 
+    /// Replaces every range with `records` and writes the maps.
+    pub fn replace(&mut self, records: Vec<RangeRecord>) {
+        self.records = records;
+        self.sync();
+    }
+
     /// Removes the `kind` range `net` (there must be one) and writes the maps.
     pub fn remove(&mut self, kind: RangeKind, net: &str) {
         let net: IpNet = net.parse().unwrap();

@@ -98,6 +98,15 @@ impl Hook {
     }
 }
 
+/// The kernel's skb test run refuses (EINVAL, before any program runs) a
+/// frame whose ethertype is IPv4 (IPv6) without a whole IPv4 (IPv6) header
+/// after it. Such a frame never reaches a TC program as an skb either, so
+/// there is nothing to test; the XDP programs still get them.
+pub fn skb_refuses(frame: &[u8]) -> bool {
+    let et = u16::from_be_bytes([frame[12], frame[13]]);
+    (et == 0x0800 && frame.len() < 14 + 20) || (et == 0x86dd && frame.len() < 14 + 40)
+}
+
 /// Panics unless running as root; `what` names the test file.
 pub fn require_root(what: &str) {
     assert!(

@@ -11,6 +11,10 @@
 //!   root tests may run in parallel; pass `-- --test-threads=1` to serialise.
 //! * `cargo xtask bench xdp|egress|classify|all [-- ARGS]` — setup, then the release
 //!   `gatekeeper-bench` binary; JSON results land in `target/bench/`.
+//! * `cargo xtask fuzz [--frames N] [--seed S] [--json]` — setup, then the
+//!   release `gatekeeper-fuzz` binary: random and mutated frames through
+//!   the gates against the host model; `--json` writes
+//!   `target/bench/fuzz.json`. Fails on any mismatch or abort.
 //! * `cargo xtask lab` — setup, build, then the `gatekeeper-lab` binary: a
 //!   throwaway namespace lab running the real agent, torn down at the end.
 
@@ -50,6 +54,18 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, then run the release differential fuzzer (root): frames through the gates against the host model.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Seed of the run (the same seed gives the same frames and maps).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the summary to target/bench/fuzz.json.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build everything and run the self-contained namespace lab (root).
     Lab {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
@@ -82,6 +98,7 @@ fn main() {
             };
             test::bench(which, &args)
         }
+        Cmd::Fuzz { frames, seed, json } => test::fuzz(frames, seed, json),
         Cmd::Lab { args } => test::lab(&args),
     };
     if let Err(e) = result {

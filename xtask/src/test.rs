@@ -1,4 +1,4 @@
-//! `cargo xtask test` and `cargo xtask bench`.
+//! `cargo xtask test`, `cargo xtask bench` and `cargo xtask fuzz`.
 
 use std::{
     collections::BTreeSet,
@@ -157,6 +157,28 @@ pub fn bench(which: &str, args: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cargo run --release -p gatekeeper-tests --bin gatekeeper-fuzz`: the
+/// differential fuzzer, `frames` frames from `seed`; with `json` its
+/// summary goes to `<target>/bench/fuzz.json`. Fails when the fuzzer found
+/// a mismatch or an abort.
+pub fn fuzz(frames: u64, seed: u64, json: bool) -> Result<()> {
+    setup::setup()?;
+    run(util::cargo().args(["build", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-fuzz"]))?;
+    let mut cmd = util::cargo();
+    cmd.args(["run", "--quiet", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-fuzz", "--"]).args([
+        "--frames",
+        &frames.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    if json {
+        let dir = target_dir()?.join("bench");
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        cmd.arg("--json").arg(dir.join("fuzz.json"));
+    }
+    run(&mut cmd)
 }
 
 /// The cargo target directory (honours CARGO_TARGET_DIR and .cargo config).
