@@ -22,7 +22,7 @@
 //! like retransmitters cannot starve first-time senders altogether.
 //!
 //! **Bounded.** At most `max_pending` sources are waiting or being looked up
-//! (taken by [`Scheduler::next`] until [`Scheduler::done`]). When full, a
+//! (taken by [`Scheduler::pick`] until [`Scheduler::done`]). When full, a
 //! newcomer takes the place of the newest source of the longest fair prefix
 //! queue if that queue is longer than the newcomer's own would become (so a
 //! flood of one prefix gives way to everyone else, and a spray of single
@@ -100,8 +100,12 @@ pub struct Counters {
 /// Where a pending source is.
 #[derive(Clone, Copy, Debug)]
 enum Slot {
-    Queued { lane: LaneId, prefix: Prefix, seq: u64 },
-    /// Handed out by [`Scheduler::next`], not yet [`Scheduler::done`].
+    Queued {
+        lane: LaneId,
+        prefix: Prefix,
+        seq: u64,
+    },
+    /// Handed out by [`Scheduler::pick`], not yet [`Scheduler::done`].
     Taken,
 }
 
@@ -274,8 +278,8 @@ impl Scheduler {
 
     /// The next source to look up, if any waits; it stays pending (taken)
     /// until [`Scheduler::done`].
-    pub fn next(&mut self) -> Option<IpAddr> {
-        let fair_turn = (self.picks + 1) % FAIR_EVERY == 0;
+    pub fn pick(&mut self) -> Option<IpAddr> {
+        let fair_turn = (self.picks + 1).is_multiple_of(FAIR_EVERY);
         let order = if fair_turn { [LaneId::Fair, LaneId::Retransmit] } else { [LaneId::Retransmit, LaneId::Fair] };
         let ip = order.iter().find_map(|l| self.lanes[*l as usize].pop())?;
         self.picks += 1;
@@ -377,7 +381,7 @@ mod tests {
     /// Picks until `want` comes out; how many picks that took (bounded).
     fn picks_until(s: &mut Scheduler, want: IpAddr, limit: usize) -> Option<usize> {
         for n in 1..=limit {
-            let ip = s.next()?;
+            let ip = s.pick()?;
             s.done(ip);
             if ip == want {
                 return Some(n);
@@ -431,7 +435,7 @@ mod tests {
         for ip in ["192.0.2.1", "192.0.2.2", "192.0.2.3", "198.51.100.1", "198.51.100.2"] {
             s.submit(v4(ip));
         }
-        let order: Vec<IpAddr> = std::iter::from_fn(|| s.next()).collect();
+        let order: Vec<IpAddr> = std::iter::from_fn(|| s.pick()).collect();
         let want: Vec<IpAddr> =
             ["192.0.2.1", "198.51.100.1", "192.0.2.2", "198.51.100.2", "192.0.2.3"].into_iter().map(v4).collect();
         assert_eq!(order, want);
@@ -507,7 +511,7 @@ mod tests {
             };
             s.submit(ip);
             if i % 10 == 0 {
-                if let Some(t) = s.next() {
+                if let Some(t) = s.pick() {
                     taken.push_back(t);
                 }
                 if taken.len() > 50 {
@@ -526,7 +530,7 @@ mod tests {
         let c = s.counters();
         assert_eq!(c.queued + c.duplicate + c.overflow, 200_000, "{c:?}");
         // Drained, nothing is left behind.
-        while let Some(ip) = s.next() {
+        while let Some(ip) = s.pick() {
             s.done(ip);
         }
         for ip in taken {

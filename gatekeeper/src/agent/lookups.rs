@@ -93,7 +93,7 @@ impl Queue {
     }
 
     fn next(&self) -> Option<IpAddr> {
-        self.sched().next()
+        self.sched().pick()
     }
 
     fn done(&self, ip: IpAddr) {
@@ -306,8 +306,11 @@ pub async fn run_lookups(
     loop {
         let Ok(permit) = inflight.clone().acquire_owned().await else { return };
         let backlog = queue.wait_backlog().await;
-        let (dns, resolver) =
-            if backlog > limits.max_inflight { (quick.clone(), quick_resolver.clone()) } else { (dns.clone(), resolver.clone()) };
+        let (dns, resolver) = if backlog > limits.max_inflight {
+            (quick.clone(), quick_resolver.clone())
+        } else {
+            (dns.clone(), resolver.clone())
+        };
         let reserve = reserve(&dns);
         loop {
             let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).take(reserve, Instant::now());
@@ -341,5 +344,27 @@ pub async fn run_lookups(
             queue.done(ip);
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hurried_lookups_take_a_quarter_of_the_timeout_and_one_attempt() {
+        let base = DnsConfig { timeout: Duration::from_secs(4), attempts: 3, ..DnsConfig::default() };
+        let h = hurried(&base);
+        assert_eq!((h.timeout, h.attempts), (Duration::from_secs(1), 1));
+        assert_eq!(h.servers, base.servers);
+        assert_eq!(h.max_names, base.max_names);
+        h.validate().unwrap();
+        // The floor, but never longer than configured.
+        let t = |ms| hurried(&DnsConfig { timeout: Duration::from_millis(ms), ..base.clone() }).timeout;
+        assert_eq!(t(1000), HURRIED_TIMEOUT_FLOOR);
+        assert_eq!(t(200), Duration::from_millis(200));
+        // The budget a hurried lookup reserves is smaller.
+        let reserve = |d: &DnsConfig| query_cost(d.max_names, Duration::from_secs(86_400), d.attempts, d.timeout);
+        assert!(reserve(&h) < reserve(&base));
     }
 }
