@@ -105,7 +105,30 @@ pub struct QueueStats {
     pub duplicate: u64,
     /// Refused because the queue was full (the source stays unknown).
     pub overflow: u64,
+    /// Sources waiting or being looked up (at most `max_pending`).
     pub pending: usize,
+    /// Of them, waiting for their turn.
+    #[serde(default)]
+    pub waiting: usize,
+    /// Of them, waiting in the retransmit lane (served first).
+    #[serde(default)]
+    pub retransmit_lane: usize,
+    /// /24s and /48s with sources waiting.
+    #[serde(default)]
+    pub prefixes: usize,
+    /// Queued sources that gave their place to a source of a shorter
+    /// prefix queue or to a retransmitter (they stay unknown).
+    #[serde(default)]
+    pub evicted: u64,
+    /// Sources that got no lookup for lack of room: `overflow` + `evicted`.
+    #[serde(default)]
+    pub turned_away: u64,
+    /// Reports recognised as a retransmitting sender.
+    #[serde(default)]
+    pub retransmits: u64,
+    /// Lookups run with the shorter timeout of a backlog.
+    #[serde(default)]
+    pub hurried: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

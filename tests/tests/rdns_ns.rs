@@ -463,7 +463,14 @@ fn pass_mode_refuses_bad_sources_once_their_verdict_is_in() {
     let st = lab.status();
     assert_eq!(lookups(&st), counts(&[("dynamic", 2), ("fcrdns-fail", 2), ("no-ptr", 2), ("ok", 2)]), "{st:#}");
     assert_eq!(st["events_received"], 8, "one report per source: {st:#}");
-    assert_eq!(st["queue"], json!({ "queued": 8, "duplicate": 0, "overflow": 0, "pending": 0 }), "{st:#}");
+    assert_eq!(
+        st["queue"],
+        json!({
+            "queued": 8, "duplicate": 0, "overflow": 0, "pending": 0, "waiting": 0, "retransmit_lane": 0,
+            "prefixes": 0, "evicted": 0, "turned_away": 0, "retransmits": 0, "hurried": 0
+        }),
+        "{st:#}"
+    );
     assert_eq!(st["learned_ranges"], 0, "{st:#}");
     assert_eq!(st["entries"]["verdicts"], 8, "{st:#}");
 }
@@ -1155,6 +1162,72 @@ fn flood_with_silent_dns_keeps_the_query_rate() {
             "{queries} DNS queries in {elapsed:.1} s exceed dns_rate {DNS_RATE}/s (+20): {queued} lookups, up to {most} queries for one name"
         );
     }
+}
+
+/// 7e. Issue 10, items 3 and 4: 20k spoofed sources of one /48 fill the
+///    lookup queue (`max_pending` 200), which drains at `dns_rate`; then a
+///    real sender in a /24 of its own connects, in hold mode: its first SYN
+///    is held and it retransmits. Its report is queued (taking a flood
+///    source's place if the queue is still full: the longest prefix queue
+///    gives way), its prefix's turn comes next, so its verdict is in while
+///    most of the flood still waits, and it connects.
+///
+///    Red on the first-come-first-served queue: the real sender's report
+///    found the queue full and was turned away (or queued behind every
+///    flood source), so no verdict came while the flood waited; it got in
+///    only once `hold_time` ran out.
+#[test]
+fn a_real_sender_gets_its_verdict_while_a_flood_fills_the_queue() {
+    const N: usize = 20_000;
+    const PENDING: u64 = 200;
+    let mut lab = Lab::new();
+    let nsd = NsdServer::start_in(&lab.gk.ns, &zones()).unwrap();
+    lab.start(&config(
+        "",
+        &format!(
+            "[policy]\nfirst_syn = \"hold\"\nhold_time = \"2s\"\n[limits]\ndns_rate = {DNS_RATE}\nmax_pending = {PENDING}\n"
+        ),
+        &dns_section(nsd.addr(), "2s", 1),
+    ));
+    assert_eq!(send_frames(&lab.client, CL_IF, &flood_frames(&lab, N)).unwrap(), N);
+    // Every report the gate made was read (a flood source's one SYN is held,
+    // or passed when it collides with another's slot), and the queue is full.
+    let st = wait_for("the agent read the flood's reports", POLL_LIMIT, || {
+        let st = lab.status();
+        let s = lab.gk.stats();
+        let reported = s.total("hold") + s.total("unknown") - s.total("event-lost");
+        (st["events_received"].as_u64().unwrap() >= reported).then_some(st)
+    });
+    eprintln!("flood read: {:#}", st["queue"]);
+    assert!(st["queue"]["overflow"].as_u64().unwrap() > 0, "the flood overflowed the queue: {st:#}");
+
+    let (outcome, at_verdict) = std::thread::scope(|s| {
+        let real = s.spawn(|| lab.connect(GOOD4, CONNECT_OK));
+        // Polls (bounded) until the real sender has its verdict, nothing is
+        // pending any more, or the limit is reached; the queue's state right
+        // after.
+        let deadline = Instant::now() + POLL_LIMIT;
+        let at_verdict = loop {
+            let has = lab.verdicts().contains_key(&key(GOOD4));
+            let st = lab.status();
+            if has || st["queue"]["pending"] == 0 || Instant::now() >= deadline {
+                break (has, st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        (real.join().unwrap(), at_verdict)
+    });
+    let (has, st) = at_verdict;
+    eprintln!("at the real sender's verdict ({has}): {:#}", st["queue"]);
+    assert!(has, "no verdict for the real sender while the flood waited: {:#}", st["queue"]);
+    let pending = st["queue"]["pending"].as_u64().unwrap();
+    assert!(
+        pending >= PENDING / 2,
+        "the verdict came after most of the flood was looked up ({pending} of {PENDING} left): {st:#}"
+    );
+    assert_eq!(outcome, Connected, "the real sender connects");
+    let v = lab.verdicts();
+    assert_eq!(v[&key(GOOD4)]["action"], PASS, "{:#}", v[&key(GOOD4)]);
 }
 
 /// Runs the gatekeeper binary (no namespace needed) with `stdin`, bounded.

@@ -1,9 +1,10 @@
 //! The reverse-DNS pipeline: unknown-source events from the ring buffer go
-//! into a bounded, deduplicated queue; lookups run under the DNS rate limit
-//! and the in-flight cap; each result is judged (policy, classifier, range
+//! into a bounded, deduplicated, fair queue (per /24 and /48, retransmitters
+//! first); lookups run under the DNS rate limit and the in-flight cap, with
+//! a shorter timeout while a backlog waits; each result is judged (policy, classifier, range
 //! learner) and written through the state's verbs.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -15,12 +16,16 @@ use std::{
 use gatekeeper_common::{Event, KeyWords};
 use tokio::{
     io::unix::AsyncFd,
-    sync::{mpsc, Mutex, Semaphore},
+    sync::{Mutex, Notify, Semaphore},
 };
 use tracing::{debug, error, info};
 
 use crate::{
-    agent::{state::State, Core},
+    agent::{
+        fair::{Scheduler, Submitted},
+        state::State,
+        Core,
+    },
     classify::Classifier,
     config::{LearningConfig, LimitsConfig, PolicyConfig},
     dns::{DnsConfig, Lookup, Resolver},
@@ -32,72 +37,84 @@ use crate::{
     Result,
 };
 
-/// The queue between the event ring and the resolver: bounded, and each
-/// source is in it (or being looked up) at most once.
+/// The queue between the event ring and the resolver: a fair scheduler
+/// (see [`fair`](crate::agent::fair): round robin over /24s and /48s,
+/// retransmitters first, at most `max_pending` sources waiting or being
+/// looked up, each at most once). Its lock is held for a few map operations
+/// and is never the state lock.
 pub struct Queue {
-    tx: mpsc::Sender<IpAddr>,
-    /// Sources queued or being looked up at most.
-    max_pending: usize,
-    /// By address: an IPv6 address is judged on its own (its /64 shares
-    /// only a pass).
-    pending: std::sync::Mutex<HashSet<IpAddr>>,
-    queued: AtomicU64,
-    duplicate: AtomicU64,
-    overflow: AtomicU64,
+    sched: std::sync::Mutex<Scheduler>,
+    /// Woken when a source is queued.
+    ready: Notify,
+    /// Lookups run with the shorter timeout of a backlog.
+    hurried: AtomicU64,
     /// Events read from the ring buffer.
     events: AtomicU64,
 }
 
 impl Queue {
-    pub fn new(max_pending: usize) -> (Arc<Queue>, mpsc::Receiver<IpAddr>) {
-        let (tx, rx) = mpsc::channel(max_pending);
-        let q = Queue {
-            tx,
-            max_pending,
-            pending: Default::default(),
-            queued: AtomicU64::new(0),
-            duplicate: AtomicU64::new(0),
-            overflow: AtomicU64::new(0),
+    pub fn new(max_pending: usize) -> Arc<Queue> {
+        Arc::new(Queue {
+            sched: std::sync::Mutex::new(Scheduler::new(max_pending)),
+            ready: Notify::new(),
+            hurried: AtomicU64::new(0),
             events: AtomicU64::new(0),
-        };
-        (Arc::new(q), rx)
+        })
+    }
+
+    fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a source for a lookup; false when it was already pending or
-    /// the queue is full (the source stays unknown and passes).
+    /// there is no room (the source stays unknown and passes).
     fn submit(&self, ip: IpAddr) -> bool {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.contains(&ip) {
-            self.duplicate.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        if pending.len() >= self.max_pending {
-            self.overflow.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        match self.tx.try_send(ip) {
-            Ok(()) => {
-                pending.insert(ip);
-                self.queued.fetch_add(1, Ordering::Relaxed);
+        let r = self.sched().submit(ip);
+        match r {
+            Submitted::Queued(_) | Submitted::Promoted => {
+                self.ready.notify_one();
                 true
             }
-            Err(_) => {
-                self.overflow.fetch_add(1, Ordering::Relaxed);
-                false
-            }
+            Submitted::Duplicate | Submitted::TurnedAway => false,
         }
+    }
+
+    /// Waits until a source is queued; how many are.
+    async fn wait_backlog(&self) -> usize {
+        loop {
+            let n = self.sched().backlog();
+            if n > 0 {
+                return n;
+            }
+            // A permit stored by a `notify_one` that came before this call
+            // completes it at once: no wake-up is lost.
+            self.ready.notified().await;
+        }
+    }
+
+    fn next(&self) -> Option<IpAddr> {
+        self.sched().pick()
     }
 
     fn done(&self, ip: IpAddr) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&ip);
+        self.sched().done(ip);
     }
 
     pub fn stats(&self) -> QueueStats {
+        let s = self.sched();
+        let c = s.counters();
         QueueStats {
-            queued: self.queued.load(Ordering::Relaxed),
-            duplicate: self.duplicate.load(Ordering::Relaxed),
-            overflow: self.overflow.load(Ordering::Relaxed),
-            pending: self.pending.lock().map(|p| p.len()).unwrap_or(0),
+            queued: c.queued,
+            duplicate: c.duplicate,
+            overflow: c.overflow,
+            pending: s.pending(),
+            waiting: s.backlog(),
+            retransmit_lane: s.retransmit_backlog(),
+            prefixes: s.prefixes(),
+            evicted: c.evicted,
+            turned_away: c.overflow + c.evicted,
+            retransmits: c.retransmits,
+            hurried: self.hurried.load(Ordering::Relaxed),
         }
     }
 
@@ -105,6 +122,19 @@ impl Queue {
         self.events.load(Ordering::Relaxed)
     }
 }
+
+/// The DNS settings of a lookup started while more sources wait than
+/// lookups may run at once (`max_inflight`): a quarter of the configured
+/// timeout, at least [`HURRIED_TIMEOUT_FLOOR`] (never more than the
+/// configured one), and one attempt, so lame reverse zones do not hold every
+/// in-flight slot. A timeout is `tempfail`, which always passes.
+pub fn hurried(dns: &DnsConfig) -> DnsConfig {
+    let timeout = (dns.timeout / 4).max(HURRIED_TIMEOUT_FLOOR).min(dns.timeout);
+    DnsConfig { timeout, attempts: 1, ..dns.clone() }
+}
+
+/// The shortest timeout [`hurried`] gives.
+pub const HURRIED_TIMEOUT_FLOOR: Duration = Duration::from_millis(300);
 
 /// Turns lookups into verdicts and learned ranges, and counts outcomes.
 pub struct Judge {
@@ -246,20 +276,42 @@ pub async fn read_events(queue: Arc<Queue>, rb: aya::maps::RingBuf<aya::maps::Ma
 }
 
 /// Looks sources up at most `dns_rate` queries per second with at most
-/// `max_inflight` lookups at once, and applies each result.
+/// `max_inflight` lookups at once, and applies each result. The next source
+/// is picked only once a permit and the DNS budget are there, so a source
+/// that arrived meanwhile gets its fair turn; while more sources wait than
+/// `max_inflight`, lookups run [`hurried`].
 pub async fn run_lookups(
     core: Arc<Mutex<Core>>,
     queue: Arc<Queue>,
-    mut rx: mpsc::Receiver<IpAddr>,
     resolver: Arc<Resolver>,
     limits: LimitsConfig,
     dns: DnsConfig,
 ) {
     let bucket = Arc::new(std::sync::Mutex::new(TokenBucket::new(limits.dns_rate)));
     let inflight = Arc::new(Semaphore::new(limits.max_inflight));
+    let quick = hurried(&dns);
+    let quick_resolver = if quick == dns {
+        resolver.clone()
+    } else {
+        match Resolver::new(&quick) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                error!(error = %e.report(), "no resolver with the shorter timeout; a backlog is looked up with the configured one");
+                resolver.clone()
+            }
+        }
+    };
     // The most one lookup can send: every query resent to the limit.
-    let reserve = query_cost(dns.max_names, Duration::from_secs(86_400), dns.attempts, dns.timeout);
-    while let Some(ip) = rx.recv().await {
+    let reserve = |d: &DnsConfig| query_cost(d.max_names, Duration::from_secs(86_400), d.attempts, d.timeout);
+    loop {
+        let Ok(permit) = inflight.clone().acquire_owned().await else { return };
+        let backlog = queue.wait_backlog().await;
+        let (dns, resolver) = if backlog > limits.max_inflight {
+            (quick.clone(), quick_resolver.clone())
+        } else {
+            (dns.clone(), resolver.clone())
+        };
+        let reserve = reserve(&dns);
         loop {
             let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).take(reserve, Instant::now());
             match wait {
@@ -267,9 +319,15 @@ pub async fn run_lookups(
                 Err(d) => tokio::time::sleep(d).await,
             }
         }
-        let Ok(permit) = inflight.clone().acquire_owned().await else { return };
-        let (core, queue, resolver, bucket, dns) =
-            (core.clone(), queue.clone(), resolver.clone(), bucket.clone(), dns.clone());
+        let Some(ip) = queue.next() else {
+            // Only this task takes sources out, so none went; but be safe.
+            bucket.lock().unwrap_or_else(|e| e.into_inner()).refund(reserve, Instant::now());
+            continue;
+        };
+        if backlog > limits.max_inflight {
+            queue.hurried.fetch_add(1, Ordering::Relaxed);
+        }
+        let (core, queue, bucket) = (core.clone(), queue.clone(), bucket.clone());
         tokio::spawn(async move {
             let started = Instant::now();
             let lookup = resolver.lookup(ip).await;
@@ -286,5 +344,27 @@ pub async fn run_lookups(
             queue.done(ip);
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hurried_lookups_take_a_quarter_of_the_timeout_and_one_attempt() {
+        let base = DnsConfig { timeout: Duration::from_secs(4), attempts: 3, ..DnsConfig::default() };
+        let h = hurried(&base);
+        assert_eq!((h.timeout, h.attempts), (Duration::from_secs(1), 1));
+        assert_eq!(h.servers, base.servers);
+        assert_eq!(h.max_names, base.max_names);
+        h.validate().unwrap();
+        // The floor, but never longer than configured.
+        let t = |ms| hurried(&DnsConfig { timeout: Duration::from_millis(ms), ..base.clone() }).timeout;
+        assert_eq!(t(1000), HURRIED_TIMEOUT_FLOOR);
+        assert_eq!(t(200), Duration::from_millis(200));
+        // The budget a hurried lookup reserves is smaller.
+        let reserve = |d: &DnsConfig| query_cost(d.max_names, Duration::from_secs(86_400), d.attempts, d.timeout);
+        assert!(reserve(&h) < reserve(&base));
     }
 }

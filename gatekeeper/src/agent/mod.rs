@@ -9,11 +9,14 @@
 //! - [`sync`]: which datapath entry the database calls for (allow wins),
 //!   reconcile at start, and the sync after each change;
 //! - [`control`]: the control socket and the dispatch of CLI requests;
-//! - [`lookups`]: the event ring → lookup queue → resolver → judge pipeline.
+//! - [`lookups`]: the event ring → lookup queue → resolver → judge pipeline;
+//! - [`fair`]: the lookup queue's scheduler (fair per /24 and /48,
+//!   retransmitters first, bounded).
 //!
 //! Exiting never detaches anything: the pinned datapath keeps enforcing the
 //! last state until a new agent adopts it or `gatekeeper unload` runs.
 pub mod control;
+pub mod fair;
 pub mod lookups;
 pub mod state;
 pub mod sync;
@@ -141,13 +144,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     let judge = Judge::new(classifier, cfg.policy.clone(), cfg.learning.clone());
     let core = Arc::new(Mutex::new(Core { state: State::new(cfg, store, dp, attached, rec.unapplied), judge }));
     let (stop, mut stopped) = watch::channel(false);
-    let (queue, rx) = Queue::new(limits.max_pending);
+    let queue = Queue::new(limits.max_pending);
 
     tokio::spawn(sweeper(core.clone()));
     if let Some(rb) = events {
         tokio::spawn(lookups::read_events(queue.clone(), rb, lookups_on));
     }
-    tokio::spawn(lookups::run_lookups(core.clone(), queue.clone(), rx, resolver.clone(), limits, dns_cfg));
+    tokio::spawn(lookups::run_lookups(core.clone(), queue.clone(), resolver.clone(), limits, dns_cfg));
     tokio::spawn(control::serve(listener, control::Ctx { core, queue, resolver, stop }));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

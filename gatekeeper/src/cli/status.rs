@@ -136,6 +136,11 @@ fn print_status(st: &Status) {
     println!("verdicts:   {} (capacity {})", e.verdicts, dp.verdict_capacity);
     if let Some(l) = live {
         println!("events:     {} unknown-source reports received", l.events_received);
+        let q = &l.queue;
+        println!(
+            "lookups:    {} pending ({} waiting in {} /24s and /48s, {} of them retransmitters, served first); since start: {} queued, {} retransmits, {} turned away ({} on arrival, {} evicted for fairness), {} looked up with the backlog's shorter timeout",
+            q.pending, q.waiting, q.prefixes, q.retransmit_lane, q.queued, q.retransmits, q.turned_away, q.overflow, q.evicted, q.hurried
+        );
         let d = &l.dropped;
         println!(
             "bounds:     learner {} prefixes, {} shapes tracked; dropped since start: {} learner prefixes, {} shapes, {} verdicts evicted, {} refused, {} sources over max_pending",

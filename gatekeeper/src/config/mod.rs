@@ -185,10 +185,14 @@ pub struct LimitsConfig {
     #[serde(deserialize_with = "de_positive_u32")]
     pub dns_rate: u32,
     /// Sources queued or being looked up at most; the rest stay unknown
-    /// (pass) and are counted as overflow.
+    /// (pass) and are counted as overflow. The queue is fair per /24 and
+    /// /48 (see `agent::fair`): when full, the longest prefix queue gives
+    /// way to a source of a shorter one.
     #[serde(deserialize_with = "de_positive_usize")]
     pub max_pending: usize,
-    /// Lookups in flight at most.
+    /// Lookups in flight at most. Also the backlog beyond which lookups
+    /// are hurried: a quarter of `[dns] timeout` (at least 300 ms) and one
+    /// attempt, so lame reverse zones cannot hold every in-flight slot.
     #[serde(deserialize_with = "de_positive_usize")]
     pub max_inflight: usize,
 }
