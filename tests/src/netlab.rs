@@ -891,7 +891,7 @@ impl std::fmt::Display for CmdOutput {
 
 /// Like `run_cmd`, but any exit status is a result: only failing to start
 /// or running past `timeout` (then SIGKILL) is an error.
-fn run_capture(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
+pub fn run_capture(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
     let what = describe(cmd);
     let mut child = cmd
         .stdin(Stdio::null())

@@ -350,14 +350,22 @@ impl Lab {
 
     /// Waits (bounded) until the agent has a verdict for each of `srcs`.
     fn wait_verdicts(&self, srcs: &[&str]) -> Result<()> {
-        let keys: Vec<String> =
-            srcs.iter().map(|s| gatekeeper_common::SourceKey::from_ip(s.parse().unwrap()).display()).collect();
+        use gatekeeper_common::SourceKey;
+        // A source's verdict: an IPv6 address's own (a drop), else its
+        // /64's (a pass).
+        let keys: Vec<[String; 2]> = srcs
+            .iter()
+            .map(|s| {
+                let ip = s.parse().unwrap();
+                [SourceKey::host(ip).display(), SourceKey::from_ip(ip).display()]
+            })
+            .collect();
         for _ in 0..100 {
             check_interrupt()?;
             let out = self.gk_quiet(&["verdict", "list", "--json"])?;
             let v: serde_json::Value = serde_json::from_str(&out)?;
             let have: Vec<&str> = v.as_array().into_iter().flatten().filter_map(|r| r["key"].as_str()).collect();
-            if keys.iter().all(|k| have.contains(&k.as_str())) {
+            if keys.iter().all(|k| k.iter().any(|k| have.contains(&k.as_str()))) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
