@@ -174,3 +174,35 @@ fn a_ban_the_verdict_table_cannot_hold_is_refused_not_lost() {
     let c = gk.json(&["check", "2001:db8::1", "--json"]);
     assert_eq!(c["datapath"]["verdict"]["reason"], "manual-ban", "{c:#}");
 }
+
+/// An upgrade from a gatekeeper whose pinned config had the layout before
+/// the hash secret (32 bytes): the agent used to refuse to start ("run
+/// `gatekeeper unload` first"), so a package upgrade left it down. Now it
+/// makes the config, the verdict table and the reported-sources cache anew
+/// and writes the database's verdicts back.
+#[test]
+fn an_older_config_layout_is_made_anew_not_refused() {
+    let mut gk = instance("hupg", "");
+    gk.start(&[]);
+    gk.ok(&["ban", "add", "203.0.113.9"]);
+    gk.kill_agent();
+    // What an older gatekeeper left: a 32-byte config value.
+    let cfg = gk.pin_dir().join("maps").join(gatekeeper_common::maps::CONFIG);
+    std::fs::remove_file(&cfg).unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&cfg)
+        .args(["type", "array", "key", "4", "value", "32", "entries", "1", "name", "GK_CONFIG"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+
+    gk.start(&[]);
+    assert!(gk.log().contains("made anew"), "{}", gk.log());
+    let info = aya::maps::MapInfo::from_pin(&cfg).unwrap();
+    assert_eq!(info.value_size() as usize, std::mem::size_of::<gatekeeper_common::Config>());
+    let st = gk.status();
+    assert_eq!(st["datapath"]["entries"]["verdicts"], 1, "the ban is written back: {st:#}");
+    let bans = gk.json(&["ban", "list", "--json"]);
+    assert_eq!(bans[0]["key"], "203.0.113.9", "{bans:#}");
+}

@@ -97,6 +97,38 @@ pub fn calibrate_clock(ebpf: &mut Ebpf) -> Result<Option<(u64, u64)>> {
     Ok(c)
 }
 
+/// A pinned config left by a gatekeeper whose config had another layout
+/// (before the hash secret) is unpinned, with the verdict table and the
+/// reported-sources cache placed by its hash: the load makes them anew
+/// (programs still attached keep their old maps until the agent swaps its
+/// programs in), and reconcile writes the database's verdicts back. They
+/// hold nothing the database does not: an upgrade needs no `unload`.
+fn renew_derived_maps(layout: &PinLayout) -> Result<()> {
+    let path = layout.map(names::CONFIG);
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapInfo::from_pin(&path).map_err(|e| Error::bpf(format!("inspect {}", path.display()), e))?;
+    let want = core::mem::size_of::<Config>() as u32;
+    if info.value_size() == want {
+        return Ok(());
+    }
+    for name in [names::CONFIG, names::VERDICTS, names::SEEN] {
+        let p = layout.map(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("unpin {}", p.display()), e)),
+        }
+    }
+    warn!(
+        found = info.value_size(),
+        expected = want,
+        "the pinned config, verdict table and reported-sources cache were left by an older gatekeeper; made anew (verdicts are written back from the database)"
+    );
+    Ok(())
+}
+
 /// Refuses to adopt pinned maps whose layout differs from this build's;
 /// returns the verdict table's buckets and the ingress trie's nodes (the
 /// pinned sizes, if any).
@@ -109,6 +141,7 @@ pub(crate) fn check_pinned_maps(layout: &PinLayout, max_verdicts: u32, max_range
     }
     let mut buckets = verdict_buckets(max_verdicts);
     let mut range_nodes = max_range_nodes;
+    renew_derived_maps(layout)?;
     for name in names::ALL {
         let path = layout.map(name);
         if !path.exists() {
