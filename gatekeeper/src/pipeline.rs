@@ -36,11 +36,17 @@ pub struct Decision {
 impl Decision {
     /// The key its verdict for `ip` is written under: a drop reaches only
     /// the address (an IPv6 address's own key; one spoofed SYN must not
-    /// block the rest of its /64), a pass the source's /64.
-    pub fn key(&self, ip: std::net::IpAddr) -> SourceKey {
+    /// block the rest of its /64), a pass the source's /64. `None` for a
+    /// drop of an IPv6 address without a key of its own (interface id 0 or
+    /// all ones): it is not written, the source stays unknown.
+    pub fn key(&self, ip: std::net::IpAddr) -> Option<SourceKey> {
         match self.action {
-            Action::Drop => SourceKey::host(ip),
-            Action::Pass => SourceKey::from_ip(ip),
+            Action::Pass => Some(SourceKey::from_ip(ip)),
+            Action::Drop => {
+                let key = SourceKey::host(ip);
+                let v6 = matches!(ip, std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none());
+                (!v6 || key.is_host_v6()).then_some(key)
+            }
         }
     }
 }
@@ -379,6 +385,20 @@ mod tests {
         assert_eq!(query_cost(2, Duration::from_secs(60), 1, t), 9.0);
         // In between: one resend per 333 ms.
         assert_eq!(query_cost(0, Duration::from_millis(700), 1, t), 3.0);
+    }
+
+    #[test]
+    fn a_drop_is_keyed_by_the_address_a_pass_by_the_64() {
+        let d =
+            |action| Decision { outcome: VerdictReason::NoPtr, action, ttl: Duration::from_secs(1), reasons: vec![] };
+        let key = |action, ip: &str| d(action).key(ip.parse().unwrap()).map(|k| k.display());
+        assert_eq!(key(Action::Drop, "2001:db8:1:2::25").as_deref(), Some("2001:db8:1:2::25"));
+        assert_eq!(key(Action::Pass, "2001:db8:1:2::25").as_deref(), Some("2001:db8:1:2::/64"));
+        assert_eq!(key(Action::Drop, "2001:db8:1:2::"), None, "interface id 0: not the /64");
+        assert_eq!(key(Action::Drop, "2001:db8:1:2:ffff:ffff:ffff:ffff"), None);
+        assert_eq!(key(Action::Drop, "192.0.2.7").as_deref(), Some("192.0.2.7"));
+        assert_eq!(key(Action::Drop, "::ffff:192.0.2.7").as_deref(), Some("192.0.2.7"));
+        assert_eq!(key(Action::Pass, "192.0.2.7").as_deref(), Some("192.0.2.7"));
     }
 
     #[test]

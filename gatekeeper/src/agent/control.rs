@@ -153,12 +153,16 @@ async fn dispatch(req: Request, ctx: &Ctx) -> Response {
                 // The looked-up address (IPv4 for an IPv4-mapped source).
                 let ip = lookup.ip;
                 let decision = judge.decide(&lookup);
-                Response::of(st.explain(ip).map(|datapath| CheckReply {
-                    ip,
-                    source_key: decision.key(ip).display(),
-                    decision,
-                    lookup,
-                    datapath,
+                Response::of(st.explain(ip).map(|datapath| {
+                    CheckReply {
+                        ip,
+                        source_key: decision
+                            .key(ip)
+                            .map_or_else(|| "none (no verdict is written for this address)".into(), |k| k.display()),
+                        decision,
+                        lookup,
+                        datapath,
+                    }
                 }))
             }
             Request::PortsSet { ports } => Response::of(st.set_ports(&ports).map(|ports| Ports { ports })),

@@ -29,7 +29,7 @@ use crate::{
     classify::Classifier,
     config::{LearningConfig, LimitsConfig, PolicyConfig},
     dns::{DnsConfig, Lookup, Resolver},
-    domain::{Action, VerdictReason},
+    domain::VerdictReason,
     pipeline::{decide, query_cost, Decision, Learner, LearnerDropped, TokenBucket},
     status::QueueStats,
     store::VerdictRecord,
@@ -187,19 +187,16 @@ impl Judge {
     fn apply(&mut self, core: &mut State, lookup: &Lookup) -> Result<()> {
         let d = self.decide(lookup);
         *self.outcomes.entry(d.outcome).or_default() += 1;
-        let drop = d.action == Action::Drop;
-        let key = d.key(lookup.ip);
+        let Some(key) = d.key(lookup.ip) else {
+            // Interface id 0 or all ones: no key of its own, and its drop
+            // must not reach the /64.
+            debug!(source = %lookup.ip, "no drop verdict for an IPv6 address with interface id 0 or all ones");
+            return Ok(());
+        };
         if !KeyWords::of(&key).is_key() {
             // ::/64 (unspecified or loopback, so spoofed) has the verdict
             // table's empty key: it can hold no verdict and stays unknown.
             debug!(source = %lookup.ip, "no verdict for a source in ::/64");
-            return Ok(());
-        }
-        let v6 = matches!(lookup.ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_none());
-        if drop && v6 && !key.is_host_v6() {
-            // Interface id 0 or all ones: no key of its own, and its drop
-            // must not reach the /64.
-            debug!(source = %lookup.ip, "no drop verdict for an IPv6 address with interface id 0 or all ones");
             return Ok(());
         }
         let now = unix_now();
