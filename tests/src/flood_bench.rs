@@ -92,7 +92,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> Result<()> {
     }
     let limits = Limits { frames, time: Duration::from_secs(seconds) };
     let mut lab = Lab::new()?;
-    let mut rng = Rng(0x666c_6f6f_64);
+    let mut rng = Rng(0x0066_6c6f_6f64);
     let deny = deny_list(&mut rng);
 
     eprintln!("flood: gatekeeper");
@@ -252,7 +252,7 @@ impl Lab {
         let mut call = 0u64;
         while sent < limits.frames && start.elapsed() < limits.time {
             // One IPv4 call in five.
-            let frame = &self.templates[usize::from(call % 5 != 0)];
+            let frame = &self.templates[usize::from(!call.is_multiple_of(5))];
             call += 1;
             let n = CALL_FRAMES.min((limits.frames - sent) as u32);
             let ctx: Vec<u8> =
@@ -264,7 +264,10 @@ impl Lab {
                 attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
                 ..TestRunOptions::new()
             };
-            prog.test_run(opts).context("test run with live frames")?;
+            prog.test_run(opts).context(
+                "BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (an ordinary test run of the same \
+                 program works; on this machine's kernel the live-frame mode answers EPERM)",
+            )?;
             sent += u64::from(n);
         }
         Ok(Sent { frames: sent, secs: start.elapsed().as_secs_f64() })
