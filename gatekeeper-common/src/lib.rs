@@ -76,8 +76,6 @@ pub mod programs {
     pub const XDP_BASELINE: &str = "gatekeeper_baseline_pass";
     /// The clock probe (test-run only; see `Config::clock_ns`).
     pub const XDP_CLOCK: &str = "gatekeeper_clock";
-    /// The flood bench's traffic generator (test-run with live frames only).
-    pub const XDP_TRAFFICGEN: &str = "gatekeeper_trafficgen";
     /// The egress gate on subscriber-facing interfaces (XDP, their ingress).
     pub const XDP_SUBSCRIBER: &str = "gatekeeper_subscriber";
     /// The egress gate on uplinks (TC egress: forwarded and local traffic).

@@ -16,7 +16,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_INGRESS, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -197,58 +197,6 @@ pub fn gatekeeper_ingress(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn gatekeeper_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
-}
-
-/// The flood bench's traffic generator (`gatekeeper-bench flood`; never
-/// attached): run by BPF_PROG_TEST_RUN with live frames on a veth, it gives
-/// each template SYN (IPv4 or IPv6, TCP right after the fixed header) a
-/// random source among 2^20 and sends it out of that veth (`XDP_TX`).
-/// IPv4 sources: 198.51.100.0/24 and 203.0.113.0/24 (the only room the
-/// TEST-NETs leave); IPv6: 2001:db8:8000::/44, one source per /64, except one
-/// frame in 16 from 2001:db8:4000::/44. The IPv4 header and TCP checksums are
-/// updated incrementally from what the frame holds (live frames are not
-/// reset between runs).
-#[xdp]
-pub fn gatekeeper_trafficgen(ctx: XdpContext) -> u32 {
-    // SAFETY: a plain helper call.
-    let r = unsafe { bpf_get_prandom_u32() };
-    trafficgen(&ctx, r).unwrap_or(xdp_action::XDP_ABORTED)
-}
-
-#[inline(always)]
-fn trafficgen(ctx: &XdpContext, r: u32) -> Result<u32, Skip> {
-    let ethertype = u16::from_be(load::<u16, _>(ctx, 12)?);
-    let idx = r & 0xf_ffff;
-    // (offset of the first changed source word, new words, TCP offset)
-    let (at, new, l4): (usize, [u16; 2], usize) = match ethertype {
-        0x0800 => {
-            let net = if idx & 0x100 != 0 { 0xcb00_7100u32 } else { 0xc633_6400 };
-            let a = net | (idx & 0xff).max(2);
-            (14 + 12, [(a >> 16) as u16, a as u16], 14 + 20)
-        }
-        0x86dd => {
-            let hi = if r >> 28 == 0 { 0x4000 } else { 0x8000 };
-            (14 + 8 + 4, [hi | (idx >> 16) as u16, idx as u16], 14 + 40)
-        }
-        _ => return Ok(xdp_action::XDP_PASS),
-    };
-    let old = [u16::from_be(load::<u16, _>(ctx, at)?), u16::from_be(load::<u16, _>(ctx, at + 2)?)];
-    // RFC 1624: HC' = ~(~HC + ~m + m'), summed over the changed words.
-    let fix = |hc: u16| -> u16 {
-        let mut sum = u32::from(!hc) + u32::from(!old[0]) + u32::from(!old[1]) + u32::from(new[0]) + u32::from(new[1]);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        !(sum as u16)
-    };
-    if ethertype == 0x0800 {
-        let hc = u16::from_be(load::<u16, _>(ctx, 14 + 10)?);
-        store(ctx, 14 + 10, fix(hc).to_be())?;
-    }
-    let tc = u16::from_be(load::<u16, _>(ctx, l4 + 16)?);
-    store(ctx, l4 + 16, fix(tc).to_be())?;
-    store(ctx, at, new[0].to_be())?;
-    store(ctx, at + 2, new[1].to_be())?;
-    Ok(xdp_action::XDP_TX)
 }
 
 /// The clock probe the agent calibrates the datapath clock with (see

@@ -4,16 +4,20 @@
 //!
 //! Two namespaces joined by one veth pair: `gen` (the generator and a real
 //! sender, 192.0.2.25) and `gate` (the contender on its veth in native XDP
-//! mode, a listener on 192.0.2.1:25, nsd). The generator is
-//! `gatekeeper_trafficgen` run by BPF_PROG_TEST_RUN with live frames on the
-//! gen veth (ingress ifindex), so every frame leaves by `XDP_TX` into the
-//! gate's veth: SYNs to port 25 of a non-local address (what a contender
-//! passes, the stack discards), 20 % IPv4 and 80 % IPv6, sources random
+//! mode, a listener on 192.0.2.1:25, nsd). The generator sends from gen
+//! with `sendmmsg` on an AF_PACKET socket, rewriting each frame's source
+//! (see [`flood_source`]): SYNs to port 25 of a non-local address (what a
+//! contender passes, the stack discards), 20 % IPv4 and 80 % IPv6, sources
 //! among 2^20 (IPv4: the 512 addresses of 198.51.100.0/24 and
 //! 203.0.113.0/24; IPv6: 2001:db8:8000::/44, and one frame in 16 from
-//! 2001:db8:4000::/44, which no deny list covers). The flood thread is
-//! pinned to CPU 1; the gate's veth receive runs in the softirq of the CPU
-//! that transmitted, so generator and contender share that one core.
+//! 2001:db8:4000::/44, which no deny list covers). (A generator of live
+//! XDP frames, BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, is what
+//! xdp-trafficgen does; this VM's kernel answers EPERM to that flag even
+//! for a two-instruction program, so the bench sends from user space.) The
+//! flood thread is pinned to CPU 1; the gate's veth receive runs in the
+//! softirq of the CPU that transmitted, so generator and contender share
+//! that one core: "dropped per second" is what one core does generating
+//! and gating together, the same for every contender.
 //!
 //! Deny lists (100,000 entries each): gatekeeper and nftables get the same
 //! prefixes (198.51.100.0/24, 203.0.113.0/24, 2001:db8:8000::/33 and 99,997
@@ -33,7 +37,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::{
     maps::{MapData, PerCpuHashMap, PerCpuValues},
-    programs::{xdp::XdpMode, TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
+    programs::{xdp::XdpMode, Xdp},
     Ebpf,
 };
 use gatekeeper_common::{programs, SourceKey};
@@ -59,9 +63,8 @@ const HOLD_TIME: &str = "3s";
 const DENY: usize = 100_000;
 const XDP_FILTER_MAX: usize = 10_000;
 const XDP_FILTER_PINS: &str = "/sys/fs/bpf/xdp-filter";
-/// Frames per test-run call, and per live-frame batch.
-const CALL_FRAMES: u32 = 1 << 18;
-const BATCH: u32 = 64;
+/// Frames per `sendmmsg`.
+const BATCH: u32 = 256;
 /// The real sender starts this long after the flood.
 const SENDER_DELAY: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,7 +80,8 @@ pub fn run(mut args: impl Iterator<Item = String>) -> Result<()> {
     let mut seconds: u64 = 15;
     let mut json_path = PathBuf::from("target/bench/flood.json");
     while let Some(a) = args.next() {
-        let mut number = || args.next().and_then(|v| v.parse::<u64>().ok()).filter(|&n| n > 0).unwrap_or_else(|| usage());
+        let mut number =
+            || args.next().and_then(|v| v.parse::<u64>().ok()).filter(|&n| n > 0).unwrap_or_else(|| usage());
         match a.as_str() {
             "--frames" => frames = number(),
             "--seconds" => seconds = number().min(120),
@@ -117,12 +121,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> Result<()> {
     }
     fs::write(&json_path, serde_json::to_string_pretty(&out)? + "\n")
         .with_context(|| format!("write {}", json_path.display()))?;
-    ensure!(
-        gk.dns_ok(),
-        "DNS queries went over dns_rate: {} in {:.1} s",
-        gk.dns_queries.unwrap_or(0),
-        gk.flood.secs
-    );
+    ensure!(gk.dns_ok(), "DNS queries went over dns_rate: {} in {:.1} s", gk.dns_queries.unwrap_or(0), gk.flood.secs);
     Ok(())
 }
 
@@ -217,11 +216,8 @@ impl Lab {
             template(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)), FLOOD_DST4),
             template(ip("2001:db8:8000::1"), FLOOD_DST6),
         ];
-        let bpf = testrun::load(
-            gatekeeper_common::sourcetab::verdict_buckets(1024),
-            |_| {},
-            &[programs::XDP_TRAFFICGEN, programs::XDP_BASELINE],
-        )?;
+        let bpf =
+            testrun::load(gatekeeper_common::sourcetab::verdict_buckets(1024), |_| {}, &[programs::XDP_BASELINE])?;
         let gk = Instance::new(gate, Some(GATE_IF), "gk-flood-", "");
         Ok(Lab { _listener: listener, gk, gen, bpf, templates })
     }
@@ -242,33 +238,91 @@ impl Lab {
         })
     }
 
+    /// The generator: frames from [`Lab::templates`] with the source of
+    /// each rewritten (see [`flood_source`]; the IPv4 header checksum is
+    /// fixed, as the stack checks it before netfilter), sent in batches of
+    /// [`BATCH`] by `sendmmsg` on an AF_PACKET socket bound to the gen veth
+    /// (bypassing the qdisc): veth hands each frame to the gate's veth,
+    /// whose native XDP program sees it first.
     fn send(&self, ifindex: u32, limits: Limits) -> Result<Sent> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
         pin_to_cpu(GEN_CPU);
-        let Some(aya::programs::Program::Xdp(prog)) = self.bpf.program(programs::XDP_TRAFFICGEN) else {
-            bail!("no {}", programs::XDP_TRAFFICGEN)
+        // SAFETY: plain libc calls on a descriptor this function owns; every
+        // struct passed is fully initialized and outlives the call.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        ensure!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_protocol = 0;
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
+        ensure!(r == 0, "bind(AF_PACKET, {GEN_IF}): {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        // PACKET_QDISC_BYPASS (20): straight to the driver, as a generator wants.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                20,
+                &one as *const libc::c_int as *const libc::c_void,
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        let width = self.templates.iter().map(Vec::len).max().unwrap_or(0);
+        let mut bufs = vec![vec![0u8; width]; BATCH as usize];
+        let mut lens = vec![0usize; BATCH as usize];
         let start = Instant::now();
-        let mut sent = 0u64;
-        let mut call = 0u64;
+        let (mut sent, mut idx) = (0u64, 0u64);
         while sent < limits.frames && start.elapsed() < limits.time {
-            // One IPv4 call in five.
-            let frame = &self.templates[usize::from(!call.is_multiple_of(5))];
-            call += 1;
-            let n = CALL_FRAMES.min((limits.frames - sent) as u32);
-            let ctx: Vec<u8> =
-                [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w: &u32| w.to_ne_bytes()).collect();
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                ctx_in: Some(&ctx),
-                repeat: n,
-                attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-                ..TestRunOptions::new()
-            };
-            prog.test_run(opts).context(
-                "BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (an ordinary test run of the same \
-                 program works; on this machine's kernel the live-frame mode answers EPERM)",
-            )?;
-            sent += u64::from(n);
+            let n = (BATCH as u64).min(limits.frames - sent) as usize;
+            for i in 0..n {
+                let src = flood_source(idx);
+                idx += 1;
+                let t = &self.templates[usize::from(src.is_ipv6())];
+                let b = &mut bufs[i];
+                b[..t.len()].copy_from_slice(t);
+                lens[i] = t.len();
+                match src {
+                    IpAddr::V4(a) => {
+                        b[14 + 12..14 + 16].copy_from_slice(&a.octets());
+                        b[14 + 10..14 + 12].fill(0);
+                        let c = ipv4_checksum(&b[14..14 + 20]);
+                        b[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+                    }
+                    IpAddr::V6(a) => b[14 + 8..14 + 24].copy_from_slice(&a.octets()),
+                }
+            }
+            let mut iov: Vec<libc::iovec> =
+                (0..n).map(|i| libc::iovec { iov_base: bufs[i].as_mut_ptr().cast(), iov_len: lens[i] }).collect();
+            let mut msgs: Vec<libc::mmsghdr> = iov
+                .iter_mut()
+                .map(|v| {
+                    // SAFETY: an all-zero msghdr is valid; the iovec lives on.
+                    let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    h.msg_hdr.msg_iov = v;
+                    h.msg_hdr.msg_iovlen = 1;
+                    h
+                })
+                .collect();
+            // SAFETY: msgs and the buffers they point to live across the call.
+            let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                // A full device queue: try again.
+                if e.raw_os_error() == Some(libc::ENOBUFS) || e.raw_os_error() == Some(libc::EAGAIN) {
+                    continue;
+                }
+                bail!("sendmmsg on {GEN_IF}: {e}");
+            }
+            sent += r as u64;
         }
         Ok(Sent { frames: sent, secs: start.elapsed().as_secs_f64() })
     }
@@ -365,10 +419,9 @@ impl Lab {
         // The first entry through the CLI; its value (flags) is copied into
         // the maps for the rest.
         xdp_filter(self.gate(), &["ip", "198.51.100.2", "--mode", "src"])?;
-        let mut v4: PerCpuHashMap<MapData, [u8; 4], u64> =
-            PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(MapData::from_pin(
-                Path::new(XDP_FILTER_PINS).join("filter_ipv4"),
-            )?))?;
+        let mut v4: PerCpuHashMap<MapData, [u8; 4], u64> = PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(
+            MapData::from_pin(Path::new(XDP_FILTER_PINS).join("filter_ipv4"))?,
+        ))?;
         let value = v4.get(&[198, 51, 100, 2], 0)?;
         let flags = value.iter().copied().max().unwrap_or(0);
         let ncpu = value.len();
@@ -390,10 +443,9 @@ impl Lab {
         for a in &n4 {
             v4.insert(a, val(), 0)?;
         }
-        let mut v6: PerCpuHashMap<MapData, [u8; 16], u64> =
-            PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(MapData::from_pin(
-                Path::new(XDP_FILTER_PINS).join("filter_ipv6"),
-            )?))?;
+        let mut v6: PerCpuHashMap<MapData, [u8; 16], u64> = PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(
+            MapData::from_pin(Path::new(XDP_FILTER_PINS).join("filter_ipv6"))?,
+        ))?;
         for idx in 0..XDP_FILTER_MAX as u32 {
             v6.insert(flood_v6(idx).octets(), val(), 0)?;
         }
@@ -450,19 +502,29 @@ impl Lab {
     }
 }
 
-/// xdp-filter loaded on the gate's veth; unloaded on drop.
-struct XdpFilter<'a>(&'a Netns);
+/// xdp-filter loaded on the gate's veth; unloaded on drop, and the bpffs
+/// directories it (libxdp) made are removed when empty.
+struct XdpFilter<'a>(&'a Netns, Vec<PathBuf>);
+
+/// Where xdp-filter and libxdp's dispatcher pin.
+const XDP_PIN_DIRS: [&str; 2] = [XDP_FILTER_PINS, "/sys/fs/bpf/xdp"];
 
 impl<'a> XdpFilter<'a> {
     fn load(ns: &'a Netns) -> Result<Self> {
+        let made = XDP_PIN_DIRS.iter().map(PathBuf::from).filter(|d| !d.exists()).collect();
+        let guard = XdpFilter(ns, made);
         xdp_filter(ns, &["load", GATE_IF, "--mode", "native", "--features", "tcp,ipv4,ipv6"])?;
-        Ok(XdpFilter(ns))
+        Ok(guard)
     }
 }
 
 impl Drop for XdpFilter<'_> {
     fn drop(&mut self) {
         let _ = xdp_filter(self.0, &["unload", GATE_IF]);
+        for d in &self.1 {
+            // Only when empty: anything else there is not ours to remove.
+            let _ = fs::remove_dir(d);
+        }
     }
 }
 
@@ -585,10 +647,35 @@ fn srv() -> SocketAddr {
     SocketAddr::new(ip(SERVER), 25)
 }
 
-/// The IPv6 flood source of index `idx` (as `gatekeeper_trafficgen` makes
-/// it, in the covered /33).
+/// The IPv6 flood source of index `idx` in the covered /33.
 fn flood_v6(idx: u32) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 0x8000 | (idx >> 16) as u16, idx as u16, 0, 0, 0, 1)
+}
+
+/// The source of the flood's frame `i`: one in five IPv4 (the 512
+/// addresses of 198.51.100.0/24 and 203.0.113.0/24), the others IPv6 among
+/// 2^20 addresses of 2001:db8:8000::/44, one in sixteen of those from
+/// 2001:db8:4000::/44, which no deny list covers (unknown sources: they
+/// load the lookup queue and DNS). Scrambled, so consecutive frames come
+/// from unrelated sources.
+fn flood_source(i: u64) -> IpAddr {
+    let r = i.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29) ^ i;
+    let idx = (r >> 8) as u32 & 0xf_ffff;
+    if r.is_multiple_of(5) {
+        let net = if idx & 0x100 == 0 { [198, 51, 100] } else { [203, 0, 113] };
+        return IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], idx as u8));
+    }
+    let hi = if (r >> 40).is_multiple_of(16) { 0x4000 } else { 0x8000 };
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, hi | (idx >> 16) as u16, idx as u16, 0, 0, 0, 1))
+}
+
+/// The IPv4 header checksum of `h` (its checksum field zeroed).
+fn ipv4_checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// The real sender's zones: a PTR and a matching A record.
@@ -629,11 +716,15 @@ fn print_table(gk: &Result1, xf: &Result1, nf: &Result1) {
     let mpps = |v: f64| format!("{:.2} M", v / 1e6);
     let opt = |v: Option<f64>, unit: &str| v.map(|v| format!("{v:.2}{unit}")).unwrap_or_else(|| "-".into());
     println!();
-    row("", &|r| ["gatekeeper", "xdp-filter", "nftables"][all.iter().position(|x| std::ptr::eq(*x, r)).unwrap()].into());
+    row("", &|r| {
+        ["gatekeeper", "xdp-filter", "nftables"][all.iter().position(|x| std::ptr::eq(*x, r)).unwrap()].into()
+    });
     row("frames sent (per s)", &|r| mpps(r.flood.frames as f64 / r.flood.secs.max(1e-9)));
     row("dropped per s (one core)", &|r| mpps(r.pps()));
     row("dropped share of the flood", &|r| format!("{:.1} %", 100.0 * r.dropped as f64 / r.flood.frames.max(1) as f64));
-    let rss = |i: usize| move |r: &Result1| r.rss_kib.map(|v| format!("{:.1} MiB", v[i] as f64 / 1024.0)).unwrap_or("-".into());
+    let rss = |i: usize| {
+        move |r: &Result1| r.rss_kib.map(|v| format!("{:.1} MiB", v[i] as f64 / 1024.0)).unwrap_or("-".into())
+    };
     row("agent RSS before", &rss(0));
     row("agent RSS during (peak)", &rss(1));
     row("agent RSS after", &rss(2));
