@@ -9,7 +9,7 @@
 //!   behind. Tests run with libtest's default `--test-threads` (one per core):
 //!   every netlab namespace/pin name is unique per process and counter, so
 //!   root tests may run in parallel; pass `-- --test-threads=1` to serialise.
-//! * `cargo xtask bench xdp|egress|classify|all [-- ARGS]` — setup, then the release
+//! * `cargo xtask bench xdp|egress|classify|flood|all [-- ARGS]` — setup, then the release
 //!   `gatekeeper-bench` binary; JSON results land in `target/bench/`.
 //! * `cargo xtask fuzz [--frames N] [--seed S] [--json]` — setup, then the
 //!   release `gatekeeper-fuzz` binary: random and mutated frames through
@@ -81,6 +81,8 @@ enum Bench {
     Egress,
     /// Hostname classifications per second on one core.
     Classify,
+    /// A spoofed SYN flood against gatekeeper, xdp-filter and nftables, side by side.
+    Flood,
     All,
 }
 
@@ -94,6 +96,7 @@ fn main() {
                 Bench::Xdp => "xdp",
                 Bench::Egress => "egress",
                 Bench::Classify => "classify",
+                Bench::Flood => "flood",
                 Bench::All => "all",
             };
             test::bench(which, &args)

@@ -34,6 +34,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "python3-scapy",
     "xdp-tools",
     "nsd",
+    "nftables",
     "procps",
     "util-linux",
     "gcc",

@@ -119,7 +119,7 @@ fn owner_pid(name: &str) -> Option<u32> {
 }
 
 /// Benchmarks `gatekeeper-bench` knows; `cargo xtask bench all` runs each.
-pub const BENCHES: &[&str] = &["xdp", "egress", "classify"];
+pub const BENCHES: &[&str] = &["xdp", "egress", "classify", "flood"];
 
 /// `cargo run --release -p gatekeeper-tests --bin gatekeeper-bench -- NAME ARGS`
 /// for `which` (or every one of [`BENCHES`] for `all`). Results are JSON in
@@ -130,8 +130,20 @@ pub fn bench(which: &str, args: &[String]) -> Result<()> {
     let dir = target_dir()?.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let names: Vec<&str> = if which == "all" { BENCHES.to_vec() } else { vec![which] };
-    // Build once, quietly, so each run below starts at once.
-    run(util::cargo().args(["build", "--release", "-p", "gatekeeper-tests", "--bin", "gatekeeper-bench"]))?;
+    // Build once, quietly, so each run below starts at once (the flood
+    // bench runs the release agent beside it).
+    run(util::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "gatekeeper-tests",
+        "--bin",
+        "gatekeeper-bench",
+        "-p",
+        "gatekeeper",
+        "--bin",
+        "gatekeeper",
+    ]))?;
     for name in names {
         let started = SystemTime::now();
         let mut cmd = util::cargo();

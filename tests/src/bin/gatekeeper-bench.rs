@@ -58,6 +58,9 @@
 //! 1,000,000 names/s target and writes JSON to `--json` (default
 //! `target/bench/classify.json`). Needs no root; build it in release.
 
+#[path = "../flood_bench.rs"]
+mod flood_bench;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -113,6 +116,7 @@ fn usage() -> ! {
     eprintln!("usage: gatekeeper-bench xdp [--repeat N] [--json PATH] [--deny-v4 N] [--deny-v6 N] [--verdicts N]");
     eprintln!("       gatekeeper-bench classify [--dataset PATH] [--seconds S] [--rules FILE] [--json PATH]");
     eprintln!("       gatekeeper-bench egress [--repeat N] [--json PATH] [--pools-v4 N] [--pools-v6 N] [--buckets N]");
+    eprintln!("       gatekeeper-bench flood [--frames N] [--seconds S] [--json PATH]");
     std::process::exit(2)
 }
 
@@ -122,6 +126,7 @@ fn main() -> Result<()> {
         Some("xdp") => {}
         Some("classify") => return classify_bench::run(args),
         Some("egress") => return egress_bench::run(args),
+        Some("flood") => return flood_bench::run(args),
         _ => usage(),
     }
     let mut repeat = DEFAULT_REPEAT;
