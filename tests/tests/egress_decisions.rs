@@ -240,6 +240,26 @@ impl Gk {
     }
 
     /// Counters that moved since the last call, by name.
+    /// Every truncation of `full` (past the Ethernet addresses) passes
+    /// unchanged, and the parser either gives up, counted as
+    /// `parse-skipped`, or stops before it knows enough to count anything
+    /// (an Ethernet header only); at least one is counted.
+    fn truncations_pass(&mut self, prog: Hook, name: &str, full: &[u8]) {
+        let mut skipped = 0;
+        for len in 14..full.len() {
+            let Some((ret, out)) = self.run_maybe_short(prog, &full[..len]) else { continue };
+            assert_eq!(prog.outcome(ret), Some(Outcome::Pass), "{prog:?}: {name} truncated to {len} of {}", full.len());
+            assert_eq!(out, &full[..len], "{prog:?}: {name} truncated to {len}: rewritten");
+            let d = self.delta();
+            assert!(
+                d.is_empty() || d == BTreeMap::from([("parse-skipped", 1)]),
+                "{prog:?}: {name} truncated to {len}: {d:?}"
+            );
+            skipped += d.len();
+        }
+        assert!(skipped > 0, "{prog:?}: {name}: truncations are counted as parse-skipped");
+    }
+
     fn delta(&mut self) -> BTreeMap<&'static str, u64> {
         let now = self.counters();
         let mut out = BTreeMap::new();
@@ -1035,26 +1055,7 @@ fn truncated_pool_syns_pass_and_never_abort() {
     ];
     for prog in PROGS {
         for (name, want, full) in &frames {
-            let mut skipped = 0;
-            for len in 14..full.len() {
-                let Some((ret, out)) = gk.run_maybe_short(prog, &full[..len]) else { continue };
-                assert_eq!(
-                    prog.outcome(ret),
-                    Some(Outcome::Pass),
-                    "{prog:?}: {name} truncated to {len} of {}",
-                    full.len()
-                );
-                assert_eq!(out, &full[..len], "{prog:?}: {name} truncated to {len}: rewritten");
-                let d = gk.delta();
-                // Either the parser gave up (counted) or stopped before it
-                // knew enough to count anything (an Ethernet header only).
-                assert!(
-                    d.is_empty() || d == BTreeMap::from([("parse-skipped", 1)]),
-                    "{prog:?}: {name} truncated to {len}: {d:?}"
-                );
-                skipped += d.len();
-            }
-            assert!(skipped > 0, "{prog:?}: {name}: truncations are counted as parse-skipped");
+            gk.truncations_pass(prog, name, full);
             let c = match want {
                 Outcome::Reject => PoolRejected,
                 _ => PoolBlocked,
@@ -1275,19 +1276,7 @@ fn truncated_pppoe_frames_pass() {
     ];
     for prog in PROGS {
         for (name, full) in &frames {
-            let mut skipped = 0;
-            for len in 14..full.len() {
-                let (ret, out) = gk.run(prog, &full[..len]);
-                assert_eq!(prog.outcome(ret), Some(Outcome::Pass), "{prog:?}: {name} truncated to {len}");
-                assert_eq!(out, &full[..len], "{prog:?}: {name} truncated to {len}: rewritten");
-                let d = gk.delta();
-                assert!(
-                    d.is_empty() || d == BTreeMap::from([("parse-skipped", 1)]),
-                    "{prog:?}: {name} truncated to {len}: {d:?}"
-                );
-                skipped += d.len();
-            }
-            assert!(skipped > 0, "{prog:?}: {name}: truncations are counted as parse-skipped");
+            gk.truncations_pass(prog, name, full);
             gk.check(prog, full, Outcome::Drop, &[(PoolBlocked, 1)], name);
         }
     }
