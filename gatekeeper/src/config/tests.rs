@@ -169,6 +169,12 @@ fn bad_values_name_line_column_and_key() {
     assert!(message("interfaces = [\"a-very-long-interface-name\"]").contains("not a valid interface name"));
     assert!(message("log_level = \"verbose\"").contains("invalid log level"));
     assert!(message("ports = []").contains("no ports given"));
+    let m = message("[policy]\nv6_prefix_drop_after = 1\n");
+    assert!(
+        m.contains("line 2") && m.contains("policy.v6_prefix_drop_after") && m.contains("0 (never) or at least 2"),
+        "{m}"
+    );
+    assert_eq!(parse("[policy]\nv6_prefix_drop_after = 0\n").unwrap().policy.v6_prefix_drop_after, 0);
 }
 
 #[test]
