@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod counters;
+pub mod reject;
 pub mod sourcetab;
 pub mod trie;
 
@@ -48,8 +49,19 @@ pub mod maps {
     /// Egress decision counters, laid out like [`STATS`].
     pub const EG_STATS: &str = "GK_EG_STATS";
 
+    /// Reject with a reason: the single [`RejectConfig`](crate::reject::RejectConfig).
+    pub const REJECT: &str = "GK_REJECT";
+    /// The agent's rejector listeners (a sockmap; slots in
+    /// [`reject`](crate::reject)).
+    pub const REJECTORS: &str = "GK_REJECTORS";
+    /// Sources over the rejector's per-source rate
+    /// ([`QuietSlot`](crate::reject::QuietSlot)s).
+    pub const REJ_QUIET: &str = "GK_REJ_QUIET";
+    /// Reject counters ([`RejectCounter`](crate::reject::RejectCounter)), per CPU.
+    pub const REJ_STATS: &str = "GK_REJ_STATS";
+
     /// Every map, for pinning and unloading.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 19] = [
         RANGES,
         RANGE_INDEX,
         VERDICTS,
@@ -65,6 +77,10 @@ pub mod maps {
         EG_LIMITS,
         EG_BUCKETS,
         EG_STATS,
+        REJECT,
+        REJECTORS,
+        REJ_QUIET,
+        REJ_STATS,
     ];
 }
 
@@ -82,6 +98,12 @@ pub mod programs {
     pub const TC_EGRESS: &str = "gatekeeper_egress";
     /// A TC program that only passes: the egress benchmark baseline.
     pub const TC_BASELINE: &str = "gatekeeper_tc_baseline";
+    /// The rejector's sk_lookup program, attached to the agent's network
+    /// namespace: steers rejected sources' connections to the agent.
+    pub const SK_REJECTOR: &str = "gatekeeper_rejector";
+    /// An sk_lookup program that only passes: the rejector's benchmark
+    /// baseline.
+    pub const SK_BASELINE: &str = "gatekeeper_sk_baseline";
 }
 
 /// Capacity of each range table, per family (allow and deny entries
@@ -446,6 +468,8 @@ mod pod {
     unsafe impl aya::Pod for VerdictSlot {}
     unsafe impl aya::Pod for VerdictBucket {}
     unsafe impl aya::Pod for SeenSlot {}
+    unsafe impl aya::Pod for crate::reject::RejectConfig {}
+    unsafe impl aya::Pod for crate::reject::QuietSlot {}
 }
 
 #[cfg(test)]
