@@ -201,7 +201,10 @@ mod tests {
         assert_eq!(refusal::name(refusal::LEARNED_RANGE), "learned-range");
         assert_eq!(refusal::name(refusal::COUNT), "invalid");
         for code in 0..refusal::COUNT {
-            assert_eq!(reject_counter_name(RejectCounter::to_rejector(code)), format!("rejected-{}", refusal::name(code)));
+            assert_eq!(
+                reject_counter_name(RejectCounter::to_rejector(code)),
+                format!("rejected-{}", refusal::name(code))
+            );
         }
         let names: std::collections::BTreeSet<_> = (0..REJECT_COUNTER_SLOTS).map(reject_counter_name).collect();
         assert_eq!(names.len(), REJECT_COUNTER_SLOTS as usize, "names are unique");

@@ -15,18 +15,27 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_INGRESS, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        xdp_action, BPF_F_INGRESS, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    },
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
-    macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, map, sk_lookup, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap},
+    programs::{SkLookupContext, TcContext, XdpContext},
 };
 use gatekeeper_common::{
-    action, addr, config_flags, family, port_policy, range_flags, range_kind, sourcetab, stat_index, trie,
-    trie::TrieNode, verdict_reason, Config, Counter, EgressCounter, Event, Ipv4Bytes, Ipv6Bytes, KeyWords, LimitKey,
-    RangeEntry, RangeValue, RateLimit, SeenSlot, VerdictBucket, EG_PORT_ENTRIES, EVENTS_BYTES, MAX_BUCKETS,
-    MAX_IPV6_EXT_HEADERS, MAX_LIMIT_CLASSES, MAX_RANGE_IDS, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, RANGE_NODES,
-    SEEN_SLOTS, SMH_RANGE_NODES, STAT_ENTRIES, SUB_RANGE_NODES,
+    action, addr, config_flags, family, port_policy, range_flags, range_kind,
+    reject::{
+        self, quiet_slot, refusal, QuietSlot, RejectConfig, RejectCounter, QUIET_SLOTS, REJECTOR_SLOTS,
+        REJECT_COUNTER_SLOTS,
+    },
+    sourcetab, stat_index, trie,
+    trie::TrieNode,
+    verdict_reason, Config, Counter, EgressCounter, Event, Ipv4Bytes, Ipv6Bytes, KeyWords, LimitKey, RangeEntry,
+    RangeValue, RateLimit, SeenSlot, VerdictBucket, EG_PORT_ENTRIES, EVENTS_BYTES, MAX_BUCKETS, MAX_IPV6_EXT_HEADERS,
+    MAX_LIMIT_CLASSES, MAX_RANGE_IDS, MAX_VERDICTS, MAX_VLAN_TAGS, PORT_WORDS, RANGE_NODES, SEEN_SLOTS,
+    SMH_RANGE_NODES, STAT_ENTRIES, SUB_RANGE_NODES,
 };
 
 /// Ingress ranges: trie nodes (see `gatekeeper_common::trie`), written by
@@ -57,6 +66,17 @@ static GK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_ENTRIES, 
 static GK_RANGE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RANGE_IDS, 0);
 #[map(name = "GK_EVENTS")]
 static GK_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+// Reject with a reason (see `gatekeeper_common::reject`).
+#[map(name = "GK_REJECT")]
+static GK_REJECT: Array<RejectConfig> = Array::with_max_entries(1, 0);
+/// The agent's rejector listeners, one per family.
+#[map(name = "GK_REJECTORS")]
+static GK_REJECTORS: SockMap = SockMap::with_max_entries(REJECTOR_SLOTS, 0);
+#[map(name = "GK_REJ_QUIET")]
+static GK_REJ_QUIET: Array<QuietSlot> = Array::with_max_entries(QUIET_SLOTS, 0);
+#[map(name = "GK_REJ_STATS")]
+static GK_REJ_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REJECT_COUNTER_SLOTS, 0);
 
 // The egress gate's tables: subscriber sources (pool and exempt entries,
 // exempt winning as allow does) and smarthost destinations, each laid out
@@ -505,40 +525,59 @@ fn parse_ipv6<P: Packet, const EGRESS: bool>(ctx: &P, offset: usize) -> Result<O
     Err(Skip)
 }
 
-/// The decision for a guarded SYN: range (allow passes, deny drops), then
-/// live verdict, else unknown (pass and report). One longest-prefix lookup
-/// serves both kinds of range (see `RangeValue`), in the range trie.
+/// What the tables say about a guarded SYN's source. The XDP gate acts on
+/// it; the sk_lookup rejector judges again from the same tables (it cannot
+/// see what XDP decided) to steer the refused sources whose action is
+/// reject.
+enum Outcome {
+    /// In an allow range.
+    Allowed,
+    /// A live pass verdict.
+    Passed,
+    /// Refused: a deny range or a live drop verdict. `counter` is the
+    /// gate's decision counter, `refusal` the `reject::refusal` code.
+    Refused { counter: u32, refusal: u32 },
+    /// No live verdict: reported. `presumed` is the counter of a
+    /// presumption (a learned range, a presumed-bad /64) that refuses it,
+    /// [`NOT_PRESUMED`] if none, with its `refusal` code.
+    Unknown { key: KeyWords, seen: u32, now: u64, presumed: u32, refusal: u32 },
+}
+
+/// Judges a source: range (allow wins, deny refuses), then live verdict,
+/// else unknown. One longest-prefix lookup serves both kinds of range (see
+/// `RangeValue`), in the range trie. `HITS`: count the range's hit (the XDP
+/// gate does; the rejector's second look does not).
 #[inline(always)]
-fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
-    let cfg = config();
-    let range = match &source {
+fn judge<const HITS: bool>(source: &Source, cfg: &Config) -> Outcome {
+    let range = match source {
         Source::V4(a) => lookup(&GK_RANGES, a),
         Source::V6(a) => lookup(&GK_RANGES, a),
     };
     // A learned range is a presumption about the hosts in it: a live
     // per-source verdict decides over it, and its sources are still
     // reported (once per interval) so that a good one earns its verdict.
-    // `presumed`: the counter of such a drop, [`NOT_PRESUMED`] if none.
     let mut presumed = NOT_PRESUMED;
+    let mut refused_for = refusal::LEARNED_RANGE;
     if let Some(range) = range {
-        hit(range.range_id);
+        if HITS {
+            hit(range.range_id);
+        }
         if range.kind == range_kind::ALLOW {
-            count(ifindex, Counter::Allowed as u32);
-            return xdp_action::XDP_PASS;
+            return Outcome::Allowed;
         }
         if range.flags & range_flags::LEARNED == 0 {
-            return drop_or_dry_run(ifindex, Counter::DenyRange as u32, &cfg);
+            return Outcome::Refused { counter: Counter::DenyRange as u32, refusal: refusal::DENY_RANGE };
         }
         presumed = Counter::DenyRange as u32;
     }
     // SAFETY: a read-only global the loader sets.
     let shift = unsafe { core::ptr::read_volatile(&GK_VERDICT_SHIFT) };
-    let now = now_ns(&cfg);
+    let now = now_ns(cfg);
     // IPv4: one key. IPv6: the address's own key (the drop verdict of its
     // own failed lookup) decides while live, else the /64's (bans, pass
     // verdicts, a /64 several of whose addresses failed); both share one
     // bucket pair. The address has a reported-sources slot of its own.
-    let (key, at, verdict) = match &source {
+    let (key, at, verdict) = match source {
         Source::V4(a) => {
             let key = KeyWords::v4(*a);
             let at = sourcetab::source_slots(&key, &cfg.hash, shift);
@@ -555,22 +594,167 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
     };
     if let Some(v) = verdict {
         if v.expires_ns > now {
+            // A reason past the table (never written) cannot be taken for
+            // a range's refusal code.
+            let reason = if v.reason < verdict_reason::COUNT { v.reason } else { verdict_reason::HOLD };
             if v.action == action::DROP {
-                return drop_or_dry_run(ifindex, Counter::verdict_drop(v.reason), &cfg);
+                return Outcome::Refused { counter: Counter::verdict_drop(reason), refusal: reason };
             }
             if v.action == action::PRESUMED_DROP {
                 // A /64 several of whose addresses failed: this one may be
                 // good, so it is reported too (once per interval), as a
                 // learned range's sources are.
-                presumed = Counter::verdict_drop(v.reason);
+                presumed = Counter::verdict_drop(reason);
+                refused_for = reason;
             } else {
-                count(ifindex, Counter::VerdictPass as u32);
-                return xdp_action::XDP_PASS;
+                return Outcome::Passed;
             }
         }
     }
-    unknown(ifindex, &source, &key, at.seen, port, now, &cfg, presumed)
+    Outcome::Unknown { key, seen: at.seen, now, presumed, refusal: refused_for }
 }
+
+/// The XDP gate's decision for a guarded SYN (see [`judge`]).
+#[inline(always)]
+fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
+    let cfg = config();
+    match judge::<true>(&source, &cfg) {
+        Outcome::Allowed => {
+            count(ifindex, Counter::Allowed as u32);
+            xdp_action::XDP_PASS
+        }
+        Outcome::Passed => {
+            count(ifindex, Counter::VerdictPass as u32);
+            xdp_action::XDP_PASS
+        }
+        Outcome::Refused { counter, refusal } => refuse(ifindex, counter, refusal, &source, port, &cfg),
+        Outcome::Unknown { key, seen, now, presumed, refusal } => {
+            unknown(ifindex, &source, &key, seen, port, now, &cfg, presumed, refusal)
+        }
+    }
+}
+
+/// A refused SYN: counted by `counter`; dropped, or passed when dry-run
+/// mode is on or the refusal's action is reject and the rejector takes it
+/// (see [`to_rejector`]).
+#[inline(always)]
+fn refuse(ifindex: u32, counter: u32, refusal: u32, source: &Source, port: u16, cfg: &Config) -> u32 {
+    if cfg.flags & config_flags::DRY_RUN == 0 && to_rejector(source, refusal, port, cfg) {
+        count(ifindex, counter);
+        return xdp_action::XDP_PASS;
+    }
+    drop_or_dry_run(ifindex, counter, cfg)
+}
+
+/// Whether a SYN refused for `refusal` goes to the rejector: its action is
+/// reject, on a port the rejector answers, the agent's lease runs and the
+/// source is not quiet. Only refused SYNs get here, so accepted ones pay
+/// nothing for the feature. A BPF function of its own: it has three call
+/// sites.
+#[inline(never)]
+fn to_rejector(source: &Source, refusal: u32, port: u16, cfg: &Config) -> bool {
+    let Some(rc) = GK_REJECT.get(0) else { return false };
+    if !rc.steers(refusal, port) {
+        return false;
+    }
+    let now = now_ns(cfg);
+    if now >= rc.lease_ns {
+        count_reject(RejectCounter::Fallback as u32);
+        return false;
+    }
+    let key = match source {
+        Source::V4(a) => KeyWords::v4(*a),
+        Source::V6(a) => KeyWords::v6_host(a),
+    };
+    if let Some(q) = GK_REJ_QUIET.get(quiet_slot(&key, &cfg.hash)) {
+        if q.key.lo == key.lo && q.key.hi == key.hi && now < q.until_ns {
+            count_reject(RejectCounter::Quiet as u32);
+            return false;
+        }
+    }
+    count_reject(RejectCounter::to_rejector(refusal));
+    true
+}
+
+#[inline(always)]
+fn count_reject(counter: u32) {
+    if let Some(p) = GK_REJ_STATS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *p += 1 };
+    }
+}
+
+/// The rejector: attached to the agent's network namespace, it runs when a
+/// TCP SYN looks for a listening socket. A source the tables refuse for a
+/// reason whose action is reject, to a port the rejector answers, is
+/// steered to the agent's listener ([`GK_REJECTORS`]); with no listener
+/// there the lookup fails (the kernel answers with a RST), so a refused
+/// source never reaches the MTA. Everything else finds its socket as
+/// usual: drops are the XDP gate's job, not this program's.
+#[sk_lookup]
+pub fn gatekeeper_rejector(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel's context; each field read once, at its own width
+    // (the verifier refuses merged context loads).
+    let l = ctx.lookup;
+    let field = |p: *const u32| unsafe { core::ptr::read_volatile(p) };
+    if field(unsafe { &(*l).protocol }) != IPPROTO_TCP as u32 {
+        return SK_PASS;
+    }
+    let Some(rc) = GK_REJECT.get(0) else { return SK_PASS };
+    if rc.actions == 0 {
+        return SK_PASS;
+    }
+    let port = field(unsafe { &(*l).local_port });
+    if port > u16::MAX as u32 || !rc.answers_on(port as u16) {
+        return SK_PASS;
+    }
+    let (source, slot) = match field(unsafe { &(*l).family }) {
+        AF_INET => (Source::V4(field(unsafe { &(*l).remote_ip4 }).to_ne_bytes()), reject::SLOT_V4),
+        AF_INET6 => {
+            let mut a = [0u8; 16];
+            let mut i = 0;
+            while i < 4 {
+                a[i * 4..i * 4 + 4].copy_from_slice(&field(unsafe { &(*l).remote_ip6[i] }).to_ne_bytes());
+                i += 1;
+            }
+            (Source::V6(a), reject::SLOT_V6)
+        }
+        _ => return SK_PASS,
+    };
+    let cfg = config();
+    let code = match judge::<false>(&source, &cfg) {
+        Outcome::Refused { refusal, .. } => refusal,
+        Outcome::Unknown { presumed, refusal, .. } if presumed != NOT_PRESUMED => refusal,
+        _ => return SK_PASS,
+    };
+    if !rc.rejects(code) {
+        return SK_PASS;
+    }
+    if cfg.flags & config_flags::DRY_RUN != 0 {
+        count_reject(RejectCounter::DryRun as u32);
+        return SK_PASS;
+    }
+    match GK_REJECTORS.redirect_sk_lookup(&ctx, slot, 0) {
+        Ok(()) => {
+            count_reject(RejectCounter::Steered as u32);
+            SK_PASS
+        }
+        Err(_) => {
+            count_reject(RejectCounter::NoRejector as u32);
+            SK_DROP
+        }
+    }
+}
+
+/// The rejector's benchmark baseline: an sk_lookup program that only
+/// passes.
+#[sk_lookup]
+pub fn gatekeeper_sk_baseline(_ctx: SkLookupContext) -> u32 {
+    SK_PASS
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// No presumption holds the source (see [`unknown`]).
 const NOT_PRESUMED: u32 = u32::MAX;
@@ -625,8 +809,8 @@ fn hit(range_id: u32) {
 }
 
 /// A source without a live verdict: report it (at most once per interval);
-/// drop it if `presumed` is a counter (a learned range or a presumed-bad
-/// /64 holds it: that counter counts the drop), else pass it, or with hold
+/// refuse it if `presumed` is a counter (a learned range or a presumed-bad
+/// /64 holds it: that counter counts it; see [`refuse`]), else pass it, or with hold
 /// drop it while its first SYN is younger than `hold_ms`. One call site, so
 /// the reporting code is in the program once.
 #[allow(clippy::too_many_arguments)]
@@ -640,10 +824,11 @@ fn unknown(
     now: u64,
     cfg: &Config,
     presumed: u32,
+    refusal: u32,
 ) -> u32 {
     let since = note(ifindex, source, key, seen, port, now, cfg);
     if presumed != NOT_PRESUMED {
-        return drop_or_dry_run(ifindex, presumed, cfg);
+        return refuse(ifindex, presumed, refusal, source, port, cfg);
     }
     if cfg.flags & config_flags::HOLD != 0 && since != 0 && now.wrapping_sub(since) < cfg.hold_ms as u64 * 1_000_000 {
         return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD), cfg);

@@ -140,7 +140,8 @@ pub fn load(verdict_buckets: u32, setup: impl FnOnce(&mut EbpfLoader<'_>), progs
         match bpf.program_mut(name).with_context(|| format!("program {name}"))? {
             Program::Xdp(p) => p.load(),
             Program::SchedClassifier(p) => p.load(),
-            _ => bail!("{name} is neither an XDP nor a TC program"),
+            Program::SkLookup(p) => p.load(),
+            _ => bail!("{name} is neither an XDP, a TC nor an sk_lookup program"),
         }
         .with_context(|| format!("the verifier refuses {name}"))?;
     }
@@ -192,4 +193,103 @@ pub fn stat_totals(bpf: &Ebpf, map: &str) -> Result<BTreeMap<StatKey, u64>> {
 pub fn range_hits(bpf: &Ebpf, range_id: u32) -> u64 {
     let hits: PerCpuArray<_, u64> = PerCpuArray::try_from(bpf.map(maps::RANGE_HITS).unwrap()).unwrap();
     hits.get(&range_id, 0).unwrap().iter().sum()
+}
+
+pub const SK_DROP: u32 = 0;
+pub const SK_PASS: u32 = 1;
+
+/// A socket lookup as the kernel hands it to an sk_lookup program.
+#[derive(Clone, Copy, Debug)]
+pub struct Lookup {
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub udp: bool,
+}
+
+impl Lookup {
+    /// A TCP lookup from `src` (port 40000) to `dst`:`port`.
+    pub fn tcp(src: &str, dst: &str, port: u16) -> Lookup {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        Lookup { src: (ip(src), 40000).into(), dst: (ip(dst), port).into(), udp: false }
+    }
+}
+
+/// What an sk_lookup program did: its return value and the cookie of the
+/// socket it selected (0: none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkRun {
+    pub retval: u32,
+    pub cookie: u64,
+    /// Mean ns per run (the kernel's integer mean for `repeat > 1`).
+    pub duration_ns: u32,
+}
+
+/// Runs sk_lookup program `prog` `repeat` times on `lookup` through
+/// BPF_PROG_TEST_RUN, which aya 0.14 does not offer for sk_lookup. The
+/// context is a `struct bpf_sk_lookup`; the kernel wants every byte after
+/// `local_port` zero (so no ingress interface).
+pub fn sk_lookup_run(bpf: &Ebpf, prog: &str, lookup: &Lookup, repeat: u32) -> std::io::Result<SkRun> {
+    use std::net::IpAddr;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let Some(Program::SkLookup(p)) = bpf.program(prog) else { panic!("{prog} is not an sk_lookup program") };
+    let fd = p.fd().map_err(std::io::Error::other)?.as_fd().as_raw_fd();
+    // struct bpf_sk_lookup (72 bytes).
+    let mut ctx = [0u8; 72];
+    let put = |ctx: &mut [u8; 72], at: usize, b: &[u8]| ctx[at..at + b.len()].copy_from_slice(b);
+    let family: u32 = if lookup.src.is_ipv6() { 10 } else { 2 };
+    put(&mut ctx, 8, &family.to_ne_bytes());
+    put(&mut ctx, 12, &(if lookup.udp { 17u32 } else { 6u32 }).to_ne_bytes());
+    match (lookup.src.ip(), lookup.dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            put(&mut ctx, 16, &s.octets());
+            put(&mut ctx, 40, &d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            put(&mut ctx, 20, &s.octets());
+            put(&mut ctx, 44, &d.octets());
+        }
+        _ => panic!("mixed families in {lookup:?}"),
+    }
+    put(&mut ctx, 36, &lookup.src.port().to_be_bytes());
+    put(&mut ctx, 60, &(lookup.dst.port() as u32).to_ne_bytes());
+    let mut out = [0u8; 72];
+    // The BPF_PROG_TEST_RUN part of union bpf_attr.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    let mut attr = Attr {
+        prog_fd: fd as u32,
+        repeat,
+        ctx_size_in: ctx.len() as u32,
+        ctx_size_out: out.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ctx_out: out.as_mut_ptr() as u64,
+        ..Attr::default()
+    };
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    // SAFETY: a bpf_attr the kernel reads and writes within its size; the
+    // buffers outlive the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr, size_of::<Attr>()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let cookie = u64::from_ne_bytes(out[..8].try_into().expect("8 bytes"));
+    Ok(SkRun { retval: attr.retval, cookie, duration_ns: attr.duration })
 }

@@ -13,13 +13,16 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 
 use aya::{
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf, SockMap},
     Ebpf,
 };
 use gatekeeper::{datapath::calibrate_clock, domain::RangeKind, verdict_table::VerdictTable};
 use gatekeeper_common::{
-    action, addr, config_flags, counters::counter_name, family, maps, programs, verdict_reason, Config, Counter, Event,
-    KeyWords, SourceKey, StatKey, Verdict, VerdictBucket, MAX_IPV6_EXT_HEADERS,
+    action, addr, config_flags,
+    counters::counter_name,
+    family, maps, programs,
+    reject::{self, refusal, QuietSlot, RejectConfig},
+    verdict_reason, Config, Counter, Event, KeyWords, SourceKey, StatKey, Verdict, VerdictBucket, MAX_IPV6_EXT_HEADERS,
 };
 use gatekeeper_tests::model::{self, mutate, Gate, Model, Mutation, Parse, Range};
 use gatekeeper_tests::packet::{
@@ -28,7 +31,8 @@ use gatekeeper_tests::packet::{
 use gatekeeper_tests::ranges::AgentRanges;
 use gatekeeper_tests::rng::Rng;
 use gatekeeper_tests::testrun::{
-    self, loopback, monotonic_ns, range_hits, stat_totals, test_run, Outcome, XDP_ABORTED, XDP_DROP, XDP_PASS,
+    self, loopback, monotonic_ns, range_hits, stat_totals, test_run, Lookup, Outcome, SkRun, XDP_ABORTED, XDP_DROP,
+    XDP_PASS,
 };
 
 /// The interface the test runs claim (`xdp_md.ingress_ifindex`): loopback.
@@ -45,6 +49,8 @@ struct Gk {
     events: RingBuf<MapData>,
     /// Counter totals at the last [`Gk::delta`].
     seen: BTreeMap<StatKey, u64>,
+    /// Reject counter totals at the last [`Gk::rej_delta`].
+    rej_seen: Vec<u64>,
     /// The ranges as the agent's database would hold them.
     ranges: AgentRanges,
     /// The datapath clock's calibration, written with every config.
@@ -74,12 +80,13 @@ impl Gk {
     /// As [`Gk::new`], with a verdict table of `buckets` buckets.
     fn with_buckets(buckets: u32) -> Self {
         testrun::require_root("xdp_decisions");
-        let mut bpf = testrun::load(buckets, |_| {}, &[programs::XDP_INGRESS]).unwrap_or_else(|e| panic!("{e:#}"));
+        let mut bpf = testrun::load(buckets, |_| {}, &[programs::XDP_INGRESS, programs::SK_REJECTOR])
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let events = RingBuf::try_from(bpf.take_map(maps::EVENTS).expect("events map")).unwrap();
         let ranges = AgentRanges::take(&mut bpf);
         let clock = calibrate_clock(&mut bpf).expect("clock probe");
         assert!(clock.is_some(), "the clock calibrates on this kernel");
-        let mut gk = Gk { bpf, events, seen: BTreeMap::new(), ranges, clock };
+        let mut gk = Gk { bpf, events, seen: BTreeMap::new(), rej_seen: Vec::new(), ranges, clock };
         gk.set_port(SMTP, true);
         gk.config(0, 0);
         gk
@@ -1326,4 +1333,278 @@ fn hold_fails_open_once_the_window_is_over() {
     // Without the flag nothing is held.
     gk.config(60_000_000_000, 0);
     gk.check(&syn("203.0.113.93").build(), XDP_PASS, &[(c(Counter::Unknown), 1)], "no hold without the flag");
+}
+
+// ---------------------------------------------------------------- reject with a reason
+
+/// The rejector's listeners in a test instance (kept open: a closed socket
+/// leaves the sockmap) and their cookies, which a steered lookup reports.
+struct Rejectors {
+    _v4: std::net::TcpListener,
+    _v6: std::net::TcpListener,
+    v4: u64,
+    v6: u64,
+}
+
+impl Gk {
+    /// Writes the reject settings: `actions` (refusal codes) reject on
+    /// `ports`, with a lease of `lease_ns` on the datapath clock.
+    fn reject(&mut self, actions: &[u32], ports: &[u16], lease_ns: u64) {
+        let mut rc = RejectConfig {
+            actions: actions.iter().fold(0, |a, &c| a | 1 << c),
+            nports: ports.len() as u32,
+            lease_ns,
+            ..RejectConfig::default()
+        };
+        rc.ports[..ports.len()].copy_from_slice(ports);
+        let mut map: Array<_, RejectConfig> = Array::try_from(self.bpf.map_mut(maps::REJECT).unwrap()).unwrap();
+        map.set(0, rc, 0).unwrap();
+    }
+
+    /// Puts two fresh listeners (loopback, IPv4 and IPv6-only) in the
+    /// rejector's slots.
+    fn rejectors(&mut self) -> Rejectors {
+        let listen = |addr: &str| {
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).unwrap();
+            if addr.is_ipv6() {
+                s.set_only_v6(true).unwrap();
+            }
+            s.bind(&addr.into()).unwrap();
+            s.listen(16).unwrap();
+            let cookie = s.cookie().unwrap();
+            (std::net::TcpListener::from(s), cookie)
+        };
+        let (v4, c4) = listen("127.0.0.1:0");
+        let (v6, c6) = listen("[::1]:0");
+        let mut map: SockMap<_> = SockMap::try_from(self.bpf.map_mut(maps::REJECTORS).unwrap()).unwrap();
+        map.set(reject::SLOT_V4, &v4, 0).unwrap();
+        map.set(reject::SLOT_V6, &v6, 0).unwrap();
+        Rejectors { _v4: v4, _v6: v6, v4: c4, v6: c6 }
+    }
+
+    /// Silences `src` (its own key) until `until_ns`.
+    fn quiet(&mut self, src: &str, until_ns: u64) {
+        let key = KeyWords::of(&SourceKey::host(src.parse().unwrap()));
+        let mut map: Array<_, QuietSlot> = Array::try_from(self.bpf.map_mut(maps::REJ_QUIET).unwrap()).unwrap();
+        map.set(reject::quiet_slot(&key, &testrun::HASH), QuietSlot { key, until_ns }, 0).unwrap();
+    }
+
+    /// Runs the rejector on a TCP lookup from `src` to port `port`.
+    fn look(&self, src: &str, port: u16) -> SkRun {
+        let dst = if src.contains(':') { DST6 } else { DST4 };
+        testrun::sk_lookup_run(&self.bpf, programs::SK_REJECTOR, &Lookup::tcp(src, dst, port), 1)
+            .unwrap_or_else(|e| panic!("sk_lookup test run from {src}: {e}"))
+    }
+
+    /// Reject counters that moved since the last call, by name.
+    fn rej_delta(&mut self) -> BTreeMap<&'static str, u64> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::REJ_STATS).unwrap()).unwrap();
+        let now: Vec<u64> = (0..reject::REJECT_COUNTER_SLOTS).map(|i| stats.get(&i, 0).unwrap().iter().sum()).collect();
+        let mut out = BTreeMap::new();
+        for (i, &v) in now.iter().enumerate() {
+            let d = v - self.rej_seen.get(i).copied().unwrap_or(0);
+            if d != 0 {
+                out.insert(reject::reject_counter_name(i as u32), d);
+            }
+        }
+        self.rej_seen = now;
+        out
+    }
+
+    /// Runs `src`'s SYN to `port` through the XDP gate and then the
+    /// rejector, asserting the gate's return, the rejector's (return,
+    /// selected cookie) and the reject counters that moved in all.
+    #[track_caller]
+    fn check_reject(&mut self, src: &str, port: u16, xdp: u32, sk: (u32, u64), rej: &[(&'static str, u64)]) {
+        let dst = if src.contains(':') { DST6 } else { DST4 };
+        assert_eq!(self.run(&syn_to(src, dst, port).build()), xdp, "XDP return for {src} to port {port}");
+        let r = self.look(src, port);
+        assert_eq!((r.retval, r.cookie), sk, "sk_lookup (return, cookie) for {src} to port {port}");
+        assert_eq!(self.rej_delta(), rej.iter().copied().collect(), "reject counters for {src} to port {port}");
+    }
+}
+
+/// Far in the future on every clock the tests use.
+const LEASE: u64 = u64::MAX;
+const NONE: (u32, u64) = (testrun::SK_PASS, 0);
+
+#[test]
+fn a_refused_source_whose_action_is_reject_is_steered_to_the_rejector() {
+    let mut gk = Gk::new();
+    let r = gk.rejectors();
+    gk.reject(
+        &[verdict_reason::NO_PTR, verdict_reason::FCRDNS_FAIL, verdict_reason::DYNAMIC, verdict_reason::GENERIC],
+        &[SMTP],
+        LEASE,
+    );
+    for reason in
+        [verdict_reason::NO_PTR, verdict_reason::FCRDNS_FAIL, verdict_reason::DYNAMIC, verdict_reason::GENERIC]
+    {
+        let name = refusal::name(reason);
+        let counted: &'static str = reject::reject_counter_name(reject::RejectCounter::to_rejector(reason));
+        for (src, cookie) in
+            [(format!("203.0.113.{}", 10 + reason), r.v4), (format!("2001:db8:{}::1", 10 + reason), r.v6)]
+        {
+            if src.contains(':') {
+                gk.verdict_key(SourceKey::host(src.parse().unwrap()), action::DROP, reason, u64::MAX);
+            } else {
+                gk.verdict(&src, action::DROP, reason, u64::MAX);
+            }
+            gk.check_reject(&src, SMTP, XDP_PASS, (testrun::SK_PASS, cookie), &[(counted, 1), ("rejector-steered", 1)]);
+            // The gate counts the refusal by its reason, whatever its action.
+            gk.expect(&[(drop_reason(reason), 1)], &format!("{name} rejected"));
+        }
+    }
+    assert!(gk.events().is_empty(), "sources with a verdict are not reported");
+    // A ban's action is drop here: dropped by XDP, never steered.
+    gk.verdict("203.0.113.99", action::DROP, verdict_reason::MANUAL_BAN, u64::MAX);
+    gk.check_reject("203.0.113.99", SMTP, XDP_DROP, NONE, &[]);
+    gk.expect(&[(drop_reason(verdict_reason::MANUAL_BAN), 1)], "ban dropped");
+    // Good and unknown sources find their socket as usual.
+    gk.verdict("203.0.113.50", action::PASS, verdict_reason::OK, u64::MAX);
+    gk.check_reject("203.0.113.50", SMTP, XDP_PASS, NONE, &[]);
+    gk.check_reject("203.0.113.51", SMTP, XDP_PASS, NONE, &[]);
+    gk.check_reject("2001:db8:77::1", SMTP, XDP_PASS, NONE, &[]);
+    // With no reject action at all the rejector does nothing.
+    gk.reject(&[], &[SMTP], LEASE);
+    gk.check_reject("203.0.113.11", SMTP, XDP_DROP, NONE, &[]);
+}
+
+#[test]
+fn ranges_are_rejected_by_kind_and_allow_still_wins() {
+    let mut gk = Gk::new();
+    let r = gk.rejectors();
+    gk.config(60_000_000_000, 0);
+    gk.deny("198.51.100.0/25", 7);
+    gk.ranges.add_learned("198.51.100.128/25", 8);
+    gk.allow("198.51.100.5/32", 9);
+    gk.verdict("198.51.100.5", action::DROP, verdict_reason::MANUAL_BAN, u64::MAX);
+    gk.verdict("198.51.100.200", action::PASS, verdict_reason::OK, u64::MAX);
+    gk.reject(&[refusal::DENY_RANGE, refusal::LEARNED_RANGE, verdict_reason::MANUAL_BAN], &[SMTP], LEASE);
+    let steered = |code: u32| {
+        vec![(reject::reject_counter_name(reject::RejectCounter::to_rejector(code)), 1), ("rejector-steered", 1)]
+    };
+    gk.check_reject("198.51.100.1", SMTP, XDP_PASS, (testrun::SK_PASS, r.v4), &steered(refusal::DENY_RANGE));
+    gk.check_reject("198.51.100.129", SMTP, XDP_PASS, (testrun::SK_PASS, r.v4), &steered(refusal::LEARNED_RANGE));
+    assert_eq!(gk.events().len(), 1, "a learned range's source is still reported");
+    gk.check_reject("198.51.100.5", SMTP, XDP_PASS, NONE, &[]);
+    gk.check_reject("198.51.100.200", SMTP, XDP_PASS, NONE, &[]);
+    assert_eq!(
+        (gk.range_hits(7), gk.range_hits(8), gk.range_hits(9)),
+        (1, 2, 1),
+        "the rejector's second look counts no hits"
+    );
+    // Only the deny range's action is reject: the learned range drops.
+    gk.reject(&[refusal::DENY_RANGE], &[SMTP], LEASE);
+    gk.check_reject("198.51.100.130", SMTP, XDP_DROP, NONE, &[]);
+    gk.check_reject("198.51.100.2", SMTP, XDP_PASS, (testrun::SK_PASS, r.v4), &steered(refusal::DENY_RANGE));
+}
+
+#[test]
+fn the_rejector_answers_only_its_ports_and_only_tcp() {
+    let mut gk = Gk::new();
+    let r = gk.rejectors();
+    gk.set_port(587, true);
+    gk.set_port(465, true);
+    gk.reject(&[verdict_reason::NO_PTR], &[SMTP, 587], LEASE);
+    gk.verdict("203.0.113.7", action::DROP, verdict_reason::NO_PTR, u64::MAX);
+    let steered = [("rejected-no-ptr", 1), ("rejector-steered", 1)];
+    gk.check_reject("203.0.113.7", 587, XDP_PASS, (testrun::SK_PASS, r.v4), &steered);
+    // A guarded port the rejector speaks no protocol on (TLS from the
+    // first byte): dropped as before.
+    gk.check_reject("203.0.113.7", 465, XDP_DROP, NONE, &[]);
+    let mut udp = Lookup::tcp("203.0.113.7", DST4, SMTP);
+    udp.udp = true;
+    let run = testrun::sk_lookup_run(&gk.bpf, programs::SK_REJECTOR, &udp, 1).unwrap();
+    assert_eq!((run.retval, run.cookie), NONE, "UDP is never steered");
+    assert_eq!(gk.rej_delta(), BTreeMap::new());
+}
+
+#[test]
+fn without_a_rejector_the_lookup_fails_and_never_reaches_the_mta() {
+    let mut gk = Gk::new();
+    gk.reject(&[verdict_reason::NO_PTR], &[SMTP], LEASE);
+    gk.verdict("203.0.113.7", action::DROP, verdict_reason::NO_PTR, u64::MAX);
+    gk.check_reject(
+        "203.0.113.7",
+        SMTP,
+        XDP_PASS,
+        (testrun::SK_DROP, 0),
+        &[("rejected-no-ptr", 1), ("rejector-missing", 1)],
+    );
+    // Listeners that close leave their slots empty again.
+    let r = gk.rejectors();
+    gk.check_reject(
+        "203.0.113.7",
+        SMTP,
+        XDP_PASS,
+        (testrun::SK_PASS, r.v4),
+        &[("rejected-no-ptr", 1), ("rejector-steered", 1)],
+    );
+    drop(r);
+    gk.check_reject(
+        "203.0.113.7",
+        SMTP,
+        XDP_PASS,
+        (testrun::SK_DROP, 0),
+        &[("rejected-no-ptr", 1), ("rejector-missing", 1)],
+    );
+}
+
+#[test]
+fn a_lapsed_lease_or_a_quiet_source_falls_back_to_drop() {
+    let mut gk = Gk::new();
+    let r = gk.rejectors();
+    gk.verdict("203.0.113.7", action::DROP, verdict_reason::NO_PTR, u64::MAX);
+    gk.verdict("2001:db8:7::7", action::DROP, verdict_reason::NO_PTR, u64::MAX);
+    let now = monotonic_ns();
+    gk.reject(&[verdict_reason::NO_PTR], &[SMTP], now.saturating_sub(1_000_000_000));
+    gk.check_reject(
+        "203.0.113.7",
+        SMTP,
+        XDP_DROP,
+        (testrun::SK_PASS, r.v4),
+        &[("reject-fallback-drop", 1), ("rejector-steered", 1)],
+    );
+    gk.expect(&[(drop_reason(verdict_reason::NO_PTR), 1)], "fallback drop");
+    gk.reject(&[verdict_reason::NO_PTR], &[SMTP], now + 3_600_000_000_000);
+    gk.quiet("203.0.113.7", now + 3_600_000_000_000);
+    gk.quiet("2001:db8:7::7", now + 3_600_000_000_000);
+    let frame = syn("203.0.113.7").build();
+    assert_eq!(gk.run(&frame), XDP_DROP, "a quiet source");
+    assert_eq!(gk.run(&syn("2001:db8:7::7").build()), XDP_DROP, "a quiet v6 source");
+    // Another address of the quiet one's /64 is answered.
+    gk.verdict_key(SourceKey::host("2001:db8:7::8".parse().unwrap()), action::DROP, verdict_reason::NO_PTR, u64::MAX);
+    assert_eq!(gk.run(&syn("2001:db8:7::8").build()), XDP_PASS, "its neighbour");
+    assert_eq!(gk.rej_delta(), BTreeMap::from([("reject-quiet-drop", 2), ("rejected-no-ptr", 1)]));
+    gk.quiet("203.0.113.7", now.saturating_sub(1));
+    assert_eq!(gk.run(&frame), XDP_PASS, "quiet no more");
+    assert_eq!(gk.rej_delta(), BTreeMap::from([("rejected-no-ptr", 1)]));
+}
+
+#[test]
+fn dry_run_never_steers() {
+    let mut gk = Gk::new();
+    let _r = gk.rejectors();
+    gk.config(0, config_flags::DRY_RUN);
+    gk.reject(&[verdict_reason::NO_PTR], &[SMTP], LEASE);
+    gk.verdict("203.0.113.7", action::DROP, verdict_reason::NO_PTR, u64::MAX);
+    gk.check_reject("203.0.113.7", SMTP, XDP_PASS, NONE, &[("dry-run-would-reject", 1)]);
+    gk.expect(&[(drop_reason(verdict_reason::NO_PTR), 1), (c(Counter::DryRun), 1)], "dry run");
+}
+
+#[test]
+fn a_presumed_bad_v6_prefix_is_rejected_per_address() {
+    let mut gk = Gk::new();
+    let r = gk.rejectors();
+    gk.config(60_000_000_000, 0);
+    gk.reject(&[verdict_reason::NO_PTR], &[SMTP], LEASE);
+    let net = SourceKey::from_ip("2001:db8:5:6::1".parse().unwrap());
+    gk.verdict_key(net, action::PRESUMED_DROP, verdict_reason::NO_PTR, u64::MAX);
+    let steered = [("rejected-no-ptr", 1), ("rejector-steered", 1)];
+    gk.check_reject("2001:db8:5:6::31", SMTP, XDP_PASS, (testrun::SK_PASS, r.v6), &steered);
+    assert_eq!(gk.events().len(), 1, "reported, so a good address can earn its pass");
+    gk.verdict_key(SourceKey::host("2001:db8:5:6::32".parse().unwrap()), action::PASS, verdict_reason::OK, u64::MAX);
+    gk.check_reject("2001:db8:5:6::33", SMTP, XDP_PASS, (testrun::SK_PASS, r.v6), &steered);
 }

@@ -35,6 +35,9 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::CONFIG => (4, size_of::<Config>() as u32),
         names::STATS => (4, 8),
         names::RANGE_HITS => (4, 8),
+        names::REJECT => (4, size_of::<gatekeeper_common::reject::RejectConfig>() as u32),
+        names::REJ_QUIET => (4, size_of::<gatekeeper_common::reject::QuietSlot>() as u32),
+        names::REJ_STATS => (4, 8),
         _ => return None,
     })
 }

@@ -9,8 +9,11 @@ use aya::{
     Ebpf,
 };
 use gatekeeper_common::{
-    family, maps as names, port_policy, sourcetab::HashKey, Config, RangeEntry, RangeValue, RateLimit, SourceKey,
-    StatKey, Verdict, EG_PORT_ENTRIES, MAX_LIMIT_CLASSES, PORT_WORDS,
+    family, maps as names, port_policy,
+    reject::{quiet_slot, QuietSlot, RejectConfig, REJECT_COUNTER_SLOTS},
+    sourcetab::HashKey,
+    Config, KeyWords, RangeEntry, RangeValue, RateLimit, SourceKey, StatKey, Verdict, EG_PORT_ENTRIES,
+    MAX_LIMIT_CLASSES, PORT_WORDS,
 };
 use ipnet::IpNet;
 use tracing::debug;
@@ -34,6 +37,52 @@ pub struct Maps {
     pub eg_ports: Array<MapData, u32>,
     pub eg_limits: Array<MapData, RateLimit>,
     pub eg_stats: PerCpuArray<MapData, u64>,
+    /// `None`: opened from pins an older gatekeeper left, which has none.
+    pub reject: Option<RejectMaps>,
+}
+
+/// Reject with a reason: the datapath's settings and lease, the quiet table
+/// and the counters (the listener sockmap is the agent's alone, see
+/// `datapath::rejector`).
+pub struct RejectMaps {
+    pub config: Array<MapData, RejectConfig>,
+    pub quiet: Array<MapData, QuietSlot>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl RejectMaps {
+    fn build(get: &mut dyn FnMut(&str) -> Result<Option<Map>>) -> Result<Option<RejectMaps>> {
+        let Some(config) = get(names::REJECT)? else { return Ok(None) };
+        Ok(Some(RejectMaps {
+            config: typed(Some(config), names::REJECT)?,
+            quiet: typed(get(names::REJ_QUIET)?, names::REJ_QUIET)?,
+            stats: typed(get(names::REJ_STATS)?, names::REJ_STATS)?,
+        }))
+    }
+
+    pub fn get(&self) -> Result<RejectConfig> {
+        self.config.get(&0, 0).map_err(|e| Error::bpf("read reject settings", e))
+    }
+
+    /// Writes the settings and lease in one update.
+    pub fn set(&mut self, rc: RejectConfig) -> Result<()> {
+        self.config.set(0, rc, 0).map_err(|e| Error::bpf("write reject settings", e))
+    }
+
+    /// Silences a source (its refused SYNs are dropped, not answered) until
+    /// `until_ns` on the datapath clock. Takes the source's slot whoever
+    /// held it.
+    pub fn quiet(&mut self, key: KeyWords, until_ns: u64, hash: &HashKey) -> Result<()> {
+        let slot = quiet_slot(&key, hash);
+        self.quiet.set(slot, QuietSlot { key, until_ns }, 0).map_err(|e| Error::bpf("write quiet table", e))
+    }
+
+    /// The reject counters summed over CPUs, by slot (all of them).
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        (0..REJECT_COUNTER_SLOTS)
+            .map(|i| self.stats.get(&i, 0).map(|v| v.iter().sum()).map_err(|e| Error::bpf("read reject counters", e)))
+            .collect()
+    }
 }
 
 /// A rate-limit class as the datapath holds it: (class, its ports, limit).
@@ -81,7 +130,13 @@ impl Maps {
             let data = MapData::from_pin(&path).map_err(|e| Error::bpf(format!("open {}", path.display()), e))?;
             Map::from_map_data(data).map(Some).map_err(|e| Error::bpf(format!("map {name}"), e))
         };
-        let mut get = |name: &str| open(name);
+        let mut get = |name: &str| {
+            // An older gatekeeper's pins have no reject maps.
+            if [names::REJECT, names::REJ_QUIET, names::REJ_STATS].contains(&name) && !layout.map(name).exists() {
+                return Ok(None);
+            }
+            open(name)
+        };
         Maps::build(&mut get)
     }
 
@@ -103,6 +158,7 @@ impl Maps {
             eg_ports: typed(get(names::EG_PORTS)?, names::EG_PORTS)?,
             eg_limits: typed(get(names::EG_LIMITS)?, names::EG_LIMITS)?,
             eg_stats: typed(get(names::EG_STATS)?, names::EG_STATS)?,
+            reject: RejectMaps::build(get)?,
         })
     }
 

@@ -8,11 +8,12 @@
 pub mod load;
 pub mod maps;
 pub mod pins;
+pub mod rejector;
 
 use std::{fs, path::Path};
 
 use aya::{
-    maps::{MapData, RingBuf},
+    maps::{MapData, RingBuf, SockMap},
     programs::{
         links::FdLink,
         links::PinnedLink,
@@ -26,8 +27,9 @@ use gatekeeper_common::{maps as names, programs};
 use tracing::{info, warn};
 
 pub use load::{calibrate_clock, load_object};
-pub use maps::{table_map, LimitClassState, Maps, RangeMaps};
+pub use maps::{table_map, LimitClassState, Maps, RangeMaps, RejectMaps};
 pub use pins::{ensure_bpffs, ifindex, LinkPin, PinLayout, PinLock};
+pub use rejector::{Listeners, RejectorAttach};
 
 use crate::{
     domain::{AttachMode, Role, TcModeSetting, XdpModeSetting},
@@ -52,6 +54,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
     events: Option<RingBuf<MapData>>,
+    /// The rejector's listener slots (see [`rejector`]).
+    rejectors: SockMap<MapData>,
     /// The datapath clock's calibration (`Config::tick_ns`,
     /// `Config::clock_offset_ns`); `None`: the datapath reads the helper.
     pub clock: Option<(u64, u64)>,
@@ -80,18 +84,42 @@ impl Datapath {
         let prog = tc_program(&mut ebpf)?;
         prog.load().map_err(|e| Error::bpf(format!("load TC program {} (verifier)", programs::TC_EGRESS), e))?;
         pin_program(layout, Role::Uplink, |p| prog.pin(p))?;
+        rejector::load_program(&mut ebpf)?;
         let clock = calibrate_clock(&mut ebpf)?;
         let mut maps = Maps::take(&mut ebpf)?;
         if maps.ensure_hash_key()? {
             tracing::debug!("new hash secret for the per-source tables");
         }
         let events = maps::typed(ebpf.take_map(names::EVENTS), names::EVENTS)?;
-        Ok(Datapath { layout: layout.clone(), ebpf, maps, events: Some(events), clock })
+        let rejectors = maps::typed(ebpf.take_map(names::REJECTORS), names::REJECTORS)?;
+        Ok(Datapath { layout: layout.clone(), ebpf, maps, events: Some(events), rejectors, clock })
     }
 
     /// The ring buffer of unknown-source events (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// Attaches the rejector (sk_lookup) to this network namespace, or
+    /// adopts the link a previous agent pinned for it.
+    pub fn attach_rejector(&mut self) -> Result<RejectorAttach> {
+        rejector::attach(&mut self.ebpf, &self.layout)
+    }
+
+    /// Detaches the rejector from this network namespace (its pin goes);
+    /// false if it was not attached.
+    pub fn detach_rejector(&self) -> Result<bool> {
+        let path = self.layout.rejector_link(rejector::netns_inode()?);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+        }
+    }
+
+    /// Binds the rejector's listeners and puts them in its slots.
+    pub fn rejector_listeners(&mut self) -> Result<Listeners> {
+        rejector::listeners(&mut self.rejectors)
     }
 
     /// The index of `ifname`, and the link a previous agent pinned there for

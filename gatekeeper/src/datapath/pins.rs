@@ -243,6 +243,10 @@ impl PinLayout {
                 ));
             }
         }
+        for link in self.rejector_links()? {
+            fs::remove_file(&link).map_err(|e| Error::io(format!("remove {}", link.display()), e))?;
+            removed.push(format!("rejector link {}", link.file_name().unwrap_or_default().to_string_lossy()));
+        }
         for role in [Role::Ingress, Role::Subscriber, Role::Uplink] {
             let prog = self.program(role);
             if prog.exists() {
