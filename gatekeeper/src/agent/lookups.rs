@@ -201,11 +201,7 @@ impl Judge {
         }
         let now = unix_now();
         let name = lookup.confirmed.as_deref().or(lookup.ptr_names.first().map(String::as_str));
-        let comment = match (name, d.reasons.is_empty()) {
-            (Some(n), false) => format!("{}: {n} ({})", d.outcome, d.reasons.join(",")),
-            (Some(n), true) => format!("{}: {n}; {}", d.outcome, lookup.detail),
-            (None, _) => format!("{}: {}", d.outcome, lookup.detail),
-        };
+        let comment = verdict_comment(d.outcome, name, &d.reasons, &lookup.detail);
         let rec = VerdictRecord {
             key,
             action: d.action,
@@ -232,6 +228,28 @@ impl Judge {
         }
         Ok(())
     }
+}
+
+/// A verdict's comment: its outcome, the host name it was judged by and
+/// why (`dynamic: dsl-1-2.example.net (ip-in-name)`), or what the lookup
+/// found when there is no name (`no-ptr: ...`).
+pub fn verdict_comment(outcome: VerdictReason, name: Option<&str>, reasons: &[String], detail: &str) -> String {
+    match (name, reasons.is_empty()) {
+        (Some(n), false) => format!("{outcome}: {n} ({})", reasons.join(",")),
+        (Some(n), true) => format!("{outcome}: {n}; {detail}"),
+        (None, _) => format!("{outcome}: {detail}"),
+    }
+}
+
+/// The host name a verdict's comment (see [`verdict_comment`]) names, for
+/// the outcomes that are judged by a name (the rejector's `{ptr}`).
+pub fn comment_name(outcome: VerdictReason, comment: &str) -> Option<&str> {
+    if !matches!(outcome, VerdictReason::FcrdnsFail | VerdictReason::Dynamic | VerdictReason::Generic) {
+        return None;
+    }
+    let rest = comment.strip_prefix(outcome.as_str())?.strip_prefix(": ")?;
+    let name = rest.split([' ', ';']).next()?;
+    (!name.is_empty()).then_some(name)
 }
 
 /// Reads unknown-source events and queues their lookups; never waits on
@@ -363,5 +381,27 @@ mod tests {
         // The budget a hurried lookup reserves is smaller.
         let reserve = |d: &DnsConfig| query_cost(d.max_names, Duration::from_secs(86_400), d.attempts, d.timeout);
         assert!(reserve(&h) < reserve(&base));
+    }
+}
+
+#[cfg(test)]
+mod comment_tests {
+    use super::*;
+
+    #[test]
+    fn the_name_a_comment_holds_is_found_again() {
+        let reasons = vec!["ip-in-name".to_string(), "dsl".to_string()];
+        for (outcome, name, reasons) in [
+            (VerdictReason::Dynamic, "dsl-1-2-3-4.pool.example.net", &reasons[..]),
+            (VerdictReason::Generic, "host.example.org", &[][..]),
+            (VerdictReason::FcrdnsFail, "relay.example.org", &[][..]),
+        ] {
+            let c = verdict_comment(outcome, Some(name), reasons, "A 192.0.2.99 only");
+            assert_eq!(comment_name(outcome, &c), Some(name), "{c}");
+        }
+        let c = verdict_comment(VerdictReason::NoPtr, None, &[], "NXDOMAIN");
+        assert_eq!(comment_name(VerdictReason::NoPtr, &c), None);
+        assert_eq!(comment_name(VerdictReason::Dynamic, "no-ptr: x"), None, "another outcome's comment");
+        assert_eq!(comment_name(VerdictReason::Dynamic, "dynamic: "), None);
     }
 }

@@ -16,6 +16,7 @@ use gatekeeper::{
 };
 use gatekeeper_common::{
     counters::{counter_name, egress_counter_name, COUNTER_SLOTS, EGRESS_COUNTER_SLOTS},
+    reject::reject_counter_name,
     Counter, StatKey,
 };
 use serde_json::{json, Value};
@@ -211,6 +212,8 @@ struct Snapshot {
     at: Instant,
     counters: BTreeMap<StatKey, u64>,
     egress: BTreeMap<StatKey, u64>,
+    /// The reject counters by slot (empty: pins of an older gatekeeper).
+    reject: Vec<u64>,
     /// (hits, kind, net) of ranges with hits, most first.
     top: Vec<(u64, RangeKind, String)>,
 }
@@ -225,7 +228,11 @@ fn snapshot(maps: &Maps) -> Result<Snapshot> {
         }
     }
     top.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));
-    Ok(Snapshot { at: Instant::now(), counters: maps.counters()?, egress: maps.egress_counters()?, top })
+    let reject = match &maps.reject {
+        Some(r) => r.counters()?,
+        None => Vec::new(),
+    };
+    Ok(Snapshot { at: Instant::now(), counters: maps.counters()?, egress: maps.egress_counters()?, reject, top })
 }
 
 /// Interface names by stats slot: the agent's own view when it runs (it
@@ -285,7 +292,15 @@ fn stats_json(snap: &Snapshot, names: &Names, top: usize) -> Value {
     let egress = counters_json(&snap.egress, EGRESS_COUNTER_SLOTS, egress_counter_name, names);
     let top: Vec<Value> =
         snap.top.iter().take(top).map(|(h, k, n)| json!({ "range": n, "kind": k, "hits": h })).collect();
-    json!({ "totals": ingress["totals"], "interfaces": ingress["interfaces"], "egress": egress, "top_ranges": top })
+    let reject: serde_json::Map<String, Value> =
+        snap.reject.iter().enumerate().map(|(i, v)| (reject_counter_name(i as u32).to_string(), (*v).into())).collect();
+    json!({
+        "totals": ingress["totals"],
+        "interfaces": ingress["interfaces"],
+        "egress": egress,
+        "reject": reject,
+        "top_ranges": top,
+    })
 }
 
 /// One gate's counters as a table: a row per counter `shown`, a column per
@@ -354,6 +369,27 @@ fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, names: &Names, top: usi
             &|_, _| true,
             names,
         );
+    }
+    if snap.reject.iter().any(|&v| v > 0) {
+        // What became of refused SYNs whose action is reject (the refusals
+        // themselves are counted above, by reason).
+        println!();
+        let rows: Vec<Vec<String>> = snap
+            .reject
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v > 0)
+            .map(|(i, &v)| {
+                let mut row = vec![reject_counter_name(i as u32).to_string(), v.to_string()];
+                if let Some(p) = prev.filter(|p| p.reject.len() == snap.reject.len()) {
+                    let dt = snap.at.duration_since(p.at).as_secs_f64().max(1e-3);
+                    row.push(format!("{:.1}", v.saturating_sub(p.reject[i]) as f64 / dt));
+                }
+                row
+            })
+            .collect();
+        let header: &[&str] = if prev.is_some() { &["REJECT", "TOTAL", "RATE/s"] } else { &["REJECT", "TOTAL"] };
+        table(header, &rows);
     }
     println!();
     if snap.top.is_empty() {

@@ -454,6 +454,17 @@ impl RangeMaps {
         self.table(table).entries.get(&net).copied()
     }
 
+    /// The longest entry of `table` holding `ip`, as the datapath's
+    /// lookup finds it (at most 33 or 129 probes of the entry map).
+    pub fn longest(&self, table: RangeTable, ip: std::net::IpAddr) -> Option<(IpNet, RangeValue)> {
+        let entries = &self.table(table).entries;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        (0..=max).rev().find_map(|len| {
+            let net = IpNet::new(ip, len).ok()?.trunc();
+            entries.get(&net).map(|v| (net, *v))
+        })
+    }
+
     /// Every range entry in the datapath, with its table.
     pub fn ranges(&self) -> Vec<(RangeTable, IpNet, RangeValue)> {
         RangeTable::ALL.into_iter().flat_map(|t| self.table(t).entries.iter().map(move |(n, v)| (t, *n, *v))).collect()
