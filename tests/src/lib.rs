@@ -1,13 +1,15 @@
 //! Test support for gatekeeper's root integration tests, the lab and the
 //! benchmarks: packet builders, network-namespace scaffolding, DNS servers,
 //! the BPF_PROG_TEST_RUN harness, the host reference model of the
-//! datapath and the differential fuzzer built on it, and a gatekeeper
-//! instance driven through its CLI.
+//! datapath and the differential fuzzer built on it, a gatekeeper
+//! instance driven through its CLI, and real mail software (Postfix, swaks)
+//! in test namespaces.
 
 pub mod agentlab;
 pub mod dnslab;
 pub mod fuzz;
 pub mod model;
+pub mod mta;
 pub mod netlab;
 pub mod packet;
 pub mod ranges;

@@ -80,7 +80,8 @@ pub fn require_root() {
 // ---------------------------------------------------------------------------
 // Address safety
 
-const TEST_NETS: [&str; 4] = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"];
+/// The documentation ranges, the only addresses the tests may use.
+pub const TEST_NETS: [&str; 4] = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"];
 
 /// Is `ip` in one of the documentation ranges the tests may use?
 pub fn is_test_addr(ip: IpAddr) -> bool {
@@ -88,7 +89,7 @@ pub fn is_test_addr(ip: IpAddr) -> bool {
 }
 
 /// Test ranges, loopback (namespace-local), or unspecified (any).
-fn is_allowed_endpoint(ip: IpAddr) -> bool {
+pub fn is_allowed_endpoint(ip: IpAddr) -> bool {
     is_test_addr(ip) || ip.is_loopback() || ip.is_unspecified()
 }
 
@@ -97,7 +98,7 @@ fn is_link_local_v6(ip: IpAddr) -> bool {
 }
 
 /// `cidr` (`addr/len` or a bare address) lies wholly inside a test range.
-fn check_test_net(cidr: &str) -> Result<IpNet> {
+pub fn check_test_net(cidr: &str) -> Result<IpNet> {
     let net: IpNet = match cidr.parse() {
         Ok(n) => n,
         Err(_) => IpNet::from(cidr.parse::<IpAddr>().map_err(|_| anyhow!("not an address: {cidr:?}"))?),

@@ -6,14 +6,23 @@
 //! |------------|--------------------------------------------------------------|--------------|
 //! | rust-src   | `$(rustc +nightly --print sysroot)/lib/rustlib/src/rust/library` is a dir | `rustup component add rust-src --toolchain nightly` |
 //! | bpf-linker | `bpf-linker --version` (PATH, then `$CARGO_HOME/bin`) runs and says 0.13.0 | `cargo +nightly install bpf-linker@0.13.0 --locked --force --no-default-features --features llvm-NN` against the nightly's own libLLVM (see [`bpf_linker`]) |
-//! | apt        | `dpkg-query -W -f='${Package} ${Status}'` says `install ok installed` for each of [`APT_PACKAGES`] | `apt-get update` + `apt-get install -y --no-install-recommends` of the missing ones only |
+//! | apt        | `dpkg-query -W -f='${Package} ${Status}'` says `install ok installed` for each of [`APT_PACKAGES`] | `apt-get update` + `apt-get install -y --no-install-recommends` of the missing ones only, non-interactive (`DEBIAN_FRONTEND=noninteractive`, debconf answers preseeded: [`DEBCONF_PRESEED`]), with no daemon started (a temporary `policy-rc.d`) |
 //! | bpffs      | `/proc/self/mountinfo` has a `bpf` mount at `/sys/fs/bpf`    | `mount -t bpf bpf /sys/fs/bpf` |
+//!
+//! Postfix is installed only as a program for the tests (`tests/src/mta.rs`
+//! runs private instances with their own config and queue directories inside
+//! test namespaces): its debconf question is preseeded to `No configuration`,
+//! so the package writes no `/etc/postfix/main.cf`, and its postinst's
+//! `invoke-rc.d postfix start` is refused by the temporary `policy-rc.d`
+//! (exit 101, which invoke-rc.d reports to the postinst as success), so no
+//! system mail server ever starts.
 //!
 //! Toolchains are never installed or updated here (and `RUSTUP_AUTO_INSTALL=0`
 //! is forced on every rustup-proxied call): stable and `nightly` must exist.
 
 use std::{
     fs,
+    io::Write as _,
     os::unix::fs::{symlink, PermissionsExt as _},
     path::{Path, PathBuf},
     process::Command,
@@ -25,7 +34,10 @@ use crate::util::{self, cargo_home, output, run, rustup_tool, step};
 
 /// Debian packages the tests, the lab and the benchmarks use.
 /// `gcc`/`libc6-dev` are the host C toolchain (linker for every Rust build,
-/// rusqlite's bundled SQLite); `util-linux` provides `nsenter`.
+/// rusqlite's bundled SQLite); `util-linux` provides `nsenter`; `postfix`
+/// and `swaks` are the real MTA and SMTP client of the mail tests, and
+/// `libio-socket-inet6-perl` is what swaks needs for IPv6 (a Recommends,
+/// which `--no-install-recommends` would leave out).
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -39,7 +51,16 @@ pub const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "gcc",
     "libc6-dev",
+    "postfix",
+    "swaks",
+    "libio-socket-inet6-perl",
 ];
+
+/// debconf answers set (`debconf-set-selections`) before a package of the
+/// first column is installed, so its postinst asks nothing and configures
+/// nothing: Postfix as `No configuration` (no /etc/postfix/main.cf, no system
+/// instance; the tests bring their own config).
+pub const DEBCONF_PRESEED: &[(&str, &str)] = &[("postfix", "postfix postfix/main_mailer_type select No configuration")];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM majors bpf-linker 0.13.0 has `llvm-NN` features for.
@@ -271,6 +292,7 @@ fn apt() -> Result<()> {
         return Ok(());
     }
     println!("setup: installing Debian packages: {}", missing.join(" "));
+    preseed(&missing)?;
     let _guard = NoDaemonStart::new();
     let apt_get = || {
         let mut c = Command::new("apt-get");
@@ -284,6 +306,30 @@ fn apt() -> Result<()> {
         bail!("apt-get install finished but these are still not installed: {}", still.join(" "));
     }
     step("apt", &format!("installed ({})", missing.join(" ")));
+    Ok(())
+}
+
+/// Feeds the [`DEBCONF_PRESEED`] answers of the packages about to be
+/// installed to `debconf-set-selections`. Only for missing packages: an
+/// installed Postfix keeps whatever its administrator answered.
+fn preseed(missing: &[&str]) -> Result<()> {
+    let lines: String =
+        DEBCONF_PRESEED.iter().filter(|(pkg, _)| missing.contains(pkg)).map(|(_, line)| format!("{line}\n")).collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut child = Command::new("debconf-set-selections")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run debconf-set-selections (package debconf)")?;
+    let written = child.stdin.take().map(|mut stdin| stdin.write_all(lines.as_bytes()));
+    let status = child.wait().context("wait for debconf-set-selections")?;
+    if let Some(Err(e)) = written {
+        return Err(e).context("write the preseed answers to debconf-set-selections");
+    }
+    if !status.success() {
+        bail!("debconf-set-selections failed ({status}) on:\n{lines}");
+    }
     Ok(())
 }
 

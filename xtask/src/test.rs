@@ -19,6 +19,10 @@ use crate::{
 const NETNS_PREFIX: &str = "gk-";
 /// Prefix of every bpffs directory netlab's `PinDirGuard` creates.
 const PIN_PREFIX: &str = "gk-test-";
+/// Prefix of every Postfix instance directory `tests/src/mta.rs` creates
+/// (`/tmp/gk-postfix-<pid>-<n>`).
+const POSTFIX_DIR_PREFIX: &str = "gk-postfix-";
+const TMP: &str = "/tmp";
 
 /// Build the agent binary (integration tests run it as a separate process and
 /// it is not built by `cargo test` for `gatekeeper-tests`, which only depends
@@ -53,23 +57,27 @@ pub fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
         for l in &leaked {
             eprintln!("  {l}");
         }
-        eprintln!("  remove with: ip netns del NAME (after killing `ip netns pids NAME`); rm -r /sys/fs/bpf/gk-test-*");
+        eprintln!(
+            "  remove with: ip netns del NAME (after killing `ip netns pids NAME`); rm -r /sys/fs/bpf/gk-test-*; \
+             for /tmp/gk-postfix-*: `postfix -c DIR/conf stop`, then rm -r DIR"
+        );
     }
     if !test_status.success() {
         bail!("cargo test failed: {test_status}");
     }
     if !leaked.is_empty() {
-        bail!("tests passed but left {} namespace(s)/pin dir(s) behind", leaked.len());
+        bail!("tests passed but left {} namespace(s)/pin dir(s)/Postfix dir(s) behind", leaked.len());
     }
-    println!("xtask: tests passed, no namespaces or bpffs pins left behind");
+    println!("xtask: tests passed, no namespaces, bpffs pins or Postfix instances left behind");
     Ok(())
 }
 
-/// What netlab-made things exist now: `gk-*` namespaces and
-/// `/sys/fs/bpf/gk-test-*` entries.
+/// What netlab-made things exist now: `gk-*` namespaces,
+/// `/sys/fs/bpf/gk-test-*` entries and `/tmp/gk-postfix-*` instances.
 struct Leftovers {
     netns: BTreeSet<String>,
     pins: BTreeSet<String>,
+    postfix: BTreeSet<String>,
 }
 
 impl Leftovers {
@@ -81,20 +89,24 @@ impl Leftovers {
             .filter(|n| n.starts_with(NETNS_PREFIX))
             .map(str::to_owned)
             .collect();
-        let mut pins = BTreeSet::new();
-        if let Ok(rd) = fs::read_dir(setup::BPFFS) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(PIN_PREFIX) {
-                    pins.insert(name);
-                }
-            }
-        }
-        Ok(Self { netns, pins })
+        let entries = |dir: &str, prefix: &str| -> BTreeSet<String> {
+            let Ok(rd) = fs::read_dir(dir) else { return BTreeSet::new() };
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(prefix))
+                .collect()
+        };
+        let pins = entries(setup::BPFFS, PIN_PREFIX);
+        let postfix = entries(TMP, POSTFIX_DIR_PREFIX);
+        Ok(Self { netns, pins, postfix })
     }
 
     fn all(&self) -> impl Iterator<Item = String> + '_ {
-        self.netns.iter().map(|n| format!("netns {n}")).chain(self.pins.iter().map(|p| format!("{}/{p}", setup::BPFFS)))
+        self.netns
+            .iter()
+            .map(|n| format!("netns {n}"))
+            .chain(self.pins.iter().map(|p| format!("{}/{p}", setup::BPFFS)))
+            .chain(self.postfix.iter().map(|p| format!("{TMP}/{p}")))
     }
 
     /// New since `before`, and not owned by a process that is still alive
@@ -108,7 +120,8 @@ impl Leftovers {
         let netns = self.netns.difference(&before.netns).filter(|n| dead_owner(n)).map(|n| format!("netns {n}"));
         let pins =
             self.pins.difference(&before.pins).filter(|p| dead_owner(p)).map(|p| format!("{}/{p}", setup::BPFFS));
-        netns.chain(pins).collect()
+        let postfix = self.postfix.difference(&before.postfix).filter(|p| dead_owner(p)).map(|p| format!("{TMP}/{p}"));
+        netns.chain(pins).chain(postfix).collect()
     }
 }
 
