@@ -7,6 +7,7 @@
 //! all read that table; nothing compares outcomes as strings.
 use std::fmt;
 
+use gatekeeper_common::reject::refusal;
 use gatekeeper_common::{action, range_kind, range_origin, verdict_reason};
 
 /// `FromStr` (trimmed, case-insensitive, over `ALL`), `TryFrom<String>`,
@@ -413,6 +414,80 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// Why a guarded SYN is refused: the refusing verdict reasons, then the
+    /// two kinds of deny range. Each has an action ([`ReasonAction`]), and
+    /// the rejector's reply names it.
+    pub enum Refusal ("refusal") {
+        ManualBan = "manual-ban",
+        NoPtr = "no-ptr",
+        FcrdnsFail = "fcrdns-fail",
+        Dynamic = "dynamic",
+        Generic = "generic",
+        /// A deny range the operator set or imported.
+        DenyRange = "deny-range",
+        /// A deny range the agent learned.
+        LearnedRange = "learned-range",
+    }
+}
+
+impl Refusal {
+    /// The [`gatekeeper_common::reject::refusal`] code (the verdict
+    /// reason's own code for the verdict reasons).
+    pub const fn code(self) -> u32 {
+        match self {
+            Refusal::ManualBan => verdict_reason::MANUAL_BAN,
+            Refusal::NoPtr => verdict_reason::NO_PTR,
+            Refusal::FcrdnsFail => verdict_reason::FCRDNS_FAIL,
+            Refusal::Dynamic => verdict_reason::DYNAMIC,
+            Refusal::Generic => verdict_reason::GENERIC,
+            Refusal::DenyRange => refusal::DENY_RANGE,
+            Refusal::LearnedRange => refusal::LEARNED_RANGE,
+        }
+    }
+    /// The refusal of a datapath code; `None` for the reasons that never
+    /// refuse (ok, tempfail, hold) and unknown codes.
+    pub fn from_code(code: u32) -> Option<Refusal> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+}
+
+named_enum! {
+    /// What the gate does with a refused source's SYN.
+    pub enum ReasonAction ("reject action") {
+        /// Drop it silently: the sender retries and finally times out.
+        Drop = "drop",
+        /// Hand the connection to the agent's rejector, which answers with
+        /// the reason.
+        Reject = "reject",
+    }
+}
+
+named_enum! {
+    /// When the SMTP rejector says no.
+    #[derive(Default)]
+    pub enum RejectMode ("reject mode") {
+        /// Greet with 220, refuse every RCPT TO with 550 5.7.1 and the
+        /// reason. Every client records that reply; a 5xx greeting is
+        /// skipped by some (Postfix `smtp_skip_5xx_greeting`), which then
+        /// try the next MX and lose the reason.
+        #[default]
+        Rcpt = "rcpt",
+        /// Greet with 554 5.7.1 and the reason (RFC 5321 §3.1), then answer
+        /// 503 to everything but QUIT.
+        Banner = "banner",
+    }
+}
+
+named_enum! {
+    /// The protocol the rejector speaks on a port.
+    pub enum Protocol ("protocol") {
+        Smtp = "smtp",
+        Pop3 = "pop3",
+        Imap = "imap",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +508,12 @@ mod tests {
                 "the counters and the CLI name reasons alike"
             );
         }
+        for r in Refusal::ALL {
+            assert_eq!(Refusal::from_code(r.code()), Some(r));
+            assert_eq!(gatekeeper_common::reject::refusal::name(r.code()), r.as_str(), "one name per refusal");
+        }
+        assert_eq!(Refusal::from_code(verdict_reason::OK), None);
+        assert_eq!(Refusal::from_code(gatekeeper_common::reject::refusal::COUNT), None);
         assert_eq!(serde_json::from_str::<Role>("\"uplink\"").unwrap(), Role::Uplink);
         assert_eq!(" Native ".parse::<XdpModeSetting>().unwrap(), XdpModeSetting::Native);
     }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod lists;
 pub mod pipeline;
 pub mod protocol;
+pub mod rejector;
 pub mod status;
 pub mod store;
 pub mod time;

@@ -11,10 +11,12 @@ use crate::error::{Error, Result};
 use crate::lists::parse_duration;
 
 mod egress;
+mod reject;
 #[cfg(test)]
 mod tests;
 
 pub use egress::{EgressConfig, LimitClass, Rate};
+pub use reject::{default_action, default_template, system_hostname, Part, RejectSettings, Template};
 
 /// Bounds of `max_verdicts`.
 pub const MAX_VERDICTS_RANGE: std::ops::RangeInclusive<u32> = 1024..=16_777_216;
@@ -69,6 +71,8 @@ pub struct Config {
     pub dns: crate::dns::DnsConfig,
     /// The egress gate: guarded ports and outbound connection limits.
     pub egress: EgressConfig,
+    /// Refused sources: drop, or answer with the reason.
+    pub reject: RejectSettings,
 }
 
 /// What the datapath does with a SYN from a source it knows nothing about.
@@ -224,6 +228,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             dns: crate::dns::DnsConfig::default(),
             egress: EgressConfig::default(),
+            reject: RejectSettings::default(),
         }
     }
 }
@@ -265,6 +270,10 @@ impl Config {
                     p.ttl_max.as_secs()
                 ),
             });
+        }
+        if let Err((table, key, msg)) = cfg.reject.validate() {
+            let at = line_of(text, table, &key).map(|l| format!("line {l}, ")).unwrap_or_default();
+            return Err(Error::Config { path: path.to_path_buf(), message: format!("{at}key `{table}.{key}`: {msg}") });
         }
         cfg.dns.validate().map_err(|e| Error::Config { path: path.to_path_buf(), message: format!("[dns] {e}") })?;
         Ok(cfg)

@@ -1,5 +1,6 @@
 //! Unit tests.
 use super::*;
+use crate::domain::{Protocol, ReasonAction, Refusal, RejectMode};
 
 fn parse(text: &str) -> Result<Config> {
     Config::parse(text, Path::new("/etc/gatekeeper.toml"))
@@ -34,6 +35,7 @@ fn the_documented_example_config_parses() {
     assert_eq!(c.egress, EgressConfig::default());
     assert_eq!(c.policy, PolicyConfig::default());
     assert_eq!(c.limits, LimitsConfig::default());
+    assert_eq!(c.reject, RejectSettings::default());
     assert!(c.dns.enabled);
 }
 
@@ -238,4 +240,124 @@ fn learner_bounds_are_checked_and_named() {
     let m = message("[learning]\nmin_sources = 1000\n");
     assert!(m.contains("key `learning.min_sources`") && m.contains("out of range (2..=256)"), "{m}");
     assert!(message("[learning]\nmin_sources = 1\n").contains("learning.min_sources"));
+}
+
+#[test]
+fn reject_defaults_answer_dns_outcomes_and_drop_the_rest() {
+    let r = parse("").unwrap().reject;
+    assert_eq!(r, RejectSettings::default());
+    for refusal in Refusal::ALL {
+        let want = match refusal {
+            Refusal::NoPtr | Refusal::FcrdnsFail | Refusal::Dynamic | Refusal::Generic => ReasonAction::Reject,
+            _ => ReasonAction::Drop,
+        };
+        assert_eq!(r.action(refusal), want, "{refusal}");
+    }
+    use gatekeeper_common::verdict_reason as vr;
+    assert_eq!(r.action_bits(), 1 << vr::NO_PTR | 1 << vr::FCRDNS_FAIL | 1 << vr::DYNAMIC | 1 << vr::GENERIC);
+    assert_eq!(r.ports(), [(25, Protocol::Smtp), (587, Protocol::Smtp), (110, Protocol::Pop3), (143, Protocol::Imap)]);
+    assert_eq!((r.protocol_on(587), r.protocol_on(2525)), (Some(Protocol::Smtp), None));
+    assert_eq!((r.mode, r.url.as_deref(), r.max_sessions), (RejectMode::Rcpt, None, 256));
+    assert_eq!(r.per_source_rate.to_string(), "10/min");
+    assert_eq!((r.idle_timeout.as_secs(), r.session_timeout.as_secs()), (30, 120));
+    assert!(!r.hostname.is_empty() && r.hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'));
+}
+
+#[test]
+fn reject_section_parses() {
+    let r = parse(
+        r#"
+[reject]
+mode = "banner"
+url = "https://example.net/mail-policy"
+hostname = "mx1.example.net"
+smtp_ports = [25, 25]
+pop3_ports = []
+imap_ports = [143, 993]
+max_sessions = 1
+per_source_rate = "3/h"
+idle_timeout = "10s"
+session_timeout = "1m"
+
+[reject.actions]
+ban = "reject"
+no_ptr = "drop"
+learned-range = "reject"
+
+[reject.templates]
+generic = "{ip} is {reason}, named {ptr}; {{see}} {url}"
+"#,
+    )
+    .unwrap()
+    .reject;
+    assert_eq!(
+        (r.mode, r.url.as_deref(), r.hostname.as_str()),
+        (RejectMode::Banner, Some("https://example.net/mail-policy"), "mx1.example.net")
+    );
+    assert_eq!(r.ports(), [(25, Protocol::Smtp), (143, Protocol::Imap), (993, Protocol::Imap)]);
+    assert_eq!(
+        (r.max_sessions, r.per_source_rate.to_string(), r.idle_timeout.as_secs(), r.session_timeout.as_secs()),
+        (1, "3/h".into(), 10, 60)
+    );
+    assert_eq!(r.action(Refusal::ManualBan), ReasonAction::Reject, "`ban` names manual-ban");
+    assert_eq!(r.action(Refusal::NoPtr), ReasonAction::Drop, "`no_ptr` as [policy] spells it");
+    assert_eq!(r.action(Refusal::LearnedRange), ReasonAction::Reject);
+    assert_eq!(r.action(Refusal::Dynamic), ReasonAction::Reject, "defaults stay");
+    let t = r.template(Refusal::Generic);
+    assert_eq!(
+        t.parts(),
+        [
+            Part::Ip,
+            Part::Text(" is ".into()),
+            Part::Reason,
+            Part::Text(", named ".into()),
+            Part::Ptr,
+            Part::Text("; {see} ".into()),
+            Part::Url
+        ]
+    );
+    assert_eq!(r.template(Refusal::NoPtr).as_str(), default_template(Refusal::NoPtr));
+}
+
+#[test]
+fn reject_errors_name_line_and_key() {
+    for (text, want) in [
+        ("[reject]\nmode = \"greeting\"\n", "key `reject.mode`"),
+        ("[reject]\nport = [25]\n", "unknown field `port`"),
+        ("[reject]\nurl = \"https://x\\r\\nFOO\"\n", "key `reject.url`"),
+        ("[reject]\nurl = \"\"\n", "key `reject.url`"),
+        ("[reject]\nhostname = \"mx_1.example\"\n", "key `reject.hostname`"),
+        ("[reject]\nsmtp_ports = [0]\n", "key `reject.smtp_ports`"),
+        ("[reject]\nmax_sessions = 0\n", "key `reject.max_sessions`"),
+        ("[reject]\nmax_sessions = 65537\n", "key `reject.max_sessions`"),
+        ("[reject]\nper_source_rate = \"lots\"\n", "key `reject.per_source_rate`"),
+        ("[reject]\nidle_timeout = \"301s\"\n", "key `reject.idle_timeout`"),
+        ("[reject]\nsession_timeout = \"2h\"\n", "key `reject.session_timeout`"),
+        ("[reject]\nidle_timeout = \"60s\"\nsession_timeout = \"30s\"\n", "key `reject.session_timeout`"),
+        (
+            "[reject]\nsmtp_ports = [25]\npop3_ports = [25]\n",
+            "line 3, key `reject.pop3_ports`: port 25 is in smtp_ports too",
+        ),
+        ("[reject]\nsmtp_ports = [1, 2, 3, 4, 5, 6, 7]\npop3_ports = [8, 9]\n", "at most 8"),
+        ("[reject.actions]\nno-ptr = \"pass\"\n", "key `reject.actions.no-ptr`"),
+        ("[reject.actions]\nspam = \"drop\"\n", "line 2, column 1: unknown refusal `spam`"),
+        (
+            "[reject.actions]\nban = \"drop\"\nmanual-ban = \"reject\"\n",
+            "line 3, column 1: `manual-ban` and `ban` are both manual-ban",
+        ),
+        (
+            "[reject.templates]\ndynamic = \"{ip} {host}\"\n",
+            "key `reject.templates.dynamic`: unknown placeholder `{host}`",
+        ),
+        ("[reject.templates]\ndynamic = \"{ip\"\n", "key `reject.templates.dynamic`: unclosed"),
+        ("[reject.templates]\ndynamic = \"a } b\"\n", "key `reject.templates.dynamic`: a lone `}`"),
+        ("[reject.templates]\ndynamic = \"a\\nb\"\n", "key `reject.templates.dynamic`"),
+        ("[reject.templates]\ndynamic = \"caf\u{e9}\"\n", "printable ASCII"),
+        ("[reject.templates]\ndynamic = \"  \"\n", "must not be empty"),
+        ("[reject.templates]\ngeneric = \"see {url}\"\n", "key `reject.templates.generic`: the template uses {url}"),
+    ] {
+        let m = message(text);
+        assert!(m.contains(want), "{text:?}: {m}");
+        assert!(m.contains("line "), "{text:?}: {m}");
+    }
 }
