@@ -167,6 +167,16 @@ pub struct CheckDatapath {
     pub range: Option<CheckRange>,
     /// The source's verdict in the datapath, if any.
     pub verdict: Option<CheckVerdict>,
+    /// Why the datapath refuses the source and what its SYNs meet (`drop`:
+    /// silence; `reject`: the rejector's reason), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<CheckRefusal>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckRefusal {
+    pub refusal: crate::domain::Refusal,
+    pub action: crate::domain::ReasonAction,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

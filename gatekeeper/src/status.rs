@@ -78,6 +78,9 @@ pub struct AgentLive {
     /// (none when everything fits).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unapplied: Vec<String>,
+    /// The mail host's rejector, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejector: Option<crate::rejector::RejectorStats>,
 }
 
 /// What the agent let go to stay within its configured bounds, since

@@ -55,6 +55,8 @@ pub struct Ctx {
     pub resolver: Arc<Resolver>,
     /// Set once `unload` has been answered: the agent exits.
     pub stop: watch::Sender<bool>,
+    /// The mail host's rejector, when it runs.
+    pub rejector: Option<Arc<crate::rejector::RejectorHandle>>,
 }
 
 /// Accepts connections forever, one task each.
@@ -176,6 +178,7 @@ async fn dispatch(req: Request, ctx: &Ctx) -> Response {
                 s.learning_shapes_tracked = judge.shapes();
                 let l = judge.learner_dropped();
                 (s.dropped.learning_prefixes, s.dropped.learning_shapes) = (l.prefixes, l.shapes);
+                s.rejector = ctx.rejector.as_ref().map(|r| r.stats());
                 AgentStatus::Running(Box::new(s))
             })),
             Request::Unload => Response::of(st.unload().map(|removed| Unloaded { removed })),

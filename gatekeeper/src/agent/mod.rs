@@ -11,13 +11,16 @@
 //! - [`control`]: the control socket and the dispatch of CLI requests;
 //! - [`lookups`]: the event ring → lookup queue → resolver → judge pipeline;
 //! - [`fair`]: the lookup queue's scheduler (fair per /24 and /48,
-//!   retransmitters first, bounded).
+//!   retransmitters first, bounded);
+//! - [`reject`]: the mail host's rejector wired to the datapath (its
+//!   listeners, its lease, its quiet table).
 //!
 //! Exiting never detaches anything: the pinned datapath keeps enforcing the
 //! last state until a new agent adopts it or `gatekeeper unload` runs.
 pub mod control;
 pub mod fair;
 pub mod lookups;
+pub mod reject;
 pub mod state;
 pub mod sync;
 
@@ -129,6 +132,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             info!(iface = %gone, %role, "detached: no longer configured");
         }
     }
+    let ingress = attached.iter().any(|a| a.role == Role::Ingress);
+    let rejector = reject::prepare(&mut dp, &cfg.reject, ingress)?;
+    let reject_settings = cfg.reject.clone();
     let events = dp.take_events();
     info!(
         pin_dir = %layout.root.display(),
@@ -146,12 +152,17 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (stop, mut stopped) = watch::channel(false);
     let queue = Queue::new(limits.max_pending);
 
+    // Kept until exit: dropping it stops answering (the lease then lapses).
+    let rejector = match rejector {
+        Some(listeners) => Some(Arc::new(reject::start(core.clone(), reject_settings, listeners)?)),
+        None => None,
+    };
     tokio::spawn(sweeper(core.clone()));
     if let Some(rb) = events {
         tokio::spawn(lookups::read_events(queue.clone(), rb, lookups_on));
     }
     tokio::spawn(lookups::run_lookups(core.clone(), queue.clone(), resolver.clone(), limits, dns_cfg));
-    tokio::spawn(control::serve(listener, control::Ctx { core, queue, resolver, stop }));
+    tokio::spawn(control::serve(listener, control::Ctx { core, queue, resolver, stop, rejector }));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("install SIGTERM handler", e))?;

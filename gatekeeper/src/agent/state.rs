@@ -16,9 +16,9 @@ use crate::{
     agent::sync::{self, Touched},
     config::{validate_ports, Config},
     datapath::{Attached, Datapath},
-    domain::{Action, Origin, PoolAction, RangeKind, RangeTable, VerdictReason},
+    domain::{Action, Origin, PoolAction, RangeKind, RangeTable, Refusal, VerdictReason},
     pipeline::Learned,
-    protocol::{CheckDatapath, CheckRange, CheckVerdict, RangeAdded, RangeRow, RangeSpec},
+    protocol::{CheckDatapath, CheckRange, CheckRefusal, CheckVerdict, RangeAdded, RangeRow, RangeSpec},
     status::{AgentInfo, AgentLive, Capacity, Dropped, EgressPolicy, Entries, QueueStats},
     store::{NewRange, RangeRecord, Store, VerdictRecord},
     time::{monotonic_ns, unix_now},
@@ -497,6 +497,39 @@ impl State {
         })
     }
 
+    /// Why the datapath refuses `ip` now, as the gates judge it (allow wins,
+    /// then deny ranges, then a live verdict, then a learned range), and
+    /// the host name its verdict was judged by; `None` when it is not
+    /// refused. The rejector's answer to a steered connection.
+    pub fn refusal(&self, ip: IpAddr) -> Option<(Refusal, Option<String>)> {
+        let mut presumed = None;
+        if let Some((_, v)) = self.dp.maps.ranges.longest(RangeTable::Ingress, ip) {
+            if v.kind == gatekeeper_common::range_kind::ALLOW {
+                return None;
+            }
+            if v.flags & gatekeeper_common::range_flags::LEARNED == 0 {
+                return Some((Refusal::DenyRange, None));
+            }
+            presumed = Some(Refusal::LearnedRange);
+        }
+        let mono = monotonic_ns();
+        let live = |key: SourceKey| {
+            self.dp.maps.verdicts.get(key).ok().flatten().filter(|v| v.expires_ns > mono).map(|v| (key, v))
+        };
+        let (key, host) = (SourceKey::from_ip(ip), SourceKey::host(ip));
+        let found = if host != key { live(host).or_else(|| live(key)) } else { live(key) };
+        let Some((key, v)) = found else { return presumed.map(|r| (r, None)) };
+        if v.action != gatekeeper_common::action::DROP && v.action != gatekeeper_common::action::PRESUMED_DROP {
+            return None;
+        }
+        let refusal = Refusal::from_code(v.reason)?;
+        let ptr = VerdictReason::of_code(v.reason).and_then(|reason| {
+            let comment = self.store.verdict(key).ok().flatten()?.comment?;
+            crate::agent::lookups::comment_name(reason, &comment).map(str::to_owned)
+        });
+        Some((refusal, ptr))
+    }
+
     /// What decides for `ip` in the datapath now (for `check`).
     pub fn explain(&self, ip: IpAddr) -> Result<CheckDatapath> {
         let key = SourceKey::from_ip(ip);
@@ -552,7 +585,10 @@ impl State {
             (None, Some(v)) if v.live => format!("verdict: {} ({})", v.action, v.reason),
             _ => "nothing: the source is unknown, passes, and is looked up".into(),
         };
-        Ok(CheckDatapath { decides, range, verdict })
+        // What a refused source meets: silence, or the rejector's reason.
+        let refused =
+            self.refusal(ip).map(|(refusal, _)| CheckRefusal { refusal, action: self.cfg.reject.action(refusal) });
+        Ok(CheckDatapath { decides, range, verdict, refused })
     }
 
     /// What `status` shows of the running agent; the lookup pipeline adds
@@ -592,6 +628,7 @@ impl State {
             },
             queue,
             unapplied: self.unapplied.clone(),
+            rejector: None,
         })
     }
 

@@ -153,6 +153,20 @@ fn print_status(st: &Status) {
             d.verdicts_refused,
             l.queue.overflow
         );
+        if let Some(r) = &l.rejector {
+            let answered: Vec<String> =
+                r.answered.iter().filter(|(_, &n)| n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+            println!(
+                "rejector:   {} sessions active{}; answered since start: {}; closed at once: {} at the session cap, {} over the per-source rate, {} not refused, {} on a port without a protocol",
+                r.active,
+                if r.at_capacity { " (AT CAPACITY: refused sources are dropped)" } else { "" },
+                if answered.is_empty() { "none".to_string() } else { answered.join(", ") },
+                r.closed_at_cap,
+                r.over_rate,
+                r.misrouted,
+                r.unknown_port
+            );
+        }
         if !l.unapplied.is_empty() {
             println!(
                 "NOT APPLIED: {} database entries did not fit into the datapath at start (it runs with what fits; raise max_range_nodes, then `gatekeeper unload` and restart):",

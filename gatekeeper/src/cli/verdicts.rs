@@ -113,6 +113,18 @@ pub fn check(t: &Target, ip: IpAddr, json: bool) -> Result<()> {
         format_duration_short(d.ttl)
     );
     println!("datapath:   decided by {}", c.datapath.decides);
+    if let Some(r) = &c.datapath.refused {
+        let meets = match r.action {
+            gatekeeper::domain::ReasonAction::Reject => {
+                "answered by the rejector with the reason (on the ports it speaks)"
+            }
+            gatekeeper::domain::ReasonAction::Drop => "dropped silently",
+        };
+        println!(
+            "refused:    {} ([reject.actions] {} = {}): its connections are {meets}",
+            r.refusal, r.refusal, r.action
+        );
+    }
     if let Some(v) = &c.datapath.verdict {
         let left = v
             .expires_in_secs

@@ -51,7 +51,7 @@ pub struct RejectorHandle {
 }
 
 /// Counters for `stats` and status.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RejectorStats {
     /// Sessions answered with the reason, per refusal.
     pub answered: BTreeMap<Refusal, u64>,
