@@ -390,7 +390,7 @@ mod comment_tests {
 
     #[test]
     fn the_name_a_comment_holds_is_found_again() {
-        let reasons = vec!["ip-in-name".to_string(), "dsl".to_string()];
+        let reasons = ["ip-in-name".to_string(), "dsl".to_string()];
         for (outcome, name, reasons) in [
             (VerdictReason::Dynamic, "dsl-1-2-3-4.pool.example.net", &reasons[..]),
             (VerdictReason::Generic, "host.example.org", &[][..]),
