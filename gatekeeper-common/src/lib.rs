@@ -59,9 +59,12 @@ pub mod maps {
     pub const REJ_QUIET: &str = "GK_REJ_QUIET";
     /// Reject counters ([`RejectCounter`](crate::reject::RejectCounter)), per CPU.
     pub const REJ_STATS: &str = "GK_REJ_STATS";
+    /// The per-CPU state (GCRA arrival time) of the budget of SYNs passed
+    /// to the rejector.
+    pub const REJ_BUDGET: &str = "GK_REJ_BUDGET";
 
     /// Every map, for pinning and unloading.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         RANGES,
         RANGE_INDEX,
         VERDICTS,
@@ -81,6 +84,7 @@ pub mod maps {
         REJECTORS,
         REJ_QUIET,
         REJ_STATS,
+        REJ_BUDGET,
     ];
 }
 

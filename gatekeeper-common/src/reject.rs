@@ -17,7 +17,7 @@
 //!   `SK_DROP` (the kernel then sends a RST) when no rejector socket is in
 //!   its slot ([`RejectCounter::NoRejector`]).
 
-use crate::{sourcetab, verdict_reason, KeyWords};
+use crate::{sourcetab, verdict_reason, KeyWords, RateLimit};
 
 /// Why a guarded SYN is refused: the verdict reasons by their codes, then
 /// the two kinds of range.
@@ -66,8 +66,16 @@ pub struct RejectConfig {
     /// Guarded ports the rejector speaks a protocol on (host order); a
     /// refused source's SYN to another port is dropped as before.
     pub ports: [u16; MAX_REJECT_PORTS],
+    /// The budget of SYNs passed to the rejector, per CPU (a GCRA whose
+    /// state is [`maps::REJ_BUDGET`](crate::maps::REJ_BUDGET)); beyond it
+    /// they are dropped ([`RejectCounter::OverBudget`]). A passed SYN is
+    /// answered with a SYN-ACK, and spoofed ones are answered to whoever
+    /// owns the address: the budget bounds that backscatter, which no
+    /// per-source limit in the agent can (spoofed sources never finish a
+    /// handshake). Interval 0: no budget.
+    pub syn_limit: RateLimit,
 }
-const _: () = assert!(core::mem::size_of::<RejectConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<RejectConfig>() == 48);
 
 impl RejectConfig {
     /// Whether `code`'s action is reject.
@@ -149,10 +157,13 @@ pub enum RejectCounter {
     NoRejector = refusal::COUNT + 3,
     /// sk_lookup in dry-run mode: would have been steered; went to the MTA.
     DryRun = refusal::COUNT + 4,
+    /// XDP: over the budget of SYNs passed to the rejector
+    /// ([`RejectConfig::syn_limit`]): dropped.
+    OverBudget = refusal::COUNT + 5,
 }
 
 /// Number of reject counter slots.
-pub const REJECT_COUNTER_SLOTS: u32 = RejectCounter::DryRun as u32 + 1;
+pub const REJECT_COUNTER_SLOTS: u32 = RejectCounter::OverBudget as u32 + 1;
 
 impl RejectCounter {
     /// The slot counting SYNs refused for `code` passed to the rejector.
@@ -184,6 +195,7 @@ pub fn reject_counter_name(slot: u32) -> &'static str {
         s if s == RejectCounter::Steered as u32 => "rejector-steered",
         s if s == RejectCounter::NoRejector as u32 => "rejector-missing",
         s if s == RejectCounter::DryRun as u32 => "dry-run-would-reject",
+        s if s == RejectCounter::OverBudget as u32 => "reject-budget-drop",
         _ => "invalid",
     }
 }

@@ -77,6 +77,8 @@ static GK_REJECTORS: SockMap = SockMap::with_max_entries(REJECTOR_SLOTS, 0);
 static GK_REJ_QUIET: Array<QuietSlot> = Array::with_max_entries(QUIET_SLOTS, 0);
 #[map(name = "GK_REJ_STATS")]
 static GK_REJ_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REJECT_COUNTER_SLOTS, 0);
+#[map(name = "GK_REJ_BUDGET")]
+static GK_REJ_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 // The egress gate's tables: subscriber sources (pool and exempt entries,
 // exempt winning as allow does) and smarthost destinations, each laid out
@@ -647,8 +649,8 @@ fn refuse(ifindex: u32, counter: u32, refusal: u32, source: &Source, port: u16, 
 }
 
 /// Whether a SYN refused for `refusal` goes to the rejector: its action is
-/// reject, on a port the rejector answers, the agent's lease runs and the
-/// source is not quiet. Only refused SYNs get here, so accepted ones pay
+/// reject, on a port the rejector answers, the agent's lease runs, the
+/// source is not quiet and the CPU's SYN budget has room. Only refused SYNs get here, so accepted ones pay
 /// nothing for the feature. A BPF function of its own: it has three call
 /// sites.
 #[inline(never)]
@@ -670,6 +672,17 @@ fn to_rejector(source: &Source, refusal: u32, port: u16, cfg: &Config) -> bool {
         if q.key.lo == key.lo && q.key.hi == key.hi && now < q.until_ns {
             count_reject(RejectCounter::Quiet as u32);
             return false;
+        }
+    }
+    if rc.syn_limit.interval_ns != 0 {
+        let Some(tat) = GK_REJ_BUDGET.get_ptr_mut(0) else { return false };
+        // SAFETY: this CPU's slot; only this CPU writes it.
+        match rc.syn_limit.admit(unsafe { *tat }, now) {
+            Some(next) => unsafe { *tat = next },
+            None => {
+                count_reject(RejectCounter::OverBudget as u32);
+                return false;
+            }
         }
     }
     count_reject(RejectCounter::to_rejector(refusal));

@@ -74,7 +74,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use ipnet::IpNet;
 use nix::{
     sys::signal::{kill, Signal},
@@ -1175,4 +1175,109 @@ mod tests {
         assert_eq!(v4.inet_protocols(), "ipv4");
         assert_eq!(v4.smtp_addrs(), vec!["192.0.2.1:25".parse::<SocketAddr>().unwrap()]);
     }
+}
+
+/// What a sending MTA meets at a mail server, as [`smtp_probe`] sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// No answer to the SYN (dropped).
+    Dropped,
+    /// A RST to the SYN.
+    Reset,
+    /// The server's greeting, and its reply to `RCPT TO` if the greeting
+    /// invited one (a `220`).
+    Answered { banner: (u16, String), rcpt: Option<(u16, String)> },
+    /// Anything else (connected but no greeting, a broken reply, ...).
+    Other(String),
+}
+
+impl Probe {
+    /// A word for tables: `accepted` (RCPT 250), `REJECTED` (a 5xx at RCPT
+    /// or in the greeting), `DROPPED`, `RESET`, else what happened.
+    pub fn word(&self) -> String {
+        match self {
+            Probe::Dropped => "DROPPED".into(),
+            Probe::Reset => "RESET".into(),
+            Probe::Answered { rcpt: Some((250, _)), .. } => "accepted".into(),
+            Probe::Answered { banner: (b, _), rcpt } if *b >= 500 || rcpt.as_ref().is_some_and(|r| r.0 >= 500) => {
+                "REJECTED".into()
+            }
+            Probe::Answered { banner, rcpt } => format!("answered {} / {:?}", banner.0, rcpt.as_ref().map(|r| r.0)),
+            Probe::Other(e) => format!("error: {e}"),
+        }
+    }
+
+    /// The refusal's reply line (the 5xx at RCPT, or the greeting's).
+    pub fn refusal(&self) -> Option<&str> {
+        match self {
+            Probe::Answered { rcpt: Some((c, l)), .. } if *c >= 500 => Some(l),
+            Probe::Answered { banner: (c, l), .. } if *c >= 500 => Some(l),
+            _ => None,
+        }
+    }
+}
+
+/// One SMTP transaction from `src` (inside `ns`) to `dst` up to `RCPT TO:
+/// <rcpt>`, then `QUIT`: what a sending MTA meets, in a form tables can
+/// show. Bounded by `timeout` per step.
+pub fn smtp_probe(ns: &Netns, src: IpAddr, dst: SocketAddr, rcpt: &str, timeout: Duration) -> Probe {
+    let rcpt = rcpt.to_owned();
+    in_netns(ns, move || probe_in_netns(src, dst, &rcpt, timeout).unwrap_or_else(|e| Probe::Other(format!("{e:#}"))))
+}
+
+fn probe_in_netns(src: IpAddr, dst: SocketAddr, rcpt: &str, timeout: Duration) -> Result<Probe> {
+    for a in [src, dst.ip()] {
+        ensure!(is_test_addr(a), "{a} is not a TEST-NET address");
+    }
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+    match sock.connect_timeout(&SockAddr::from(dst), timeout) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::TimedOut || e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            return Ok(Probe::Dropped)
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Probe::Reset),
+        Err(e) => return Err(e.into()),
+    }
+    let stream: std::net::TcpStream = sock.into();
+    stream.set_read_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    // A whole (possibly multi-line) reply: its code and last line.
+    let mut reply = || -> Result<(u16, String)> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.by_ref().take(1024).read_line(&mut line)? == 0 {
+                bail!("connection closed");
+            }
+            let l = line.trim_end();
+            let code: u16 = l.get(..3).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("not a reply: {l:?}"))?;
+            if l.as_bytes().get(3) != Some(&b'-') {
+                return Ok((code, l.to_owned()));
+            }
+        }
+    };
+    let banner = match reply() {
+        Ok(b) => b,
+        Err(e) => return Ok(Probe::Other(format!("no greeting: {e:#}"))),
+    };
+    if banner.0 != 220 {
+        let _ = writer.write_all(b"QUIT\r\n");
+        return Ok(Probe::Answered { banner, rcpt: None });
+    }
+    let mut rcpt_reply = None;
+    for cmd in
+        ["EHLO probe.example.org".to_string(), "MAIL FROM:<probe@example.org>".into(), format!("RCPT TO:<{rcpt}>")]
+    {
+        writer.write_all(format!("{cmd}\r\n").as_bytes())?;
+        let r = reply()?;
+        if cmd.starts_with("RCPT") {
+            rcpt_reply = Some(r);
+        } else if r.0 >= 400 {
+            break;
+        }
+    }
+    let _ = writer.write_all(b"QUIT\r\n");
+    Ok(Probe::Answered { banner, rcpt: rcpt_reply })
 }

@@ -208,6 +208,15 @@ fn refused_senders_hear_why_and_good_ones_reach_postfix() {
     assert_eq!(c["datapath"]["refused"]["action"], "reject", "{c:#}");
     let c = lab.gk.json(&["check", BAN4, "--json"]);
     assert_eq!(c["datapath"]["refused"]["action"], "drop", "{c:#}");
+
+    // The rejector's closed sessions (TIME_WAIT on the MTA's address and
+    // port) never keep the MTA from starting again on its port.
+    let mut lab = lab;
+    lab.postfix.stop().unwrap();
+    lab.postfix = Postfix::start(&lab.gk.ns, PostfixOptions::receiver(&[ip(SRV4), ip(SRV6)], DOMAIN))
+        .expect("Postfix binds port 25 again right after the rejector's sessions");
+    let run = lab.swaks(GOOD4);
+    assert!(run.success(), "{}", run.transcript);
 }
 
 /// A real Postfix as the sending MTA, relaying from a source without a PTR:

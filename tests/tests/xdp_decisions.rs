@@ -1608,3 +1608,33 @@ fn a_presumed_bad_v6_prefix_is_rejected_per_address() {
     gk.verdict_key(SourceKey::host("2001:db8:5:6::32".parse().unwrap()), action::PASS, verdict_reason::OK, u64::MAX);
     gk.check_reject("2001:db8:5:6::33", SMTP, XDP_PASS, (testrun::SK_PASS, r.v6), &steered);
 }
+
+#[test]
+fn the_syn_budget_bounds_what_reaches_the_rejector() {
+    let mut gk = Gk::new();
+    let _r = gk.rejectors();
+    gk.reject(&[verdict_reason::NO_PTR], &[SMTP], LEASE);
+    let mut map: Array<_, RejectConfig> = Array::try_from(gk.bpf.map_mut(maps::REJECT).unwrap()).unwrap();
+    let rc = map.get(&0, 0).unwrap();
+    // Two SYNs' worth, refilling once an hour.
+    let hour = 3_600_000_000_000;
+    map.set(
+        0,
+        RejectConfig { syn_limit: gatekeeper_common::RateLimit { interval_ns: hour, burst_ns: 2 * hour }, ..rc },
+        0,
+    )
+    .unwrap();
+    // Each CPU has its own budget: this thread's test runs stay on one.
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
+    let mut got = Vec::new();
+    for i in 0..4u32 {
+        let src = format!("203.0.113.{}", 10 + i);
+        gk.verdict(&src, action::DROP, verdict_reason::NO_PTR, u64::MAX);
+        got.push(gk.run(&syn(&src).build()));
+    }
+    assert_eq!(got, [XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP]);
+    assert_eq!(gk.rej_delta(), BTreeMap::from([("rejected-no-ptr", 2), ("reject-budget-drop", 2)]));
+    gk.expect(&[(drop_reason(verdict_reason::NO_PTR), 4)], "refused, budget or not");
+}

@@ -9,7 +9,7 @@
 //!   behind. Tests run with libtest's default `--test-threads` (one per core):
 //!   every netlab namespace/pin name is unique per process and counter, so
 //!   root tests may run in parallel; pass `-- --test-threads=1` to serialise.
-//! * `cargo xtask bench xdp|egress|classify|flood|all [-- ARGS]` — setup, then the release
+//! * `cargo xtask bench xdp|egress|classify|flood|reject|all [-- ARGS]` — setup, then the release
 //!   `gatekeeper-bench` binary; JSON results land in `target/bench/`.
 //! * `cargo xtask fuzz [--frames N] [--seed S] [--json]` — setup, then the
 //!   release `gatekeeper-fuzz` binary: random and mutated frames through
@@ -83,6 +83,8 @@ enum Bench {
     Classify,
     /// A spoofed SYN flood against gatekeeper, xdp-filter and nftables, side by side.
     Flood,
+    /// Reject with a reason: the sk_lookup program's ns per good SYN, and refusals answered per second on one core beside Postfix.
+    Reject,
     All,
 }
 
@@ -97,6 +99,7 @@ fn main() {
                 Bench::Egress => "egress",
                 Bench::Classify => "classify",
                 Bench::Flood => "flood",
+                Bench::Reject => "reject",
                 Bench::All => "all",
             };
             test::bench(which, &args)

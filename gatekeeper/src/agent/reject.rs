@@ -58,12 +58,29 @@ pub fn prepare(dp: &mut Datapath, settings: &RejectSettings, ingress: bool) -> R
 /// The settings the datapath needs: the reject actions, and the ports the
 /// rejector answers on that are guarded (`guarded`).
 pub fn datapath_settings(settings: &RejectSettings, guarded: &[u16], lease_ns: u64) -> RejectConfig {
-    let mut rc = RejectConfig { actions: settings.action_bits(), lease_ns, ..RejectConfig::default() };
+    let mut rc = RejectConfig {
+        actions: settings.action_bits(),
+        lease_ns,
+        syn_limit: syn_limit(settings.syn_rate, nr_cpus()),
+        ..RejectConfig::default()
+    };
     let ports: Vec<u16> =
         settings.ports().into_iter().map(|(p, _)| p).filter(|p| guarded.contains(p)).take(MAX_REJECT_PORTS).collect();
     rc.ports[..ports.len()].copy_from_slice(&ports);
     rc.nports = ports.len() as u32;
     rc
+}
+
+/// The per-CPU budget of `rate` (each CPU keeps its own, so each gets its
+/// share; the burst is one unit's worth).
+pub fn syn_limit(rate: crate::config::Rate, cpus: u32) -> gatekeeper_common::RateLimit {
+    let unit_ns = rate.unit_secs as u64 * 1_000_000_000;
+    let per_cpu = (rate.per as u64).div_ceil(cpus.max(1) as u64).max(1);
+    gatekeeper_common::RateLimit { interval_ns: unit_ns / per_cpu, burst_ns: unit_ns }
+}
+
+fn nr_cpus() -> u32 {
+    aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1)
 }
 
 /// Starts the rejector on `listeners` and the task that keeps its lease.
@@ -157,5 +174,19 @@ mod tests {
         let rc = datapath_settings(&s, &[25, 587, 110, 143, 465], 7);
         assert_eq!(&rc.ports[..rc.nports as usize], &[25, 587, 110, 143]);
         assert_eq!(datapath_settings(&s, &[2525], 7).nports, 0);
+    }
+
+    #[test]
+    fn the_syn_budget_is_shared_among_the_cpus() {
+        let r = |s: &str| s.parse::<crate::config::Rate>().unwrap();
+        let l = syn_limit(r("200/s"), 2);
+        assert_eq!((l.interval_ns, l.burst_ns), (10_000_000, 1_000_000_000));
+        // 100 back to back on one CPU, then it is spent.
+        let mut tat = 0;
+        for _ in 0..100 {
+            tat = l.admit(tat, 5_000_000_000).unwrap();
+        }
+        assert_eq!(l.admit(tat, 5_000_000_000), None);
+        assert_eq!(syn_limit(r("1/h"), 64).interval_ns, 3_600_000_000_000, "never below one per unit");
     }
 }

@@ -53,6 +53,11 @@ pub struct RejectSettings {
     /// Connections one source gets answered (a bucket of N that refills
     /// at the rate); beyond, it is silenced in the kernel (dropped).
     pub per_source_rate: Rate,
+    /// SYNs of refused sources the gate passes to the rejector, for the
+    /// whole host (a burst of N, then N per unit); beyond, it drops them.
+    /// Each passed SYN is answered with a SYN-ACK, also when its source
+    /// is spoofed: this bounds what a flood can make the host send.
+    pub syn_rate: Rate,
     /// A session that sends nothing for this long is closed.
     #[serde(deserialize_with = "de_idle_timeout")]
     pub idle_timeout: Duration,
@@ -107,6 +112,7 @@ impl Default for RejectSettings {
             imap_ports: vec![143],
             max_sessions: 256,
             per_source_rate: Rate { per: 10, unit_secs: 60 },
+            syn_rate: Rate { per: 200, unit_secs: 1 },
             idle_timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(120),
             templates: Refusal::ALL.into_iter().map(|r| (r, builtin_template(r))).collect(),

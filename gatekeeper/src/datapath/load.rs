@@ -37,7 +37,7 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::RANGE_HITS => (4, 8),
         names::REJECT => (4, size_of::<gatekeeper_common::reject::RejectConfig>() as u32),
         names::REJ_QUIET => (4, size_of::<gatekeeper_common::reject::QuietSlot>() as u32),
-        names::REJ_STATS => (4, 8),
+        names::REJ_STATS | names::REJ_BUDGET => (4, 8),
         _ => return None,
     })
 }

@@ -132,7 +132,9 @@ impl Maps {
         };
         let mut get = |name: &str| {
             // An older gatekeeper's pins have no reject maps.
-            if [names::REJECT, names::REJ_QUIET, names::REJ_STATS].contains(&name) && !layout.map(name).exists() {
+            if [names::REJECT, names::REJ_QUIET, names::REJ_STATS, names::REJ_BUDGET].contains(&name)
+                && !layout.map(name).exists()
+            {
                 return Ok(None);
             }
             open(name)

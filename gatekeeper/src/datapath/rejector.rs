@@ -151,7 +151,11 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
         s.set_freebind_v4(true)?;
     }
     // No SO_REUSEPORT: sk_lookup cannot select a reuseport group member
-    // without the kernel picking another.
+    // without the kernel picking another. SO_REUSEADDR: the connections
+    // it accepts own the MTA's address and port (25), and inherit this
+    // flag; without it their TIME_WAIT would keep the MTA from binding
+    // port 25 again (a restarted Postfix: "Address already in use").
+    s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
     s.listen(BACKLOG)?;
     s.set_nonblocking(true)?;

@@ -60,6 +60,8 @@
 
 #[path = "../flood_bench.rs"]
 mod flood_bench;
+#[path = "../reject_bench.rs"]
+mod reject_bench;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -117,6 +119,7 @@ fn usage() -> ! {
     eprintln!("       gatekeeper-bench classify [--dataset PATH] [--seconds S] [--rules FILE] [--json PATH]");
     eprintln!("       gatekeeper-bench egress [--repeat N] [--json PATH] [--pools-v4 N] [--pools-v6 N] [--buckets N]");
     eprintln!("       gatekeeper-bench flood [--frames N] [--seconds S] [--json PATH]");
+    eprintln!("       gatekeeper-bench reject [--repeat N] [--seconds S] [--clients N] [--json PATH]");
     std::process::exit(2)
 }
 
@@ -127,6 +130,7 @@ fn main() -> Result<()> {
         Some("classify") => return classify_bench::run(args),
         Some("egress") => return egress_bench::run(args),
         Some("flood") => return flood_bench::run(args),
+        Some("reject") => return reject_bench::run(args),
         _ => usage(),
     }
     let mut repeat = DEFAULT_REPEAT;
