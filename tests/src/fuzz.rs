@@ -1,7 +1,8 @@
 //! The differential fuzzer's core: random and mutated frames through the
 //! ingress gate (`gatekeeper_ingress`) and both egress gate programs
 //! (`gatekeeper_subscriber`, XDP; `gatekeeper_egress`, TC) of one unpinned
-//! instance, against the host model ([`crate::model::Model`]).
+//! instance, and socket lookups through its rejector (`gatekeeper_rejector`,
+//! sk_lookup), against the host model ([`crate::model::Model`]).
 //!
 //! The run is split into epochs. Each epoch fills the maps afresh from the
 //! seed: ranges of every kind (deny, learned deny, allow, pool that drops,
@@ -9,7 +10,12 @@
 //! whole family), guarded ingress ports, egress port policies and rate-limit
 //! classes, verdicts of every action under IPv4, IPv6 /64 and IPv6 address
 //! keys (live or expired, some evicting others from a small verdict table),
-//! and the config flags (dry-run, hold). Then it runs frames:
+//! the config flags (dry-run, hold), and the reject settings: which refusal
+//! codes reject (range kinds too), up to eight rejector ports (mostly
+//! guarded ones, with junk past the ones that count), the agent's lease
+//! (running or lapsed), quiet sources among the epoch's sources (quiet or
+//! quiet long ago), and real loopback listeners in none, one or both of the
+//! rejector's sockmap slots. Then it runs frames:
 //!
 //! - SYNs (and other segments, UDP) built with [`crate::packet`] across
 //!   every layer: VLAN and QinQ tags (up to three), PPPoE sessions (both
@@ -24,9 +30,13 @@
 //! For every frame and program it compares the return value with the
 //! model's (an XDP_ABORTED, an unknown return code or a refused test run
 //! the model does not predict is an abort) and checks that a frame not
-//! answered is not rewritten and an answered one is a RST|ACK. Counters,
-//! range hits and events are compared at the end of each epoch (or after
-//! every frame with `per_frame`).
+//! answered is not rewritten and an answered one is a RST|ACK. For every
+//! guarded SYN the ingress gate decided on, and for one frame in four a
+//! random source and port besides, it runs the rejector on the lookup of
+//! that connection and compares its return value and the socket it
+//! selected (by cookie) with the model's. Counters (the gates' and the
+//! reject counters), range hits and events are compared at the end of each
+//! epoch (or after every frame with `per_frame`).
 //!
 //! Covered state: the reported-sources slots (so hold mode and learned
 //! ranges' reports are modelled exactly, in a clock situation where the
@@ -38,12 +48,12 @@
 //! frames; the model expects no lost event).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockMap},
     programs::ProgramError,
     Ebpf,
 };
@@ -55,17 +65,20 @@ use gatekeeper::{
 };
 use gatekeeper_common::{
     action, addr, maps, port_policy, programs,
+    reject::{
+        self, quiet_slot, refusal, reject_counter_name, QuietSlot, RejectConfig, MAX_REJECT_PORTS, REJECT_COUNTER_SLOTS,
+    },
     sourcetab::{source_slots, verdict_shift, SeenSlot as BpfSeenSlot},
     stat_index, Config, KeyWords, LimitKey, RateLimit, SourceKey, Verdict, MAX_LIMIT_CLASSES, STAT_STRIDE,
 };
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::model::{self, Expect, Model, Mutation, Range};
+use crate::model::{self, Expect, Model, Mutation, Quiet, Range, Steer};
 use crate::packet::{ethertype, hex, tcp_flags, ExtHeader, Packet, L4};
 use crate::ranges::{record, AgentRanges};
 use crate::rng::Rng;
-use crate::testrun::{self, skb_refuses, test_run, Hook, Outcome, XDP_ABORTED};
+use crate::testrun::{self, skb_refuses, test_run, Hook, Lookup, Outcome, XDP_ABORTED};
 
 /// Verdict-table buckets: small, so that verdicts share buckets and evict.
 const VERDICT_BUCKETS: u32 = 256;
@@ -103,10 +116,18 @@ pub struct Report {
     pub seed: u64,
     pub frames: u64,
     pub epochs: u64,
-    /// Program runs (three per frame, less the TC runs the kernel refuses).
+    /// Program runs (three per frame, less the TC runs the kernel refuses,
+    /// plus the rejector's lookups).
     pub runs: u64,
-    /// "gate outcome" -> frames (e.g. "ingress drop", "egress reject").
+    /// Rejector runs (socket lookups).
+    pub lookups: u64,
+    /// "gate outcome" -> frames (e.g. "ingress drop", "egress reject"), and
+    /// "rejector what" -> lookups (e.g. "rejector steered").
     pub outcomes: BTreeMap<String, u64>,
+    /// Reject counters by name: what moved in the run (the model's
+    /// expectation, which the datapath's counters matched unless a
+    /// mismatch says otherwise).
+    pub reject_counters: BTreeMap<String, u64>,
     /// Frames by kind of generation.
     pub kinds: BTreeMap<String, u64>,
     /// TC test runs the kernel refused, as predicted (frames too short for
@@ -152,6 +173,13 @@ struct Instance {
     stats: PerCpuArray<MapData, u64>,
     eg_stats: PerCpuArray<MapData, u64>,
     hits: PerCpuArray<MapData, u64>,
+    reject: Array<MapData, RejectConfig>,
+    rejectors: SockMap<MapData>,
+    quiet: Array<MapData, QuietSlot>,
+    rej_stats: PerCpuArray<MapData, u64>,
+    /// The listeners in the `rejectors` slots (v4, v6), kept open: a closed
+    /// socket leaves the sockmap.
+    listeners: [Option<TcpListener>; 2],
     clock: (u64, u64),
 }
 
@@ -166,7 +194,7 @@ where
 
 impl Instance {
     fn load() -> Result<Instance> {
-        let progs = [programs::XDP_INGRESS, programs::XDP_SUBSCRIBER, programs::TC_EGRESS];
+        let progs = [programs::XDP_INGRESS, programs::XDP_SUBSCRIBER, programs::TC_EGRESS, programs::SK_REJECTOR];
         let mut bpf = testrun::load(
             VERDICT_BUCKETS,
             |l| {
@@ -191,6 +219,11 @@ impl Instance {
             stats: take(&mut bpf, maps::STATS)?,
             eg_stats: take(&mut bpf, maps::EG_STATS)?,
             hits: take(&mut bpf, maps::RANGE_HITS)?,
+            reject: take(&mut bpf, maps::REJECT)?,
+            rejectors: take(&mut bpf, maps::REJECTORS)?,
+            quiet: take(&mut bpf, maps::REJ_QUIET)?,
+            rej_stats: take(&mut bpf, maps::REJ_STATS)?,
+            listeners: [None, None],
             clock,
             bpf,
         })
@@ -200,6 +233,11 @@ impl Instance {
     fn counters(&self, egress: bool) -> Result<Vec<u64>> {
         let map = if egress { &self.eg_stats } else { &self.stats };
         (0..STAT_STRIDE).map(|c| Ok(map.get(&stat_index(self.ifindex, c), 0)?.iter().sum::<u64>())).collect()
+    }
+
+    /// The reject counters, summed over CPUs.
+    fn reject_counters(&self) -> Result<Vec<u64>> {
+        (0..REJECT_COUNTER_SLOTS).map(|c| Ok(self.rej_stats.get(&c, 0)?.iter().sum::<u64>())).collect()
     }
 
     fn range_hits(&self, id: u32) -> Result<u64> {
@@ -473,6 +511,86 @@ fn new_epoch(rng: &mut Rng, inst: &mut Instance, m: &mut Model, plan: &mut Plan)
         hash: testrun::HASH,
     };
     inst.config.set(0, cfg, 0)?;
+    reject_settings(rng, inst, m, plan, now)
+}
+
+/// The reject settings of a new epoch (see the module's doc), `now` the
+/// datapath clock's time about now.
+fn reject_settings(rng: &mut Rng, inst: &mut Instance, m: &mut Model, plan: &Plan, now: u64) -> Result<()> {
+    let day = 86_400_000_000_000;
+    let codes = (1u32 << refusal::COUNT) - 1;
+    let actions = match rng.below(8) {
+        0 => 0,
+        1 => codes,
+        2 => rng.next() as u32,
+        _ => rng.next() as u32 & codes,
+    };
+    // The guarded ports in a fixed order, so that the seed decides.
+    let mut guarded: Vec<u16> = m.ports.iter().copied().collect();
+    guarded.sort_unstable();
+    let mut ports = [0u16; MAX_REJECT_PORTS];
+    for p in &mut ports {
+        *p = match rng.below(8) {
+            0 => pick(rng, &plan.ports),
+            1 => rng.next() as u16,
+            _ => pick(rng, &guarded),
+        };
+    }
+    let nports = rng.below(MAX_REJECT_PORTS as u64 + 1) as usize;
+    let lease = rng.below(4) != 0;
+    let lease_ns =
+        if lease { pick(rng, &[u64::MAX, now + 10 * day]) } else { pick(rng, &[0, 1, now.saturating_sub(day)]) };
+    // No SYN budget: its state is per CPU, which the model cannot follow
+    // (`xdp_decisions` tests it on one pinned CPU).
+    let syn_limit = gatekeeper_common::RateLimit::default();
+    inst.reject.set(0, RejectConfig { actions, nports: nports as u32, lease_ns, ports, syn_limit }, 0)?;
+
+    // Quiet sources: half of them among the refused ones, which alone the
+    // quiet table can keep from the rejector.
+    let sources: Vec<IpAddr> =
+        plan.src4.iter().map(|&a| IpAddr::V4(a)).chain(plan.src6.iter().map(|&a| IpAddr::V6(a))).collect();
+    let refused: Vec<IpAddr> = sources.iter().copied().filter(|&a| m.refusal(a).is_some()).collect();
+    let rs = &mut m.reject;
+    rs.actions = actions;
+    rs.ports = ports[..nports].to_vec();
+    rs.lease = lease;
+    for &slot in rs.quiet.keys() {
+        inst.quiet.set(slot, QuietSlot::default(), 0)?;
+    }
+    rs.quiet.clear();
+    for _ in 0..rng.below(13) {
+        let src = if refused.is_empty() || rng.below(2) == 0 { pick(rng, &sources) } else { pick(rng, &refused) };
+        let key = model::own_key(&src);
+        let live = rng.below(4) != 0;
+        let until_ns =
+            if live { pick(rng, &[u64::MAX, now + 10 * day]) } else { pick(rng, &[1, now.saturating_sub(day)]) };
+        let slot = quiet_slot(&key, &testrun::HASH);
+        inst.quiet.set(slot, QuietSlot { key, until_ns }, 0)?;
+        rs.quiet.insert(slot, Quiet { key, live });
+    }
+
+    // Listeners: none, one or both slots; a slot that keeps one gets a
+    // new one (a new cookie).
+    let present = match rng.below(4) {
+        0 => [false, false],
+        1 => [true, false],
+        2 => [false, true],
+        _ => [true, true],
+    };
+    for (slot, addr) in [(reject::SLOT_V4, "127.0.0.1:0"), (reject::SLOT_V6, "[::1]:0")] {
+        let i = slot as usize;
+        if present[i] {
+            let (l, cookie) = testrun::listener(addr).with_context(|| format!("listener on {addr}"))?;
+            inst.rejectors.set(slot, &l, 0)?;
+            // The old listener (if any) closes once its slot holds the new one.
+            inst.listeners[i] = Some(l);
+            rs.listeners[i] = Some(cookie);
+        } else if let Some(old) = inst.listeners[i].take() {
+            inst.rejectors.clear_index(&slot)?;
+            drop(old);
+            rs.listeners[i] = None;
+        }
+    }
     Ok(())
 }
 
@@ -636,6 +754,43 @@ fn run_prog(inst: &Instance, prog: &str, frame: &[u8]) -> Result<Ran, String> {
     }
 }
 
+/// A source and a port for a lookup of a connection no frame stands for:
+/// the epoch's sources (now and then an odd one), to the rejector's ports,
+/// the epoch's ports or any.
+fn random_lookup(rng: &mut Rng, plan: &Plan, m: &Model) -> (IpAddr, u16) {
+    let src = match rng.below(10) {
+        0 => IpAddr::V6(odd_source6(rng)),
+        1..=4 => IpAddr::V6(pick(rng, &plan.src6)),
+        _ => IpAddr::V4(pick(rng, &plan.src4)),
+    };
+    let port = match rng.below(4) {
+        0 | 1 if !m.reject.ports.is_empty() => pick(rng, &m.reject.ports),
+        0..=2 => pick(rng, &plan.ports),
+        _ => rng.next() as u16,
+    };
+    (src, port)
+}
+
+/// The lookup of a TCP connection from `src` to `port` on one of the
+/// epoch's destinations of its family, from any source port (the program
+/// reads neither the destination address nor the source port).
+fn lookup_of(rng: &mut Rng, plan: &Plan, src: IpAddr, port: u16) -> Lookup {
+    let dst = match src {
+        IpAddr::V4(_) => IpAddr::V4(pick(rng, &plan.dst4)),
+        IpAddr::V6(_) => IpAddr::V6(pick(rng, &plan.dst6)),
+    };
+    Lookup { src: (src, rng.next() as u16).into(), dst: (dst, port).into(), udp: false }
+}
+
+fn steer_name(s: &Steer) -> &'static str {
+    match s {
+        Steer::None => "none",
+        Steer::Listener { .. } => "steered",
+        Steer::Missing => "missing",
+        Steer::DryRun => "dry-run",
+    }
+}
+
 fn outcome_name(o: Outcome) -> &'static str {
     match o {
         Outcome::Pass => "pass",
@@ -700,6 +855,7 @@ fn check_run(hook: Option<Hook>, ran: Ran, frame: &[u8], want: &Expect) -> Resul
 struct Tally {
     ingress: BTreeMap<u32, u64>,
     egress: BTreeMap<u32, u64>,
+    rej: BTreeMap<u32, u64>,
     hits: BTreeMap<u32, u64>,
     events: u64,
 }
@@ -710,10 +866,28 @@ impl Tally {
         for &c in &e.counters {
             *counters.entry(c).or_default() += 1;
         }
+        for &c in &e.rej {
+            *self.rej.entry(c).or_default() += 1;
+        }
         for &h in &e.hits {
             *self.hits.entry(h).or_default() += 1;
         }
         self.events += u64::from(e.events);
+    }
+
+    fn add_lookup(&mut self, steer: &Steer) {
+        if let Some(c) = steer.counter() {
+            *self.rej.entry(c).or_default() += 1;
+        }
+    }
+}
+
+impl Report {
+    /// Adds a compared batch's reject counters to the run's.
+    fn absorb(&mut self, tally: &Tally) {
+        for (&c, &n) in &tally.rej {
+            *self.reject_counters.entry(reject_counter_name(c).into()).or_default() += n;
+        }
     }
 }
 
@@ -721,6 +895,7 @@ impl Tally {
 struct Snapshot {
     ingress: Vec<u64>,
     egress: Vec<u64>,
+    rej: Vec<u64>,
     hits: BTreeMap<u32, u64>,
 }
 
@@ -729,7 +904,7 @@ fn snapshot(inst: &Instance, ids: impl Iterator<Item = u32>) -> Result<Snapshot>
     for id in ids {
         hits.insert(id, inst.range_hits(id)?);
     }
-    Ok(Snapshot { ingress: inst.counters(false)?, egress: inst.counters(true)?, hits })
+    Ok(Snapshot { ingress: inst.counters(false)?, egress: inst.counters(true)?, rej: inst.reject_counters()?, hits })
 }
 
 /// Compares what moved since `before` (and the events drained) with the
@@ -752,6 +927,13 @@ fn compare(inst: &Instance, before: &Snapshot, tally: &Tally, events: u64) -> Re
                 };
                 diffs.push(format!("{name} counter {label}: expected +{w}, got +{got}"));
             }
+        }
+    }
+    for c in 0..REJECT_COUNTER_SLOTS {
+        let got = now.rej[c as usize] - before.rej[c as usize];
+        let w = tally.rej.get(&c).copied().unwrap_or(0);
+        if got != w {
+            diffs.push(format!("reject counter {}: expected +{w}, got +{got}", reject_counter_name(c)));
         }
     }
     for (id, was) in &before.hits {
@@ -800,6 +982,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report> {
                         format!("seed {} epoch {} (frames {epoch_start}..{i}): {d}", opts.seed, report.epochs - 1);
                     fail(&mut report, false, text, log);
                 }
+                report.absorb(&tally);
             }
             new_epoch(&mut rng, &mut inst, &mut m, &mut plan)?;
             report.epochs += 1;
@@ -828,6 +1011,41 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report> {
             fail(&mut report, abort, text, log);
         }
         tally.add(&want, false);
+
+        // The rejector: the lookup of the guarded SYN's connection, and
+        // now and then one of a random source and port.
+        let mut lookups = Vec::new();
+        if let Some((src, port)) = want.decided {
+            lookups.push(("syn", src, port));
+        }
+        if rng.below(4) == 0 {
+            let (src, port) = random_lookup(&mut rng, &plan, &m);
+            lookups.push(("random", src, port));
+        }
+        for (what, src, port) in lookups {
+            let steer = m.rejector(src, port);
+            let lookup = lookup_of(&mut rng, &plan, src, port);
+            report.runs += 1;
+            report.lookups += 1;
+            *report.outcomes.entry(format!("rejector {}", steer_name(&steer))).or_default() += 1;
+            tally.add_lookup(&steer);
+            let want = steer.result();
+            let text = |got: String| {
+                format!(
+                    "seed {} frame {i} ({kind}) rejector, {what} lookup from {src} to port {port}: expected {steer:?} \
+                     (return {}, cookie {}), got {got}\n  frame {}",
+                    opts.seed,
+                    want.0,
+                    want.1,
+                    hex(&frame)
+                )
+            };
+            match testrun::sk_lookup_run(&inst.bpf, programs::SK_REJECTOR, &lookup, 1) {
+                Ok(run) if (run.retval, run.cookie) == want => {}
+                Ok(run) => fail(&mut report, false, text(format!("return {}, cookie {}", run.retval, run.cookie)), log),
+                Err(e) => fail(&mut report, true, text(format!("a refused test run: {e}")), log),
+            }
+        }
 
         // Egress: both programs read the same maps; the model's state moves
         // once per program run.
@@ -866,6 +1084,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 let text = format!("seed {} frame {i} ({kind}): {d}\n  frame {}", opts.seed, hex(&frame));
                 fail(&mut report, false, text, log);
             }
+            report.absorb(&tally);
             tally = Tally::default();
             events = 0;
             before = snapshot(&inst, ids(&m).into_iter())?;
@@ -891,6 +1110,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report> {
             let text = format!("seed {} last epoch (frames {epoch_start}..): {d}", opts.seed);
             fail(&mut report, false, text, log);
         }
+        report.absorb(&tally);
     }
     let secs = started.elapsed().as_secs_f64();
     report.seconds = (secs * 10.0).round() / 10.0;

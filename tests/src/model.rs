@@ -6,9 +6,10 @@
 //!
 //! [`parse`] reads a frame with every port guarded; [`Model`] goes on to the
 //! whole decision of each gate for given map contents (ranges, ports,
-//! policies, rate limits, verdicts, config flags) and keeps the state the
-//! programs keep, for the in-kernel tests and the differential fuzzer
-//! (`gatekeeper-fuzz`) alike.
+//! policies, rate limits, verdicts, config flags, reject settings), says
+//! what the rejector (the sk_lookup program) must do with a connection's
+//! socket lookup, and keeps the state the programs keep, for the in-kernel
+//! tests and the differential fuzzer (`gatekeeper-fuzz`) alike.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -16,6 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use gatekeeper::domain::RangeKind;
 use gatekeeper_common::{
     action, addr, config_flags, port_policy,
+    reject::{self, quiet_slot, refusal, RejectCounter},
     sourcetab::{seen_slot, HashKey},
     verdict_reason, Counter, EgressCounter, KeyWords, LimitKey, RateLimit, SourceKey, Verdict, MAX_IPV6_EXT_HEADERS,
     MAX_LIMIT_CLASSES,
@@ -23,7 +25,7 @@ use gatekeeper_common::{
 use ipnet::IpNet;
 
 use crate::rng::Rng;
-use crate::testrun::Outcome;
+use crate::testrun::{Outcome, SK_DROP, SK_PASS};
 
 /// How [`mutate`] changes a frame.
 pub struct Mutation {
@@ -342,6 +344,12 @@ pub struct Expect {
     pub hits: Vec<u32>,
     /// Events queued for the agent.
     pub events: u32,
+    /// The reject counters (`RejectCounter` slots) that move by one each.
+    pub rej: Vec<u32>,
+    /// Ingress: the source and destination port of the guarded SYN the
+    /// gate decided on. The rejector judges the lookup of its connection
+    /// again ([`Model::rejector`]).
+    pub decided: Option<(IpAddr, u16)>,
 }
 
 impl Expect {
@@ -355,18 +363,111 @@ impl Expect {
     }
 }
 
+/// What the rejector (`gatekeeper_rejector`, sk_lookup) must do with a TCP
+/// connection's socket lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Steer {
+    /// Not the rejector's connection: SK_PASS with no socket selected and
+    /// no counter, so the lookup goes on to the MTA's socket.
+    None,
+    /// Steered to the listener in `slot` (`reject::SLOT_V4` or `SLOT_V6`),
+    /// whose cookie is `cookie`: SK_PASS, counted `Steered`.
+    Listener { slot: u32, cookie: u64 },
+    /// To be steered, but its slot is empty: SK_DROP (the kernel answers
+    /// with a RST; the MTA never sees the connection), counted
+    /// `NoRejector`.
+    Missing,
+    /// To be steered, but dry-run mode is on: SK_PASS with no socket (it
+    /// goes to the MTA), counted `DryRun`.
+    DryRun,
+}
+
+impl Steer {
+    /// The program's return value and the cookie of the socket it selected
+    /// (0: none), as [`crate::testrun::sk_lookup_run`] reports them.
+    pub fn result(&self) -> (u32, u64) {
+        match *self {
+            Steer::None | Steer::DryRun => (SK_PASS, 0),
+            Steer::Listener { cookie, .. } => (SK_PASS, cookie),
+            Steer::Missing => (SK_DROP, 0),
+        }
+    }
+
+    /// The reject counter slot that moves, if any.
+    pub fn counter(&self) -> Option<u32> {
+        match self {
+            Steer::None => None,
+            Steer::Listener { .. } => Some(RejectCounter::Steered as u32),
+            Steer::Missing => Some(RejectCounter::NoRejector as u32),
+            Steer::DryRun => Some(RejectCounter::DryRun as u32),
+        }
+    }
+}
+
+/// A quiet-table slot in the model's clock situation: the source key
+/// silenced there, until long after the run (`live`) or until long before
+/// it (as good as empty).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Quiet {
+    pub key: KeyWords,
+    pub live: bool,
+}
+
+/// Reject with a reason, as the model sees it (see
+/// `gatekeeper_common::reject`): what `GK_REJECT`, `GK_REJ_QUIET` and
+/// `GK_REJECTORS` hold.
+#[derive(Clone, Debug, Default)]
+pub struct RejectSettings {
+    /// Bit `1 << code` per `reject::refusal` code whose action is reject
+    /// (bits past the codes mean nothing).
+    pub actions: u32,
+    /// The ports the rejector answers on (`RejectConfig::ports`' first
+    /// `nports`; what lies past them does not count).
+    pub ports: Vec<u16>,
+    /// The agent's lease runs until long after the run; false: it lapsed
+    /// long before it.
+    pub lease: bool,
+    /// Quiet-table slots by index (absent: empty).
+    pub quiet: HashMap<u32, Quiet>,
+    /// The cookie of the listener in each `GK_REJECTORS` slot (indexed by
+    /// `reject::SLOT_V4`, `SLOT_V6`); None: the slot is empty.
+    pub listeners: [Option<u64>; 2],
+}
+
+impl RejectSettings {
+    /// Whether refusal `code`'s action is reject (every code the model
+    /// judges is below `refusal::COUNT`).
+    fn rejects(&self, code: u32) -> bool {
+        self.actions >> code & 1 == 1
+    }
+
+    /// Whether a SYN refused for `code` to `port` goes to the rejector, the
+    /// lease and the quiet table aside.
+    fn steers(&self, code: u32, port: u16) -> bool {
+        self.rejects(code) && self.ports.contains(&port)
+    }
+
+    /// Whether the source whose own key is `key` is silenced.
+    fn is_quiet(&self, key: &KeyWords, hash: &HashKey) -> bool {
+        self.quiet.get(&quiet_slot(key, hash)).is_some_and(|q| q.live && q.key == *key)
+    }
+}
+
 /// The model of one loaded gatekeeper instance: the map contents that
-/// decide (ranges, ports, policies, limits, verdicts, config flags) and the
-/// state the programs keep (reported sources, token buckets), so that, for
-/// any frame, [`Model::ingress`] and [`Model::egress`] say what the programs
-/// must return and which counters and range hits move.
+/// decide (ranges, ports, policies, limits, verdicts, config flags, reject
+/// settings) and the state the programs keep (reported sources, token
+/// buckets), so that, for any frame, [`Model::ingress`] and
+/// [`Model::egress`] say what the programs must return and which counters
+/// and range hits move, and, for any connection, [`Model::rejector`] says
+/// what the sk_lookup program must do with its socket lookup.
 ///
 /// The clock situation is fixed: every live verdict expires long after the
 /// run and every expired one long before it; the event interval and the
 /// hold window outlast the run; a rate-limit class's interval is 0
 /// (unlimited) or outlasts the run, so a source gets exactly `burst`
-/// connections of a class; the event ring never fills (the caller drains
-/// it).
+/// connections of a class; the reject lease and every quiet slot run until
+/// long after the run or ended long before it; the event ring never fills
+/// (the caller drains it).
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     pub ranges: Vec<Range>,
@@ -387,6 +488,42 @@ pub struct Model {
     pub seen: HashMap<u32, SeenSlot>,
     /// Connections admitted per token bucket.
     pub buckets: HashMap<LimitKey, u64>,
+    /// Reject with a reason: actions, ports, lease, quiet sources,
+    /// listeners.
+    pub reject: RejectSettings,
+}
+
+/// Why the tables refuse a guarded SYN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Refusal {
+    /// The gate's decision counter (by reason or deny range), which counts
+    /// the SYN whatever its action.
+    counter: u32,
+    /// The `reject::refusal` code whose action says drop or reject.
+    code: u32,
+}
+
+/// What the tables say about a source (the programs' `judge`).
+enum Judgement {
+    /// In an allow range.
+    Allowed,
+    /// A live pass verdict (or one of an action the gate does not know).
+    Passed,
+    /// A deny range or a live drop verdict.
+    Refused(Refusal),
+    /// No live verdict: reported under `key`, its reported-sources key.
+    /// `presumed`: a learned range or a presumed-bad /64 refuses it all the
+    /// same.
+    Unknown { key: KeyWords, presumed: Option<Refusal> },
+}
+
+/// A source's own key: the reported-sources and the quiet table's key
+/// (IPv4: its address; IPv6: the address, see `KeyWords::v6_host`).
+pub fn own_key(src: &IpAddr) -> KeyWords {
+    match src {
+        IpAddr::V4(a) => KeyWords::v4(a.octets()),
+        IpAddr::V6(a) => KeyWords::v6_host(&a.octets()),
+    }
 }
 
 /// A source's range in one table, as the operator's rules decide it.
@@ -492,69 +629,154 @@ impl Model {
             return e;
         }
         let Some((src, _)) = addrs(f, &seg) else { return e.skipped(Counter::ParseSkipped as u32) };
-        self.decide(src, e)
+        self.decide(src, syn.dport, e)
     }
 
-    /// The ingress decision for a guarded SYN from `src`.
-    fn decide(&mut self, src: IpAddr, mut e: Expect) -> Expect {
-        let dry = Counter::DryRun as u32;
-        let mut presumed = false;
+    /// What the tables say about `src`, and the range whose hit moves. It
+    /// changes nothing, so that the gate ([`Model::decide`]) and the
+    /// rejector's second look ([`Model::rejector`]) read the tables one way.
+    fn judge(&self, src: IpAddr) -> (Option<u32>, Judgement) {
+        let mut hit = None;
+        let mut presumed = None;
         match self.table(RangeKind::Allow, RangeKind::Deny, &src) {
-            Some(Hit::Winner(id)) => {
-                e.hits.push(id);
-                e.counters.push(Counter::Allowed as u32);
-                return e;
-            }
+            Some(Hit::Winner(id)) => return (Some(id), Judgement::Allowed),
             Some(Hit::Loser(r)) => {
-                e.hits.push(r.id);
+                let deny = Refusal { counter: Counter::DenyRange as u32, code: refusal::DENY_RANGE };
                 if !r.learned {
-                    self.drop_or_dry(&mut e, Counter::DenyRange as u32, dry);
-                    return e;
+                    return (Some(r.id), Judgement::Refused(deny));
                 }
-                presumed = true;
+                hit = Some(r.id);
+                presumed = Some(Refusal { code: refusal::LEARNED_RANGE, ..deny });
             }
             None => {}
         }
         // IPv4: one key. IPv6: the address's own verdict while live, else
         // its /64's.
-        let (seen_key, verdict) = match src {
-            IpAddr::V4(a) => {
-                let key = KeyWords::v4(a.octets());
-                (key, self.verdicts.get(&key.key()).copied())
-            }
+        let key = own_key(&src);
+        let verdict = match src {
+            IpAddr::V4(_) => self.verdicts.get(&key.key()).copied(),
             // A source in ::/64 (IPv4-mapped, loopback, unspecified: never
             // a source on the wire) hashes as the empty key: the tables
             // assume no source does, and the datapath searches the empty
             // key's buckets, where the fuzzer puts no verdict.
-            IpAddr::V6(a) if KeyWords::v6(&a.octets()).is_empty() => (KeyWords::v6_host(&a.octets()), None),
+            IpAddr::V6(a) if KeyWords::v6(&a.octets()).is_empty() => None,
             IpAddr::V6(a) => {
-                let host = KeyWords::v6_host(&a.octets());
                 let net = KeyWords::v6(&a.octets());
-                let hv = self.verdicts.get(&host.key()).copied().filter(|v| self.live(v));
-                (host, hv.or_else(|| self.verdicts.get(&net.key()).copied()))
+                let hv = self.verdicts.get(&key.key()).copied().filter(|v| self.live(v));
+                hv.or_else(|| self.verdicts.get(&net.key()).copied())
             }
         };
-        if let Some(v) = verdict.filter(|v| self.live(v)) {
-            let counter = Counter::verdict_drop(v.reason);
-            match v.action {
-                action::DROP => self.drop_or_dry(&mut e, counter, dry),
-                action::PRESUMED_DROP => {
-                    self.note(seen_key, &mut e);
-                    self.drop_or_dry(&mut e, counter, dry);
+        let judgement = match verdict.filter(|v| self.live(v)) {
+            Some(v) => {
+                // A reason past the table (never written) is counted as
+                // hold, and refused as hold, never as a range.
+                let code = if v.reason < verdict_reason::COUNT { v.reason } else { verdict_reason::HOLD };
+                let r = Refusal { counter: Counter::verdict_drop(v.reason), code };
+                match v.action {
+                    action::DROP => Judgement::Refused(r),
+                    action::PRESUMED_DROP => Judgement::Unknown { key, presumed: Some(r) },
+                    _ => Judgement::Passed,
                 }
-                _ => e.counters.push(Counter::VerdictPass as u32),
             }
-            return e;
-        }
-        let held = self.note(seen_key, &mut e);
-        if presumed {
-            self.drop_or_dry(&mut e, Counter::DenyRange as u32, dry);
-        } else if self.flags & config_flags::HOLD != 0 && held {
-            self.drop_or_dry(&mut e, Counter::verdict_drop(verdict_reason::HOLD), dry);
-        } else {
-            e.counters.push(Counter::Unknown as u32);
+            None => Judgement::Unknown { key, presumed },
+        };
+        (hit, judgement)
+    }
+
+    /// The ingress decision for a guarded SYN from `src` to `port`: the
+    /// gate acts on the judgement and keeps the reported-sources state.
+    fn decide(&mut self, src: IpAddr, port: u16, mut e: Expect) -> Expect {
+        let (hit, judgement) = self.judge(src);
+        e.hits.extend(hit);
+        e.decided = Some((src, port));
+        match judgement {
+            Judgement::Allowed => e.counters.push(Counter::Allowed as u32),
+            Judgement::Passed => e.counters.push(Counter::VerdictPass as u32),
+            Judgement::Refused(r) => self.refuse(src, port, r, &mut e),
+            Judgement::Unknown { key, presumed } => {
+                let held = self.note(key, &mut e);
+                match presumed {
+                    Some(r) => self.refuse(src, port, r, &mut e),
+                    // Hold is no refusal: its drops never go to the
+                    // rejector.
+                    None if self.flags & config_flags::HOLD != 0 && held => {
+                        let counter = Counter::verdict_drop(verdict_reason::HOLD);
+                        self.drop_or_dry(&mut e, counter, Counter::DryRun as u32);
+                    }
+                    None => e.counters.push(Counter::Unknown as u32),
+                }
+            }
         }
         e
+    }
+
+    /// A refused SYN: counted by its refusal's counter; passed when the
+    /// rejector takes it ([`Model::to_rejector`], never in dry-run mode),
+    /// else dropped (dry-run: passed and counted).
+    fn refuse(&self, src: IpAddr, port: u16, r: Refusal, e: &mut Expect) {
+        if !self.dry() && self.to_rejector(src, port, r.code, e) {
+            e.counters.push(r.counter);
+        } else {
+            self.drop_or_dry(e, r.counter, Counter::DryRun as u32);
+        }
+    }
+
+    /// Whether the gate passes a SYN refused for `code` to the rejector:
+    /// the code's action is reject on `port`, the lease runs and `src` is
+    /// not quiet. A SYN whose action is reject is counted by what became of
+    /// it (passed by its code, or dropped for the lease or the quiet
+    /// table).
+    fn to_rejector(&self, src: IpAddr, port: u16, code: u32, e: &mut Expect) -> bool {
+        let rs = &self.reject;
+        if !rs.steers(code, port) {
+            return false;
+        }
+        let passed = RejectCounter::to_rejector(code);
+        let counter = if !rs.lease {
+            RejectCounter::Fallback as u32
+        } else if rs.is_quiet(&own_key(&src), &self.hash) {
+            RejectCounter::Quiet as u32
+        } else {
+            passed
+        };
+        e.rej.push(counter);
+        counter == passed
+    }
+
+    /// The `reject::refusal` code the tables refuse `src` for (a
+    /// presumption's too), or None when they do not refuse it (hold is no
+    /// refusal).
+    pub fn refusal(&self, src: IpAddr) -> Option<u32> {
+        match self.judge(src).1 {
+            Judgement::Refused(r) | Judgement::Unknown { presumed: Some(r), .. } => Some(r.code),
+            _ => None,
+        }
+    }
+
+    /// What the rejector must do with a TCP connection's socket lookup from
+    /// `src` to local port `port`. It judges the source again (no hits, no
+    /// reports) and steers it when its refusal's action is reject on that
+    /// port, whatever the lease and the quiet table say: those are the XDP
+    /// gate's, which drops what they keep from the rejector before any
+    /// lookup. Nor does it ask whether the port is guarded: the gate passes
+    /// a SYN to an unguarded port undecided, and the rejector steers a
+    /// refused source's connection all the same.
+    pub fn rejector(&self, src: IpAddr, port: u16) -> Steer {
+        if !self.reject.ports.contains(&port) {
+            return Steer::None;
+        }
+        let Some(code) = self.refusal(src) else { return Steer::None };
+        if !self.reject.rejects(code) {
+            return Steer::None;
+        }
+        if self.dry() {
+            return Steer::DryRun;
+        }
+        let slot = if src.is_ipv6() { reject::SLOT_V6 } else { reject::SLOT_V4 };
+        match self.reject.listeners[slot as usize] {
+            Some(cookie) => Steer::Listener { slot, cookie },
+            None => Steer::Missing,
+        }
     }
 
     /// What the egress gate programs (`gatekeeper_subscriber`,

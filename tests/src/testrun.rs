@@ -1,7 +1,8 @@
 //! BPF_PROG_TEST_RUN harness for the in-kernel tests and the benchmarks:
 //! loads the gatekeeper object unpinned with the programs a caller needs,
-//! runs frames through its XDP and TC programs, and reads the counters and
-//! range hits they leave in the per-CPU maps.
+//! runs frames through its XDP and TC programs and socket lookups through
+//! its sk_lookup programs, and reads the counters and range hits they leave
+//! in the per-CPU maps.
 
 use std::collections::BTreeMap;
 
@@ -292,4 +293,23 @@ pub fn sk_lookup_run(bpf: &Ebpf, prog: &str, lookup: &Lookup, repeat: u32) -> st
     }
     let cookie = u64::from_ne_bytes(out[..8].try_into().expect("8 bytes"));
     Ok(SkRun { retval: attr.retval, cookie, duration_ns: attr.duration })
+}
+
+/// A listening TCP socket for the rejector's sockmap (`GK_REJECTORS`) on
+/// `addr` (the tests' are on loopback, port 0), and its socket cookie, which an sk_lookup
+/// test run reports when the program selects it. An IPv6 address gets an
+/// IPv6-only socket, as the agent's IPv6 slot holds; no SO_REUSEPORT, as
+/// the kernel's test run refuses to report a reuseport socket. Keep it
+/// open: a closed socket leaves the sockmap.
+pub fn listener(addr: &str) -> std::io::Result<(std::net::TcpListener, u64)> {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(16)?;
+    let cookie = s.cookie()?;
+    Ok((std::net::TcpListener::from(s), cookie))
 }

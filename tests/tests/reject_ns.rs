@@ -209,6 +209,26 @@ fn refused_senders_hear_why_and_good_ones_reach_postfix() {
     let c = lab.gk.json(&["check", BAN4, "--json"]);
     assert_eq!(c["datapath"]["refused"]["action"], "drop", "{c:#}");
 
+    // POP3 where it is guarded: the refusal is the greeting (no server
+    // listens on 110 here; the rejector answers all the same).
+    lab.gk.ok(&["ports", "set", "25", "110"]);
+    let greeting = netlab::in_netns(&lab.client, || {
+        use std::io::Read as _;
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(ip(NOPTR4), 0).into()).unwrap();
+        s.connect_timeout(&SocketAddr::new(ip(SRV4), 110).into(), Duration::from_secs(5)).unwrap();
+        let mut stream: std::net::TcpStream = s.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text
+    });
+    assert!(
+        greeting.starts_with("-ERR [SYS/PERM]") && greeting.contains(&format!("no reverse DNS (PTR) for {NOPTR4}")),
+        "POP3 greeting: {greeting:?}"
+    );
+    lab.gk.ok(&["ports", "set", "25"]);
+
     // The rejector's closed sessions (TIME_WAIT on the MTA's address and
     // port) never keep the MTA from starting again on its port.
     let mut lab = lab;

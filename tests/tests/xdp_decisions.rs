@@ -1364,17 +1364,7 @@ impl Gk {
     /// Puts two fresh listeners (loopback, IPv4 and IPv6-only) in the
     /// rejector's slots.
     fn rejectors(&mut self) -> Rejectors {
-        let listen = |addr: &str| {
-            let addr: std::net::SocketAddr = addr.parse().unwrap();
-            let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).unwrap();
-            if addr.is_ipv6() {
-                s.set_only_v6(true).unwrap();
-            }
-            s.bind(&addr.into()).unwrap();
-            s.listen(16).unwrap();
-            let cookie = s.cookie().unwrap();
-            (std::net::TcpListener::from(s), cookie)
-        };
+        let listen = |addr: &str| testrun::listener(addr).unwrap_or_else(|e| panic!("listener on {addr}: {e}"));
         let (v4, c4) = listen("127.0.0.1:0");
         let (v6, c6) = listen("[::1]:0");
         let mut map: SockMap<_> = SockMap::try_from(self.bpf.map_mut(maps::REJECTORS).unwrap()).unwrap();

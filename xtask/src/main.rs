@@ -13,7 +13,8 @@
 //!   `gatekeeper-bench` binary; JSON results land in `target/bench/`.
 //! * `cargo xtask fuzz [--frames N] [--seed S] [--json]` — setup, then the
 //!   release `gatekeeper-fuzz` binary: random and mutated frames through
-//!   the gates against the host model; `--json` writes
+//!   the gates, and socket lookups through the rejector, against the host
+//!   model; `--json` writes
 //!   `target/bench/fuzz.json`. Fails on any mismatch or abort.
 //! * `cargo xtask lab` — setup, build, then the `gatekeeper-lab` binary: a
 //!   throwaway namespace lab running the real agent, torn down at the end.

@@ -5,8 +5,9 @@
 //! ```
 //!
 //! Loads the object unpinned and runs N random and mutated frames (default
-//! 1,000,000) through the ingress gate and both egress gate programs,
-//! against the host model (`gatekeeper_tests::model`); see
+//! 1,000,000) through the ingress gate and both egress gate programs, and
+//! socket lookups through the rejector, against the host model
+//! (`gatekeeper_tests::model`); see
 //! `gatekeeper_tests::fuzz` for what is generated and compared. Every
 //! mismatch is printed with the seed, the frame's index and the frame as
 //! hex; progress every 1,000,000 frames, a summary at the end, JSON to
@@ -57,11 +58,18 @@ fn real_main() -> Result<()> {
     let report = fuzz::run(&opts, &mut |line| println!("{line}"))?;
     println!("frames        {}", report.frames);
     println!("epochs        {}", report.epochs);
-    println!("program runs  {} (+{} TC runs the kernel refused, as predicted)", report.runs, report.tc_refused);
+    println!(
+        "program runs  {} ({} rejector lookups; +{} TC runs the kernel refused, as predicted)",
+        report.runs, report.lookups, report.tc_refused
+    );
     for (k, n) in &report.kinds {
         println!("  {k:<22} {n}");
     }
     for (k, n) in &report.outcomes {
+        println!("  {k:<22} {n}");
+    }
+    println!("reject counters");
+    for (k, n) in &report.reject_counters {
         println!("  {k:<22} {n}");
     }
     println!("mismatches    {}", report.mismatches);
