@@ -239,10 +239,12 @@ fn pin(pid: u32, cpu: usize) -> Result<()> {
 }
 
 /// The agent of the sessions bench: its bans are answered with the
-/// reason, no source is rate-limited, DNS is off.
+/// reason, no source is rate-limited, the SYN budget is out of the way
+/// (its default, 200/s for the host, would be what is measured), DNS is
+/// off.
 const REJECTOR_CONFIG: &str = "log_level = \"warn\"\n\
     [dns]\nenabled = false\n\
-    [reject]\nmax_sessions = 4096\nper_source_rate = \"1000000/s\"\n\
+    [reject]\nmax_sessions = 4096\nper_source_rate = \"1000000/s\"\nsyn_rate = \"1000000/s\"\n\
     [reject.actions]\nmanual-ban = \"reject\"\n";
 
 /// The agent's rejector (it is unloaded afterwards, leaving the gate
