@@ -11,11 +11,13 @@
 //! - [`control`]: the control socket and the dispatch of CLI requests;
 //! - [`lookups`]: the event ring → lookup queue → resolver → judge pipeline;
 //! - [`fair`]: the lookup queue's scheduler (fair per /24 and /48,
-//!   retransmitters first, bounded).
+//!   retransmitters first, bounded);
+//! - [`explain`]: the explain stage's listeners and set-up (routers).
 //!
 //! Exiting never detaches anything: the pinned datapath keeps enforcing the
 //! last state until a new agent adopts it or `gatekeeper unload` runs.
 pub mod control;
+pub mod explain;
 pub mod fair;
 pub mod lookups;
 pub mod state;
@@ -129,6 +131,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             info!(iface = %gone, %role, "detached: no longer configured");
         }
     }
+    let explain = explain::start(&cfg, &store, &mut dp);
     let events = dp.take_events();
     info!(
         pin_dir = %layout.root.display(),
@@ -147,6 +150,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let queue = Queue::new(limits.max_pending);
 
     tokio::spawn(sweeper(core.clone()));
+    if let Some(l) = explain {
+        tokio::spawn(explain::serve(l));
+    }
     if let Some(rb) = events {
         tokio::spawn(lookups::read_events(queue.clone(), rb, lookups_on));
     }

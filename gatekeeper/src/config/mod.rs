@@ -11,10 +11,12 @@ use crate::error::{Error, Result};
 use crate::lists::parse_duration;
 
 mod egress;
+mod explain;
 #[cfg(test)]
 mod tests;
 
 pub use egress::{EgressConfig, LimitClass, Rate};
+pub use explain::ExplainConfig;
 
 /// Bounds of `max_verdicts`.
 pub const MAX_VERDICTS_RANGE: std::ops::RangeInclusive<u32> = 1024..=16_777_216;
