@@ -20,6 +20,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -32,7 +33,7 @@ use gatekeeper_common::programs;
 use serde_json::Value;
 
 use crate::agentlab::{Instance, Stats};
-use crate::netlab::{self, in_netns, tcp_connect, veth_pair, ConnectOutcome, Netns, TcpListenerGuard};
+use crate::netlab::{self, in_netns, tcp_connect, veth_pair, CmdOutput, ConnectOutcome, Netns, TcpListenerGuard};
 
 // ----------------------------------------------------------------- addresses
 
@@ -87,6 +88,9 @@ pub const CONNECT_OK: Duration = Duration::from_secs(5);
 pub const CONNECT_DROP: Duration = Duration::from_secs(1);
 /// A rejected connect must end with "refused" before this (far less in practice).
 pub const CONNECT_REJECT: Duration = Duration::from_secs(5);
+
+/// The SMTP client the namespace tests drive (Debian package `swaks`).
+pub const SWAKS: &str = "/usr/bin/swaks";
 
 /// Every agent here: no DNS at all (the system resolver points outside).
 pub const BASE_CONFIG: &str = "[dns]\nenabled = false\n";
@@ -275,10 +279,25 @@ impl Topo {
 
     /// Names of the tcx programs on the uplink's egress, as the kernel has them.
     pub fn tcx_egress_progs(&self) -> Vec<String> {
+        self.tcx_progs(RTR_UP_IF, TcAttachType::Egress)
+    }
+
+    /// Names of the tcx programs on `ifname`'s `hook` in the router, in
+    /// their order, as the kernel has them.
+    pub fn tcx_progs(&self, ifname: &str, hook: TcAttachType) -> Vec<String> {
         in_netns(self.rtr(), || {
-            let (_, progs) = SchedClassifier::query_tcx(RTR_UP_IF, TcAttachType::Egress).expect("query tcx egress");
+            let (_, progs) = SchedClassifier::query_tcx(ifname, hook).expect("query tcx");
             progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect()
         })
+    }
+
+    /// `swaks` (a real SMTP client) from subscriber `src` to `dst:port`,
+    /// quitting after the greeting; its transcript whatever its exit status.
+    pub fn swaks(&self, src: &str, dst: &str, port: u16) -> CmdOutput {
+        let port = port.to_string();
+        let args =
+            ["--server", dst, "--port", &port, "--local-interface", src, "--quit-after", "CONNECT", "--timeout", "5"];
+        netlab::nsenter_output(&self.sub, Path::new(SWAKS), &args, Duration::from_secs(30)).expect("run swaks")
     }
 
     pub fn tc_egress_filters(&self) -> String {
