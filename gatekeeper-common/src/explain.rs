@@ -35,6 +35,13 @@ pub mod flags {
 pub const DEFAULT_MARK: u32 = 0x4b47_0000;
 pub const DEFAULT_MASK: u32 = 0xffff_0000;
 
+/// `SO_PRIORITY` of the agent's listeners. Above 6, which only
+/// CAP_NET_ADMIN may set: the stage hands connections only to a listener
+/// with it, so a process that binds the port of a departed agent's listener
+/// gets nothing. (Its low four bits are 0, best effort, for the qdiscs
+/// that map priorities to bands.)
+pub const LISTENER_PRIORITY: u32 = 0x4b40;
+
 /// The single entry of [`maps::EXPLAIN`](crate::maps::EXPLAIN).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

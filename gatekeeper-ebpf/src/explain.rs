@@ -25,7 +25,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use gatekeeper_common::{
-    config_flags, explain::ExplainConfig, port_policy, range_flags, range_kind, EgressCounter, Ipv4Bytes, Ipv6Bytes,
+    config_flags,
+    explain::{ExplainConfig, LISTENER_PRIORITY},
+    port_policy, range_flags, range_kind, EgressCounter, Ipv4Bytes, Ipv6Bytes,
 };
 
 use super::{
@@ -243,8 +245,8 @@ fn assign_owned(ctx: &TcContext, flow: &Flow) -> Owned {
 }
 
 /// Step 2: assigns a SYN to the agent's listener on the loopback address
-/// of its family and `port` (host order). False: no listener there, or the
-/// assignment failed.
+/// of its family and `port` (host order). False: no listener there, or not
+/// the agent's (see `LISTENER_PRIORITY`), or the assignment failed.
 #[inline(always)]
 fn assign_listener(ctx: &TcContext, flow: &Flow, port: u16) -> bool {
     let lo = if flow.v6 {
@@ -260,7 +262,10 @@ fn assign_listener(ctx: &TcContext, flow: &Flow, port: u16) -> bool {
     if sk.is_null() {
         return false;
     }
+    // SAFETY: a full socket the lookup returned; read at its own width.
+    let priority = unsafe { core::ptr::read_volatile(&(*sk).priority) };
     let ok = state(sk) == BPF_TCP_LISTEN as u32
+        && priority == LISTENER_PRIORITY
         // SAFETY: a socket reference we hold.
         && unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) } == 0;
     // SAFETY: releases the reference the lookup returned.

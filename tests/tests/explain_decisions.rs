@@ -27,7 +27,7 @@ use gatekeeper::domain::{PoolAction, RangeKind};
 use gatekeeper_common::{
     config_flags,
     counters::egress_counter_name,
-    explain::{flags, ExplainConfig, DEFAULT_MARK, DEFAULT_MASK},
+    explain::{flags, ExplainConfig, DEFAULT_MARK, DEFAULT_MASK, LISTENER_PRIORITY},
     maps, port_policy, programs, stat_index, Config, EgressCounter, STAT_STRIDE,
 };
 use gatekeeper_tests::packet::{checksum, hex, ipproto, syn_to, tcp_flags, v4, v6, Packet};
@@ -343,6 +343,7 @@ fn a_failed_assignment_is_never_forwarded() {
     let mut gk = Gk::new();
     let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     listener.set_ip_transparent_v4(true).unwrap();
+    listener.set_priority(LISTENER_PRIORITY).unwrap();
     listener.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
     listener.listen(8).unwrap();
     let port = listener.local_addr().unwrap().as_socket().unwrap().port();

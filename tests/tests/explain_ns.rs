@@ -21,7 +21,8 @@ use std::{
 
 use aya::programs::TcAttachType;
 use gatekeeper_tests::egresslab::*;
-use gatekeeper_tests::netlab::{tcp_connect_stream, CmdOutput, ConnectOutcome};
+use gatekeeper_tests::netlab::{tcp_connect_stream, CmdOutput, ConnectOutcome, TcpListenerGuard};
+use serde_json::json;
 
 const SMARTHOST_NAME: &str = "smtp.example.net";
 const EXPLAIN_CONFIG: &str = "[egress.explain]\nsmarthost = \"smtp.example.net\"\n";
@@ -104,6 +105,12 @@ fn explains(t: &Topo, uplink: bool, what: &str) {
     let listed = t.gk.ok(&["pool", "list"]);
     assert!(listed.contains("explain"), "{what}: pool list: {listed}");
     assert_routing_installed(t);
+    let st = t.gk.status();
+    let x = &st["datapath"]["explain"];
+    assert_eq!((&x["staged"], &x["interfaces"]), (&json!(true), &json!([RTR_SUB_IF])), "{what}: status {x:#}");
+    assert_eq!(x["routing"].as_array().map(Vec::len), Some(4), "{what}: status {x:#}");
+    let text = t.gk.ok(&["status"]);
+    assert!(text.contains(&format!("explain:    on, stage on {RTR_SUB_IF}")), "{what}: status: {text}");
     assert_eq!(
         t.tcx_progs(RTR_SUB_IF, TcAttachType::Ingress),
         [STAGE],
@@ -201,8 +208,15 @@ fn dead_agent_falls_back_to_rst_and_a_new_one_explains_again() {
     add_policy(&t);
     assert_explained(&t, &t.swaks(POOLED4, MTA4, SMTP), "before the kill");
 
+    let explain = t.gk.status()["datapath"]["explain"].clone();
+    assert_eq!(explain["staged"], true, "{explain:#}");
+    let port = explain["port_v4"].as_u64().and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0).expect("port");
+
     t.gk.kill_agent();
     assert_routing_installed(&t);
+    // Whoever binds the departed agent's port without its privileges gets
+    // nothing (the stage checks the listener's priority).
+    let squatter = TcpListenerGuard::spawn(t.rtr(), SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
     for f in [&V4, &V6] {
         let mta = t.listener(f.mta, SMTP);
         let accepts = mta.accepts();
@@ -218,6 +232,8 @@ fn dead_agent_falls_back_to_rst_and_a_new_one_explains_again() {
         assert!(mta.wait_for_accepts(accepts + 1, CONNECT_OK), "agent dead: MTA accepts");
         assert_eq!(mta.accepts(), accepts + 1, "agent dead: a pooled SYN reached the MTA");
     }
+    assert_eq!(squatter.accepts(), 0, "the squatter on the agent's port got a connection");
+    drop(squatter);
 
     t.gk.start(&args);
     assert_routing_installed(&t);

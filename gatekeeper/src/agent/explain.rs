@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gatekeeper_common::explain::{flags, ExplainConfig as Settings};
+use gatekeeper_common::explain::{flags, ExplainConfig as Settings, LISTENER_PRIORITY};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt, BufReader},
@@ -176,6 +176,8 @@ fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         s.set_ip_transparent_v4(true)?;
         s.set_freebind_v4(true)?;
     }
+    // How the stage knows the listener as the agent's.
+    s.set_priority(LISTENER_PRIORITY)?;
     s.bind(&addr.into())?;
     s.listen(BACKLOG)?;
     s.set_nonblocking(true)?;
