@@ -31,8 +31,8 @@ use gatekeeper_common::{
 };
 
 use super::{
-    config, count_egress, hidden, load, load_wide, lookup, parse_segment, parse_tcp, reject_tc, Skip, GK_EG_PORTS,
-    GK_SMH_RANGES, GK_SUB_RANGES, TCP_ACK, TCP_RST, TCP_SYN,
+    config, count_egress, hidden, load, load_wide, lookup, parse_segment, parse_tcp, reject_tc, Packet, Skip, ETH_P_IP,
+    ETH_P_IPV6, GK_EG_PORTS, GK_SMH_RANGES, GK_SUB_RANGES, TCP_ACK, TCP_RST, TCP_SYN,
 };
 
 #[map(name = "GK_EXPLAIN")]
@@ -45,6 +45,19 @@ pub(crate) fn staged() -> bool {
     match GK_EXPLAIN.get(0) {
         Some(c) => c.staged(),
         None => false,
+    }
+}
+
+/// Whether a segment whose IP header is at `l3` can be explained: IP right
+/// after the Ethernet header or VLAN tags. Not inside a PPPoE session: the
+/// kernel hands such a frame to the PPPoE socket, which drops the socket
+/// assignment, so the gates treat explain as reject there (and a PPPoE SYN,
+/// which cannot be answered with a RST, is dropped).
+#[inline(always)]
+pub(crate) fn explainable<P: Packet>(ctx: &P, l3: usize, v6: bool) -> bool {
+    match load::<u16, P>(ctx, l3.wrapping_sub(2)) {
+        Ok(et) => u16::from_be(et) == if v6 { ETH_P_IPV6 } else { ETH_P_IP },
+        Err(_) => false,
     }
 }
 
@@ -74,8 +87,9 @@ struct Flow {
 #[inline(always)]
 fn stage(ctx: &TcContext, ifindex: u32) -> Result<i32, Skip> {
     let Some(seg) = parse_segment::<_, true>(ctx)? else { return Ok(TC_ACT_UNSPEC) };
-    if seg.hidden != hidden::NONE {
-        // The XDP gate drops what hides its flags or ports from a pool.
+    if seg.hidden != hidden::NONE || !explainable(ctx, seg.l3, seg.v6) {
+        // The XDP gate drops what hides its flags or ports from a pool, and
+        // rejects (or drops) what cannot be explained.
         return Ok(TC_ACT_UNSPEC);
     }
     // Ports (0..4) and flags (byte 13): whole-word loads, as parse_tcp.

@@ -969,7 +969,11 @@ fn egress<P: Packet, const EXPLAIN: bool>(ctx: &P, ifindex: u32) -> Result<Egres
                 }
                 None => {
                     hit(range.range_id);
-                    if EXPLAIN && range.flags & range_flags::EXPLAIN != 0 && explain::staged() {
+                    if EXPLAIN
+                        && range.flags & range_flags::EXPLAIN != 0
+                        && explain::explainable(ctx, syn.l3, syn.v6)
+                        && explain::staged()
+                    {
                         // The stage decides and counts (dry-run too).
                         return Ok(Egress::Pass);
                     }

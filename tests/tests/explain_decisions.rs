@@ -256,6 +256,23 @@ fn gates_reject_explain_pools_until_the_stage_is_attached() {
             gk.moved(&[], "unguarded port");
         }
     }
+    // Inside a PPPoE session an explain pool's SYN cannot be explained (the
+    // PPPoE socket drops the assignment) nor answered: dropped, staged or
+    // not, and the stage leaves it alone.
+    gk.stage(true, 0, 0);
+    let pppoe = syn_to(POOLED4, MX4, SMTP).pppoe(7).build();
+    assert_eq!(gk.gate(Hook::Xdp, &pppoe).0, Outcome::Drop, "PPPoE, staged");
+    gk.moved(&[EgressCounter::PoolBlocked], "PPPoE");
+    assert_eq!(gk.stage_run(&pppoe).0, TC_UNSPEC, "the stage leaves PPPoE alone");
+    gk.moved(&[], "PPPoE stage");
+    // A VLAN-tagged one is explained like an untagged one.
+    let tagged = syn_to(POOLED4, MX4, SMTP).vlan(0x8100, 100).build();
+    assert_eq!(gk.gate(Hook::Xdp, &tagged).0, Outcome::Pass, "VLAN, staged");
+    gk.moved(&[], "VLAN");
+    let (ret, out, _) = gk.stage_run(&tagged);
+    assert_eq!(ret, TC_REDIRECT, "VLAN: the stage's fallback (no listener)");
+    assert_eq!(&out[12..16], &tagged[12..16], "VLAN tag kept in the RST");
+    gk.moved(&[EgressCounter::ExplainFallback], "VLAN stage");
     // Staging changes nothing for the other pools.
     let reject = syn_to("203.0.113.5", MX4, SMTP).build();
     let drop = syn_to("203.0.113.200", MX4, SMTP).build();

@@ -40,10 +40,12 @@ fn stage_name_is_the_programs() {
 }
 
 /// Explain pools, smarthosts and exempt entries as an ISP sets them up.
-fn add_policy(t: &Topo) {
-    t.gk.ok(&["pool", "add", POOL4, POOL6, "--action", "explain", "--comment", "dynamic DSL"]);
+/// Returns what `pool add` said.
+fn add_policy(t: &Topo) -> CmdOutput {
+    let added = t.gk.ok_output(&["pool", "add", POOL4, POOL6, "--action", "explain", "--comment", "dynamic DSL"]);
     t.gk.ok(&["smarthost", "add", V4.smh_net, V6.smh_net]);
     t.gk.ok(&["exempt", "add", V4.exempt_net, V6.exempt_net]);
+    added
 }
 
 /// swaks from `src` to `dst:25` saw the explanation as the greeting (and
@@ -99,7 +101,8 @@ fn greeting(t: &Topo, src: &str, dst: &str) -> (SocketAddr, String) {
 /// `uplink`, the uplink's gate is attached too and must never see a
 /// blocked SYN.
 fn explains(t: &Topo, uplink: bool, what: &str) {
-    add_policy(t);
+    let added = add_policy(t);
+    assert!(!added.stderr.contains("note"), "{what}: the stage is on: {added}");
     let rows = t.gk.json(&["pool", "list", "--json"]);
     assert!(rows.as_array().unwrap().iter().all(|r| r["action"] == "explain"), "{what}: {rows:#}");
     let listed = t.gk.ok(&["pool", "list"]);
@@ -186,6 +189,8 @@ fn explain_with_the_uplink_gate_and_without_the_subscriber_side() {
     assert!(log.contains("explain pools are answered with a RST, as reject"), "no warning:\n{log}");
     assert_routing_gone(&t);
     assert!(t.tcx_progs(RTR_SUB_IF, TcAttachType::Ingress).is_empty(), "stage left on {RTR_SUB_IF}");
+    let added = t.gk.ok_output(&["pool", "add", "198.51.100.192/26", "--action", "explain"]);
+    assert!(added.stderr.contains("answered with a RST"), "no note at pool add: {added}");
     for f in [&V4, &V6] {
         let accepts = t.listener(f.mta, SMTP).accepts();
         let u0 = t.stats(RTR_UP_IF);
