@@ -58,9 +58,11 @@ pub fn counter_name(slot: u32) -> &'static str {
 /// [`maps::EG_STATS`](crate::maps::EG_STATS) with the same layout as the
 /// ingress counters. A SYN to a guarded port from a subscriber source bumps
 /// one guard counter (pool-blocked, pool-rejected, smarthost-allowed or
-/// exempt); one the guard let through may then also bump
-/// [`EgressCounter::RateLimited`] when its class's limit drops it; and
-/// [`EgressCounter::DryRun`] counts every drop dry-run suppressed. A frame
+/// exempt; for an explain pool on a subscriber-facing interface, the TC
+/// explain stage bumps pool-explained or explain-fallback instead); one the
+/// guard let through may then also bump [`EgressCounter::RateLimited`]
+/// when its class's limit drops it; and [`EgressCounter::DryRun`] counts
+/// every drop dry-run suppressed. A frame
 /// from a pool source that hides whether it is such a SYN (a TCP first
 /// fragment, an IPv6 header chain too long to walk) bumps
 /// [`EgressCounter::PoolFragment`] or [`EgressCounter::PoolExtChain`]
@@ -92,10 +94,17 @@ pub enum EgressCounter {
     /// (`MAX_IPV6_EXT_HEADERS`), not to a smarthost: dropped, as it cannot
     /// be judged.
     PoolExtChain = 8,
+    /// Pool source whose action is explain, to a guarded port, not a
+    /// smarthost: the SYN went to the agent's explain listener (counted by
+    /// the TC explain stage).
+    PoolExplained = 9,
+    /// As above, but no listener took it (the agent is down): answered
+    /// with a RST, or dropped when it could not be answered.
+    ExplainFallback = 10,
 }
 
 /// Number of egress counter slots.
-pub const EGRESS_COUNTER_SLOTS: u32 = EgressCounter::PoolExtChain as u32 + 1;
+pub const EGRESS_COUNTER_SLOTS: u32 = EgressCounter::ExplainFallback as u32 + 1;
 
 /// Stable, operator-facing name of an egress counter slot.
 pub fn egress_counter_name(slot: u32) -> &'static str {
@@ -109,6 +118,8 @@ pub fn egress_counter_name(slot: u32) -> &'static str {
         6 => "parse-skipped",
         7 => "pool-fragment",
         8 => "pool-ext-chain",
+        9 => "pool-explained",
+        10 => "explain-fallback",
         _ => "invalid",
     }
 }

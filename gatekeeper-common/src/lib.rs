@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod counters;
+pub mod explain;
 pub mod reject;
 pub mod sourcetab;
 pub mod trie;
@@ -63,8 +64,12 @@ pub mod maps {
     /// to the rejector.
     pub const REJ_BUDGET: &str = "GK_REJ_BUDGET";
 
+    /// Explain: the single [`ExplainConfig`](crate::explain::ExplainConfig)
+    /// (mark, listener ports, whether the TC stage is attached).
+    pub const EXPLAIN: &str = "GK_EXPLAIN";
+
     /// Every map, for pinning and unloading.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         RANGES,
         RANGE_INDEX,
         VERDICTS,
@@ -85,6 +90,7 @@ pub mod maps {
         REJ_QUIET,
         REJ_STATS,
         REJ_BUDGET,
+        EXPLAIN,
     ];
 }
 
@@ -108,6 +114,9 @@ pub mod programs {
     /// An sk_lookup program that only passes: the rejector's benchmark
     /// baseline.
     pub const SK_BASELINE: &str = "gatekeeper_sk_baseline";
+    /// The explain stage: TC on subscriber-facing interfaces' ingress,
+    /// hands explain pools' blocked connections to the agent's listener.
+    pub const TC_EXPLAIN: &str = "gatekeeper_explain";
 }
 
 /// Capacity of each range table, per family (allow and deny entries
@@ -234,6 +243,11 @@ pub mod range_flags {
     /// Deny range the agent learned: a presumption, over which a live
     /// per-source verdict decides (the trie leaf keeps flags, not origins).
     pub const LEARNED: u8 = 2;
+    /// Pool: answer a blocked SYN locally with an explanation (the agent's
+    /// listener, through the TC explain stage; see
+    /// [`explain`](crate::explain)). Always set together with [`REJECT`],
+    /// which is what a gate that cannot explain does.
+    pub const EXPLAIN: u8 = 4;
 }
 
 /// Where a range came from ([`RangeValue::origin`]).
@@ -474,6 +488,7 @@ mod pod {
     unsafe impl aya::Pod for SeenSlot {}
     unsafe impl aya::Pod for crate::reject::RejectConfig {}
     unsafe impl aya::Pod for crate::reject::QuietSlot {}
+    unsafe impl aya::Pod for crate::explain::ExplainConfig {}
 }
 
 #[cfg(test)]

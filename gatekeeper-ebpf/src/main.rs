@@ -12,6 +12,8 @@
 #![no_std]
 #![no_main]
 
+mod explain;
+
 use core::mem::size_of;
 
 use aya_ebpf::{
@@ -241,7 +243,7 @@ pub fn gatekeeper_clock(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn gatekeeper_subscriber(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
-    match egress(&ctx, ifindex) {
+    match egress::<_, true>(&ctx, ifindex) {
         Ok(Egress::Pass) => xdp_action::XDP_PASS,
         Ok(Egress::Drop) => xdp_action::XDP_DROP,
         Ok(Egress::Reject(syn)) => {
@@ -267,7 +269,7 @@ pub fn gatekeeper_subscriber(ctx: XdpContext) -> u32 {
 pub fn gatekeeper_egress(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is the kernel's __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match egress(&ctx, ifindex) {
+    match egress::<_, false>(&ctx, ifindex) {
         // UNSPEC: let later tcx / clsact programs run; the default passes.
         Ok(Egress::Pass) => TC_ACT_UNSPEC,
         Ok(Egress::Drop) => TC_ACT_SHOT as i32,
@@ -932,9 +934,12 @@ enum Egress {
 /// guarded port, blocked unless the destination is a smarthost or the
 /// source is exempt (exempt entries win over pools in the one source
 /// table); then the rate limit of the port's class, for every subscriber
-/// source (pool or exempt).
+/// source (pool or exempt). `EXPLAIN`: the gate runs before the TC explain
+/// stage (XDP on a subscriber-facing interface), so an explain pool's
+/// blocked SYN passes to the stage while it is attached; elsewhere an
+/// explain pool is a reject pool (it carries both flags).
 #[inline(always)]
-fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
+fn egress<P: Packet, const EXPLAIN: bool>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
     let Some(seg) = parse_segment::<P, true>(ctx)? else { return Ok(Egress::Pass) };
     if seg.hidden != hidden::NONE {
         if let Some(e) = guard_hidden(ctx, ifindex, &seg)? {
@@ -977,6 +982,14 @@ fn egress<P: Packet>(ctx: &P, ifindex: u32) -> Result<Egress, Skip> {
                 }
                 None => {
                     hit(range.range_id);
+                    if EXPLAIN
+                        && range.flags & range_flags::EXPLAIN != 0
+                        && explain::explainable(ctx, syn.l3, syn.v6)
+                        && explain::staged()
+                    {
+                        // The stage decides and counts (dry-run too).
+                        return Ok(Egress::Pass);
+                    }
                     let reject = range.flags & range_flags::REJECT != 0;
                     if config().flags & config_flags::DRY_RUN != 0 {
                         let c = if reject { EgressCounter::PoolRejected } else { EgressCounter::PoolBlocked };

@@ -229,6 +229,11 @@ named_enum! {
         Drop = "drop",
         /// Answer with a TCP RST: the client fails at once.
         Reject = "reject",
+        /// Answer locally with one SMTP line saying why and where to send
+        /// instead (the agent's explain listener, through the TC explain
+        /// stage on subscriber-facing interfaces); where that cannot be
+        /// done (an uplink gate, a dead agent), as `reject`.
+        Explain = "explain",
     }
 }
 
@@ -527,7 +532,10 @@ mod tests {
             e,
             "unknown reason \"x\" (expected manual-ban, no-ptr, fcrdns-fail, dynamic, generic, ok or tempfail)"
         );
-        assert!(serde_json::from_str::<PoolAction>("\"rst\"").unwrap_err().to_string().contains("drop or reject"));
+        assert!(serde_json::from_str::<PoolAction>("\"rst\"")
+            .unwrap_err()
+            .to_string()
+            .contains("drop, reject or explain"));
     }
 
     #[test]

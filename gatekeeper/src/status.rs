@@ -251,6 +251,34 @@ pub struct PinnedStatus {
     pub entries: Entries,
     pub range_nodes: BTreeMap<RangeTable, NodeUse>,
     pub verdict_capacity: usize,
+    /// The explain stage (`None`: pins without its map).
+    #[serde(default)]
+    pub explain: Option<ExplainStatus>,
+}
+
+/// The explain stage as pinned: whether the XDP gate hands it explain
+/// pools' SYNs, where it is attached, the agent's listener ports (0: none)
+/// and the routing recorded as gatekeeper's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExplainStatus {
+    pub staged: bool,
+    pub interfaces: Vec<String>,
+    pub port_v4: u16,
+    pub port_v6: u16,
+    pub routing: Vec<String>,
+}
+
+impl ExplainStatus {
+    fn read(layout: &PinLayout) -> Result<Option<ExplainStatus>> {
+        let Some(c) = crate::datapath::explain::config(layout)? else { return Ok(None) };
+        Ok(Some(ExplainStatus {
+            staged: c.staged(),
+            interfaces: layout.explain_links()?.into_iter().map(|(i, _)| i).collect(),
+            port_v4: c.port_v4,
+            port_v6: c.port_v6,
+            routing: layout.explain_routes()?.into_iter().map(|(r, _)| r.command("add")).collect(),
+        }))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -312,6 +340,7 @@ impl DatapathStatus {
                 })
                 .collect(),
             verdict_capacity: maps.verdicts.buckets() as usize * VERDICT_WAYS / 2,
+            explain: ExplainStatus::read(layout)?,
         })))
     }
 }

@@ -6,16 +6,17 @@
 //!
 //! The run is split into epochs. Each epoch fills the maps afresh from the
 //! seed: ranges of every kind (deny, learned deny, allow, pool that drops,
-//! pool that rejects, exempt, smarthost; TEST-NET prefixes, now and then a
-//! whole family), guarded ingress ports, egress port policies and rate-limit
-//! classes, verdicts of every action under IPv4, IPv6 /64 and IPv6 address
-//! keys (live or expired, some evicting others from a small verdict table),
-//! the config flags (dry-run, hold), and the reject settings: which refusal
-//! codes reject (range kinds too), up to eight rejector ports (mostly
-//! guarded ones, with junk past the ones that count), the agent's lease
-//! (running or lapsed), quiet sources among the epoch's sources (quiet or
-//! quiet long ago), and real loopback listeners in none, one or both of the
-//! rejector's sockmap slots. Then it runs frames:
+//! pool that rejects or explains, exempt, smarthost; TEST-NET prefixes, now
+//! and then a whole family), guarded ingress ports, egress port policies
+//! and rate-limit classes, verdicts of every action under IPv4, IPv6 /64
+//! and IPv6 address keys (live or expired, some evicting others from a
+//! small verdict table), the config flags (dry-run, hold), and the reject
+//! settings: which refusal codes reject (range kinds too), up to eight
+//! rejector ports (mostly guarded ones, with junk past the ones that
+//! count), the agent's lease (running or lapsed), quiet sources among the
+//! epoch's sources (quiet or quiet long ago), and real loopback listeners
+//! in none, one or both of the rejector's sockmap slots. Then it runs
+//! frames:
 //!
 //! - SYNs (and other segments, UDP) built with [`crate::packet`] across
 //!   every layer: VLAN and QinQ tags (up to three), PPPoE sessions (both
@@ -360,7 +361,13 @@ fn new_epoch(rng: &mut Rng, inst: &mut Instance, m: &mut Model, plan: &mut Plan)
         let id = 1 + i as u32;
         let learned = kind == RangeKind::Deny && rng.below(3) == 0;
         let reject = kind == RangeKind::Pool && rng.below(2) == 0;
-        let action = (kind == RangeKind::Pool).then_some(if reject { PoolAction::Reject } else { PoolAction::Drop });
+        // Explain pools (every other rejecting one, no extra draw): with the
+        // explain stage not attached, both gates reject them.
+        let action = (kind == RangeKind::Pool).then_some(match (reject, id % 2) {
+            (false, _) => PoolAction::Drop,
+            (true, 0) => PoolAction::Explain,
+            (true, _) => PoolAction::Reject,
+        });
         let r = record(id, kind, net, action);
         records.push(if learned { RangeRecord { origin: Origin::Learned, ..r } } else { r });
         ranges.push(Range { kind, net, id, learned, reject });

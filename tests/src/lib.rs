@@ -7,6 +7,7 @@
 
 pub mod agentlab;
 pub mod dnslab;
+pub mod egresslab;
 pub mod fuzz;
 pub mod model;
 pub mod mta;

@@ -316,7 +316,8 @@ pub struct Range {
     pub id: u32,
     /// A deny range the agent learned (a presumption).
     pub learned: bool,
-    /// A pool whose SYNs are answered with a RST.
+    /// A pool whose SYNs are answered with a RST (`reject`, and `explain`
+    /// while the explain stage is not attached).
     pub reject: bool,
 }
 

@@ -463,7 +463,7 @@ fn egress_entries_bad_input() {
     assert_eq!(gk.nets("exempt"), strs(&["198.51.100.77/32"]));
 
     gk.refused(&["pool", "add", "198.51.100.0/33"], &["198.51.100.0/33"]);
-    gk.refused(&["pool", "add", "203.0.113.0/24", "--action", "maybe"], &["maybe", "drop or reject"]);
+    gk.refused(&["pool", "add", "203.0.113.0/24", "--action", "maybe"], &["maybe", "drop, reject or explain"]);
     gk.refused(&["pool", "add", "198.51.100.0/24"], &["pool 198.51.100.0/24 already exists"]);
     gk.refused(&["pool", "add", "203.0.113.0/24", "198.51.100.0/24"], &["already exists"]);
     gk.refused(&["pool", "del", "203.0.113.0/24"], &["pool 203.0.113.0/24 not found"]);

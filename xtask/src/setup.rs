@@ -43,6 +43,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "hping3",
     "tcpdump",
+    "swaks",
     "python3-scapy",
     "xdp-tools",
     "nsd",

@@ -13,11 +13,13 @@
 //! - [`fair`]: the lookup queue's scheduler (fair per /24 and /48,
 //!   retransmitters first, bounded);
 //! - [`reject`]: the mail host's rejector wired to the datapath (its
-//!   listeners, its lease, its quiet table).
+//!   listeners, its lease, its quiet table);
+//! - [`explain`]: the explain stage's listeners and set-up (routers).
 //!
 //! Exiting never detaches anything: the pinned datapath keeps enforcing the
 //! last state until a new agent adopts it or `gatekeeper unload` runs.
 pub mod control;
+pub mod explain;
 pub mod fair;
 pub mod lookups;
 pub mod reject;
@@ -135,6 +137,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let ingress = attached.iter().any(|a| a.role == Role::Ingress);
     let rejector = reject::prepare(&mut dp, &cfg.reject, ingress)?;
     let reject_settings = cfg.reject.clone();
+    let explain = explain::start(&cfg, &store, &mut dp);
     let events = dp.take_events();
     info!(
         pin_dir = %layout.root.display(),
@@ -158,6 +161,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         None => None,
     };
     tokio::spawn(sweeper(core.clone()));
+    if let Some(l) = explain {
+        tokio::spawn(explain::serve(l));
+    }
     if let Some(rb) = events {
         tokio::spawn(lookups::read_events(queue.clone(), rb, lookups_on));
     }

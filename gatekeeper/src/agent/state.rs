@@ -165,7 +165,8 @@ impl State {
     pub fn add_ranges(&mut self, c: RangeChange) -> Result<RangeAdded> {
         if c.action.is_some() && c.kind != RangeKind::Pool {
             return Err(Error::InvalidInput(format!(
-                "an action (drop or reject) applies to pools, not to {} entries",
+                "an action ({}) applies to pools, not to {} entries",
+                PoolAction::expected(),
                 c.kind.what()
             )));
         }

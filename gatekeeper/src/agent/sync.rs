@@ -250,7 +250,12 @@ pub fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
 }
 
 pub fn range_value(r: &RangeRecord) -> RangeValue {
-    let mut flags = if r.action == Some(PoolAction::Reject) { range_flags::REJECT } else { 0 };
+    let mut flags = match r.action {
+        Some(PoolAction::Reject) => range_flags::REJECT,
+        // Explain falls back to reject wherever it cannot explain.
+        Some(PoolAction::Explain) => range_flags::REJECT | range_flags::EXPLAIN,
+        _ => 0,
+    };
     if r.kind == RangeKind::Deny && r.origin == Origin::Learned {
         flags |= range_flags::LEARNED;
     }

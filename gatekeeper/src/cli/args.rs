@@ -196,11 +196,14 @@ pub enum AllowCmd {
 
 #[derive(Subcommand)]
 pub enum PoolCmd {
-    /// Add subscriber pools (CIDRs); `--action reject` answers blocked SYNs with a TCP RST.
+    /// Add subscriber pools (CIDRs); `--action reject` answers blocked SYNs with a TCP RST,
+    /// `--action explain` with an SMTP line saying why (see `[egress.explain]`).
     Add {
         #[command(flatten)]
         add: AddArgs,
-        /// drop (the client times out) or reject (the client fails at once with a RST).
+        /// drop (the client times out), reject (the client fails at once with a RST) or explain
+        /// (the agent answers `554 5.7.1 port 25 is blocked ...` on subscriber-facing interfaces;
+        /// a RST where it cannot).
         #[arg(long, value_name = "ACTION", default_value = "drop")]
         action: PoolAction,
     },

@@ -44,7 +44,23 @@ pub fn add(t: &Target, kind: RangeKind, a: &AddArgs, action: Option<PoolAction>)
     for n in &nets {
         println!("added {what} {n}");
     }
+    if action == Some(PoolAction::Explain) {
+        explain_note(t);
+    }
     Ok(())
+}
+
+/// After `pool add --action explain`: says so when the explain stage is not
+/// on (the pinned settings tell), as the pools then get a RST.
+fn explain_note(t: &Target) {
+    let layout = gatekeeper::datapath::PinLayout::new(&t.pin_dir);
+    if let Ok(Some(c)) = gatekeeper::datapath::explain::config(&layout) {
+        if !c.staged() {
+            eprintln!(
+                "note: the explain stage is not on (it needs an agent with --subscriber-iface and [egress.explain] enabled, and tcx): these pools are answered with a RST (as reject) until it is"
+            );
+        }
+    }
 }
 
 pub fn del(t: &Target, kind: RangeKind, a: &DelArgs) -> Result<()> {

@@ -112,6 +112,18 @@ fn print_status(st: &Status) {
         };
         println!("limit:      {name}: ports {} at {rate}, burst {burst}", join(&l.ports));
     }
+    if let Some(x) = dp.explain.as_ref().filter(|x| x.staged || !x.interfaces.is_empty()) {
+        let listeners = match (x.port_v4, x.port_v6) {
+            (0, 0) => "no listener (the stage answers with a RST)".to_string(),
+            (p4, 0) => format!("listener 127.0.0.1:{p4} (none for IPv6)"),
+            (p4, p6) => format!("listeners 127.0.0.1:{p4}, [::1]:{p6}"),
+        };
+        let on = if x.staged { "on" } else { "NOT staged (explain pools get a RST)" };
+        println!("explain:    {on}, stage on {}; {listeners}", x.interfaces.join(", "));
+        for r in &x.routing {
+            println!("explain:    routing `{r}`");
+        }
+    }
     println!("dry-run:    {}", if dp.dry_run { "YES (nothing is dropped)" } else { "no" });
     let e = &dp.entries;
     let cap = gatekeeper_common::MAX_RANGES;

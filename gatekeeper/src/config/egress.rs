@@ -1,5 +1,6 @@
 //! The `[egress]` section: the ports blocked from pools and the
-//! connection-rate classes (`[[egress.limit]]`) with their defaults.
+//! connection-rate classes (`[[egress.limit]]`) with their defaults
+//! (`[egress.explain]` is in `explain`).
 use std::fmt;
 use std::str::FromStr;
 
@@ -21,6 +22,9 @@ pub struct EgressConfig {
     /// turns limits off.
     #[serde(deserialize_with = "de_limits")]
     pub limit: Vec<LimitClass>,
+    /// `[egress.explain]`: how explain pools' blocked subscribers are
+    /// answered.
+    pub explain: super::ExplainConfig,
 }
 
 /// One rate-limit class: every subscriber source gets its own token bucket
@@ -106,6 +110,7 @@ impl Default for EgressConfig {
                     burst: 60,
                 },
             ],
+            explain: super::ExplainConfig::default(),
         }
     }
 }

@@ -11,11 +11,13 @@ use crate::error::{Error, Result};
 use crate::lists::parse_duration;
 
 mod egress;
+mod explain;
 mod reject;
 #[cfg(test)]
 mod tests;
 
 pub use egress::{EgressConfig, LimitClass, Rate};
+pub use explain::ExplainConfig;
 pub use reject::{default_action, default_template, system_hostname, Part, RejectSettings, Template};
 
 /// Bounds of `max_verdicts`.

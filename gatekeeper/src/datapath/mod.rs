@@ -4,7 +4,9 @@
 //! in atomically).
 //!
 //! Submodules: [`pins`] (the pin directory), [`load`] (the eBPF object),
-//! [`maps`] (typed map handles).
+//! [`maps`] (typed map handles), [`rejector`] (sk_lookup), [`explain`] (the
+//! TC explain stage and its routing).
+pub mod explain;
 pub mod load;
 pub mod maps;
 pub mod pins;
@@ -85,6 +87,7 @@ impl Datapath {
         prog.load().map_err(|e| Error::bpf(format!("load TC program {} (verifier)", programs::TC_EGRESS), e))?;
         pin_program(layout, Role::Uplink, |p| prog.pin(p))?;
         rejector::load_program(&mut ebpf)?;
+        explain::load_program(&mut ebpf)?;
         let clock = calibrate_clock(&mut ebpf)?;
         let mut maps = Maps::take(&mut ebpf)?;
         if maps.ensure_hash_key()? {

@@ -231,7 +231,9 @@ impl PinLayout {
     }
 
     pub fn unload(&self) -> Result<Vec<String>> {
-        let mut removed = Vec::new();
+        // The explain stage first: its settings say the XDP gate hands it
+        // SYNs, so they are cleared before anything is detached.
+        let mut removed = super::explain::unload(self)?;
         for link in self.links()? {
             let gone = link.mode != AttachMode::Clsact || ifindex(&link.ifname).is_some();
             remove_link(&link)?;

@@ -21,9 +21,10 @@ mod ranges;
 pub use ranges::{NewRange, RangeRecord};
 
 /// `PRAGMA user_version` of the schema below.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
-/// The ranges table (schema 2: egress kinds and the pool action).
+/// The ranges table (schema 2: egress kinds and the pool action; schema 4:
+/// the explain pool action).
 const RANGES_TABLE: &str = "
 CREATE TABLE ranges (
     id         INTEGER PRIMARY KEY,      -- index into the GK_RANGE_HITS map
@@ -34,7 +35,7 @@ CREATE TABLE ranges (
     comment    TEXT,
     created_at INTEGER NOT NULL,         -- unix seconds
     expires_at INTEGER,                  -- unix seconds, NULL = never
-    action     TEXT    CHECK (action IN ('drop', 'reject')),  -- pools only
+    action     TEXT    CHECK (action IN ('drop', 'reject', 'explain')),  -- pools only
     UNIQUE (kind, net)
 );
 CREATE INDEX ranges_by_source ON ranges (kind, source);
@@ -73,6 +74,14 @@ const MIGRATE_2_TO_3: &str = "
 ALTER TABLE verdicts ADD COLUMN net64 TEXT;
 CREATE INDEX verdicts_by_net64 ON verdicts (net64) WHERE net64 IS NOT NULL;
 DELETE FROM verdicts WHERE key LIKE '%/64' AND action = 1 AND reason <> 0;
+";
+
+/// Schema 3 -> 4: the pool action's CHECK widened for `explain`; rebuilt
+/// as for 1 -> 2, then filled from `ranges_v3` (see `Store::init`).
+const MIGRATE_3_TO_4: &str = "
+ALTER TABLE ranges RENAME TO ranges_v3;
+DROP INDEX IF EXISTS ranges_by_source;
+DROP INDEX IF EXISTS ranges_by_expiry;
 ";
 
 const RANGE_COLS: &str = "id, kind, net, origin, source, comment, created_at, expires_at, action";
@@ -215,7 +224,7 @@ impl Store {
                 tx.execute_batch(SCHEMA).map_err(&e)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
             }
-            1 | 2 => {
+            1..=3 => {
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2).map_err(&e)?;
                     tx.execute_batch(RANGES_TABLE).map_err(&e)?;
@@ -226,7 +235,18 @@ impl Store {
                     )
                     .map_err(&e)?;
                 }
-                tx.execute_batch(MIGRATE_2_TO_3).map_err(&e)?;
+                if version <= 2 {
+                    tx.execute_batch(MIGRATE_2_TO_3).map_err(&e)?;
+                }
+                if version >= 2 {
+                    // A version 1 table was just made with the wide CHECK.
+                    tx.execute_batch(MIGRATE_3_TO_4).map_err(&e)?;
+                    tx.execute_batch(RANGES_TABLE).map_err(&e)?;
+                    tx.execute_batch(&format!(
+                        "INSERT INTO ranges ({RANGE_COLS}) SELECT {RANGE_COLS} FROM ranges_v3; DROP TABLE ranges_v3;"
+                    ))
+                    .map_err(&e)?;
+                }
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
             }
             SCHEMA_VERSION => {}

@@ -391,6 +391,53 @@ fn migration_forgets_v6_lookup_drops_of_whole_64s() {
     assert_eq!(keys, ["192.0.2.1", "2001:db8:1:3::/64", "2001:db8:1:4::/64"]);
 }
 
+/// Schema 3 -> 4: the ranges table is rebuilt with the explain pool action;
+/// every range keeps its id and fields, and explain pools can be added.
+#[test]
+fn migration_3_to_4_keeps_ranges_and_takes_explain_pools() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gk.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE ranges (id INTEGER PRIMARY KEY,
+               kind TEXT NOT NULL CHECK (kind IN ('deny', 'allow', 'pool', 'exempt', 'smarthost')),
+               net TEXT NOT NULL, origin TEXT NOT NULL CHECK (origin IN ('manual', 'imported', 'learned')),
+               source TEXT NOT NULL, comment TEXT, created_at INTEGER NOT NULL, expires_at INTEGER,
+               action TEXT CHECK (action IN ('drop', 'reject')), UNIQUE (kind, net));
+             CREATE INDEX ranges_by_source ON ranges (kind, source);
+             CREATE INDEX ranges_by_expiry ON ranges (expires_at) WHERE expires_at IS NOT NULL;
+             CREATE TABLE verdicts (key TEXT PRIMARY KEY, action INTEGER NOT NULL, reason INTEGER NOT NULL,
+               comment TEXT, created_at INTEGER NOT NULL, expires_at INTEGER, net64 TEXT);
+             CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO ranges VALUES (3, 'pool', '198.51.100.0/24', 'manual', 'cli', 'dsl', 5, 99, 'reject');
+             INSERT INTO ranges VALUES (9, 'deny', '192.0.2.0/24', 'imported', 'drop.txt', NULL, 6, NULL, NULL);
+             INSERT INTO verdicts VALUES ('192.0.2.1', 1, 1, 'no-ptr', 1, 9999999999, NULL);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+    }
+    let mut s = Store::open(&path).unwrap();
+    let all = s.list_ranges(None).unwrap();
+    let mut got: Vec<_> =
+        all.iter().map(|r| (r.id, r.kind, r.net.to_string(), r.comment.clone(), r.action, r.expires_at)).collect();
+    got.sort_by_key(|g| g.0);
+    assert_eq!(
+        got,
+        [
+            (3, RangeKind::Pool, "198.51.100.0/24".into(), Some("dsl".into()), Some(PoolAction::Reject), Some(99)),
+            (9, RangeKind::Deny, "192.0.2.0/24".into(), None, None, None),
+        ]
+    );
+    assert_eq!(s.list_verdicts(None).unwrap().len(), 1);
+    let mut pool = nr("203.0.113.0/24");
+    pool.action = Some(PoolAction::Explain);
+    let added = s.add_ranges(RangeKind::Pool, &[pool], false, false, 0).unwrap();
+    assert_eq!(added[0].action, Some(PoolAction::Explain));
+    let v: i64 = s.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert_eq!(v, 4);
+}
+
 #[test]
 fn key_text_round_trips() {
     for ip in ["192.0.2.1", "0.0.0.0", "2001:db8:1:2::5", "::1"] {
