@@ -403,6 +403,11 @@ const R_POOL4: &str = "198.51.100.0/25";
 const R_POOL6: &str = "2001:db8:51::/48";
 const R_REJECT_POOL4: &str = "198.51.100.128/26";
 const R_EXEMPT4: &str = "198.51.100.25/32";
+/// A pool whose blocked subscribers are told why (`--action explain`), and
+/// one of its subscribers.
+const R_EXPLAIN_POOL4: &str = "198.51.100.224/27";
+const R_EXPLAIN_SUB4: &str = "198.51.100.230";
+const R_SMH_NAME: &str = "smtp.isp.example.net";
 
 /// One subscriber connection in the router scene.
 struct Flow {
@@ -532,6 +537,7 @@ impl Router {
         let mut srcs: Vec<&str> = FLOWS.iter().map(|f| f.src).collect();
         srcs.sort();
         srcs.dedup();
+        srcs.push(R_EXPLAIN_SUB4);
         for src in srcs {
             sub.addr_add(R_SUB_IF, &format!("{src}/{}", if src.contains(':') { 64 } else { 24 }))?;
         }
@@ -574,12 +580,22 @@ impl Router {
             }
         }
         // No reverse DNS on the router: the egress gate does not use it.
-        let agent = LabAgent::new(bin, "gk-lab-router-", "# The router's agent config\n[dns]\nenabled = false\n")?;
+        let agent = LabAgent::new(
+            bin,
+            "gk-lab-router-",
+            &format!(
+                "# The router's agent config\n[dns]\nenabled = false\n[egress.explain]\nsmarthost = \"{R_SMH_NAME}\"\n"
+            ),
+        )?;
         Ok(Router { agent, _listeners: listeners, sub, rtr, _net: net })
     }
 
     fn start_agent(&mut self) -> Result<()> {
-        self.agent.start(&self.rtr, &["--uplink", R_RTR_UP_IF], "router agent did not start")?;
+        // The subscriber side too (skb mode: a veth delivers an XDP_TX'd RST
+        // only with a program at its peer in native mode), for the explain
+        // stage on its ingress.
+        let roles = ["--uplink", R_RTR_UP_IF, "--subscriber-iface", R_RTR_SUB_IF, "--xdp-mode", "skb"];
+        self.agent.start(&self.rtr, &roles, "router agent did not start")?;
         // The socket is bound right after that line: wait (bounded) for it.
         for _ in 0..100 {
             if self.gk_quiet(&["pool", "list", "--json"]).is_ok() {
@@ -606,8 +622,10 @@ impl Router {
 
 /// The router scene; returns the expectations it saw unmet.
 fn router_scene(bin: PathBuf) -> Result<Vec<String>> {
-    banner("7. router: an ISP keeps its dynamic pools off port 25, on the uplink's egress");
-    println!("  subscribers (198.51.100.0/24, 2001:db8:51::/48) -> router (second agent, --uplink {R_RTR_UP_IF})");
+    banner("7. router: an ISP keeps its dynamic pools off port 25, and tells a subscriber why");
+    println!(
+        "  subscribers (198.51.100.0/24, 2001:db8:51::/48) -> router (second agent, --subscriber-iface {R_RTR_SUB_IF} --uplink {R_RTR_UP_IF})"
+    );
     println!("  -> internet: outside MTA {R_MTA4} / {R_MTA6}, ISP smarthost {R_SMH4} / {R_SMH6}, both on 25 and 587");
     let mut r = Router::build(bin)?;
     r.start_agent()?;
@@ -619,6 +637,7 @@ fn router_scene(bin: PathBuf) -> Result<Vec<String>> {
     r.gk(&["pool", "add", R_REJECT_POOL4, "--action", "reject", "--comment", "mobile pool"])?;
     r.gk(&["smarthost", "add", R_SMH4, R_SMH6, "--comment", "ISP relay"])?;
     r.gk(&["exempt", "add", R_EXEMPT4, "--comment", "business line with its own MTA"])?;
+    r.gk(&["pool", "add", R_EXPLAIN_POOL4, "--action", "explain", "--comment", "cable pool: told why"])?;
     let after: Vec<ConnectOutcome> = FLOWS.iter().map(|f| r.attempt(f)).collect::<Result<_>>()?;
     println!("\n{:<24} {:<16} {:<36} {:<10} {:<10} WHY", "SUBSCRIBER", "SOURCE", "DESTINATION", "BEFORE", "AFTER");
     for (i, f) in FLOWS.iter().enumerate() {
@@ -639,6 +658,23 @@ fn router_scene(bin: PathBuf) -> Result<Vec<String>> {
         if word(&after[i]) != f.after {
             failures.push(format!("{what}: expected {}, got {}", f.after, word(&after[i])));
         }
+    }
+    // The explain pool's subscriber, as its mail client would try: the
+    // router answers in the outside MTA's name, which never sees it.
+    let probe = smtp_probe(
+        &r.sub,
+        R_EXPLAIN_SUB4.parse()?,
+        SocketAddr::new(R_MTA4.parse()?, 25),
+        "someone@example.org",
+        Duration::from_secs(5),
+    );
+    println!(
+        "\n  explain pool host {R_EXPLAIN_SUB4} -> outside MTA {R_MTA4}:25: {}",
+        probe.refusal().map(str::to_owned).unwrap_or_else(|| probe.word())
+    );
+    if !probe.refusal().is_some_and(|l| l.starts_with("554 5.7.1") && l.contains(R_SMH_NAME)) {
+        failures
+            .push(format!("router: the explain pool host should hear why (554 naming {R_SMH_NAME}), got {probe:?}"));
     }
     println!();
     r.gk(&["pool", "list"])?;
