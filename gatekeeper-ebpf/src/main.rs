@@ -643,9 +643,15 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
 /// (see [`to_rejector`]).
 #[inline(always)]
 fn refuse(ifindex: u32, counter: u32, refusal: u32, source: &Source, port: u16, cfg: &Config) -> u32 {
-    if cfg.flags & config_flags::DRY_RUN == 0 && to_rejector(source, refusal, port, cfg) {
-        count(ifindex, counter);
-        return xdp_action::XDP_PASS;
+    // The action is read here, inline: a refusal whose action is drop (all
+    // of them with the feature off) pays one array read, not a call.
+    if cfg.flags & config_flags::DRY_RUN == 0 {
+        if let Some(rc) = GK_REJECT.get(0) {
+            if rc.rejects(refusal) && to_rejector(rc, source, refusal, port, cfg) {
+                count(ifindex, counter);
+                return xdp_action::XDP_PASS;
+            }
+        }
     }
     drop_or_dry_run(ifindex, counter, cfg)
 }
@@ -656,9 +662,8 @@ fn refuse(ifindex: u32, counter: u32, refusal: u32, source: &Source, port: u16, 
 /// nothing for the feature. A BPF function of its own: it has three call
 /// sites.
 #[inline(never)]
-fn to_rejector(source: &Source, refusal: u32, port: u16, cfg: &Config) -> bool {
-    let Some(rc) = GK_REJECT.get(0) else { return false };
-    if !rc.steers(refusal, port) {
+fn to_rejector(rc: &RejectConfig, source: &Source, refusal: u32, port: u16, cfg: &Config) -> bool {
+    if !rc.answers_on(port) {
         return false;
     }
     let now = now_ns(cfg);
