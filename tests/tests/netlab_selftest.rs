@@ -143,9 +143,15 @@ fn agent_process_runs_in_namespace_and_is_killed() {
     assert!(!p.is_running());
 
     // A process left running in a namespace is killed when the namespace goes.
-    let q = AgentProcess::spawn(&a, Path::new("/bin/sleep"), &["30"]).unwrap();
-    let qpid = q.pid() as i32;
-    std::mem::forget(q); // simulate a process nobody stops
+    // (Not an AgentProcess, whose guard would stop it and whose log
+    // directory would be left behind by a forget.)
+    let q = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", a.path().display()))
+        .args(["--", "/bin/sleep", "30"])
+        .spawn()
+        .unwrap();
+    let qpid = q.id() as i32;
+    drop(q); // a Child's drop neither waits nor kills: a process nobody stops
     drop(a);
     let state = std::fs::read_to_string(format!("/proc/{qpid}/stat")).unwrap_or_default();
     let state = state.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).unwrap_or(None);
