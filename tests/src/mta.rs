@@ -1037,14 +1037,7 @@ impl RefusingSmtp {
 
     /// Waits (bounded) until at least `n` sessions have finished.
     pub fn wait_for_sessions(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.sessions() < n {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
+        crate::netlab::poll_until(timeout, || self.sessions() >= n)
     }
 }
 

@@ -521,14 +521,7 @@ impl TcpListenerGuard {
 
     /// Wait (bounded) until at least `n` connections were accepted.
     pub fn wait_for_accepts(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.accepts() < n {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
+        poll_until(timeout, || self.accepts() >= n)
     }
 }
 
@@ -538,6 +531,22 @@ impl Drop for TcpListenerGuard {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Polls `done` every 5 ms until it holds (true) or `timeout` has passed
+/// (false): the harness's bounded wait for something another thread or
+/// process does.
+pub fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

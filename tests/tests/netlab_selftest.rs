@@ -152,6 +152,13 @@ fn agent_process_runs_in_namespace_and_is_killed() {
         .unwrap();
     let qpid = q.id() as i32;
     drop(q); // a Child's drop neither waits nor kills: a process nobody stops
+             // nsenter enters the namespace, then execs: wait until it is in there.
+    let ino = a.inode().unwrap();
+    let inside = || {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(format!("/proc/{qpid}/ns/net")).is_ok_and(|m| m.ino() == ino)
+    };
+    assert!(netlab::poll_until(Duration::from_secs(5), inside), "pid {qpid} never entered the namespace");
     drop(a);
     let state = std::fs::read_to_string(format!("/proc/{qpid}/stat")).unwrap_or_default();
     let state = state.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).unwrap_or(None);
