@@ -986,18 +986,7 @@ impl RefusingSmtp {
         if rcpt_reply.get(..3).is_none_or(|c| c.parse::<u16>().is_err()) || rcpt_reply.contains(['\r', '\n']) {
             bail!("RefusingSmtp: {rcpt_reply:?} is not one reply line starting with a code");
         }
-        let sock = in_netns(ns, || -> Result<Socket> {
-            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            sock.set_reuse_address(true)?;
-            if addr.is_ipv6() {
-                sock.set_only_v6(true)?;
-            }
-            sock.bind(&SockAddr::from(addr)).with_context(|| format!("bind {addr}"))?;
-            sock.listen(16)?;
-            sock.set_nonblocking(true)?;
-            Ok(sock)
-        })
-        .with_context(|| format!("RefusingSmtp: listen on {addr} in {}", ns.name()))?;
+        let sock = crate::netlab::listen_socket(ns, addr, 16).context("RefusingSmtp")?;
         let bound = sock.local_addr()?.as_socket().ok_or_else(|| anyhow!("RefusingSmtp: no inet address"))?;
         let sessions = Arc::new(AtomicUsize::new(0));
         let commands = Arc::new(Mutex::new(Vec::new()));

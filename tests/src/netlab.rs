@@ -471,24 +471,30 @@ pub struct TcpListenerGuard {
     thread: Option<JoinHandle<()>>,
 }
 
+/// A non-blocking TCP listener on `addr` inside `ns` (SO_REUSEADDR; an
+/// IPv6 one is IPv6-only), for the harness's own servers.
+pub fn listen_socket(ns: &Netns, addr: SocketAddr, backlog: i32) -> Result<Socket> {
+    in_netns(ns, || -> Result<Socket> {
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
+        sock.bind(&SockAddr::from(addr)).with_context(|| format!("bind {addr}"))?;
+        sock.listen(backlog)?;
+        sock.set_nonblocking(true)?;
+        Ok(sock)
+    })
+    .with_context(|| format!("listen on {addr} in {}", ns.name()))
+}
+
 impl TcpListenerGuard {
     /// Listen on `addr` (a test address; port 0 picks one, see [`Self::addr`]).
     pub fn spawn(ns: &Netns, addr: SocketAddr) -> Result<Self> {
         if !is_allowed_endpoint(addr.ip()) {
             bail!("listener address {addr} is not a test address");
         }
-        let sock = in_netns(ns, || -> Result<Socket> {
-            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            sock.set_reuse_address(true)?;
-            if addr.is_ipv6() {
-                sock.set_only_v6(true)?;
-            }
-            sock.bind(&SockAddr::from(addr)).with_context(|| format!("bind {addr}"))?;
-            sock.listen(128)?;
-            sock.set_nonblocking(true)?;
-            Ok(sock)
-        })
-        .with_context(|| format!("listen on {addr} in {}", ns.name()))?;
+        let sock = listen_socket(ns, addr, 128)?;
         let bound = sock.local_addr()?.as_socket().ok_or_else(|| anyhow!("listener has no inet address"))?;
         let accepts = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));

@@ -52,11 +52,7 @@ pub fn load_program(ebpf: &mut Ebpf) -> Result<()> {
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    let name = programs::TC_EXPLAIN;
-    ebpf.program_mut(name)
-        .ok_or_else(|| Error::bpf_msg(format!("program {name} missing from the eBPF object")))?
-        .try_into()
-        .map_err(|e| Error::bpf("program type", e))
+    super::program(ebpf, programs::TC_EXPLAIN)
 }
 
 impl PinLayout {

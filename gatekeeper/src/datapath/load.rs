@@ -79,11 +79,7 @@ fn clock_sample(prog: &Xdp) -> Result<(u64, u64)> {
 /// not one gatekeeper knows: the datapath then reads the clock helper, which
 /// is correct but slower.
 pub fn calibrate_clock(ebpf: &mut Ebpf) -> Result<Option<(u64, u64)>> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(programs::XDP_CLOCK)
-        .ok_or_else(|| Error::bpf_msg(format!("program {} missing from the eBPF object", programs::XDP_CLOCK)))?
-        .try_into()
-        .map_err(|e| Error::bpf("program type", e))?;
+    let prog: &mut Xdp = super::program(ebpf, programs::XDP_CLOCK)?;
     if prog.fd().is_err() {
         prog.load().map_err(|e| Error::bpf(format!("load {} (verifier)", programs::XDP_CLOCK), e))?;
     }

@@ -298,17 +298,21 @@ fn pin_program(
 }
 
 fn xdp_program(ebpf: &mut Ebpf, role: Role) -> Result<&mut Xdp> {
-    let name = role.program();
-    ebpf.program_mut(name)
-        .ok_or_else(|| Error::bpf_msg(format!("program {name} missing from the eBPF object")))?
-        .try_into()
-        .map_err(|e| Error::bpf("program type", e))
+    program(ebpf, role.program())
 }
 
 fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    let name = programs::TC_EGRESS;
+    program(ebpf, programs::TC_EGRESS)
+}
+
+/// The program `name` of the object, as its type `T` (`Xdp`,
+/// `SchedClassifier`, `SkLookup`, ...).
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or_else(|| Error::bpf_msg(format!("program {name} missing from the eBPF object")))?
         .try_into()
-        .map_err(|e| Error::bpf("program type", e))
+        .map_err(|e| Error::bpf(format!("program {name}: type"), e))
 }

@@ -81,11 +81,7 @@ pub fn load_program(ebpf: &mut Ebpf) -> Result<()> {
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
-    let name = programs::SK_REJECTOR;
-    ebpf.program_mut(name)
-        .ok_or_else(|| Error::bpf_msg(format!("program {name} missing from the eBPF object")))?
-        .try_into()
-        .map_err(|e| Error::bpf("program type", e))
+    super::program(ebpf, programs::SK_REJECTOR)
 }
 
 /// Attaches the rejector program to this process's network namespace, or
