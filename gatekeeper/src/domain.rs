@@ -493,6 +493,38 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// Whose log lines a `[[logs]]` entry reads.
+    pub enum LogKind ("log kind") {
+        Postfix = "postfix",
+        Dovecot = "dovecot",
+        Exim = "exim",
+        Sshd = "sshd",
+    }
+}
+
+named_enum! {
+    /// Where a `[[logs]]` entry reads from.
+    pub enum LogSourceKind ("log source") {
+        /// A plain file, followed across rotation and truncation.
+        File = "file",
+        /// The systemd journal, through `journalctl`.
+        Journal = "journal",
+    }
+}
+
+named_enum! {
+    /// Why the agent banned a source from what it did (its log lines).
+    pub enum AbuseReason ("abuse reason") {
+        /// Failed logins (weighted) pushed its score over the threshold.
+        AuthAbuse = "auth-abuse",
+        /// Connections alone did.
+        ConnRate = "conn-rate",
+        /// Its account or address was suspended (undeliverable recipients).
+        Suspended = "suspended",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,12 +12,17 @@ use crate::lists::parse_duration;
 
 mod egress;
 mod explain;
+mod mailstream;
 mod reject;
 #[cfg(test)]
 mod tests;
 
 pub use egress::{EgressConfig, LimitClass, Rate};
 pub use explain::ExplainConfig;
+pub use mailstream::{
+    AbuseConfig, LimitGroup, LimitPeriod, Limits, LogConfig, LogStart, MailPolicyConfig, Redact, SendLimit,
+    SmarthostConfig, SuspendConfig,
+};
 pub use reject::{default_action, default_template, system_hostname, Part, RejectSettings, Template};
 
 /// Bounds of `max_verdicts`.
@@ -75,6 +80,16 @@ pub struct Config {
     pub egress: EgressConfig,
     /// Refused sources: drop, or answer with the reason.
     pub reject: RejectSettings,
+    /// `[[logs]]`: the mail (and ssh) logs the agent follows.
+    pub logs: Vec<LogConfig>,
+    /// The abuse score from those logs.
+    pub abuse: AbuseConfig,
+    /// The Postfix policy service.
+    pub mail_policy: MailPolicyConfig,
+    /// The smarthost's sending limits.
+    pub smarthost: SmarthostConfig,
+    /// Suspending senders to undeliverable recipients.
+    pub suspend: SuspendConfig,
 }
 
 /// What the datapath does with a SYN from a source it knows nothing about.
@@ -231,6 +246,11 @@ impl Default for Config {
             dns: crate::dns::DnsConfig::default(),
             egress: EgressConfig::default(),
             reject: RejectSettings::default(),
+            logs: Vec::new(),
+            abuse: AbuseConfig::default(),
+            mail_policy: MailPolicyConfig::default(),
+            smarthost: SmarthostConfig::default(),
+            suspend: SuspendConfig::default(),
         }
     }
 }
@@ -276,6 +296,9 @@ impl Config {
         if let Err((table, key, msg)) = cfg.reject.validate() {
             let at = line_of(text, table, &key).map(|l| format!("line {l}, ")).unwrap_or_default();
             return Err(Error::Config { path: path.to_path_buf(), message: format!("{at}key `{table}.{key}`: {msg}") });
+        }
+        if let Err((table, msg)) = mailstream::validate_logs(&cfg.logs) {
+            return Err(Error::Config { path: path.to_path_buf(), message: format!("[[logs]] entry {table}: {msg}") });
         }
         cfg.dns.validate().map_err(|e| Error::Config { path: path.to_path_buf(), message: format!("[dns] {e}") })?;
         Ok(cfg)

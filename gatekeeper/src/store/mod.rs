@@ -16,12 +16,14 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use crate::domain::{Action, VerdictReason};
 use crate::error::{Error, Result};
 
+mod mail;
 mod ranges;
 
+pub use mail::{LimitRecord, SuspensionRecord};
 pub use ranges::{NewRange, RangeRecord};
 
 /// `PRAGMA user_version` of the schema below.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// The ranges table (schema 2: egress kinds and the pool action; schema 4:
 /// the explain pool action).
@@ -222,9 +224,10 @@ impl Store {
             0 => {
                 tx.execute_batch(RANGES_TABLE).map_err(&e)?;
                 tx.execute_batch(SCHEMA).map_err(&e)?;
+                tx.execute_batch(mail::SCHEMA).map_err(&e)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
             }
-            1..=3 => {
+            1..=4 => {
                 if version == 1 {
                     tx.execute_batch(MIGRATE_1_TO_2).map_err(&e)?;
                     tx.execute_batch(RANGES_TABLE).map_err(&e)?;
@@ -238,7 +241,7 @@ impl Store {
                 if version <= 2 {
                     tx.execute_batch(MIGRATE_2_TO_3).map_err(&e)?;
                 }
-                if version >= 2 {
+                if (2..=3).contains(&version) {
                     // A version 1 table was just made with the wide CHECK.
                     tx.execute_batch(MIGRATE_3_TO_4).map_err(&e)?;
                     tx.execute_batch(RANGES_TABLE).map_err(&e)?;
@@ -247,6 +250,8 @@ impl Store {
                     ))
                     .map_err(&e)?;
                 }
+                // 4 -> 5: the mail stream's tables.
+                tx.execute_batch(mail::SCHEMA).map_err(&e)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(&e)?;
             }
             SCHEMA_VERSION => {}

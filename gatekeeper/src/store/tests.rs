@@ -435,7 +435,29 @@ fn migration_3_to_4_keeps_ranges_and_takes_explain_pools() {
     let added = s.add_ranges(RangeKind::Pool, &[pool], false, false, 0).unwrap();
     assert_eq!(added[0].action, Some(PoolAction::Explain));
     let v: i64 = s.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-    assert_eq!(v, 4);
+    assert_eq!(v, SCHEMA_VERSION);
+    assert!(s.suspensions().unwrap().is_empty(), "3 -> 5 also made the mail tables");
+}
+
+#[test]
+fn migration_4_to_5_adds_the_mail_tables_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gk.db");
+    {
+        let mut s = Store::open(&path).unwrap();
+        s.add_ranges(RangeKind::Deny, &[nr("192.0.2.0/24")], false, false, 0).unwrap();
+        s.conn
+            .execute_batch(
+                "DROP TABLE log_positions; DROP TABLE mail_state; DROP TABLE suspensions; DROP TABLE send_limits;
+                 PRAGMA user_version = 4;",
+            )
+            .unwrap();
+    }
+    let mut s = Store::open(&path).unwrap();
+    assert_eq!(s.list_ranges(None).unwrap().len(), 1);
+    s.set_log_position("x", "{}", 1).unwrap();
+    let v: i64 = s.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
 }
 
 #[test]

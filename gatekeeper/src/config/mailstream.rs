@@ -1,0 +1,475 @@
+//! Judging what sources do: the log sources (`[[logs]]`), the abuse score
+//! (`[abuse]`), the Postfix policy service (`[mail_policy]`), the
+//! smarthost's sending limits (`[smarthost]`) and suspensions
+//! (`[suspend]`).
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+#[allow(unused_imports)]
+use super::*;
+use crate::domain::{LogKind, LogSourceKind};
+
+/// One log the agent follows.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Whose lines: postfix, dovecot, exim or sshd.
+    pub kind: LogKind,
+    /// `file` or `journal`.
+    pub source: LogSourceKind,
+    /// The file (`source = "file"`).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Journal units whose entries are read (`source = "journal"`); the
+    /// unit is a field journald sets itself, so a local user cannot forge
+    /// lines for it. Empty: the kind's Debian unit.
+    #[serde(default)]
+    pub unit: Vec<String>,
+    /// A journal directory instead of the system journal
+    /// (`journalctl --directory`).
+    #[serde(default)]
+    pub directory: Option<PathBuf>,
+    /// The journalctl binary (default: from PATH).
+    #[serde(default)]
+    pub journalctl: Option<PathBuf>,
+    /// Where a first start (nothing stored) begins: `end` (default) or
+    /// `beginning`.
+    #[serde(default)]
+    pub start: LogStart,
+    /// sshd: the port its clients connect to; with it, the port joins the
+    /// limited ports (class `ssh`) and bans cover it.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStart {
+    #[default]
+    End,
+    Beginning,
+}
+
+impl LogConfig {
+    /// The key its position is stored under: stable across restarts and
+    /// distinct per source.
+    pub fn id(&self) -> String {
+        match self.source {
+            LogSourceKind::File => {
+                format!("{}:file:{}", self.kind, self.file.as_deref().unwrap_or(Path::new("")).display())
+            }
+            LogSourceKind::Journal => format!(
+                "{}:journal:{}:{}",
+                self.kind,
+                self.directory.as_deref().map(|d| d.display().to_string()).unwrap_or_default(),
+                self.units().join(",")
+            ),
+        }
+    }
+
+    /// The journal units to match.
+    pub fn units(&self) -> Vec<String> {
+        if !self.unit.is_empty() {
+            return self.unit.clone();
+        }
+        let default = match self.kind {
+            LogKind::Postfix => "postfix@-.service",
+            LogKind::Dovecot => "dovecot.service",
+            LogKind::Exim => "exim4.service",
+            LogKind::Sshd => "ssh.service",
+        };
+        vec![default.to_string()]
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        match self.source {
+            LogSourceKind::File => match &self.file {
+                None => return Err("`file` is needed with source = \"file\"".into()),
+                Some(f) if !f.is_absolute() => return Err(format!("file {f:?} must be an absolute path")),
+                Some(_) if self.directory.is_some() || !self.unit.is_empty() => {
+                    return Err("`unit` and `directory` are for source = \"journal\"".into())
+                }
+                Some(_) => {}
+            },
+            LogSourceKind::Journal => {
+                if self.file.is_some() {
+                    return Err("`file` is for source = \"file\"".into());
+                }
+                if let Some(d) = self.directory.as_ref().filter(|d| !d.is_absolute()) {
+                    return Err(format!("directory {d:?} must be an absolute path"));
+                }
+            }
+        }
+        if self.port.is_some() && self.kind != LogKind::Sshd {
+            return Err("`port` is for kind = \"sshd\"".into());
+        }
+        if self.port == Some(0) {
+            return Err("port 0 is not a port".into());
+        }
+        Ok(())
+    }
+}
+
+/// The per-source abuse score: a leaky bucket that connections and failed
+/// logins fill; over the threshold the source is banned on the limited
+/// ports for an escalating time.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AbuseConfig {
+    /// What one failed login adds (a connection adds `connection_weight`).
+    #[serde(deserialize_with = "de_weight")]
+    pub auth_failure_weight: u32,
+    #[serde(deserialize_with = "de_conn_weight")]
+    pub connection_weight: u32,
+    /// A score above this bans.
+    #[serde(deserialize_with = "de_threshold")]
+    pub threshold: u32,
+    /// How fast the score drains: `N/s`, `N/min` or `N/h` points.
+    pub leak: Rate,
+    /// Ban lengths for the first, second, ... offence (the last repeats).
+    #[serde(deserialize_with = "de_bans")]
+    pub ban: Vec<Duration>,
+    /// Offences are forgotten after this long without one.
+    #[serde(deserialize_with = "de_duration")]
+    pub forget_after: Duration,
+}
+
+impl Default for AbuseConfig {
+    fn default() -> Self {
+        AbuseConfig {
+            auth_failure_weight: 15,
+            connection_weight: 1,
+            threshold: 100,
+            leak: Rate { per: 6, unit_secs: 60 },
+            ban: [15 * 60, 3600, 6 * 3600, 86_400].map(Duration::from_secs).to_vec(),
+            forget_after: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// The Postfix policy service (SMTPD_POLICY_README): suspensions and
+/// sending limits, answered live.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailPolicyConfig {
+    /// The Unix socket; unset: no policy service. Debian's smtpd runs
+    /// chrooted, so the socket belongs under Postfix's queue directory:
+    /// `/var/spool/postfix/private/gatekeeper-policy`, named in main.cf as
+    /// `unix:private/gatekeeper-policy`.
+    pub socket: Option<PathBuf>,
+    /// The socket's owner (smtpd runs as this user).
+    pub owner: Option<String>,
+    /// The socket's mode, octal text ("0660").
+    #[serde(deserialize_with = "de_mode")]
+    pub mode: u32,
+    /// Who a suspended or limited customer should contact; in every reply.
+    pub contact: String,
+}
+
+impl Default for MailPolicyConfig {
+    fn default() -> Self {
+        MailPolicyConfig { socket: None, owner: Some("postfix".into()), mode: 0o660, contact: "your provider's support".into() }
+    }
+}
+
+/// A sending limit: `N/hour` or `N/day`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SendLimit {
+    pub n: u32,
+    pub per: LimitPeriod,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitPeriod {
+    Hour,
+    Day,
+}
+
+impl std::fmt::Display for SendLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = match self.per {
+            LimitPeriod::Hour => "hour",
+            LimitPeriod::Day => "day",
+        };
+        write!(f, "{}/{p}", self.n)
+    }
+}
+
+impl FromStr for SendLimit {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("invalid limit {s:?} (expected N/hour or N/day with N >= 1, e.g. \"500/day\")");
+        let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+        let n: u32 = n.trim().parse().map_err(|_| bad())?;
+        let per = match per.trim() {
+            "h" | "hour" => LimitPeriod::Hour,
+            "d" | "day" => LimitPeriod::Day,
+            _ => return Err(bad()),
+        };
+        if n == 0 {
+            return Err(bad());
+        }
+        Ok(SendLimit { n, per })
+    }
+}
+
+impl<'de> Deserialize<'de> for SendLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Limits as the config and the CLI give them: a list of `N/hour` and
+/// `N/day` (at most one of each), or `"none"` for no limit.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Limits {
+    Unlimited,
+    Limited { per_hour: Option<u32>, per_day: Option<u32> },
+}
+
+impl Limits {
+    /// `"none"`, or limits separated by commas or spaces.
+    pub fn parse(text: &str) -> std::result::Result<Limits, String> {
+        if text.trim().eq_ignore_ascii_case("none") {
+            return Ok(Limits::Unlimited);
+        }
+        let items: Vec<&str> = text.split([',', ' ']).filter(|s| !s.is_empty()).collect();
+        Limits::of(&items.iter().map(|s| s.parse()).collect::<std::result::Result<Vec<SendLimit>, _>>()?)
+    }
+
+    fn of(list: &[SendLimit]) -> std::result::Result<Limits, String> {
+        let (mut per_hour, mut per_day) = (None, None);
+        for l in list {
+            let slot = match l.per {
+                LimitPeriod::Hour => &mut per_hour,
+                LimitPeriod::Day => &mut per_day,
+            };
+            if slot.replace(l.n).is_some() {
+                return Err(format!("two limits per {}", if l.per == LimitPeriod::Hour { "hour" } else { "day" }));
+            }
+        }
+        if per_hour.is_none() && per_day.is_none() {
+            return Err("no limit given (use \"none\" for no limit)".into());
+        }
+        Ok(Limits::Limited { per_hour, per_day })
+    }
+}
+
+impl std::fmt::Display for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limits::Unlimited => f.write_str("none"),
+            Limits::Limited { per_hour, per_day } => {
+                let parts: Vec<String> = [per_hour.map(|n| format!("{n}/hour")), per_day.map(|n| format!("{n}/day"))]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                f.write_str(&parts.join(", "))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limits {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            List(Vec<SendLimit>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::One(s) => Limits::parse(&s),
+            Raw::List(l) => Limits::of(&l),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The smarthost's transmission limits per authenticated account (and per
+/// client address for unauthenticated relaying).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmarthostConfig {
+    /// Messages per account: e.g. `["100/hour", "500/day"]`, or `"none"`.
+    pub messages: Limits,
+    /// Accounts and addresses never limited (mailing-list servers).
+    pub exempt_accounts: Vec<String>,
+    pub exempt_addresses: Vec<IpNet>,
+    /// Groups of accounts with their own limits.
+    pub group: Vec<LimitGroup>,
+}
+
+impl Default for SmarthostConfig {
+    fn default() -> Self {
+        SmarthostConfig {
+            messages: Limits::Limited { per_hour: Some(100), per_day: Some(500) },
+            exempt_accounts: Vec::new(),
+            exempt_addresses: Vec::new(),
+            group: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitGroup {
+    pub name: String,
+    pub accounts: Vec<String>,
+    pub messages: Limits,
+}
+
+/// Suspending senders to undeliverable recipients.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SuspendConfig {
+    pub enabled: bool,
+    /// Distinct undeliverable recipients within an hour that suspend.
+    #[serde(deserialize_with = "de_suspend_threshold")]
+    pub threshold: u32,
+    /// How long a suspended sender's client address stays blocked on the
+    /// limited ports: a duration, or "never" (the address may be a
+    /// dynamic one that the next customer gets). Account suspensions never
+    /// expire by themselves.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub address_block: Option<Duration>,
+    /// Recipients in logs and `suspend list`: `domain` (default: only
+    /// their domains) or `none` (whole addresses).
+    pub redact: Redact,
+    pub exempt_accounts: Vec<String>,
+    pub exempt_addresses: Vec<IpNet>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Redact {
+    #[default]
+    Domain,
+    None,
+}
+
+impl Default for SuspendConfig {
+    fn default() -> Self {
+        SuspendConfig {
+            enabled: true,
+            threshold: 10,
+            address_block: Some(Duration::from_secs(86_400)),
+            redact: Redact::Domain,
+            exempt_accounts: Vec::new(),
+            exempt_addresses: Vec::new(),
+        }
+    }
+}
+
+/// Checks across entries; `(table, key, message)` on error.
+pub fn validate_logs(logs: &[LogConfig]) -> std::result::Result<(), (String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut via = std::collections::HashSet::new();
+    for (i, l) in logs.iter().enumerate() {
+        l.validate().map_err(|m| (format!("logs[{i}]"), m))?;
+        if !seen.insert(l.id()) {
+            return Err((format!("logs[{i}]"), "the same source twice (its lines would count twice)".into()));
+        }
+        // One service read through the journal and a file counts twice.
+        via.insert((l.kind, l.source));
+        if via.contains(&(l.kind, LogSourceKind::Journal)) && via.contains(&(l.kind, LogSourceKind::File)) {
+            return Err((
+                format!("logs[{i}]"),
+                format!("{} is read from both the journal and a file: its lines would count twice", l.kind),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn de_weight<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    bounded(d, "auth_failure_weight", 1..=1000)
+}
+
+fn de_conn_weight<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    bounded(d, "connection_weight", 0..=1000)
+}
+
+fn de_threshold<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    bounded(d, "threshold", 1..=1_000_000)
+}
+
+fn de_suspend_threshold<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    bounded(d, "threshold", 1..=100_000)
+}
+
+fn de_bans<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<Duration>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    if raw.is_empty() || raw.len() > 16 {
+        return Err(serde::de::Error::custom("ban: 1 to 16 durations, e.g. [\"15m\", \"1h\", \"6h\", \"1d\"]"));
+    }
+    raw.iter().map(|s| parse_duration(s).map_err(|e| serde::de::Error::custom(e.to_string()))).collect()
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    parse_duration(&s).map(Some).map_err(|e| serde::de::Error::custom(e.to_string()))
+}
+
+fn de_mode<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    let s = String::deserialize(d)?;
+    match u32::from_str_radix(s.trim().trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o777 && m & 0o600 == 0o600 => Ok(m),
+        _ => Err(serde::de::Error::custom(format!(
+            "mode {s:?}: octal text such as \"0660\", at least owner read and write"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_parse_and_print() {
+        assert_eq!(Limits::parse("none").unwrap(), Limits::Unlimited);
+        let l = Limits::parse("5000/day").unwrap();
+        assert_eq!(l, Limits::Limited { per_hour: None, per_day: Some(5000) });
+        assert_eq!(Limits::parse("100/hour, 500/day").unwrap().to_string(), "100/hour, 500/day");
+        assert!(Limits::parse("1/day 2/day").unwrap_err().contains("two limits per day"));
+        assert!(Limits::parse("0/day").unwrap_err().contains("N >= 1"));
+        assert!(Limits::parse("10/week").is_err());
+    }
+
+    #[test]
+    fn log_entries_validate() {
+        let file = |k: LogKind| LogConfig {
+            kind: k,
+            source: LogSourceKind::File,
+            file: Some("/var/log/mail.log".into()),
+            unit: vec![],
+            directory: None,
+            journalctl: None,
+            start: LogStart::End,
+            port: None,
+        };
+        assert!(validate_logs(&[file(LogKind::Postfix)]).is_ok());
+        let e = validate_logs(&[file(LogKind::Postfix), file(LogKind::Postfix)]).unwrap_err();
+        assert!(e.1.contains("twice"), "{e:?}");
+        let mut j = file(LogKind::Postfix);
+        j.source = LogSourceKind::Journal;
+        j.file = None;
+        let e = validate_logs(&[file(LogKind::Postfix), j.clone()]).unwrap_err();
+        assert!(e.1.contains("both the journal and a file"), "{e:?}");
+        assert_eq!(j.units(), vec!["postfix@-.service".to_string()]);
+        let mut p = file(LogKind::Postfix);
+        p.port = Some(22);
+        assert!(validate_logs(&[p]).unwrap_err().1.contains("sshd"));
+        let mut rel = file(LogKind::Dovecot);
+        rel.file = Some("dovecot.log".into());
+        assert!(validate_logs(&[rel]).unwrap_err().1.contains("absolute"));
+    }
+}
