@@ -220,6 +220,21 @@ impl Open {
         }
     }
 
+    /// Do the file's first bytes differ from the head read before?
+    fn head_changed(&self, path: &Path) -> Result<bool, FileError> {
+        let known = &self.head.bytes;
+        if known.is_empty() {
+            return Ok(false);
+        }
+        let mut now = [0u8; HEAD_LEN];
+        let now = &mut now[..known.len()];
+        match self.file.read_exact_at(now, 0) {
+            Ok(()) => Ok(now != &known[..]),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(true),
+            Err(e) => Err(io_err(path, "read")(e)),
+        }
+    }
+
     fn position(&self, offset: u64) -> FilePosition {
         FilePosition { dev: self.dev, ino: self.ino, offset, head_hash: self.head.hash_at(offset) }
     }
@@ -337,7 +352,9 @@ impl FileFollower {
         for _ in 0..8 {
             let cur = self.cur.as_mut().expect("a file is open");
             let size = cur.file.metadata().map_err(io_err(&self.path, "fstat"))?.len();
-            if size < cur.read {
+            // Truncated: shorter than what was read, or (truncated and
+            // rewritten past the offset between two polls) another head.
+            if size < cur.read || cur.head_changed(&self.path)? {
                 self.counters.truncations += 1;
                 tracing::info!(path = %self.path.display(), size, offset = cur.read, "log file truncated; reading it from the start");
                 cur.reset();
@@ -640,6 +657,18 @@ mod tests {
         let got = drain(&mut f);
         assert_eq!(texts(&got), ["x", "y"]);
         assert_eq!(got[1].end.offset, 4);
+        assert_eq!(f.counters().truncations, 1);
+    }
+
+    #[test]
+    fn truncated_and_rewritten_past_the_offset_between_polls() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mail.log");
+        append(&p, "ab\ncd\n");
+        let mut f = FileFollower::new(&p, None, Start::Beginning);
+        assert_eq!(texts(&drain(&mut f)), ["ab", "cd"]);
+        std::fs::write(&p, "a longer first line\n").unwrap();
+        assert_eq!(texts(&drain(&mut f)), ["a longer first line"]);
         assert_eq!(f.counters().truncations, 1);
     }
 

@@ -148,7 +148,7 @@ pub enum JournalError {
 
 /// Where a journalctl run begins.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum From {
+enum Begin {
     Cursor(String),
     /// `--since=@`, unix microseconds.
     Since(i64),
@@ -157,7 +157,7 @@ enum From {
 }
 
 /// journalctl's arguments for `cfg` beginning at `from`.
-fn command_args(cfg: &JournalConfig, from: &From) -> Vec<OsString> {
+fn command_args(cfg: &JournalConfig, from: &Begin) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     if let Some(dir) = &cfg.directory {
         let mut a = OsString::from("--directory=");
@@ -169,13 +169,13 @@ fn command_args(cfg: &JournalConfig, from: &From) -> Vec<OsString> {
     }
     args.push(format!("--output-fields={OUTPUT_FIELDS}").into());
     args.push(match from {
-        From::Cursor(c) => format!("--after-cursor={c}").into(),
-        From::Since(us) => {
+        Begin::Cursor(c) => format!("--after-cursor={c}").into(),
+        Begin::Since(us) => {
             let us = (*us).max(0);
             format!("--since=@{}.{:06}", us / 1_000_000, us % 1_000_000).into()
         }
-        From::Tail => "--lines=0".into(),
-        From::All => "--lines=all".into(),
+        Begin::Tail => "--lines=0".into(),
+        Begin::All => "--lines=all".into(),
     });
     for u in &cfg.units {
         args.push(format!("_SYSTEMD_UNIT={u}").into());
@@ -209,7 +209,7 @@ pub struct JournalSource {
     cfg: JournalConfig,
     /// The stored position this source started from, if any.
     stored: Option<JournalPosition>,
-    from: From,
+    from: Begin,
     child: Child,
     stdout: ChildStdout,
     stderr: Option<ChildStderr>,
@@ -241,18 +241,18 @@ impl JournalSource {
     pub fn spawn(cfg: JournalConfig, position: Option<JournalPosition>) -> Result<Self, JournalError> {
         validate(&cfg)?;
         let from = match &position {
-            Some(p) if p.cursor.len() <= MAX_CURSOR => From::Cursor(p.cursor.clone()),
+            Some(p) if p.cursor.len() <= MAX_CURSOR => Begin::Cursor(p.cursor.clone()),
             Some(p) => match p.realtime_us {
-                Some(us) => From::Since(us),
-                None => From::Tail,
+                Some(us) => Begin::Since(us),
+                None => Begin::Tail,
             },
             None => match cfg.start {
-                Start::End => From::Tail,
-                Start::Beginning => From::All,
+                Start::End => Begin::Tail,
+                Start::Beginning => Begin::All,
             },
         };
         let skip_upto_us = match from {
-            From::Since(us) => Some(us),
+            Begin::Since(us) => Some(us),
             _ => None,
         };
         let (child, stdout, stderr) = start(&cfg, &from)?;
@@ -412,7 +412,7 @@ impl JournalSource {
         let status =
             self.child.wait().await.map_err(|source| JournalError::Read { program: program.clone(), source })?;
         let stderr = String::from_utf8_lossy(&self.stderr_tail).trim().to_owned();
-        let refused_cursor = matches!(self.from, From::Cursor(_))
+        let refused_cursor = matches!(self.from, Begin::Cursor(_))
             && status.code() == Some(1)
             && self.lines_this_run == 0
             && !self.fell_back;
@@ -423,7 +423,7 @@ impl JournalSource {
         let since = stored.realtime_us.or_else(|| cursor_realtime(&stored.cursor));
         self.fell_back = true;
         self.counters.cursor_fallbacks += 1;
-        self.from = since.map_or(From::Tail, From::Since);
+        self.from = since.map_or(Begin::Tail, Begin::Since);
         self.skip_upto_us = since;
         tracing::warn!(
             cursor = %stored.cursor, since_us = ?since, stderr = %stderr,
@@ -482,7 +482,7 @@ fn parse(line: &[u8], skip_upto_us: Option<i64>, counters: &mut JournalCounters)
 }
 
 /// Spawns journalctl with pipes, killed on drop and on the agent's death.
-fn start(cfg: &JournalConfig, from: &From) -> Result<(Child, ChildStdout, ChildStderr), JournalError> {
+fn start(cfg: &JournalConfig, from: &Begin) -> Result<(Child, ChildStdout, ChildStderr), JournalError> {
     let mut cmd = Command::new(&cfg.journalctl);
     cmd.args(command_args(cfg, from))
         .stdin(Stdio::null())
@@ -680,7 +680,7 @@ mod tests {
         cfg.directory = Some("/tmp/j".into());
         let args = |from| command_args(&cfg, &from).into_iter().map(|a| a.into_string().unwrap()).collect::<Vec<_>>();
         assert_eq!(
-            args(From::Tail),
+            args(Begin::Tail),
             [
                 "--directory=/tmp/j",
                 "--follow",
@@ -692,9 +692,9 @@ mod tests {
                 "_SYSTEMD_UNIT=dovecot.service",
             ]
         );
-        assert_eq!(args(From::All)[5], "--lines=all");
-        assert_eq!(args(From::Cursor("s=1;i=2".into()))[5], "--after-cursor=s=1;i=2");
-        assert_eq!(args(From::Since(1_796_694_425_000_042))[5], "--since=@1796694425.000042");
+        assert_eq!(args(Begin::All)[5], "--lines=all");
+        assert_eq!(args(Begin::Cursor("s=1;i=2".into()))[5], "--after-cursor=s=1;i=2");
+        assert_eq!(args(Begin::Since(1_796_694_425_000_042))[5], "--since=@1796694425.000042");
     }
 
     #[test]
