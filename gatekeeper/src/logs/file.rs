@@ -318,6 +318,9 @@ pub struct FileFollower {
 impl FileFollower {
     /// A follower of `path`, continuing at `resume` if there is one, else
     /// at `start`. Nothing is opened yet: a missing file is waited for.
+    /// `start = end` means the end at the first [`poll`](Self::poll) (poll
+    /// once right away); a file that was missing then is read from its
+    /// start when it appears, since all of it is new.
     pub fn new(path: impl Into<PathBuf>, resume: Option<FilePosition>, start: Start) -> Self {
         FileFollower { path: path.into(), start, resume, cur: None, missing: false, counters: FileCounters::default() }
     }
