@@ -37,7 +37,10 @@ use crate::util::{self, cargo_home, output, run, rustup_tool, step};
 /// rusqlite's bundled SQLite); `util-linux` provides `nsenter`; `postfix`
 /// and `swaks` are the real MTA and SMTP client of the mail tests, and
 /// `libio-socket-inet6-perl` is what swaks needs for IPv6 (a Recommends,
-/// which `--no-install-recommends` would leave out).
+/// which `--no-install-recommends` would leave out); `systemd-journal-remote`
+/// writes the real journal the journal source tests follow
+/// (`tests/src/journal.rs`; it also upgrades the systemd packages to its own
+/// version, harmless without systemd as PID 1).
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -55,6 +58,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "postfix",
     "swaks",
     "libio-socket-inet6-perl",
+    "systemd-journal-remote",
 ];
 
 /// debconf answers set (`debconf-set-selections`) before a package of the
