@@ -8,6 +8,7 @@ pub mod dns;
 pub mod domain;
 pub mod error;
 pub mod lists;
+pub mod logs;
 pub mod pipeline;
 pub mod protocol;
 pub mod rejector;

@@ -1,0 +1,232 @@
+//! Mail and login log lines, read into the few events the abuse scorer and
+//! the mail-stream tracker need.
+//!
+//! Everything here is pure: a source ([`split_line`] for file lines, or a
+//! journal entry) hands a [`Record`] to [`parse`], which returns an
+//! [`Event`], `Ignored` for lines that do not matter, or `Unparsed` with a
+//! short reason for a line of a known kind that cannot be read safely.
+//!
+//! Every client address is read only at its *anchor*, a position no
+//! client-controlled text (usernames, HELO names, envelope addresses,
+//! remote replies) can reach or shift:
+//! - Postfix: the `name[addr]` right after a fixed prefix, from the left;
+//! - Dovecot: the last `rip=` of a login line, the rightmost elements of an
+//!   auth line's `(user,ip[,<session>])` group;
+//! - Exim: the `[addr]` after an optional name and `(helo)` group, with the
+//!   exact grammar `(?:\S+ )?(?:\([^)]*\) )?\[IP\](?::\d+)?`;
+//! - sshd: `from IP port N[ ssh2]` at the end of the line.
+//!
+//! Usernames, HELO names and recipients are display text (or, for the
+//! recipient, a distinct-count key of the sender's own mail), never the key
+//! of an action against someone else.
+use std::fmt;
+use std::net::IpAddr;
+
+mod dovecot;
+mod exim;
+mod postfix;
+mod sshd;
+mod syslog;
+
+pub use syslog::split_line;
+
+/// Which daemon's log a source carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(into = "&'static str", try_from = "String")]
+pub enum LogKind {
+    Postfix,
+    Dovecot,
+    Exim,
+    Sshd,
+}
+
+impl LogKind {
+    pub const ALL: [LogKind; 4] = [LogKind::Postfix, LogKind::Dovecot, LogKind::Exim, LogKind::Sshd];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogKind::Postfix => "postfix",
+            LogKind::Dovecot => "dovecot",
+            LogKind::Exim => "exim",
+            LogKind::Sshd => "sshd",
+        }
+    }
+}
+
+impl std::str::FromStr for LogKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|v| v.as_str().eq_ignore_ascii_case(t))
+            .ok_or_else(|| format!("unknown log kind {s:?} (expected postfix, dovecot, exim or sshd)"))
+    }
+}
+
+impl TryFrom<String> for LogKind {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<LogKind> for &'static str {
+    fn from(v: LogKind) -> &'static str {
+        v.as_str()
+    }
+}
+
+impl fmt::Display for LogKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One log record as a source delivers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Unix microseconds, if the source knows them (journal
+    /// `__REALTIME_TIMESTAMP`, a parsed header).
+    pub at_us: Option<i64>,
+    /// The syslog identifier / program tag without `[pid]`: `postfix/smtpd`,
+    /// `postfix/submission/smtpd`, `dovecot`, `imap-login`, `auth`, `sshd`,
+    /// `sshd-session`, `exim`. `None` when the line carries none (Exim's
+    /// mainlog, bare stderr lines).
+    pub ident: Option<&'a str>,
+    /// The text after `tag[pid]: `.
+    pub message: &'a str,
+}
+
+/// What [`parse`] made of a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Event(Event),
+    /// A line that does not matter (or belongs to another daemon).
+    Ignored,
+    /// A line of a kind the parser knows but cannot read safely; the reason
+    /// is short and fixed, for a counter.
+    Unparsed(&'static str),
+}
+
+/// What the line says the client talked to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Service {
+    Smtp,
+    Imap,
+    Pop3,
+    Ssh,
+    Other,
+}
+
+/// How a line's failures combine with others of the same (client, session):
+/// the scorer keeps `added` and `floor` per session, `Add(n)` adds to
+/// `added`, `AtLeast(n)` raises `floor`, and the session's failures are
+/// `max(added, floor)` (only the increase counts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    Add(u32),
+    AtLeast(u32),
+}
+
+/// The result of one delivery attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeliveryStatus {
+    Sent,
+    Deferred,
+    Bounced,
+    Other,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A client connected (Postfix `connect from`, a Dovecot login-process
+    /// line of a connection that did not fail auth, sshd's pre-auth close).
+    Connect { client: IpAddr, service: Service },
+    /// Failed authentication. `session`: a key unique to one connection
+    /// (Dovecot `session=<..>`, sshd's client port), `None` where each line
+    /// is one attempt (Postfix, Exim). `user`: display text only.
+    AuthFail { client: IpAddr, service: Service, session: Option<String>, count: Count, user: Option<String> },
+    /// An RCPT refused by the MTA.
+    RcptReject {
+        qid: Option<String>,
+        client: IpAddr,
+        account: Option<String>,
+        sender: String,
+        rcpt: String,
+        code: u16,
+        dsn: Option<String>,
+    },
+    /// A message accepted from a client.
+    Submitted { qid: String, client: IpAddr, account: Option<String> },
+    /// A delivery attempt's result.
+    Delivery { qid: String, rcpt: String, dsn: Option<String>, status: DeliveryStatus },
+    /// The queue entry is gone.
+    Removed { qid: String },
+}
+
+/// Reads one record of a `kind` log. Total: never panics, whatever the
+/// bytes (callers cap lines at 16 KiB). Lines whose identifier belongs to
+/// another daemon (a shared `mail.log`) are `Ignored`; with no identifier
+/// the message is recognised by its shape.
+pub fn parse(kind: LogKind, rec: &Record<'_>) -> Parsed {
+    let msg = rec.message.trim_end_matches(['\n', '\r']);
+    match kind {
+        LogKind::Postfix => postfix::parse(rec.ident, msg),
+        LogKind::Dovecot => dovecot::parse(rec.ident, msg),
+        LogKind::Exim => exim::parse(rec.ident, msg),
+        LogKind::Sshd => sshd::parse(rec.ident, msg),
+    }
+}
+
+/// An IP literal, `::ffff:a.b.c.d` normalised to IPv4.
+pub(crate) fn ip(s: &str) -> Option<IpAddr> {
+    // The shortest literal is "::" (2), the longest textual IPv6 with an
+    // embedded IPv4 is 45 bytes; refuse anything else before parsing.
+    if s.len() < 2 || s.len() > 45 {
+        return None;
+    }
+    s.parse::<IpAddr>().ok().map(|a| a.to_canonical())
+}
+
+/// `n` ASCII digits as a number (no sign, no overflow: `None`).
+pub(crate) fn digits_u32(s: &str) -> Option<u32> {
+    if s.is_empty() || s.len() > 9 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Is `s` a DSN status `d.ddd.ddd` (class 2, 4 or 5)?
+pub(crate) fn is_dsn(s: &str) -> bool {
+    let mut parts = s.split('.');
+    let (Some(a), Some(b), Some(c), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    matches!(a, "2" | "4" | "5")
+        && (1..=3).contains(&b.len())
+        && (1..=3).contains(&c.len())
+        && b.bytes().all(|x| x.is_ascii_digit())
+        && c.bytes().all(|x| x.is_ascii_digit())
+}
+
+/// Occurrences of `needle` in `hay`, stopping at `limit` (enough to tell
+/// "none", "one" and "more than one" apart cheaply).
+pub(crate) fn count_up_to(hay: &str, needle: &str, limit: usize) -> usize {
+    let mut n = 0;
+    let mut from = 0;
+    while n < limit {
+        match hay.get(from..).and_then(|h| h.find(needle)) {
+            Some(i) => {
+                n += 1;
+                from += i + needle.len();
+            }
+            None => break,
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests;
