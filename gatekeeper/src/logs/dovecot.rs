@@ -109,7 +109,7 @@ fn login(service: Service, s: &str) -> Parsed {
     let Some(n) = digits_u32(n).filter(|n| *n > 0) else {
         return Parsed::Unparsed("dovecot login: attempts");
     };
-    let user = s
+    let user = s[..r]
         .find("user=<")
         .map(|i| &s[i + "user=<".len()..r])
         .and_then(|u| u.rfind('>').map(|j| &u[..j]))

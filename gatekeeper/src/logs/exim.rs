@@ -17,6 +17,9 @@ pub(super) fn parse(ident: Option<&str>, msg: &str) -> Parsed {
     if let Some(r) = msg.strip_prefix("H=") {
         return rejected_rcpt(r);
     }
+    if let Some(r) = msg.strip_prefix("SMTP connection from ") {
+        return connection(r);
+    }
     if let Some((id, rest)) = msg.split_once(' ') {
         if is_msgid(id) {
             return message(id, rest);
@@ -68,6 +71,19 @@ pub(super) fn host(s: &str) -> Option<(IpAddr, &str)> {
         return None;
     }
     Some((addr, rest))
+}
+
+/// `SMTP connection from <host> I=[…]:25 (TCP/IP connection count = N)`
+/// opens a connection (log selector `smtp_connection`, on by default); the
+/// same prefix with `closed by QUIT`, `lost`, … ends one and is ignored.
+fn connection(r: &str) -> Parsed {
+    if !r.ends_with(')') || !r.contains(" (TCP/IP connection count = ") {
+        return Parsed::Ignored;
+    }
+    match host(r) {
+        Some((client, _)) => Parsed::Event(Event::Connect { client, service: Service::Smtp }),
+        None => Parsed::Unparsed("exim connection: host"),
+    }
 }
 
 /// `<driver> authenticator failed for <host>: 535 Incorrect authentication data (set_id=<user>)`.

@@ -172,11 +172,36 @@ pub enum Event {
 /// the message is recognised by its shape.
 pub fn parse(kind: LogKind, rec: &Record<'_>) -> Parsed {
     let msg = rec.message.trim_end_matches(['\n', '\r']);
+    if let Some(r) = msg.strip_prefix("message repeated ") {
+        return repeated(kind, rec.ident, r);
+    }
+    parse_one(kind, rec.ident, msg)
+}
+
+fn parse_one(kind: LogKind, ident: Option<&str>, msg: &str) -> Parsed {
     match kind {
-        LogKind::Postfix => postfix::parse(rec.ident, msg),
-        LogKind::Dovecot => dovecot::parse(rec.ident, msg),
-        LogKind::Exim => exim::parse(rec.ident, msg),
-        LogKind::Sshd => sshd::parse(rec.ident, msg),
+        LogKind::Postfix => postfix::parse(ident, msg),
+        LogKind::Dovecot => dovecot::parse(ident, msg),
+        LogKind::Exim => exim::parse(ident, msg),
+        LogKind::Sshd => sshd::parse(ident, msg),
+    }
+}
+
+/// rsyslog's `message repeated N times: [ <msg>]` (RepeatedMsgReduction):
+/// N identical lines, e.g. an sshd connection's further `Failed password`
+/// lines. Per-attempt counts are multiplied; other events are one event.
+fn repeated(kind: LogKind, ident: Option<&str>, r: &str) -> Parsed {
+    let Some((n, inner)) = r.split_once(" times: [") else { return Parsed::Ignored };
+    let Some(n) = digits_u32(n).filter(|n| (1..=100_000).contains(n)) else {
+        return Parsed::Unparsed("repeated: count");
+    };
+    let inner = inner.strip_suffix(']').unwrap_or(inner);
+    let inner = inner.strip_prefix(' ').unwrap_or(inner);
+    match parse_one(kind, ident, inner) {
+        Parsed::Event(Event::AuthFail { client, service, session, count: Count::Add(k), user }) => {
+            Parsed::Event(Event::AuthFail { client, service, session, count: Count::Add(k.saturating_mul(n)), user })
+        }
+        other => other,
     }
 }
 

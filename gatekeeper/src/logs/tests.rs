@@ -465,6 +465,14 @@ fn dovecot_hostile_rows() {
         dv(Some("imap-login"), "Disconnected: x (auth failed, 1 attempts in 2 secs): user=<(auth failed, 99 attempts in 1 secs)>, rip=192.0.2.66, session=<s>"),
         Parsed::Event(Event::AuthFail { count: Count::AtLeast(1), .. })
     ));
+    // Elements in another order (login_log_format_elements): a user after rip= is not read.
+    assert_eq!(
+        dv(
+            Some("imap-login"),
+            "Disconnected (auth failed, 1 attempts in 2 secs): rip=192.0.2.8, lip=192.0.2.25, user=<late>"
+        ),
+        auth("192.0.2.8", Service::Imap, None, Count::Add(1), None)
+    );
     // Auth lines: a user holding ",ip" or the outcome text.
     assert_eq!(
         dv(Some("auth"), "passwd-file(x,203.0.113.9,y,192.0.2.66,<S>): Password mismatch"),
@@ -521,6 +529,20 @@ fn exim_auth_failed() {
         p(LogKind::Exim, Some("postfix/smtpd"), "plain authenticator failed for [192.0.2.66]: 535 x"),
         Parsed::Ignored
     );
+}
+
+#[test]
+fn exim_connections() {
+    assert_eq!(
+        ex("SMTP connection from [192.0.2.66]:41234 I=[192.0.2.25]:25 (TCP/IP connection count = 1)"),
+        Parsed::Event(Event::Connect { client: a("192.0.2.66"), service: Service::Smtp })
+    );
+    assert_eq!(
+        ex("SMTP connection from h.test [2001:db8::66]:41234 I=[2001:db8::25]:25 (TCP/IP connection count = 3)"),
+        Parsed::Event(Event::Connect { client: a("2001:db8::66"), service: Service::Smtp })
+    );
+    assert_eq!(ex("SMTP connection from (vm) [192.0.2.66]:41234 I=[192.0.2.25]:25 closed by QUIT"), Parsed::Ignored);
+    assert_eq!(ex("SMTP connection from [192.0.2.66]:41234 I=[192.0.2.25]:25 lost"), Parsed::Ignored);
 }
 
 #[test]
@@ -650,6 +672,28 @@ fn sshd_lines() {
     assert_eq!(ss("Failed password for x from 192.0.2.1 port 99999 ssh2"), Parsed::Unparsed("sshd failed: address"));
     assert_eq!(ss("Failed password for x from 192.0.2.1 port 2"), Parsed::Unparsed("sshd failed: suffix"));
     assert_eq!(p(LogKind::Sshd, Some("postfix/smtpd"), "Invalid user x from 192.0.2.1 port 1"), Parsed::Ignored);
+}
+
+#[test]
+fn rsyslog_repeated_messages_multiply_attempts() {
+    assert_eq!(
+        ss("message repeated 2 times: [ Failed password for root from 192.0.2.9 port 1022 ssh2]"),
+        auth("192.0.2.9", Service::Ssh, Some("1022"), Count::Add(2), Some("root"))
+    );
+    assert_eq!(
+        pf("message repeated 3 times: [ warning: unknown[192.0.2.66]: SASL LOGIN authentication failed: x]"),
+        auth("192.0.2.66", Service::Smtp, None, Count::Add(3), None)
+    );
+    // A floor stays a floor.
+    assert_eq!(
+        ss("message repeated 2 times: [ Invalid user x from 192.0.2.9 port 1022]"),
+        auth("192.0.2.9", Service::Ssh, Some("1022"), Count::AtLeast(1), Some("x"))
+    );
+    assert_eq!(
+        ss("message repeated 0 times: [ Failed password for root from 192.0.2.9 port 1 ssh2]"),
+        Parsed::Unparsed("repeated: count")
+    );
+    assert_eq!(ss("message repeated x"), Parsed::Ignored);
 }
 
 #[test]
@@ -860,6 +904,112 @@ fn binary_control_overlong_and_empty_lines_are_safe() {
     for k in kinds {
         assert_eq!(p(k, None, ""), Parsed::Ignored);
         assert_eq!(p(k, Some(""), ""), Parsed::Ignored);
+    }
+}
+
+/// Random soups of every parser's structural tokens: no panic, whatever the order.
+#[test]
+fn token_soup_never_panics() {
+    let tokens = [
+        "connect from ",
+        "warning: ",
+        "unknown[",
+        "192.0.2.1",
+        "2001:db8::1",
+        "]",
+        ":25",
+        ": ",
+        ", ",
+        "SASL ",
+        " authentication failed",
+        ", sasl_username=",
+        "NOQUEUE",
+        "ABCDEF123",
+        "reject: RCPT from ",
+        "550 ",
+        "5.1.1 ",
+        "<",
+        ">",
+        "; from=<",
+        "> to=<",
+        " proto=",
+        " helo=<",
+        "client=",
+        "to=<",
+        ", relay=",
+        "x",
+        ", conn_use=1",
+        "delay=1",
+        "delays=1/1/1/1",
+        "dsn=5.1.1",
+        "status=bounced",
+        " (",
+        ")",
+        "removed",
+        "imap-login: ",
+        "Info: ",
+        "Disconnected",
+        "Login aborted: ",
+        "(auth failed, ",
+        "2",
+        " attempts",
+        "): ",
+        "user=<",
+        "rip=",
+        "lip=",
+        "session=<",
+        "auth: ",
+        "auth-worker(",
+        "passwd-file(",
+        ",<S>",
+        ",sasl:plain",
+        ",master",
+        "Password mismatch",
+        "unknown user",
+        "H=",
+        "(",
+        "[",
+        " F=<",
+        " A=plain:a",
+        " rejected RCPT <",
+        "1xajd5-0001Qg-0n ",
+        "<= ",
+        "** ",
+        "=> ",
+        "after RCPT TO:<",
+        "authenticator failed for ",
+        "535 ",
+        "(set_id=",
+        "Failed password for ",
+        "Invalid user ",
+        " from ",
+        " port ",
+        "1",
+        " ssh2",
+        "Connection closed by ",
+        " [preauth]",
+        "message repeated 3 times: [ ",
+        "é",
+        "\u{0}",
+        " ",
+    ];
+    let idents = [
+        None,
+        Some("postfix/smtpd"),
+        Some("postfix/smtp"),
+        Some("dovecot"),
+        Some("imap-login"),
+        Some("auth"),
+        Some("sshd"),
+        Some("exim"),
+    ];
+    let mut rng = Rng(0x0123_4567_89AB_CDEF);
+    for _ in 0..40_000 {
+        let n = 1 + rng.below(24);
+        let s: String = (0..n).map(|_| tokens[rng.below(tokens.len())]).collect();
+        for k in LogKind::ALL {
+            let _ = p(k, idents[rng.below(idents.len())], &s);
+        }
     }
 }
 
