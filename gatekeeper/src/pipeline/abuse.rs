@@ -637,7 +637,11 @@ impl AbuseScores {
         sources: impl IntoIterator<Item = AbuseRow>,
         sessions: impl IntoIterator<Item = SessionRow>,
     ) {
-        for row in sources {
+        for mut row in sources {
+            // A damaged row must not ban (NaN compares as "not below").
+            if !row.score.is_finite() || row.score < 0.0 {
+                row.score = 0.0;
+            }
             self.sources.insert(row.key, row);
         }
         for s in sessions {
@@ -935,6 +939,16 @@ impl MailStream {
         let Some(account) = account.filter(|a| !a.is_empty()) else { return };
         let key = (client.to_canonical(), normalize_rcpt(sender), normalize_rcpt(rcpt));
         self.requests.insert(key, (truncate(account, MAX_ACCOUNT_LEN).to_string(), now_ms));
+    }
+
+    /// [`MailStream::note_rcpt_request`] for a policy request at RCPT
+    /// (other states and requests without a client address are skipped).
+    pub fn note_policy_request(&mut self, req: &crate::policy::PolicyRequest, now_ms: i64) {
+        if req.protocol_state() != Some("RCPT") {
+            return;
+        }
+        let (Some(client), Some(rcpt)) = (req.client_address(), req.recipient()) else { return };
+        self.note_rcpt_request(client, req.sender().unwrap_or(""), rcpt, req.sasl_username(), now_ms);
     }
 
     /// Follows one event; a suspension when a subject crosses the threshold.

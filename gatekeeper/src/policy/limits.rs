@@ -23,6 +23,16 @@ pub const HOUR_MS: i64 = 3_600_000;
 /// Buckets in the day window.
 pub const HOURS: usize = 24;
 
+/// Who a request's mail counts against: its SASL account, else its client
+/// address. None without either.
+pub fn subject_of(req: &super::protocol::PolicyRequest) -> Option<Subject> {
+    match (req.sasl_username(), req.client_address()) {
+        (Some(account), _) => Some(Subject::account(account)),
+        (None, Some(ip)) => Some(Subject::addr(ip)),
+        (None, None) => None,
+    }
+}
+
 /// Limits of one subject; `None` is no limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
@@ -214,6 +224,12 @@ impl SendLimits {
 
     pub fn config(&self) -> &SendLimitsConfig {
         &self.cfg
+    }
+
+    /// For live changes of the default, groups, members and exemptions
+    /// (counters are kept).
+    pub fn config_mut(&mut self) -> &mut SendLimitsConfig {
+        &mut self.cfg
     }
 
     /// Sets (Some) or removes (None) a subject's own limits

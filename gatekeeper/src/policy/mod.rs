@@ -5,6 +5,6 @@ pub mod limits;
 pub mod protocol;
 pub mod server;
 
-pub use limits::{Decision, Limits, SendLimits, SendLimitsConfig, Subject};
+pub use limits::{subject_of, Decision, Limits, SendLimits, SendLimitsConfig, Subject};
 pub use protocol::{format_reply, read_request, PolicyRequest, ProtocolError, Reply};
 pub use server::{bind_socket, serve, serve_with, PolicyCounters, PolicyDecider, ServeOptions};

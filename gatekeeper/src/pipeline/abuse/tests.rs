@@ -639,3 +639,128 @@ fn mail_stream_prune() {
     assert_eq!(d.undeliverable, vec![(Subject::account("alice"), vec![])]);
     assert_eq!(d.qids, vec![Change::Delete("Q1".into())]);
 }
+
+#[test]
+fn policy_rcpt_requests_feed_the_join() {
+    use crate::policy::PolicyRequest;
+    let mut m = stream();
+    let rcpt = PolicyRequest::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", "RCPT"),
+        ("client_address", "192.0.2.67"),
+        ("sender", "alice@example.test"),
+        ("recipient", "nobody@example.test"),
+        ("sasl_username", "alice"),
+    ])
+    .unwrap();
+    let data = PolicyRequest::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", "DATA"),
+        ("client_address", "192.0.2.67"),
+        ("sender", "alice@example.test"),
+        ("recipient", "other@example.test"),
+        ("sasl_username", "alice"),
+    ])
+    .unwrap();
+    m.note_policy_request(&rcpt, T0);
+    m.note_policy_request(&data, T0);
+    m.apply(&noqueue("192.0.2.67", "alice@example.test", "nobody@example.test"), T0 + 5);
+    m.apply(&noqueue("192.0.2.67", "alice@example.test", "other@example.test"), T0 + 5);
+    assert_eq!(m.count_of(&Subject::account("alice"), T0 + 5), 1);
+    assert_eq!(m.count_of(&Subject::addr(ip("192.0.2.67")), T0 + 5), 1, "DATA requests are not RCPT joins");
+}
+
+#[test]
+fn damaged_rows_do_not_ban() {
+    let mut s = AbuseScores::new(AbuseConfig::default());
+    let mut row = AbuseRow::new(AbuseKey::of(ip("192.0.2.66")), T0);
+    row.score = f64::NAN;
+    s.restore([row], []);
+    assert!(s.apply(&connect("192.0.2.66"), T0).is_none());
+    assert_eq!(s.get(&AbuseKey::of(ip("192.0.2.66")), T0).unwrap().score, 1.0);
+}
+
+/// xorshift64*: deterministic input for the invariant test.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn random_event_streams_keep_every_bound() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut scores = AbuseScores::new(AbuseConfig { max_sources: 50, max_sessions: 40, ..AbuseConfig::default() });
+    let mut mail = MailStream::new(MailStreamConfig {
+        max_subjects: 30,
+        max_qids: 20,
+        max_requests: 10,
+        ..MailStreamConfig::default()
+    });
+    let mut now = T0;
+    let mut offences = 0;
+    for _ in 0..50_000 {
+        // Time mostly forward, sometimes back (lines from several sources).
+        now += rng.below(3000) as i64 - 500;
+        let client = if rng.below(2) == 0 {
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, rng.below(100) as u8))
+        } else {
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, rng.below(60) as u16, 0, 0, 0, 0, rng.below(9) as u16))
+        };
+        let session = match rng.below(3) {
+            0 => None,
+            _ => Some(format!("s{}", rng.below(30))),
+        };
+        let count =
+            if rng.below(2) == 0 { Count::Add(rng.below(4) as u32) } else { Count::AtLeast(rng.below(6) as u32) };
+        let qid = format!("Q{}", rng.below(40));
+        let rcpt = format!("u{}@d{}.test", rng.below(25), rng.below(3));
+        let account = ["alice", "bob", ""][rng.below(3) as usize].to_string();
+        let event = match rng.below(7) {
+            0 => connect(&client.to_string()),
+            1 => Event::AuthFail { client, service: Service::Imap, session, count, user: None },
+            2 => Event::Submitted { qid, client, account: Some(account) },
+            3 => Event::Removed { qid },
+            4 => Event::RcptReject {
+                qid: (rng.below(2) == 0).then_some(qid),
+                client,
+                account: None,
+                sender: "s@example.test".into(),
+                rcpt,
+                code: 550,
+                dsn: Some("5.1.1".into()),
+            },
+            5 => bounce(&qid, &rcpt, "5.1.1"),
+            _ => {
+                mail.note_rcpt_request(client, "s@example.test", &rcpt, Some(&account), now);
+                continue;
+            }
+        };
+        if let Some(o) = scores.apply(&event, now) {
+            offences += 1;
+            assert!(o.score >= 100.0 && o.offence_no >= 1);
+            assert!(scores.get(&o.key, now).unwrap().banned(now));
+        }
+        if let Some(s) = mail.apply(&event, now) {
+            assert_eq!(s.count, 11);
+            assert!(s.recipients.iter().all(|r| r.starts_with("*@d")));
+        }
+        assert!(scores.len() <= 50 && scores.sessions.len() <= 40);
+        assert!(mail.subjects.len() <= 30 && mail.qids.len() <= 20 && mail.requests.len() <= 10);
+        assert!(mail.subjects.iter().all(|(_, e)| e.len() <= 11));
+        if rng.below(1000) == 0 {
+            scores.prune(now);
+            mail.prune(now);
+            scores.take_dirty();
+            mail.take_dirty();
+        }
+    }
+    assert!(offences > 0, "the stream should have crossed the threshold somewhere");
+}

@@ -211,3 +211,17 @@ fn counter_kind_names() {
     }
     assert!("messages".parse::<CounterKind>().is_err());
 }
+
+#[test]
+fn the_subject_of_a_request() {
+    use crate::policy::protocol::PolicyRequest;
+    let req = |attrs: &[(&str, &str)]| {
+        PolicyRequest::from_attrs([("request", "smtpd_access_policy")].iter().chain(attrs).copied()).unwrap()
+    };
+    assert_eq!(subject_of(&req(&[("sasl_username", "alice"), ("client_address", "192.0.2.1")])), Some(alice()));
+    assert_eq!(
+        subject_of(&req(&[("sasl_username", ""), ("client_address", "::ffff:192.0.2.1")])),
+        Some(Subject::addr(ip("192.0.2.1")))
+    );
+    assert_eq!(subject_of(&req(&[])), None);
+}
