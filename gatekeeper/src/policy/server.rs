@@ -104,7 +104,8 @@ impl Default for ServeOptions {
 }
 
 /// Serves `listener` until the task is dropped (which also ends every
-/// connection) or accepting fails.
+/// connection) or accepting fails for good (transient errors such as
+/// EMFILE are logged and retried).
 pub async fn serve(listener: UnixListener, decider: Arc<dyn PolicyDecider>, max_conns: usize) -> std::io::Result<()> {
     serve_with(listener, decider, ServeOptions { max_conns, ..ServeOptions::default() }).await
 }
@@ -118,9 +119,20 @@ pub async fn serve_with(
     let slots = Arc::new(Semaphore::new(opts.max_conns.max(1)));
     let mut conns = JoinSet::new();
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if transient(&e) => {
+                // Out of descriptors or memory: wait a little rather than
+                // spin or give up; Postfix applies its default meanwhile.
+                tracing::warn!(error = %e, "policy service: accept failed, retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         opts.counters.connections.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -138,6 +150,13 @@ pub async fn serve_with(
             drop(permit);
         });
     }
+}
+
+/// Accept errors that pass (the listener itself is fine).
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+        || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO))
 }
 
 /// Answers requests on one connection until it closes, errs or idles.

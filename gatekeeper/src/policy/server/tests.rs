@@ -191,3 +191,11 @@ async fn bind_socket_replaces_only_a_stale_socket() {
     let err = bind_socket(&dir.path().join("missing/dir/s"), None, 0o600).unwrap_err().to_string();
     assert!(err.contains("bind"), "{err}");
 }
+
+#[test]
+fn running_out_of_descriptors_is_transient_a_broken_listener_is_not() {
+    assert!(transient(&std::io::Error::from_raw_os_error(libc::EMFILE)));
+    assert!(transient(&std::io::Error::from_raw_os_error(libc::ECONNABORTED)));
+    assert!(!transient(&std::io::Error::from_raw_os_error(libc::EBADF)));
+    assert!(!transient(&std::io::Error::from_raw_os_error(libc::EINVAL)));
+}
