@@ -10,6 +10,7 @@ pub mod error;
 pub mod lists;
 pub mod logs;
 pub mod pipeline;
+pub mod policy;
 pub mod protocol;
 pub mod rejector;
 pub mod status;

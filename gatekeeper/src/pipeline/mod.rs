@@ -2,6 +2,8 @@
 //! into a verdict, bounding the DNS query rate, and learning dynamic
 //! ranges. The agent wires these to the event ring, the resolver and the
 //! datapath.
+pub mod abuse;
+
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
