@@ -201,6 +201,9 @@ pub mod action {
     /// its addresses failed is a presumption about the others. Any other
     /// value passes.
     pub const PRESUMED_DROP: u32 = 2;
+    /// Drop on the guarded ports and on the limited ports (a ban the agent
+    /// reached from what the source did: failed logins, suspensions).
+    pub const BAN: u32 = 3;
 }
 
 /// Why a verdict exists ([`Verdict::reason`]). The classifier issue adds its

@@ -242,6 +242,8 @@ named_enum! {
     pub enum Action ("action") {
         Drop = "drop",
         Pass = "pass",
+        /// Verdicts only: drop on the guarded and the limited ports.
+        Ban = "ban",
     }
 }
 
@@ -251,12 +253,15 @@ impl Action {
         match self {
             Action::Drop => action::DROP,
             Action::Pass => action::PASS,
+            Action::Ban => action::BAN,
         }
     }
     /// The action of a datapath code (anything but the drops passes).
     pub fn of_code(code: u32) -> Action {
         if code == action::DROP || code == action::PRESUMED_DROP {
             Action::Drop
+        } else if code == action::BAN {
+            Action::Ban
         } else {
             Action::Pass
         }

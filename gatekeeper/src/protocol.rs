@@ -87,7 +87,36 @@ pub enum Request {
     Status,
     /// Detach everything, remove all pins and exit.
     Unload,
+    /// Sources with an abuse score (from the mail logs).
+    AbuseList,
+    /// Forgets a source's score and offences, and lifts its abuse ban.
+    AbuseForget {
+        ip: IpAddr,
+    },
+    SuspendList,
+    /// Suspends an account or address by hand.
+    SuspendAdd {
+        subject: Subject,
+        reason: Option<String>,
+    },
+    SuspendDel {
+        subject: Subject,
+    },
+    /// Sets an account's (or address's) sending limits: `none`, or
+    /// `N/hour`, `N/day`.
+    LimitSet {
+        subject: Subject,
+        limits: String,
+    },
+    LimitDel {
+        subject: Subject,
+    },
+    LimitList,
 }
+
+/// Who a suspension or a sending limit is for (`account:NAME` or
+/// `addr:IP`).
+pub use crate::pipeline::abuse::Subject;
 
 // ------------------------------------------------------------------ replies
 
@@ -157,6 +186,51 @@ pub struct CheckReply {
     pub lookup: Lookup,
     pub decision: Decision,
     pub datapath: CheckDatapath,
+    /// Its abuse score from the mail logs, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abuse: Option<AbuseRow>,
+}
+
+/// A source's abuse score (`AbuseList`, `check`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AbuseRow {
+    /// The source key: an IPv4 address or an IPv6 /64.
+    pub source: String,
+    /// The leaky bucket's level now.
+    pub score: f64,
+    pub threshold: u32,
+    /// Failed logins and connections counted (since it was last forgotten).
+    pub failures: u64,
+    pub connections: u64,
+    /// Bans so far (the next one is longer).
+    pub offences: u32,
+    /// Unix seconds the current ban ends, if banned.
+    pub banned_until: Option<i64>,
+    pub reason: Option<crate::domain::AbuseReason>,
+    /// Unix seconds of the last event counted.
+    pub last_seen: i64,
+}
+
+/// `AbuseForget`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AbuseForgotten {
+    pub source: String,
+    pub had_score: bool,
+    pub ban_lifted: bool,
+}
+
+/// A subject's sending limits and what it sent (`LimitList`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LimitRow {
+    pub subject: String,
+    /// `none` or `N/hour, M/day`.
+    pub limits: String,
+    /// Where the limits come from: `cli`, `group:NAME`, `default` or
+    /// `exempt`.
+    pub origin: String,
+    pub messages_hour: u64,
+    pub messages_day: u64,
+    pub recipients_day: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -81,6 +81,31 @@ pub struct AgentLive {
     /// The mail host's rejector, when it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejector: Option<crate::rejector::RejectorStats>,
+    /// The mail stream: log sources, scores, bans, suspensions.
+    #[serde(default)]
+    pub mail: MailStats,
+    /// The Postfix policy service, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::server::PolicyCountersSnapshot>,
+}
+
+/// Counters of the mail stream since start.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MailStats {
+    /// Lines read, per `[[logs]]` entry id.
+    pub lines: BTreeMap<String, u64>,
+    /// Events the parsers produced.
+    pub events: u64,
+    /// Lines of a known kind that could not be read safely, per reason.
+    pub unparsed: BTreeMap<String, u64>,
+    /// Bans the abuse score reached.
+    pub bans: u64,
+    pub suspensions: u64,
+    /// Log source errors (a file that cannot be read, journalctl exits).
+    pub source_errors: u64,
+    /// Sources with a score now.
+    #[serde(default)]
+    pub scored: usize,
 }
 
 /// What the agent let go to stay within its configured bounds, since

@@ -57,6 +57,10 @@ pub struct Ctx {
     pub stop: watch::Sender<bool>,
     /// The mail host's rejector, when it runs.
     pub rejector: Option<Arc<crate::rejector::RejectorHandle>>,
+    /// The mail stream: abuse scores, suspensions, sending limits.
+    pub mail: Option<Arc<crate::agent::mail::MailHandle>>,
+    /// The policy service's counters, when it runs.
+    pub policy: Option<Arc<crate::policy::server::PolicyCounters>>,
 }
 
 /// Accepts connections forever, one task each.
@@ -103,6 +107,11 @@ async fn connection(stream: UnixStream, ctx: Ctx) -> std::io::Result<()> {
         let _ = ctx.stop.send(true);
     }
     Ok(())
+}
+
+/// The mail stream's handle (always there in a running agent).
+fn mail(ctx: &Ctx) -> crate::Result<&crate::agent::mail::MailHandle> {
+    ctx.mail.as_deref().ok_or_else(|| crate::Error::InvalidInput("the mail stream is not running".into()))
 }
 
 /// One request against the state, holding its lock for the request (the
@@ -164,6 +173,7 @@ async fn dispatch(req: Request, ctx: &Ctx) -> Response {
                         decision,
                         lookup,
                         datapath,
+                        abuse: ctx.mail.as_ref().and_then(|m| m.abuse_row(ip)),
                     }
                 }))
             }
@@ -179,9 +189,31 @@ async fn dispatch(req: Request, ctx: &Ctx) -> Response {
                 let l = judge.learner_dropped();
                 (s.dropped.learning_prefixes, s.dropped.learning_shapes) = (l.prefixes, l.shapes);
                 s.rejector = ctx.rejector.as_ref().map(|r| r.stats());
+                s.mail = ctx.mail.as_ref().map(|m| m.stats()).unwrap_or_default();
+                s.policy = ctx.policy.as_ref().map(|p| p.snapshot());
                 AgentStatus::Running(Box::new(s))
             })),
             Request::Unload => Response::of(st.unload().map(|removed| Unloaded { removed })),
+            Request::AbuseList => Response::of(mail(ctx).map(|m| m.abuse_list())),
+            Request::AbuseForget { ip } => Response::of(mail(ctx).and_then(|m| m.forget(st, ip))),
+            Request::SuspendList => Response::of(st.suspensions()),
+            Request::SuspendAdd { subject, reason } => Response::of(match mail(ctx) {
+                Ok(m) => m.suspend_add(st, subject, reason),
+                Err(e) => Err(e),
+            }),
+            Request::SuspendDel { subject } => Response::of(match mail(ctx) {
+                Ok(m) => m.suspend_del(st, &subject),
+                Err(e) => Err(e),
+            }),
+            Request::LimitSet { subject, limits } => Response::of(match mail(ctx) {
+                Ok(m) => m.limit_set(st, subject, &limits),
+                Err(e) => Err(e),
+            }),
+            Request::LimitDel { subject } => Response::of(match mail(ctx) {
+                Ok(m) => m.limit_del(st, &subject),
+                Err(e) => Err(e),
+            }),
+            Request::LimitList => Response::of(mail(ctx).and_then(|m| m.limit_list(st))),
         }
     })
 }

@@ -14,7 +14,9 @@
 //!   retransmitters first, bounded);
 //! - [`reject`]: the mail host's rejector wired to the datapath (its
 //!   listeners, its lease, its quiet table);
-//! - [`explain`]: the explain stage's listeners and set-up (routers).
+//! - [`explain`]: the explain stage's listeners and set-up (routers);
+//! - [`mail`]: the mail stream: log readers, abuse scores, suspensions, the
+//!   Postfix policy service and its sending limits.
 //!
 //! Exiting never detaches anything: the pinned datapath keeps enforcing the
 //! last state until a new agent adopts it or `gatekeeper unload` runs.
@@ -22,6 +24,7 @@ pub mod control;
 pub mod explain;
 pub mod fair;
 pub mod lookups;
+pub mod mail;
 pub mod reject;
 pub mod state;
 pub mod sync;
@@ -160,6 +163,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         Some(listeners) => Some(Arc::new(reject::start(core.clone(), reject_settings, listeners)?)),
         None => None,
     };
+    let mail = {
+        let mut guard = core.lock().await;
+        Arc::new(tokio::task::block_in_place(|| mail::MailHandle::restore(&mut guard.state))?)
+    };
+    mail::start(&core, mail.clone());
+    let policy = mail::start_policy_service(mail.clone())?;
     tokio::spawn(sweeper(core.clone()));
     if let Some(l) = explain {
         tokio::spawn(explain::serve(l));
@@ -168,7 +177,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::spawn(lookups::read_events(queue.clone(), rb, lookups_on));
     }
     tokio::spawn(lookups::run_lookups(core.clone(), queue.clone(), resolver.clone(), limits, dns_cfg));
-    tokio::spawn(control::serve(listener, control::Ctx { core, queue, resolver, stop, rejector }));
+    tokio::spawn(control::serve(
+        listener,
+        control::Ctx { core: core.clone(), queue, resolver, stop, rejector, mail: Some(mail.clone()), policy },
+    ));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("install SIGTERM handler", e))?;
@@ -178,6 +190,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         _ = stopped.changed() => info!("unloaded: everything detached and unpinned; exiting"),
     }
     let _ = std::fs::remove_file(&socket_path);
+    mail.flush(&core).await;
     Ok(())
 }
 

@@ -3,6 +3,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use gatekeeper::domain::{Origin, PoolAction, TcModeSetting, VerdictReason, XdpModeSetting};
+use gatekeeper::protocol::Subject;
 
 #[derive(Parser)]
 #[command(name = "gatekeeper", version, about = "eBPF/XDP connection gatekeeper for mail operators and ISPs")]
@@ -86,6 +87,63 @@ pub enum Cmd {
     },
     /// Detach everything and remove every pin (the state database stays).
     Unload,
+    /// Abuse scores from the mail logs: connections and failed logins per source.
+    #[command(subcommand)]
+    Abuse(AbuseCmd),
+    /// Suspended accounts and addresses (senders to undeliverable recipients).
+    #[command(subcommand)]
+    Suspend(SuspendCmd),
+    /// The smarthost's sending limits per account (or client address).
+    #[command(subcommand)]
+    Limit(LimitCmd),
+}
+
+#[derive(Subcommand)]
+pub enum AbuseCmd {
+    /// Sources with a score: score, failed logins, connections, offences, current ban.
+    List(ListArgs),
+    /// Forget a source's score and offences, and lift its abuse ban.
+    Forget {
+        ip: IpAddr,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SuspendCmd {
+    /// Suspended accounts and addresses, with the reason and the evidence.
+    List(ListArgs),
+    /// Suspend an account (`alice`, `account:alice`) or an address (`192.0.2.7`).
+    Add {
+        #[arg(value_name = "ACCOUNT|ADDR")]
+        subject: Subject,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a suspension (and the block of its client address).
+    Del {
+        #[arg(value_name = "ACCOUNT|ADDR")]
+        subject: Subject,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LimitCmd {
+    /// Set limits: `5000/day`, `100/hour,2000/day`, or `none` (no limit).
+    Set {
+        #[arg(value_name = "ACCOUNT|ADDR")]
+        subject: Subject,
+        #[arg(value_name = "LIMITS")]
+        limits: String,
+    },
+    /// Remove a subject's own limits (the group's or the default apply again).
+    Del {
+        #[arg(value_name = "ACCOUNT|ADDR")]
+        subject: Subject,
+    },
+    /// Limits set by hand and by group, and what each subject sent.
+    List(ListArgs),
 }
 
 #[derive(Args)]

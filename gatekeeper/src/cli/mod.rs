@@ -1,8 +1,10 @@
 //! The command-line client and `gatekeeper run`: finds the agent (socket,
 //! pin directory), then hands each command to its noun's module:
 //! [`ranges`] (range, allow, pool, smarthost, exempt), [`verdicts`] (ban,
-//! verdict, check, classify), [`status`] (status, stats, ports, unload).
+//! verdict, check, classify), [`status`] (status, stats, ports, unload),
+//! [`mail`] (abuse, suspend, limit).
 pub mod args;
+mod mail;
 mod output;
 mod ranges;
 mod status;
@@ -88,6 +90,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Status { json } => status::status(&t, *json),
         Cmd::Stats { json, watch, top } => status::stats(&t.socket, &t.pin_dir, *json, *watch, *top),
         Cmd::Unload => status::unload(&t),
+        Cmd::Abuse(cmd) => mail::abuse(&t, cmd),
+        Cmd::Suspend(cmd) => mail::suspend(&t, cmd),
+        Cmd::Limit(cmd) => mail::limit(&t, cmd),
     }
 }
 

@@ -179,6 +179,26 @@ fn print_status(st: &Status) {
                 r.unknown_port
             );
         }
+        let m = &l.mail;
+        if !m.lines.is_empty() || l.policy.is_some() {
+            let lines: Vec<String> = m.lines.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let unparsed: u64 = m.unparsed.values().sum();
+            println!(
+                "mail logs:  lines read: {}; events {}; unparsed {unparsed}; source errors {}; {} sources scored; {} bans and {} suspensions since start",
+                if lines.is_empty() { "none".to_string() } else { lines.join(", ") },
+                m.events,
+                m.source_errors,
+                m.scored,
+                m.bans,
+                m.suspensions
+            );
+        }
+        if let Some(p) = &l.policy {
+            println!(
+                "policy:     {} requests ({} bad); answered DUNNO {}, REJECT {}, DEFER_IF_PERMIT {}",
+                p.requests, p.bad_requests, p.dunno, p.reject, p.defer_if_permit
+            );
+        }
         if !l.unapplied.is_empty() {
             println!(
                 "NOT APPLIED: {} database entries did not fit into the datapath at start (it runs with what fits; raise max_range_nodes, then `gatekeeper unload` and restart):",

@@ -3,7 +3,6 @@
 //! smarthost's sending limits (`[smarthost]`) and suspensions
 //! (`[suspend]`).
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -46,13 +45,8 @@ pub struct LogConfig {
     pub port: Option<u16>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogStart {
-    #[default]
-    End,
-    Beginning,
-}
+/// Where a first start begins (the log followers' own type).
+pub use crate::logs::file::Start as LogStart;
 
 impl LogConfig {
     /// The key its position is stored under: stable across restarts and
@@ -172,123 +166,31 @@ pub struct MailPolicyConfig {
 
 impl Default for MailPolicyConfig {
     fn default() -> Self {
-        MailPolicyConfig { socket: None, owner: Some("postfix".into()), mode: 0o660, contact: "your provider's support".into() }
-    }
-}
-
-/// A sending limit: `N/hour` or `N/day`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct SendLimit {
-    pub n: u32,
-    pub per: LimitPeriod,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LimitPeriod {
-    Hour,
-    Day,
-}
-
-impl std::fmt::Display for SendLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let p = match self.per {
-            LimitPeriod::Hour => "hour",
-            LimitPeriod::Day => "day",
-        };
-        write!(f, "{}/{p}", self.n)
-    }
-}
-
-impl FromStr for SendLimit {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || format!("invalid limit {s:?} (expected N/hour or N/day with N >= 1, e.g. \"500/day\")");
-        let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
-        let n: u32 = n.trim().parse().map_err(|_| bad())?;
-        let per = match per.trim() {
-            "h" | "hour" => LimitPeriod::Hour,
-            "d" | "day" => LimitPeriod::Day,
-            _ => return Err(bad()),
-        };
-        if n == 0 {
-            return Err(bad());
-        }
-        Ok(SendLimit { n, per })
-    }
-}
-
-impl<'de> Deserialize<'de> for SendLimit {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// Limits as the config and the CLI give them: a list of `N/hour` and
-/// `N/day` (at most one of each), or `"none"` for no limit.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum Limits {
-    Unlimited,
-    Limited { per_hour: Option<u32>, per_day: Option<u32> },
-}
-
-impl Limits {
-    /// `"none"`, or limits separated by commas or spaces.
-    pub fn parse(text: &str) -> std::result::Result<Limits, String> {
-        if text.trim().eq_ignore_ascii_case("none") {
-            return Ok(Limits::Unlimited);
-        }
-        let items: Vec<&str> = text.split([',', ' ']).filter(|s| !s.is_empty()).collect();
-        Limits::of(&items.iter().map(|s| s.parse()).collect::<std::result::Result<Vec<SendLimit>, _>>()?)
-    }
-
-    fn of(list: &[SendLimit]) -> std::result::Result<Limits, String> {
-        let (mut per_hour, mut per_day) = (None, None);
-        for l in list {
-            let slot = match l.per {
-                LimitPeriod::Hour => &mut per_hour,
-                LimitPeriod::Day => &mut per_day,
-            };
-            if slot.replace(l.n).is_some() {
-                return Err(format!("two limits per {}", if l.per == LimitPeriod::Hour { "hour" } else { "day" }));
-            }
-        }
-        if per_hour.is_none() && per_day.is_none() {
-            return Err("no limit given (use \"none\" for no limit)".into());
-        }
-        Ok(Limits::Limited { per_hour, per_day })
-    }
-}
-
-impl std::fmt::Display for Limits {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Limits::Unlimited => f.write_str("none"),
-            Limits::Limited { per_hour, per_day } => {
-                let parts: Vec<String> = [per_hour.map(|n| format!("{n}/hour")), per_day.map(|n| format!("{n}/day"))]
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                f.write_str(&parts.join(", "))
-            }
+        MailPolicyConfig {
+            socket: None,
+            owner: Some("postfix".into()),
+            mode: 0o660,
+            contact: "your provider's support".into(),
         }
     }
 }
 
-impl<'de> Deserialize<'de> for Limits {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(String),
-            List(Vec<SendLimit>),
-        }
-        match Raw::deserialize(d)? {
-            Raw::One(s) => Limits::parse(&s),
-            Raw::List(l) => Limits::of(&l),
-        }
-        .map_err(serde::de::Error::custom)
+/// Sending limits, as the policy service applies them.
+pub use crate::policy::limits::Limits;
+
+/// `messages = "none"`, `"100/hour, 500/day"` or `["100/hour", "500/day"]`.
+fn de_limits<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Limits, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        List(Vec<String>),
     }
+    let text = match Raw::deserialize(d)? {
+        Raw::One(s) => s,
+        Raw::List(l) => l.join(", "),
+    };
+    Limits::parse(&text).map_err(serde::de::Error::custom)
 }
 
 /// The smarthost's transmission limits per authenticated account (and per
@@ -296,7 +198,9 @@ impl<'de> Deserialize<'de> for Limits {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SmarthostConfig {
-    /// Messages per account: e.g. `["100/hour", "500/day"]`, or `"none"`.
+    /// Per account: e.g. `["100/hour", "500/day"]` (messages; recipients as
+    /// `"1000 rcpt/day"`), or `"none"`.
+    #[serde(deserialize_with = "de_limits")]
     pub messages: Limits,
     /// Accounts and addresses never limited (mailing-list servers).
     pub exempt_accounts: Vec<String>,
@@ -308,7 +212,7 @@ pub struct SmarthostConfig {
 impl Default for SmarthostConfig {
     fn default() -> Self {
         SmarthostConfig {
-            messages: Limits::Limited { per_hour: Some(100), per_day: Some(500) },
+            messages: Limits { messages_hour: Some(100), messages_day: Some(500), ..Limits::NONE },
             exempt_accounts: Vec::new(),
             exempt_addresses: Vec::new(),
             group: Vec::new(),
@@ -321,6 +225,7 @@ impl Default for SmarthostConfig {
 pub struct LimitGroup {
     pub name: String,
     pub accounts: Vec<String>,
+    #[serde(deserialize_with = "de_limits")]
     pub messages: Limits,
 }
 
@@ -345,13 +250,7 @@ pub struct SuspendConfig {
     pub exempt_addresses: Vec<IpNet>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Redact {
-    #[default]
-    Domain,
-    None,
-}
+pub use crate::pipeline::abuse::Redact;
 
 impl Default for SuspendConfig {
     fn default() -> Self {
@@ -432,17 +331,6 @@ fn de_mode<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limits_parse_and_print() {
-        assert_eq!(Limits::parse("none").unwrap(), Limits::Unlimited);
-        let l = Limits::parse("5000/day").unwrap();
-        assert_eq!(l, Limits::Limited { per_hour: None, per_day: Some(5000) });
-        assert_eq!(Limits::parse("100/hour, 500/day").unwrap().to_string(), "100/hour, 500/day");
-        assert!(Limits::parse("1/day 2/day").unwrap_err().contains("two limits per day"));
-        assert!(Limits::parse("0/day").unwrap_err().contains("N >= 1"));
-        assert!(Limits::parse("10/week").is_err());
-    }
 
     #[test]
     fn log_entries_validate() {

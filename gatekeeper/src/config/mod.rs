@@ -20,8 +20,7 @@ mod tests;
 pub use egress::{EgressConfig, LimitClass, Rate};
 pub use explain::ExplainConfig;
 pub use mailstream::{
-    AbuseConfig, LimitGroup, LimitPeriod, Limits, LogConfig, LogStart, MailPolicyConfig, Redact, SendLimit,
-    SmarthostConfig, SuspendConfig,
+    AbuseConfig, LimitGroup, Limits, LogConfig, LogStart, MailPolicyConfig, Redact, SmarthostConfig, SuspendConfig,
 };
 pub use reject::{default_action, default_template, system_hostname, Part, RejectSettings, Template};
 

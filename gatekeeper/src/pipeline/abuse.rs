@@ -704,7 +704,8 @@ impl fmt::Display for Subject {
 
 impl FromStr for Subject {
     type Err = crate::Error;
-    /// `account:NAME`, `addr:IP`, or a bare IP address (an address).
+    /// `account:NAME`, `addr:IP`, a bare IP address (an address) or a bare
+    /// account name.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |reason: &str| crate::Error::InvalidInput(format!("invalid subject {s:?}: {reason}"));
         if let Some(name) = s.strip_prefix("account:") {
@@ -713,11 +714,19 @@ impl FromStr for Subject {
             }
             return Ok(Subject::account(name));
         }
-        let addr = s.strip_prefix("addr:").unwrap_or(s);
-        addr.trim()
-            .parse::<IpAddr>()
-            .map(Subject::addr)
-            .map_err(|_| bad("expected account:NAME, addr:IP or an IP address"))
+        if let Some(addr) = s.strip_prefix("addr:") {
+            return addr.trim().parse::<IpAddr>().map(Subject::addr).map_err(|_| bad("expected addr:IP"));
+        }
+        if let Ok(ip) = s.trim().parse::<IpAddr>() {
+            return Ok(Subject::addr(ip));
+        }
+        // A bare account name (what an operator types: `suspend add alice`).
+        let name = s.trim();
+        if name.is_empty() || name.len() > MAX_ACCOUNT_LEN || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(bad("expected an account name (no spaces), account:NAME, addr:IP or an IP address"));
+        }
+        Ok(Subject::account(name))
     }
 }
 

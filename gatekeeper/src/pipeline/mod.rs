@@ -44,7 +44,7 @@ impl Decision {
     pub fn key(&self, ip: std::net::IpAddr) -> Option<SourceKey> {
         match self.action {
             Action::Pass => Some(SourceKey::from_ip(ip)),
-            Action::Drop => {
+            Action::Drop | Action::Ban => {
                 let key = SourceKey::host(ip);
                 let v6 = matches!(ip, std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none());
                 (!v6 || key.is_host_v6()).then_some(key)

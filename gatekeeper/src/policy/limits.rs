@@ -50,6 +50,63 @@ impl Limits {
     pub fn is_unlimited(&self) -> bool {
         *self == Limits::NONE
     }
+
+    /// The config's and the CLI's text: `none`, or limits separated by
+    /// commas or spaces, each `N/hour` or `N/day` (messages), or
+    /// `N rcpt/hour`, `N rcpt/day` (recipients): `"100/hour, 500/day"`.
+    pub fn parse(text: &str) -> Result<Limits, String> {
+        if text.trim().eq_ignore_ascii_case("none") {
+            return Ok(Limits::NONE);
+        }
+        let mut out = Limits::NONE;
+        let mut words = text.split([',', ' ']).filter(|w| !w.is_empty()).peekable();
+        let mut any = false;
+        while let Some(w) = words.next() {
+            let bad =
+                || format!("invalid limit {w:?} in {text:?} (expected N/hour, N/day, N rcpt/hour, N rcpt/day or none)");
+            let (n, per, rcpt) = match w.split_once('/') {
+                Some((n, per)) => (n, per, false),
+                None => match (w.parse::<u32>(), words.next().and_then(|r| r.strip_prefix("rcpt/"))) {
+                    (Ok(_), Some(per)) => (w, per, true),
+                    _ => return Err(bad()),
+                },
+            };
+            let n: u32 = n.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?;
+            let slot = match (per, rcpt) {
+                ("hour" | "h", false) => &mut out.messages_hour,
+                ("day" | "d", false) => &mut out.messages_day,
+                ("hour" | "h", true) => &mut out.recipients_hour,
+                ("day" | "d", true) => &mut out.recipients_day,
+                _ => return Err(bad()),
+            };
+            if slot.replace(n).is_some() {
+                return Err(format!("{text:?} gives the same limit twice"));
+            }
+            any = true;
+        }
+        if !any {
+            return Err("no limit given (use \"none\" for no limit)".into());
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Display for Limits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_unlimited() {
+            return f.write_str("none");
+        }
+        let parts: Vec<String> = [
+            self.messages_hour.map(|n| format!("{n}/hour")),
+            self.messages_day.map(|n| format!("{n}/day")),
+            self.recipients_hour.map(|n| format!("{n} rcpt/hour")),
+            self.recipients_day.map(|n| format!("{n} rcpt/day")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        f.write_str(&parts.join(", "))
+    }
 }
 
 impl Default for SendLimitsConfig {
@@ -220,6 +277,11 @@ impl SendLimits {
             overrides: HashMap::new(),
             dirty: HashMap::new(),
         }
+    }
+
+    /// Subjects with something counted (for `limit list`).
+    pub fn counted_subjects(&self) -> Vec<Subject> {
+        self.counters.iter().map(|(s, _)| s.clone()).collect()
     }
 
     pub fn config(&self) -> &SendLimitsConfig {

@@ -28,6 +28,13 @@ CREATE TABLE IF NOT EXISTS suspensions (
     created_at INTEGER NOT NULL,
     expires_at INTEGER                   -- NULL: until `suspend del`
 );
+CREATE TABLE IF NOT EXISTS send_counts (
+    subject TEXT NOT NULL,               -- account:NAME or addr:IP
+    kind    TEXT NOT NULL,               -- msg | rcpt
+    hour    INTEGER NOT NULL,            -- unix hours
+    n       INTEGER NOT NULL,
+    PRIMARY KEY (subject, kind, hour)
+);
 CREATE TABLE IF NOT EXISTS send_limits (
     subject    TEXT PRIMARY KEY,         -- account:NAME or address:IP
     limits     TEXT NOT NULL,            -- none | 100/hour, 500/day
@@ -95,8 +102,33 @@ impl Store {
     /// Every row of `space`, as `(key, value)`.
     pub fn mail_state(&self, space: &str) -> Result<Vec<(String, String)>> {
         let e = db(&self.path);
-        let mut st = self.conn.prepare("SELECT key, value FROM mail_state WHERE space = ?1 ORDER BY key").map_err(&e)?;
+        let mut st =
+            self.conn.prepare("SELECT key, value FROM mail_state WHERE space = ?1 ORDER BY key").map_err(&e)?;
         let rows = st.query_map([space], |r| Ok((r.get(0)?, r.get(1)?))).map_err(&e)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(&e)
+    }
+
+    /// Adds `n` to a sending counter (several agents sharing a store add
+    /// up, never overwrite).
+    pub fn add_send_count(&mut self, subject: &str, kind: &str, hour: i64, n: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO send_counts (subject, kind, hour, n) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (subject, kind, hour) DO UPDATE SET n = n + excluded.n",
+                params![subject, kind, hour, n as i64],
+            )
+            .map(drop)
+            .map_err(db(&self.path))
+    }
+
+    /// Sending counters from `min_hour` on, as `(subject, kind, hour, n)`;
+    /// older ones are deleted.
+    pub fn send_counts(&mut self, min_hour: i64) -> Result<Vec<(String, String, i64, u64)>> {
+        let e = db(&self.path);
+        self.conn.execute("DELETE FROM send_counts WHERE hour < ?1", [min_hour]).map_err(&e)?;
+        let mut st = self.conn.prepare("SELECT subject, kind, hour, n FROM send_counts").map_err(&e)?;
+        let rows =
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64))).map_err(&e)?;
         rows.collect::<rusqlite::Result<_>>().map_err(&e)
     }
 
@@ -159,8 +191,7 @@ impl Store {
     }
 
     pub fn del_limit(&mut self, subject: &str) -> Result<bool> {
-        let n =
-            self.conn.execute("DELETE FROM send_limits WHERE subject = ?1", [subject]).map_err(db(&self.path))?;
+        let n = self.conn.execute("DELETE FROM send_limits WHERE subject = ?1", [subject]).map_err(db(&self.path))?;
         Ok(n > 0)
     }
 
@@ -190,6 +221,11 @@ mod tests {
         s.put_mail_state("score", "192.0.2.2", Some("{\"a\":1}")).unwrap();
         s.put_mail_state("score", "192.0.2.1", None).unwrap();
         assert_eq!(s.mail_state("score").unwrap(), vec![("192.0.2.2".into(), "{\"a\":1}".into())]);
+        s.add_send_count("account:a", "msg", 10, 2).unwrap();
+        s.add_send_count("account:a", "msg", 10, 3).unwrap();
+        s.add_send_count("account:a", "msg", 5, 1).unwrap();
+        assert_eq!(s.send_counts(9).unwrap(), vec![("account:a".into(), "msg".into(), 10, 5)]);
+        assert_eq!(s.send_counts(0).unwrap().len(), 1, "hour 5 was deleted as too old");
         let rec = SuspensionRecord {
             subject: "account:alice".into(),
             reason: "sent to 11 undeliverable recipients within an hour".into(),

@@ -448,7 +448,7 @@ fn migration_4_to_5_adds_the_mail_tables_and_keeps_the_rest() {
         s.add_ranges(RangeKind::Deny, &[nr("192.0.2.0/24")], false, false, 0).unwrap();
         s.conn
             .execute_batch(
-                "DROP TABLE log_positions; DROP TABLE mail_state; DROP TABLE suspensions; DROP TABLE send_limits;
+                "DROP TABLE log_positions; DROP TABLE mail_state; DROP TABLE suspensions; DROP TABLE send_limits; DROP TABLE send_counts;
                  PRAGMA user_version = 4;",
             )
             .unwrap();

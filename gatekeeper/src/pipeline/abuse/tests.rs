@@ -584,13 +584,14 @@ fn subject_text_round_trips() {
         ("addr:192.0.2.1", "addr:192.0.2.1"),
         ("addr:::ffff:192.0.2.1", "addr:192.0.2.1"),
         ("2001:db8::1", "addr:2001:db8::1"),
+        ("alice", "account:alice"),
     ] {
         let subject: Subject = s.parse().unwrap();
         assert_eq!(subject.to_string(), shown);
         let json = serde_json::to_string(&subject).unwrap();
         assert_eq!(serde_json::from_str::<Subject>(&json).unwrap(), subject);
     }
-    for bad in ["account:", "addr:x", "alice", "account:a\nb"] {
+    for bad in ["account:", "addr:x", "al ice", "", "account:a\nb"] {
         assert!(bad.parse::<Subject>().is_err(), "{bad:?}");
     }
     assert_eq!(Subject::of(Some(""), ip("192.0.2.1")), Subject::addr(ip("192.0.2.1")));

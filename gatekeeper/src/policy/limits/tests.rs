@@ -225,3 +225,15 @@ fn the_subject_of_a_request() {
     );
     assert_eq!(subject_of(&req(&[])), None);
 }
+
+#[test]
+fn limits_text_round_trips() {
+    for t in ["none", "100/hour, 500/day", "5000/day", "10/hour, 20 rcpt/hour, 200 rcpt/day"] {
+        assert_eq!(Limits::parse(t).unwrap().to_string(), t);
+    }
+    assert!(Limits::parse("1/day 2/day").unwrap_err().contains("twice"));
+    assert!(Limits::parse("0/day").is_err());
+    assert!(Limits::parse("10/week").is_err());
+    assert!(Limits::parse("").is_err());
+    assert!(Limits::parse("10 msgs/day").is_err());
+}

@@ -12,6 +12,10 @@ use gatekeeper_common::{KeyWords, SourceKey, MAX_RANGES};
 use ipnet::IpNet;
 use tracing::{debug, error, info, warn};
 
+mod mail;
+
+pub use mail::{AbuseBan, MailBatch};
+
 use crate::{
     agent::sync::{self, Touched},
     config::{validate_ports, Config},
@@ -630,6 +634,8 @@ impl State {
             queue,
             unapplied: self.unapplied.clone(),
             rejector: None,
+            mail: Default::default(),
+            policy: None,
         })
     }
 
