@@ -9,7 +9,7 @@
 //!   behind. Tests run with libtest's default `--test-threads` (one per core):
 //!   every netlab namespace/pin name is unique per process and counter, so
 //!   root tests may run in parallel; pass `-- --test-threads=1` to serialise.
-//! * `cargo xtask bench xdp|egress|classify|flood|reject|all [-- ARGS]` — setup, then the release
+//! * `cargo xtask bench xdp|egress|classify|flood|reject|logs|all [-- ARGS]` — setup, then the release
 //!   `gatekeeper-bench` binary; JSON results land in `target/bench/`.
 //! * `cargo xtask fuzz [--frames N] [--seed S] [--json]` — setup, then the
 //!   release `gatekeeper-fuzz` binary: random and mutated frames through
@@ -86,6 +86,8 @@ enum Bench {
     Flood,
     /// Reject with a reason: the sk_lookup program's ns per good SYN, and refusals answered per second on one core beside Postfix.
     Reject,
+    /// The mail logs: lines parsed and scored per second on one core beside fail2ban-regex, and the time from a log line to the ban in the datapath.
+    Logs,
     All,
 }
 
@@ -101,6 +103,7 @@ fn main() {
                 Bench::Classify => "classify",
                 Bench::Flood => "flood",
                 Bench::Reject => "reject",
+                Bench::Logs => "logs",
                 Bench::All => "all",
             };
             test::bench(which, &args)

@@ -56,9 +56,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "postfix",
-    "swaks",
     "libio-socket-inet6-perl",
     "systemd-journal-remote",
+    // The peer of `cargo xtask bench logs` (fail2ban-regex); never started.
+    "fail2ban",
 ];
 
 /// debconf answers set (`debconf-set-selections`) before a package of the

@@ -132,7 +132,7 @@ fn owner_pid(name: &str) -> Option<u32> {
 }
 
 /// Benchmarks `gatekeeper-bench` knows; `cargo xtask bench all` runs each.
-pub const BENCHES: &[&str] = &["xdp", "egress", "classify", "flood", "reject"];
+pub const BENCHES: &[&str] = &["xdp", "egress", "classify", "flood", "reject", "logs"];
 
 /// `cargo run --release -p gatekeeper-tests --bin gatekeeper-bench -- NAME ARGS`
 /// for `which` (or every one of [`BENCHES`] for `all`). Results are JSON in

@@ -132,6 +132,16 @@ pub fn check(t: &Target, ip: IpAddr, json: bool) -> Result<()> {
             .unwrap_or_else(|| "never expires".into());
         println!("verdict:    {} ({}), {}", v.action, v.reason, left);
     }
+    if let Some(a) = &c.abuse {
+        let banned = match (a.banned_until, a.reason) {
+            (Some(u), Some(r)) => format!("; banned ({r}) {}", expires(Some(u))),
+            _ => String::new(),
+        };
+        println!(
+            "abuse:      score {:.0} of {} ({} failed logins, {} connections, {} offences){banned}",
+            a.score, a.threshold, a.failures, a.connections, a.offences
+        );
+    }
     Ok(())
 }
 

@@ -60,6 +60,8 @@
 
 #[path = "../flood_bench.rs"]
 mod flood_bench;
+#[path = "../logs_bench.rs"]
+mod logs_bench;
 #[path = "../reject_bench.rs"]
 mod reject_bench;
 
@@ -120,6 +122,7 @@ fn usage() -> ! {
     eprintln!("       gatekeeper-bench egress [--repeat N] [--json PATH] [--pools-v4 N] [--pools-v6 N] [--buckets N]");
     eprintln!("       gatekeeper-bench flood [--frames N] [--seconds S] [--json PATH]");
     eprintln!("       gatekeeper-bench reject [--repeat N] [--seconds S] [--clients N] [--json PATH]");
+    eprintln!("       gatekeeper-bench logs [--lines N] [--samples N] [--json PATH]");
     std::process::exit(2)
 }
 
@@ -131,6 +134,7 @@ fn main() -> Result<()> {
         Some("egress") => return egress_bench::run(args),
         Some("flood") => return flood_bench::run(args),
         Some("reject") => return reject_bench::run(args),
+        Some("logs") => return logs_bench::run(args),
         _ => usage(),
     }
     let mut repeat = DEFAULT_REPEAT;
