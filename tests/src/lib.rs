@@ -2,11 +2,12 @@
 //! benchmarks: packet builders, network-namespace scaffolding, DNS servers,
 //! the BPF_PROG_TEST_RUN harness, the host reference model of the
 //! datapath and the differential fuzzer built on it, a gatekeeper
-//! instance driven through its CLI, and real mail software (Postfix, swaks)
+//! instance driven through its CLI, and real mail software (Postfix, Dovecot, swaks)
 //! in test namespaces.
 
 pub mod agentlab;
 pub mod dnslab;
+pub mod dovecot;
 pub mod egresslab;
 pub mod fuzz;
 pub mod model;

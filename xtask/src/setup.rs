@@ -15,7 +15,9 @@
 //! so the package writes no `/etc/postfix/main.cf`, and its postinst's
 //! `invoke-rc.d postfix start` is refused by the temporary `policy-rc.d`
 //! (exit 101, which invoke-rc.d reports to the postinst as success), so no
-//! system mail server ever starts.
+//! system mail server ever starts. Dovecot is the same: a program for the
+//! tests' private instances (`dovecot -c DIR/dovecot.conf`); its postinst's
+//! start is refused the same way, and it installs non-interactively.
 //!
 //! Toolchains are never installed or updated here (and `RUSTUP_AUTO_INSTALL=0`
 //! is forced on every rustup-proxied call): stable and `nightly` must exist.
@@ -37,7 +39,9 @@ use crate::util::{self, cargo_home, output, run, rustup_tool, step};
 /// rusqlite's bundled SQLite); `util-linux` provides `nsenter`; `postfix`
 /// and `swaks` are the real MTA and SMTP client of the mail tests, and
 /// `libio-socket-inet6-perl` is what swaks needs for IPv6 (a Recommends,
-/// which `--no-install-recommends` would leave out).
+/// which `--no-install-recommends` would leave out); `dovecot-imapd` and
+/// `dovecot-pop3d` (with `dovecot-core`) are the real IMAP/POP3 server and
+/// Postfix's SASL server of the log tests (`tests/src/dovecot.rs`).
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -55,6 +59,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "postfix",
     "swaks",
     "libio-socket-inet6-perl",
+    "dovecot-imapd",
+    "dovecot-pop3d",
 ];
 
 /// debconf answers set (`debconf-set-selections`) before a package of the
