@@ -35,11 +35,17 @@
 //!
 //! Dovecot delays authentication from an address that recently failed
 //! (`auth-penalty.h`: 2, 4, 8, then 15 s per further failure; IPv6 per /48;
-//! no setting turns it off), on top of `auth_failure_delay` (2 s) before
-//! each failure reply. A test that wants many failures quickly spreads them
-//! over several client addresses; one that needs many from one address
-//! allows ~15 s per attempt ([`LOGIN_TIMEOUT`] is 40 s). Even a
-//! *successful* login from a penalised address waits.
+//! no setting names it), on top of `auth_failure_delay` (2 s) before each
+//! failure reply. This applies to Postfix's SASL requests too (they carry
+//! the SMTP client's address). Even a *successful* login from a penalised
+//! address waits. Three ways for a test:
+//! - spread attempts over several client addresses (production settings);
+//! - allow ~15 s per attempt ([`LOGIN_TIMEOUT`] is 40 s; give swaks a
+//!   `timeout` over 17 s);
+//! - [`DovecotOptions::without_auth_penalty`]: the auth process finds no
+//!   `anvil-auth-penalty` socket (a listener with `mode = 0` is not
+//!   created) and so tracks no penalty, and `auth_failure_delay = 0`:
+//!   every failure answers at once. The log lines are unchanged.
 //!
 //! Requires root and the Debian packages `dovecot-imapd` and
 //! `dovecot-pop3d` (`cargo xtask setup`). Every wait is bounded.
@@ -115,6 +121,9 @@ pub struct DovecotOptions {
     pub users: Vec<(String, String)>,
     /// Serve Postfix's SASL socket `run/auth-postfix` (mode 0666).
     pub auth_socket: bool,
+    /// Dovecot's per-address auth penalty and `auth_failure_delay` (the
+    /// default, `true`); see the module docs.
+    pub auth_penalty: bool,
     /// dovecot.conf lines appended after the generated ones.
     pub extra_conf: Vec<String>,
 }
@@ -128,8 +137,16 @@ impl DovecotOptions {
             pop3_port: Some(110),
             users: Vec::new(),
             auth_socket: false,
+            auth_penalty: true,
             extra_conf: Vec::new(),
         }
+    }
+
+    /// Failures answer at once, however many come from one address: no
+    /// auth penalty, `auth_failure_delay = 0` (see the module docs).
+    pub fn without_auth_penalty(mut self) -> Self {
+        self.auth_penalty = false;
+        self
     }
 
     pub fn with_user(mut self, user: &str, password: &str) -> Self {
@@ -233,6 +250,14 @@ impl DovecotOptions {
                     "service {service}-login {{\n  inet_listener {service} {{\n    port = {port}\n  }}\n}}\n"
                 ));
             }
+        }
+        if !self.auth_penalty {
+            // A listener of mode 0 is not created: auth finds no penalty
+            // socket (ENOENT) and runs without penalties.
+            text.push_str(
+                "auth_failure_delay = 0\n\
+                 service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n",
+            );
         }
         if self.auth_socket {
             text.push_str(&format!("service auth {{\n  unix_listener {AUTH_SOCKET} {{\n    mode = 0666\n  }}\n}}\n"));
@@ -431,15 +456,24 @@ impl Dovecot {
     /// Waits (bounded) until a log line contains every one of `needles` and
     /// returns the first such line; fails early if the instance stopped.
     pub fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Result<String> {
+        Ok(self.wait_for_log_count(needles, 1, timeout)?.swap_remove(0))
+    }
+
+    /// Waits (bounded) until at least `n` log lines contain every one of
+    /// `needles` and returns them all. Lines reach the file through
+    /// Dovecot's log process, possibly after the client got its reply: wait,
+    /// never just read.
+    pub fn wait_for_log_count(&self, needles: &[&str], n: usize, timeout: Duration) -> Result<Vec<String>> {
         let deadline = Instant::now() + timeout;
         let mut next_alive_check = Instant::now();
         loop {
-            if let Some(line) = self.log_lines(needles).into_iter().next() {
-                return Ok(line);
+            let lines = self.log_lines(needles);
+            if lines.len() >= n.max(1) {
+                return Ok(lines);
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!("Dovecot did not log {needles:?} within {timeout:?}; log:\n{}", self.log());
+                bail!("Dovecot did not log {needles:?} {n} time(s) within {timeout:?}; log:\n{}", self.log());
             }
             if now >= next_alive_check {
                 if self.pids().is_empty() {
@@ -681,5 +715,9 @@ mod tests {
         imap_only.pop3_port = None;
         assert!(imap_only.conf_text(dir).contains("protocols = imap\n"));
         assert!(imap_only.pop3_addrs().is_empty());
+        assert!(!conf.contains("anvil-auth-penalty"));
+        let fast = imap_only.without_auth_penalty().conf_text(dir);
+        assert!(fast.contains("auth_failure_delay = 0\n"), "{fast}");
+        assert!(fast.contains("unix_listener anvil-auth-penalty {\n    mode = 0\n"), "{fast}");
     }
 }

@@ -258,6 +258,8 @@ fn dovecot_logs_failed_logins_with_the_client_address() {
     assert!(line.contains("auth failed") && line.contains("user=<nosuchuser>"), "{line}");
     dv.wait_for_log(&["passwd-file(nosuchuser,192.0.2.68,<", "unknown user"], WAIT).unwrap();
 
+    assert!(dv.dir().join("run/anvil-auth-penalty").exists(), "production settings keep the auth penalty");
+
     // Stop by run/master.pid: nothing of the instance is left.
     let (dir, pids) = (dv.dir().to_owned(), dv.pids());
     assert!(pids.contains(&dv.master_pid()), "{pids:?}");
@@ -267,6 +269,30 @@ fn dovecot_logs_failed_logins_with_the_client_address() {
     assert!(srv.pids().is_empty(), "{:?}", srv.pids());
     drop(dv);
     assert!(!dir.exists(), "{} still exists", dir.display());
+}
+
+#[test]
+fn dovecot_without_auth_penalty_takes_many_failures_from_one_address() {
+    require_dovecot();
+    let (client, srv) = joined(("dvpc", "vc", &["192.0.2.66/24"]), ("dvps", "vs", &["192.0.2.25/24"])).unwrap();
+    let dv = Dovecot::start(
+        &srv,
+        DovecotOptions::new(&[ip("192.0.2.25")]).with_user("alice", "secret").without_auth_penalty(),
+    )
+    .unwrap();
+    // No penalty socket: the auth process tracks none.
+    assert!(!dv.dir().join("run/anvil-auth-penalty").exists());
+    assert!(dv.dir().join("run/anvil").exists());
+    let (imap, pop3) = (dv.imap_addrs()[0], dv.pop3_addrs()[0]);
+    for n in 1..=3 {
+        assert!(!imap_login(&client, ip("192.0.2.66"), imap, "alice", "wrong").unwrap());
+        assert!(!pop3_login(&client, ip("192.0.2.66"), pop3, "alice", "wrong").unwrap());
+        let lines =
+            dv.wait_for_log_count(&["passwd-file(alice,192.0.2.66,<", "Password mismatch"], 2 * n, WAIT).unwrap();
+        assert_eq!(lines.len(), 2 * n, "{lines:?}");
+    }
+    assert!(imap_login(&client, ip("192.0.2.66"), imap, "alice", "secret").unwrap());
+    dv.wait_for_log(&["imap-login: Info: Login: user=<alice>", "rip=192.0.2.66,"], WAIT).unwrap();
 }
 
 #[test]
@@ -300,6 +326,9 @@ fn postfix_authenticates_through_dovecot_and_refuses_unknown_users() {
     run.expect_reply("AUTH", 535, "5.7.8").unwrap();
     let line = pf.wait_for_log("warning: unknown[192.0.2.66]: SASL PLAIN authentication failed", WAIT).unwrap();
     assert!(line.contains("sasl_username=alice"), "{line}");
+    // Dovecot logs the same attempt, without a session id (an MTA's lookup).
+    let auth = dv.wait_for_log(&["auth: Info: passwd-file(alice,192.0.2.66): Password mismatch"], WAIT).unwrap();
+    assert!(!auth.contains("<"), "{auth}");
 
     // Right password: a known and an unknown local recipient.
     let run = swaks(
@@ -493,4 +522,34 @@ fn policy_service_defers_at_data_and_a_dead_one_lets_mail_through() {
     assert!(warn.contains(&dead.display().to_string()), "{warn}");
     drop(pf);
     drop(policy);
+}
+
+#[test]
+fn dovecot_failed_start_says_why_and_leaves_nothing() {
+    require_dovecot();
+    let ns = Netns::new("dvf").unwrap();
+    let own = format!("{}{}-", dovecot::DIR_PREFIX, std::process::id());
+    let mine = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(mta::TMP)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with(&own))
+            .collect()
+    };
+    let before = mine();
+    // 192.0.2.77 is not configured in the namespace.
+    let err = Dovecot::start(&ns, DovecotOptions::new(&[ip("192.0.2.77")]).with_user("a", "b")).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("bind(192.0.2.77, 143) failed: Cannot assign requested address"), "{msg}");
+    assert!(ns.pids().is_empty(), "{:?}", ns.pids());
+    // Other tests of this process may run instances: only new dirs of a
+    // failed start would listen on 192.0.2.77.
+    for n in mine().iter().filter(|n| !before.contains(n)) {
+        let conf = Path::new(mta::TMP).join(n).join("dovecot.conf");
+        let text = std::fs::read_to_string(&conf).unwrap_or_default();
+        assert!(!text.contains("192.0.2.77"), "the failed start left {}", conf.display());
+    }
+    let err = Dovecot::start(&ns, DovecotOptions::new(&[ip("10.1.2.3")])).unwrap_err();
+    assert!(format!("{err:#}").contains("neither a test address nor loopback"), "{err:#}");
 }
