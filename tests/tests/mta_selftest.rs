@@ -233,12 +233,19 @@ fn require_dovecot() {
 #[test]
 fn dovecot_logs_failed_logins_with_the_client_address() {
     require_dovecot();
-    let (client, srv) =
-        joined(("dvc", "vc", &["192.0.2.66/24", "192.0.2.67/24", "192.0.2.68/24"]), ("dvs", "vs", &["192.0.2.25/24"]))
-            .unwrap();
-    let mut dv = Dovecot::start(&srv, DovecotOptions::new(&[ip("192.0.2.25")]).with_user("alice", "secret")).unwrap();
+    let (client, srv) = joined(
+        ("dvc", "vc", &["192.0.2.66/24", "192.0.2.67/24", "192.0.2.68/24", "2001:db8:5::66/64"]),
+        ("dvs", "vs", &["192.0.2.25/24", "2001:db8:5::25/64"]),
+    )
+    .unwrap();
+    let mut dv = Dovecot::start(
+        &srv,
+        DovecotOptions::new(&[ip("192.0.2.25"), ip("2001:db8:5::25")]).with_user("alice", "secret"),
+    )
+    .unwrap();
     let (imap, pop3) = (dv.imap_addrs()[0], dv.pop3_addrs()[0]);
     assert_eq!(imap, sa("192.0.2.25", 143));
+    assert_eq!(dv.imap_addrs()[1], sa("2001:db8:5::25", 143));
     assert!(dv.log_path().starts_with(dv.dir()));
 
     // One address per attempt: no auth penalty between them.
@@ -257,6 +264,11 @@ fn dovecot_logs_failed_logins_with_the_client_address() {
     let line = dv.wait_for_log(&["pop3-login: Info: Disconnected", "rip=192.0.2.68,"], WAIT).unwrap();
     assert!(line.contains("auth failed") && line.contains("user=<nosuchuser>"), "{line}");
     dv.wait_for_log(&["passwd-file(nosuchuser,192.0.2.68,<", "unknown user"], WAIT).unwrap();
+
+    // IPv6: the address as Dovecot writes it.
+    assert!(!imap_login(&client, ip("2001:db8:5::66"), dv.imap_addrs()[1], "alice", "wrong").unwrap());
+    let line = dv.wait_for_log(&["imap-login: Info: Disconnected", "rip=2001:db8:5::66,"], WAIT).unwrap();
+    assert!(line.contains("lip=2001:db8:5::25,"), "{line}");
 
     assert!(dv.dir().join("run/anvil-auth-penalty").exists(), "production settings keep the auth penalty");
 
