@@ -2,12 +2,13 @@
 //! benchmarks: packet builders, network-namespace scaffolding, DNS servers,
 //! the BPF_PROG_TEST_RUN harness, the host reference model of the
 //! datapath and the differential fuzzer built on it, a gatekeeper
-//! instance driven through its CLI, real mail software (Postfix, swaks)
-//! in test namespaces, and a real systemd journal written entry by entry
-//! (journal-remote).
+//! instance driven through its CLI, real mail software (Postfix, Dovecot,
+//! swaks) in test namespaces, and a real systemd journal written entry by
+//! entry (journal-remote).
 
 pub mod agentlab;
 pub mod dnslab;
+pub mod dovecot;
 pub mod egresslab;
 pub mod fuzz;
 pub mod journal;

@@ -41,6 +41,37 @@
 //! goes to `default_transport = discard:`, so no mail ever looks for a way
 //! out of the namespace.
 //!
+//! Options for the log and policy tests:
+//! - [`PostfixOptions::with_sasl_dovecot`]: SMTP AUTH through a
+//!   [`crate::dovecot::Dovecot`] auth socket (plaintext AUTH, no TLS). A
+//!   failure logs `warning: unknown[ADDR]: SASL PLAIN authentication failed:
+//!   (reason unavailable), sasl_username=U` here *and* a Dovecot
+//!   `auth: Info: passwd-file(U,ADDR): Password mismatch` line without a
+//!   session (after Dovecot's `auth_failure_delay`, 2 s).
+//! - [`PostfixOptions::with_local_users`]: a `mydestination` domain with a
+//!   fixed recipient list: others get `550 5.1.1 ... User unknown in local
+//!   recipient table` (`NOQUEUE: reject: RCPT ...`, or `QID: reject: ...`
+//!   once a recipient of the transaction was accepted). Local mail goes to
+//!   the Maildir (`local_transport = virtual`).
+//! - [`PostfixOptions::with_bounce_sink`]: a second smtpd (tag
+//!   `postfix/sink/smtpd`) on another port of the first listen address
+//!   answers every RCPT with 550 5.1.1; mail for [`BOUNCE_DOMAIN`] goes
+//!   there, so the queue logs `dsn=5.1.1, status=bounced`. **Pitfall**: the
+//!   sink's own `NOQUEUE: reject: RCPT from unknown[LISTEN-ADDR]: 550 5.1.1`
+//!   lines land in the same maillog with the instance's own address as
+//!   client; a log reader that counts unknown recipients per client address
+//!   sees them. Where that matters, use a [`RefusingSmtp`] answering
+//!   `550 5.1.1 ...` plus [`PostfixOptions::with_transport`] instead (same
+//!   bounce lines, nothing logged for the refusal).
+//! - [`PostfixOptions::with_policy`]: `check_policy_service { unix:PATH,
+//!   timeout=2s, default_action=DUNNO, try_limit=1 }` first in
+//!   `smtpd_recipient_restrictions` and in `smtpd_data_restrictions`. smtpd
+//!   runs as user `postfix`, unchrooted: the socket (and its directories)
+//!   must let that user connect (e.g. mode 0666 in a 0755 directory, or
+//!   owner postfix). A dead socket costs one try, then mail flows (DUNNO).
+//! - [`SwaksArgs::auth`], [`SwaksArgs::rcpts`], [`SwaksRun::replies_to`],
+//!   [`SwaksRun::expect_reply`] drive and check such sessions.
+//!
 //! Settings that differ from a stock Postfix, for tests: no TLS, no SMTPUTF8,
 //! no DNS (`smtpd_peername_lookup = no`: the namespace has no resolver, the
 //! client shows as `unknown[ADDR]`), and `smtp_connect_timeout = 5s`, so a
@@ -153,7 +184,43 @@ pub struct PostfixOptions {
     pub main_cf: Vec<String>,
     /// master.cf lines appended after the generated services.
     pub master_cf: Vec<String>,
+    /// SMTP AUTH through Dovecot: the absolute path of a Dovecot auth
+    /// socket ([`crate::dovecot::Dovecot::auth_socket`]). Sets
+    /// `smtpd_sasl_type = dovecot`, `smtpd_sasl_path`,
+    /// `smtpd_sasl_auth_enable = yes` (every smtpd port but the bounce
+    /// sink), `broken_sasl_auth_clients = yes` and
+    /// `smtpd_sasl_security_options = noanonymous` (plaintext AUTH without
+    /// TLS: `smtpd_tls_security_level = none` is always set here).
+    pub sasl_dovecot: Option<PathBuf>,
+    /// A policy service (absolute path of a Unix socket that user
+    /// `postfix` can connect to): `check_policy_service { unix:PATH,
+    /// timeout=2s, default_action=DUNNO, try_limit=1 }` first in
+    /// `smtpd_recipient_restrictions` and in `smtpd_data_restrictions`.
+    pub policy: Option<PathBuf>,
+    /// A local domain (`mydestination`) whose recipients are only
+    /// [`Self::local_users`] (`local_recipient_maps`): any other gets
+    /// `550 5.1.1 <r>: Recipient address rejected: User unknown in local
+    /// recipient table` at RCPT. Mail for the users lands in the Maildir.
+    pub local_domain: Option<String>,
+    /// Local parts accepted for [`Self::local_domain`].
+    pub local_users: Vec<String>,
+    /// Bounce sink: a second smtpd on this port of the first listen
+    /// address that answers every RCPT with `550 5.1.1 User unknown here`;
+    /// mail for [`Self::bounce_domains`] is sent there, so the queue logs
+    /// real `dsn=5.1.1, status=bounced` lines.
+    pub bounce_sink: Option<u16>,
+    /// Domains routed to the bounce sink (default [`BOUNCE_DOMAIN`]).
+    pub bounce_domains: Vec<String>,
 }
+
+/// The domain [`PostfixOptions::with_bounce_sink`] routes to the sink.
+pub const BOUNCE_DOMAIN: &str = "remote.test";
+/// The access(5) action the bounce sink takes for every RCPT: the client
+/// reads `550 5.1.1 <rcpt>: Recipient address rejected: User unknown here`.
+pub const BOUNCE_SINK_REPLY: &str = "550 5.1.1 User unknown here";
+/// `syslog_name` of the bounce sink's smtpd: its lines are tagged
+/// `postfix/sink/smtpd`.
+pub const BOUNCE_SINK_SYSLOG_NAME: &str = "postfix/sink";
 
 impl PostfixOptions {
     fn base(listen: &[IpAddr], myhostname: &str) -> Self {
@@ -170,6 +237,12 @@ impl PostfixOptions {
             inet_protocols: None,
             main_cf: Vec::new(),
             master_cf: Vec::new(),
+            sasl_dovecot: None,
+            policy: None,
+            local_domain: None,
+            local_users: Vec::new(),
+            bounce_sink: None,
+            bounce_domains: Vec::new(),
         }
     }
 
@@ -204,9 +277,45 @@ impl PostfixOptions {
         self
     }
 
-    /// Every address the instance listens on.
+    /// SMTP AUTH through the Dovecot auth socket at `socket` (absolute).
+    pub fn with_sasl_dovecot(mut self, socket: &Path) -> Self {
+        self.sasl_dovecot = Some(socket.to_path_buf());
+        self
+    }
+
+    /// Asks the policy service at `socket` (absolute) at RCPT and DATA.
+    pub fn with_policy(mut self, socket: &Path) -> Self {
+        self.policy = Some(socket.to_path_buf());
+        self
+    }
+
+    /// `domain` becomes local (`mydestination`) with exactly these
+    /// recipients (local parts); everyone else there is "User unknown".
+    pub fn with_local_users(mut self, domain: &str, users: &[&str]) -> Self {
+        self.local_domain = Some(domain.to_owned());
+        self.local_users = users.iter().map(|u| (*u).to_owned()).collect();
+        self
+    }
+
+    /// A bounce sink on `port` of the first listen address, and mail for
+    /// [`BOUNCE_DOMAIN`] (and any domain added to `bounce_domains`) routed
+    /// to it.
+    pub fn with_bounce_sink(mut self, port: u16) -> Self {
+        self.bounce_sink = Some(port);
+        if self.bounce_domains.is_empty() {
+            self.bounce_domains.push(BOUNCE_DOMAIN.to_owned());
+        }
+        self
+    }
+
+    /// Every address the instance's main smtpd listens on (not the sink).
     pub fn smtp_addrs(&self) -> Vec<SocketAddr> {
         self.listen.iter().flat_map(|&ip| self.ports.iter().map(move |&p| SocketAddr::new(ip, p))).collect()
+    }
+
+    /// The bounce sink's address, if one is configured.
+    pub fn bounce_sink_addr(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(*self.listen.first()?, self.bounce_sink?))
     }
 
     /// Refuses what could reach outside the test ranges or that Postfix
@@ -237,6 +346,49 @@ impl PostfixOptions {
         }
         if let Some((d, a)) = self.transports.iter().find(|(_, a)| !is_test_addr(a.ip()) || a.port() == 0) {
             bail!("PostfixOptions: transport {d} -> {a} is not a test address and port");
+        }
+        for (what, path) in [("sasl_dovecot", &self.sasl_dovecot), ("policy", &self.policy)] {
+            if let Some(p) = path {
+                let text = p.to_string_lossy();
+                if !p.is_absolute() || text.chars().any(|c| c.is_whitespace() || ",{}=".contains(c)) {
+                    bail!("PostfixOptions: {what} socket {} must be an absolute path without blanks, commas, braces or '='", p.display());
+                }
+            }
+        }
+        if let Some(d) = &self.local_domain {
+            if !is_domain(d) {
+                bail!("PostfixOptions: bad local domain {d:?}");
+            }
+            if self.domains.iter().chain(&self.bounce_domains).any(|v| v.eq_ignore_ascii_case(d)) {
+                bail!("PostfixOptions: local domain {d} is also a Maildir or bounce domain");
+            }
+        }
+        if let Some(u) = self
+            .local_users
+            .iter()
+            .find(|u| u.is_empty() || !u.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)))
+        {
+            bail!("PostfixOptions: bad local user {u:?} (letters, digits, . _ - + only)");
+        }
+        if !self.local_users.is_empty() && self.local_domain.is_none() {
+            bail!("PostfixOptions: local users {:?} without a local domain", self.local_users);
+        }
+        if let Some(port) = self.bounce_sink {
+            if port == 0 || self.ports.contains(&port) {
+                bail!(
+                    "PostfixOptions: bounce sink port {port} must be non-zero and not one of the smtpd ports {:?}",
+                    self.ports
+                );
+            }
+            if self.bounce_domains.is_empty() {
+                bail!("PostfixOptions: bounce sink on port {port} without a domain routed to it");
+            }
+        }
+        if let Some(d) = self.bounce_domains.iter().find(|d| !is_domain(d)) {
+            bail!("PostfixOptions: bad bounce domain {d:?}");
+        }
+        if !self.bounce_domains.is_empty() && self.bounce_sink.is_none() {
+            bail!("PostfixOptions: bounce domains {:?} without a bounce sink port", self.bounce_domains);
         }
         if let Some(ip) = self.smtp_bind.iter().find(|ip| !is_test_addr(**ip)) {
             bail!("PostfixOptions: smtp_bind {ip} is not a test address");
@@ -282,11 +434,13 @@ impl PostfixOptions {
              inet_interfaces = {listen}\n\
              inet_protocols = {protocols}\n\
              mynetworks = {mynetworks}\n\
-             mydestination =\n\
+             mydestination = {local_domain}\n\
              relay_domains =\n\
              alias_maps =\n\
              alias_database =\n\
-             local_recipient_maps =\n\
+             local_recipient_maps = {local_maps}\n\
+             # local mail goes to the Maildir too (no local(8) here)\n\
+             local_transport = virtual\n\
              smtputf8_enable = no\n\
              biff = no\n\
              smtpd_tls_security_level = none\n\
@@ -310,7 +464,27 @@ impl PostfixOptions {
             domains = self.domains.join(", "),
             uid = owner.0,
             gid = owner.1,
+            local_domain = self.local_domain.as_deref().unwrap_or(""),
+            local_maps =
+                if self.local_domain.is_some() { format!("texthash:{d}/conf/local_recipients") } else { String::new() },
         );
+        if let Some(socket) = &self.sasl_dovecot {
+            text.push_str(&format!(
+                "smtpd_sasl_type = dovecot\n\
+                 smtpd_sasl_path = {}\n\
+                 smtpd_sasl_auth_enable = yes\n\
+                 broken_sasl_auth_clients = yes\n\
+                 smtpd_sasl_security_options = noanonymous\n",
+                socket.display()
+            ));
+        }
+        if let Some(socket) = &self.policy {
+            let check = format!(
+                "check_policy_service {{ unix:{}, timeout=2s, default_action=DUNNO, try_limit=1 }}",
+                socket.display()
+            );
+            text.push_str(&format!("smtpd_recipient_restrictions = {check}\nsmtpd_data_restrictions = {check}\n"));
+        }
         for ip in &self.smtp_bind {
             let key = if ip.is_ipv6() { "smtp_bind_address6" } else { "smtp_bind_address" };
             text.push_str(&format!("{key} = {ip}\n"));
@@ -327,6 +501,17 @@ impl PostfixOptions {
         let mut text = String::from("# service type private unpriv chroot wakeup maxproc command\n");
         for port in &self.ports {
             text.push_str(&format!("{port} inet n - n - - smtpd\n"));
+        }
+        if let Some(addr) = self.bounce_sink_addr() {
+            // Its own listen address (inet_interfaces still applies), no
+            // AUTH, no policy: every RCPT gets BOUNCE_SINK_REPLY.
+            let host = if addr.is_ipv6() { format!("[{}]", addr.ip()) } else { addr.ip().to_string() };
+            text.push_str(&format!(
+                "{host}:{port} inet n - n - - smtpd -o syslog_name={BOUNCE_SINK_SYSLOG_NAME} \
+                 -o {{ smtpd_recipient_restrictions = check_recipient_access static:{{{BOUNCE_SINK_REPLY}}}, reject_unauth_destination }} \
+                 -o smtpd_sasl_auth_enable=no -o {{ smtpd_relay_restrictions = }} -o {{ smtpd_data_restrictions = }}\n",
+                port = addr.port(),
+            ));
         }
         text.push_str(
             "pickup unix n - n 60 1 pickup\n\
@@ -358,7 +543,21 @@ impl PostfixOptions {
     }
 
     fn transport_text(&self) -> String {
-        self.transports.iter().map(|(domain, to)| format!("{domain} smtp:[{}]:{}\n", to.ip(), to.port())).collect()
+        let sink = self.bounce_sink_addr();
+        let sinks = self.bounce_domains.iter().filter_map(|d| sink.map(|a| (d, a)));
+        self.transports
+            .iter()
+            .map(|(d, a)| (d, *a))
+            .chain(sinks)
+            .map(|(domain, to)| format!("{domain} smtp:[{}]:{}\n", to.ip(), to.port()))
+            .collect()
+    }
+
+    /// `local_recipient_maps` (texthash): each user by local part and by
+    /// whole address.
+    fn local_recipients_text(&self) -> String {
+        let Some(domain) = &self.local_domain else { return String::new() };
+        self.local_users.iter().map(|u| format!("{u} ok\n{u}@{domain} ok\n")).collect()
     }
 }
 
@@ -381,6 +580,7 @@ pub struct Postfix {
     netns: PathBuf,
     netns_name: String,
     addrs: Vec<SocketAddr>,
+    sink: Option<SocketAddr>,
     master_pid: i32,
     stopped: bool,
 }
@@ -418,6 +618,7 @@ impl Postfix {
             netns: ns.path().to_path_buf(),
             netns_name: ns.name().to_owned(),
             addrs: opts.smtp_addrs(),
+            sink: opts.bounce_sink_addr(),
             master_pid: 0,
             stopped: false,
         };
@@ -444,6 +645,7 @@ impl Postfix {
             ("main.cf", opts.main_cf_text(&self.dir, (uid, gid))),
             ("master.cf", opts.master_cf_text()),
             ("transport", opts.transport_text()),
+            ("local_recipients", opts.local_recipients_text()),
         ] {
             let p = conf.join(name);
             fs::write(&p, text).with_context(|| format!("write {}", p.display()))?;
@@ -482,7 +684,7 @@ impl Postfix {
             let out = self.nsenter(Path::new("ss"), &["-Hltn"], CMD_TIMEOUT)?;
             let listening: Vec<&str> = out.stdout.lines().filter_map(|l| l.split_whitespace().nth(3)).collect();
             let missing: Vec<&SocketAddr> =
-                self.addrs.iter().filter(|a| !listening.contains(&a.to_string().as_str())).collect();
+                self.addrs.iter().chain(&self.sink).filter(|a| !listening.contains(&a.to_string().as_str())).collect();
             if missing.is_empty() {
                 return Ok(());
             }
@@ -522,6 +724,11 @@ impl Postfix {
     /// Every address smtpd listens on (listen addresses × ports).
     pub fn smtp_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The bounce sink's address ([`PostfixOptions::with_bounce_sink`]).
+    pub fn bounce_sink_addr(&self) -> Option<SocketAddr> {
+        self.sink
     }
 
     /// The master's pid (read from `queue/pid/master.pid` at start).
@@ -664,7 +871,7 @@ fn postfix_ids() -> Result<(u32, u32)> {
 
 /// Live processes whose working directory lies in `dir` (every Postfix
 /// daemon works in its queue_directory). Our own process is never one.
-fn procs_in(dir: &Path) -> Vec<i32> {
+pub(crate) fn procs_in(dir: &Path) -> Vec<i32> {
     let me = std::process::id() as i32;
     let Ok(rd) = fs::read_dir("/proc") else { return Vec::new() };
     rd.flatten()
@@ -675,14 +882,14 @@ fn procs_in(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-fn kill_procs_in(dir: &Path) {
+pub(crate) fn kill_procs_in(dir: &Path) {
     for pid in procs_in(dir) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
 /// Waits (bounded) until no process works in `dir`; true if none is left.
-fn wait_gone(dir: &Path, timeout: Duration) -> bool {
+pub(crate) fn wait_gone(dir: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if procs_in(dir).is_empty() {
@@ -700,11 +907,17 @@ fn wait_gone(dir: &Path, timeout: Duration) -> bool {
 /// removed. Those of live processes are left alone. [`Postfix::start`]
 /// calls it.
 pub fn cleanup_stale() -> Vec<String> {
+    cleanup_stale_dirs(DIR_PREFIX)
+}
+
+/// [`cleanup_stale`] for any `/tmp/<prefix><pid>-<n>` instance directory
+/// (the Dovecot harness uses it too).
+pub(crate) fn cleanup_stale_dirs(prefix: &str) -> Vec<String> {
     let mut removed = Vec::new();
     let Ok(rd) = fs::read_dir(TMP) else { return removed };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(owner) = name.strip_prefix(DIR_PREFIX).and_then(|rest| rest.split('-').next()) else { continue };
+        let Some(owner) = name.strip_prefix(prefix).and_then(|rest| rest.split('-').next()) else { continue };
         let Ok(owner) = owner.parse::<u32>() else { continue };
         if Path::new(&format!("/proc/{owner}")).exists() {
             continue;
@@ -738,6 +951,9 @@ pub struct SwaksArgs {
     pub quit_after: Option<String>,
     /// `--timeout`: how long swaks waits for each step (connect included).
     pub timeout: Duration,
+    /// `--auth MECH --auth-user U --auth-password P`: `(mechanism, user,
+    /// password)`; see [`Self::auth`].
+    pub auth: Option<(String, String, String)>,
     /// More swaks arguments, appended as they are.
     pub extra: Vec<String>,
 }
@@ -752,8 +968,28 @@ impl SwaksArgs {
             helo: None,
             quit_after: None,
             timeout: Duration::from_secs(10),
+            auth: None,
             extra: Vec::new(),
         }
+    }
+
+    /// SMTP AUTH PLAIN as `user` with `password` (plaintext: the harness's
+    /// Postfix offers AUTH without TLS when it has SASL).
+    pub fn auth(self, user: &str, password: &str) -> Self {
+        self.auth_mech("PLAIN", user, password)
+    }
+
+    /// SMTP AUTH with a chosen mechanism (`PLAIN`, `LOGIN`).
+    pub fn auth_mech(mut self, mechanism: &str, user: &str, password: &str) -> Self {
+        self.auth = Some((mechanism.to_owned(), user.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Several recipients in one transaction (one RCPT each, in order;
+    /// swaks's `--to a,b`); see [`SwaksRun::replies_to`].
+    pub fn rcpts(mut self, rcpts: &[&str]) -> Self {
+        self.to = rcpts.join(",");
+        self
     }
 
     pub fn local(mut self, source: IpAddr) -> Self {
@@ -802,6 +1038,10 @@ impl SwaksArgs {
         }
         if let Some(q) = &self.quit_after {
             v.extend(["--quit-after".into(), q.clone()]);
+        }
+        if let Some((mech, user, pass)) = &self.auth {
+            v.extend(["--auth".into(), mech.clone(), "--auth-user".into(), user.clone()]);
+            v.extend(["--auth-password".into(), pass.clone()]);
         }
         v.extend(self.extra.iter().cloned());
         v
@@ -873,28 +1113,54 @@ impl SwaksRun {
     /// and all its lines joined by `\n`. `None` if swaks never sent it or
     /// got no reply. "BANNER" gives the greeting.
     pub fn reply_to(&self, command: &str) -> Option<(u16, String)> {
-        let want = command.to_ascii_uppercase();
-        let mut lines = self.transcript.lines().peekable();
-        if want != "BANNER" {
-            lines.find(|l| {
-                split_mark(l, &SENT_MARKS).is_some_and(|sent| sent.to_ascii_uppercase().starts_with(&want))
-            })?;
-        } else {
+        if command.eq_ignore_ascii_case("BANNER") {
+            let mut lines = self.transcript.lines().peekable();
             // The greeting: the replies before swaks sends anything.
             while lines.peek().is_some_and(|l| split_mark(l, &REPLY_MARKS).is_none()) {
                 lines.next();
             }
+            return joined_reply(lines);
         }
-        let reply: Vec<(u16, String)> =
-            lines.map_while(|l| split_mark(l, &REPLY_MARKS)).filter_map(parse_reply).collect();
-        let code = reply.last()?.0;
-        Some((code, reply.into_iter().map(|(_, l)| l).collect::<Vec<_>>().join("\n")))
+        self.replies_to(command).into_iter().next()
+    }
+
+    /// The replies to every command swaks sent that starts with `command`
+    /// (case-insensitive), in order: one per RCPT of a run with several
+    /// recipients ([`SwaksArgs::rcpts`]). Commands without a reply are left out.
+    pub fn replies_to(&self, command: &str) -> Vec<(u16, String)> {
+        let want = command.to_ascii_uppercase();
+        let lines: Vec<&str> = self.transcript.lines().collect();
+        lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| {
+                split_mark(l, &SENT_MARKS).is_some_and(|sent| sent.to_ascii_uppercase().starts_with(&want))
+            })
+            .filter_map(|(i, _)| joined_reply(lines[i + 1..].iter().copied()))
+            .collect()
+    }
+
+    /// Checks that the reply to the first `command` has code `code` and
+    /// contains `text`; the error shows the whole run.
+    pub fn expect_reply(&self, command: &str, code: u16, text: &str) -> Result<()> {
+        match self.reply_to(command) {
+            Some((c, t)) if c == code && t.contains(text) => Ok(()),
+            got => bail!("want {code} {text:?} in reply to {command}, got {got:?}\n{self}"),
+        }
     }
 
     /// The queue id Postfix gave the message (`250 2.0.0 Ok: queued as ID`).
     pub fn queue_id(&self) -> Option<String> {
         self.replies().iter().find_map(|(_, l)| l.split("queued as ").nth(1).map(|id| id.trim().to_owned()))
     }
+}
+
+/// The reply lines at the start of `lines` (until the next non-reply
+/// line): the final code and the lines joined by `\n`.
+fn joined_reply<'a>(lines: impl Iterator<Item = &'a str>) -> Option<(u16, String)> {
+    let reply: Vec<(u16, String)> = lines.map_while(|l| split_mark(l, &REPLY_MARKS)).filter_map(parse_reply).collect();
+    let code = reply.last()?.0;
+    Some((code, reply.into_iter().map(|(_, l)| l).collect::<Vec<_>>().join("\n")))
 }
 
 impl std::fmt::Display for SwaksRun {
@@ -1117,6 +1383,82 @@ mod tests {
         assert_eq!(r.queue_id(), None);
         let queued = run("<-  250 2.0.0 Ok: queued as 1EBEC9AE0AE\n");
         assert_eq!(queued.queue_id().as_deref(), Some("1EBEC9AE0AE"));
+    }
+
+    #[test]
+    fn replies_to_every_rcpt_and_expect_reply() {
+        let r = run("<-  220 mx ESMTP\n\
+            \x20-> EHLO c\n\
+            <-  250 mx\n\
+            \x20-> AUTH PLAIN AGFsaWNlAHNlY3JldA==\n\
+            <-  235 2.7.0 Authentication successful\n\
+            \x20-> MAIL FROM:<a@example.test>\n\
+            <-  250 2.1.0 Ok\n\
+            \x20-> RCPT TO:<alice@example.test>\n\
+            <-  250 2.1.5 Ok\n\
+            \x20-> RCPT TO:<nobody@example.test>\n\
+            <** 550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown\n\
+            \x20-> DATA\n\
+            <** 450 4.7.1 <DATA>: Data command rejected: test\n");
+        let rcpts = r.replies_to("rcpt");
+        assert_eq!(rcpts.iter().map(|r| r.0).collect::<Vec<_>>(), [250, 550]);
+        assert!(rcpts[1].1.contains("<nobody@example.test>"));
+        assert_eq!(r.reply_to("RCPT").map(|r| r.0), Some(250));
+        assert_eq!(r.reply_to("BANNER").map(|r| r.0), Some(220));
+        assert!(r.expect_reply("AUTH", 235, "2.7.0").is_ok());
+        assert!(r.expect_reply("DATA", 450, "4.7.1 <DATA>").is_ok());
+        let err = r.expect_reply("DATA", 250, "").unwrap_err();
+        assert!(format!("{err}").contains("got Some((450"), "{err}");
+        assert!(r.replies_to("QUIT").is_empty());
+        let args = SwaksArgs::new("192.0.2.1:25".parse().unwrap(), "a@x.test", "")
+            .rcpts(&["b@x.test", "c@x.test"])
+            .auth("alice", "secret");
+        let argv = args.argv();
+        assert!(argv.windows(2).any(|w| w == ["--to", "b@x.test,c@x.test"]), "{argv:?}");
+        assert!(argv.windows(2).any(|w| w == ["--auth", "PLAIN"]), "{argv:?}");
+        assert!(argv.windows(2).any(|w| w == ["--auth-password", "secret"]), "{argv:?}");
+    }
+
+    #[test]
+    fn sasl_policy_local_users_and_bounce_sink_config() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let o = PostfixOptions::receiver(&[ip("192.0.2.25")], "rx.test")
+            .with_sasl_dovecot(Path::new("/tmp/d/run/auth-postfix"))
+            .with_policy(Path::new("/tmp/p/policy.sock"))
+            .with_local_users("example.test", &["alice", "bob"])
+            .with_bounce_sink(2525);
+        o.check().unwrap();
+        let main = o.main_cf_text(Path::new("/tmp/x"), (104, 107));
+        for want in [
+            "mydestination = example.test\n",
+            "local_recipient_maps = texthash:/tmp/x/conf/local_recipients\n",
+            "smtpd_sasl_type = dovecot\n",
+            "smtpd_sasl_path = /tmp/d/run/auth-postfix\n",
+            "smtpd_sasl_auth_enable = yes\n",
+            "smtpd_recipient_restrictions = check_policy_service { unix:/tmp/p/policy.sock, timeout=2s, \
+             default_action=DUNNO, try_limit=1 }\n",
+            "smtpd_data_restrictions = check_policy_service { unix:/tmp/p/policy.sock,",
+        ] {
+            assert!(main.contains(want), "{want:?} not in\n{main}");
+        }
+        assert_eq!(o.local_recipients_text(), "alice ok\nalice@example.test ok\nbob ok\nbob@example.test ok\n");
+        assert_eq!(o.transport_text(), "remote.test smtp:[192.0.2.25]:2525\n");
+        let master = o.master_cf_text();
+        assert!(master.contains("\n192.0.2.25:2525 inet n - n - - smtpd -o syslog_name=postfix/sink "), "{master}");
+        assert!(master.contains("static:{550 5.1.1 User unknown here}, reject_unauth_destination }"), "{master}");
+        assert_eq!(o.bounce_sink_addr(), Some("192.0.2.25:2525".parse().unwrap()));
+        assert_eq!(o.smtp_addrs().len(), 1);
+
+        let base = || PostfixOptions::receiver(&[ip("192.0.2.25")], "rx.test");
+        assert!(base().with_policy(Path::new("relative.sock")).check().is_err());
+        assert!(base().with_policy(Path::new("/tmp/a b")).check().is_err());
+        assert!(base().with_sasl_dovecot(Path::new("/tmp/x,y")).check().is_err());
+        assert!(base().with_local_users("rx.test", &["a"]).check().is_err());
+        assert!(base().with_local_users("l.test", &["a b"]).check().is_err());
+        assert!(base().with_bounce_sink(25).check().is_err());
+        let mut no_sink = base();
+        no_sink.bounce_domains.push("remote.test".into());
+        assert!(no_sink.check().is_err());
     }
 
     #[test]

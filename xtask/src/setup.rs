@@ -15,7 +15,9 @@
 //! so the package writes no `/etc/postfix/main.cf`, and its postinst's
 //! `invoke-rc.d postfix start` is refused by the temporary `policy-rc.d`
 //! (exit 101, which invoke-rc.d reports to the postinst as success), so no
-//! system mail server ever starts.
+//! system mail server ever starts. Dovecot is the same: a program for the
+//! tests' private instances (`dovecot -c DIR/dovecot.conf`); its postinst's
+//! start is refused the same way, and it installs non-interactively.
 //!
 //! Toolchains are never installed or updated here (and `RUSTUP_AUTO_INSTALL=0`
 //! is forced on every rustup-proxied call): stable and `nightly` must exist.
@@ -40,7 +42,10 @@ use crate::util::{self, cargo_home, output, run, rustup_tool, step};
 /// which `--no-install-recommends` would leave out); `systemd-journal-remote`
 /// writes the real journal the journal source tests follow
 /// (`tests/src/journal.rs`; it also upgrades the systemd packages to its own
-/// version, harmless without systemd as PID 1).
+/// version, harmless without systemd as PID 1); `dovecot-imapd` and
+/// `dovecot-pop3d` (with `dovecot-core`) are the real IMAP/POP3 server and
+/// Postfix's SASL server of the log tests (`tests/src/dovecot.rs`); `fail2ban`
+/// is the peer of `cargo xtask bench logs` (its service is never started).
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -60,6 +65,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "systemd-journal-remote",
     // The peer of `cargo xtask bench logs` (fail2ban-regex); never started.
     "fail2ban",
+    "dovecot-imapd",
+    "dovecot-pop3d",
 ];
 
 /// debconf answers set (`debconf-set-selections`) before a package of the
