@@ -22,6 +22,9 @@ const PIN_PREFIX: &str = "gk-test-";
 /// Prefix of every Postfix instance directory `tests/src/mta.rs` creates
 /// (`/tmp/gk-postfix-<pid>-<n>`).
 const POSTFIX_DIR_PREFIX: &str = "gk-postfix-";
+/// Prefix of every Dovecot instance directory `tests/src/dovecot.rs` creates
+/// (`/tmp/gk-dovecot-<pid>-<n>`).
+const DOVECOT_DIR_PREFIX: &str = "gk-dovecot-";
 const TMP: &str = "/tmp";
 
 /// Build the agent binary (integration tests run it as a separate process and
@@ -59,16 +62,17 @@ pub fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
         }
         eprintln!(
             "  remove with: ip netns del NAME (after killing `ip netns pids NAME`); rm -r /sys/fs/bpf/gk-test-*; \
-             for /tmp/gk-postfix-*: `postfix -c DIR/conf stop`, then rm -r DIR"
+             for /tmp/gk-postfix-*: `postfix -c DIR/conf stop`, then rm -r DIR; \
+             for /tmp/gk-dovecot-*: `kill $(cat DIR/run/master.pid)`, then rm -r DIR"
         );
     }
     if !test_status.success() {
         bail!("cargo test failed: {test_status}");
     }
     if !leaked.is_empty() {
-        bail!("tests passed but left {} namespace(s)/pin dir(s)/Postfix dir(s) behind", leaked.len());
+        bail!("tests passed but left {} namespace(s)/pin dir(s)/Postfix or Dovecot dir(s) behind", leaked.len());
     }
-    println!("xtask: tests passed, no namespaces, bpffs pins or Postfix instances left behind");
+    println!("xtask: tests passed, no namespaces, bpffs pins or Postfix/Dovecot instances left behind");
     Ok(())
 }
 
@@ -97,7 +101,8 @@ impl Leftovers {
                 .collect()
         };
         let pins = entries(setup::BPFFS, PIN_PREFIX);
-        let postfix = entries(TMP, POSTFIX_DIR_PREFIX);
+        let mut postfix = entries(TMP, POSTFIX_DIR_PREFIX);
+        postfix.extend(entries(TMP, DOVECOT_DIR_PREFIX));
         Ok(Self { netns, pins, postfix })
     }
 
