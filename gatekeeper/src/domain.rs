@@ -242,6 +242,9 @@ named_enum! {
     pub enum Action ("action") {
         Drop = "drop",
         Pass = "pass",
+        /// Drop on guarded and limited ports (a log-driven or manual ban
+        /// of a source; see `gatekeeper_common::action::BAN`).
+        Ban = "ban",
     }
 }
 
@@ -251,14 +254,16 @@ impl Action {
         match self {
             Action::Drop => action::DROP,
             Action::Pass => action::PASS,
+            Action::Ban => action::BAN,
         }
     }
-    /// The action of a datapath code (anything but the drops passes).
+    /// The action of a datapath code (anything but the drops and the ban
+    /// passes).
     pub fn of_code(code: u32) -> Action {
-        if code == action::DROP || code == action::PRESUMED_DROP {
-            Action::Drop
-        } else {
-            Action::Pass
+        match code {
+            action::DROP | action::PRESUMED_DROP => Action::Drop,
+            action::BAN => Action::Ban,
+            _ => Action::Pass,
         }
     }
 }

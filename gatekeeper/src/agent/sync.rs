@@ -109,6 +109,17 @@ fn sync_ranges(store: &Store, maps: &mut Maps, changed: &[&RangeRecord]) -> Resu
     Ok(())
 }
 
+/// Writes the inbound limiter's port classes and limits (at start, with
+/// the rest of the config the datapath holds).
+pub fn set_inbound(maps: &mut Maps, cfg: &crate::config::InboundConfig) -> Result<()> {
+    match maps.inbound.as_mut() {
+        Some(m) => m.set(&cfg.classes()),
+        // Only maps opened from an older gatekeeper's pins lack them; the
+        // agent loads its own object, so this is not reached in `run`.
+        None => Err(Error::bpf_msg("the datapath has no inbound limiter maps")),
+    }
+}
+
 /// What a reconcile did.
 #[derive(Debug, Default)]
 pub struct Reconciled {

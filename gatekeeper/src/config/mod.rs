@@ -12,12 +12,14 @@ use crate::lists::parse_duration;
 
 mod egress;
 mod explain;
+mod inbound;
 mod reject;
 #[cfg(test)]
 mod tests;
 
 pub use egress::{EgressConfig, LimitClass, Rate};
 pub use explain::ExplainConfig;
+pub use inbound::InboundConfig;
 pub use reject::{default_action, default_template, system_hostname, Part, RejectSettings, Template};
 
 /// Bounds of `max_verdicts`.
@@ -73,6 +75,8 @@ pub struct Config {
     pub dns: crate::dns::DnsConfig,
     /// The egress gate: guarded ports and outbound connection limits.
     pub egress: EgressConfig,
+    /// The ingress gate's inbound connection limits (`[[inbound.limit]]`).
+    pub inbound: InboundConfig,
     /// Refused sources: drop, or answer with the reason.
     pub reject: RejectSettings,
 }
@@ -92,10 +96,15 @@ pub enum FirstSyn {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
+    #[serde(deserialize_with = "de_policy_action")]
     pub no_ptr: Action,
+    #[serde(deserialize_with = "de_policy_action")]
     pub fcrdns_fail: Action,
+    #[serde(deserialize_with = "de_policy_action")]
     pub dynamic: Action,
+    #[serde(deserialize_with = "de_policy_action")]
     pub generic: Action,
+    #[serde(deserialize_with = "de_policy_action")]
     pub ok: Action,
     pub first_syn: FirstSyn,
     /// With `first_syn = "hold"`: after this long an unanswered source
@@ -230,6 +239,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             dns: crate::dns::DnsConfig::default(),
             egress: EgressConfig::default(),
+            inbound: InboundConfig::default(),
             reject: RejectSettings::default(),
         }
     }
@@ -279,6 +289,17 @@ impl Config {
         }
         cfg.dns.validate().map_err(|e| Error::Config { path: path.to_path_buf(), message: format!("[dns] {e}") })?;
         Ok(cfg)
+    }
+}
+
+/// A `[policy]` action: drop or pass. A ban is what the agent makes of
+/// abuse, never a reverse-DNS outcome's action.
+fn de_policy_action<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Action, D::Error> {
+    match Action::deserialize(d)? {
+        Action::Ban => Err(serde::de::Error::custom(
+            "\"ban\" is not a policy action (expected drop or pass); bans come from `gatekeeper ban` and from log-driven abuse scores",
+        )),
+        a => Ok(a),
     }
 }
 
