@@ -228,10 +228,13 @@ impl LimitClassStatus {
         name_of: impl Fn(u32) -> Option<(String, String, u32)>,
     ) -> Result<Vec<LimitClassStatus>> {
         let Some(m) = &maps.inbound else { return Ok(Vec::new()) };
-        Ok(m.classes()?.into_iter().map(|c| {
-            let named = name_of(c.0);
-            LimitClassStatus::of(c, named)
-        }).collect())
+        Ok(m.classes()?
+            .into_iter()
+            .map(|c| {
+                let named = name_of(c.0);
+                LimitClassStatus::of(c, named)
+            })
+            .collect())
     }
 }
 

@@ -376,8 +376,11 @@ fn inbound_json(snap: &Snapshot, names: &Names) -> Value {
     let classes: Vec<Value> = inbound_rows(snap)
         .into_iter()
         .map(|(c, ports, counts)| {
-            let counters: serde_json::Map<String, Value> =
-                counts.iter().enumerate().map(|(i, v)| (inbound_counter_name(i as u32).to_string(), (*v).into())).collect();
+            let counters: serde_json::Map<String, Value> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (inbound_counter_name(i as u32).to_string(), (*v).into()))
+                .collect();
             let mut v = json!({ "class": c, "ports": ports, "counters": counters });
             if let Some(n) = names.classes.get(&c) {
                 v["name"] = n.clone().into();
@@ -480,7 +483,8 @@ fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, names: &Names, top: usi
         let rows: Vec<Vec<String>> = rows
             .into_iter()
             .map(|(c, ports, counts)| {
-                let mut row = vec![names.classes.get(&c).cloned().unwrap_or_else(|| format!("class {c}")), join(&ports)];
+                let mut row =
+                    vec![names.classes.get(&c).cloned().unwrap_or_else(|| format!("class {c}")), join(&ports)];
                 row.extend(counts.iter().map(u64::to_string));
                 row
             })

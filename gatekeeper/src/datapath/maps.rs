@@ -9,10 +9,11 @@ use aya::{
     Ebpf,
 };
 use gatekeeper_common::{
-    family, maps as names, port_policy,
+    family,
+    inbound::{IN_COUNTERS, IN_PORT_ENTRIES},
+    maps as names, port_policy,
     reject::{quiet_slot, QuietSlot, RejectConfig, REJECT_COUNTER_SLOTS},
     sourcetab::HashKey,
-    inbound::{IN_COUNTERS, IN_PORT_ENTRIES},
     Config, KeyWords, RangeEntry, RangeValue, RateLimit, SourceKey, StatKey, Verdict, EG_PORT_ENTRIES,
     MAX_LIMIT_CLASSES, PORT_WORDS,
 };
