@@ -388,10 +388,16 @@ fn de_positive_usize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usi
 }
 
 /// The dotted key whose `key = value` line holds byte `pos`, with the
-/// `[table]` it sits in.
+/// `[table]` it sits in (or the table whose header line holds it).
 fn key_at(text: &str, pos: usize) -> Option<String> {
     let line_start = text[..pos.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
+    // An error spanning a table (`[[inbound.limit]]` whose entries clash)
+    // names the table.
+    let header = line.trim();
+    if header.starts_with('[') && header.ends_with(']') {
+        return Some(header.trim_matches(|c| c == '[' || c == ']').trim().to_string()).filter(|t| !t.is_empty());
+    }
     let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty())?;
     let table = text[..line_start]
         .lines()
