@@ -958,6 +958,9 @@ impl Model {
     /// to a guarded port: `Ok` with the decision when it drops it (a pool
     /// source's, not to a smarthost, to a guarded port or one it cannot
     /// show), else `Err` to go on.
+    // The expectation goes in and comes back out either way (moved, not
+    // copied): its size does not matter here.
+    #[allow(clippy::result_large_err)]
     fn guard_hidden(&self, f: &[u8], seg: &Segment, mut e: Expect) -> Result<Expect, Expect> {
         let counter = if seg.hidden == Hidden::Fragment {
             if let Some(ports) = get(f, seg.tcp, 4) {

@@ -64,7 +64,7 @@ fn limit_words(l: &LimitClassStatus, named: Option<&LimitClassStatus>) -> (Strin
             n.burst.map_or("-".into(), |b| b.to_string()),
         ),
         None => {
-            let burst = if l.interval_ns == 0 { "-".into() } else { (l.burst_ns / l.interval_ns).to_string() };
+            let burst = l.burst_ns.checked_div(l.interval_ns).map_or("-".into(), |b| b.to_string());
             (format!("class {}", l.class), format!("1 per {} ns", l.interval_ns), burst)
         }
     }
