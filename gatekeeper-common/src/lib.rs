@@ -9,11 +9,13 @@
 pub mod addr;
 pub mod counters;
 pub mod explain;
+pub mod inbound;
 pub mod reject;
 pub mod sourcetab;
 pub mod trie;
 
 pub use counters::{Counter, EgressCounter};
+pub use inbound::{InBucket, InSlot, InboundCounter};
 pub use sourcetab::{KeyWords, SeenSlot, VerdictBucket, VerdictSlot, SEEN_SLOTS};
 
 /// Map names (as in the ELF object and as pinned under `<pin-dir>/maps/`).
@@ -68,8 +70,20 @@ pub mod maps {
     /// (mark, listener ports, whether the TC stage is attached).
     pub const EXPLAIN: &str = "GK_EXPLAIN";
 
+    /// Inbound limiter: the rate-limit class of each destination port (a
+    /// u32 per port, 0 = not limited; see [`inbound`](crate::inbound)).
+    pub const IN_PORTS: &str = "GK_IN_PORTS";
+    /// Inbound limiter: [`RateLimit`](crate::RateLimit) per class.
+    pub const IN_LIMITS: &str = "GK_IN_LIMITS";
+    /// Inbound limiter: GCRA state per (source, class), an array of
+    /// [`InBucket`](crate::InBucket)s.
+    pub const IN_BUCKETS: &str = "GK_IN_BUCKETS";
+    /// Inbound limiter counters per class, per CPU
+    /// ([`InboundCounter`](crate::InboundCounter)).
+    pub const IN_STATS: &str = "GK_IN_STATS";
+
     /// Every map, for pinning and unloading.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 25] = [
         RANGES,
         RANGE_INDEX,
         VERDICTS,
@@ -91,6 +105,10 @@ pub mod maps {
         REJ_STATS,
         REJ_BUDGET,
         EXPLAIN,
+        IN_PORTS,
+        IN_LIMITS,
+        IN_BUCKETS,
+        IN_STATS,
     ];
 }
 
@@ -201,8 +219,11 @@ pub mod action {
     /// its addresses failed is a presumption about the others. Any other
     /// value passes.
     pub const PRESUMED_DROP: u32 = 2;
-    /// Drop on the guarded ports and on the limited ports (a ban the agent
-    /// reached from what the source did: failed logins, suspensions).
+    /// A ban: drop on guarded *and* limited ports (see
+    /// [`inbound`](crate::inbound)), whatever else holds the source (an
+    /// allow range still wins). Its reason is `MANUAL_BAN` (never evicted);
+    /// the agent keeps the real cause. A datapath older than this reads it
+    /// as a pass.
     pub const BAN: u32 = 3;
 }
 
@@ -492,6 +513,8 @@ mod pod {
     unsafe impl aya::Pod for crate::reject::RejectConfig {}
     unsafe impl aya::Pod for crate::reject::QuietSlot {}
     unsafe impl aya::Pod for crate::explain::ExplainConfig {}
+    unsafe impl aya::Pod for crate::inbound::InSlot {}
+    unsafe impl aya::Pod for crate::inbound::InBucket {}
 }
 
 #[cfg(test)]

@@ -242,7 +242,8 @@ named_enum! {
     pub enum Action ("action") {
         Drop = "drop",
         Pass = "pass",
-        /// Verdicts only: drop on the guarded and the limited ports.
+        /// Drop on guarded and limited ports (a log-driven or manual ban
+        /// of a source; see `gatekeeper_common::action::BAN`).
         Ban = "ban",
     }
 }
@@ -256,14 +257,13 @@ impl Action {
             Action::Ban => action::BAN,
         }
     }
-    /// The action of a datapath code (anything but the drops passes).
+    /// The action of a datapath code (anything but the drops and the ban
+    /// passes).
     pub fn of_code(code: u32) -> Action {
-        if code == action::DROP || code == action::PRESUMED_DROP {
-            Action::Drop
-        } else if code == action::BAN {
-            Action::Ban
-        } else {
-            Action::Pass
+        match code {
+            action::DROP | action::PRESUMED_DROP => Action::Drop,
+            action::BAN => Action::Ban,
+            _ => Action::Pass,
         }
     }
 }

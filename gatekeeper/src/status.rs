@@ -58,6 +58,9 @@ pub struct AgentLive {
     pub interfaces: Vec<Attached>,
     pub ports: Vec<u16>,
     pub egress: EgressPolicy,
+    /// The inbound limiter's classes (with their configured names).
+    #[serde(default)]
+    pub inbound: Vec<LimitClassStatus>,
     /// Counted in the database.
     pub entries: Entries,
     pub capacity: Capacity,
@@ -229,6 +232,37 @@ pub struct LimitClassStatus {
     pub burst_ns: u64,
 }
 
+impl LimitClassStatus {
+    fn of(state: LimitClassState, named: Option<(String, String, u32)>) -> LimitClassStatus {
+        let (class, ports, lim) = state;
+        LimitClassStatus {
+            class,
+            name: named.as_ref().map(|n| n.0.clone()),
+            ports,
+            rate: named.as_ref().map(|n| n.1.clone()),
+            burst: named.as_ref().map(|n| n.2),
+            interval_ns: lim.interval_ns,
+            burst_ns: lim.burst_ns,
+        }
+    }
+
+    /// The inbound limiter's classes the maps hold (none when the maps have
+    /// no limiter); `name_of` as for [`EgressPolicy::from_maps`].
+    pub fn inbound(
+        maps: &Maps,
+        name_of: impl Fn(u32) -> Option<(String, String, u32)>,
+    ) -> Result<Vec<LimitClassStatus>> {
+        let Some(m) = &maps.inbound else { return Ok(Vec::new()) };
+        Ok(m.classes()?
+            .into_iter()
+            .map(|c| {
+                let named = name_of(c.0);
+                LimitClassStatus::of(c, named)
+            })
+            .collect())
+    }
+}
+
 impl EgressPolicy {
     /// The policy the maps hold; `name_of(class)` gives (name, rate, burst)
     /// as configured, where known.
@@ -271,6 +305,10 @@ pub struct PinnedStatus {
     pub links: Vec<LinkStatus>,
     pub ports: Vec<u16>,
     pub egress: EgressPolicy,
+    /// The inbound limiter's classes (empty: none, or pins without the
+    /// limiter's maps).
+    #[serde(default)]
+    pub inbound: Vec<LimitClassStatus>,
     pub dry_run: bool,
     /// In the datapath (deny ranges inside allow ranges are left out).
     pub entries: Entries,
@@ -352,6 +390,7 @@ impl DatapathStatus {
             links,
             ports: maps.ports()?,
             egress: EgressPolicy::from_maps(&maps, |_| None)?,
+            inbound: LimitClassStatus::inbound(&maps, |_| None)?,
             dry_run: maps.config()?.flags & config_flags::DRY_RUN != 0,
             entries: Entries::count(
                 ranges.iter().map(|(_, n, v)| (RangeKind::of_code(v.kind), *n)),

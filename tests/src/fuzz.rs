@@ -65,12 +65,14 @@ use gatekeeper::{
     verdict_table::VerdictTable,
 };
 use gatekeeper_common::{
-    action, addr, maps, port_policy, programs,
+    action, addr,
+    inbound::{self, inbound_counter_name, IN_COUNTERS, IN_STAT_ENTRIES},
+    maps, port_policy, programs,
     reject::{
         self, quiet_slot, refusal, reject_counter_name, QuietSlot, RejectConfig, MAX_REJECT_PORTS, REJECT_COUNTER_SLOTS,
     },
     sourcetab::{source_slots, verdict_shift, SeenSlot as BpfSeenSlot},
-    stat_index, Config, KeyWords, LimitKey, RateLimit, SourceKey, Verdict, MAX_LIMIT_CLASSES, STAT_STRIDE,
+    stat_index, Config, InBucket, KeyWords, LimitKey, RateLimit, SourceKey, Verdict, MAX_LIMIT_CLASSES, STAT_STRIDE,
 };
 use ipnet::IpNet;
 use serde::Serialize;
@@ -129,6 +131,9 @@ pub struct Report {
     /// expectation, which the datapath's counters matched unless a
     /// mismatch says otherwise).
     pub reject_counters: BTreeMap<String, u64>,
+    /// Inbound limiter counters by name, over all classes (as
+    /// `reject_counters`).
+    pub inbound_counters: BTreeMap<String, u64>,
     /// Frames by kind of generation.
     pub kinds: BTreeMap<String, u64>,
     /// TC test runs the kernel refused, as predicted (frames too short for
@@ -178,6 +183,10 @@ struct Instance {
     rejectors: SockMap<MapData>,
     quiet: Array<MapData, QuietSlot>,
     rej_stats: PerCpuArray<MapData, u64>,
+    in_ports: Array<MapData, u32>,
+    in_limits: Array<MapData, RateLimit>,
+    in_buckets: Array<MapData, InBucket>,
+    in_stats: PerCpuArray<MapData, u64>,
     /// The listeners in the `rejectors` slots (v4, v6), kept open: a closed
     /// socket leaves the sockmap.
     listeners: [Option<TcpListener>; 2],
@@ -224,6 +233,10 @@ impl Instance {
             rejectors: take(&mut bpf, maps::REJECTORS)?,
             quiet: take(&mut bpf, maps::REJ_QUIET)?,
             rej_stats: take(&mut bpf, maps::REJ_STATS)?,
+            in_ports: take(&mut bpf, maps::IN_PORTS)?,
+            in_limits: take(&mut bpf, maps::IN_LIMITS)?,
+            in_buckets: take(&mut bpf, maps::IN_BUCKETS)?,
+            in_stats: take(&mut bpf, maps::IN_STATS)?,
             listeners: [None, None],
             clock,
             bpf,
@@ -239,6 +252,11 @@ impl Instance {
     /// The reject counters, summed over CPUs.
     fn reject_counters(&self) -> Result<Vec<u64>> {
         (0..REJECT_COUNTER_SLOTS).map(|c| Ok(self.rej_stats.get(&c, 0)?.iter().sum::<u64>())).collect()
+    }
+
+    /// The inbound counters, summed over CPUs.
+    fn inbound_counters(&self) -> Result<Vec<u64>> {
+        (0..IN_STAT_ENTRIES).map(|c| Ok(self.in_stats.get(&c, 0)?.iter().sum::<u64>())).collect()
     }
 
     fn range_hits(&self, id: u32) -> Result<u64> {
@@ -454,6 +472,34 @@ fn new_epoch(rng: &mut Rng, inst: &mut Instance, m: &mut Model, plan: &mut Plan)
     }
     m.buckets.clear();
 
+    // Inbound limiter: classes on some ports (guarded or not; sometimes
+    // past the table), limits like the egress gate's, buckets emptied.
+    for &p in m.in_ports.keys() {
+        inst.in_ports.set(u32::from(p), 0, 0)?;
+    }
+    m.in_ports.clear();
+    for &p in &plan.ports {
+        if rng.below(2) == 0 {
+            let class =
+                if rng.below(10) == 0 { rng.next() as u32 } else { rng.below(MAX_LIMIT_CLASSES as u64 + 2) as u32 };
+            m.in_ports.insert(p, class);
+            inst.in_ports.set(u32::from(p), class, 0)?;
+        }
+    }
+    for class in 0..MAX_LIMIT_CLASSES {
+        let l = match rng.below(3) {
+            0 => RateLimit::default(),
+            _ => RateLimit { interval_ns: LONG_NS, burst_ns: rng.below(4) * LONG_NS },
+        };
+        inst.in_limits.set(class, l, 0)?;
+        m.in_limits[class as usize] = l;
+    }
+    for k in std::mem::take(&mut m.in_buckets).into_keys() {
+        let a = &k.addr;
+        let words = KeyWords::of(&SourceKey { addr: *a });
+        inst.in_buckets.set(inbound::in_bucket(&words, k.class, &testrun::HASH), InBucket::default(), 0)?;
+    }
+
     // Reported sources: empty.
     for &slot in m.seen.keys() {
         inst.seen.set(slot, BpfSeenSlot::default(), 0)?;
@@ -493,7 +539,8 @@ fn new_epoch(rng: &mut Rng, inst: &mut Instance, m: &mut Model, plan: &mut Plan)
             2 => now + 10 * day,
             _ => u64::MAX,
         };
-        let action = [action::PASS, action::DROP, action::DROP, action::PRESUMED_DROP, 9][rng.below(5) as usize];
+        let action =
+            [action::PASS, action::DROP, action::DROP, action::PRESUMED_DROP, action::BAN, 9][rng.below(6) as usize];
         let v = Verdict { expires_ns, action, reason: rng.below(10) as u32 };
         // An error: both buckets hold nothing evictable, nothing written.
         if let Ok(evicted) = inst.verdicts.insert(key, v) {
@@ -863,6 +910,7 @@ struct Tally {
     ingress: BTreeMap<u32, u64>,
     egress: BTreeMap<u32, u64>,
     rej: BTreeMap<u32, u64>,
+    inbound: BTreeMap<u32, u64>,
     hits: BTreeMap<u32, u64>,
     events: u64,
 }
@@ -875,6 +923,9 @@ impl Tally {
         }
         for &c in &e.rej {
             *self.rej.entry(c).or_default() += 1;
+        }
+        for &c in &e.inbound {
+            *self.inbound.entry(c).or_default() += 1;
         }
         for &h in &e.hits {
             *self.hits.entry(h).or_default() += 1;
@@ -895,6 +946,9 @@ impl Report {
         for (&c, &n) in &tally.rej {
             *self.reject_counters.entry(reject_counter_name(c).into()).or_default() += n;
         }
+        for (&c, &n) in &tally.inbound {
+            *self.inbound_counters.entry(inbound_counter_name(c % IN_COUNTERS).into()).or_default() += n;
+        }
     }
 }
 
@@ -903,6 +957,7 @@ struct Snapshot {
     ingress: Vec<u64>,
     egress: Vec<u64>,
     rej: Vec<u64>,
+    inbound: Vec<u64>,
     hits: BTreeMap<u32, u64>,
 }
 
@@ -911,7 +966,13 @@ fn snapshot(inst: &Instance, ids: impl Iterator<Item = u32>) -> Result<Snapshot>
     for id in ids {
         hits.insert(id, inst.range_hits(id)?);
     }
-    Ok(Snapshot { ingress: inst.counters(false)?, egress: inst.counters(true)?, rej: inst.reject_counters()?, hits })
+    Ok(Snapshot {
+        ingress: inst.counters(false)?,
+        egress: inst.counters(true)?,
+        rej: inst.reject_counters()?,
+        inbound: inst.inbound_counters()?,
+        hits,
+    })
 }
 
 /// Compares what moved since `before` (and the events drained) with the
@@ -941,6 +1002,17 @@ fn compare(inst: &Instance, before: &Snapshot, tally: &Tally, events: u64) -> Re
         let w = tally.rej.get(&c).copied().unwrap_or(0);
         if got != w {
             diffs.push(format!("reject counter {}: expected +{w}, got +{got}", reject_counter_name(c)));
+        }
+    }
+    for c in 0..IN_STAT_ENTRIES {
+        let got = now.inbound[c as usize] - before.inbound[c as usize];
+        let w = tally.inbound.get(&c).copied().unwrap_or(0);
+        if got != w {
+            diffs.push(format!(
+                "inbound counter class {} {}: expected +{w}, got +{got}",
+                c / IN_COUNTERS,
+                inbound_counter_name(c % IN_COUNTERS)
+            ));
         }
     }
     for (id, was) in &before.hits {

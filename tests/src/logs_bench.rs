@@ -79,7 +79,9 @@ pub fn run(mut args: impl Iterator<Item = String>) -> Result<()> {
     eprintln!("logs: latency from a log line to a dropped SYN ({samples} samples)");
     let lat = latency(samples)?;
 
-    println!("\nlog lines per second on one core (median of {ROUNDS} rounds of {lines} lines; target: 500,000 for Postfix)");
+    println!(
+        "\nlog lines per second on one core (median of {ROUNDS} rounds of {lines} lines; target: 500,000 for Postfix)"
+    );
     println!("{:<10} {:>14} {:>16} {:>16} {:>10}", "log", "parse only", "parse and score", "fail2ban-regex", "events");
     for r in &rows {
         let peer = r.peer.map_or_else(|| "-".to_string(), |p| format!("{p:.0}"));
@@ -186,7 +188,12 @@ fn header(rng: &mut Rng, tag: &str) -> String {
     if rng.below(2) == 0 {
         format!("Dec  8 03:{:02}:{s:02} mx {tag}[{}]: ", rng.below(60), rng.range(100, 60000))
     } else {
-        format!("2026-12-08T03:{:02}:{s:02}.{:06}+00:00 mx {tag}[{}]: ", rng.below(60), rng.below(1_000_000), rng.range(100, 60000))
+        format!(
+            "2026-12-08T03:{:02}:{s:02}.{:06}+00:00 mx {tag}[{}]: ",
+            rng.below(60),
+            rng.below(1_000_000),
+            rng.range(100, 60000)
+        )
     }
 }
 
@@ -256,7 +263,10 @@ fn line(kind: LogKind, rng: &mut Rng) -> String {
                 0..=39 => format!("{}Failed password for root from {c} port {p} ssh2", header(rng, "sshd")),
                 40..=59 => format!("{}Invalid user admin{} from {c} port {p}", header(rng, "sshd"), rng.below(100)),
                 60..=79 => format!("{}Connection closed by {c} port {p} [preauth]", header(rng, "sshd")),
-                _ => format!("{}Accepted publickey for deploy from {c} port {p} ssh2: ED25519 SHA256:x", header(rng, "sshd")),
+                _ => format!(
+                    "{}Accepted publickey for deploy from {c} port {p} ssh2: ED25519 SHA256:x",
+                    header(rng, "sshd")
+                ),
             }
         }
         LogKind::Exim => {
@@ -359,7 +369,8 @@ fn stamp() -> String {
 
 fn latency(samples: usize) -> Result<Latency> {
     let clients: Vec<String> = (0..samples).map(|i| format!("203.0.113.{}/24", 10 + i)).collect();
-    let (mx, cl) = netlab::joined(("lbmx", MX_IF, &[format!("{SERVER}/24"), "203.0.113.1/24".into()]), ("lbcl", CL_IF, &clients))?;
+    let (mx, cl) =
+        netlab::joined(("lbmx", MX_IF, &[format!("{SERVER}/24"), "203.0.113.1/24".into()]), ("lbcl", CL_IF, &clients))?;
     let server = SocketAddr::new(SERVER.parse()?, 25);
     let _smtp = TcpListenerGuard::spawn(&mx, server)?;
     let mut gk = Instance::new(mx, Some(MX_IF), "gk-logs-bench-", "");
@@ -389,7 +400,9 @@ fn latency(samples: usize) -> Result<Latency> {
                     // from a botnet's worth of IPv6 /64s.
                     if rng.below(10) == 0 {
                         let (a, b) = (rng.below(65536), rng.below(65536));
-                        buf.push_str(&format!("{s} mx postfix/smtpd[77]: connect from unknown[2001:db8:{a:x}:{b:x}::1]\n"));
+                        buf.push_str(&format!(
+                            "{s} mx postfix/smtpd[77]: connect from unknown[2001:db8:{a:x}:{b:x}::1]\n"
+                        ));
                     } else {
                         let c = rng.range(1, 254);
                         buf.push_str(&format!(
@@ -407,7 +420,10 @@ fn latency(samples: usize) -> Result<Latency> {
     let mut log_f = std::fs::OpenOptions::new().append(true).open(&log)?;
     for i in 0..samples {
         let src: IpAddr = format!("203.0.113.{}", 10 + i).parse()?;
-        ensure!(tcp_connect(&cl, src, server, Duration::from_millis(500)) == ConnectOutcome::Connected, "{src} connects before");
+        ensure!(
+            tcp_connect(&cl, src, server, Duration::from_millis(500)) == ConnectOutcome::Connected,
+            "{src} connects before"
+        );
         let mut lines = String::new();
         for _ in 0..8 {
             lines.push_str(&format!(

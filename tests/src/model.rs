@@ -16,7 +16,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use gatekeeper::domain::RangeKind;
 use gatekeeper_common::{
-    action, addr, config_flags, port_policy,
+    action, addr, config_flags,
+    inbound::{self, InboundCounter},
+    port_policy,
     reject::{self, quiet_slot, refusal, RejectCounter},
     sourcetab::{seen_slot, HashKey},
     verdict_reason, Counter, EgressCounter, KeyWords, LimitKey, RateLimit, SourceKey, Verdict, MAX_IPV6_EXT_HEADERS,
@@ -347,6 +349,9 @@ pub struct Expect {
     pub events: u32,
     /// The reject counters (`RejectCounter` slots) that move by one each.
     pub rej: Vec<u32>,
+    /// The inbound limiter's counters (`inbound::in_stat_index` slots) that
+    /// move by one each.
+    pub inbound: Vec<u32>,
     /// Ingress: the source and destination port of the guarded SYN the
     /// gate decided on. The rejector judges the lookup of its connection
     /// again ([`Model::rejector`]).
@@ -492,6 +497,13 @@ pub struct Model {
     /// Reject with a reason: actions, ports, lease, quiet sources,
     /// listeners.
     pub reject: RejectSettings,
+    /// Inbound limiter: class by destination port (absent: 0).
+    pub in_ports: HashMap<u16, u32>,
+    /// Inbound rate-limit classes (the same clock situation as `limits`).
+    pub in_limits: [RateLimit; MAX_LIMIT_CLASSES as usize],
+    /// Connections admitted per inbound token bucket (the table never
+    /// evicts in the model: few sources, many buckets).
+    pub in_buckets: HashMap<LimitKey, u64>,
 }
 
 /// Why the tables refuse a guarded SYN.
@@ -508,8 +520,9 @@ struct Refusal {
 enum Judgement {
     /// In an allow range.
     Allowed,
-    /// A live pass verdict (or one of an action the gate does not know).
-    Passed,
+    /// A live pass verdict (or one of an action the gate does not know),
+    /// with its reason (clamped as the gate does).
+    Passed { reason: u32 },
     /// A deny range or a live drop verdict.
     Refused(Refusal),
     /// No live verdict: reported under `key`, its reported-sources key.
@@ -627,7 +640,12 @@ impl Model {
             Ok(Some(syn)) => syn,
         };
         if !self.ports.contains(&syn.dport) {
-            return e;
+            let class = self.in_ports.get(&syn.dport).copied().unwrap_or(0);
+            if class == 0 {
+                return e;
+            }
+            let Some((src, _)) = addrs(f, &seg) else { return e.skipped(Counter::ParseSkipped as u32) };
+            return self.limited_only(src, class, e);
         }
         let Some((src, _)) = addrs(f, &seg) else { return e.skipped(Counter::ParseSkipped as u32) };
         self.decide(src, syn.dport, e)
@@ -651,8 +669,27 @@ impl Model {
             }
             None => {}
         }
-        // IPv4: one key. IPv6: the address's own verdict while live, else
-        // its /64's.
+        let key = own_key(&src);
+        let judgement = match self.verdict_of(src) {
+            Some(v) => {
+                // A reason past the table (never written) is counted as
+                // hold, and refused as hold, never as a range.
+                let code = if v.reason < verdict_reason::COUNT { v.reason } else { verdict_reason::HOLD };
+                let r = Refusal { counter: Counter::verdict_drop(v.reason), code };
+                match v.action {
+                    action::DROP | action::BAN => Judgement::Refused(r),
+                    action::PRESUMED_DROP => Judgement::Unknown { key, presumed: Some(r) },
+                    _ => Judgement::Passed { reason: code },
+                }
+            }
+            None => Judgement::Unknown { key, presumed },
+        };
+        (hit, judgement)
+    }
+
+    /// The live verdict of `src`: IPv4: its key's. IPv6: the address's
+    /// own while live, else its /64's.
+    fn verdict_of(&self, src: IpAddr) -> Option<Verdict> {
         let key = own_key(&src);
         let verdict = match src {
             IpAddr::V4(_) => self.verdicts.get(&key.key()).copied(),
@@ -667,21 +704,71 @@ impl Model {
                 hv.or_else(|| self.verdicts.get(&net.key()).copied())
             }
         };
-        let judgement = match verdict.filter(|v| self.live(v)) {
-            Some(v) => {
-                // A reason past the table (never written) is counted as
-                // hold, and refused as hold, never as a range.
-                let code = if v.reason < verdict_reason::COUNT { v.reason } else { verdict_reason::HOLD };
-                let r = Refusal { counter: Counter::verdict_drop(v.reason), code };
-                match v.action {
-                    action::DROP => Judgement::Refused(r),
-                    action::PRESUMED_DROP => Judgement::Unknown { key, presumed: Some(r) },
-                    _ => Judgement::Passed,
-                }
+        verdict.filter(|v| self.live(v))
+    }
+
+    /// A SYN to a limited port that is not guarded: an allow range or a
+    /// pass verdict with reason `ok` is exempt, a ban drops; deny ranges
+    /// and other verdicts do not count here; the rest meets the limiter.
+    /// Nothing is reported.
+    fn limited_only(&mut self, src: IpAddr, class: u32, mut e: Expect) -> Expect {
+        let slot = |c: InboundCounter| inbound::in_stat_index(class, c as u32);
+        if let Some(Hit::Winner(id)) = self.table(RangeKind::Allow, RangeKind::Deny, &src) {
+            e.hits.push(id);
+            e.inbound.push(slot(InboundCounter::Exempt));
+            return e;
+        }
+        match self.verdict_of(src) {
+            Some(v) if v.action == action::BAN => {
+                e.inbound.push(slot(InboundCounter::Banned));
+                self.in_drop_or_dry(class, &mut e);
             }
-            None => Judgement::Unknown { key, presumed },
+            Some(v) if v.action == action::PASS && v.reason == verdict_reason::OK => {
+                e.inbound.push(slot(InboundCounter::Exempt));
+            }
+            _ => self.limit(src, class, &mut e),
+        }
+        e
+    }
+
+    fn in_drop_or_dry(&self, class: u32, e: &mut Expect) {
+        if self.dry() {
+            e.inbound.push(inbound::in_stat_index(class, InboundCounter::DryRun as u32));
+        } else {
+            e.outcome = Some(Outcome::Drop);
+        }
+    }
+
+    /// The inbound limiter for `src` in `class` (a class past the table or
+    /// without a limit: nothing).
+    fn limit(&mut self, src: IpAddr, class: u32, e: &mut Expect) {
+        if class >= MAX_LIMIT_CLASSES {
+            return;
+        }
+        let limit = self.in_limits[class as usize];
+        if limit.interval_ns == 0 {
+            return;
+        }
+        e.inbound.push(inbound::in_stat_index(class, InboundCounter::Checked as u32));
+        let addr = match src {
+            IpAddr::V4(a) => addr::key_v4(a.octets()).addr,
+            IpAddr::V6(a) => addr::key_v6(a.octets()).addr,
         };
-        (hit, judgement)
+        let used = self.in_buckets.entry(LimitKey { addr, class }).or_default();
+        if *used < limit.burst_ns / limit.interval_ns {
+            *used += 1;
+            return;
+        }
+        e.inbound.push(inbound::in_stat_index(class, InboundCounter::Limited as u32));
+        self.in_drop_or_dry(class, e);
+    }
+
+    /// The limiter of a SYN the guard passed, on a port with a class.
+    fn limit_port(&mut self, src: IpAddr, port: u16, e: &mut Expect) {
+        let class = self.in_ports.get(&port).copied().unwrap_or(0);
+        if class != 0 {
+            self.limit(src, class, e);
+        }
     }
 
     /// The ingress decision for a guarded SYN from `src` to `port`: the
@@ -692,7 +779,12 @@ impl Model {
         e.decided = Some((src, port));
         match judgement {
             Judgement::Allowed => e.counters.push(Counter::Allowed as u32),
-            Judgement::Passed => e.counters.push(Counter::VerdictPass as u32),
+            Judgement::Passed { reason } => {
+                e.counters.push(Counter::VerdictPass as u32);
+                if reason != verdict_reason::OK {
+                    self.limit_port(src, port, &mut e);
+                }
+            }
             Judgement::Refused(r) => self.refuse(src, port, r, &mut e),
             Judgement::Unknown { key, presumed } => {
                 let held = self.note(key, &mut e);
@@ -704,7 +796,10 @@ impl Model {
                         let counter = Counter::verdict_drop(verdict_reason::HOLD);
                         self.drop_or_dry(&mut e, counter, Counter::DryRun as u32);
                     }
-                    None => e.counters.push(Counter::Unknown as u32),
+                    None => {
+                        e.counters.push(Counter::Unknown as u32);
+                        self.limit_port(src, port, &mut e);
+                    }
                 }
             }
         }
@@ -863,6 +958,9 @@ impl Model {
     /// to a guarded port: `Ok` with the decision when it drops it (a pool
     /// source's, not to a smarthost, to a guarded port or one it cannot
     /// show), else `Err` to go on.
+    // The expectation goes in and comes back out either way (moved, not
+    // copied): its size does not matter here.
+    #[allow(clippy::result_large_err)]
     fn guard_hidden(&self, f: &[u8], seg: &Segment, mut e: Expect) -> Result<Expect, Expect> {
         let counter = if seg.hidden == Hidden::Fragment {
             if let Some(ports) = get(f, seg.tcp, 4) {

@@ -32,6 +32,14 @@ fn twenty_thousand_frames_match_the_model() {
     ] {
         assert!(report.outcomes.get(o).copied().unwrap_or(0) > 0, "no {o}: {:?}", report.outcomes);
     }
+    // Every inbound limiter counter moves.
+    for name in ["checked", "limited", "dry-run-would-drop", "banned", "exempt"] {
+        assert!(
+            report.inbound_counters.get(name).copied().unwrap_or(0) > 0,
+            "inbound {name} never counted: {:?}",
+            report.inbound_counters
+        );
+    }
     // So is every fate of a SYN whose action is reject: passed to the
     // rejector (under some refusal code), kept from it by a lapsed lease or
     // the quiet table; and every counter of the rejector's.

@@ -64,11 +64,9 @@ fn smtp() -> SocketAddr {
 
 fn lab(name: &str, extra_config: &str) -> Lab {
     netlab::require_root();
-    let (mx, cl) = netlab::joined(
-        (&format!("gkmt{name}mx"), MX_IF, &MX_ADDRS),
-        (&format!("gkmt{name}cl"), CL_IF, &CLIENT_ADDRS),
-    )
-    .expect("namespaces");
+    let (mx, cl) =
+        netlab::joined((&format!("gkmt{name}mx"), MX_IF, &MX_ADDRS), (&format!("gkmt{name}cl"), CL_IF, &CLIENT_ADDRS))
+            .expect("namespaces");
     // Failures answer at once (Dovecot's auth penalty would slow every
     // further attempt from one address by up to 15 s); the lines are the same.
     let mut opts = DovecotOptions::new(&[ip(SRV4)]).with_auth_socket().without_auth_penalty();

@@ -101,8 +101,7 @@ fn connect(cl: &Netns, src: &str, port: u16) -> ConnectOutcome {
 #[test]
 fn failed_logins_in_a_followed_file_ban_on_the_limited_ports_and_count_once_across_restart_and_rotation() {
     netlab::require_root();
-    let (mx, cl) =
-        netlab::joined(("gkmsmx", MX_IF, &MX_ADDRS), ("gkmscl", CL_IF, &CLIENT_ADDRS)).expect("namespaces");
+    let (mx, cl) = netlab::joined(("gkmsmx", MX_IF, &MX_ADDRS), ("gkmscl", CL_IF, &CLIENT_ADDRS)).expect("namespaces");
     let smtp = TcpListenerGuard::spawn(&mx, SocketAddr::new(SRV4.parse().unwrap(), 25)).expect("listener 25");
     let imap = TcpListenerGuard::spawn(&mx, SocketAddr::new(SRV4.parse().unwrap(), 143)).expect("listener 143");
     let mut gk = Instance::new(mx, Some(MX_IF), "gk-mailstream-", "");

@@ -20,9 +20,12 @@ use gatekeeper::{datapath::calibrate_clock, domain::RangeKind, verdict_table::Ve
 use gatekeeper_common::{
     action, addr, config_flags,
     counters::counter_name,
-    family, maps, programs,
+    family,
+    inbound::{self, inbound_counter_name, IN_COUNTERS},
+    maps, programs,
     reject::{self, refusal, QuietSlot, RejectConfig},
-    verdict_reason, Config, Counter, Event, KeyWords, SourceKey, StatKey, Verdict, VerdictBucket, MAX_IPV6_EXT_HEADERS,
+    verdict_reason, Config, Counter, Event, KeyWords, RateLimit, SourceKey, StatKey, Verdict, VerdictBucket,
+    MAX_IPV6_EXT_HEADERS,
 };
 use gatekeeper_tests::model::{self, mutate, Gate, Model, Mutation, Parse, Range};
 use gatekeeper_tests::packet::{
@@ -1627,4 +1630,345 @@ fn the_syn_budget_bounds_what_reaches_the_rejector() {
     assert_eq!(got, [XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP]);
     assert_eq!(gk.rej_delta(), BTreeMap::from([("rejected-no-ptr", 2), ("reject-budget-drop", 2)]));
     gk.expect(&[(drop_reason(verdict_reason::NO_PTR), 4)], "refused, budget or not");
+}
+
+// ------------------------------------------------------- inbound limiter
+
+const IMAP: u16 = 143;
+/// A token interval that outlasts any test: a source gets exactly `burst`
+/// connections.
+const HOUR_NS: u64 = 3_600_000_000_000;
+
+impl Gk {
+    /// Puts `port` in inbound class `class` (0: not limited).
+    fn in_port(&mut self, port: u16, class: u32) {
+        let mut ports: Array<_, u32> = Array::try_from(self.bpf.map_mut(maps::IN_PORTS).unwrap()).unwrap();
+        ports.set(port as u32, class, 0).unwrap();
+    }
+
+    /// Class `class` admits `burst` connections, then one an hour.
+    fn in_limit(&mut self, class: u32, burst: u64) {
+        let mut limits: Array<_, RateLimit> = Array::try_from(self.bpf.map_mut(maps::IN_LIMITS).unwrap()).unwrap();
+        limits.set(class, RateLimit { interval_ns: HOUR_NS, burst_ns: burst * HOUR_NS }, 0).unwrap();
+    }
+
+    /// Inbound counters, (class, name) -> total.
+    fn in_totals(&self) -> BTreeMap<(u32, &'static str), u64> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(maps::IN_STATS).unwrap()).unwrap();
+        let mut out = BTreeMap::new();
+        for (i, v) in stats.iter().enumerate() {
+            let total = v.unwrap().iter().sum::<u64>();
+            if total > 0 {
+                let i = i as u32;
+                out.insert((i / IN_COUNTERS, inbound_counter_name(i % IN_COUNTERS)), total);
+            }
+        }
+        out
+    }
+
+    /// Runs `frame` `n` times: all must return `ret`; then exactly the
+    /// ingress counters `counters` (each moved by `n`) and the inbound
+    /// counters `inbound` moved.
+    #[track_caller]
+    fn check_in(
+        &mut self,
+        frame: &[u8],
+        n: u64,
+        ret: u32,
+        counters: &[u32],
+        inbound: &[(u32, &'static str, u64)],
+        what: &str,
+    ) {
+        let before = self.in_totals();
+        for i in 0..n {
+            assert_eq!(self.run(frame), ret, "return value of SYN #{} for {what}", i + 1);
+        }
+        let want: Vec<(u32, u64)> = counters.iter().map(|&c| (c, n)).collect();
+        self.expect(&want, what);
+        let after = self.in_totals();
+        let moved: BTreeMap<(u32, &str), u64> = after
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = v - before.get(k).copied().unwrap_or(0);
+                (d != 0).then_some((*k, d))
+            })
+            .collect();
+        let want: BTreeMap<(u32, &str), u64> = inbound.iter().map(|&(c, name, d)| ((c, name), d)).collect();
+        assert_eq!(moved, want, "inbound counters after {what}");
+    }
+}
+
+fn syn_port(src: &str, port: u16) -> Vec<u8> {
+    syn_to(src, if src.contains(':') { DST6 } else { DST4 }, port).build()
+}
+
+/// The sources of one family for the inbound cases: (allowed, ok verdict,
+/// generic pass verdict, unknown, in a deny range, banned, no-ptr drop
+/// verdict).
+struct InSources {
+    allowed: &'static str,
+    ok: &'static str,
+    generic: &'static str,
+    unknown: &'static str,
+    denied: &'static str,
+    banned: &'static str,
+    rdns_drop: &'static str,
+}
+
+const IN_V4: InSources = InSources {
+    allowed: "192.0.2.10",
+    ok: "192.0.2.11",
+    generic: "192.0.2.12",
+    unknown: "192.0.2.13",
+    denied: "198.51.100.14",
+    banned: "192.0.2.15",
+    rdns_drop: "192.0.2.16",
+};
+const IN_V6: InSources = InSources {
+    allowed: "2001:db8:10::1",
+    ok: "2001:db8:11::1",
+    generic: "2001:db8:12::1",
+    unknown: "2001:db8:13::1",
+    denied: "2001:db8:bad:14::1",
+    banned: "2001:db8:15::1",
+    rdns_drop: "2001:db8:16::1",
+};
+
+/// A gate with the inbound sources' ranges and verdicts: allow ranges for
+/// `allowed`, deny ranges holding `denied`, and the verdicts.
+fn inbound_gate() -> Gk {
+    let mut gk = Gk::new();
+    let forever = u64::MAX;
+    gk.allow("192.0.2.10/32", 1);
+    gk.allow("2001:db8:10::/64", 2);
+    gk.deny("198.51.100.0/24", 3);
+    gk.deny("2001:db8:bad::/48", 4);
+    for s in [IN_V4, IN_V6] {
+        gk.verdict(s.ok, action::PASS, verdict_reason::OK, forever);
+        gk.verdict(s.generic, action::PASS, verdict_reason::GENERIC, forever);
+        gk.verdict(s.banned, action::BAN, verdict_reason::MANUAL_BAN, forever);
+        gk.verdict(s.rdns_drop, action::DROP, verdict_reason::NO_PTR, forever);
+    }
+    gk
+}
+
+#[test]
+fn limited_only_ports_exempt_ban_and_limit_and_ignore_rdns_judgement() {
+    for dry in [false, true] {
+        let mut gk = inbound_gate();
+        gk.config(0, if dry { config_flags::DRY_RUN } else { 0 });
+        gk.in_port(IMAP, 1);
+        gk.in_limit(1, 3);
+        // Over the limit or banned: dropped, or passed and counted in dry-run.
+        let (over, dry_row): (u32, &[(u32, &str, u64)]) =
+            if dry { (XDP_PASS, &[(1, "dry-run-would-drop", 1)]) } else { (XDP_DROP, &[]) };
+        let with = |rows: &[(u32, &'static str, u64)]| -> Vec<(u32, &'static str, u64)> {
+            rows.iter().chain(dry_row).copied().collect()
+        };
+        for s in [IN_V4, IN_V6] {
+            let what = |w: &str| format!("{w} to 143 (dry-run {dry})");
+            // Exempt: allow range, ok verdict. Never limited, no ingress counter.
+            gk.check_in(&syn_port(s.allowed, IMAP), 10, XDP_PASS, &[], &[(1, "exempt", 10)], &what(s.allowed));
+            gk.check_in(&syn_port(s.ok, IMAP), 10, XDP_PASS, &[], &[(1, "exempt", 10)], &what(s.ok));
+            // Limited: a generic pass verdict, an unknown source, a source in
+            // a deny range and one with a reverse-DNS drop verdict: neither
+            // deny ranges nor drop verdicts apply on a limited-only port.
+            for src in [s.generic, s.unknown, s.denied, s.rdns_drop] {
+                gk.check_in(&syn_port(src, IMAP), 3, XDP_PASS, &[], &[(1, "checked", 3)], &what(src));
+                gk.check_in(
+                    &syn_port(src, IMAP),
+                    1,
+                    over,
+                    &[],
+                    &with(&[(1, "checked", 1), (1, "limited", 1)]),
+                    &what(src),
+                );
+            }
+            // A ban drops on the limited port.
+            gk.check_in(
+                &syn_port(s.banned, IMAP),
+                2,
+                over,
+                &[],
+                &with(&[(1, "banned", 2)])
+                    .iter()
+                    .map(|&(c, n, d)| (c, n, if n == "dry-run-would-drop" { 2 } else { d }))
+                    .collect::<Vec<_>>(),
+                &what(s.banned),
+            );
+            // Unknown sources of limited-only ports are not reported.
+            assert!(gk.events().is_empty(), "{}", what("events"));
+        }
+    }
+}
+
+#[test]
+fn guarded_and_limited_ports_limit_only_what_would_pass() {
+    let mut gk = inbound_gate();
+    gk.in_port(SMTP, 2);
+    gk.in_limit(2, 2);
+    for s in [IN_V4, IN_V6] {
+        let what = |w: &str| format!("{w} to 25");
+        // Allowed and `ok`: the guard's counters only, no limiter.
+        gk.check_in(&syn_port(s.allowed, SMTP), 5, XDP_PASS, &[c(Counter::Allowed)], &[], &what(s.allowed));
+        gk.check_in(&syn_port(s.ok, SMTP), 5, XDP_PASS, &[c(Counter::VerdictPass)], &[], &what(s.ok));
+        // Another pass verdict: counted as a pass, then limited.
+        gk.check_in(
+            &syn_port(s.generic, SMTP),
+            2,
+            XDP_PASS,
+            &[c(Counter::VerdictPass)],
+            &[(2, "checked", 2)],
+            &what(s.generic),
+        );
+        gk.check_in(
+            &syn_port(s.generic, SMTP),
+            1,
+            XDP_DROP,
+            &[c(Counter::VerdictPass)],
+            &[(2, "checked", 1), (2, "limited", 1)],
+            &what(s.generic),
+        );
+        // Unknown: reported and counted as unknown, then limited.
+        gk.check_in(
+            &syn_port(s.unknown, SMTP),
+            2,
+            XDP_PASS,
+            &[c(Counter::Unknown)],
+            &[(2, "checked", 2)],
+            &what(s.unknown),
+        );
+        gk.check_in(
+            &syn_port(s.unknown, SMTP),
+            1,
+            XDP_DROP,
+            &[c(Counter::Unknown)],
+            &[(2, "checked", 1), (2, "limited", 1)],
+            &what(s.unknown),
+        );
+        // (Event interval 0: every SYN is reported, limited or not.)
+        assert_eq!(gk.events().len(), 3, "{}", what("reports"));
+        // Refusals as before; the limiter never sees them.
+        gk.check_in(&syn_port(s.denied, SMTP), 3, XDP_DROP, &[c(Counter::DenyRange)], &[], &what(s.denied));
+        gk.check_in(
+            &syn_port(s.rdns_drop, SMTP),
+            3,
+            XDP_DROP,
+            &[drop_reason(verdict_reason::NO_PTR)],
+            &[],
+            &what(s.rdns_drop),
+        );
+        // A ban refuses as manual-ban.
+        gk.check_in(
+            &syn_port(s.banned, SMTP),
+            3,
+            XDP_DROP,
+            &[drop_reason(verdict_reason::MANUAL_BAN)],
+            &[],
+            &what(s.banned),
+        );
+    }
+    // Dry-run: over the limit passes, counted.
+    gk.config(0, config_flags::DRY_RUN);
+    gk.check_in(
+        &syn_port(IN_V4.generic, SMTP),
+        1,
+        XDP_PASS,
+        &[c(Counter::VerdictPass)],
+        &[(2, "checked", 1), (2, "limited", 1), (2, "dry-run-would-drop", 1)],
+        "dry-run over the limit",
+    );
+}
+
+#[test]
+fn unguarded_unlimited_ports_pass_everyone_uncounted() {
+    let mut gk = inbound_gate();
+    gk.in_port(IMAP, 1);
+    gk.in_limit(1, 1);
+    for s in [IN_V4, IN_V6] {
+        for src in [s.allowed, s.ok, s.generic, s.unknown, s.denied, s.banned, s.rdns_drop] {
+            gk.check_in(&syn_port(src, 8080), 3, XDP_PASS, &[], &[], &format!("{src} to 8080"));
+        }
+    }
+    // A class without a limit (interval 0) passes and counts nothing.
+    gk.in_port(993, 3);
+    gk.check_in(&syn_port(IN_V4.unknown, 993), 3, XDP_PASS, &[], &[], "class without a limit");
+    // Taking the port out of its class ends its limit.
+    gk.check_in(&syn_port(IN_V4.unknown, IMAP), 1, XDP_PASS, &[], &[(1, "checked", 1)], "first");
+    gk.check_in(&syn_port(IN_V4.unknown, IMAP), 1, XDP_DROP, &[], &[(1, "checked", 1), (1, "limited", 1)], "second");
+    gk.in_port(IMAP, 0);
+    gk.check_in(&syn_port(IN_V4.unknown, IMAP), 2, XDP_PASS, &[], &[], "no class");
+}
+
+#[test]
+fn limits_are_per_source_prefix_and_class() {
+    let mut gk = Gk::new();
+    gk.in_port(IMAP, 1);
+    gk.in_port(110, 2);
+    gk.in_limit(1, 1);
+    gk.in_limit(2, 1);
+    gk.check_in(&syn_port("2001:db8:5:6::1", IMAP), 1, XDP_PASS, &[], &[(1, "checked", 1)], "first of the /64");
+    // Another address of the same /64 shares its bucket; another /64 not.
+    gk.check_in(
+        &syn_port("2001:db8:5:6::2", IMAP),
+        1,
+        XDP_DROP,
+        &[],
+        &[(1, "checked", 1), (1, "limited", 1)],
+        "same /64",
+    );
+    gk.check_in(&syn_port("2001:db8:5:7::1", IMAP), 1, XDP_PASS, &[], &[(1, "checked", 1)], "next /64");
+    // Another class is another bucket.
+    gk.check_in(&syn_port("2001:db8:5:6::1", 110), 1, XDP_PASS, &[], &[(2, "checked", 1)], "other class");
+    gk.check_in(&syn_port("192.0.2.1", IMAP), 1, XDP_PASS, &[], &[(1, "checked", 1)], "v4");
+    gk.check_in(&syn_port("192.0.2.2", IMAP), 1, XDP_PASS, &[], &[(1, "checked", 1)], "v4 neighbour");
+}
+
+#[test]
+fn a_full_bucket_gives_its_oldest_slot_to_a_newcomer() {
+    let mut gk = Gk::new();
+    gk.in_port(IMAP, 1);
+    gk.in_limit(1, 1);
+    // Five /64s whose (key, class 1) share a bucket under the test secret.
+    let mut by_bucket: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut five = None;
+    for i in 0..2_000_000u32 {
+        let src = format!("2001:db8:{:x}:{:x}::1", i >> 16, i & 0xffff);
+        let IpAddr::V6(a) = src.parse::<IpAddr>().unwrap() else { unreachable!() };
+        let b = inbound::in_bucket(&KeyWords::v6(&a.octets()), 1, &testrun::HASH);
+        let v = by_bucket.entry(b).or_default();
+        v.push(src);
+        if v.len() == inbound::IN_WAYS + 1 {
+            five = Some(v.clone());
+            break;
+        }
+    }
+    let five = five.expect("five sources in one bucket");
+    for src in &five[..4] {
+        gk.check_in(&syn_port(src, IMAP), 1, XDP_PASS, &[], &[(1, "checked", 1)], src);
+    }
+    // The four are at their limit.
+    gk.check_in(&syn_port(&five[3], IMAP), 1, XDP_DROP, &[], &[(1, "checked", 1), (1, "limited", 1)], "fourth again");
+    // The fifth takes the slot of the first (the lowest arrival time) ...
+    gk.check_in(&syn_port(&five[4], IMAP), 1, XDP_PASS, &[], &[(1, "checked", 1)], "fifth");
+    gk.check_in(&syn_port(&five[4], IMAP), 1, XDP_DROP, &[], &[(1, "checked", 1), (1, "limited", 1)], "fifth again");
+    // ... so the first starts over with a fresh burst, and the others are
+    // still held.
+    gk.check_in(&syn_port(&five[0], IMAP), 1, XDP_PASS, &[], &[(1, "checked", 1)], "first after eviction");
+    gk.check_in(&syn_port(&five[2], IMAP), 1, XDP_DROP, &[], &[(1, "checked", 1), (1, "limited", 1)], "third");
+}
+
+#[test]
+fn a_ban_is_a_manual_ban_refusal_for_the_rejector() {
+    let mut gk = Gk::new();
+    let r = gk.rejectors();
+    // Drop by default: XDP drops a ban, the rejector leaves it alone.
+    gk.verdict("192.0.2.77", action::BAN, verdict_reason::MANUAL_BAN, u64::MAX);
+    gk.check_reject("192.0.2.77", SMTP, XDP_DROP, NONE, &[]);
+    gk.expect(&[(drop_reason(verdict_reason::MANUAL_BAN), 1)], "ban dropped");
+    // With manual-ban's action reject, both judge it a manual-ban refusal.
+    gk.reject(&[verdict_reason::MANUAL_BAN], &[SMTP], LEASE);
+    let counted = reject::reject_counter_name(reject::RejectCounter::to_rejector(verdict_reason::MANUAL_BAN));
+    gk.check_reject("192.0.2.77", SMTP, XDP_PASS, (testrun::SK_PASS, r.v4), &[(counted, 1), ("rejector-steered", 1)]);
+    gk.expect(&[(drop_reason(verdict_reason::MANUAL_BAN), 1)], "ban rejected");
 }

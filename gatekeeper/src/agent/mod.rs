@@ -102,6 +102,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let classes: Vec<(Vec<u16>, gatekeeper_common::RateLimit)> =
         cfg.egress.limit.iter().map(|c| (c.ports.clone(), c.rate_limit())).collect();
     dp.maps.set_egress_policy(&cfg.egress.ports, &classes)?;
+    sync::set_inbound(&mut dp.maps, &cfg.inbound)?;
     if cfg.ports.is_some() {
         // The configured ports win over `ports set`, and are kept as such.
         store.set_setting(PORTS_SETTING, &join_ports(&ports))?;

@@ -109,6 +109,17 @@ fn sync_ranges(store: &Store, maps: &mut Maps, changed: &[&RangeRecord]) -> Resu
     Ok(())
 }
 
+/// Writes the inbound limiter's port classes and limits (at start, with
+/// the rest of the config the datapath holds).
+pub fn set_inbound(maps: &mut Maps, cfg: &crate::config::InboundConfig) -> Result<()> {
+    match maps.inbound.as_mut() {
+        Some(m) => m.set(&cfg.classes()),
+        // Only maps opened from an older gatekeeper's pins lack them; the
+        // agent loads its own object, so this is not reached in `run`.
+        None => Err(Error::bpf_msg("the datapath has no inbound limiter maps")),
+    }
+}
+
 /// What a reconcile did.
 #[derive(Debug, Default)]
 pub struct Reconciled {
@@ -239,14 +250,17 @@ pub fn reconcile(store: &mut Store, maps: &mut Maps, max_derived: u64) -> Result
 /// A verdict record as the datapath holds it. A lookup drop verdict of a
 /// whole IPv6 /64 (several of its addresses failed, see
 /// `State::drop_v6_prefix`) is a presumption: its sources are still
-/// reported, so a good one earns a pass.
+/// reported, so a good one earns a pass. A ban (`Action::Ban`) is written
+/// with the datapath reason `manual-ban` whatever its cause (the database
+/// keeps the cause): the table never evicts it, and it refuses as one.
 pub fn verdict_value(v: &VerdictRecord, now: i64, mono: u64) -> Verdict {
     let presumed = v.action == Action::Drop
         && v.reason != VerdictReason::ManualBan
         && v.key.to_ip().is_ipv6()
         && !v.key.is_host_v6();
     let action = if presumed { action::PRESUMED_DROP } else { v.action.code() };
-    Verdict { expires_ns: expiry_ns(v.expires_at, now, mono), action, reason: v.reason.code() }
+    let reason = if v.action == Action::Ban { verdict_reason::MANUAL_BAN } else { v.reason.code() };
+    Verdict { expires_ns: expiry_ns(v.expires_at, now, mono), action, reason }
 }
 
 pub fn range_value(r: &RangeRecord) -> RangeValue {
@@ -367,6 +381,26 @@ mod tests {
         assert_eq!(pool.flags, range_flags::REJECT);
         assert_eq!(want[&(RangeTable::Ingress, "198.51.100.0/24".parse().unwrap())].flags, 0);
         assert_eq!(want.len(), 6);
+    }
+
+    #[test]
+    fn a_ban_is_written_as_the_ban_action_with_reason_manual_ban() {
+        let rec = |action, reason, ip: &str| VerdictRecord {
+            key: SourceKey::from_ip(ip.parse().unwrap()),
+            action,
+            reason,
+            comment: None,
+            created_at: 0,
+            expires_at: None,
+        };
+        let v = verdict_value(&rec(Action::Ban, VerdictReason::Dynamic, "2001:db8:1::"), 0, 0);
+        assert_eq!((v.action, v.reason, v.expires_ns), (action::BAN, verdict_reason::MANUAL_BAN, u64::MAX));
+        // A /64 drop from lookups stays a presumption; a ban of a /64 does not.
+        let v = verdict_value(&rec(Action::Drop, VerdictReason::NoPtr, "2001:db8:1::"), 0, 0);
+        assert_eq!((v.action, v.reason), (action::PRESUMED_DROP, verdict_reason::NO_PTR));
+        assert_eq!(Action::of_code(v.action), Action::Drop);
+        assert_eq!(Action::of_code(action::BAN), Action::Ban);
+        assert_eq!(Action::Ban.code(), action::BAN);
     }
 
     #[test]

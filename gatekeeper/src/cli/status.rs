@@ -12,10 +12,11 @@ use gatekeeper::{
     datapath::{ifindex, Maps, PinLayout},
     domain::{RangeKind, RangeTable},
     protocol::{call, ClientError, Ports, Request, Unloaded},
-    status::{AgentInfo, AgentLive, AgentStatus, DatapathStatus, Status},
+    status::{AgentInfo, AgentLive, AgentStatus, DatapathStatus, LimitClassStatus, Status},
 };
 use gatekeeper_common::{
     counters::{counter_name, egress_counter_name, COUNTER_SLOTS, EGRESS_COUNTER_SLOTS},
+    inbound::{inbound_counter_name, IN_COUNTERS},
     reject::reject_counter_name,
     Counter, StatKey,
 };
@@ -51,6 +52,22 @@ pub fn status(t: &Target, as_json: bool) -> Result<()> {
     }
     print_status(&st);
     Ok(())
+}
+
+/// A limit class's name, rate and burst in words: as configured when the
+/// agent reports them (`named`), else from the maps.
+fn limit_words(l: &LimitClassStatus, named: Option<&LimitClassStatus>) -> (String, String, String) {
+    match named {
+        Some(n) => (
+            n.name.clone().unwrap_or_default(),
+            n.rate.clone().unwrap_or_default(),
+            n.burst.map_or("-".into(), |b| b.to_string()),
+        ),
+        None => {
+            let burst = l.burst_ns.checked_div(l.interval_ns).map_or("-".into(), |b| b.to_string());
+            (format!("class {}", l.class), format!("1 per {} ns", l.interval_ns), burst)
+        }
+    }
 }
 
 /// `status` for people.
@@ -102,15 +119,16 @@ fn print_status(st: &Status) {
     println!("egress:     ports {} blocked from pools", if guarded.is_empty() { "none" } else { &guarded });
     for l in &dp.egress.limits {
         let named = live.and_then(|a| a.egress.limits.iter().find(|n| n.class == l.class));
-        let (name, rate, burst) = match named {
-            Some(n) => (
-                n.name.clone().unwrap_or_default(),
-                n.rate.clone().unwrap_or_default(),
-                n.burst.map_or("-".into(), |b| b.to_string()),
-            ),
-            None => (format!("class {}", l.class), format!("1 per {} ns", l.interval_ns), "-".into()),
-        };
+        let (name, rate, burst) = limit_words(l, named);
         println!("limit:      {name}: ports {} at {rate}, burst {burst}", join(&l.ports));
+    }
+    if dp.inbound.is_empty() {
+        println!("inbound:    no limited ports");
+    }
+    for l in &dp.inbound {
+        let named = live.and_then(|a| a.inbound.iter().find(|n| n.class == l.class));
+        let (name, rate, burst) = limit_words(l, named);
+        println!("inbound:    {name}: ports {} limited to {rate} per source, burst {burst}", join(&l.ports));
     }
     if let Some(x) = dp.explain.as_ref().filter(|x| x.staged || !x.interfaces.is_empty()) {
         let listeners = match (x.port_v4, x.port_v6) {
@@ -260,6 +278,9 @@ struct Snapshot {
     egress: BTreeMap<StatKey, u64>,
     /// The reject counters by slot (empty: pins of an older gatekeeper).
     reject: Vec<u64>,
+    /// The inbound limiter's classes and counters by (class, counter).
+    inbound: Vec<LimitClassStatus>,
+    inbound_counts: BTreeMap<(u32, u32), u64>,
     /// (hits, kind, net) of ranges with hits, most first.
     top: Vec<(u64, RangeKind, String)>,
 }
@@ -278,21 +299,39 @@ fn snapshot(maps: &Maps) -> Result<Snapshot> {
         Some(r) => r.counters()?,
         None => Vec::new(),
     };
-    Ok(Snapshot { at: Instant::now(), counters: maps.counters()?, egress: maps.egress_counters()?, reject, top })
+    let inbound_counts = match &maps.inbound {
+        Some(m) => m.counters()?,
+        None => BTreeMap::new(),
+    };
+    Ok(Snapshot {
+        at: Instant::now(),
+        counters: maps.counters()?,
+        egress: maps.egress_counters()?,
+        reject,
+        inbound: LimitClassStatus::inbound(maps, |_| None)?,
+        inbound_counts,
+        top,
+    })
 }
 
 /// Interface names by stats slot: the agent's own view when it runs (it
 /// may sit in another network namespace than this CLI), else a local
 /// lookup, trusted only for names the datapath is pinned on.
-struct Names(BTreeMap<u32, String>);
+struct Names {
+    ifaces: BTreeMap<u32, String>,
+    /// Inbound class names, as the agent reports them.
+    classes: BTreeMap<u32, String>,
+}
 
 impl Names {
     fn new(socket: &Path, layout: &PinLayout) -> Names {
         let mut m = BTreeMap::new();
+        let mut classes = BTreeMap::new();
         if let Ok(live) = call::<AgentLive>(socket, &Request::Status) {
             for i in &live.interfaces {
                 m.insert(i.ifindex % gatekeeper_common::STAT_IF_SLOTS, i.ifname.clone());
             }
+            classes.extend(live.inbound.iter().filter_map(|l| Some((l.class, l.name.clone()?))));
         } else if let Ok(links) = layout.links() {
             for l in links {
                 if let Some(idx) = ifindex(&l.ifname) {
@@ -300,11 +339,11 @@ impl Names {
                 }
             }
         }
-        Names(m)
+        Names { ifaces: m, classes }
     }
 
     fn label(&self, slot: u32) -> String {
-        self.0.get(&slot).cloned().unwrap_or_else(|| format!("if{slot}"))
+        self.ifaces.get(&slot).cloned().unwrap_or_else(|| format!("if{slot}"))
     }
 }
 
@@ -333,6 +372,45 @@ fn counters_json(counters: &BTreeMap<StatKey, u64>, slots: u32, name: fn(u32) ->
     json!({ "totals": totals, "interfaces": per_if })
 }
 
+/// The inbound limiter's rows: a class's ports and counters, for every
+/// class the maps hold and every class that counted something.
+fn inbound_rows(snap: &Snapshot) -> Vec<(u32, Vec<u16>, Vec<u64>)> {
+    let mut classes: BTreeSet<u32> = snap.inbound.iter().map(|l| l.class).collect();
+    classes.extend(snap.inbound_counts.keys().map(|k| k.0));
+    classes
+        .into_iter()
+        .map(|c| {
+            let ports = snap.inbound.iter().find(|l| l.class == c).map(|l| l.ports.clone()).unwrap_or_default();
+            let counts = (0..IN_COUNTERS).map(|i| snap.inbound_counts.get(&(c, i)).copied().unwrap_or(0)).collect();
+            (c, ports, counts)
+        })
+        .collect()
+}
+
+fn inbound_json(snap: &Snapshot, names: &Names) -> Value {
+    let mut totals = serde_json::Map::new();
+    for i in 0..IN_COUNTERS {
+        let sum: u64 = snap.inbound_counts.iter().filter(|(k, _)| k.1 == i).map(|(_, v)| v).sum();
+        totals.insert(inbound_counter_name(i).into(), sum.into());
+    }
+    let classes: Vec<Value> = inbound_rows(snap)
+        .into_iter()
+        .map(|(c, ports, counts)| {
+            let counters: serde_json::Map<String, Value> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (inbound_counter_name(i as u32).to_string(), (*v).into()))
+                .collect();
+            let mut v = json!({ "class": c, "ports": ports, "counters": counters });
+            if let Some(n) = names.classes.get(&c) {
+                v["name"] = n.clone().into();
+            }
+            v
+        })
+        .collect();
+    json!({ "totals": totals, "classes": classes })
+}
+
 fn stats_json(snap: &Snapshot, names: &Names, top: usize) -> Value {
     let ingress = counters_json(&snap.counters, COUNTER_SLOTS, counter_name, names);
     let egress = counters_json(&snap.egress, EGRESS_COUNTER_SLOTS, egress_counter_name, names);
@@ -345,6 +423,7 @@ fn stats_json(snap: &Snapshot, names: &Names, top: usize) -> Value {
         "interfaces": ingress["interfaces"],
         "egress": egress,
         "reject": reject,
+        "inbound": inbound_json(snap, names),
         "top_ranges": top,
     })
 }
@@ -415,6 +494,23 @@ fn print_stats(snap: &Snapshot, prev: Option<&Snapshot>, names: &Names, top: usi
             &|_, _| true,
             names,
         );
+    }
+    let rows = inbound_rows(snap);
+    if !rows.is_empty() {
+        println!();
+        let mut header: Vec<String> = vec!["INBOUND".into(), "PORTS".into()];
+        header.extend((0..IN_COUNTERS).map(|i| inbound_counter_name(i).to_uppercase()));
+        let rows: Vec<Vec<String>> = rows
+            .into_iter()
+            .map(|(c, ports, counts)| {
+                let mut row =
+                    vec![names.classes.get(&c).cloned().unwrap_or_else(|| format!("class {c}")), join(&ports)];
+                row.extend(counts.iter().map(u64::to_string));
+                row
+            })
+            .collect();
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        table(&header, &rows);
     }
     if snap.reject.iter().any(|&v| v > 0) {
         // What became of refused SYNs whose action is reject (the refusals

@@ -123,7 +123,7 @@ fn de_egress_ports<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<u
     validate_ports(&ports).map_err(serde::de::Error::custom)
 }
 
-fn de_limits<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<LimitClass>, D::Error> {
+pub(super) fn de_limits<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<LimitClass>, D::Error> {
     let classes = Vec::<LimitClass>::deserialize(d)?;
     let max = gatekeeper_common::MAX_LIMIT_CLASSES as usize - 1;
     if classes.len() > max {

@@ -12,6 +12,7 @@ use crate::lists::parse_duration;
 
 mod egress;
 mod explain;
+mod inbound;
 mod mailstream;
 mod reject;
 #[cfg(test)]
@@ -19,6 +20,7 @@ mod tests;
 
 pub use egress::{EgressConfig, LimitClass, Rate};
 pub use explain::ExplainConfig;
+pub use inbound::InboundConfig;
 pub use mailstream::{
     AbuseConfig, LimitGroup, Limits, LogConfig, LogStart, MailPolicyConfig, Redact, SmarthostConfig, SuspendConfig,
 };
@@ -77,6 +79,8 @@ pub struct Config {
     pub dns: crate::dns::DnsConfig,
     /// The egress gate: guarded ports and outbound connection limits.
     pub egress: EgressConfig,
+    /// The ingress gate's inbound connection limits (`[[inbound.limit]]`).
+    pub inbound: InboundConfig,
     /// Refused sources: drop, or answer with the reason.
     pub reject: RejectSettings,
     /// `[[logs]]`: the mail (and ssh) logs the agent follows.
@@ -106,10 +110,15 @@ pub enum FirstSyn {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
+    #[serde(deserialize_with = "de_policy_action")]
     pub no_ptr: Action,
+    #[serde(deserialize_with = "de_policy_action")]
     pub fcrdns_fail: Action,
+    #[serde(deserialize_with = "de_policy_action")]
     pub dynamic: Action,
+    #[serde(deserialize_with = "de_policy_action")]
     pub generic: Action,
+    #[serde(deserialize_with = "de_policy_action")]
     pub ok: Action,
     pub first_syn: FirstSyn,
     /// With `first_syn = "hold"`: after this long an unanswered source
@@ -244,6 +253,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             dns: crate::dns::DnsConfig::default(),
             egress: EgressConfig::default(),
+            inbound: InboundConfig::default(),
             reject: RejectSettings::default(),
             logs: Vec::new(),
             abuse: AbuseConfig::default(),
@@ -299,8 +309,21 @@ impl Config {
         if let Err((table, msg)) = mailstream::validate_logs(&cfg.logs) {
             return Err(Error::Config { path: path.to_path_buf(), message: format!("[[logs]] entry {table}: {msg}") });
         }
+        let mut cfg = cfg;
+        cfg.inbound.add_ssh(&cfg.logs.iter().filter_map(|l| l.port).collect::<Vec<_>>());
         cfg.dns.validate().map_err(|e| Error::Config { path: path.to_path_buf(), message: format!("[dns] {e}") })?;
         Ok(cfg)
+    }
+}
+
+/// A `[policy]` action: drop or pass. A ban is what the agent makes of
+/// abuse, never a reverse-DNS outcome's action.
+fn de_policy_action<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Action, D::Error> {
+    match Action::deserialize(d)? {
+        Action::Ban => Err(serde::de::Error::custom(
+            "\"ban\" is not a policy action (expected drop or pass); bans come from `gatekeeper ban` and from log-driven abuse scores",
+        )),
+        a => Ok(a),
     }
 }
 
@@ -389,10 +412,16 @@ fn de_positive_usize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usi
 }
 
 /// The dotted key whose `key = value` line holds byte `pos`, with the
-/// `[table]` it sits in.
+/// `[table]` it sits in (or the table whose header line holds it).
 fn key_at(text: &str, pos: usize) -> Option<String> {
     let line_start = text[..pos.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
+    // An error spanning a table (`[[inbound.limit]]` whose entries clash)
+    // names the table.
+    let header = line.trim();
+    if header.starts_with('[') && header.ends_with(']') {
+        return Some(header.trim_matches(|c| c == '[' || c == ']').trim().to_string()).filter(|t| !t.is_empty());
+    }
     let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty())?;
     let table = text[..line_start]
         .lines()

@@ -33,6 +33,7 @@ fn the_documented_example_config_parses() {
     assert_eq!(c.ifaces(Role::Ingress), vec!["eth1".to_string()]);
     assert_eq!(c.ifaces(Role::Uplink), vec!["eth2".to_string()]);
     assert_eq!(c.egress, EgressConfig::default());
+    assert_eq!(c.inbound, crate::config::InboundConfig::default());
     assert_eq!(c.policy, PolicyConfig::default());
     assert_eq!(c.limits, LimitsConfig::default());
     assert_eq!(c.reject, RejectSettings::default());
@@ -360,4 +361,61 @@ fn reject_errors_name_line_and_key() {
         assert!(m.contains(want), "{text:?}: {m}");
         assert!(m.contains("line "), "{text:?}: {m}");
     }
+}
+
+#[test]
+fn inbound_limits_default_replace_and_turn_off() {
+    let d = parse("").unwrap().inbound;
+    assert_eq!(d.ports(), [25, 110, 143, 465, 587, 993, 995]);
+    let imap = d.limit.iter().find(|c| c.name == "imap").unwrap();
+    assert_eq!((imap.ports.as_slice(), imap.rate.to_string().as_str(), imap.burst), (&[143, 993][..], "120/min", 60));
+    let classes = d.classes();
+    assert_eq!(classes.len(), 4);
+    // smtp: 60/min burst 30 -> one token a second, 30 s ahead at most.
+    assert_eq!(classes[0].1.interval_ns, 1_000_000_000);
+    assert_eq!(classes[0].1.burst_ns, 30_000_000_000);
+
+    let c = parse("[[inbound.limit]]\nname = \"imap\"\nports = [143]\nrate = \"10/min\"\nburst = 5\n").unwrap();
+    assert_eq!(c.inbound.ports(), [143]);
+    assert!(parse("[inbound]\nlimit = []\n").unwrap().inbound.limit.is_empty());
+
+    for (text, want) in [
+        (
+            "[[inbound.limit]]\nname = \"a\"\nports = [143]\nrate = \"1/min\"\nburst = 1\n[[inbound.limit]]\nname = \"b\"\nports = [143]\nrate = \"1/min\"\nburst = 1\n",
+            "port 143 is in limit classes",
+        ),
+        ("[[inbound.limit]]\nname = \"a\"\nports = [143]\nrate = \"fast\"\nburst = 1\n", "invalid rate"),
+        ("[[inbound.limit]]\nname = \"a\"\nports = [0]\nrate = \"1/min\"\nburst = 1\n", "ports must be"),
+        ("[[inbound.limit]]\nname = \"a\"\nports = [143]\nrate = \"1/min\"\nburst = 0\n", "burst"),
+        ("[inbound]\nports = [143]\n", "unknown field `ports`"),
+    ] {
+        let m = message(text);
+        // The message names the key (an unknown field is named by toml).
+        let named = m.contains("key `inbound.limit") || want.starts_with("unknown field");
+        assert!(m.contains(want) && named, "{text:?}: {m}");
+    }
+}
+
+#[test]
+fn ban_is_no_policy_action() {
+    let m = message("[policy]\ngeneric = \"ban\"\n");
+    assert!(m.contains("line 2") && m.contains("policy.generic") && m.contains("not a policy action"), "{m}");
+    assert_eq!(parse("[policy]\ngeneric = \"drop\"\n").unwrap().policy.generic, Action::Drop);
+}
+
+#[test]
+fn sshds_port_joins_the_limited_ports() {
+    let text = "[[logs]]\nkind = \"sshd\"\nsource = \"journal\"\nport = 2222\n";
+    let cfg = Config::parse(text, Path::new("t.toml")).unwrap();
+    assert!(cfg.inbound.ports().contains(&2222), "{:?}", cfg.inbound.ports());
+    assert_eq!(cfg.inbound.limit.last().unwrap().name, "ssh");
+    let text = "[[logs]]\nkind = \"postfix\"\nsource = \"journal\"\nport = 25\n";
+    let e = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("`port` is for kind = \"sshd\""), "{e}");
+    let text = "[abuse]\nauth_failure_weight = 0\n";
+    let e = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("auth_failure_weight") && e.contains("out of range"), "{e}");
+    let text = "[smarthost]\nmessages = \"10/week\"\n";
+    let e = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("smarthost") && e.contains("10/week"), "{e}");
 }

@@ -38,6 +38,10 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::REJECT => (4, size_of::<gatekeeper_common::reject::RejectConfig>() as u32),
         names::REJ_QUIET => (4, size_of::<gatekeeper_common::reject::QuietSlot>() as u32),
         names::REJ_STATS | names::REJ_BUDGET => (4, 8),
+        names::IN_PORTS => (4, 4),
+        names::IN_LIMITS => (4, size_of::<RateLimit>() as u32),
+        names::IN_BUCKETS => (4, size_of::<gatekeeper_common::InBucket>() as u32),
+        names::IN_STATS => (4, 8),
         names::EXPLAIN => (4, size_of::<gatekeeper_common::explain::ExplainConfig>() as u32),
         _ => return None,
     })

@@ -9,7 +9,9 @@ use aya::{
     Ebpf,
 };
 use gatekeeper_common::{
-    family, maps as names, port_policy,
+    family,
+    inbound::{IN_COUNTERS, IN_PORT_ENTRIES},
+    maps as names, port_policy,
     reject::{quiet_slot, QuietSlot, RejectConfig, REJECT_COUNTER_SLOTS},
     sourcetab::HashKey,
     Config, KeyWords, RangeEntry, RangeValue, RateLimit, SourceKey, StatKey, Verdict, EG_PORT_ENTRIES,
@@ -39,6 +41,85 @@ pub struct Maps {
     pub eg_stats: PerCpuArray<MapData, u64>,
     /// `None`: opened from pins an older gatekeeper left, which has none.
     pub reject: Option<RejectMaps>,
+    /// The inbound limiter; `None` as for `reject`.
+    pub inbound: Option<InboundMaps>,
+}
+
+/// The inbound limiter: port classes, limits and counters (the token
+/// buckets are the datapath's alone).
+pub struct InboundMaps {
+    pub ports: Array<MapData, u32>,
+    pub limits: Array<MapData, RateLimit>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl InboundMaps {
+    fn build(get: &mut dyn FnMut(&str) -> Result<Option<Map>>) -> Result<Option<InboundMaps>> {
+        let Some(ports) = get(names::IN_PORTS)? else { return Ok(None) };
+        Ok(Some(InboundMaps {
+            ports: typed(Some(ports), names::IN_PORTS)?,
+            limits: typed(get(names::IN_LIMITS)?, names::IN_LIMITS)?,
+            stats: typed(get(names::IN_STATS)?, names::IN_STATS)?,
+        }))
+    }
+
+    /// Writes the classes: `classes[i]` = (ports, limit) is class `i + 1`;
+    /// every other port is not limited. Limits are written first, so a port
+    /// never points at a class not yet written, and only port words that
+    /// change are written (each write is atomic).
+    pub fn set(&mut self, classes: &[(Vec<u16>, RateLimit)]) -> Result<()> {
+        if classes.len() >= MAX_LIMIT_CLASSES as usize {
+            return Err(Error::bpf_msg(format!("at most {} inbound limit classes", MAX_LIMIT_CLASSES - 1)));
+        }
+        let mut want = vec![0u32; IN_PORT_ENTRIES as usize];
+        for (i, (ports, _)) in classes.iter().enumerate() {
+            for &p in ports {
+                want[p as usize] = i as u32 + 1;
+            }
+        }
+        for class in 1..MAX_LIMIT_CLASSES {
+            let lim = classes.get(class as usize - 1).map(|(_, l)| *l).unwrap_or_default();
+            self.limits.set(class, lim, 0).map_err(|e| Error::bpf("write inbound limits", e))?;
+        }
+        for (port, &w) in want.iter().enumerate() {
+            let cur = self.ports.get(&(port as u32), 0).map_err(|e| Error::bpf("read inbound ports", e))?;
+            if cur != w {
+                self.ports.set(port as u32, w, 0).map_err(|e| Error::bpf("write inbound ports", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The classes as the datapath holds them: (class, ports, limit).
+    pub fn classes(&self) -> Result<Vec<LimitClassState>> {
+        let mut classes: BTreeMap<u32, Vec<u16>> = BTreeMap::new();
+        for (port, c) in self.ports.iter().enumerate() {
+            let c = c.map_err(|e| Error::bpf("read inbound ports", e))?;
+            if c != 0 {
+                classes.entry(c).or_default().push(port as u16);
+            }
+        }
+        let mut out = Vec::new();
+        for (c, ports) in classes {
+            let lim = self.limits.get(&c, 0).map_err(|e| Error::bpf("read inbound limits", e))?;
+            out.push((c, ports, lim));
+        }
+        Ok(out)
+    }
+
+    /// The counters summed over CPUs: (class, counter) → count, only those
+    /// that moved.
+    pub fn counters(&self) -> Result<BTreeMap<(u32, u32), u64>> {
+        let mut out = BTreeMap::new();
+        for (index, v) in self.stats.iter().enumerate() {
+            let sum: u64 = v.map_err(|e| Error::bpf("read inbound counters", e))?.iter().sum();
+            if sum > 0 {
+                let i = index as u32;
+                out.insert((i / IN_COUNTERS, i % IN_COUNTERS), sum);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Reject with a reason: the datapath's settings and lease, the quiet table
@@ -131,8 +212,17 @@ impl Maps {
             Map::from_map_data(data).map(Some).map_err(|e| Error::bpf(format!("map {name}"), e))
         };
         let mut get = |name: &str| {
-            // An older gatekeeper's pins have no reject maps.
-            if [names::REJECT, names::REJ_QUIET, names::REJ_STATS, names::REJ_BUDGET].contains(&name)
+            // An older gatekeeper's pins have no reject or inbound maps.
+            if [
+                names::REJECT,
+                names::REJ_QUIET,
+                names::REJ_STATS,
+                names::REJ_BUDGET,
+                names::IN_PORTS,
+                names::IN_LIMITS,
+                names::IN_STATS,
+            ]
+            .contains(&name)
                 && !layout.map(name).exists()
             {
                 return Ok(None);
@@ -161,6 +251,7 @@ impl Maps {
             eg_limits: typed(get(names::EG_LIMITS)?, names::EG_LIMITS)?,
             eg_stats: typed(get(names::EG_STATS)?, names::EG_STATS)?,
             reject: RejectMaps::build(get)?,
+            inbound: InboundMaps::build(get)?,
         })
     }
 

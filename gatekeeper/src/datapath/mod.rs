@@ -29,7 +29,7 @@ use gatekeeper_common::{maps as names, programs};
 use tracing::{info, warn};
 
 pub use load::{calibrate_clock, load_object};
-pub use maps::{table_map, LimitClassState, Maps, RangeMaps, RejectMaps};
+pub use maps::{table_map, InboundMaps, LimitClassState, Maps, RangeMaps, RejectMaps};
 pub use pins::{ensure_bpffs, ifindex, LinkPin, PinLayout, PinLock};
 pub use rejector::{Listeners, RejectorAttach};
 

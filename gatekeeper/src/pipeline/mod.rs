@@ -43,8 +43,8 @@ impl Decision {
     /// all ones): it is not written, the source stays unknown.
     pub fn key(&self, ip: std::net::IpAddr) -> Option<SourceKey> {
         match self.action {
-            Action::Pass => Some(SourceKey::from_ip(ip)),
-            Action::Drop | Action::Ban => {
+            Action::Pass | Action::Ban => Some(SourceKey::from_ip(ip)),
+            Action::Drop => {
                 let key = SourceKey::host(ip);
                 let v6 = matches!(ip, std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none());
                 (!v6 || key.is_host_v6()).then_some(key)

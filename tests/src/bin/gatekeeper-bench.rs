@@ -80,8 +80,8 @@ use gatekeeper::domain::RangeTable;
 use gatekeeper::verdict_table::{place, VerdictTable};
 use gatekeeper_common::{
     action, addr, counters::counter_name, maps, programs, range_kind, range_origin, sourcetab::verdict_buckets,
-    stat_index, verdict_reason, Config, Counter, KeyWords, RangeValue, SourceKey, StatKey, Verdict, VerdictBucket,
-    VerdictSlot,
+    stat_index, verdict_reason, Config, Counter, KeyWords, RangeValue, RateLimit, SourceKey, StatKey, Verdict,
+    VerdictBucket, VerdictSlot,
 };
 use gatekeeper_tests::packet::{mss_option, syn_to, tcp_flags, v4 as ip4, v6 as ip6, ExtHeader, Packet};
 use gatekeeper_tests::rng::Rng;
@@ -360,6 +360,12 @@ struct Case {
 const NON_SYN: Target = Target::Ratio(1.5);
 const DECISION: Target = Target::Ns(60.0);
 
+/// Inbound limiter ports of the xdp bench: limited only (under the limit,
+/// and over it), guarded and limited.
+const IMAP: u16 = 143;
+const POP3: u16 = 110;
+const GUARDED_LIMITED: u16 = 2525;
+
 fn syn4(src: &str) -> Packet {
     syn_to(src, "192.0.2.25", SMTP)
 }
@@ -490,6 +496,7 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
     let measured = [
         ("203.0.113.7", action::DROP, verdict_reason::MANUAL_BAN),
         ("203.0.113.8", action::PASS, verdict_reason::OK),
+        ("203.0.113.9", action::PASS, verdict_reason::GENERIC),
         ("2001:db8:e:1::", action::DROP, verdict_reason::FCRDNS_FAIL),
     ];
     // Random verdicts until the table holds `scale.verdicts` with the
@@ -684,6 +691,53 @@ fn xdp(repeat: u32, scale: Scale, json_path: &std::path::Path) -> Result<()> {
             Target::None,
         )
     });
+
+    // The inbound limiter: 143 limited only (a limit no run reaches), 110
+    // limited only (one connection an hour, used up below), 2525 guarded
+    // and limited (no run reaches the limit). Port 25 stays in no class, so
+    // the rows above measure the guarded path without the limiter.
+    {
+        let mut in_ports: Array<_, u32> = Array::try_from(b.bpf.map_mut(maps::IN_PORTS).unwrap())?;
+        in_ports.set(u32::from(IMAP), 1, 0)?;
+        in_ports.set(u32::from(POP3), 2, 0)?;
+        in_ports.set(u32::from(GUARDED_LIMITED), 1, 0)?;
+        let mut limits: Array<_, RateLimit> = Array::try_from(b.bpf.map_mut(maps::IN_LIMITS).unwrap())?;
+        limits.set(1, RateLimit { interval_ns: 1, burst_ns: 1 << 62 }, 0)?;
+        let hour = 3_600_000_000_000;
+        limits.set(2, RateLimit { interval_ns: hour, burst_ns: hour }, 0)?;
+        let mut ports: Array<_, u64> = Array::try_from(b.bpf.map_mut(maps::PORTS).unwrap())?;
+        let (w, bit) = addr::port_slot(GUARDED_LIMITED);
+        let old = ports.get(&w, 0)?;
+        ports.set(w, old | bit, 0)?;
+    }
+    let over4 = syn_to("203.0.113.202", "192.0.2.25", POP3).build();
+    let (r, _) = b.run(programs::XDP_INGRESS, &over4, 1)?;
+    ensure!(r == XDP_PASS, "the over-limit source's first connection passes");
+    let to = |src: &str, port: u16| {
+        syn_to(src, if src.contains(':') { "2001:db8:25::25" } else { "192.0.2.25" }, port).build()
+    };
+    cases.extend([
+        case("syn limited-only ok v4", to("203.0.113.8", IMAP), XDP_PASS, None, DECISION),
+        case("syn limited-only unknown v4", to(unknown4, IMAP), XDP_PASS, None, DECISION),
+        case("syn limited-only unknown v6", to(unknown6, IMAP), XDP_PASS, None, DECISION),
+        case("syn limited-only over limit v4", over4, XDP_DROP, None, DECISION),
+        case(
+            "syn guarded+limited ok v4",
+            to("203.0.113.8", GUARDED_LIMITED),
+            XDP_PASS,
+            dc(Counter::VerdictPass),
+            DECISION,
+        ),
+        case(
+            "syn guarded+limited generic v4",
+            to("203.0.113.9", GUARDED_LIMITED),
+            XDP_PASS,
+            dc(Counter::VerdictPass),
+            DECISION,
+        ),
+        case("syn guarded+limited unknown v4", to(unknown4, GUARDED_LIMITED), XDP_PASS, dc(Counter::Unknown), DECISION),
+        case("syn guarded+limited unknown v6", to(unknown6, GUARDED_LIMITED), XDP_PASS, dc(Counter::Unknown), DECISION),
+    ]);
 
     // Check every case once: return value, exactly the expected counter,
     // and that unknown sources are in no range and have no verdict.

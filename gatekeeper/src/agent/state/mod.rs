@@ -23,7 +23,7 @@ use crate::{
     domain::{Action, Origin, PoolAction, RangeKind, RangeTable, Refusal, VerdictReason},
     pipeline::Learned,
     protocol::{CheckDatapath, CheckRange, CheckRefusal, CheckVerdict, RangeAdded, RangeRow, RangeSpec},
-    status::{AgentInfo, AgentLive, Capacity, Dropped, EgressPolicy, Entries, QueueStats},
+    status::{AgentInfo, AgentLive, Capacity, Dropped, EgressPolicy, Entries, LimitClassStatus, QueueStats},
     store::{NewRange, RangeRecord, Store, VerdictRecord},
     time::{monotonic_ns, unix_now},
     Error, Result,
@@ -502,6 +502,15 @@ impl State {
         })
     }
 
+    /// The inbound limiter's classes as the datapath holds them, with the
+    /// configured names.
+    pub fn inbound_limits(&self) -> Result<Vec<LimitClassStatus>> {
+        LimitClassStatus::inbound(&self.dp.maps, |c| {
+            let l = self.cfg.inbound.limit.get((c as usize).checked_sub(1)?)?;
+            Some((l.name.clone(), l.rate.to_string(), l.burst))
+        })
+    }
+
     /// Why the datapath refuses `ip` now, as the gates judge it (allow wins,
     /// then deny ranges, then a live verdict, then a learned range), and
     /// the host name its verdict was judged by; `None` when it is not
@@ -524,7 +533,8 @@ impl State {
         let (key, host) = (SourceKey::from_ip(ip), SourceKey::host(ip));
         let found = if host != key { live(host).or_else(|| live(key)) } else { live(key) };
         let Some((key, v)) = found else { return presumed.map(|r| (r, None)) };
-        if v.action != gatekeeper_common::action::DROP && v.action != gatekeeper_common::action::PRESUMED_DROP {
+        use gatekeeper_common::action;
+        if v.action != action::DROP && v.action != action::PRESUMED_DROP && v.action != action::BAN {
             return None;
         }
         let refusal = Refusal::from_code(v.reason)?;
@@ -615,6 +625,7 @@ impl State {
             interfaces: self.attached.clone(),
             ports: self.dp.maps.ports()?,
             egress: self.egress_policy()?,
+            inbound: self.inbound_limits()?,
             entries: Entries::count(ranges.iter().map(|r| (r.kind, r.net)), self.store.verdict_count()? as usize),
             capacity: Capacity {
                 ranges_per_table: MAX_RANGES,
