@@ -516,6 +516,7 @@ impl AbuseScores {
             // Blackhole: a banned source's lines neither add nor re-ban.
             return None;
         }
+        Self::after_ban(row, now_ms);
         Self::refresh(cfg, row, now_ms);
         row.score += points;
         row.failures += failures;
@@ -541,18 +542,30 @@ impl AbuseScores {
             offence_no: row.offences,
             until_ms,
         };
-        row.score = 0.0;
-        row.failures = 0;
-        row.connections = 0;
+        // The counts stay as they were while the ban lasts (`abuse list`
+        // shows what earned it); the source starts afresh when it ends.
         row.last_offence_ms = Some(now_ms);
         row.banned_until_ms = Some(until_ms);
         Some(offence)
+    }
+
+    /// After a ban ended, the counts that earned it are gone.
+    fn after_ban(row: &mut AbuseRow, now_ms: i64) {
+        if let Some(until) = row.banned_until_ms {
+            if now_ms >= until && row.at_ms < until {
+                row.score = 0.0;
+                row.failures = 0;
+                row.connections = 0;
+                row.at_ms = until;
+            }
+        }
     }
 
     /// A source's state brought to `now_ms` (score leaked), if it has one.
     pub fn get(&self, key: &AbuseKey, now_ms: i64) -> Option<AbuseRow> {
         let mut row = self.sources.get(key)?.clone();
         if !row.banned(now_ms) {
+            Self::after_ban(&mut row, now_ms);
             Self::refresh(&self.cfg, &mut row, now_ms);
         }
         Some(row)

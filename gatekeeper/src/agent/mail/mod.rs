@@ -217,7 +217,7 @@ impl MailCore {
             subject: s.subject.to_string(),
             reason: format!("sent to {} undeliverable recipients within an hour", s.count),
             count: s.count,
-            evidence: s.recipients.clone(),
+            evidence: evidence(&s.recipients),
             address: address.map(|a| a.to_string()),
             created_at: now,
             expires_at: None,
@@ -460,6 +460,16 @@ impl MailHandle {
             warn!(error = %e.report(), "could not save the mail stream's counters");
         }
     }
+}
+
+/// The recipients as evidence: each distinct one (redacted ones are often
+/// the same domain) once, with how many times it came.
+fn evidence(recipients: &[String]) -> Vec<String> {
+    let mut n: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in recipients {
+        *n.entry(r.as_str()).or_default() += 1;
+    }
+    n.into_iter().map(|(r, c)| if c > 1 { format!("{r} ({c})") } else { r.to_string() }).collect()
 }
 
 /// Until when a suspension blocks its client address (`None`: until

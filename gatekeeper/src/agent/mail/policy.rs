@@ -37,6 +37,9 @@ impl PolicyDecider for Decider {
         let contact = &self.handle.cfg.mail_policy.contact;
         match req.protocol_state() {
             Some("RCPT") => {
+                if let Some(a) = account {
+                    core.saw_account(a, client);
+                }
                 core.stream.note_rcpt_request(
                     client,
                     req.sender().unwrap_or(""),

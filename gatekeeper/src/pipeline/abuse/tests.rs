@@ -135,8 +135,10 @@ fn banned_sources_are_a_blackhole() {
         assert!(s.apply(&fail("192.0.2.66", None, Count::Add(1)), T0 + i * 1000).is_none());
     }
     let row = s.get(&o.key, T0 + 100_000).unwrap();
-    assert_eq!((row.score, row.offences), (0.0, 1));
+    assert_eq!((row.score, row.failures, row.offences), (o.score, o.failures, 1), "what earned the ban stays shown");
     assert!(row.banned(T0 + 100_000));
+    let after = s.get(&o.key, o.until_ms).unwrap();
+    assert_eq!((after.score, after.failures, after.connections), (0.0, 0, 0), "the ban over, it starts afresh");
     // After the ban: scored again, and the next offence escalates.
     let (n, o2) = failures_until_offence(&mut s, "192.0.2.66", o.until_ms);
     assert_eq!((n, o2.offence_no, o2.ban_for.as_secs()), (7, 2, 3600));
