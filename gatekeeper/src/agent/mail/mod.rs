@@ -20,7 +20,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::{
-    state::{AbuseBan, MailBatch, State},
+    state::{AbuseBan, AddressBlock, MailBatch, State},
     Core,
 };
 use crate::{
@@ -200,11 +200,7 @@ impl MailCore {
     }
 
     /// The suspension a crossing reaches (none if already suspended).
-    fn suspension_of(
-        &mut self,
-        s: &Suspend,
-        cfg: &Config,
-    ) -> Option<(SuspensionRecord, Option<(IpAddr, Option<i64>)>)> {
+    fn suspension_of(&mut self, s: &Suspend, cfg: &Config) -> Option<(SuspensionRecord, Option<AddressBlock>)> {
         if self.suspended.contains_key(&s.subject) {
             return None;
         }

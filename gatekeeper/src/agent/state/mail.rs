@@ -26,6 +26,10 @@ pub struct AbuseBan {
     pub comment: String,
 }
 
+/// A suspended sender's client address, banned on the limited ports until
+/// `until` (`None`: until `suspend del`).
+pub type AddressBlock = (IpAddr, Option<i64>);
+
 /// What one batch of log lines (or a flush of the policy service's
 /// counters) changes, written in one transaction: where each source
 /// stopped, the state rows that follow from the lines up to there, and the
@@ -41,9 +45,8 @@ pub struct MailBatch {
     /// Sending counters to add to: `(subject, kind, hour, n)`.
     pub sent: Vec<(String, &'static str, i64, u64)>,
     pub bans: Vec<AbuseBan>,
-    /// New suspensions, with the client address to block and until when
-    /// (`None`: until `suspend del`).
-    pub suspensions: Vec<(SuspensionRecord, Option<(IpAddr, Option<i64>)>)>,
+    /// New suspensions, with the client address to block.
+    pub suspensions: Vec<(SuspensionRecord, Option<AddressBlock>)>,
 }
 
 impl MailBatch {
@@ -171,7 +174,7 @@ impl State {
     }
 
     /// Suspends `rec.subject` by hand (and blocks `address` with it).
-    pub fn suspend_add(&mut self, rec: SuspensionRecord, address: Option<(IpAddr, Option<i64>)>) -> Result<()> {
+    pub fn suspend_add(&mut self, rec: SuspensionRecord, address: Option<AddressBlock>) -> Result<()> {
         if self.store.suspension(&rec.subject)?.is_some() {
             return Err(Error::InvalidInput(format!("{} is already suspended", rec.subject)));
         }

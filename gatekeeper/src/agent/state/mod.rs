@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 mod mail;
 
-pub use mail::{AbuseBan, MailBatch};
+pub use mail::{AbuseBan, AddressBlock, MailBatch};
 
 use crate::{
     agent::sync::{self, Touched},
