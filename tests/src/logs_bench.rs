@@ -48,7 +48,7 @@ const ROUNDS: usize = 5;
 const BENCH_CPU: usize = 1;
 const MX_IF: &str = "gklbmx";
 const CL_IF: &str = "gklbcl";
-const SERVER: &str = "192.0.2.1";
+const SERVER: &str = "203.0.113.1";
 
 fn usage() -> ! {
     eprintln!("usage: gatekeeper-bench logs [--lines N] [--samples N] [--json PATH]");
@@ -85,7 +85,7 @@ pub fn run(mut args: impl Iterator<Item = String>) -> Result<()> {
     println!("{:<10} {:>14} {:>16} {:>16} {:>10}", "log", "parse only", "parse and score", "fail2ban-regex", "events");
     for r in &rows {
         let peer = r.peer.map_or_else(|| "-".to_string(), |p| format!("{p:.0}"));
-        println!("{:<10} {:>14.0} {:>16.0} {:>16} {:>10}", r.kind, r.parse, r.score, peer, r.events);
+        println!("{:<10} {:>14.0} {:>16.0} {:>16} {:>10}", r.kind.as_str(), r.parse, r.score, peer, r.events);
     }
     println!("\nfrom a log line written to the ban in the datapath (ms; target p99 under 1000)");
     println!("{:<10} {:>8} {:>8} {:>8} {:>8} {:>8}", "samples", "p50", "p90", "p99", "max", "noise/s");
@@ -370,7 +370,7 @@ fn stamp() -> String {
 fn latency(samples: usize) -> Result<Latency> {
     let clients: Vec<String> = (0..samples).map(|i| format!("203.0.113.{}/24", 10 + i)).collect();
     let (mx, cl) =
-        netlab::joined(("lbmx", MX_IF, &[format!("{SERVER}/24"), "203.0.113.1/24".into()]), ("lbcl", CL_IF, &clients))?;
+        netlab::joined(("lbmx", MX_IF, &[format!("{SERVER}/24")]), ("lbcl", CL_IF, &clients))?;
     let server = SocketAddr::new(SERVER.parse()?, 25);
     let _smtp = TcpListenerGuard::spawn(&mx, server)?;
     let mut gk = Instance::new(mx, Some(MX_IF), "gk-logs-bench-", "");
