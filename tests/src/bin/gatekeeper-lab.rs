@@ -14,6 +14,8 @@
 //! instance there with `--uplink`: the egress gate keeps dynamic pools off
 //! port 25 except towards the smarthost, lets an exempt business line
 //! through and answers a reject pool with a RST. Every expectation is
+//! A mail-log scene has a password guesser with a good name banned on
+//! every mail port from what Postfix logged. Every expectation is
 //! checked: the lab exits non-zero if the gate did not do what the table
 //! says. Everything is torn down at the end, on failure and
 //! on Ctrl-C.
@@ -28,7 +30,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use gatekeeper_tests::{
     dnslab::{NsdServer, Zone},
-    mta::{self, smtp_probe, Postfix, PostfixOptions, Probe},
+    dovecot::{Dovecot, DovecotOptions},
+    mta::{self, smtp_probe, swaks, Postfix, PostfixOptions, Probe, SwaksArgs},
     netlab::{self, tcp_connect, veth_pair, AgentProcess, ConnectOutcome, Netns, PinDirGuard, TcpListenerGuard},
 };
 
@@ -273,8 +276,11 @@ struct Lab {
     mx: Netns,
     clients: [Netns; 2],
     _dns: NsdServer,
-    /// The mail host's MTA: a real Postfix on 25 and 587.
+    /// The mail host's MTA: a real Postfix on 25 and 587, SMTP AUTH
+    /// through Dovecot, whose log the agent follows.
     _postfix: Postfix,
+    /// Dovecot: IMAP on 143 and Postfix's SASL server.
+    _dovecot: Dovecot,
 }
 
 impl Lab {
@@ -310,20 +316,30 @@ impl Lab {
             ns.route_add(&format!("192.0.2.0/24 via {gw4}"))?;
             ns.route_add(&format!("2001:db8:25::/64 via {gw6}"))?;
         }
+        let dovecot = Dovecot::start(
+            &mx,
+            DovecotOptions::new(&[MX_V4.parse()?])
+                .with_auth_socket()
+                .without_auth_penalty()
+                .with_user("postmaster", "lab-secret"),
+        )?;
         let postfix = Postfix::start(
             &mx,
             PostfixOptions {
                 ports: vec![25, 587],
                 ..PostfixOptions::receiver(&[MX_V4.parse()?, MX_V6.parse()?], MX_DOMAIN)
+                    .with_sasl_dovecot(dovecot.auth_socket().context("Dovecot's SASL socket")?)
             },
         )?;
         let dns = NsdServer::start_in(&mx, &zones())?;
         let config = format!(
-            "# The lab's agent config\n[dns]\nservers = [\"{}\"]\ntimeout = \"1s\"\n\n[learning]\nmin_sources = 3\n",
-            dns.addr()
+            "# The lab's agent config\n[dns]\nservers = [\"{}\"]\ntimeout = \"1s\"\n\n[learning]\nmin_sources = 3\n\n\
+             [[logs]]\nkind = \"postfix\"\nsource = \"file\"\nfile = \"{}\"\n",
+            dns.addr(),
+            postfix.dir().join("maillog").display()
         );
         let agent = LabAgent::new(bin, "gk-lab-state-", &config)?;
-        Ok(Lab { agent, mx, clients: [isp, peer], _dns: dns, _postfix: postfix })
+        Ok(Lab { agent, mx, clients: [isp, peer], _dns: dns, _postfix: postfix, _dovecot: dovecot })
     }
 
     fn start_agent(&mut self) -> Result<()> {
@@ -814,7 +830,43 @@ fn run() -> Result<()> {
     );
     expect(format!("{POOL6_NEW} inside the learned range"), &o, &["DROPPED", "REJECTED"]);
 
-    banner("5. fail-static: the agent is killed, enforcement goes on");
+    banner("5. what sources do: a password guesser with a good name is banned on every mail port");
+    let guesser = &CLIENTS[3];
+    let mut later = Vec::new();
+    let submission: SocketAddr = format!("{MX_V4}:587").parse()?;
+    let mut refused = 0;
+    for n in 0..7 {
+        check_interrupt()?;
+        let args = SwaksArgs::new(submission, "x@peer.example.org", &format!("postmaster@{MX_DOMAIN}"))
+            .local(guesser.src.parse()?)
+            .auth_mech("LOGIN", "postmaster", &format!("guess{n}"))
+            .quit_after("AUTH");
+        if swaks(&lab.clients[1], args)?.transcript.contains("535") {
+            refused += 1;
+        }
+    }
+    println!("  {} ({}): 7 wrong passwords over SMTP AUTH on 587, {refused} refused with 535 by Postfix", guesser.src, guesser.ptr.unwrap_or(""));
+    let banned = netlab::poll_until(Duration::from_secs(10), || {
+        lab.gk_quiet(&["abuse", "list", "--json"]).is_ok_and(|o| o.contains(guesser.src) && o.contains("auth-abuse"))
+    });
+    if !banned {
+        later.push(format!("{} not banned after 7 failed logins", guesser.src));
+    }
+    lab.gk(&["abuse", "list"])?;
+    let o = lab.attempt(guesser, 25)?;
+    println!("  {} to port 25 now: {} (its name is fine; what it did is not)", guesser.src, o.word());
+    expect(format!("{} banned for guessing passwords", guesser.src), &o, &["DROPPED"]);
+    let imap = tcp_connect(&lab.clients[1], guesser.src.parse()?, format!("{MX_V4}:143").parse()?, CONNECT_TIMEOUT);
+    println!("  {} to IMAP (143): {}", guesser.src, word(&imap));
+    if imap != ConnectOutcome::TimedOut {
+        later.push(format!("{} to 143 while banned: {}", guesser.src, word(&imap)));
+    }
+    lab.gk(&["abuse", "forget", guesser.src])?;
+    let o = lab.attempt(guesser, 25)?;
+    println!("  {} after `abuse forget`: {}", guesser.src, o.word());
+    expect(format!("{} forgiven", guesser.src), &o, &["accepted"]);
+
+    banner("6. fail-static: the agent is killed, enforcement goes on");
     let pid = lab.agent.process.as_ref().map(|a| a.pid()).unwrap_or(0);
     lab.agent.process.take().map(|mut a| a.kill()).transpose()?;
     println!("  agent (pid {pid}) killed with SIGKILL");
@@ -833,10 +885,11 @@ fn run() -> Result<()> {
     println!("  {} again: {}", CLIENTS[0].src, o.word());
     expect(format!("{} after the restart", CLIENTS[0].src), &o, &["REJECTED"]);
 
-    banner("6. counters");
+    banner("7. counters");
     lab.gk(&["stats"])?;
     lab.gk(&["range", "list"])?;
 
+    failures.extend(later);
     failures.extend(router_scene(lab.agent.bin.clone())?);
 
     banner("result");
