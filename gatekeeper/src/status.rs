@@ -109,6 +109,10 @@ pub struct MailStats {
     /// Sources with a score now.
     #[serde(default)]
     pub scored: usize,
+    /// Commits of what the logs concluded that the database refused (each
+    /// is retried with the next batch).
+    #[serde(default)]
+    pub commit_errors: u64,
 }
 
 /// What the agent let go to stay within its configured bounds, since

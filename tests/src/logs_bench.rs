@@ -369,8 +369,7 @@ fn stamp() -> String {
 
 fn latency(samples: usize) -> Result<Latency> {
     let clients: Vec<String> = (0..samples).map(|i| format!("203.0.113.{}/24", 10 + i)).collect();
-    let (mx, cl) =
-        netlab::joined(("lbmx", MX_IF, &[format!("{SERVER}/24")]), ("lbcl", CL_IF, &clients))?;
+    let (mx, cl) = netlab::joined(("lbmx", MX_IF, &[format!("{SERVER}/24")]), ("lbcl", CL_IF, &clients))?;
     let server = SocketAddr::new(SERVER.parse()?, 25);
     let _smtp = TcpListenerGuard::spawn(&mx, server)?;
     let mut gk = Instance::new(mx, Some(MX_IF), "gk-logs-bench-", "");

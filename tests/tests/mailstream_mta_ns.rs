@@ -107,6 +107,9 @@ socket = "{policy}"
 owner = "postfix"
 mode = "0660"
 contact = "{CONTACT}"
+
+[abuse]
+leak = "6/min"
 {extra_config}
 "#,
         maillog = postfix.dir().join("maillog").display(),
@@ -181,6 +184,14 @@ fn failed_logins_over_smtp_auth_and_imap_ban_the_guesser_and_never_the_good_clie
 fn an_account_sending_to_eleven_unknown_users_is_suspended_until_lifted() {
     let l = lab("b", "[suspend]\nthreshold = 10\naddress_block = \"1h\"\n");
     let unknown: Vec<String> = (0..11).map(|i| format!("nobody{i}@{DOMAIN}")).collect();
+    // A peer MTA (no account, outside the customer ranges, of which there
+    // are none here) sending to the same unknown users is never suspended.
+    for chunk in unknown.chunks(4) {
+        let rcpts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let args = SwaksArgs::new(smtp(), "peer@example.org", rcpts[0]).rcpts(&rcpts).local(ip(SENDER));
+        let run = swaks(&l.cl, args).expect("swaks");
+        assert!(run.transcript.contains("550 5.1.1"), "{}", run.transcript);
+    }
     for chunk in unknown.chunks(4) {
         let rcpts: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let run = send(&l.cl, ALICE_AT, "alice", &rcpts);
@@ -192,6 +203,9 @@ fn an_account_sending_to_eleven_unknown_users_is_suspended_until_lifted() {
     };
     let ok = poll_until(WAIT, || suspended().is_some());
     assert!(ok, "alice is suspended\nmaillog:\n{}\nlog:\n{}", l.postfix.maillog(), l.gk.log());
+    let all = l.gk.json(&["suspend", "list", "--json"]);
+    assert!(!all.to_string().contains(SENDER), "a peer's address is not suspended: {all}");
+    assert_eq!(connect(&l.cl, SENDER, 25), ConnectOutcome::Connected, "nor blocked");
     let s = suspended().unwrap();
     assert!(s["count"].as_u64().unwrap() > 10, "{s}");
     assert_eq!(s["address"], ALICE_AT, "{s}");

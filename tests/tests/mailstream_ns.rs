@@ -72,6 +72,7 @@ start = "beginning"
 [abuse]
 auth_failure_weight = 15
 threshold = 100
+leak = "6/min"
 "#,
         log.display()
     )

@@ -120,11 +120,15 @@ pub enum SuspendCmd {
         subject: Subject,
         #[arg(long)]
         reason: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Lift a suspension (and the block of its client address).
     Del {
         #[arg(value_name = "ACCOUNT|ADDR")]
         subject: Subject,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -136,11 +140,15 @@ pub enum LimitCmd {
         subject: Subject,
         #[arg(value_name = "LIMITS")]
         limits: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a subject's own limits (the group's or the default apply again).
     Del {
         #[arg(value_name = "ACCOUNT|ADDR")]
         subject: Subject,
+        #[arg(long)]
+        json: bool,
     },
     /// Limits set by hand and by group, and what each subject sent.
     List(ListArgs),

@@ -86,12 +86,18 @@ pub fn suspend(t: &Target, cmd: &SuspendCmd) -> Result<()> {
                 .collect();
             table(&["SUBJECT", "COUNT", "ADDRESS", "EXPIRES", "SINCE", "REASON"], &cells);
         }
-        SuspendCmd::Add { subject, reason } => {
+        SuspendCmd::Add { subject, reason, json } => {
             let _: Pong = call(&t.socket, &Request::SuspendAdd { subject: subject.clone(), reason: reason.clone() })?;
+            if *json {
+                return print_json(&serde_json::json!({ "suspended": subject }));
+            }
             println!("suspended {subject}");
         }
-        SuspendCmd::Del { subject } => {
+        SuspendCmd::Del { subject, json } => {
             let r: SuspensionRecord = call(&t.socket, &Request::SuspendDel { subject: subject.clone() })?;
+            if *json {
+                return print_json(&r);
+            }
             match &r.address {
                 Some(a) => println!("lifted the suspension of {} and the block of {a}", r.subject),
                 None => println!("lifted the suspension of {}", r.subject),
@@ -103,12 +109,18 @@ pub fn suspend(t: &Target, cmd: &SuspendCmd) -> Result<()> {
 
 pub fn limit(t: &Target, cmd: &LimitCmd) -> Result<()> {
     match cmd {
-        LimitCmd::Set { subject, limits } => {
+        LimitCmd::Set { subject, limits, json } => {
             let _: Pong = call(&t.socket, &Request::LimitSet { subject: subject.clone(), limits: limits.clone() })?;
+            if *json {
+                return print_json(&serde_json::json!({ "subject": subject, "limits": limits }));
+            }
             println!("{subject}: {limits}");
         }
-        LimitCmd::Del { subject } => {
+        LimitCmd::Del { subject, json } => {
             let _: Pong = call(&t.socket, &Request::LimitDel { subject: subject.clone() })?;
+            if *json {
+                return print_json(&serde_json::json!({ "subject": subject, "removed": true }));
+            }
             println!("{subject}: own limits removed");
         }
         LimitCmd::List(l) => {

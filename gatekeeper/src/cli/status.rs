@@ -202,10 +202,11 @@ fn print_status(st: &Status) {
             let lines: Vec<String> = m.lines.iter().map(|(k, n)| format!("{k} {n}")).collect();
             let unparsed: u64 = m.unparsed.values().sum();
             println!(
-                "mail logs:  lines read: {}; events {}; unparsed {unparsed}; source errors {}; {} sources scored; {} bans and {} suspensions since start",
+                "mail logs:  lines read: {}; events {}; unparsed {unparsed}; source errors {}; commit errors {}; {} sources scored; {} bans and {} suspensions since start",
                 if lines.is_empty() { "none".to_string() } else { lines.join(", ") },
                 m.events,
                 m.source_errors,
+                m.commit_errors,
                 m.scored,
                 m.bans,
                 m.suspensions

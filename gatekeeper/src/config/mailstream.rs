@@ -130,6 +130,9 @@ pub struct AbuseConfig {
     /// Offences are forgotten after this long without one.
     #[serde(deserialize_with = "de_duration")]
     pub forget_after: Duration,
+    /// Sources never scored (the host itself always is exempt): e.g. a
+    /// webmail host or a content filter that reinjects mail.
+    pub exempt: Vec<IpNet>,
 }
 
 impl Default for AbuseConfig {
@@ -138,9 +141,10 @@ impl Default for AbuseConfig {
             auth_failure_weight: 15,
             connection_weight: 1,
             threshold: 100,
-            leak: Rate { per: 6, unit_secs: 60 },
+            leak: Rate { per: 30, unit_secs: 60 },
             ban: [15 * 60, 3600, 6 * 3600, 86_400].map(Duration::from_secs).to_vec(),
             forget_after: Duration::from_secs(7 * 86_400),
+            exempt: Vec::new(),
         }
     }
 }
@@ -162,6 +166,10 @@ pub struct MailPolicyConfig {
     pub mode: u32,
     /// Who a suspended or limited customer should contact; in every reply.
     pub contact: String,
+    /// The ISP's customer ranges: mail without an account from these is
+    /// counted (limits, suspensions) per client address. Elsewhere (peer
+    /// MTAs delivering to an MX) an address is never limited or suspended.
+    pub customer_ranges: Vec<IpNet>,
 }
 
 impl Default for MailPolicyConfig {
@@ -171,6 +179,7 @@ impl Default for MailPolicyConfig {
             owner: Some("postfix".into()),
             mode: 0o660,
             contact: "your provider's support".into(),
+            customer_ranges: Vec::new(),
         }
     }
 }
@@ -265,6 +274,20 @@ impl Default for SuspendConfig {
     }
 }
 
+impl AbuseConfig {
+    /// One mistyped password must never ban: the threshold is above one
+    /// failure's weight.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.threshold <= self.auth_failure_weight {
+            return Err(format!(
+                "threshold {} is not above auth_failure_weight {}: one failed login would ban",
+                self.threshold, self.auth_failure_weight
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Checks across entries; `(table, key, message)` on error.
 pub fn validate_logs(logs: &[LogConfig]) -> std::result::Result<(), (String, String)> {
     let mut seen = std::collections::HashSet::new();
@@ -321,9 +344,9 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Optio
 fn de_mode<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
     let s = String::deserialize(d)?;
     match u32::from_str_radix(s.trim().trim_start_matches("0o"), 8) {
-        Ok(m) if m <= 0o777 && m & 0o600 == 0o600 => Ok(m),
+        Ok(m) if m <= 0o777 && m & 0o600 == 0o600 && m & 0o007 == 0 => Ok(m),
         _ => Err(serde::de::Error::custom(format!(
-            "mode {s:?}: octal text such as \"0660\", at least owner read and write"
+            "mode {s:?}: octal text such as \"0660\": owner read and write, nothing for others (anyone who can write to the socket can use up an account's limits)"
         ))),
     }
 }

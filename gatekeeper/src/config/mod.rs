@@ -307,7 +307,17 @@ impl Config {
             return Err(Error::Config { path: path.to_path_buf(), message: format!("{at}key `{table}.{key}`: {msg}") });
         }
         if let Err((table, msg)) = mailstream::validate_logs(&cfg.logs) {
-            return Err(Error::Config { path: path.to_path_buf(), message: format!("[[logs]] entry {table}: {msg}") });
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!("[[logs]] entry {}: {msg}", table.trim_start_matches("logs")),
+            });
+        }
+        if let Err(msg) = cfg.abuse.validate() {
+            let at = line_of(text, "abuse", "threshold").map(|l| format!("line {l}, ")).unwrap_or_default();
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!("{at}key `abuse.threshold`: {msg}"),
+            });
         }
         let mut cfg = cfg;
         cfg.inbound.add_ssh(&cfg.logs.iter().filter_map(|l| l.port).collect::<Vec<_>>());

@@ -419,3 +419,20 @@ fn sshds_port_joins_the_limited_ports() {
     let e = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
     assert!(e.contains("smarthost") && e.contains("10/week"), "{e}");
 }
+
+#[test]
+fn mail_policy_and_abuse_settings_that_would_hurt_are_refused() {
+    let e = Config::parse("[abuse]\nthreshold = 15\n", Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("abuse.threshold") && e.contains("one failed login would ban"), "{e}");
+    let e = Config::parse("[mail_policy]\nmode = \"0666\"\n", Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("nothing for others"), "{e}");
+    let e = Config::parse("[abuse]\nban = [\"0s\"]\n", Path::new("t.toml")).unwrap_err().to_string();
+    assert!(e.contains("greater than zero"), "{e}");
+    let cfg = Config::parse(
+        "[mail_policy]\ncustomer_ranges = [\"198.51.100.0/24\"]\n[abuse]\nexempt = [\"192.0.2.5/32\"]\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert_eq!(cfg.mail_policy.customer_ranges.len(), 1);
+    assert_eq!(cfg.abuse.exempt.len(), 1);
+}

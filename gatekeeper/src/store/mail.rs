@@ -121,6 +121,11 @@ impl Store {
             .map_err(db(&self.path))
     }
 
+    /// Deletes sending counters older than `min_hour`.
+    pub fn prune_send_counts(&mut self, min_hour: i64) -> Result<()> {
+        self.conn.execute("DELETE FROM send_counts WHERE hour < ?1", [min_hour]).map(drop).map_err(db(&self.path))
+    }
+
     /// Sending counters from `min_hour` on, as `(subject, kind, hour, n)`;
     /// older ones are deleted.
     pub fn send_counts(&mut self, min_hour: i64) -> Result<Vec<(String, String, i64, u64)>> {

@@ -835,7 +835,7 @@ fn run() -> Result<()> {
     let mut later = Vec::new();
     let submission: SocketAddr = format!("{MX_V4}:587").parse()?;
     let mut refused = 0;
-    for n in 0..7 {
+    for n in 0..8 {
         check_interrupt()?;
         let args = SwaksArgs::new(submission, "x@peer.example.org", &format!("postmaster@{MX_DOMAIN}"))
             .local(guesser.src.parse()?)
@@ -845,12 +845,16 @@ fn run() -> Result<()> {
             refused += 1;
         }
     }
-    println!("  {} ({}): 7 wrong passwords over SMTP AUTH on 587, {refused} refused with 535 by Postfix", guesser.src, guesser.ptr.unwrap_or(""));
+    println!(
+        "  {} ({}): 8 wrong passwords over SMTP AUTH on 587, {refused} refused with 535 by Postfix",
+        guesser.src,
+        guesser.ptr.unwrap_or("")
+    );
     let banned = netlab::poll_until(Duration::from_secs(10), || {
         lab.gk_quiet(&["abuse", "list", "--json"]).is_ok_and(|o| o.contains(guesser.src) && o.contains("auth-abuse"))
     });
     if !banned {
-        later.push(format!("{} not banned after 7 failed logins", guesser.src));
+        later.push(format!("{} not banned after 8 failed logins", guesser.src));
     }
     lab.gk(&["abuse", "list"])?;
     let o = lab.attempt(guesser, 25)?;

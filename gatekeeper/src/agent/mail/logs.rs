@@ -1,6 +1,11 @@
 //! One task per `[[logs]]` entry: read what is new, parse it, score it,
 //! and commit the outcome together with the position it was read up to
 //! (so a restart resumes exactly there, counting nothing twice).
+//!
+//! A batch is applied, drained and committed under the state lock (taken
+//! first, then the mail stream's, as the control socket does): what one
+//! commit holds is exactly what the lines up to its position changed, never
+//! another reader's changes, and commits land in the order they were made.
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::Mutex;
@@ -8,7 +13,10 @@ use tracing::{info, warn};
 
 use super::{now_ms, MailCore, MailHandle};
 use crate::{
-    agent::{state::MailBatch, Core},
+    agent::{
+        state::{MailBatch, State},
+        Core,
+    },
     config::LogConfig,
     domain::{LogKind, LogSourceKind},
     logs::{
@@ -38,7 +46,17 @@ pub fn spawn(handle: Arc<MailHandle>, state: Arc<Mutex<Core>>, lc: LogConfig) {
 }
 
 /// Applies one record to the core; what it reaches goes into `batch`.
-fn apply(core: &mut MailCore, handle: &MailHandle, kind: LogKind, rec: &Record<'_>, now: i64, batch: &mut MailBatch) {
+/// `st` tells good sources (allow ranges, `ok` verdicts), whose connections
+/// do not count.
+fn apply(
+    core: &mut MailCore,
+    handle: &MailHandle,
+    st: &State,
+    kind: LogKind,
+    rec: &Record<'_>,
+    now: i64,
+    batch: &mut MailBatch,
+) {
     match logs::parse(kind, rec) {
         Parsed::Event(ev) => {
             core.stats.events += 1;
@@ -48,14 +66,21 @@ fn apply(core: &mut MailCore, handle: &MailHandle, kind: LogKind, rec: &Record<'
                 | Event::RcptReject { account: Some(a), client, .. } => core.saw_account(a, *client),
                 _ => {}
             }
-            if let Some(o) = core.scores.apply(&ev, at) {
-                if let Some(b) = core.ban_of(&o, now) {
-                    batch.bans.push(b);
+            let scored = match &ev {
+                Event::Connect { client, .. } => !handle.abuse_exempt(*client) && !st.good_source(*client),
+                Event::AuthFail { client, .. } => !handle.abuse_exempt(*client),
+                _ => false,
+            };
+            if scored {
+                if let Some(o) = core.scores.apply(&ev, at) {
+                    if let Some(b) = core.ban_of(&o, now) {
+                        batch.bans.push(b);
+                    }
                 }
             }
             if handle.cfg.suspend.enabled {
                 if let Some(s) = core.stream.apply(&ev, at) {
-                    if let Some(x) = core.suspension_of(&s, &handle.cfg) {
+                    if let Some(x) = core.suspension_of(&s, &handle.cfg, st) {
                         batch.suspensions.push(x);
                     }
                 }
@@ -66,20 +91,43 @@ fn apply(core: &mut MailCore, handle: &MailHandle, kind: LogKind, rec: &Record<'
     }
 }
 
-/// Commits a batch; an error is logged (the lines stay counted in memory,
-/// the position is not advanced: after a restart they are read again).
-async fn commit(state: &Arc<Mutex<Core>>, batch: MailBatch, id: &str) {
-    if batch.is_empty() {
-        return;
-    }
-    let mut core = state.lock().await;
-    if let Err(e) = tokio::task::block_in_place(|| core.state.mail_commit(batch)) {
-        warn!(source = %id, error = %e.report(), "could not save what the log lines concluded");
-    }
+/// Applies `records` and commits what they changed with `position`, all
+/// under the state lock.
+async fn apply_and_commit<'a>(
+    handle: &MailHandle,
+    state: &Arc<Mutex<Core>>,
+    lc: &LogConfig,
+    id: &str,
+    records: impl Iterator<Item = Record<'a>>,
+    count: usize,
+    position: Option<String>,
+) {
+    let mut guard = state.lock().await;
+    tokio::task::block_in_place(|| {
+        let st = &mut guard.state;
+        let now = now_ms();
+        let mut batch = MailBatch::default();
+        {
+            let mut core = handle.lock();
+            *core.stats.lines.entry(id.to_string()).or_default() += count as u64;
+            for rec in records {
+                apply(&mut core, handle, st, lc.kind, &rec, now, &mut batch);
+            }
+            core.drain_dirty(&mut batch);
+        }
+        if let Some(p) = position {
+            batch.positions.push((id.to_string(), p));
+        }
+        handle.commit(st, batch);
+    });
 }
 
 async fn stored<T: serde::de::DeserializeOwned>(state: &Arc<Mutex<Core>>, id: &str) -> Option<T> {
-    let text = match state.lock().await.state.log_position(id) {
+    let read = {
+        let guard = state.lock().await;
+        tokio::task::block_in_place(|| guard.state.log_position(id))
+    };
+    let text = match read {
         Ok(t) => t?,
         Err(e) => {
             warn!(source = %id, error = %e.report(), "cannot read the stored position; starting as configured");
@@ -121,33 +169,18 @@ async fn follow_file(handle: Arc<MailHandle>, state: Arc<Mutex<Core>>, lc: LogCo
             }
         };
         for chunk in lines.chunks(BATCH) {
-            let now = now_ms();
-            let mut batch = MailBatch::default();
-            {
-                let mut core = handle.lock();
-                *core.stats.lines.entry(id.clone()).or_default() += chunk.len() as u64;
-                for line in chunk {
-                    if let Some(rec) = logs::split_line(&line.text, now * 1000) {
-                        apply(&mut core, &handle, lc.kind, &rec, now, &mut batch);
-                    }
-                }
-                core.drain_dirty(&mut batch);
-            }
-            if let Some(last) = chunk.last() {
-                last_saved = Some(last.end);
-                batch.positions.push((id.clone(), serde_json::to_string(&last.end).unwrap_or_default()));
-            }
-            commit(&state, batch, &id).await;
+            let Some(last) = chunk.last() else { continue };
+            last_saved = Some(last.end);
+            let now_us = now_ms() * 1000;
+            let records = chunk.iter().filter_map(|l| logs::split_line(&l.text, now_us));
+            let pos = serde_json::to_string(&last.end).ok();
+            apply_and_commit(&handle, &state, &lc, &id, records, chunk.len(), pos).await;
         }
         // A truncation or rotation moves the position without a line.
         let pos = follower.position();
         if pos.is_some() && pos != last_saved {
             last_saved = pos;
-            let batch = MailBatch {
-                positions: vec![(id.clone(), serde_json::to_string(&pos).unwrap_or_default())],
-                ..MailBatch::default()
-            };
-            commit(&state, batch, &id).await;
+            apply_and_commit(&handle, &state, &lc, &id, std::iter::empty(), 0, serde_json::to_string(&pos).ok()).await;
         }
         if !more {
             tokio::time::sleep(FILE_POLL).await;
@@ -184,22 +217,12 @@ async fn follow_journal(handle: Arc<MailHandle>, state: Arc<Mutex<Core>>, lc: Lo
                 break;
             }
             backoff = Duration::from_secs(1);
-            let now = now_ms();
-            let mut batch = MailBatch::default();
-            {
-                let mut core = handle.lock();
-                *core.stats.lines.entry(id.clone()).or_default() += entries.len() as u64;
-                for e in &entries {
-                    let rec = Record { at_us: e.realtime_us, ident: e.ident.as_deref(), message: &e.message };
-                    apply(&mut core, &handle, lc.kind, &rec, now, &mut batch);
-                }
-                core.drain_dirty(&mut batch);
-            }
-            if let Some(last) = entries.last() {
-                position = Some(last.position());
-                batch.positions.push((id.clone(), serde_json::to_string(&position).unwrap_or_default()));
-            }
-            commit(&state, batch, &id).await;
+            let Some(last) = entries.last() else { continue };
+            position = Some(last.position());
+            let pos = serde_json::to_string(&position).ok();
+            let records =
+                entries.iter().map(|e| Record { at_us: e.realtime_us, ident: e.ident.as_deref(), message: &e.message });
+            apply_and_commit(&handle, &state, &lc, &id, records, entries.len(), pos).await;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -17,7 +17,7 @@ use std::{
 };
 
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     state::{AbuseBan, AddressBlock, MailBatch, State},
@@ -72,7 +72,16 @@ pub struct MailHandle {
     cfg: Config,
     /// Wakes the flusher (the policy service counted something).
     changed: tokio::sync::Notify,
+    /// What a commit refused, kept to go with the next one, and how many
+    /// times in a row it was refused.
+    pending: StdMutex<(MailBatch, u32)>,
+    commit_errors: std::sync::atomic::AtomicU64,
 }
+
+/// A batch refused this many times in a row is let go (logged): the
+/// database then lags what the agent holds in memory until its next change
+/// of the same rows.
+const MAX_COMMIT_RETRIES: u32 = 30;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -200,14 +209,30 @@ impl MailCore {
     }
 
     /// The suspension a crossing reaches (none if already suspended).
-    fn suspension_of(&mut self, s: &Suspend, cfg: &Config) -> Option<(SuspensionRecord, Option<AddressBlock>)> {
+    fn suspension_of(
+        &mut self,
+        s: &Suspend,
+        cfg: &Config,
+        st: &State,
+    ) -> Option<(SuspensionRecord, Option<AddressBlock>)> {
         if self.suspended.contains_key(&s.subject) {
             return None;
+        }
+        // An address without an account is a customer's only inside the
+        // customer ranges; elsewhere (a peer MTA on an MX) it is not ours to
+        // suspend.
+        if let Subject::Addr(ip) = &s.subject {
+            if !in_nets(&cfg.mail_policy.customer_ranges, *ip) {
+                return None;
+            }
         }
         let address = match &s.subject {
             Subject::Addr(ip) => Some(*ip),
             Subject::Account(a) => self.last_client.get(a).copied(),
-        };
+        }
+        // Never the host itself, an exempt address or an allowed one (a
+        // webmail host, a partner relay).
+        .filter(|ip| !ip.is_loopback() && !in_nets(&cfg.suspend.exempt_addresses, *ip) && !st.good_source(*ip));
         let now = unix_now();
         let rec = SuspensionRecord {
             subject: s.subject.to_string(),
@@ -285,7 +310,13 @@ impl MailHandle {
             }
         }
         info!(scored = core.scores.len(), suspended = core.suspended.len(), "mail stream state restored");
-        Ok(MailHandle { core: StdMutex::new(core), cfg, changed: tokio::sync::Notify::new() })
+        Ok(MailHandle {
+            core: StdMutex::new(core),
+            cfg,
+            changed: tokio::sync::Notify::new(),
+            pending: StdMutex::new((MailBatch::default(), 0)),
+            commit_errors: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MailCore> {
@@ -294,9 +325,18 @@ impl MailHandle {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Never scored: the host itself and `[abuse] exempt`.
+    pub(super) fn abuse_exempt(&self, ip: IpAddr) -> bool {
+        ip.to_canonical().is_loopback() || in_nets(&self.cfg.abuse.exempt, ip)
+    }
+
     pub fn stats(&self) -> MailStats {
         let core = self.lock();
-        MailStats { scored: core.scores.len(), ..core.stats.clone() }
+        MailStats {
+            scored: core.scores.len(),
+            commit_errors: self.commit_errors.load(std::sync::atomic::Ordering::Relaxed),
+            ..core.stats.clone()
+        }
     }
 
     fn row_of(&self, r: &ScoreRow, now_ms: i64) -> AbuseRow {
@@ -330,7 +370,11 @@ impl MailHandle {
     pub fn abuse_list(&self) -> Vec<AbuseRow> {
         let now = now_ms();
         let rows = self.lock().scores.list(now);
-        rows.iter().map(|r| self.with_reason(self.row_of(r, now), r)).collect()
+        // A row whose score leaked away and that has no offence says nothing.
+        rows.iter()
+            .filter(|r| r.score > 0.0 || r.offences > 0 || r.banned(now))
+            .map(|r| self.with_reason(self.row_of(r, now), r))
+            .collect()
     }
 
     /// `abuse forget IP`: the score, the offences and the abuse ban go.
@@ -343,7 +387,7 @@ impl MailHandle {
             core.drain_dirty(&mut batch);
             had
         };
-        st.mail_commit(batch)?;
+        self.commit(st, batch);
         let ban_lifted = st.lift_abuse_ban(key.source_key())?;
         Ok(AbuseForgotten { source: key.to_string(), had_score, ban_lifted })
     }
@@ -393,10 +437,11 @@ impl MailHandle {
 
     pub fn limit_list(&self, st: &State) -> Result<Vec<LimitRow>> {
         let now = now_ms();
+        let set = st.limits()?;
         let core = self.lock();
         let cfg = core.limits.config();
         let mut subjects: BTreeMap<Subject, String> = BTreeMap::new();
-        for l in st.limits()? {
+        for l in set {
             if let Ok(s) = l.subject.parse::<Subject>() {
                 subjects.insert(s, "cli".into());
             }
@@ -425,37 +470,91 @@ impl MailHandle {
     }
 
     /// Writes the policy service's counters as soon as they change (woken
-    /// by the service) and at least every second, so a restart keeps them.
+    /// by the service) and at least every second, so a restart keeps them;
+    /// prunes what leaked away or fell out of the windows once a minute.
     pub async fn flusher(self: Arc<Self>, state: Arc<Mutex<Core>>) {
         let mut last_prune = std::time::Instant::now();
         loop {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.changed.notified()).await;
-            if last_prune.elapsed() >= PRUNE_EVERY {
-                // What leaked away, expired or fell out of the windows goes
-                // (and from the store with the next flush).
-                let now = now_ms();
-                let mut core = self.lock();
-                core.scores.prune(now);
-                core.stream.prune(now);
-                core.limits.prune(now);
+            let prune = last_prune.elapsed() >= PRUNE_EVERY;
+            if prune {
                 last_prune = std::time::Instant::now();
             }
-            self.flush(&state).await;
+            self.flush_with(&state, prune).await;
         }
     }
 
     /// Writes what changed in memory (the agent also does it on exit).
     pub async fn flush(&self, state: &Arc<Mutex<Core>>) {
-        let mut batch = MailBatch::default();
-        self.lock().drain_dirty(&mut batch);
-        if batch.is_empty() {
+        self.flush_with(state, false).await;
+    }
+
+    async fn flush_with(&self, state: &Arc<Mutex<Core>>, prune: bool) {
+        let mut guard = state.lock().await;
+        tokio::task::block_in_place(|| {
+            let st = &mut guard.state;
+            let now = now_ms();
+            let mut batch = MailBatch::default();
+            {
+                let mut core = self.lock();
+                if prune {
+                    core.scores.prune(now);
+                    core.stream.prune(now);
+                    core.limits.prune(now);
+                }
+                core.drain_dirty(&mut batch);
+            }
+            if prune {
+                let hour = now.div_euclid(crate::policy::limits::HOUR_MS);
+                if let Err(e) = st.prune_send_counts(hour - crate::policy::limits::HOURS as i64 + 1) {
+                    warn!(error = %e.report(), "could not prune old sending counters");
+                }
+            }
+            self.commit(st, batch);
+        });
+    }
+
+    /// Commits `batch` after what was refused before, under the state lock
+    /// the caller holds. A refused batch is kept for the next commit (its
+    /// positions and rows apply in order, so nothing is counted twice); a
+    /// ban without room in the verdict table does not hold the rest back.
+    pub(super) fn commit(&self, st: &mut State, batch: MailBatch) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = std::mem::take(&mut pending.0);
+        all.append(batch);
+        if all.is_empty() {
             return;
         }
-        let mut core = state.lock().await;
-        if let Err(e) = tokio::task::block_in_place(|| core.state.mail_commit(batch)) {
-            warn!(error = %e.report(), "could not save the mail stream's counters");
+        let Err(e) = st.mail_commit(&all) else {
+            pending.1 = 0;
+            return;
+        };
+        self.commit_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !all.bans.is_empty() {
+            let bans = std::mem::take(&mut all.bans);
+            if st.mail_commit(&all).is_ok() {
+                for b in &bans {
+                    warn!(source = %b.key.display(), error = %e.report(), "ban not written (the rest of the batch was); the source stays as it is");
+                }
+                pending.1 = 0;
+                return;
+            }
+            all.bans = bans;
         }
+        pending.1 += 1;
+        if pending.1 > MAX_COMMIT_RETRIES {
+            error!(error = %e.report(), "the mail stream's changes were refused {MAX_COMMIT_RETRIES} times; letting this batch go (the database lags memory until the rows change again)");
+            pending.1 = 0;
+            return;
+        }
+        warn!(error = %e.report(), retry = pending.1, "could not save what the mail logs concluded; retrying with the next batch");
+        pending.0 = all;
     }
+}
+
+fn in_nets(nets: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nets.iter().any(|n| n.contains(&ip))
 }
 
 /// The recipients as evidence: each distinct one (redacted ones are often

@@ -54,6 +54,10 @@ impl PolicyDecider for Decider {
             }
             Some("DATA") => match suspended {
                 Some(why) => Reply::Reject(format!("5.7.1 account suspended: {why}; contact {contact}")),
+                // Without an account only a customer address is counted.
+                None if account.is_none() && !super::in_nets(&self.handle.cfg.mail_policy.customer_ranges, client) => {
+                    Reply::Dunno
+                }
                 None => {
                     let d = core.limits.check_data(&subject, Some(client), req.recipient_count().unwrap_or(0), now);
                     self.handle.changed.notify_one();

@@ -50,6 +50,16 @@ pub struct MailBatch {
 }
 
 impl MailBatch {
+    /// Adds `later` after what this batch holds (a later position or row
+    /// of the same key wins, as it does when applied in order).
+    pub fn append(&mut self, later: MailBatch) {
+        self.positions.extend(later.positions);
+        self.rows.extend(later.rows);
+        self.sent.extend(later.sent);
+        self.bans.extend(later.bans);
+        self.suspensions.extend(later.suspensions);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
             && self.rows.is_empty()
@@ -59,9 +69,34 @@ impl MailBatch {
     }
 }
 
+/// Who a ban verdict is for, by its comment: the abuse score's
+/// (`auth-abuse: ...`, `conn-rate: ...`), a suspension's (`suspended:
+/// SUBJECT`), or the operator's (anything else).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Owner {
+    Abuse,
+    Suspension,
+    Operator,
+}
+
+fn owner(v: &VerdictRecord) -> Owner {
+    let c = v.comment.as_deref().unwrap_or("");
+    if v.action != Action::Ban {
+        Owner::Operator
+    } else if c.starts_with("suspended: ") {
+        Owner::Suspension
+    } else if c.starts_with("auth-abuse: ") || c.starts_with("conn-rate: ") {
+        Owner::Abuse
+    } else {
+        Owner::Operator
+    }
+}
+
 /// The ban verdict for `key`, merged with the verdict already there: a
 /// ban never shortens one (an operator's ban without expiry stays without
-/// one, and keeps its comment), and a lookup verdict gives way.
+/// one), the comment says whose it is by precedence (the operator's, then
+/// a suspension's, then the abuse score's: only its owner lifts it), and a
+/// lookup verdict gives way.
 fn merged_ban(
     old: Option<VerdictRecord>,
     key: SourceKey,
@@ -69,33 +104,35 @@ fn merged_ban(
     comment: String,
     now: i64,
 ) -> VerdictRecord {
+    let fresh = VerdictRecord {
+        key,
+        action: Action::Ban,
+        reason: VerdictReason::ManualBan,
+        comment: Some(comment),
+        created_at: now,
+        expires_at: until,
+    };
     match old {
-        Some(o) if o.reason == VerdictReason::ManualBan => VerdictRecord {
-            key,
-            action: Action::Ban,
-            reason: VerdictReason::ManualBan,
-            expires_at: match (o.expires_at, until) {
-                (None, _) | (_, None) => None,
-                (Some(a), Some(b)) => Some(a.max(b)),
-            },
-            comment: if o.action == Action::Ban { Some(comment) } else { o.comment },
-            created_at: o.created_at,
-        },
-        _ => VerdictRecord {
-            key,
-            action: Action::Ban,
-            reason: VerdictReason::ManualBan,
-            comment: Some(comment),
-            created_at: now,
-            expires_at: until,
-        },
+        Some(o) if o.reason == VerdictReason::ManualBan => {
+            let keep_old = owner(&o) > owner(&fresh);
+            VerdictRecord {
+                expires_at: match (o.expires_at, until) {
+                    (None, _) | (_, None) => None,
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                },
+                comment: if keep_old { o.comment } else { fresh.comment },
+                created_at: o.created_at,
+                ..fresh
+            }
+        }
+        _ => fresh,
     }
 }
 
 impl State {
     /// Commits one batch (see [`MailBatch`]); durably when it bans or
     /// suspends.
-    pub fn mail_commit(&mut self, batch: MailBatch) -> Result<()> {
+    pub fn mail_commit(&mut self, batch: &MailBatch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -148,6 +185,11 @@ impl State {
         self.store.mail_state(space)
     }
 
+    /// Deletes sending counters older than `min_hour`.
+    pub fn prune_send_counts(&mut self, min_hour: i64) -> Result<()> {
+        self.store.prune_send_counts(min_hour)
+    }
+
     /// The sending counters of the last day (older ones are deleted).
     pub fn send_counts(&mut self, min_hour: i64) -> Result<Vec<(String, String, i64, u64)>> {
         self.store.send_counts(min_hour)
@@ -157,7 +199,7 @@ impl State {
     /// stays). True if one was lifted.
     pub fn lift_abuse_ban(&mut self, key: SourceKey) -> Result<bool> {
         let Some(v) = self.store.verdict(key)? else { return Ok(false) };
-        if v.action != Action::Ban || v.comment.as_deref().is_some_and(|c| c.starts_with("suspended:")) {
+        if v.reason != VerdictReason::ManualBan || owner(&v) != Owner::Abuse {
             return Ok(false);
         }
         self.change(|store, t| {
@@ -178,7 +220,7 @@ impl State {
         if self.store.suspension(&rec.subject)?.is_some() {
             return Err(Error::InvalidInput(format!("{} is already suspended", rec.subject)));
         }
-        self.mail_commit(MailBatch { suspensions: vec![(rec, address)], ..MailBatch::default() })
+        self.mail_commit(&MailBatch { suspensions: vec![(rec, address)], ..MailBatch::default() })
     }
 
     /// Lifts a suspension and the block of its client address.
@@ -225,7 +267,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ban_never_shortens_or_replaces_an_operators_ban() {
+    fn a_ban_never_shortens_or_takes_over_an_operators_ban() {
         let key = SourceKey::from_ip("192.0.2.7".parse().unwrap());
         let op = VerdictRecord {
             key,
@@ -235,13 +277,16 @@ mod tests {
             created_at: 1,
             expires_at: None,
         };
-        let m = merged_ban(Some(op), key, Some(100), "auth-abuse".into(), 50);
+        let m = merged_ban(Some(op), key, Some(100), "auth-abuse: 7 failed logins".into(), 50);
         assert_eq!((m.action, m.expires_at, m.comment.as_deref()), (Action::Ban, None, Some("spammer")));
+        assert_eq!(owner(&m), Owner::Operator, "the operator's still: abuse forget leaves it");
         let lookup = VerdictRecord { reason: VerdictReason::Dynamic, expires_at: Some(10_000), ..m.clone() };
-        let m = merged_ban(Some(lookup), key, Some(100), "auth-abuse".into(), 50);
-        assert_eq!((m.expires_at, m.comment.as_deref(), m.created_at), (Some(100), Some("auth-abuse"), 50));
-        let earlier = VerdictRecord { action: Action::Ban, expires_at: Some(500), ..m };
-        let m = merged_ban(Some(earlier), key, Some(100), "again".into(), 60);
-        assert_eq!(m.expires_at, Some(500));
+        let m = merged_ban(Some(lookup), key, Some(100), "auth-abuse: 7".into(), 50);
+        assert_eq!((m.expires_at, m.comment.as_deref(), m.created_at), (Some(100), Some("auth-abuse: 7"), 50));
+        assert_eq!(owner(&m), Owner::Abuse);
+        let m = merged_ban(Some(m), key, Some(500), "suspended: account:alice".into(), 60);
+        assert_eq!((owner(&m), m.expires_at), (Owner::Suspension, Some(500)), "a suspension outranks the score");
+        let m = merged_ban(Some(m), key, Some(200), "conn-rate: 150 connections".into(), 70);
+        assert_eq!((owner(&m), m.expires_at), (Owner::Suspension, Some(500)), "and is not shortened by it");
     }
 }

@@ -545,6 +545,23 @@ impl State {
         Some((refusal, ptr))
     }
 
+    /// Whether the datapath lets `ip` in as a good source: an allow range,
+    /// or a live pass verdict with reason `ok` (the mail stream does not
+    /// count such a source's connections).
+    pub fn good_source(&self, ip: IpAddr) -> bool {
+        if let Some((_, v)) = self.dp.maps.ranges.longest(RangeTable::Ingress, ip) {
+            if v.kind == gatekeeper_common::range_kind::ALLOW {
+                return true;
+            }
+        }
+        let mono = monotonic_ns();
+        self.dp.maps.verdicts.get(SourceKey::from_ip(ip)).ok().flatten().is_some_and(|v| {
+            v.expires_ns > mono
+                && v.action == gatekeeper_common::action::PASS
+                && v.reason == gatekeeper_common::verdict_reason::OK
+        })
+    }
+
     /// What decides for `ip` in the datapath now (for `check`).
     pub fn explain(&self, ip: IpAddr) -> Result<CheckDatapath> {
         let key = SourceKey::from_ip(ip);
