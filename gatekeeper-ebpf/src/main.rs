@@ -511,7 +511,7 @@ fn limited_only(source: &Source, class: u32) -> u32 {
         }
     }
     let now = now_ns(&cfg);
-    let (_, _, v) = verdict_of(source, &cfg, now);
+    let (key, _, v) = verdict_of(source, &cfg, now);
     if v.expires_ns > now {
         if v.action == action::BAN {
             count_in(class, InboundCounter::Banned);
@@ -526,18 +526,39 @@ fn limited_only(source: &Source, class: u32) -> u32 {
             return xdp_action::XDP_PASS;
         }
     }
-    limit(source, class, &cfg, now)
+    limit(&limiter_key_of(source, &key), class, &cfg, now)
 }
 
 /// A SYN that passed the guard's judgement, on a port with an inbound
-/// class: the limiter decides (no class: pass).
+/// class: the limiter decides (no class: pass). `key`: the source's
+/// limiter key (IPv4 address, IPv6 /64), which the caller already has.
 #[inline(always)]
-fn limit_port(source: &Source, port: u16, cfg: &Config, now: u64) -> u32 {
+fn limit_port(key: &KeyWords, port: u16, cfg: &Config, now: u64) -> u32 {
     let class = in_class(port);
     if class == 0 {
         return xdp_action::XDP_PASS;
     }
-    limit(source, class, cfg, now)
+    limit(key, class, cfg, now)
+}
+
+/// The limiter key of a source: its IPv4 address, or its IPv6 /64.
+#[inline(always)]
+fn limiter_key(source: &Source) -> KeyWords {
+    match source {
+        Source::V4(a) => KeyWords::v4(*a),
+        Source::V6(a) => KeyWords::v6(a),
+    }
+}
+
+/// [`limiter_key`] from the key the source was judged by (the IPv4
+/// address, or an IPv6 address's own key, whose first word is its /64's):
+/// no second pass over the address bytes.
+#[inline(always)]
+fn limiter_key_of(source: &Source, judged: &KeyWords) -> KeyWords {
+    match source {
+        Source::V4(_) => *judged,
+        Source::V6(_) => KeyWords { lo: judged.lo, hi: 0 },
+    }
 }
 
 /// The inbound limiter: the source's (IPv4 /32, IPv6 /64) GCRA state for
@@ -549,7 +570,7 @@ fn limit_port(source: &Source, port: u16, cfg: &Config, now: u64) -> u32 {
 /// (a call and a return, with the return-stack mitigations on), and the
 /// program stays well within the verifier's limits without it.
 #[inline(always)]
-fn limit(source: &Source, class: u32, cfg: &Config, now: u64) -> u32 {
+fn limit(key: &KeyWords, class: u32, cfg: &Config, now: u64) -> u32 {
     if class >= MAX_LIMIT_CLASSES {
         return xdp_action::XDP_PASS;
     }
@@ -561,10 +582,7 @@ fn limit(source: &Source, class: u32, cfg: &Config, now: u64) -> u32 {
         return xdp_action::XDP_PASS;
     }
     count_in(class, InboundCounter::Checked);
-    let key = match source {
-        Source::V4(a) => KeyWords::v4(*a),
-        Source::V6(a) => KeyWords::v6(a),
-    };
+    let key = *key;
     let Some(b) = GK_IN_BUCKETS.get_ptr_mut(inbound::in_bucket(&key, class, &cfg.hash)) else {
         return xdp_action::XDP_PASS;
     };
@@ -787,7 +805,7 @@ fn decide(ifindex: u32, source: Source, port: u16) -> u32 {
             if reason == verdict_reason::OK {
                 return xdp_action::XDP_PASS;
             }
-            limit_port(&source, port, &cfg, now)
+            limit_port(&limiter_key(&source), port, &cfg, now)
         }
         Outcome::Refused { counter, refusal } => refuse(ifindex, counter, refusal, &source, port, &cfg),
         Outcome::Unknown { key, seen, now, presumed, refusal } => {
@@ -1012,7 +1030,9 @@ fn unknown(
         return drop_or_dry_run(ifindex, Counter::verdict_drop(verdict_reason::HOLD), cfg);
     }
     count(ifindex, Counter::Unknown as u32);
-    limit_port(source, port, cfg, now)
+    // The judged key (an IPv6 address's own, or the IPv4 address) as the
+    // limiter's: its /64 for IPv6, already in registers.
+    limit_port(&limiter_key_of(source, key), port, cfg, now)
 }
 
 /// Reports a source the agent should look up, at most once per

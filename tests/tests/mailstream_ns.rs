@@ -157,6 +157,19 @@ fn failed_logins_in_a_followed_file_ban_on_the_limited_ports_and_count_once_acro
     assert!(abuse_row(&gk, GUESSER).is_none());
     let ok = poll_until(WAIT, || connect(&cl, GUESSER, 143) == ConnectOutcome::Connected);
     assert!(ok, "forgotten, it connects again");
+
+    // Banned again; the operator lifts the ban with `ban del`: the source
+    // starts afresh (its next lines count at once).
+    for _ in 0..7 {
+        append(&log, &sasl_failure(GUESSER, "again"));
+    }
+    let ok = poll_until(WAIT, || connect(&cl, GUESSER, 25) == ConnectOutcome::TimedOut);
+    assert!(ok, "banned again\nlog:\n{}", gk.log());
+    gk.ok(&["ban", "del", GUESSER]);
+    assert_eq!(connect(&cl, GUESSER, 25), ConnectOutcome::Connected, "ban del lifts it");
+    assert!(abuse_row(&gk, GUESSER).is_none(), "and its score: {:?}", abuse_row(&gk, GUESSER));
+    append(&log, &sasl_failure(GUESSER, "once"));
+    wait_failures(&gk, GUESSER, 1);
     drop((smtp, imap));
 }
 

@@ -146,14 +146,21 @@ async fn dispatch(req: Request, ctx: &Ctx) -> Response {
             }
             Request::RangeList { kind } => Response::of(st.list_ranges(kind)),
             Request::BanAdd { addrs, comment, expire_secs } => Response::of(st.ban(&addrs, comment, at(expire_secs))),
-            Request::BanDel { addrs } => Response::of(
-                st.del_verdicts(&addrs, Some(VerdictReason::ManualBan), "ban")
-                    .map(|removed| VerdictsRemoved { removed }),
-            ),
+            Request::BanDel { addrs } => {
+                let r = st.del_verdicts(&addrs, Some(VerdictReason::ManualBan), "ban");
+                if let (Ok(removed), Some(m)) = (&r, ctx.mail.as_deref()) {
+                    m.bans_lifted(st, removed);
+                }
+                Response::of(r.map(|removed| VerdictsRemoved { removed }))
+            }
             Request::BanList => Response::of(st.list_verdicts(Some(VerdictReason::ManualBan))),
             Request::VerdictList { reason } => Response::of(st.list_verdicts(reason)),
             Request::VerdictDel { addrs } => {
-                Response::of(st.del_verdicts(&addrs, None, "verdict").map(|removed| VerdictsRemoved { removed }))
+                let r = st.del_verdicts(&addrs, None, "verdict");
+                if let (Ok(removed), Some(m)) = (&r, ctx.mail.as_deref()) {
+                    m.bans_lifted(st, removed);
+                }
+                Response::of(r.map(|removed| VerdictsRemoved { removed }))
             }
             Request::VerdictFlush { reason } => {
                 Response::of(st.flush_verdicts(reason).map(|removed| Flushed { removed }))

@@ -392,6 +392,21 @@ impl MailHandle {
         Ok(AbuseForgotten { source: key.to_string(), had_score, ban_lifted })
     }
 
+    /// The operator lifted these verdicts (`ban del`, `verdict del`): the
+    /// sources of the abuse bans among them start afresh (their lines are
+    /// scored again at once, not ignored until the ban would have ended).
+    pub fn bans_lifted(&self, st: &mut State, removed: &[crate::store::VerdictRecord]) {
+        let mut batch = MailBatch::default();
+        {
+            let mut core = self.lock();
+            for v in removed.iter().filter(|v| v.action == crate::domain::Action::Ban) {
+                core.scores.forget(&AbuseKey::of(v.key.to_ip()));
+            }
+            core.drain_dirty(&mut batch);
+        }
+        self.commit(st, batch);
+    }
+
     pub fn suspend_add(&self, st: &mut State, subject: Subject, reason: Option<String>) -> Result<Pong> {
         let address = match &subject {
             Subject::Addr(ip) => Some(*ip),
