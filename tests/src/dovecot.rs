@@ -52,7 +52,7 @@
 
 use std::{
     fs,
-    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
@@ -519,20 +519,8 @@ impl Dovecot {
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.log();
-            let start = log.len().saturating_sub(6000);
-            let start = (start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(log.len());
-            eprintln!("dovecot: log of {} in {} (tail):\n{}", self.dir.display(), self.netns_name, &log[start..]);
-        }
-        if let Err(e) = self.stop() {
-            eprintln!("dovecot: {e:#}");
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                eprintln!("dovecot: cannot remove {}: {e}", self.dir.display());
-            }
-        }
+        let stopped = self.stop();
+        crate::mta::teardown("dovecot", &self.dir, &self.netns_name, || self.log(), stopped);
     }
 }
 

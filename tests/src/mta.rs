@@ -837,22 +837,30 @@ impl Postfix {
     }
 }
 
+/// What a daemon instance's Drop does once it is stopped (`stopped`): on a
+/// failing test, the tail of its `log` on stderr; the stop's error; its
+/// directory removed. `what` names it in the messages.
+pub(crate) fn teardown(what: &str, dir: &Path, netns: &str, log: impl FnOnce() -> String, stopped: Result<()>) {
+    if std::thread::panicking() {
+        let log = log();
+        let start = log.len().saturating_sub(6000);
+        let start = (start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(log.len());
+        eprintln!("{what}: log of {} in {netns} (tail):\n{}", dir.display(), &log[start..]);
+    }
+    if let Err(e) = stopped {
+        eprintln!("{what}: {e:#}");
+    }
+    if let Err(e) = fs::remove_dir_all(dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            eprintln!("{what}: cannot remove {}: {e}", dir.display());
+        }
+    }
+}
+
 impl Drop for Postfix {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.maillog();
-            let start = log.len().saturating_sub(6000);
-            let start = (start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(log.len());
-            eprintln!("mta: maillog of {} in {} (tail):\n{}", self.dir.display(), self.netns_name, &log[start..]);
-        }
-        if let Err(e) = self.stop() {
-            eprintln!("mta: {e:#}");
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                eprintln!("mta: cannot remove {}: {e}", self.dir.display());
-            }
-        }
+        let stopped = self.stop();
+        teardown("mta", &self.dir, &self.netns_name, || self.maillog(), stopped);
     }
 }
 

@@ -8,7 +8,7 @@ use gatekeeper::{
 
 use super::{
     args::{AbuseCmd, LimitCmd, SuspendCmd},
-    output::{expires, opt, print_json, table},
+    output::{expires, opt, print_json, print_list},
     Target,
 };
 
@@ -22,28 +22,18 @@ pub fn abuse(t: &Target, cmd: &AbuseCmd) -> Result<()> {
     match cmd {
         AbuseCmd::List(l) => {
             let rows: Vec<AbuseRow> = call(&t.socket, &Request::AbuseList)?;
-            if l.json {
-                return print_json(&rows);
-            }
-            if rows.is_empty() {
-                println!("(no source has a score)");
-                return Ok(());
-            }
-            let cells: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.source.clone(),
-                        format!("{:.0}/{}", r.score, r.threshold),
-                        r.failures.to_string(),
-                        r.connections.to_string(),
-                        r.offences.to_string(),
-                        r.banned_until.map_or_else(|| "-".into(), |u| expires(Some(u))),
-                        opt(&r.reason),
-                    ]
-                })
-                .collect();
-            table(&["SOURCE", "SCORE", "FAILED LOGINS", "CONNECTIONS", "OFFENCES", "BANNED", "REASON"], &cells);
+            let header = ["SOURCE", "SCORE", "FAILED LOGINS", "CONNECTIONS", "OFFENCES", "BANNED", "REASON"];
+            print_list(&rows, l.json, "(no source has a score)", &header, |r| {
+                vec![
+                    r.source.clone(),
+                    format!("{:.0}/{}", r.score, r.threshold),
+                    r.failures.to_string(),
+                    r.connections.to_string(),
+                    r.offences.to_string(),
+                    r.banned_until.map_or_else(|| "-".into(), |u| expires(Some(u))),
+                    opt(&r.reason),
+                ]
+            })?;
         }
         AbuseCmd::Forget { ip, json } => {
             let done: AbuseForgotten = call(&t.socket, &Request::AbuseForget { ip: *ip })?;
@@ -64,27 +54,17 @@ pub fn suspend(t: &Target, cmd: &SuspendCmd) -> Result<()> {
     match cmd {
         SuspendCmd::List(l) => {
             let rows: Vec<SuspensionRecord> = call(&t.socket, &Request::SuspendList)?;
-            if l.json {
-                return print_json(&rows);
-            }
-            if rows.is_empty() {
-                println!("(nothing suspended)");
-                return Ok(());
-            }
-            let cells: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.subject.clone(),
-                        r.count.to_string(),
-                        opt(&r.address),
-                        expires(r.expires_at),
-                        ago(r.created_at),
-                        r.reason.clone(),
-                    ]
-                })
-                .collect();
-            table(&["SUBJECT", "COUNT", "ADDRESS", "EXPIRES", "SINCE", "REASON"], &cells);
+            let header = ["SUBJECT", "COUNT", "ADDRESS", "EXPIRES", "SINCE", "REASON"];
+            print_list(&rows, l.json, "(nothing suspended)", &header, |r| {
+                vec![
+                    r.subject.clone(),
+                    r.count.to_string(),
+                    opt(&r.address),
+                    expires(r.expires_at),
+                    ago(r.created_at),
+                    r.reason.clone(),
+                ]
+            })?;
         }
         SuspendCmd::Add { subject, reason, json } => {
             let _: Pong = call(&t.socket, &Request::SuspendAdd { subject: subject.clone(), reason: reason.clone() })?;
@@ -125,27 +105,17 @@ pub fn limit(t: &Target, cmd: &LimitCmd) -> Result<()> {
         }
         LimitCmd::List(l) => {
             let rows: Vec<LimitRow> = call(&t.socket, &Request::LimitList)?;
-            if l.json {
-                return print_json(&rows);
-            }
-            if rows.is_empty() {
-                println!("(no limits set and nothing sent)");
-                return Ok(());
-            }
-            let cells: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.subject.clone(),
-                        r.limits.clone(),
-                        r.origin.clone(),
-                        r.messages_hour.to_string(),
-                        r.messages_day.to_string(),
-                        r.recipients_day.to_string(),
-                    ]
-                })
-                .collect();
-            table(&["SUBJECT", "LIMITS", "FROM", "MSGS/HOUR", "MSGS/DAY", "RCPTS/DAY"], &cells);
+            let header = ["SUBJECT", "LIMITS", "FROM", "MSGS/HOUR", "MSGS/DAY", "RCPTS/DAY"];
+            print_list(&rows, l.json, "(no limits set and nothing sent)", &header, |r| {
+                vec![
+                    r.subject.clone(),
+                    r.limits.clone(),
+                    r.origin.clone(),
+                    r.messages_hour.to_string(),
+                    r.messages_day.to_string(),
+                    r.recipients_day.to_string(),
+                ]
+            })?;
         }
     }
     Ok(())

@@ -52,3 +52,23 @@ pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
+
+/// A listing: JSON with `json`, else `empty` when there is nothing, else a
+/// table of `cells` under `header`.
+pub fn print_list<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    empty: &str,
+    header: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(&rows);
+    }
+    if rows.is_empty() {
+        println!("{empty}");
+        return Ok(());
+    }
+    table(header, &rows.iter().map(cells).collect::<Vec<_>>());
+    Ok(())
+}

@@ -692,9 +692,11 @@ impl Subject {
         Subject::Account(truncate(name, MAX_ACCOUNT_LEN).to_string())
     }
 
-    /// A client address (`::ffff:` IPv4 as IPv4).
+    /// A client address (`::ffff:` IPv4 as IPv4); an IPv6 client counts by
+    /// its /64 (the first address of it), as its bans do, so rotating
+    /// addresses inside the /64 changes nothing.
     pub fn addr(ip: IpAddr) -> Self {
-        Subject::Addr(ip.to_canonical())
+        Subject::Addr(AbuseKey::of(ip).ip())
     }
 
     /// The account if there is one (non-empty), else the client address.

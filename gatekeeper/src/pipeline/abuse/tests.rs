@@ -585,7 +585,8 @@ fn subject_text_round_trips() {
         ("account:alice", "account:alice"),
         ("addr:192.0.2.1", "addr:192.0.2.1"),
         ("addr:::ffff:192.0.2.1", "addr:192.0.2.1"),
-        ("2001:db8::1", "addr:2001:db8::1"),
+        ("2001:db8::1", "addr:2001:db8::"),
+        ("addr:2001:db8:0:7:a:b:c:d", "addr:2001:db8:0:7::"),
         ("alice", "account:alice"),
     ] {
         let subject: Subject = s.parse().unwrap();
