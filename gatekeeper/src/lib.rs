@@ -15,6 +15,8 @@ pub mod protocol;
 pub mod rejector;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+mod test_rng;
 pub mod time;
 pub mod trie;
 pub mod verdict_table;

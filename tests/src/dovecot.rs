@@ -464,25 +464,8 @@ impl Dovecot {
     /// Dovecot's log process, possibly after the client got its reply: wait,
     /// never just read.
     pub fn wait_for_log_count(&self, needles: &[&str], n: usize, timeout: Duration) -> Result<Vec<String>> {
-        let deadline = Instant::now() + timeout;
-        let mut next_alive_check = Instant::now();
-        loop {
-            let lines = self.log_lines(needles);
-            if lines.len() >= n.max(1) {
-                return Ok(lines);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!("Dovecot did not log {needles:?} {n} time(s) within {timeout:?}; log:\n{}", self.log());
-            }
-            if now >= next_alive_check {
-                if self.pids().is_empty() {
-                    bail!("Dovecot is not running (waiting for {needles:?}); log:\n{}", self.log());
-                }
-                next_alive_check = now + Duration::from_millis(500);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (lines, alive, log) = (|| self.log_lines(needles), || !self.pids().is_empty(), || self.log());
+        crate::mta::wait_for_lines("Dovecot", &format!("{needles:?}"), n, timeout, lines, alive, log)
     }
 
     /// Stops the instance and returns once none of its processes is left:

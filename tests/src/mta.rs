@@ -762,25 +762,15 @@ impl Postfix {
     /// Waits (bounded) until at least `n` maillog lines contain `needle` and
     /// returns them all.
     pub fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) -> Result<Vec<String>> {
-        let deadline = Instant::now() + timeout;
-        let mut next_alive_check = Instant::now();
-        loop {
-            let lines = self.log_lines(needle);
-            if lines.len() >= n.max(1) {
-                return Ok(lines);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!("Postfix did not log {needle:?} {n} time(s) within {timeout:?}; maillog:\n{}", self.maillog());
-            }
-            if now >= next_alive_check {
-                if self.pids().is_empty() {
-                    bail!("Postfix is not running (waiting for {needle:?}); maillog:\n{}", self.maillog());
-                }
-                next_alive_check = now + Duration::from_millis(500);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_lines(
+            "Postfix",
+            &format!("{needle:?}"),
+            n,
+            timeout,
+            || self.log_lines(needle),
+            || !self.pids().is_empty(),
+            || self.maillog(),
+        )
     }
 
     /// The messages delivered to the receiver's Maildir so far (whole
@@ -834,6 +824,39 @@ impl Postfix {
             return Ok(());
         }
         bail!("Postfix processes {:?} of {} survived stop, abort and SIGKILL", self.pids(), self.dir.display())
+    }
+}
+
+/// Waits (bounded) until `lines()` holds at least `n` lines (at least one)
+/// and returns them, checking every 500 ms that the daemon `what` still runs
+/// (`alive`); errors carry its `log`.
+pub(crate) fn wait_for_lines(
+    what: &str,
+    wanted: &str,
+    n: usize,
+    timeout: Duration,
+    lines: impl Fn() -> Vec<String>,
+    alive: impl Fn() -> bool,
+    log: impl Fn() -> String,
+) -> Result<Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    let mut next_alive_check = Instant::now();
+    loop {
+        let got = lines();
+        if got.len() >= n.max(1) {
+            return Ok(got);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            bail!("{what} did not log {wanted} {n} time(s) within {timeout:?}; log:\n{}", log());
+        }
+        if now >= next_alive_check {
+            if !alive() {
+                bail!("{what} is not running (waiting for {wanted}); log:\n{}", log());
+            }
+            next_alive_check = now + Duration::from_millis(500);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

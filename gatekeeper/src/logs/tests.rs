@@ -797,20 +797,7 @@ fn captured_dovecot_sshd_exim_lines() {
 
 // ---- robustness ----
 
-/// xorshift64*: deterministic, no crate.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use crate::test_rng::Rng;
 
 fn all_fixture_records() -> Vec<(LogKind, Option<&'static str>, &'static str)> {
     let mut v = Vec::new();

@@ -684,19 +684,7 @@ fn damaged_rows_do_not_ban() {
     assert_eq!(s.get(&AbuseKey::of(ip("192.0.2.66")), T0).unwrap().score, 1.0);
 }
 
-/// xorshift64*: deterministic input for the invariant test.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::test_rng::Rng;
 
 #[test]
 fn random_event_streams_keep_every_bound() {
@@ -726,7 +714,7 @@ fn random_event_streams_keep_every_bound() {
             if rng.below(2) == 0 { Count::Add(rng.below(4) as u32) } else { Count::AtLeast(rng.below(6) as u32) };
         let qid = format!("Q{}", rng.below(40));
         let rcpt = format!("u{}@d{}.test", rng.below(25), rng.below(3));
-        let account = ["alice", "bob", ""][rng.below(3) as usize].to_string();
+        let account = ["alice", "bob", ""][rng.below(3)].to_string();
         let event = match rng.below(7) {
             0 => connect(&client.to_string()),
             1 => Event::AuthFail { client, service: Service::Imap, session, count, user: None },
